@@ -1,0 +1,440 @@
+"""Frame sources named by URI, and a threaded reader that always hands out the newest frame.
+
+`open_source` accepts, in the style of jetson-inference:
+    csi://0                         Jetson CSI camera (GStreamer nvarguscamerasrc)
+    v4l2:///dev/video0, 0, "0"      USB / V4L2 camera by device path or index
+    rtsp://..., http(s)://...       network streams
+    gst://<pipeline>, "... ! appsink"  a raw GStreamer pipeline
+    clip.mp4, field.png             a video file or one image file (file:// optional)
+    folder:///path?glob=*.jpg, /path  a folder of images, read in sorted order
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import cv2
+import numpy as np
+
+from leukoedge.errors import CaptureError
+
+log = logging.getLogger("leukoedge.capture")
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".ts"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2"})
+STREAM_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "http", "https"})
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+
+
+@dataclass
+class Frame:
+    """One camera frame: HxWx3 uint8 BGR image, its number in the stream, and when it was grabbed."""
+
+    image: np.ndarray
+    index: int
+    timestamp: float  # time.monotonic() when the frame was grabbed
+    capture_ms: float  # grab + decode
+    source: str
+
+
+class FrameSource(ABC):
+    """A stream of frames: `read()` until it returns None (end of stream), then `close()`."""
+
+    uri: str
+    live: bool  # cameras and streams: running dry is a fault; files and folders: it is the end
+    skipped: int = 0  # unreadable files passed over
+
+    @abstractmethod
+    def read(self) -> Frame | None:
+        """The next frame, or None at the end of the stream."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the device or file."""
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.read()) is not None:
+            yield frame
+
+
+class VideoCaptureSource(FrameSource):
+    """Anything cv2.VideoCapture opens: cameras, streams, GStreamer pipelines, video files."""
+
+    def __init__(self, capture: cv2.VideoCapture, uri: str, *, live: bool) -> None:
+        self._capture = capture
+        self.uri = uri
+        self.live = live
+        self._next_index = 0
+
+    def read(self) -> Frame | None:
+        started = time.monotonic()
+        if not self._capture.grab():
+            return None
+        grabbed_at = time.monotonic()
+        ok, image = self._capture.retrieve()
+        if not ok or image is None or image.size == 0:
+            return None
+        frame = Frame(_as_bgr(image), self._next_index, grabbed_at, (time.monotonic() - started) * 1000.0, self.uri)
+        self._next_index += 1
+        return frame
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+class ImageFilesSource(FrameSource):
+    """Image files read in the given order; unreadable ones are logged, counted and skipped."""
+
+    live = False
+
+    def __init__(self, paths: list[Path], uri: str) -> None:
+        self._paths = paths
+        self._position = 0
+        self._next_index = 0
+        self.uri = uri
+        self.skipped = 0
+
+    def read(self) -> Frame | None:
+        while self._position < len(self._paths):
+            path = self._paths[self._position]
+            self._position += 1
+            started = time.monotonic()
+            image = _decode_image(path)
+            if image is None:
+                self.skipped += 1
+                log.warning("skipped %s: not a readable image", path)
+                continue
+            frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri)
+            self._next_index += 1
+            return frame
+        return None
+
+    def close(self) -> None:
+        self._position = len(self._paths)
+
+
+def _decode_image(path: Path) -> np.ndarray | None:
+    """HxWx3 uint8 BGR image of a file, or None when it is missing, truncated or not an image."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode also reads non-ASCII paths
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    # Older OpenCV builds (JetPack's among them) decode a truncated JPEG into a grey-filled image with
+    # only a warning: a silent wrong frame. A complete JPEG ends with the EOI marker.
+    if bytes(data[:2]) == _JPEG_START and not bytes(data[-64:]).rstrip(b"\0").endswith(_JPEG_END):
+        return None
+    try:
+        return cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    """Cameras may deliver grey or BGRA frames; the detector takes 3-channel BGR."""
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image
+
+
+def has_gstreamer() -> bool:
+    """Whether this OpenCV build can open GStreamer pipelines."""
+    return re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()) is not None
+
+
+def csi_pipeline(sensor_id: int = 0, width: int = 1920, height: int = 1080, fps: int = 30, flip: int = 0) -> str:
+    """GStreamer pipeline for a Jetson CSI camera (Argus) that delivers BGR frames to OpenCV."""
+    return (
+        f"nvarguscamerasrc sensor-id={sensor_id} ! "
+        f"video/x-raw(memory:NVMM), width={width}, height={height}, framerate={fps}/1, format=NV12 ! "
+        f"nvvidconv flip-method={flip} ! video/x-raw, format=BGRx ! "
+        "videoconvert ! video/x-raw, format=BGR ! "
+        # One buffer, dropping old ones: a slow consumer sees the newest frame, not a growing backlog.
+        "appsink drop=true max-buffers=1"
+    )
+
+
+def open_source(
+    uri: str | int | Path,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    fps: int | None = None,
+    flip: int = 0,
+    glob: str | None = None,
+) -> FrameSource:
+    """Open a frame source named by URI (see the module docstring); raises CaptureError if it cannot.
+
+    width/height/fps request a camera mode (CSI, V4L2); flip is the CSI flip-method; glob filters a folder.
+    """
+    if isinstance(uri, int):
+        return _open_camera(uri, f"v4l2://{uri}", width, height, fps)
+    text = str(uri).strip()
+    if text.isdigit():
+        return _open_camera(int(text), f"v4l2://{text}", width, height, fps)
+    if text.startswith("gst://"):
+        return _open_gstreamer(text[len("gst://"):], text)
+    if " ! " in text:
+        return _open_gstreamer(text, text)
+    match = _SCHEME.match(text)
+    if match is None:
+        if text.startswith("/dev/video"):
+            return _open_camera(text, text, width, height, fps)
+        return _open_path(Path(text).expanduser(), glob, text)
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme == "csi":
+        if not rest.isdigit():
+            raise CaptureError(f"expected csi://<sensor id>, e.g. csi://0; got {text!r}")
+        pipeline = csi_pipeline(int(rest), width or 1920, height or 1080, fps or 30, flip)
+        return _open_gstreamer(pipeline, text)
+    if scheme == "v4l2":
+        return _open_camera(int(rest) if rest.isdigit() else rest, text, width, height, fps)
+    if scheme in STREAM_SCHEMES:
+        return _open_capture(text, cv2.CAP_ANY, text, live=True, expected="a reachable network stream")
+    if scheme == "file":
+        return _open_path(Path(rest), glob, text)
+    if scheme == "folder":
+        folder, _, query = rest.partition("?")
+        query_glob = parse_qs(query).get("glob", [None])[0]
+        return _open_folder(Path(folder), glob or query_glob, text)
+    raise CaptureError(
+        f"unknown source scheme {scheme!r} in {text!r}: expected csi://, v4l2://, rtsp://, http(s)://, "
+        "gst://, file://, folder://, a camera index, or a path to a video, image or folder"
+    )
+
+
+def _open_capture(
+    target: str | int, api: int, uri: str, *, live: bool, expected: str, settings: dict[int, int] | None = None
+) -> VideoCaptureSource:
+    capture = cv2.VideoCapture(target, api)
+    if not capture.isOpened():
+        capture.release()
+        raise CaptureError(f"cannot open {uri}: expected {expected}")
+    for prop, value in (settings or {}).items():
+        capture.set(prop, value)
+    return VideoCaptureSource(capture, uri, live=live)
+
+
+def _open_camera(
+    device: int | str, uri: str, width: int | None, height: int | None, fps: int | None
+) -> VideoCaptureSource:
+    api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
+    requested = {cv2.CAP_PROP_FRAME_WIDTH: width, cv2.CAP_PROP_FRAME_HEIGHT: height, cv2.CAP_PROP_FPS: fps}
+    settings = {prop: value for prop, value in requested.items() if value is not None}
+    expected = "a connected camera (check the index or device path)"
+    return _open_capture(device, api, uri, live=True, expected=expected, settings=settings)
+
+
+def _open_gstreamer(pipeline: str, uri: str) -> VideoCaptureSource:
+    if not has_gstreamer():
+        raise CaptureError(
+            f"cannot open {uri}: this OpenCV build has no GStreamer support (cv2.getBuildInformation() "
+            "does not say 'GStreamer: YES'). CSI cameras and gst pipelines need OpenCV built with GStreamer, "
+            "e.g. JetPack's (apt python3-opencv); uninstall the opencv-python(-headless) wheel in that "
+            "environment so that build is the one imported"
+        )
+    if "appsink" not in pipeline.rsplit("!", 1)[-1]:
+        raise CaptureError(f"expected a GStreamer pipeline ending in appsink; got {pipeline!r}")
+    return _open_capture(pipeline, cv2.CAP_GSTREAMER, uri, live=True, expected="a GStreamer pipeline that starts")
+
+
+def _open_path(path: Path, glob: str | None, uri: str) -> FrameSource:
+    if path.is_dir():
+        return _open_folder(path, glob, uri)
+    if not path.is_file():
+        raise CaptureError(f"{path} does not exist: expected a video file, an image file or a folder of images")
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        return _open_capture(str(path), cv2.CAP_ANY, uri, live=False, expected="a video file OpenCV can decode")
+    if suffix in IMAGE_SUFFIXES:
+        if _decode_image(path) is None:
+            raise CaptureError(f"cannot read {path}: expected an image file OpenCV can decode")
+        return ImageFilesSource([path], uri)
+    raise CaptureError(
+        f"unknown file type {suffix!r} of {path}: expected a video ({', '.join(sorted(VIDEO_SUFFIXES))}) "
+        f"or an image ({', '.join(sorted(IMAGE_SUFFIXES))})"
+    )
+
+
+def _open_folder(folder: Path, glob: str | None, uri: str) -> ImageFilesSource:
+    if not folder.is_dir():
+        raise CaptureError(f"{folder} is not a folder: expected a folder of images")
+    candidates = folder.glob(glob) if glob else (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in candidates if p.is_file())
+    if not paths:
+        wanted = f"files matching {glob!r}" if glob else f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        raise CaptureError(f"{folder} holds no {wanted}: expected a folder of images")
+    return ImageFilesSource(paths, uri)
+
+
+class ThreadedReader:
+    """Grabs frames on a background thread into a one-frame slot, so `get()` returns the newest frame.
+
+    A frame not taken before the next one arrives is dropped (counted). A live source that fails is
+    re-opened through `source_factory` with exponential backoff; a finite source simply ends.
+    Frame.index is renumbered across re-opens, so gaps in it are exactly the dropped frames.
+    """
+
+    def __init__(
+        self,
+        source_factory: Callable[[], FrameSource],
+        *,
+        reconnect: bool = True,
+        max_retries: int | None = None,
+        backoff_s: tuple[float, float] = (0.5, 8.0),
+    ) -> None:
+        self._source_factory = source_factory
+        self._reconnect = reconnect
+        self._max_retries = max_retries
+        self._backoff_s = backoff_s
+        self._slot = threading.Condition()
+        self._latest: Frame | None = None
+        self._finished = False
+        self._error: CaptureError | None = None
+        self._stopping = threading.Event()
+        self._frames = self._dropped = self._reconnects = self._size_changes = 0
+        self._skipped_before = 0  # unreadable files of sources already closed
+        self._retries = 0  # re-open attempts since the last frame
+        self._last_size: tuple[int, int] | None = None
+        self._last_error: str | None = None
+        # The first open happens here, so a wrong URI or a missing GStreamer fails at once, not in the thread.
+        self._source: FrameSource | None = source_factory()
+        self._thread = threading.Thread(target=self._run, name="leukoedge-capture", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the grabbing thread is still alive."""
+        return self._thread.is_alive()
+
+    def get(self, timeout: float | None = None) -> Frame | None:
+        """The newest frame not yet taken; None after the end of a finite source or after stop().
+
+        Raises CaptureError when the source failed and could not be re-opened, and TimeoutError when
+        no frame came within `timeout` seconds.
+        """
+        with self._slot:
+            if not self._slot.wait_for(lambda: self._latest is not None or self._finished, timeout):
+                raise TimeoutError(f"no frame within {timeout} s (stats: {self.stats()})")
+            frame, self._latest = self._latest, None
+            if frame is None and self._error is not None:
+                raise self._error
+            return frame
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop grabbing, close the source and join the thread (waiting at most `timeout` seconds)."""
+        self._stopping.set()
+        with self._slot:
+            self._slot.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("capture thread still blocked in its source after %.1f s", timeout)
+
+    def stats(self) -> dict[str, int | str | None]:
+        """Counters for a session log: frames, dropped, reconnects, size_changes, skipped, last_error."""
+        source = self._source
+        return {
+            "frames": self._frames,
+            "dropped": self._dropped,
+            "reconnects": self._reconnects,
+            "size_changes": self._size_changes,
+            "skipped": self._skipped_before + (source.skipped if source is not None else 0),
+            "last_error": self._last_error,
+        }
+
+    def __enter__(self) -> ThreadedReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.get()) is not None:
+            yield frame
+
+    def _run(self) -> None:
+        try:
+            while self._source is not None and not self._stopping.is_set():
+                try:
+                    frame = self._source.read()
+                except Exception as error:  # drivers and user sources raise anything; every one is a fault
+                    self._recover(error)
+                    continue
+                if frame is not None:
+                    self._publish(frame)
+                elif self._source.live:
+                    self._recover(CaptureError(f"{self._source.uri} delivered an empty frame"))
+                else:
+                    return  # a file or folder reached its end
+        finally:
+            self._close_source()
+            with self._slot:
+                self._finished = True
+                self._slot.notify_all()
+
+    def _publish(self, frame: Frame) -> None:
+        size = frame.image.shape[:2]
+        with self._slot:
+            if self._last_size is not None and size != self._last_size:
+                self._size_changes += 1
+            self._last_size = size
+            if self._latest is not None:
+                self._dropped += 1
+            self._latest = replace(frame, index=self._frames)
+            self._frames += 1
+            self._retries = 0
+            self._slot.notify_all()
+
+    def _recover(self, fault: BaseException) -> None:
+        """Close the failed source and re-open it with backoff; leaves no source when giving up or stopping."""
+        self._note_error(fault)
+        self._close_source()
+        while self._reconnect and (self._max_retries is None or self._retries < self._max_retries):
+            delay = min(self._backoff_s[0] * 2 ** min(self._retries, 32), self._backoff_s[1])
+            self._retries += 1
+            log.warning("capture failed (%s); re-opening in %.2f s (attempt %d)", self._last_error, delay, self._retries)
+            if self._stopping.wait(delay):
+                return
+            try:
+                self._source = self._source_factory()
+            except Exception as error:  # a camera still unplugged: try again after a longer wait
+                self._note_error(error)
+                continue
+            self._reconnects += 1
+            return
+        with self._slot:
+            self._error = CaptureError(
+                f"capture failed and was not recovered after {self._retries} re-open attempts: {self._last_error}"
+            )
+            self._error.__cause__ = fault
+
+    def _note_error(self, error: BaseException) -> None:
+        self._last_error = f"{type(error).__name__}: {error}"
+
+    def _close_source(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            self._skipped_before += source.skipped
+            try:
+                source.close()
+            except Exception as error:  # a failing release must not hide the fault that led here
+                log.warning("closing %s failed: %s", source.uri, error)

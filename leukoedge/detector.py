@@ -1,0 +1,131 @@
+"""Detector: bundle + backend + preprocess + postprocess. One call per frame."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .backends import create_backend
+from .bundle import Bundle, load_bundle
+from .frame import validate_frame
+from .postprocess import CellInstance, find_cells, label_map_from_probabilities
+from .preprocess.cpu import PreparedFrame, PreprocessSpec, prepare_crops, prepare_frame
+from .result import Cell, Result, Timings, make_verdict
+
+# Cells are classified in batches of at most this many (the exported graphs take up to 64).
+MAX_CLASSIFY_BATCH = 64
+
+
+@contextmanager
+def _stopwatch(timings: Timings, stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    setattr(timings, f"{stage}_ms", (time.perf_counter() - started) * 1000.0)
+
+
+class Detector:
+    """Finds, segments and classifies white blood cells in camera frames.
+
+    >>> det = Detector.load("models/default")
+    >>> result = det.run(frame)      # HxWx3 uint8, BGR (or RGB with channel_order="RGB")
+
+    Every model fact (input sizes, normalization, stain reference, class names, thresholds, frame
+    limits) comes from the bundle manifest. Frames outside the manifest's limits are refused with
+    InvalidFrameError, never silently resized into a wrong answer.
+    """
+
+    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", channel_order: str = "BGR", threads: int | None = None):
+        manifest = bundle.manifest
+        self.bundle = bundle
+        self.channel_order = channel_order
+        self.spec = PreprocessSpec.from_manifest(manifest["preprocess"])
+        self.segmenter_spec = manifest["segmenter"]
+        self.classifier_spec = manifest["classifier"]
+        self.postprocess_spec = manifest["postprocess"]
+        self.verdict_spec = manifest["verdict"]
+        self.limits = manifest["limits"]
+        self.segmenter = create_backend(backend, bundle.path(self.segmenter_spec["file"]), threads)
+        self.classifier = create_backend(backend, bundle.path(self.classifier_spec["file"]), threads)
+        self.backend_name = backend
+
+    @classmethod
+    def load(cls, bundle_path: str | Path, backend: str = "onnxruntime", channel_order: str = "BGR", threads: int | None = None) -> "Detector":
+        """Load and verify a bundle (folder or archive), then open its models on the chosen backend."""
+        return cls(load_bundle(bundle_path), backend=backend, channel_order=channel_order, threads=threads)
+
+    def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:
+        """Validate, preprocess, segment, find cells, classify; timings in ms per stage."""
+        timings = Timings(capture_ms=capture_ms)
+        started = time.perf_counter()
+        frame = validate_frame(frame, min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"], channel_order=self.channel_order)
+        with _stopwatch(timings, "preprocess"):
+            prepared = prepare_frame(frame, self.spec, self.segmenter_spec["input_size"], self.channel_order)
+        with _stopwatch(timings, "segment"):
+            probabilities = self.segmenter.run({self.segmenter_spec["input"]: prepared.tensor})[self.segmenter_spec["output"]][0]
+        with _stopwatch(timings, "postprocess"):
+            instances, label_map = find_cells(
+                label_map_from_probabilities(probabilities),
+                prepared.letterbox,
+                self.postprocess_spec["min_cell_area_px"],
+                self.postprocess_spec["split_touching"],
+            )
+        with _stopwatch(timings, "classify"):
+            cells = self.classify(frame, prepared, instances)
+        timings.total_ms = (time.perf_counter() - started) * 1000.0
+        return Result(
+            label_map=label_map,
+            cells=cells,
+            verdict=make_verdict(cells, self.verdict_spec["blast_threshold"], self.verdict_spec["flag_fraction"]),
+            timings=timings.as_dict(),
+            frame_shape=(frame.shape[0], frame.shape[1]),
+            bundle_name=self.bundle.name,
+            model_version=self.bundle.model_version,
+        )
+
+    def classify(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> list[Cell]:
+        """Classify every cell crop (batched) with every head; the primary head names the label."""
+        if not instances:
+            return []
+        spec = self.classifier_spec
+        heads = spec["heads"]
+        probabilities: dict[str, list[np.ndarray]] = {head: [] for head in heads}
+        for start in range(0, len(instances), MAX_CLASSIFY_BATCH):
+            batch = instances[start : start + MAX_CLASSIFY_BATCH]
+            crops = prepare_crops(
+                frame, [cell.box for cell in batch], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order
+            )
+            outputs = self.classifier.run({spec["input"]: crops})
+            for head, head_spec in heads.items():
+                probabilities[head].append(outputs[head_spec["output"]])
+        stacked = {head: np.concatenate(parts) for head, parts in probabilities.items()}
+        primary = spec["primary_head"]
+        primary_classes = heads[primary]["classes"]
+        blast_index = heads["blast"]["classes"].index("blast")
+        blast_threshold = self.verdict_spec["blast_threshold"]
+        cells = []
+        for index, instance in enumerate(instances):
+            head_scores = {
+                head: {name: float(p) for name, p in zip(heads[head]["classes"], stacked[head][index])} for head in heads
+            }
+            blast_probability = float(stacked["blast"][index][blast_index])
+            if primary == "blast":  # the label agrees with the verdict's threshold, not only the argmax
+                label = "blast" if blast_probability >= blast_threshold else "normal"
+            else:
+                label = primary_classes[int(np.argmax(stacked[primary][index]))]
+            cells.append(
+                Cell(
+                    id=index + 1,
+                    box=instance.box,
+                    mask=instance.mask,
+                    nucleus_mask=instance.nucleus_mask,
+                    label=label,
+                    scores=head_scores[primary],
+                    blast_probability=blast_probability,
+                    head_scores=head_scores,
+                )
+            )
+        return cells

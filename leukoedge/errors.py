@@ -1,0 +1,21 @@
+"""The one error hierarchy of leukoedge: every documented failure is a LeukoedgeError."""
+
+
+class LeukoedgeError(Exception):
+    """Base class of every error leukoedge raises on purpose."""
+
+
+class InvalidFrameError(LeukoedgeError, ValueError):
+    """A frame handed to Detector.run is not an HxWx3 uint8 image within the documented limits."""
+
+
+class BundleError(LeukoedgeError):
+    """A model bundle is missing, malformed, of an unknown schema, or fails its checksums."""
+
+
+class BackendUnavailableError(LeukoedgeError):
+    """An inference backend (or its optional dependency) is not installed or cannot run here."""
+
+
+class CaptureError(LeukoedgeError):
+    """A frame source cannot be opened or stopped delivering frames."""

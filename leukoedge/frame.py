@@ -1,0 +1,76 @@
+"""The gate every frame passes before any work: HxWx3 uint8, within the bundle's side limits.
+
+Refusals raise InvalidFrameError saying what was expected, what came, and how to fix it; the
+runtime never converts or resizes a frame behind the caller's back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from leukoedge.errors import InvalidFrameError
+
+CHANNEL_ORDERS = ("BGR", "RGB")
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def validate_frame(frame: Any, *, min_side: int, max_side: int, channel_order: str = "BGR") -> np.ndarray:
+    """The frame as a C-contiguous HxWx3 uint8 array (the same object when it already is one)."""
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+    expected = f"an HxWx3 uint8 {channel_order} image (numpy.ndarray)"
+    if frame is None:
+        raise InvalidFrameError(f"expected {expected}, got None; a camera read that failed returns None, check its ok flag")
+    if not isinstance(frame, np.ndarray):
+        raise InvalidFrameError(f"expected {expected}, got {_type_name(frame)}; convert it with np.asarray(...)")
+    if frame.size == 0:
+        raise InvalidFrameError(f"expected {expected}, got an empty array of shape {frame.shape}")
+    if frame.dtype != np.uint8:
+        hint = (
+            "scale to 0-255 and convert with astype(np.uint8)"
+            if np.issubdtype(frame.dtype, np.floating)
+            else "convert it to 8 bits per channel"
+        )
+        raise InvalidFrameError(f"expected dtype uint8, got {frame.dtype}; {hint}")
+    _check_shape(frame, expected, channel_order)
+    height, width = frame.shape[:2]
+    if min(height, width) < min_side:
+        raise InvalidFrameError(
+            f"expected frame sides of at least {min_side} px, got {width}x{height}; "
+            "leukoedge never resizes silently: pass a larger field or upscale the frame yourself"
+        )
+    if max(height, width) > max_side:
+        raise InvalidFrameError(
+            f"expected frame sides of at most {max_side} px, got {width}x{height}; "
+            "leukoedge never resizes silently: tile or downscale the frame yourself"
+        )
+    return np.ascontiguousarray(frame)
+
+
+def _check_shape(frame: np.ndarray, expected: str, channel_order: str) -> None:
+    if frame.ndim == 2:
+        raise InvalidFrameError(
+            f"expected {expected}, got a grayscale HxW array of shape {frame.shape}; "
+            f"convert with cv2.cvtColor(frame, cv2.COLOR_GRAY2{channel_order})"
+        )
+    if frame.ndim != 3:
+        raise InvalidFrameError(f"expected {expected}, got a {frame.ndim}-D array of shape {frame.shape}; pass one frame at a time")
+    channels = frame.shape[2]
+    if channels == 1:
+        raise InvalidFrameError(
+            f"expected {expected}, got a single-channel array of shape {frame.shape}; "
+            f"convert with cv2.cvtColor(frame, cv2.COLOR_GRAY2{channel_order})"
+        )
+    if channels == 4:
+        raise InvalidFrameError(
+            f"expected {expected}, got 4 channels ({channel_order}A?) of shape {frame.shape}; "
+            f"convert with cv2.cvtColor(frame, cv2.COLOR_{channel_order}A2{channel_order})"
+        )
+    if channels != 3:
+        raise InvalidFrameError(f"expected {expected}, got {channels} channels, shape {frame.shape}")

@@ -1,0 +1,222 @@
+"""The reference preprocessing: numpy + OpenCV. Training imports these same functions.
+
+A frame goes through: resize into the model's input (letterbox, aspect kept), Reinhard stain
+normalization to the bundle's reference, per-channel mean/std, NCHW float32. Cell crops for the
+classifier are cut from the original frame and normalized with the statistics of the whole frame,
+so that a cell looks the same to the classifier whatever else is in the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """Target colour statistics in CIE L*a*b* (OpenCV float convention: L 0..100, a/b about -128..127)."""
+
+    lab_mean: tuple[float, float, float]
+    lab_std: tuple[float, float, float]
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"method": "reinhard", "lab_mean": list(self.lab_mean), "lab_std": list(self.lab_std)}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything the preprocessing needs; read from the bundle manifest, never assumed."""
+
+    channel_order: str  # channel order the model takes: "RGB" or "BGR"
+    mean: tuple[float, float, float]  # applied to [0, 1] values after stain normalization
+    std: tuple[float, float, float]
+    stain_reference: StainReference | None
+
+    @classmethod
+    def from_manifest(cls, preprocess: dict[str, Any]) -> "PreprocessSpec":
+        reference = preprocess.get("stain_reference")
+        stain = None
+        if reference is not None:
+            if reference.get("method") != "reinhard":
+                raise ValueError(f"unknown stain normalization method {reference.get('method')!r}; expected 'reinhard'")
+            stain = StainReference(tuple(reference["lab_mean"]), tuple(reference["lab_std"]))
+        return cls(
+            channel_order=preprocess["channel_order"],
+            mean=tuple(preprocess["mean"]),
+            std=tuple(preprocess["std"]),
+            stain_reference=stain,
+        )
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "channel_order": self.channel_order,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "stain_reference": None if self.stain_reference is None else self.stain_reference.to_manifest(),
+        }
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where the frame sits inside the model input: model = frame * scale, offset by the padding."""
+
+    scale: float
+    pad_x: int
+    pad_y: int
+    content_width: int
+    content_height: int
+    frame_width: int
+    frame_height: int
+
+    def label_map_to_frame(self, model_label_map: np.ndarray) -> np.ndarray:
+        """Crop the padding away and resize a model-resolution label map back to the frame (nearest)."""
+        content = model_label_map[self.pad_y : self.pad_y + self.content_height, self.pad_x : self.pad_x + self.content_width]
+        return cv2.resize(content, (self.frame_width, self.frame_height), interpolation=cv2.INTER_NEAREST)
+
+    def box_to_frame(self, box: Box) -> Box:
+        """Map an (x0, y0, x1, y1) box from model input pixels to frame pixels, clipped to the frame."""
+        x0, y0, x1, y1 = box
+        fx0 = int(np.floor((x0 - self.pad_x) / self.scale))
+        fy0 = int(np.floor((y0 - self.pad_y) / self.scale))
+        fx1 = int(np.ceil((x1 - self.pad_x) / self.scale))
+        fy1 = int(np.ceil((y1 - self.pad_y) / self.scale))
+        return (
+            max(0, fx0),
+            max(0, fy0),
+            min(self.frame_width, fx1),
+            min(self.frame_height, fy1),
+        )
+
+
+def fit_letterbox(frame_height: int, frame_width: int, input_size: Sequence[int]) -> Letterbox:
+    """The largest aspect-preserving placement of a frame inside input_size (H, W), centred."""
+    input_height, input_width = int(input_size[0]), int(input_size[1])
+    scale = min(input_width / frame_width, input_height / frame_height)
+    content_width = max(1, min(input_width, round(frame_width * scale)))
+    content_height = max(1, min(input_height, round(frame_height * scale)))
+    return Letterbox(
+        scale=scale,
+        pad_x=(input_width - content_width) // 2,
+        pad_y=(input_height - content_height) // 2,
+        content_width=content_width,
+        content_height=content_height,
+        frame_width=frame_width,
+        frame_height=frame_height,
+    )
+
+
+def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area averaging when shrinking (no aliasing of thin nuclei), bilinear when enlarging."""
+    shrinking = width * height < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def to_rgb_float(image: np.ndarray, channel_order: str = "BGR") -> np.ndarray:
+    """uint8 image in the given order -> float32 RGB in [0, 1]."""
+    rgb = image[..., ::-1] if channel_order == "BGR" else image
+    return np.ascontiguousarray(rgb, dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+def lab_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel L*a*b* mean and std of a float RGB image; std floored so flat images do not explode."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab).reshape(-1, 3)
+    return lab.mean(axis=0), np.maximum(lab.std(axis=0), 1.0)
+
+
+def reinhard_normalize(
+    rgb: np.ndarray,
+    reference: StainReference,
+    image_statistics: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Reinhard et al. (2001) colour transfer: match the image's L*a*b* mean/std to the reference.
+
+    image_statistics lets a crop be normalized with its whole frame's statistics.
+    """
+    mean, std = image_statistics if image_statistics is not None else lab_statistics(rgb)
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)
+    gain = np.asarray(reference.lab_std, np.float32) / np.asarray(std, np.float32)
+    lab = (lab - np.asarray(mean, np.float32)) * gain + np.asarray(reference.lab_mean, np.float32)
+    return np.clip(cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_Lab2RGB), 0.0, 1.0)
+
+
+def to_chw_normalized(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Float RGB [0, 1] HxWx3 -> 3xHxW float32, mean/std applied, in the model's channel order."""
+    image = rgb if spec.channel_order == "RGB" else rgb[..., ::-1]
+    image = (image - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PreparedFrame:
+    """The segmenter input plus what later steps need to stay consistent with it."""
+
+    tensor: np.ndarray  # 1x3xHxW float32
+    letterbox: Letterbox
+    lab_statistics: tuple[np.ndarray, np.ndarray] | None  # the frame's stain statistics (None: no stain step)
+
+
+def prepare_frame(frame: np.ndarray, spec: PreprocessSpec, input_size: Sequence[int], channel_order: str = "BGR") -> PreparedFrame:
+    """A validated uint8 frame -> the segmenter's 1x3xHxW input, letterboxed; padding is the mean colour."""
+    placement = fit_letterbox(frame.shape[0], frame.shape[1], input_size)
+    content = to_rgb_float(resize(frame, placement.content_width, placement.content_height), channel_order)
+    statistics = None
+    if spec.stain_reference is not None:
+        # Statistics on the resized content: the same numbers as on the full frame to ~0.1 %, far cheaper.
+        statistics = lab_statistics(content)
+        content = reinhard_normalize(content, spec.stain_reference, statistics)
+    tensor = np.zeros((3, int(input_size[0]), int(input_size[1])), np.float32)
+    tensor[:, placement.pad_y : placement.pad_y + placement.content_height, placement.pad_x : placement.pad_x + placement.content_width] = (
+        to_chw_normalized(content, spec)
+    )
+    return PreparedFrame(tensor[None], placement, statistics)
+
+
+def square_crop_box(box: Box, margin: float) -> Box:
+    """A square around a cell box, grown by `margin` of its side on each edge (may leave the frame)."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    half = max(side / 2.0, 1.0)
+    return (int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half)))
+
+
+def cut_padded(image: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
+    """The box's pixels, zero outside the image, and a boolean map of which pixels were inside."""
+    x0, y0, x1, y1 = box
+    height, width = image.shape[:2]
+    out = np.zeros((y1 - y0, x1 - x0) + image.shape[2:], image.dtype)
+    inside = np.zeros((y1 - y0, x1 - x0), bool)
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+        inside[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = True
+    return out, inside
+
+
+def prepare_crops(
+    frame: np.ndarray,
+    boxes: Sequence[Box],
+    spec: PreprocessSpec,
+    input_size: Sequence[int],
+    margin: float,
+    frame_lab_statistics: tuple[np.ndarray, np.ndarray] | None,
+    channel_order: str = "BGR",
+) -> np.ndarray:
+    """Cell boxes in frame pixels -> Nx3xHxW classifier input: square crops with margin, stain
+    normalized with the frame's statistics, mean colour outside the frame."""
+    height, width = int(input_size[0]), int(input_size[1])
+    batch = np.zeros((len(boxes), 3, height, width), np.float32)
+    for index, box in enumerate(boxes):
+        crop, inside = cut_padded(frame, square_crop_box(box, margin))
+        crop = to_rgb_float(resize(crop, width, height), channel_order)
+        inside = resize(inside.astype(np.uint8), width, height) > 0
+        if spec.stain_reference is not None:
+            crop = reinhard_normalize(crop, spec.stain_reference, frame_lab_statistics)
+        crop[~inside] = np.asarray(spec.mean, np.float32)
+        batch[index] = to_chw_normalized(crop, spec)
+    return batch

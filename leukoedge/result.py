@@ -1,0 +1,240 @@
+"""What Detector.run returns: plain dataclasses with numpy arrays inside and to_dict() for JSON.
+
+The label map convention is the runtime's public contract: 0 background, 1 cytoplasm, 2 nucleus.
+Masks go into JSON as run-length encodings (row-major), so a result with masks stays small and
+exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from leukoedge.errors import InvalidFrameError
+
+BACKGROUND, CYTOPLASM, NUCLEUS = 0, 1, 2
+
+Box = tuple[int, int, int, int]
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, Any]:
+    """Run lengths of a 2-D mask read row by row, starting with a run of False (possibly 0 long)."""
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode expects a 2-D mask, got shape {mask.shape}")
+    size = [int(side) for side in mask.shape]
+    flat = np.asarray(mask, dtype=bool).ravel()
+    if flat.size == 0:
+        return {"size": size, "counts": []}
+    run_starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate(([0], run_starts, [flat.size])))
+    if flat[0]:
+        counts = np.concatenate(([0], counts))
+    return {"size": size, "counts": counts.tolist()}
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    """The bool mask an rle_encode dict describes."""
+    height, width = (int(side) for side in rle["size"])
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    if counts.sum() != height * width:
+        raise ValueError(f"RLE counts sum to {counts.sum()}, but size {height}x{width} has {height * width} pixels")
+    values = np.arange(counts.size) % 2 == 1
+    return np.repeat(values, counts).reshape(height, width)
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars and arrays, tuples and non-string keys -> what json.dumps accepts."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class Cell:
+    """One white blood cell; masks are box-local, box is (x0, y0, x1, y1) in frame pixels, ends exclusive."""
+
+    id: int
+    box: Box
+    mask: np.ndarray  # bool (y1 - y0, x1 - x0): the whole cell, cytoplasm and nucleus
+    nucleus_mask: np.ndarray  # bool, same shape
+    label: str  # the primary head's class
+    scores: dict[str, float]  # primary head: class -> probability
+    blast_probability: float
+    head_scores: dict[str, dict[str, float]]  # every classifier head: head -> class -> probability
+
+    def __post_init__(self) -> None:
+        # A mask that does not match its box would draw and serialize in the wrong place, silently.
+        x0, y0, x1, y1 = self.box
+        expected = (y1 - y0, x1 - x0)
+        if self.mask.shape != expected or self.nucleus_mask.shape != expected:
+            raise ValueError(
+                f"cell {self.id}: masks must have the box's shape {expected}, "
+                f"got mask {self.mask.shape} and nucleus_mask {self.nucleus_mask.shape}"
+            )
+
+    @property
+    def area_px(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def nucleus_area_px(self) -> int:
+        return int(np.count_nonzero(self.nucleus_mask))
+
+    def to_dict(self, include_masks: bool = False) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "id": self.id,
+            "box": self.box,
+            "area_px": self.area_px,
+            "nucleus_area_px": self.nucleus_area_px,
+            "label": self.label,
+            "scores": self.scores,
+            "blast_probability": self.blast_probability,
+            "head_scores": self.head_scores,
+        }
+        if include_masks:
+            record["mask"] = rle_encode(self.mask)
+            record["nucleus_mask"] = rle_encode(self.nucleus_mask)
+        return _plain(record)
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage; capture is set only when leukoedge itself read the frame."""
+
+    capture_ms: float | None = None
+    preprocess_ms: float = 0.0
+    segment_ms: float = 0.0
+    postprocess_ms: float = 0.0
+    classify_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        stages = {} if self.capture_ms is None else {"capture": float(self.capture_ms)}
+        stages.update(
+            preprocess=float(self.preprocess_ms),
+            segment=float(self.segment_ms),
+            postprocess=float(self.postprocess_ms),
+            classify=float(self.classify_ms),
+            total=float(self.total_ms),
+        )
+        return stages
+
+
+@dataclass
+class Verdict:
+    """The frame-level call: how many cells, how many blasts, and whether the frame is flagged."""
+
+    cell_count: int
+    blast_count: int
+    blast_fraction: float
+    flagged: bool
+    blast_threshold: float
+    flag_fraction: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_verdict(cells: Sequence[Cell], blast_threshold: float, flag_fraction: float) -> dict[str, Any]:
+    """A cell is a blast when blast_probability >= blast_threshold; the frame is flagged when
+    it has cells and the blast fraction reaches flag_fraction."""
+    cell_count = len(cells)
+    blast_count = sum(1 for cell in cells if cell.blast_probability >= blast_threshold)
+    blast_fraction = blast_count / cell_count if cell_count else 0.0
+    return Verdict(
+        cell_count=cell_count,
+        blast_count=blast_count,
+        blast_fraction=blast_fraction,
+        flagged=cell_count > 0 and blast_fraction >= flag_fraction,
+        blast_threshold=float(blast_threshold),
+        flag_fraction=float(flag_fraction),
+    ).as_dict()
+
+
+@dataclass
+class Result:
+    """Everything Detector.run found in one frame."""
+
+    label_map: np.ndarray  # HxW uint8 in frame pixels: BACKGROUND, CYTOPLASM, NUCLEUS
+    cells: list[Cell]
+    verdict: dict[str, Any]  # make_verdict(...)
+    timings: dict[str, float]  # ms per stage, Timings.as_dict()
+    frame_shape: tuple[int, int]
+    bundle_name: str
+    model_version: str
+
+    def to_dict(self, include_masks: bool = False) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "bundle_name": self.bundle_name,
+            "model_version": self.model_version,
+            "frame_shape": self.frame_shape,
+            "verdict": self.verdict,
+            "timings": self.timings,
+            "cells": [cell.to_dict(include_masks) for cell in self.cells],
+        }
+        if include_masks:
+            record["label_map"] = {
+                "cytoplasm": rle_encode(self.label_map == CYTOPLASM),
+                "nucleus": rle_encode(self.label_map == NUCLEUS),
+            }
+        return _plain(record)
+
+    def to_json(self, include_masks: bool = False, **json_kwargs: Any) -> str:
+        """json.dumps of to_dict(); json_kwargs go to json.dumps (indent=2, ...)."""
+        return json.dumps(self.to_dict(include_masks), **json_kwargs)
+
+
+_TINT_ALPHA = 0.45
+_CYTOPLASM_BGR = (230, 190, 60)
+_NUCLEUS_BGR = (170, 40, 150)
+_LABEL_BGR = {"blast": (0, 0, 255), "normal": (0, 200, 0)}
+_OTHER_LABEL_BGR = (0, 215, 255)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def draw_overlay(frame_bgr: np.ndarray, result: Result) -> np.ndarray:
+    """A BGR uint8 copy of the frame: cytoplasm and nucleus tinted, a labelled box per cell
+    (blast red, normal green), the verdict on the top line."""
+    if frame_bgr.shape[:2] != result.label_map.shape:
+        raise InvalidFrameError(
+            f"draw_overlay needs the frame the result came from: result is {result.label_map.shape[1]}x"
+            f"{result.label_map.shape[0]}, frame is {frame_bgr.shape[1]}x{frame_bgr.shape[0]}"
+        )
+    overlay = np.array(frame_bgr, dtype=np.uint8, order="C", copy=True)
+    for value, colour in ((CYTOPLASM, _CYTOPLASM_BGR), (NUCLEUS, _NUCLEUS_BGR)):
+        region = result.label_map == value
+        tinted = _TINT_ALPHA * np.asarray(colour, np.float32) + (1.0 - _TINT_ALPHA) * overlay[region]
+        overlay[region] = np.round(tinted).astype(np.uint8)
+
+    # Text scales with the frame so it stays legible from 16 px thumbnails to 4K fields.
+    font_scale = max(0.35, min(overlay.shape[:2]) / 1000.0)
+    thickness = max(1, round(font_scale * 2))
+    for cell in result.cells:
+        x0, y0, x1, y1 = cell.box
+        colour = _LABEL_BGR.get(cell.label, _OTHER_LABEL_BGR)
+        cv2.rectangle(overlay, (x0, y0), (x1 - 1, y1 - 1), colour, thickness)
+        caption = f"{cell.id} {cell.label} p={cell.scores.get(cell.label, 0.0):.2f}"
+        (_, text_height), _ = cv2.getTextSize(caption, _FONT, font_scale, thickness)
+        cv2.putText(overlay, caption, (x0, max(y0 - 3, text_height)), _FONT, font_scale, colour, thickness, cv2.LINE_AA)
+
+    verdict = result.verdict
+    flag = "FLAGGED" if verdict["flagged"] else "not flagged"
+    line = (
+        f"cells {verdict['cell_count']}  blasts {verdict['blast_count']} ({verdict['blast_fraction']:.0%})  "
+        f"{flag} (at >={verdict['flag_fraction']:.0%})"
+    )
+    (text_width, text_height), baseline = cv2.getTextSize(line, _FONT, font_scale, thickness)
+    cv2.rectangle(overlay, (0, 0), (text_width + 6, text_height + baseline + 6), (0, 0, 0), cv2.FILLED)
+    line_colour = (0, 0, 255) if verdict["flagged"] else (255, 255, 255)
+    cv2.putText(overlay, line, (3, text_height + 3), _FONT, font_scale, line_colour, thickness, cv2.LINE_AA)
+    return overlay

@@ -1,0 +1,333 @@
+"""Bundles: save/load round trip, every refusal, and archives (including hostile ones)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from leukoedge.bundle import (
+    SCHEMA_VERSION,
+    Bundle,
+    describe_bundle,
+    load_bundle,
+    save_bundle,
+    sha256_file,
+    validate_manifest,
+)
+from leukoedge.errors import BundleError
+
+MODEL_BYTES = {"segmenter.onnx": b"segmenter weights " * 64, "classifier.onnx": b"classifier weights " * 32}
+
+
+def _manifest() -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": "leukoedge-test",
+        "model_version": "0.0.1",
+        "created": "2025-01-01",
+        "files": {},
+        "preprocess": {
+            "channel_order": "RGB",
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.25, 0.25, 0.25],
+            "stain_reference": {"method": "reinhard", "lab_mean": [60.0, 20.0, -10.0], "lab_std": [15.0, 8.0, 6.0]},
+        },
+        "segmenter": {
+            "file": "segmenter.onnx",
+            "input": "image",
+            "output": "probs",
+            "input_size": [256, 256],
+            "classes": ["background", "cytoplasm", "nucleus"],
+            "architecture": "hctnet_s",
+        },
+        "classifier": {
+            "file": "classifier.onnx",
+            "input": "crop",
+            "input_size": [96, 96],
+            "crop_margin": 0.15,
+            "primary_head": "blast",
+            "heads": {
+                "blast": {"output": "blast_probs", "classes": ["normal", "blast"]},
+                "wbc_type": {"output": "wbc_type_probs", "classes": ["lymphocyte", "monocyte", "neutrophil"]},
+            },
+        },
+        "postprocess": {"min_cell_area_px": 40, "split_touching": True},
+        "verdict": {"blast_threshold": 0.5, "flag_fraction": 0.2},
+        "limits": {"min_frame_side": 16, "max_frame_side": 4096},
+        "training": {"data": "unit test", "metrics": {"segmenter": {"dice": 0.91234}, "blast_f1": 0.875}},
+    }
+
+
+@pytest.fixture
+def model_files(tmp_path: Path) -> dict[str, Path]:
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    files = {}
+    for name, content in MODEL_BYTES.items():
+        (sources / name).write_bytes(content)
+        files[name] = sources / name
+    return files
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path, model_files: dict[str, Path]) -> Path:
+    save_bundle(tmp_path / "bundle", _manifest(), model_files)
+    return tmp_path / "bundle"
+
+
+def _rewrite_manifest(bundle_dir: Path, change) -> None:
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    change(manifest)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_save_and_load_round_trip(tmp_path: Path, model_files: dict[str, Path]):
+    manifest = _manifest()
+    saved = save_bundle(tmp_path / "bundle", manifest, model_files)
+    assert manifest["files"] == {}, "save_bundle must not change the caller's manifest"
+    loaded = load_bundle(tmp_path / "bundle")
+    assert loaded.manifest == saved.manifest
+    assert (loaded.name, loaded.model_version) == ("leukoedge-test", "0.0.1")
+    for name, content in MODEL_BYTES.items():
+        assert loaded.path(name).read_bytes() == content
+        assert loaded.manifest["files"][name] == hashlib.sha256(content).hexdigest()
+    text = (tmp_path / "bundle" / "manifest.json").read_text()
+    assert text == json.dumps(loaded.manifest, indent=2, sort_keys=True) + "\n"
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path):
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(3 << 20))
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_path_of_an_unlisted_file_is_refused(bundle_dir: Path):
+    with pytest.raises(BundleError, match="'other.onnx' is not a file of bundle leukoedge-test"):
+        load_bundle(bundle_dir).path("other.onnx")
+
+
+def test_missing_folder_is_refused(tmp_path: Path):
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_folder_without_manifest_is_refused(tmp_path: Path):
+    with pytest.raises(BundleError, match="has no manifest.json"):
+        load_bundle(tmp_path)
+
+
+def test_manifest_that_is_not_json_is_refused_with_the_parse_error(bundle_dir: Path):
+    (bundle_dir / "manifest.json").write_text('{"schema_version": 1,\n "name": }')
+    with pytest.raises(BundleError, match=r"not valid JSON: Expecting value: line 2"):
+        load_bundle(bundle_dir)
+
+
+def test_manifest_without_schema_version_is_refused(bundle_dir: Path):
+    _rewrite_manifest(bundle_dir, lambda manifest: manifest.pop("schema_version"))
+    with pytest.raises(BundleError, match="no schema_version"):
+        load_bundle(bundle_dir)
+
+
+def test_unknown_schema_is_refused_with_upgrade_advice(bundle_dir: Path):
+    _rewrite_manifest(bundle_dir, lambda manifest: manifest.update(schema_version=7))
+    with pytest.raises(BundleError) as refusal:
+        load_bundle(bundle_dir)
+    assert str(refusal.value) == "bundle schema 7 is not supported by this leukoedge (supports 1); upgrade leukoedge or re-export"
+
+
+def test_missing_required_keys_are_named(bundle_dir: Path):
+    def drop(manifest):
+        del manifest["name"]
+        del manifest["segmenter"]["input_size"]
+        del manifest["verdict"]["flag_fraction"]
+
+    _rewrite_manifest(bundle_dir, drop)
+    with pytest.raises(BundleError, match="missing required keys: name, segmenter.input_size, verdict.flag_fraction"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m: m["verdict"].update(blast_threshold=1.5), "verdict.blast_threshold must be a number in [0, 1], got 1.5"),
+        (lambda m: m["preprocess"].update(mean=[0.5, 0.5]), "preprocess.mean must be 3 numbers"),
+        (lambda m: m["preprocess"].update(channel_order="HSV"), "preprocess.channel_order"),
+        (lambda m: m["segmenter"].update(input_size=[256, "256"]), "segmenter.input_size must be [H, W]"),
+        (lambda m: m["postprocess"].update(split_touching="yes"), "postprocess.split_touching must be true or false"),
+        (lambda m: m["classifier"].update(primary_head="subtype"), "primary_head 'subtype' is not one of the heads"),
+        (lambda m: m["classifier"]["heads"].update(subtype={"output": "subtype_probs"}), "classifier.heads.subtype must be"),
+        (lambda m: m["segmenter"].update(file="other.onnx"), "segmenter.file 'other.onnx' is not listed in files"),
+        (lambda m: m["preprocess"]["stain_reference"].update(method="macenko"), "preprocess.stain_reference must be"),
+        (lambda m: m["limits"].update(min_frame_side=5000), "limits.min_frame_side 5000 exceeds"),
+        (lambda m: m.update(training=[]), "training must be an object"),
+    ],
+    ids=["threshold", "mean", "channel-order", "input-size", "bool", "primary-head", "head", "file-unlisted", "stain", "limits", "training"],
+)
+def test_wrong_values_are_refused_by_name(change, words):
+    manifest = _manifest()
+    manifest["files"] = {name: hashlib.sha256(content).hexdigest() for name, content in MODEL_BYTES.items()}
+    validate_manifest(manifest)
+    change(manifest)
+    with pytest.raises(BundleError) as refusal:
+        validate_manifest(manifest)
+    assert words in str(refusal.value)
+
+
+def test_stain_reference_may_be_null():
+    manifest = _manifest()
+    manifest["files"] = {name: hashlib.sha256(content).hexdigest() for name, content in MODEL_BYTES.items()}
+    manifest["preprocess"]["stain_reference"] = None
+    validate_manifest(manifest)
+
+
+def test_missing_model_file_is_refused(bundle_dir: Path):
+    (bundle_dir / "classifier.onnx").unlink()
+    with pytest.raises(BundleError, match="'classifier.onnx' listed in manifest.json is missing"):
+        load_bundle(bundle_dir, verify=False)
+
+
+def test_tampered_file_fails_its_checksum(bundle_dir: Path):
+    path = bundle_dir / "segmenter.onnx"
+    content = bytearray(path.read_bytes())
+    content[100] ^= 0x01
+    path.write_bytes(bytes(content))
+    expected = hashlib.sha256(MODEL_BYTES["segmenter.onnx"]).hexdigest()
+    with pytest.raises(BundleError) as refusal:
+        load_bundle(bundle_dir)
+    message = str(refusal.value)
+    assert "'segmenter.onnx'" in message and expected in message
+    assert hashlib.sha256(bytes(content)).hexdigest() in message
+    assert "modified or corrupted" in message
+    assert load_bundle(bundle_dir, verify=False).name == "leukoedge-test", "verify=False skips the checksums"
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.onnx", "models/../../outside.onnx", "C:\\models\\x.onnx", "..\\outside.onnx"])
+def test_file_names_that_leave_the_bundle_are_refused(bundle_dir: Path, model_files: dict[str, Path], tmp_path: Path, name: str):
+    _rewrite_manifest(bundle_dir, lambda manifest: manifest["files"].update({name: "0" * 64}))
+    with pytest.raises(BundleError, match="absolute or contains '..'"):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match="absolute or contains '..'"):
+        save_bundle(tmp_path / "second", _manifest(), {**model_files, name: model_files["segmenter.onnx"]})
+    assert not (tmp_path / "second").exists(), "a refused manifest must not leave a half-written bundle"
+
+
+def test_symlink_out_of_the_bundle_is_refused(bundle_dir: Path, tmp_path: Path):
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"not from the bundle")
+    (bundle_dir / "extra.onnx").symlink_to(outside)
+    _rewrite_manifest(bundle_dir, lambda manifest: manifest["files"].update({"extra.onnx": sha256_file(outside)}))
+    with pytest.raises(BundleError, match="outside the bundle folder"):
+        load_bundle(bundle_dir)
+
+
+def _zip_folder(folder: Path, archive: Path, prefix: str = "") -> None:
+    with zipfile.ZipFile(archive, "w") as bundle_zip:
+        for path in sorted(folder.iterdir()):
+            bundle_zip.write(path, prefix + path.name)
+
+
+@pytest.mark.parametrize("prefix", ["", "leukoedge-test/"], ids=["flat", "in-a-folder"])
+def test_zip_archive_loads_and_its_extraction_goes_with_the_bundle(bundle_dir: Path, tmp_path: Path, prefix: str):
+    _zip_folder(bundle_dir, tmp_path / "bundle.zip", prefix)
+    bundle = load_bundle(tmp_path / "bundle.zip")
+    assert bundle.manifest == load_bundle(bundle_dir).manifest
+    assert bundle.path("classifier.onnx").read_bytes() == MODEL_BYTES["classifier.onnx"]
+    extracted = bundle.root
+    del bundle
+    assert not extracted.exists()
+
+
+def test_tar_gz_archive_loads(bundle_dir: Path, tmp_path: Path):
+    with tarfile.open(tmp_path / "bundle.tar.gz", "w:gz") as bundle_tar:
+        bundle_tar.add(bundle_dir, arcname="leukoedge-test")
+    bundle = load_bundle(tmp_path / "bundle.tar.gz")
+    assert isinstance(bundle, Bundle) and bundle.name == "leukoedge-test"
+    assert bundle.path("segmenter.onnx").read_bytes() == MODEL_BYTES["segmenter.onnx"]
+
+
+def test_tampered_file_inside_an_archive_is_refused(bundle_dir: Path, tmp_path: Path):
+    (bundle_dir / "classifier.onnx").write_bytes(b"x" + MODEL_BYTES["classifier.onnx"][1:])
+    _zip_folder(bundle_dir, tmp_path / "bundle.zip")
+    with pytest.raises(BundleError, match="modified or corrupted"):
+        load_bundle(tmp_path / "bundle.zip")
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "bundle/../../evil.txt", "/tmp/evil.txt"])
+def test_zip_slip_is_refused(bundle_dir: Path, tmp_path: Path, member: str):
+    archive = tmp_path / "evil.zip"
+    _zip_folder(bundle_dir, archive)
+    with zipfile.ZipFile(archive, "a") as bundle_zip:
+        bundle_zip.writestr(zipfile.ZipInfo(member), b"owned")
+    with pytest.raises(BundleError, match="path traversal"):
+        load_bundle(archive)
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_zip_symlink_member_is_refused(bundle_dir: Path, tmp_path: Path):
+    archive = tmp_path / "link.zip"
+    _zip_folder(bundle_dir, archive)
+    link = zipfile.ZipInfo("segmenter_link.onnx")
+    link.external_attr = (0o120777 << 16)  # Unix mode of a symlink, as `zip --symlinks` writes it
+    with zipfile.ZipFile(archive, "a") as bundle_zip:
+        bundle_zip.writestr(link, "/etc/passwd")
+    with pytest.raises(BundleError, match="link or special file"):
+        load_bundle(archive)
+
+
+def _tar_with(bundle_dir: Path, archive: Path, member: tarfile.TarInfo, content: bytes = b"") -> None:
+    with tarfile.open(archive, "w:gz") as bundle_tar:
+        bundle_tar.add(bundle_dir, arcname=".")
+        member.size = len(content)
+        bundle_tar.addfile(member, io.BytesIO(content) if content else None)
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/tmp/evil.txt"])
+def test_tar_slip_is_refused(bundle_dir: Path, tmp_path: Path, name: str):
+    _tar_with(bundle_dir, tmp_path / "evil.tar.gz", tarfile.TarInfo(name), b"owned")
+    with pytest.raises(BundleError, match="path traversal"):
+        load_bundle(tmp_path / "evil.tar.gz")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE], ids=["symlink", "hardlink", "device", "fifo"])
+def test_tar_links_and_devices_are_refused(bundle_dir: Path, tmp_path: Path, kind: bytes):
+    member = tarfile.TarInfo("segmenter_link.onnx")
+    member.type = kind
+    member.linkname = "/etc/passwd"
+    _tar_with(bundle_dir, tmp_path / "links.tar", member)
+    with pytest.raises(BundleError, match="link, device or other special file"):
+        load_bundle(tmp_path / "links.tar")
+
+
+def test_file_that_is_no_archive_is_refused(tmp_path: Path):
+    (tmp_path / "bundle.onnx").write_bytes(b"\x08\x07onnx")
+    with pytest.raises(BundleError, match="neither a bundle folder nor a .zip"):
+        load_bundle(tmp_path / "bundle.onnx")
+
+
+def test_describe_bundle_summarizes_what_info_shows(bundle_dir: Path):
+    bundle = load_bundle(bundle_dir)
+    text = describe_bundle(bundle)
+    for words in [
+        "leukoedge-test 0.0.1",
+        "created 2025-01-01",
+        f"segmenter.onnx  {len(MODEL_BYTES['segmenter.onnx']) / 1024:.1f} KB  sha256 {bundle.manifest['files']['segmenter.onnx'][:12]}",
+        "256x256",
+        "96x96",
+        "head blast (output 'blast_probs'): normal, blast",
+        "lymphocyte, monocyte, neutrophil",
+        "p >= 0.5",
+        "blast fraction >= 0.2",
+        "frame sides 16..4096 px",
+        "segmenter.dice: 0.9123",
+        "blast_f1: 0.875",
+    ]:
+        assert words in text
+

@@ -1,0 +1,368 @@
+"""Frame sources and the threaded reader, on real files written with OpenCV into tmp_path."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge.capture import (
+    Frame,
+    FrameSource,
+    ThreadedReader,
+    csi_pipeline,
+    has_gstreamer,
+    open_source,
+)
+from leukoedge.errors import CaptureError
+
+FIELD_SIZE = (160, 120)  # width, height: small enough to keep every test fast
+BUILD_HAS_GSTREAMER = any(
+    line.strip().startswith("GStreamer:") and "YES" in line for line in cv2.getBuildInformation().splitlines()
+)
+
+
+@pytest.fixture(scope="module")
+def smear_fields(request: pytest.FixtureRequest) -> list[np.ndarray]:
+    """Three distinct BGR fields: real BCCD smears when the data folder is present, else synthetic."""
+    try:
+        data_root: Path = request.getfixturevalue("data_root")
+        paths = sorted((data_root / "bccd" / "images").glob("*.jpg"))[:3]
+    except pytest.skip.Exception:
+        paths = []
+    if len(paths) == 3:
+        return [cv2.resize(cv2.imread(str(path)), FIELD_SIZE, interpolation=cv2.INTER_AREA) for path in paths]
+    return [synthetic_field(seed) for seed in range(3)]
+
+
+def synthetic_field(seed: int) -> np.ndarray:
+    """A smear-like field (pale background, red cells, one purple nucleus): smooth enough for JPEG."""
+    rng = np.random.default_rng(seed)
+    width, height = FIELD_SIZE
+    field = np.full((height, width, 3), (200, 190, 225), dtype=np.uint8)
+    for _ in range(12):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        cv2.circle(field, centre, int(rng.integers(6, 12)), (150, 120, 210), -1)
+    centre = (int(rng.integers(20, width - 20)), int(rng.integers(20, height - 20)))
+    cv2.circle(field, centre, 14, (140, 60, 110), -1)
+    return field
+
+
+def write_video(path: Path, fields: list[np.ndarray], frame_count: int) -> list[np.ndarray]:
+    """An MJPG .avi cycling through the fields, each frame marked with its number; returns the frames written."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, FIELD_SIZE)
+    frames = []
+    for number in range(frame_count):
+        frame = fields[number % len(fields)].copy()
+        cv2.putText(frame, str(number), (10, 60), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (255, 255, 255), 3)
+        writer.write(frame)
+        frames.append(frame)
+    writer.release()
+    return frames
+
+
+def truncated_jpeg(field: np.ndarray) -> bytes:
+    encoded = cv2.imencode(".jpg", field)[1].tobytes()
+    return encoded[: len(encoded) * 7 // 10]
+
+
+class ScriptedLiveSource(FrameSource):
+    """A live camera stand-in: `good_frames` frames (None = endless), then a fault: raise or an empty read."""
+
+    live = True
+
+    def __init__(self, field: np.ndarray, good_frames: int | None, fault: str = "raise", read_delay_s: float = 0.0):
+        self.uri = "scripted://camera"
+        self._field = field
+        self._good_frames = good_frames
+        self._fault = fault
+        self._read_delay_s = read_delay_s
+        self._delivered = 0
+        self.closed = False
+
+    def read(self) -> Frame | None:
+        time.sleep(self._read_delay_s)
+        if self._good_frames is not None and self._delivered >= self._good_frames:
+            if self._fault == "raise":
+                raise OSError("camera cable pulled")
+            return None
+        self._delivered += 1
+        return Frame(self._field, self._delivered - 1, time.monotonic(), 0.0, self.uri)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def test_folder_source_reads_images_in_sorted_order(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    for number in (2, 0, 1):
+        cv2.imwrite(str(tmp_path / f"field_{number}.png"), smear_fields[number])
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    with open_source(str(tmp_path)) as source:
+        frames = list(source)
+
+    assert [frame.index for frame in frames] == [0, 1, 2]
+    for frame, field in zip(frames, smear_fields):
+        assert np.array_equal(frame.image, field)
+        assert frame.source == str(tmp_path)
+    assert source.skipped == 0
+
+
+def test_folder_glob_selects_files_by_uri_query_or_option(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), smear_fields[0])
+    cv2.imwrite(str(tmp_path / "b.jpg"), smear_fields[1])
+    cv2.imwrite(str(tmp_path / "c.png"), smear_fields[2])
+
+    png_frames = list(open_source(f"folder://{tmp_path}?glob=*.png"))
+    jpg_frames = list(open_source(tmp_path, glob="*.jpg"))
+
+    assert [np.array_equal(f.image, field) for f, field in zip(png_frames, smear_fields[::2])] == [True, True]
+    assert len(jpg_frames) == 1
+    assert np.abs(jpg_frames[0].image.astype(int) - smear_fields[1]).mean() < 8  # JPEG is lossy
+
+
+def test_image_file_gives_one_bgr_frame_even_from_grey(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    grey = cv2.cvtColor(smear_fields[0], cv2.COLOR_BGR2GRAY)
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+
+    with open_source(f"file://{tmp_path / 'grey.png'}") as source:
+        first, second = source.read(), source.read()
+
+    assert second is None
+    assert first is not None and first.image.dtype == np.uint8
+    assert first.image.shape == (*grey.shape, 3)
+    assert np.array_equal(first.image[..., 1], grey)
+
+
+def test_video_file_yields_every_frame_in_order(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    written = write_video(tmp_path / "session.avi", smear_fields, 12)
+
+    with open_source(tmp_path / "session.avi") as source:
+        assert not source.live
+        frames = list(source)
+
+    assert [frame.index for frame in frames] == list(range(12))
+    assert all(later.timestamp > earlier.timestamp for earlier, later in zip(frames, frames[1:]))
+    assert all(frame.capture_ms >= 0 for frame in frames)
+    for frame, expected in zip(frames, written):
+        assert frame.image.shape == expected.shape
+        assert np.abs(frame.image.astype(int) - expected).mean() < 10  # MJPG is lossy
+
+
+def test_truncated_video_ends_cleanly_with_fewer_frames(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    path = tmp_path / "cut.avi"
+    write_video(path, smear_fields, 30)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+    frames = list(open_source(path))
+
+    assert 0 < len(frames) < 30
+
+
+def test_unreadable_images_in_folder_are_skipped_counted_and_logged(
+    tmp_path: Path, smear_fields: list[np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), smear_fields[0])
+    (tmp_path / "b.png").write_bytes(b"not a png at all" * 20)
+    (tmp_path / "c.jpg").write_bytes(truncated_jpeg(smear_fields[1]))
+    (tmp_path / "d.jpg").write_bytes(b"")
+    cv2.imwrite(str(tmp_path / "e.png"), smear_fields[2])
+
+    with caplog.at_level(logging.WARNING, logger="leukoedge.capture"):
+        source = open_source(tmp_path)
+        frames = list(source)
+
+    assert [np.array_equal(f.image, field) for f, field in zip(frames, smear_fields[::2])] == [True, True]
+    assert [frame.index for frame in frames] == [0, 1]
+    assert source.skipped == 3
+    assert {name for name in ("b.png", "c.jpg", "d.jpg") if name in caplog.text} == {"b.png", "c.jpg", "d.jpg"}
+
+
+@pytest.mark.parametrize(
+    ("make_uri", "message"),
+    [
+        (lambda tmp: str(tmp / "missing.mp4"), "does not exist"),
+        (lambda tmp: f"folder://{tmp / 'missing'}", "not a folder"),
+        (lambda tmp: str(tmp), "holds no image files"),
+        (lambda tmp: "ftp://scope.local/field.png", "unknown source scheme"),
+        (lambda tmp: "csi://front", "csi://<sensor id>"),
+        (lambda tmp: 99, "cannot open v4l2://99"),
+        (lambda tmp: "v4l2:///dev/video99", "cannot open"),
+    ],
+    ids=["missing-file", "missing-folder", "empty-folder", "unknown-scheme", "bad-csi", "camera-index", "v4l2-path"],
+)
+def test_unopenable_sources_raise_capture_error(
+    tmp_path: Path, make_uri: Callable[[Path], str | int], message: str
+) -> None:
+    with pytest.raises(CaptureError, match=message.replace("<", ".").replace(">", ".")):
+        open_source(make_uri(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("field.png", b"\x89PNG broken" * 10, "expected an image file"),
+        ("session.avi", b"RIFF junk" * 50, "expected a video file"),
+        ("notes.txt", b"hello", "unknown file type"),
+    ],
+)
+def test_unreadable_files_raise_capture_error(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CaptureError, match=message):
+        open_source(tmp_path / name)
+
+
+def test_has_gstreamer_follows_the_build_information() -> None:
+    assert has_gstreamer() == BUILD_HAS_GSTREAMER
+
+
+@pytest.mark.skipif(BUILD_HAS_GSTREAMER, reason="this OpenCV build has GStreamer")
+@pytest.mark.parametrize(
+    "uri", ["csi://0", "gst://videotestsrc ! appsink", "videotestsrc num-buffers=3 ! videoconvert ! appsink"]
+)
+def test_gstreamer_sources_say_gstreamer_is_missing(uri: str) -> None:
+    with pytest.raises(CaptureError, match="OpenCV build has no GStreamer support"):
+        open_source(uri)
+
+
+@pytest.mark.skipif(not BUILD_HAS_GSTREAMER, reason="this OpenCV build lacks GStreamer")
+def test_gstreamer_pipeline_delivers_bgr_frames() -> None:
+    pipeline = (
+        "videotestsrc num-buffers=3 ! video/x-raw, width=64, height=48 ! videoconvert ! "
+        "video/x-raw, format=BGR ! appsink"
+    )
+    with open_source(pipeline) as source:
+        frame = source.read()
+    assert frame is not None and frame.image.shape == (48, 64, 3)
+
+
+def test_csi_pipeline_names_sensor_size_rate_and_flip() -> None:
+    pipeline = csi_pipeline(sensor_id=1, width=1280, height=720, fps=60, flip=2)
+
+    assert pipeline.startswith("nvarguscamerasrc sensor-id=1 !")
+    for part in ("width=1280", "height=720", "framerate=60/1", "flip-method=2", "format=BGR !"):
+        assert part in pipeline
+    assert pipeline.rsplit("!", 1)[-1].strip().startswith("appsink")
+
+
+# --- threaded reader -----------------------------------------------------------------------------
+
+
+def test_reader_hands_out_the_newest_frame_and_counts_dropped(
+    tmp_path: Path, smear_fields: list[np.ndarray]
+) -> None:
+    path = tmp_path / "session.avi"
+    write_video(path, smear_fields, 30)
+    last_frame = list(open_source(path))[-1]
+
+    reader = ThreadedReader(lambda: open_source(path))
+    wait_until(lambda: not reader.running)  # a consumer far slower than the source
+
+    newest = reader.get(timeout=1.0)
+    assert newest is not None and newest.index == 29
+    assert np.array_equal(newest.image, last_frame.image)
+    assert reader.stats()["dropped"] == 29
+    assert reader.get(timeout=1.0) is None
+
+
+def test_stop_joins_the_thread_and_closes_the_source(smear_fields: list[np.ndarray]) -> None:
+    camera = ScriptedLiveSource(smear_fields[0], good_frames=None, read_delay_s=0.001)
+    reader = ThreadedReader(lambda: camera)
+    assert reader.get(timeout=2.0) is not None
+
+    started = time.monotonic()
+    reader.stop(timeout=2.0)
+
+    assert time.monotonic() - started < 1.0
+    assert not reader.running
+    assert camera.closed
+
+
+def test_get_times_out_when_no_frame_comes(smear_fields: list[np.ndarray]) -> None:
+    with ThreadedReader(lambda: ScriptedLiveSource(smear_fields[0], None, read_delay_s=0.3)) as reader:
+        with pytest.raises(TimeoutError):
+            reader.get(timeout=0.05)
+
+
+@pytest.mark.parametrize(("fault", "error_text"), [("raise", "camera cable pulled"), ("empty", "empty frame")])
+def test_reader_reconnects_after_a_live_source_fails(
+    tmp_path: Path, smear_fields: list[np.ndarray], fault: str, error_text: str
+) -> None:
+    for number in range(4):
+        cv2.imwrite(str(tmp_path / f"field_{number}.png"), smear_fields[number % 3])
+    opened: list[FrameSource] = []
+
+    def reopen_camera() -> FrameSource:
+        # First a camera that fails after 3 frames, then one that works (a finite folder, so the test ends).
+        source = ScriptedLiveSource(smear_fields[0], 3, fault) if not opened else open_source(tmp_path)
+        opened.append(source)
+        return source
+
+    with ThreadedReader(reopen_camera, backoff_s=(0.01, 0.05)) as reader:
+        frames = list(reader)
+        stats = reader.stats()
+
+    assert len(opened) == 2 and opened[0].closed
+    assert stats["reconnects"] == 1
+    assert stats["frames"] == 7
+    assert error_text in str(stats["last_error"])
+    assert frames[-1].index == 6
+    assert all(later.index > earlier.index for earlier, later in zip(frames, frames[1:]))
+
+
+def test_reader_raises_capture_error_once_retries_are_exhausted(smear_fields: list[np.ndarray]) -> None:
+    attempts = []
+
+    def unplugged_camera() -> FrameSource:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            return ScriptedLiveSource(smear_fields[0], good_frames=0)
+        raise CaptureError("cannot open v4l2://0: camera unplugged")
+
+    with ThreadedReader(unplugged_camera, max_retries=2, backoff_s=(0.01, 0.02)) as reader:
+        with pytest.raises(CaptureError, match="2 re-open attempts.*camera unplugged"):
+            reader.get(timeout=2.0)
+        assert reader.stats()["reconnects"] == 0
+    assert len(attempts) == 3
+    assert attempts[2] - attempts[1] >= 0.02 - 1e-3  # the backoff doubled and stayed within its bound
+
+
+def test_reader_without_reconnect_surfaces_the_first_fault(smear_fields: list[np.ndarray]) -> None:
+    with ThreadedReader(lambda: ScriptedLiveSource(smear_fields[0], 0), reconnect=False) as reader:
+        with pytest.raises(CaptureError, match="camera cable pulled"):
+            reader.get(timeout=2.0)
+
+
+def test_reader_ends_a_finite_source_and_counts_size_changes_and_skips(
+    tmp_path: Path, smear_fields: list[np.ndarray]
+) -> None:
+    small = cv2.resize(smear_fields[2], (40, 32))
+    for name, field in (("a.png", smear_fields[0]), ("b.png", smear_fields[1]), ("d.png", small), ("e.png", small)):
+        cv2.imwrite(str(tmp_path / name), field)
+    (tmp_path / "c.png").write_bytes(b"corrupt")
+
+    with ThreadedReader(lambda: open_source(tmp_path)) as reader:
+        wait_until(lambda: not reader.running)
+        taken = list(reader)
+        stats = reader.stats()
+
+    assert len(taken) == 1 and taken[0].image.shape == (32, 40, 3)
+    assert stats == {
+        "frames": 4, "dropped": 3, "reconnects": 0, "size_changes": 1, "skipped": 1, "last_error": None,
+    }

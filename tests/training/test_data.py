@@ -1,0 +1,231 @@
+"""The per-source loaders, label conversions and committed splits, on the real data in ../shared/data."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge.training import data
+from leukoedge.training.data import (
+    LABEL_BACKGROUND,
+    LABEL_CYTOPLASM,
+    LABEL_IGNORE,
+    LABEL_NUCLEUS,
+    LABEL_WBC,
+    SOURCES,
+    SPLITS_DIR,
+    ZHENG_WBC_TYPES,
+    load_records,
+    make_splits,
+    read_image,
+    read_label_map,
+    wbc_boxes,
+)
+
+ALLOWED_LABELS = {LABEL_BACKGROUND, LABEL_CYTOPLASM, LABEL_NUCLEUS, LABEL_WBC, LABEL_IGNORE}
+EXPECTED_COUNTS = {"wbc-seg-zheng": 300, "all-idb2": 208, "all-taleqani": 2572, "pbc": 2000, "bccd": 292}
+
+
+def _stratum(record: data.Record) -> str | int | None:
+    return {"all-idb2": record.blast, "all-taleqani": record.subtype, "pbc": record.wbc_type,
+            "wbc-seg-zheng": record.wbc_type}.get(record.source)
+
+
+def _by_name(records: list[data.Record], name: str) -> data.Record:
+    return next(record for record in records if record.image_path.name == name)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_source_loads_with_the_documented_count(data_root: Path, source: str) -> None:
+    records = load_records(data_root, source)
+    assert len(records) == EXPECTED_COUNTS[source]
+    assert all(record.source == source and record.image_path.is_file() for record in records)
+    assert all(record.label_path is None or record.label_path.is_file() for record in records)
+
+
+def test_record_fields_follow_each_source_labels(data_root: Path) -> None:
+    idb2 = load_records(data_root, "all-idb2")
+    assert Counter(record.blast for record in idb2) == {1: 104, 0: 104}
+    assert all(record.blast == int(record.image_path.stem.endswith("_1")) for record in idb2)
+    taleqani = load_records(data_root, "all-taleqani")
+    assert Counter(record.subtype for record in taleqani) == {"Benign": 403, "Early": 788, "Pre": 770, "Pro": 611}
+    assert all(record.blast == int(record.subtype != "Benign") for record in taleqani)
+    pbc = load_records(data_root, "pbc")
+    assert set(Counter(record.wbc_type for record in pbc).values()) == {250}
+    assert {record.blast for record in pbc} == {0} and {record.label_path for record in pbc} == {None}
+    zheng = load_records(data_root, "wbc-seg-zheng")
+    assert Counter(record.wbc_type for record in zheng)["neutrophil"] == 176
+    assert {record.wbc_type for record in zheng} <= set(ZHENG_WBC_TYPES.values())
+    assert {record.blast for record in zheng + load_records(data_root, "bccd")} == {None}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_label_maps_have_the_image_shape_and_allowed_values(data_root: Path, source: str) -> None:
+    for record in load_records(data_root, source)[::37]:
+        image = read_image(record)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        label_map = read_label_map(record)
+        if source == "pbc":
+            assert label_map is None
+            continue
+        assert label_map is not None and label_map.dtype == np.uint8
+        assert label_map.shape == image.shape[:2]
+        assert set(np.unique(label_map).tolist()) <= ALLOWED_LABELS
+
+
+def test_zheng_grey_levels_become_cytoplasm_and_nucleus(data_root: Path) -> None:
+    record = load_records(data_root, "wbc-seg-zheng")[0]
+    mask = cv2.imread(str(record.label_path), cv2.IMREAD_GRAYSCALE)
+    label_map = read_label_map(record)
+    assert (mask == 128).any() and (mask == 255).any()
+    assert np.all(label_map[mask == 0] == LABEL_BACKGROUND)
+    assert np.all(label_map[mask == 128] == LABEL_CYTOPLASM)
+    assert np.all(label_map[mask == 255] == LABEL_NUCLEUS)
+
+
+def test_all_idb2_full_size_masks_are_resized_to_the_thumbnails(data_root: Path) -> None:
+    for record in load_records(data_root, "all-idb2"):
+        image = read_image(record)
+        mask = cv2.imread(str(record.label_path), cv2.IMREAD_COLOR)
+        label_map = read_label_map(record)
+        assert mask.shape[0] > 2 * image.shape[0]  # full-size mask, thumbnail image
+        assert label_map.shape == image.shape[:2]
+        assert (label_map == LABEL_NUCLEUS).any() and (label_map == LABEL_CYTOPLASM).any()
+        assert (label_map == LABEL_BACKGROUND).any()
+    # Colours: cyan (BGR 255,255,0) is nucleus, blue (BGR 255,0,0) cytoplasm.
+    small = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+    assert np.all(label_map[np.all(small == (255, 255, 0), axis=-1)] == LABEL_NUCLEUS)
+    assert np.all(label_map[np.all(small == (255, 0, 0), axis=-1)] == LABEL_CYTOPLASM)
+
+
+def test_taleqani_weak_mask_gives_cell_sized_components_with_an_unsupervised_rim(data_root: Path) -> None:
+    records = [record for record in load_records(data_root, "all-taleqani") if record.subtype in ("Early", "Pre")]
+    diameters = []
+    for record in records[::40]:
+        label_map = read_label_map(record)
+        boxes = wbc_boxes(record)
+        wbc = (label_map == LABEL_WBC).astype(np.uint8)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(wbc, connectivity=8)
+        assert len(boxes) == count - 1 > 0
+        diameters += np.sqrt(4 * stats[1:, cv2.CC_STAT_AREA] / np.pi).tolist()
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
+            assert wbc[y0:y1, x0:x1].any()
+        # No WBC pixel touches background directly: the mask edge is unsupervised.
+        near_cell = cv2.dilate(wbc, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))) > 0
+        assert not (near_cell & (label_map == LABEL_BACKGROUND)).any()
+    assert min(diameters) >= 12 and max(diameters) <= 120
+    assert 15 <= float(np.median(diameters)) <= 35
+
+
+def test_bccd_boxes_come_from_the_voc_xml(data_root: Path) -> None:
+    records = load_records(data_root, "bccd")
+    first = _by_name(records, "BloodImage_00000.jpg")
+    # XML: WBC xmin 260, ymin 177, xmax 491, ymax 376 (1-based, inclusive).
+    assert wbc_boxes(first) == [(259, 176, 491, 376)]
+    label_map = read_label_map(first)
+    assert np.all(label_map[176:376, 259:491] == LABEL_IGNORE)
+    assert (label_map == LABEL_IGNORE).sum() == (376 - 176) * (491 - 259)
+    assert set(np.unique(label_map).tolist()) == {LABEL_BACKGROUND, LABEL_IGNORE}
+    assert sum(len(wbc_boxes(record)) for record in records) == 301  # WBC objects in all the XMLs
+
+
+def test_bccd_annotation_without_a_wbc_gives_no_label_map(data_root: Path) -> None:
+    record = _by_name(load_records(data_root, "bccd"), "BloodImage_00133.jpg")
+    assert record.label_path is not None
+    assert read_label_map(record) is None and wbc_boxes(record) == []
+
+
+@pytest.mark.parametrize("source", ["wbc-seg-zheng", "all-idb2"])
+def test_single_cell_boxes_enclose_the_expert_mask(data_root: Path, source: str) -> None:
+    for record in load_records(data_root, source)[::25]:
+        label_map = read_label_map(record)
+        ((x0, y0, x1, y1),) = wbc_boxes(record)
+        cell = (label_map == LABEL_CYTOPLASM) | (label_map == LABEL_NUCLEUS)
+        ys, xs = np.nonzero(cell)
+        assert 0 <= x0 < x1 <= label_map.shape[1] and 0 <= y0 < y1 <= label_map.shape[0]
+        # The single cell is nearly all of the mask; only specks may fall outside its box.
+        inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+        assert inside.mean() > 0.95
+        assert cell[y0, x0:x1].any() and cell[y1 - 1, x0:x1].any()
+
+
+def test_pbc_has_no_boxes(data_root: Path) -> None:
+    assert wbc_boxes(load_records(data_root, "pbc")[0]) == []
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_splits_are_disjoint_and_cover_every_record(data_root: Path, source: str) -> None:
+    everything = {record.image_path for record in load_records(data_root, source)}
+    parts = {split: {record.image_path for record in load_records(data_root, source, split)} for split in data.SPLITS}
+    assert set.union(*parts.values()) == everything
+    assert sum(len(part) for part in parts.values()) == len(everything)
+    for split, fraction in zip(data.SPLITS, (0.7, 0.15, 0.15)):
+        assert abs(len(parts[split]) / len(everything) - fraction) < 0.02
+
+
+@pytest.mark.parametrize("source", ["wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc"])
+def test_splits_keep_the_class_proportions(data_root: Path, source: str) -> None:
+    records = load_records(data_root, source)
+    overall = Counter(_stratum(record) for record in records)
+    for split in data.SPLITS:
+        in_split = Counter(_stratum(record) for record in records if record.split == split)
+        total = sum(in_split.values())
+        for label, count in overall.items():
+            assert abs(in_split[label] / total - count / len(records)) <= 0.03, (split, label)
+
+
+def test_make_splits_is_deterministic_and_matches_the_committed_files(data_root: Path, tmp_path: Path) -> None:
+    make_splits(data_root, tmp_path / "first")
+    make_splits(data_root, tmp_path / "second")
+    make_splits(data_root, tmp_path / "other_seed", seed=1)
+    for source in SOURCES:
+        committed = (SPLITS_DIR / f"{source}.csv").read_bytes()
+        assert (tmp_path / "first" / f"{source}.csv").read_bytes() == committed
+        assert (tmp_path / "second" / f"{source}.csv").read_bytes() == committed
+        assert (tmp_path / "other_seed" / f"{source}.csv").read_bytes() != committed
+
+
+def test_a_record_missing_from_the_split_file_is_an_error(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = list(csv.reader((SPLITS_DIR / "all-idb2.csv").open()))
+    with (tmp_path / "all-idb2.csv").open("w", newline="") as file:
+        csv.writer(file).writerows(rows[:-1])
+    monkeypatch.setattr(data, "SPLITS_DIR", tmp_path)
+    with pytest.raises(ValueError, match="1 images have no split"):
+        load_records(data_root, "all-idb2")
+
+
+def test_a_missing_data_folder_names_it_and_the_data_option(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="--data must point at the folder holding the sources") as raised:
+        load_records(missing, "pbc")
+    assert str(missing) in str(raised.value)
+    with pytest.raises(FileNotFoundError, match="--data must point"):
+        make_splits(missing, tmp_path / "splits")
+    # The data folder exists but lacks the source: the message names the source folder.
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "bccd"))):
+        load_records(tmp_path, "bccd")
+
+
+def test_unknown_source_or_split_is_rejected(data_root: Path) -> None:
+    with pytest.raises(ValueError, match="wbc-seg-zheng, all-idb2, all-taleqani, pbc, bccd"):
+        load_records(data_root, "c-nmc-2019")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_records(data_root, "pbc", "validation")
+
+
+def test_an_unreadable_image_names_the_file(data_root: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    record = replace(load_records(data_root, "pbc")[0], image_path=broken)
+    with pytest.raises(ValueError, match="broken.jpg"):
+        read_image(record)

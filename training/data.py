@@ -1,0 +1,438 @@
+"""One loader per source in ../shared/data, one label convention, and the committed splits.
+
+Every source is read into `Record`s and every mask convention (grey levels, RGB colours, a
+colour-threshold segmentation, VOC boxes) is converted into one label map:
+0 background, 1 cytoplasm, 2 nucleus, 3 "a WBC pixel, nucleus/cytoplasm unknown" (weak masks),
+255 no supervision. Train/val/test membership comes from the CSV files in `splits/`, written once
+by `make_splits` (`python -m leukoedge.training.data --data ../shared/data`) and committed, so
+every figure can be reproduced. Only numpy and OpenCV: evaluation imports this without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import xml.etree.ElementTree as ET
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from leukoedge.preprocess.cpu import Box
+
+LABEL_BACKGROUND = 0
+LABEL_CYTOPLASM = 1
+LABEL_NUCLEUS = 2
+LABEL_WBC = 3  # some WBC pixel, nucleus/cytoplasm unknown (weak masks)
+LABEL_IGNORE = 255  # no supervision
+
+SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd")
+SPLITS = ("train", "val", "test")
+ZHENG_WBC_TYPES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
+SPLITS_DIR = Path(__file__).parent / "splits"
+
+# Zheng dataset1 masks are grey levels; each pixel takes the nearest level (the files hold only these).
+_ZHENG_GREY_LEVELS = np.array([0, 128, 255])
+_ZHENG_LABELS = np.array([LABEL_BACKGROUND, LABEL_CYTOPLASM, LABEL_NUCLEUS], np.uint8)
+_ZHENG_LABEL_OF_GREY = _ZHENG_LABELS[np.abs(np.arange(256)[:, None] - _ZHENG_GREY_LEVELS[None, :]).argmin(axis=1)]
+# ALL-IDB2 mask colours in OpenCV's BGR order: white background, blue cytoplasm, cyan nucleus.
+_ALL_IDB2_COLOURS_BGR = np.array([(255, 255, 255), (255, 0, 0), (255, 255, 0)], np.int32)
+_ALL_IDB2_LABELS = np.array([LABEL_BACKGROUND, LABEL_CYTOPLASM, LABEL_NUCLEUS], np.uint8)
+
+# Taleqani weak masks (224x224 fields, a WBC is about 15-30 px across). Measured on the files:
+# blacked-out background stays below ~12 (JPEG noise), segmented cells are mostly above 200.
+_TALEQANI_FOREGROUND_MIN = 40
+# Below this a component is JPEG or stain debris in the RBC areas: background.
+_TALEQANI_SPECK_AREA = 30
+# A kept WBC is at least ~12 px across; components between speck and this size are cell fragments
+# or cells cut by the border, so they get no supervision rather than a wrong one.
+_TALEQANI_MIN_CELL_AREA = 120
+# Cells are compact; ragged components (area / convex hull below this) are threshold noise
+# around RBC clumps and smudges, not cells: no supervision.
+_TALEQANI_MIN_SOLIDITY = 0.8
+# The authors' segmentation misses many cells (about half the Pro fields have none at all).
+# Purple, saturated pixels of the original field outside the weak mask are therefore not called
+# background. OpenCV hue 0-179: WBCs measure 119-140, the bluish RBCs of some fields 100-115.
+_TALEQANI_STAINED_HUE = (118, 155)
+_TALEQANI_STAINED_MIN_SATURATION = 50
+# The mask edge is uncertain by a few pixels (threshold, JPEG): a ring of no supervision.
+_TALEQANI_EDGE_RING = 3
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of one source with its labels and its split."""
+
+    source: str
+    image_path: Path
+    label_path: Path | None  # mask / weak mask / VOC XML; None where the source has none for this image
+    blast: int | None  # 1 blast, 0 normal, None unknown
+    subtype: str | None  # Taleqani: "Benign" | "Early" | "Pre" | "Pro"
+    wbc_type: str | None  # PBC cell_type; Zheng type name (labels unverified by experts)
+    split: str  # "train" | "val" | "test", from the committed split file
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A record before its split is known; `key` is the image path relative to the source folder."""
+
+    key: str
+    image_path: Path
+    label_path: Path | None
+    blast: int | None = None
+    subtype: str | None = None
+    wbc_type: str | None = None
+
+
+def _source_dir(data_root: Path, source: str) -> Path:
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    folder = Path(data_root) / source
+    if not folder.is_dir():
+        missing = data_root if not Path(data_root).is_dir() else folder
+        raise FileNotFoundError(
+            f"data folder {missing} not found: --data must point at the folder holding the sources "
+            f"({', '.join(SOURCES)})"
+        )
+    return folder
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --data must point at the folder holding the sources")
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _zheng_entries(folder: Path) -> list[_Entry]:
+    dataset = folder / "dataset1"
+    return [
+        _Entry(
+            key=f"dataset1/{row['image']}",
+            image_path=dataset / row["image"],
+            label_path=dataset / row["mask"],
+            wbc_type=ZHENG_WBC_TYPES[int(row["wbc_type"])],
+        )
+        for row in _read_csv(dataset / "labels.csv")
+    ]
+
+
+def _all_idb2_entries(folder: Path) -> list[_Entry]:
+    return [
+        _Entry(row["image"], folder / row["image"], folder / row["mask"], blast=int(row["blast"]))
+        for row in _read_csv(folder / "labels.csv")
+    ]
+
+
+def _taleqani_entries(folder: Path) -> list[_Entry]:
+    return [
+        _Entry(
+            row["image"],
+            folder / row["image"],
+            folder / row["segmented"],
+            blast=int(row["malignant"]),
+            subtype=row["subtype"],
+        )
+        for row in _read_csv(folder / "labels.csv")
+    ]
+
+
+def _pbc_entries(folder: Path) -> list[_Entry]:
+    # All PBC donors are healthy: every cell is a normal (non-blast) cell.
+    return [
+        _Entry(row["image"], folder / row["image"], None, blast=0, wbc_type=row["cell_type"])
+        for row in _read_csv(folder / "labels.csv")
+    ]
+
+
+def _bccd_entries(folder: Path) -> list[_Entry]:
+    entries = []
+    for image_path in sorted((folder / "images").glob("*.jpg")):
+        annotation = folder / "annotations" / f"{image_path.stem}.xml"
+        entries.append(
+            _Entry(f"images/{image_path.name}", image_path, annotation if annotation.is_file() else None)
+        )
+    return entries
+
+
+_ENTRY_READERS: dict[str, Callable[[Path], list[_Entry]]] = {
+    "wbc-seg-zheng": _zheng_entries,
+    "all-idb2": _all_idb2_entries,
+    "all-taleqani": _taleqani_entries,
+    "pbc": _pbc_entries,
+    "bccd": _bccd_entries,
+}
+
+
+def _stratum(source: str, entry: _Entry) -> str:
+    """The label a split keeps in proportion: blast, subtype or cell type; BCCD has none."""
+    if source == "all-idb2":
+        return str(entry.blast)
+    if source == "all-taleqani":
+        return str(entry.subtype)
+    if source in ("pbc", "wbc-seg-zheng"):
+        return str(entry.wbc_type)
+    return ""
+
+
+def _read_split_file(source: str) -> dict[str, str]:
+    path = SPLITS_DIR / f"{source}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"split file {path} not found: write it with `python -m leukoedge.training.data --data <folder>`"
+        )
+    return {row["image"]: row["split"] for row in _read_csv(path)}
+
+
+def load_records(data_root: Path, source: str, split: str | None = None) -> list[Record]:
+    """Every image of `source` (or those of one split), sorted by path, with its committed split."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} or None")
+    folder = _source_dir(data_root, source)
+    entries = sorted(_ENTRY_READERS[source](folder), key=lambda entry: entry.key)
+    assigned = _read_split_file(source)
+    unassigned = [entry.key for entry in entries if entry.key not in assigned]
+    unknown = sorted(set(assigned) - {entry.key for entry in entries})
+    if unassigned or unknown:
+        raise ValueError(
+            f"{SPLITS_DIR / f'{source}.csv'} does not match the data in {folder}: "
+            f"{len(unassigned)} images have no split (e.g. {unassigned[:3]}), "
+            f"{len(unknown)} listed images are absent (e.g. {unknown[:3]}); "
+            "the data changed or --data points at other data"
+        )
+    records = [
+        Record(
+            source=source,
+            image_path=entry.image_path,
+            label_path=entry.label_path,
+            blast=entry.blast,
+            subtype=entry.subtype,
+            wbc_type=entry.wbc_type,
+            split=assigned[entry.key],
+        )
+        for entry in entries
+    ]
+    return [record for record in records if split is None or record.split == split]
+
+
+def _read(path: Path, flags: int) -> np.ndarray:
+    pixels = cv2.imread(str(path), flags)
+    if pixels is None:
+        raise ValueError(f"cannot read image file {path} (missing, truncated or not an image)")
+    return pixels
+
+
+def read_image(record: Record) -> np.ndarray:
+    """The record's image as BGR uint8 HxWx3."""
+    return _read(record.image_path, cv2.IMREAD_COLOR)
+
+
+def _zheng_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray:
+    mask = _read(record.label_path, cv2.IMREAD_GRAYSCALE)
+    if mask.shape != image_shape[:2]:
+        raise ValueError(
+            f"mask {record.label_path} is {mask.shape}, its image {record.image_path} is {image_shape[:2]}"
+        )
+    return _ZHENG_LABEL_OF_GREY[mask]
+
+
+def _all_idb2_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray:
+    # The masks are full size (257 px) and the images 0.4x thumbnails; nearest-neighbour keeps classes crisp.
+    mask = _read(record.label_path, cv2.IMREAD_COLOR)
+    mask = cv2.resize(mask, (image_shape[1], image_shape[0]), interpolation=cv2.INTER_NEAREST)
+    distance = ((mask.astype(np.int32)[:, :, None, :] - _ALL_IDB2_COLOURS_BGR[None, None]) ** 2).sum(axis=-1)
+    return _ALL_IDB2_LABELS[distance.argmin(axis=-1)]
+
+
+def _stained_pixels(image: np.ndarray) -> np.ndarray:
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    low, high = _TALEQANI_STAINED_HUE
+    stained = (hsv[..., 0] >= low) & (hsv[..., 0] <= high) & (hsv[..., 1] >= _TALEQANI_STAINED_MIN_SATURATION)
+    # An opening drops isolated stained pixels (JPEG colour noise) that are no cell.
+    return cv2.morphologyEx(stained.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)) > 0
+
+
+def _disk(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def _solidity(component: np.ndarray) -> float:
+    contours, _ = cv2.findContours(component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull_area = cv2.contourArea(cv2.convexHull(np.concatenate(contours)))
+    return float(component.sum()) / max(hull_area, 1.0)
+
+
+def _taleqani_weak_mask(record: Record) -> tuple[np.ndarray, list[Box]]:
+    """(label map, boxes of the kept WBC components) from the authors' colour-threshold segmentation."""
+    image = read_image(record)
+    segmented = _read(record.label_path, cv2.IMREAD_COLOR)
+    if segmented.shape != image.shape:
+        raise ValueError(f"segmentation {record.label_path} is {segmented.shape}, its image {image.shape}")
+    foreground = (segmented.max(axis=2) > _TALEQANI_FOREGROUND_MIN).astype(np.uint8)
+    # Closing bridges one-pixel cracks that JPEG and the threshold leave inside a cell.
+    foreground = cv2.morphologyEx(foreground, cv2.MORPH_CLOSE, _disk(1))
+    # Dark nuclei were thresholded away inside some cells: fill every hole.
+    contours, _ = cv2.findContours(foreground, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(foreground, contours, -1, 1, thickness=cv2.FILLED)
+    count, components, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    cells = np.zeros(count, bool)
+    uncertain = np.zeros(count, bool)
+    for index in range(1, count):
+        area = stats[index, cv2.CC_STAT_AREA]
+        if area < _TALEQANI_SPECK_AREA:
+            continue
+        x, y, width, height = stats[index, :4]
+        component = components[y : y + height, x : x + width] == index
+        if area >= _TALEQANI_MIN_CELL_AREA and _solidity(component) >= _TALEQANI_MIN_SOLIDITY:
+            cells[index] = True
+        else:
+            uncertain[index] = True
+    wbc = cells[components]
+    unsupervised = (uncertain[components] | wbc).astype(np.uint8)
+    ring = _disk(_TALEQANI_EDGE_RING)
+    label_map = np.full(image.shape[:2], LABEL_BACKGROUND, np.uint8)
+    label_map[cv2.dilate(unsupervised, ring) > 0] = LABEL_IGNORE
+    label_map[cv2.dilate(_stained_pixels(image).astype(np.uint8), ring) > 0] = LABEL_IGNORE
+    label_map[wbc] = LABEL_WBC
+    boxes = [
+        (int(x), int(y), int(x + width), int(y + height))
+        for x, y, width, height in (stats[index, :4] for index in np.flatnonzero(cells))
+    ]
+    return label_map, boxes
+
+
+def _bccd_annotated_wbc_boxes(annotation: Path, image_shape: tuple[int, ...]) -> list[Box]:
+    try:
+        root = ET.parse(annotation).getroot()
+    except ET.ParseError as error:
+        raise ValueError(f"cannot parse VOC annotation {annotation}: {error}") from error
+    height, width = image_shape[:2]
+    boxes = []
+    for element in root.iter("object"):
+        if (element.findtext("name") or "").strip() != "WBC":
+            continue
+        corners = element.find("bndbox")
+        xmin, ymin, xmax, ymax = (float(corners.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
+        # VOC corners are 1-based and inclusive: pixel columns xmin-1 .. xmax-1, i.e. [xmin-1, xmax).
+        x0, y0 = max(0, int(round(xmin)) - 1), max(0, int(round(ymin)) - 1)
+        x1, y1 = min(width, int(round(xmax))), min(height, int(round(ymax)))
+        if x1 > x0 and y1 > y0:
+            boxes.append((x0, y0, x1, y1))
+    return boxes
+
+
+def _bccd_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray | None:
+    boxes = _bccd_annotated_wbc_boxes(record.label_path, image_shape)
+    if not boxes:
+        # Every BCCD field shows a WBC; the two XMLs without one (00133, 00228) lack its box,
+        # so "everything is background" would be a wrong label.
+        return None
+    label_map = np.full(image_shape[:2], LABEL_BACKGROUND, np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        # A box holds RBC and background pixels too: no pixel-level supervision inside it.
+        label_map[y0:y1, x0:x1] = LABEL_IGNORE
+    return label_map
+
+
+def read_label_map(record: Record) -> np.ndarray | None:
+    """The record's labels: uint8 HxW (the image's size), values in {0, 1, 2, 3, 255}; None if it has none.
+
+    BCCD: inside WBC boxes 255, elsewhere 0; None without an annotation or with no WBC box in it.
+    """
+    if record.label_path is None:
+        return None
+    if record.source == "all-taleqani":
+        return _taleqani_weak_mask(record)[0]
+    image_shape = read_image(record).shape
+    if record.source == "wbc-seg-zheng":
+        return _zheng_label_map(record, image_shape)
+    if record.source == "all-idb2":
+        return _all_idb2_label_map(record, image_shape)
+    if record.source == "bccd":
+        return _bccd_label_map(record, image_shape)
+    raise ValueError(f"{record.source} has no label maps")
+
+
+def _largest_component_box(cell: np.ndarray) -> list[Box]:
+    count, _, stats, _ = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=8)
+    if count < 2:
+        return []
+    largest = 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())
+    x, y, width, height = (int(value) for value in stats[largest, :4])
+    return [(x, y, x + width, y + height)]
+
+
+def wbc_boxes(record: Record) -> list[Box]:
+    """WBC boxes (x0, y0, x1, y1), exclusive ends, in image coordinates; [] where unknown.
+
+    BCCD: the annotated WBC boxes; Taleqani: the kept weak-mask components; Zheng and ALL-IDB2:
+    the largest component of the expert mask's cell pixels; PBC: [] (no boxes).
+    """
+    if record.label_path is None:
+        return []
+    if record.source == "all-taleqani":
+        return _taleqani_weak_mask(record)[1]
+    if record.source == "bccd":
+        return _bccd_annotated_wbc_boxes(record.label_path, read_image(record).shape)
+    label_map = read_label_map(record)
+    return _largest_component_box((label_map == LABEL_CYTOPLASM) | (label_map == LABEL_NUCLEUS))
+
+
+def _assign_splits(
+    entries: Sequence[_Entry], source: str, seed: int, fractions: Sequence[float]
+) -> dict[str, str]:
+    """Split each stratum on its own (shuffled with a per-source seed) so each keeps its proportion."""
+    strata: dict[str, list[str]] = defaultdict(list)
+    for entry in sorted(entries, key=lambda entry: entry.key):
+        strata[_stratum(source, entry)].append(entry.key)
+    # Seeded by source name, so adding or reordering sources never changes another source's split.
+    rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
+    assigned = {}
+    for stratum in sorted(strata):
+        keys = [strata[stratum][index] for index in rng.permutation(len(strata[stratum]))]
+        val_count = int(len(keys) * fractions[1] + 0.5)
+        test_count = int(len(keys) * fractions[2] + 0.5)
+        train_count = max(0, len(keys) - val_count - test_count)
+        for position, key in enumerate(keys):
+            if position < train_count:
+                assigned[key] = "train"
+            else:
+                assigned[key] = "val" if position < train_count + val_count else "test"
+    return assigned
+
+
+def make_splits(
+    data_root: Path, out_dir: Path, seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15)
+) -> None:
+    """Write `<out_dir>/<source>.csv` (columns image,split) for every source; stratified, seeded, deterministic."""
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(
+            f"fractions must be three non-negative numbers (train, val, test) summing to 1, got {fractions}"
+        )
+    folders = {source: _source_dir(data_root, source) for source in SOURCES}
+    per_source = {source: _ENTRY_READERS[source](folder) for source, folder in folders.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for source, entries in per_source.items():
+        assigned = _assign_splits(entries, source, seed, fractions)
+        with (out_dir / f"{source}.csv").open("w", newline="") as file:
+            writer = csv.writer(file, lineterminator="\n")
+            writer.writerow(["image", "split"])
+            writer.writerows(sorted(assigned.items()))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m leukoedge.training.data --data ../shared/data`: rewrite the committed split files."""
+    parser = argparse.ArgumentParser(description="Write the train/val/test split files of every data source.")
+    parser.add_argument("--data", type=Path, required=True, help="folder holding the sources (../shared/data)")
+    arguments = parser.parse_args(argv)
+    make_splits(arguments.data, SPLITS_DIR)
+    print(f"split files written to {SPLITS_DIR}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Small named building blocks shared by the segmenters and classifiers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 convolution, batch norm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DoubleConv(nn.Sequential):
+    """Two ConvBNReLU: the unit of every U-Net style encoder and decoder stage."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(ConvBNReLU(in_channels, out_channels), ConvBNReLU(out_channels, out_channels))
+
+
+class ChannelAttention(nn.Module):
+    """Which feature maps matter (CBAM channel branch): avg- and max-pooled descriptors through a shared MLP."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        average = self.mlp(x.mean(dim=(2, 3), keepdim=True))
+        maximum = self.mlp(x.amax(dim=(2, 3), keepdim=True))
+        return x * torch.sigmoid(average + maximum)
+
+
+class SpatialAttention(nn.Module):
+    """Where to look (CBAM spatial branch): a 7x7 conv over channel-mean and channel-max maps."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        descriptor = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(descriptor))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer encoder layer over the pixels of a feature map (multi-head attention + FFN,
+    each with a residual). A depthwise conv adds position information, so any map size works."""
+
+    def __init__(self, channels: int, heads: int = 4, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.position = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.norm1 = nn.LayerNorm(channels)
+        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(channels)
+        hidden = int(channels * mlp_ratio)
+        self.ffn = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        x = x + self.position(x)
+        tokens = x.flatten(2).transpose(1, 2)
+        normed = self.norm1(tokens)
+        tokens = tokens + self.attention(normed, normed, normed, need_weights=False)[0]
+        tokens = tokens + self.ffn(self.norm2(tokens))
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width)

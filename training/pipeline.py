@@ -1,0 +1,226 @@
+"""One command from ../shared/data to a model bundle: `leukoedge train --data DIR --out models/default`.
+
+Steps: stain reference from the training split -> segmenter -> cell crops -> classifier ->
+ONNX export with parity check -> bundle (manifest + sha256) -> held-out evaluation into the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from leukoedge.bundle import SCHEMA_VERSION, Bundle, save_bundle
+from leukoedge.postprocess import find_cells, label_map_from_probabilities
+from leukoedge.preprocess.cpu import PreprocessSpec, prepare_frame
+
+from . import data
+from .stain import estimate_reference
+from .train import CellExample, SegmentationExample, TrainConfig, save_checkpoint, train_classifier, train_segmenter
+
+log = logging.getLogger("leukoedge.training")
+
+SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani", "bccd")
+SEGMENTER_INPUT = (192, 256)  # H, W: a 640x480 field maps exactly, single-cell crops are letterboxed
+CLASSIFIER_INPUT = (64, 64)
+CROP_MARGIN = 0.15
+MIN_CELL_AREA_PX = 40  # model-input pixels: a Taleqani WBC is ~300, platelets and specks ~10-30
+SUBTYPES = ["Benign", "Early", "Pre", "Pro"]
+WBC_TYPES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+HEADS = {"blast": ["normal", "blast"], "subtype": SUBTYPES, "wbc_type": WBC_TYPES}
+
+
+@dataclass
+class PipelineConfig:
+    data_root: Path
+    out_dir: Path
+    quick: bool = False  # a few steps on a few images: checks the whole path, not the accuracy
+    segmenter_model: str = "hctnet_s"
+    classifier_model: str = "custom_cnn"
+    segmenter_steps: int = 1500
+    classifier_steps: int = 1500
+    seed: int = 0
+
+    def limit(self, records: list) -> list:
+        """In quick mode, a few records per source, spread over the labels by the split files' order."""
+        return records[:: max(1, len(records) // 12)][:12] if self.quick else records
+
+
+def _records(config: PipelineConfig, source: str, split: str) -> list[data.Record]:
+    return config.limit(data.load_records(config.data_root, source, split))
+
+
+def load_segmentation_examples(config: PipelineConfig, split: str) -> list[SegmentationExample]:
+    examples = []
+    for source in SEGMENTATION_SOURCES:
+        for record in tqdm(_records(config, source, split), desc=f"load {source} {split}", leave=False):
+            label_map = data.read_label_map(record)
+            if label_map is not None:
+                examples.append(SegmentationExample(source, data.read_image(record), label_map))
+    return examples
+
+
+def preprocess_spec(config: PipelineConfig, train_examples: list[SegmentationExample]) -> PreprocessSpec:
+    """Stain reference from every training image of every segmentation source (each source weighted equally)."""
+    per_source: dict[str, list[np.ndarray]] = {}
+    for example in train_examples:
+        per_source.setdefault(example.source, []).append(example.image)
+    rng = np.random.default_rng(config.seed)
+    images = [image for images in per_source.values() for image in (images[i] for i in rng.choice(len(images), min(60, len(images)), replace=False))]
+    # Values near 0.5/0.25 keep the stain-normalized input roughly zero-mean, unit-range.
+    return PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), estimate_reference(images))
+
+
+def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessSpec) -> list[tuple[int, int, int, int]]:
+    """Cell boxes in frame pixels found by the trained segmenter, through the runtime's own path."""
+    prepared = prepare_frame(image, spec, SEGMENTER_INPUT)
+    with torch.no_grad():
+        probabilities = model(torch.from_numpy(prepared.tensor)).softmax(dim=1)[0].numpy()
+    cells, _ = find_cells(label_map_from_probabilities(probabilities), prepared.letterbox, MIN_CELL_AREA_PX, split=True)
+    return [cell.box for cell in cells]
+
+
+def _central_box(boxes: list[tuple[int, int, int, int]], shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """The box whose centre is nearest the image centre: single-cell images are centred on their cell."""
+    if not boxes:
+        return None
+    cy, cx = shape[0] / 2, shape[1] / 2
+    return min(boxes, key=lambda b: ((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2)
+
+
+def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.Module, spec: PreprocessSpec) -> tuple[list[CellExample], dict]:
+    """Cells with their targets. Boxes: ALL-IDB2 from the expert mask, Taleqani from the weak mask,
+    PBC from the segmenter (no masks there). Returns the examples and per-source counts."""
+    examples: list[CellExample] = []
+    counts: dict[str, int] = {}
+    missed_pbc = 0
+    for record in tqdm(_records(config, "all-idb2", split), desc=f"cells all-idb2 {split}", leave=False):
+        image = data.read_image(record)
+        box = _central_box(data.wbc_boxes(record), image.shape)
+        if box is not None:
+            examples.append(CellExample("all-idb2", image, box, {"blast": record.blast}))
+    for record in tqdm(_records(config, "all-taleqani", split), desc=f"cells all-taleqani {split}", leave=False):
+        image = data.read_image(record)
+        for box in data.wbc_boxes(record):
+            examples.append(CellExample("all-taleqani", image, box, {"blast": record.blast, "subtype": SUBTYPES.index(record.subtype)}))
+    for record in tqdm(_records(config, "pbc", split), desc=f"cells pbc {split}", leave=False):
+        image = data.read_image(record)
+        box = _central_box(segmenter_boxes(segmenter, image, spec), image.shape)
+        if box is None:
+            missed_pbc += 1
+            continue
+        examples.append(CellExample("pbc", image, box, {"blast": 0, "wbc_type": WBC_TYPES.index(record.wbc_type)}))
+    for example in examples:
+        counts[example.source] = counts.get(example.source, 0) + 1
+    counts["pbc_images_without_a_cell"] = missed_pbc
+    return examples, counts
+
+
+def build_manifest(spec: PreprocessSpec, training: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": "leukoedge-default",
+        "model_version": "0.1.0",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": {},
+        "preprocess": spec.to_manifest(),
+        "segmenter": {
+            "file": "segmenter.onnx",
+            "input": "image",
+            "output": "probs",
+            "input_size": list(SEGMENTER_INPUT),
+            "classes": ["background", "cytoplasm", "nucleus"],
+            "architecture": training["segmenter"]["config"]["model"],
+        },
+        "classifier": {
+            "file": "classifier.onnx",
+            "input": "crop",
+            "input_size": list(CLASSIFIER_INPUT),
+            "crop_margin": CROP_MARGIN,
+            "primary_head": "blast",
+            "architecture": training["classifier"]["config"]["model"],
+            "heads": {head: {"output": f"{head}_probs", "classes": classes} for head, classes in HEADS.items()},
+        },
+        "postprocess": {"min_cell_area_px": MIN_CELL_AREA_PX, "split_touching": True},
+        "verdict": {"blast_threshold": 0.5, "flag_fraction": 0.2},
+        "limits": {"min_frame_side": 16, "max_frame_side": 4096},
+        "training": training,
+    }
+
+
+def run_pipeline(config: PipelineConfig) -> Bundle:
+    """Train both models, export them, write and return the verified bundle."""
+    from leukoedge.export.onnx import export_classifier, export_segmenter
+
+    from .samples import classification_sample, segmentation_sample
+
+    torch.manual_seed(config.seed)
+    train_examples = load_segmentation_examples(config, "train")
+    val_examples = load_segmentation_examples(config, "val")
+    spec = preprocess_spec(config, train_examples)
+    quick = config.quick
+    segmenter, segmenter_summary = train_segmenter(
+        train_examples,
+        val_examples,
+        spec,
+        TrainConfig(
+            model=config.segmenter_model,
+            input_size=SEGMENTER_INPUT,
+            steps=8 if quick else config.segmenter_steps,
+            batch_size=4 if quick else 8,
+            crop=128,
+            validate_every=4 if quick else 150,
+            seed=config.seed,
+        ),
+    )
+    cell_train, train_counts = load_cell_examples(config, "train", segmenter, spec)
+    cell_val, val_counts = load_cell_examples(config, "val", segmenter, spec)
+    classifier, classifier_summary = train_classifier(
+        cell_train,
+        cell_val,
+        HEADS,
+        spec,
+        TrainConfig(
+            model=config.classifier_model,
+            input_size=CLASSIFIER_INPUT,
+            steps=8 if quick else config.classifier_steps,
+            batch_size=8 if quick else 64,
+            learning_rate=3e-3,
+            validate_every=4 if quick else 100,
+            seed=config.seed,
+        ),
+        CROP_MARGIN,
+    )
+    classifier_summary["cells"] = {"train": train_counts, "val": val_counts}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_dir = Path(scratch)
+        segmenter_inputs = np.stack([segmentation_sample(e.image, e.label_map, spec, SEGMENTER_INPUT, None)[0] for e in val_examples[:8]])
+        crop_inputs = np.stack([classification_sample(e.image, e.box, spec, CLASSIFIER_INPUT, CROP_MARGIN, None) for e in cell_val[:32]])
+        segmenter_parity = export_segmenter(segmenter, segmenter_inputs, scratch_dir / "segmenter.onnx")
+        classifier_parity = export_classifier(classifier, list(HEADS), crop_inputs, scratch_dir / "classifier.onnx")
+        save_checkpoint(segmenter, segmenter_summary, config.out_dir.parent / "checkpoints" / f"{config.out_dir.name}-segmenter.pt")
+        save_checkpoint(classifier, classifier_summary, config.out_dir.parent / "checkpoints" / f"{config.out_dir.name}-classifier.pt")
+        training = {
+            "data": "real images of ../shared/data (Zheng 2018 dataset 1, ALL-IDB2 + Di Ruberto masks, Taleqani B-ALL, PBC, BCCD); split files training/splits/*.csv, seed 0",
+            "quick": quick,
+            "pretraining": "none: trained from scratch (no ImageNet weights can be downloaded here)",
+            "segmenter": {**segmenter_summary, "onnx_parity_max_abs": segmenter_parity},
+            "classifier": {**classifier_summary, "onnx_parity_max_abs": classifier_parity},
+        }
+        manifest = build_manifest(spec, training)
+        files = {"segmenter.onnx": scratch_dir / "segmenter.onnx", "classifier.onnx": scratch_dir / "classifier.onnx"}
+        bundle = save_bundle(config.out_dir, manifest, files)
+    log.info("bundle written to %s", config.out_dir)
+    return bundle
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))

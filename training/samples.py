@@ -1,0 +1,123 @@
+"""Training samples built with the runtime's own geometry and preprocessing.
+
+Segmentation: a frame is letterboxed into the model input exactly as Detector does (fit_letterbox),
+then, for augmentation, rescaled, shifted, flipped and re-stained around that placement.
+Classification: cells are cut with the runtime's prepare_crops, from boxes the segmenter (or a mask)
+gives, so the classifier trains on the crops it will be shown.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from leukoedge.preprocess.cpu import (
+    Box,
+    PreprocessSpec,
+    fit_letterbox,
+    lab_statistics,
+    prepare_crops,
+    prepare_frame,
+    reinhard_normalize,
+    resize,
+    to_chw_normalized,
+    to_rgb_float,
+)
+
+from .data import LABEL_BACKGROUND
+from .stain import augment_colour, jitter_reference
+
+
+def letterbox_label_map(label_map: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
+    """A frame-resolution label map placed the way prepare_frame places its frame (padding = background)."""
+    placement = fit_letterbox(label_map.shape[0], label_map.shape[1], input_size)
+    canvas = np.full((int(input_size[0]), int(input_size[1])), LABEL_BACKGROUND, np.uint8)
+    content = cv2.resize(label_map, (placement.content_width, placement.content_height), interpolation=cv2.INTER_NEAREST)
+    canvas[placement.pad_y : placement.pad_y + placement.content_height, placement.pad_x : placement.pad_x + placement.content_width] = content
+    return canvas
+
+
+def segmentation_sample(
+    image: np.ndarray,
+    label_map: np.ndarray,
+    spec: PreprocessSpec,
+    input_size: Sequence[int],
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(3xHxW float32 input, HxW uint8 labels). rng None: exactly the runtime's input, no augmentation."""
+    if rng is None:
+        return prepare_frame(image, spec, input_size).tensor[0], letterbox_label_map(label_map, input_size)
+    height, width = int(input_size[0]), int(input_size[1])
+    placement = fit_letterbox(image.shape[0], image.shape[1], input_size)
+    # Magnification differs by microscope: train on +-40 % around the runtime's scale.
+    scale = placement.scale * float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+    content_width = max(8, round(image.shape[1] * scale))
+    content_height = max(8, round(image.shape[0] * scale))
+    rgb = to_rgb_float(resize(image, content_width, content_height))
+    labels = cv2.resize(label_map, (content_width, content_height), interpolation=cv2.INTER_NEAREST)
+    if spec.stain_reference is not None:
+        rgb = reinhard_normalize(rgb, jitter_reference(spec.stain_reference, rng), lab_statistics(rgb))
+    rgb = augment_colour(rgb, rng)
+    if rng.random() < 0.5:
+        rgb, labels = rgb[:, ::-1], labels[:, ::-1]
+    if rng.random() < 0.5:
+        rgb, labels = rgb[::-1], labels[::-1]
+    canvas = np.broadcast_to(np.asarray(spec.mean, np.float32), (height, width, 3)).copy()
+    canvas_labels = np.full((height, width), LABEL_BACKGROUND, np.uint8)
+    # Random placement: content larger than the canvas is cropped, smaller is shifted around.
+    x = int(rng.integers(min(0, width - content_width), max(0, width - content_width) + 1))
+    y = int(rng.integers(min(0, height - content_height), max(0, height - content_height) + 1))
+    cx0, cy0 = max(0, x), max(0, y)
+    cx1, cy1 = min(width, x + content_width), min(height, y + content_height)
+    canvas[cy0:cy1, cx0:cx1] = rgb[cy0 - y : cy1 - y, cx0 - x : cx1 - x]
+    canvas_labels[cy0:cy1, cx0:cx1] = labels[cy0 - y : cy1 - y, cx0 - x : cx1 - x]
+    return to_chw_normalized(canvas, spec), canvas_labels
+
+
+def random_crop(tensor: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A size x size window, biased towards windows that contain cell pixels (cells are sparse in fields)."""
+    height, width = labels.shape
+    if height <= size and width <= size:
+        return tensor, labels
+    foreground = np.argwhere((labels != LABEL_BACKGROUND) & (labels != 255))
+    if len(foreground) and rng.random() < 0.7:
+        cy, cx = foreground[rng.integers(len(foreground))]
+        y = int(np.clip(cy - rng.integers(size), 0, height - size))
+        x = int(np.clip(cx - rng.integers(size), 0, width - size))
+    else:
+        y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
+    return tensor[:, y : y + size, x : x + size], labels[y : y + size, x : x + size]
+
+
+def classification_sample(
+    image: np.ndarray,
+    box: Box,
+    spec: PreprocessSpec,
+    input_size: Sequence[int],
+    margin: float,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
+    """3xHxW crop of one cell. rng None: exactly the runtime's crop; otherwise jittered box, stain, flips."""
+    if rng is None:
+        statistics = lab_statistics(to_rgb_float(image)) if spec.stain_reference is not None else None
+        return prepare_crops(image, [box], spec, input_size, margin, statistics)[0]
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0)
+    shift = rng.normal(0.0, 0.05 * side, 2)
+    grow = float(np.exp(rng.normal(0.0, 0.1)))
+    cx, cy = (x0 + x1) / 2 + shift[0], (y0 + y1) / 2 + shift[1]
+    half_w, half_h = (x1 - x0) * grow / 2, (y1 - y0) * grow / 2
+    jittered = (int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h)))
+    jittered_spec = spec
+    statistics = None
+    if spec.stain_reference is not None:
+        jittered_spec = PreprocessSpec(spec.channel_order, spec.mean, spec.std, jitter_reference(spec.stain_reference, rng))
+        statistics = lab_statistics(to_rgb_float(image))
+    crop = prepare_crops(image, [jittered], jittered_spec, input_size, margin, statistics)[0]
+    crop = np.rot90(crop, int(rng.integers(4)), axes=(1, 2))
+    if rng.random() < 0.5:
+        crop = crop[:, :, ::-1]
+    gain = rng.uniform(0.85, 1.15)
+    return np.ascontiguousarray(crop * gain + rng.normal(0.0, 0.1), dtype=np.float32)

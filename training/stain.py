@@ -1,0 +1,71 @@
+"""Stain normalization and augmentation for training.
+
+Normalization itself is the runtime's (leukoedge.preprocess.cpu): training calls the same functions,
+so a model never sees colours at training time that the runtime would not produce. What lives here
+is only what training adds on top: the reference estimated from data, and random perturbations.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from leukoedge.preprocess.cpu import StainReference, lab_statistics, reinhard_normalize, to_rgb_float
+
+
+def estimate_reference(images_bgr: Iterable[np.ndarray]) -> StainReference:
+    """The stain reference: mean over images of each image's L*a*b* mean and std."""
+    means, stds = [], []
+    for image in images_bgr:
+        mean, std = lab_statistics(to_rgb_float(image))
+        means.append(mean)
+        stds.append(std)
+    if not means:
+        raise ValueError("cannot estimate a stain reference from no images")
+    return StainReference(tuple(float(v) for v in np.mean(means, axis=0)), tuple(float(v) for v in np.mean(stds, axis=0)))
+
+
+def jitter_reference(reference: StainReference, rng: np.random.Generator, strength: float = 1.0) -> StainReference:
+    """A random nearby stain: shifts of the L*a*b* target mean and scalings of its std.
+
+    Models trained against one fixed target overfit it; smears from a new lab land near, not on, it.
+    """
+    mean = np.asarray(reference.lab_mean) + rng.normal(0.0, [4.0, 3.0, 3.0]) * strength
+    std = np.asarray(reference.lab_std) * np.exp(rng.normal(0.0, 0.12, 3) * strength)
+    return StainReference(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def clahe(image_bgr: np.ndarray, clip_limit: float = 2.0, tile: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalization on the L channel (colour kept)."""
+    lab = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2LAB)
+    lab[..., 0] = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile, tile)).apply(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)
+
+
+def gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian filter; kernel size from sigma."""
+    return cv2.GaussianBlur(image, (0, 0), sigma)
+
+
+def to_hsv(image_bgr: np.ndarray) -> np.ndarray:
+    """HSV with OpenCV's 8-bit ranges (H 0..179, S and V 0..255)."""
+    return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
+
+
+def augment_colour(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and occasional blur on a stain-normalized float RGB image in [0, 1]:
+    the optical differences (lamp, focus, sensor gain) that stain normalization does not remove."""
+    rgb = rgb * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06)
+    mean = rgb.mean()
+    rgb = (rgb - mean) * rng.uniform(0.85, 1.2) + mean
+    if rng.random() < 0.25:
+        rgb = gaussian(rgb, rng.uniform(0.5, 1.2))
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def normalize_with_jitter(rgb: np.ndarray, reference: StainReference, rng: np.random.Generator | None) -> np.ndarray:
+    """Reinhard to the reference (a jittered one when rng is given), with the image's own statistics."""
+    target = reference if rng is None else jitter_reference(reference, rng)
+    return reinhard_normalize(rgb, target)

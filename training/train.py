@@ -1,0 +1,247 @@
+"""Training loops for the segmenter and the cell classifier (CPU friendly: minutes on 2 cores).
+
+Checkpoints are plain state_dicts plus a JSON config; they are read back with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from leukoedge.preprocess.cpu import PreprocessSpec
+
+from .data import LABEL_IGNORE, LABEL_WBC
+from .models import create_model
+from .samples import classification_sample, random_crop, segmentation_sample
+
+log = logging.getLogger("leukoedge.training")
+
+
+@dataclass
+class SegmentationExample:
+    """One training image with its label map (values 0/1/2, 3 = WBC part unknown, 255 = ignore)."""
+
+    source: str
+    image: np.ndarray
+    label_map: np.ndarray
+
+
+@dataclass
+class CellExample:
+    """One cell: image, its box, and a target per head (-1 = no label for that head)."""
+
+    source: str
+    image: np.ndarray
+    box: tuple[int, int, int, int]
+    targets: dict[str, int]
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    input_size: tuple[int, int]
+    steps: int
+    batch_size: int
+    learning_rate: float = 2e-3
+    crop: int | None = None  # segmentation: train on random crops of this size (fully convolutional model)
+    validate_every: int = 100
+    patience: int = 5  # validations without improvement before early stopping
+    seed: int = 0
+    model_kwargs: dict = field(default_factory=dict)
+
+
+def balanced_indices(sources: Sequence[str], count: int, rng: np.random.Generator) -> np.ndarray:
+    """Sample indices so each source contributes equally, whatever its size."""
+    sources = np.asarray(sources)
+    names, counts = np.unique(sources, return_counts=True)
+    weight_of = {name: 1.0 / (len(names) * n) for name, n in zip(names, counts)}
+    weights = np.array([weight_of[s] for s in sources])
+    return rng.choice(len(sources), size=count, p=weights / weights.sum())
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on labelled pixels, -log P(WBC) on weak WBC pixels, soft Dice on nucleus and cell."""
+    probabilities = logits.softmax(dim=1)
+    strong = (labels != LABEL_IGNORE) & (labels != LABEL_WBC)
+    strong_labels = torch.where(strong, labels, torch.full_like(labels, LABEL_IGNORE)).long()
+    loss = F.cross_entropy(logits, strong_labels, ignore_index=LABEL_IGNORE) if strong.any() else logits.sum() * 0
+    weak = labels == LABEL_WBC
+    if weak.any():
+        loss = loss - torch.log(probabilities[:, 1:].sum(dim=1)[weak] + 1e-6).mean()
+    for target_probability, target_mask in (
+        (probabilities[:, 2], labels == 2),
+        (probabilities[:, 1:].sum(dim=1), (labels == 1) | (labels == 2) | weak),
+    ):
+        valid = (labels != LABEL_IGNORE).float()
+        intersection = (target_probability * target_mask.float() * valid).sum()
+        total = (target_probability * valid).sum() + target_mask.float().sum()
+        loss = loss + 0.5 * (1 - (2 * intersection + 1) / (total + 1))
+    return loss
+
+
+def _batches(indices: np.ndarray, batch_size: int):
+    for start in range(0, len(indices) - batch_size + 1, batch_size):
+        yield indices[start : start + batch_size]
+
+
+def _train_loop(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    make_batch: Callable[[np.ndarray, np.random.Generator], tuple[torch.Tensor, object]],
+    loss_of: Callable[[object, object], torch.Tensor],
+    validate: Callable[[torch.nn.Module], float],
+    sample_indices: np.ndarray,
+    description: str,
+) -> dict:
+    """AdamW + one-cycle LR, validation every N steps, early stopping on the validation score (higher = better)."""
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.15)
+    best_score, best_state, stale, history = -np.inf, None, 0, []
+    started = time.perf_counter()
+    batches = _batches(sample_indices, config.batch_size)
+    progress = tqdm(range(config.steps), desc=description, unit="step", dynamic_ncols=True)
+    for step in progress:
+        model.train()
+        inputs, targets = make_batch(next(batches), rng)
+        loss = loss_of(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}", best=f"{best_score:.3f}")
+        if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
+            model.eval()
+            with torch.no_grad():
+                score = validate(model)
+            history.append({"step": step + 1, "loss": float(loss.item()), "val_score": score, "seconds": time.perf_counter() - started})
+            if score > best_score:
+                best_score, stale = score, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    log.info("early stop at step %d: no improvement in %d validations", step + 1, stale)
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"best_val_score": float(best_score), "history": history, "seconds": time.perf_counter() - started}
+
+
+def train_segmenter(
+    train: Sequence[SegmentationExample],
+    val: Sequence[SegmentationExample],
+    spec: PreprocessSpec,
+    config: TrainConfig,
+) -> tuple[torch.nn.Module, dict]:
+    """Train a segmenter; the validation score is the mean of nucleus and whole-cell Dice."""
+    model = create_model(config.model, **config.model_kwargs)
+    sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
+
+    def make_batch(indices: np.ndarray, rng: np.random.Generator):
+        inputs, labels = [], []
+        for index in indices:
+            tensor, label_map = segmentation_sample(train[index].image, train[index].label_map, spec, config.input_size, rng)
+            if config.crop:
+                tensor, label_map = random_crop(tensor, label_map, config.crop, rng)
+            inputs.append(tensor)
+            labels.append(label_map)
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
+
+    validation = [segmentation_sample(e.image, e.label_map, spec, config.input_size, None) for e in val]
+
+    def validate(model: torch.nn.Module) -> float:
+        scores = []
+        for start in range(0, len(validation), 16):
+            chunk = validation[start : start + 16]
+            predicted = model(torch.from_numpy(np.stack([t for t, _ in chunk]))).argmax(dim=1).numpy()
+            for prediction, (_, truth) in zip(predicted, chunk):
+                scores.append(_mean_dice(prediction, truth))
+        return float(np.nanmean(scores))
+
+    summary = _train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train {config.model}")
+    return model, {"config": asdict(config), **summary}
+
+
+def _mean_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Mean of nucleus and whole-cell Dice over supervised pixels (nucleus only where truth is strong)."""
+    valid = truth != LABEL_IGNORE
+    scores = []
+    truth_cell = (truth == 1) | (truth == 2) | (truth == LABEL_WBC)
+    pairs = [(prediction > 0, truth_cell)]
+    if not (truth == LABEL_WBC).any():
+        pairs.append((prediction == 2, truth == 2))
+    for predicted, expected in pairs:
+        predicted, expected = predicted & valid, expected & valid
+        total = predicted.sum() + expected.sum()
+        if total:
+            scores.append(2.0 * (predicted & expected).sum() / total)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def train_classifier(
+    train: Sequence[CellExample],
+    val: Sequence[CellExample],
+    heads: dict[str, list[str]],
+    spec: PreprocessSpec,
+    config: TrainConfig,
+    crop_margin: float,
+) -> tuple[torch.nn.Module, dict]:
+    """Train a multi-head cell classifier. A head's loss counts only cells labelled for it.
+    Validation score: mean over heads of balanced accuracy."""
+    model = create_model(config.model, head_classes={name: len(classes) for name, classes in heads.items()}, **config.model_kwargs)
+    sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
+
+    def make_batch(indices: np.ndarray, rng: np.random.Generator):
+        inputs = [classification_sample(train[i].image, train[i].box, spec, config.input_size, crop_margin, rng) for i in indices]
+        targets = {head: torch.tensor([train[i].targets.get(head, -1) for i in indices]) for head in heads}
+        return torch.from_numpy(np.stack(inputs)), targets
+
+    def loss_of(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = [F.cross_entropy(outputs[h], targets[h], ignore_index=-1) for h in heads if (targets[h] >= 0).any()]
+        return torch.stack(losses).sum()
+
+    validation_inputs = torch.from_numpy(
+        np.stack([classification_sample(e.image, e.box, spec, config.input_size, crop_margin, None) for e in val])
+    )
+
+    def validate(model: torch.nn.Module) -> float:
+        outputs = {h: torch.cat([model(validation_inputs[s : s + 256])[h] for s in range(0, len(val), 256)]) for h in heads}
+        scores = []
+        for head in heads:
+            truth = np.array([e.targets.get(head, -1) for e in val])
+            predicted = outputs[head].argmax(dim=1).numpy()
+            recalls = [np.mean(predicted[truth == c] == c) for c in np.unique(truth[truth >= 0])]
+            if recalls:
+                scores.append(float(np.mean(recalls)))
+        return float(np.mean(scores))
+
+    summary = _train_loop(model, config, make_batch, loss_of, validate, sample_indices, f"train {config.model}")
+    return model, {"config": asdict(config), "heads": heads, **summary}
+
+
+def save_checkpoint(model: torch.nn.Module, config: dict, path: Path) -> None:
+    """state_dict (tensors only, loadable with weights_only=True) + config JSON beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def load_checkpoint(path: Path, **model_kwargs) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model named in the config and load its weights without unpickling anything."""
+    config = json.loads(path.with_suffix(".json").read_text())
+    model = create_model(config["config"]["model"], **{**config["config"].get("model_kwargs", {}), **model_kwargs})
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    return model, config
