@@ -91,8 +91,7 @@ def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limi
         called_blast = int(np.sum(np.asarray(probability) >= threshold))
         report["called_blast"] = called_blast
         report["called_blast_fraction"] = called_blast / max(1, len(records))
-        classes = sorted(set(wbc_truth))
-        wbc = classification_report(wbc_truth, wbc_predicted, classes=classes)
+        wbc = classification_report(wbc_truth, wbc_predicted, classes=detector.classifier_spec["heads"]["wbc_type"]["classes"])
         report["wbc_type"] = {"accuracy": wbc["accuracy"], "macro_f1": wbc["macro"]["f1"], "n": wbc["n"]}
     else:
         report["blast"] = binary_summary(truth, probability, threshold)

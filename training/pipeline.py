@@ -34,6 +34,7 @@ CROP_MARGIN = 0.15
 MIN_CELL_AREA_PX = 40  # model-input pixels: a Taleqani WBC is ~300, platelets and specks ~10-30
 SUBTYPES = ["Benign", "Early", "Pre", "Pro"]
 WBC_TYPES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+VALIDATION_IMAGES_PER_SOURCE = 60  # model selection during training; the test split is evaluated in full
 HEADS = {"blast": ["normal", "blast"], "subtype": SUBTYPES, "wbc_type": WBC_TYPES}
 
 
@@ -57,10 +58,11 @@ def _records(config: PipelineConfig, source: str, split: str) -> list[data.Recor
     return config.limit(data.load_records(config.data_root, source, split))
 
 
-def load_segmentation_examples(config: PipelineConfig, split: str) -> list[SegmentationExample]:
+def load_segmentation_examples(config: PipelineConfig, split: str, per_source: int | None = None) -> list[SegmentationExample]:
+    """Images with label maps; per_source caps each source (validation during training needs only a sample)."""
     examples = []
     for source in SEGMENTATION_SOURCES:
-        for record in tqdm(_records(config, source, split), desc=f"load {source} {split}", leave=False):
+        for record in tqdm(_records(config, source, split)[:per_source], desc=f"load {source} {split}", leave=False):
             label_map = data.read_label_map(record)
             if label_map is not None:
                 examples.append(SegmentationExample(source, data.read_image(record), label_map))
@@ -163,7 +165,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
 
     torch.manual_seed(config.seed)
     train_examples = load_segmentation_examples(config, "train")
-    val_examples = load_segmentation_examples(config, "val")
+    val_examples = load_segmentation_examples(config, "val", per_source=VALIDATION_IMAGES_PER_SOURCE)
     spec = preprocess_spec(config, train_examples)
     quick = config.quick
     segmenter, segmenter_summary = train_segmenter(
