@@ -1,0 +1,92 @@
+"""The command line: info, run on an image and a folder (with a corrupt file), bench, and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from leukoedge import cli
+
+STAGES = ("preprocess", "segment", "postprocess", "classify", "total")
+
+
+@pytest.fixture(scope="module")
+def bccd_image(data_root: Path) -> Path:
+    return data_root / "bccd" / "images" / "BloodImage_00000.jpg"
+
+
+def test_info_prints_the_bundle_name_and_its_files(tiny_bundle, capsys):
+    assert cli.main(["info", str(tiny_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "leukoedge-default" in out
+    assert re.search(r"segmenter\.onnx .* sha256 [0-9a-f]{12}", out)
+    assert re.search(r"classifier\.onnx .* sha256 [0-9a-f]{12}", out)
+
+
+def test_info_on_a_missing_bundle_exits_2_with_a_message(tmp_path, capsys):
+    assert cli.main(["info", str(tmp_path / "no-bundle")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_on_an_image_writes_overlay_and_json_and_prints_timings(tiny_bundle, bccd_image, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert cli.main(["run", str(bccd_image), "--bundle", str(tiny_bundle), "--out", str(out_dir)]) == 0
+
+    overlay = cv2.imread(str(out_dir / "BloodImage_00000_overlay.png"), cv2.IMREAD_COLOR)
+    assert overlay is not None and overlay.shape == (480, 640, 3)
+    record = json.loads((out_dir / "BloodImage_00000.json").read_text())
+    assert isinstance(record["cells"], list)
+    assert record["verdict"]["cell_count"] == len(record["cells"])
+    assert set(record["timings"]) == set(STAGES)
+    out = capsys.readouterr().out
+    assert "BloodImage_00000.jpg:" in out
+    timings_line = next(line for line in out.splitlines() if "timings ms:" in line)
+    for stage in STAGES:
+        assert re.search(rf"{stage} \d+\.\d", timings_line), timings_line
+
+
+def test_run_on_a_folder_with_a_corrupt_image_processes_the_rest_and_exits_1(tiny_bundle, bccd_image, tmp_path):
+    # A subprocess: the error goes through logging, which pytest captures in-process.
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copyfile(bccd_image, images / "a_good.jpg")
+    (images / "b_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    shutil.copyfile(bccd_image, images / "c_good.jpg")
+    out_dir = tmp_path / "out"
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "leukoedge.cli", "run", str(images), "--bundle", str(tiny_bundle), "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert completed.returncode == 1, completed.stderr
+    assert "b_corrupt.jpg" in completed.stderr and "cannot decode" in completed.stderr
+    assert sorted(path.name for path in out_dir.iterdir()) == ["a_good.json", "a_good_overlay.png", "c_good.json", "c_good_overlay.png"]
+    assert "a_good.jpg:" in completed.stdout and "c_good.jpg:" in completed.stdout
+
+
+def test_run_on_a_missing_input_exits_2_with_a_message(tiny_bundle, tmp_path, capsys):
+    missing = tmp_path / "no-such-image.jpg"
+    assert cli.main(["run", str(missing), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(missing) in err
+
+
+def test_bench_prints_median_and_p95_per_stage(tiny_bundle, bccd_image, capsys):
+    assert cli.main(["bench", str(bccd_image), "--bundle", str(tiny_bundle), "--frames", "3", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"stage\s+median ms\s+p95 ms", out)
+    for stage in STAGES:
+        row = re.search(rf"^{stage}\s+(\d+\.\d)\s+(\d+\.\d)$", out, re.MULTILINE)
+        assert row, f"no {stage} row in:\n{out}"
+        assert float(row.group(1)) <= float(row.group(2)) + 0.1  # median <= p95, up to the printed rounding
+    assert re.search(r"frames/s \(median total\): \d+\.\d", out)

@@ -1,0 +1,233 @@
+"""Detector on a bundle from the real pipeline: results, timings, channel order, refusals, determinism."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge import BackendUnavailableError, BundleError, Cell, Detector, InvalidFrameError, Result
+from leukoedge.detector import MAX_CLASSIFY_BATCH
+from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
+
+STAGES = ("preprocess", "segment", "postprocess", "classify")
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_bundle: Path) -> Detector:
+    return Detector.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def bccd_frame(data_root: Path) -> np.ndarray:
+    frame = cv2.imread(str(data_root / "bccd" / "images" / "BloodImage_00000.jpg"), cv2.IMREAD_COLOR)
+    assert frame is not None and frame.shape == (480, 640, 3)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def bccd_result(detector: Detector, bccd_frame: np.ndarray) -> Result:
+    return detector.run(bccd_frame)
+
+
+class FixedSegmenter:
+    """A segmenter backend that answers every frame with the same probabilities: lets the tests place
+    cells where they want, since a bundle trained for a few steps finds none on its own."""
+
+    name = "fixed"
+
+    def __init__(self, label_map: np.ndarray, output_name: str):
+        self.probabilities = np.eye(3, dtype=np.float32)[label_map].transpose(2, 0, 1)[None]
+        self.output_name = output_name
+        self.input_names: list[str] = []
+        self.output_names = [output_name]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.output_name: self.probabilities}
+
+
+def _cells_label_map(input_size: list[int], centres: list[tuple[int, int]], radius: int) -> np.ndarray:
+    label_map = np.zeros(input_size, np.uint8)
+    for centre in centres:
+        cv2.circle(label_map, centre, radius, CYTOPLASM, thickness=-1)
+        cv2.circle(label_map, centre, radius // 2, NUCLEUS, thickness=-1)
+    return label_map
+
+
+def _detector_with_cells(tiny_bundle: Path, centres: list[tuple[int, int]], radius: int = 10, channel_order: str = "BGR") -> Detector:
+    detector = Detector.load(tiny_bundle, channel_order=channel_order)
+    spec = detector.segmenter_spec
+    detector.segmenter = FixedSegmenter(_cells_label_map(spec["input_size"], centres, radius), spec["output"])
+    return detector
+
+
+def _scores(cell: Cell) -> np.ndarray:
+    """Every head's probabilities of a cell, flattened in head and class order."""
+    return np.array([p for scores in cell.head_scores.values() for p in scores.values()])
+
+
+def _assert_consistent(result: Result, detector: Detector, frame_shape: tuple[int, int]) -> None:
+    """Every invariant a caller relies on, whatever the models found."""
+    height, width = frame_shape
+    assert result.frame_shape == frame_shape
+    assert result.label_map.shape == frame_shape and result.label_map.dtype == np.uint8
+    assert set(np.unique(result.label_map)) <= {BACKGROUND, CYTOPLASM, NUCLEUS}
+    heads = detector.classifier_spec["heads"]
+    threshold = detector.verdict_spec["blast_threshold"]
+    assert [cell.id for cell in result.cells] == list(range(1, len(result.cells) + 1))
+    for cell in result.cells:
+        x0, y0, x1, y1 = cell.box
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert cell.mask.shape == cell.nucleus_mask.shape == (y1 - y0, x1 - x0)
+        assert cell.mask.any() and not (cell.nucleus_mask & ~cell.mask).any()
+        assert (result.label_map[y0:y1, x0:x1][cell.mask] != BACKGROUND).all()
+        assert 0.0 <= cell.blast_probability <= 1.0
+        assert cell.label == ("blast" if cell.blast_probability >= threshold else "normal")
+        assert set(cell.head_scores) == set(heads)
+        for head, scores in cell.head_scores.items():
+            assert list(scores) == heads[head]["classes"]
+            assert sum(scores.values()) == pytest.approx(1.0, abs=1e-4)
+    verdict = result.verdict
+    assert verdict["cell_count"] == len(result.cells)
+    assert verdict["blast_count"] == sum(cell.blast_probability >= threshold for cell in result.cells)
+    assert verdict["blast_threshold"] == threshold
+    assert verdict["flagged"] == (bool(result.cells) and verdict["blast_fraction"] >= verdict["flag_fraction"])
+
+
+def test_run_on_a_real_field_returns_a_consistent_result(detector, bccd_result):
+    assert isinstance(bccd_result, Result)
+    _assert_consistent(bccd_result, detector, (480, 640))
+    assert bccd_result.bundle_name == detector.bundle.name
+    assert bccd_result.model_version == detector.bundle.model_version
+
+
+def test_timings_cover_every_stage_and_the_total_includes_them(bccd_result):
+    timings = bccd_result.timings
+    assert set(timings) == {*STAGES, "total"}  # no capture stage: the caller read the frame
+    assert all(ms >= 0.0 for ms in timings.values())
+    # total also covers frame validation, so it is at least the sum of the stages.
+    assert timings["total"] >= sum(timings[stage] for stage in STAGES)
+
+
+def test_capture_time_is_reported_when_given(detector, bccd_frame):
+    assert detector.run(bccd_frame, capture_ms=12.5).timings["capture"] == 12.5
+
+
+def test_result_serializes_to_json(bccd_result):
+    decoded = json.loads(json.dumps(bccd_result.to_dict(include_masks=True)))
+    assert decoded["frame_shape"] == [480, 640]
+    assert set(decoded["timings"]) == {*STAGES, "total"}
+    assert decoded["verdict"] == bccd_result.verdict
+    assert len(decoded["cells"]) == len(bccd_result.cells)
+
+
+def test_cells_are_classified_in_batches_and_stay_consistent(tiny_bundle, bccd_frame):
+    # 70 cells on a 10x7 grid of model pixels: more than one classifier batch.
+    centres = [(14 + 24 * column, 14 + 26 * row) for row in range(7) for column in range(10)]
+    assert len(centres) > MAX_CLASSIFY_BATCH
+    detector = _detector_with_cells(tiny_bundle, centres, radius=6)
+
+    result = detector.run(bccd_frame)
+
+    assert len(result.cells) == len(centres)
+    _assert_consistent(result, detector, (480, 640))
+    decoded = json.loads(result.to_json(include_masks=True))
+    assert [cell["id"] for cell in decoded["cells"]] == list(range(1, len(centres) + 1))
+    # A cell's classification depends on its own crop only, not on which batch it landed in.
+    single = _detector_with_cells(tiny_bundle, [centres[-1]], radius=6).run(bccd_frame)
+    assert single.cells[0].box == result.cells[-1].box
+    np.testing.assert_allclose(_scores(single.cells[0]), _scores(result.cells[-1]), atol=1e-5)
+
+
+def test_rgb_channel_order_on_the_flipped_frame_gives_the_same_result(tiny_bundle, bccd_frame):
+    centres = [(60, 50), (180, 120)]
+    bgr = _detector_with_cells(tiny_bundle, centres).run(bccd_frame)
+    rgb = _detector_with_cells(tiny_bundle, centres, channel_order="RGB").run(bccd_frame[..., ::-1])
+
+    np.testing.assert_array_equal(rgb.label_map, bgr.label_map)
+    assert len(rgb.cells) == len(bgr.cells) == 2
+    for from_rgb, from_bgr in zip(rgb.cells, bgr.cells):
+        assert from_rgb.box == from_bgr.box
+        np.testing.assert_allclose(_scores(from_rgb), _scores(from_bgr), atol=1e-6)
+    assert rgb.verdict == bgr.verdict
+
+
+def test_rgb_detector_segments_the_flipped_frame_like_the_bgr_one(tiny_bundle, bccd_frame, bccd_result):
+    rgb = Detector.load(tiny_bundle, channel_order="RGB").run(np.ascontiguousarray(bccd_frame[..., ::-1]))
+    np.testing.assert_array_equal(rgb.label_map, bccd_result.label_map)
+    assert [cell.box for cell in rgb.cells] == [cell.box for cell in bccd_result.cells]
+
+
+def test_the_same_frame_twice_gives_identical_results(detector, bccd_frame, bccd_result):
+    again = detector.run(bccd_frame.copy())
+    np.testing.assert_array_equal(again.label_map, bccd_result.label_map)
+    assert again.to_dict(include_masks=True)["cells"] == bccd_result.to_dict(include_masks=True)["cells"]
+    assert again.verdict == bccd_result.verdict
+
+
+def test_classification_is_deterministic_for_placed_cells(tiny_bundle, bccd_frame):
+    detector = _detector_with_cells(tiny_bundle, [(60, 50), (180, 120)])
+    first, second = detector.run(bccd_frame), detector.run(bccd_frame)
+    assert first.to_dict(include_masks=True)["cells"] == second.to_dict(include_masks=True)["cells"]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        None,
+        np.zeros((480, 640, 3), np.float32),
+        np.zeros((480, 640), np.uint8),
+        np.zeros((480, 640, 4), np.uint8),
+        np.zeros((0, 0, 3), np.uint8),
+        np.zeros((15, 640, 3), np.uint8),
+        [[0, 0, 0]],
+    ],
+    ids=["none", "float32", "grayscale", "four-channel", "empty", "below-min-side", "list"],
+)
+def test_bad_frames_are_refused(detector, frame):
+    with pytest.raises(InvalidFrameError):
+        detector.run(frame)
+
+
+def test_frames_beyond_the_bundle_limit_are_refused(detector):
+    max_side = detector.limits["max_frame_side"]
+    with pytest.raises(InvalidFrameError, match=f"at most {max_side}"):
+        detector.run(np.zeros((16, max_side + 1, 3), np.uint8))
+
+
+def test_a_tampered_bundle_is_refused_at_load(tiny_bundle, tmp_path):
+    tampered = shutil.copytree(tiny_bundle, tmp_path / "tampered")
+    segmenter = tampered / "segmenter.onnx"
+    model_bytes = bytearray(segmenter.read_bytes())
+    model_bytes[len(model_bytes) // 2] ^= 0xFF
+    segmenter.write_bytes(bytes(model_bytes))
+    with pytest.raises(BundleError, match="segmenter.onnx.*checksum"):
+        Detector.load(tampered)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(
+            "tensorrt",
+            marks=pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here"),
+        ),
+        "no-such-backend",
+    ],
+)
+def test_unavailable_backends_are_refused(tiny_bundle, backend):
+    with pytest.raises(BackendUnavailableError):
+        Detector.load(tiny_bundle, backend=backend)
+
+
+def test_importing_leukoedge_does_not_import_torch():
+    code = "import leukoedge, sys; assert 'torch' not in sys.modules, 'leukoedge imported torch'"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr

@@ -1,0 +1,160 @@
+"""Segmenter output -> cell instances: splitting touching cells, area filter, frame coordinates."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge.postprocess import find_cells, label_map_from_probabilities, split_touching
+from leukoedge.preprocess.cpu import fit_letterbox
+from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
+
+MODEL_SIZE = (192, 256)
+MIN_AREA = 40
+
+
+def _disc(mask: np.ndarray, centre: tuple[int, int], radius: int, value: int = 1) -> np.ndarray:
+    cv2.circle(mask, centre, radius, value, thickness=-1)
+    return mask
+
+
+def _cell(label_map: np.ndarray, centre: tuple[int, int], radius: int) -> np.ndarray:
+    """A round WBC: cytoplasm disc with a nucleus disc of half its radius inside."""
+    _disc(label_map, centre, radius, CYTOPLASM)
+    return _disc(label_map, centre, radius // 2, NUCLEUS)
+
+
+def test_label_map_is_the_argmax_class():
+    probabilities = np.zeros((3, 2, 2), np.float32)
+    probabilities[0, 0, 0] = probabilities[1, 0, 1] = probabilities[2, 1, 0] = probabilities[2, 1, 1] = 1.0
+    label_map = label_map_from_probabilities(probabilities)
+    assert label_map.dtype == np.uint8
+    np.testing.assert_array_equal(label_map, [[BACKGROUND, CYTOPLASM], [NUCLEUS, NUCLEUS]])
+
+
+def test_two_touching_discs_are_split_into_two_instances():
+    mask = np.zeros(MODEL_SIZE, np.uint8)
+    _disc(mask, (100, 96), 20)
+    _disc(mask, (135, 96), 20)  # centres 35 apart: the discs overlap in a neck about 19 px high
+    assert cv2.connectedComponents(mask)[0] == 2  # one component (plus background) before splitting
+
+    instances = split_touching(mask.astype(bool), MIN_AREA)
+
+    assert instances.dtype == np.int32
+    labels = set(np.unique(instances)) - {0}
+    assert len(labels) == 2
+    left, right = (instances[96, 100], instances[96, 135])
+    assert left != right and left in labels and right in labels
+    # Every mask pixel, the cut between the cells included, belongs to one of them; nothing else does.
+    np.testing.assert_array_equal(instances > 0, mask > 0)
+    for label in labels:
+        assert (instances == label).sum() > 0.4 * mask.sum()
+
+
+@pytest.mark.parametrize("radius", [4, 8, 25])
+def test_one_disc_stays_one_whole_instance(radius):
+    mask = _disc(np.zeros(MODEL_SIZE, np.uint8), (100, 96), radius).astype(bool)
+    instances = split_touching(mask, MIN_AREA)
+    assert set(np.unique(instances)) == {0, 1}
+    # The whole disc, rim included: watershed's border lines must not eat the cell's outer ring.
+    np.testing.assert_array_equal(instances == 1, mask)
+
+
+def test_a_cell_cut_by_the_input_edge_keeps_its_edge_pixels():
+    mask = _disc(np.zeros(MODEL_SIZE, np.uint8), (120, 0), 15).astype(bool)
+    instances = split_touching(mask, MIN_AREA)
+    np.testing.assert_array_equal(instances > 0, mask)
+
+
+def test_split_touching_ignores_components_below_the_minimum_area():
+    mask = np.zeros(MODEL_SIZE, np.uint8)
+    mask[10:14, 10:14] = 1  # 16 px speck
+    np.testing.assert_array_equal(split_touching(mask.astype(bool), MIN_AREA), np.zeros(MODEL_SIZE, np.int32))
+
+
+def test_find_cells_drops_specks_and_maps_boxes_to_the_frame():
+    model_labels = np.zeros(MODEL_SIZE, np.uint8)
+    _cell(model_labels, (100, 80), 15)
+    model_labels[150:155, 200:205] = CYTOPLASM  # 25 px: a platelet-sized speck
+    letterbox = fit_letterbox(480, 640, MODEL_SIZE)  # scale 0.4, no padding
+
+    cells, frame_labels = find_cells(model_labels, letterbox, MIN_AREA, split=True)
+
+    assert frame_labels.shape == (480, 640)
+    assert len(cells) == 1
+    cell = cells[0]
+    # Model box (85, 65, 116, 96) -> frame pixels / 0.4.
+    assert cell.box == letterbox.box_to_frame((85, 65, 116, 96)) == (212, 162, 290, 240)
+    x0, y0, x1, y1 = cell.box
+    assert cell.mask.shape == cell.nucleus_mask.shape == (y1 - y0, x1 - x0)
+    assert cell.mask.dtype == cell.nucleus_mask.dtype == bool
+    assert not (cell.nucleus_mask & ~cell.mask).any()
+    assert 0 < cell.nucleus_mask.sum() < cell.mask.sum()
+    # The mask is the cell's own pixels in the frame label map, read through its box.
+    np.testing.assert_array_equal(cell.mask, frame_labels[y0:y1, x0:x1] != BACKGROUND)
+    np.testing.assert_array_equal(cell.nucleus_mask, frame_labels[y0:y1, x0:x1] == NUCLEUS)
+
+
+def test_a_cell_just_above_the_minimum_area_is_kept():
+    model_labels = np.zeros(MODEL_SIZE, np.uint8)
+    _disc(model_labels, (100, 96), 4, CYTOPLASM)  # 49 model pixels, MIN_AREA 40
+    assert np.count_nonzero(model_labels) == 49
+    cells, _ = find_cells(model_labels, fit_letterbox(480, 640, MODEL_SIZE), MIN_AREA, split=True)
+    assert len(cells) == 1
+    assert cells[0].box == (240, 230, 263, 253)  # model box (96, 92, 105, 101) / 0.4
+
+
+def test_find_cells_removes_the_letterbox_padding():
+    model_labels = np.zeros(MODEL_SIZE, np.uint8)
+    _cell(model_labels, (128, 96), 40)  # the middle of a 120x120 frame, letterboxed with pad_x 32
+    letterbox = fit_letterbox(120, 120, MODEL_SIZE)
+
+    cells, frame_labels = find_cells(model_labels, letterbox, MIN_AREA, split=True)
+
+    assert frame_labels.shape == (120, 120)
+    assert len(cells) == 1
+    x0, y0, x1, y1 = cells[0].box
+    # Model box (88, 56, 169, 137): minus pad_x 32, divided by scale 1.6.
+    assert (x0, y0, x1, y1) == (35, 35, 86, 86)
+    assert cells[0].mask.shape == (y1 - y0, x1 - x0)
+    assert cells[0].mask[(y1 - y0) // 2, (x1 - x0) // 2]
+
+
+def test_find_cells_keeps_touching_cells_apart_only_when_asked():
+    model_labels = np.zeros(MODEL_SIZE, np.uint8)
+    _cell(model_labels, (100, 96), 20)
+    _cell(model_labels, (135, 96), 20)
+    letterbox = fit_letterbox(480, 640, MODEL_SIZE)
+
+    split_cells, _ = find_cells(model_labels, letterbox, MIN_AREA, split=True)
+    joined_cells, _ = find_cells(model_labels, letterbox, MIN_AREA, split=False)
+
+    assert len(split_cells) == 2
+    assert len(joined_cells) == 1
+    for cell in split_cells:
+        assert not (cell.nucleus_mask & ~cell.mask).any()
+    # Split cells do not share a frame pixel.
+    left, right = split_cells
+    overlap = np.zeros((480, 640), np.uint8)
+    for cell in (left, right):
+        x0, y0, x1, y1 = cell.box
+        overlap[y0:y1, x0:x1] += cell.mask
+    assert overlap.max() == 1
+
+
+def test_find_cells_sorts_cells_top_to_bottom_then_left_to_right():
+    model_labels = np.zeros(MODEL_SIZE, np.uint8)
+    for centre in ((200, 150), (60, 40), (200, 40), (60, 150)):
+        _cell(model_labels, centre, 12)
+    cells, _ = find_cells(model_labels, fit_letterbox(480, 640, MODEL_SIZE), MIN_AREA, split=True)
+    corners = [(cell.box[1], cell.box[0]) for cell in cells]
+    assert len(cells) == 4
+    assert corners == sorted(corners)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_an_empty_label_map_has_no_cells(split):
+    cells, frame_labels = find_cells(np.zeros(MODEL_SIZE, np.uint8), fit_letterbox(480, 640, MODEL_SIZE), MIN_AREA, split)
+    assert cells == []
+    assert frame_labels.shape == (480, 640) and not frame_labels.any()

@@ -1,0 +1,212 @@
+"""The reference preprocessing: letterbox geometry, stain normalization, segmenter and crop inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge.preprocess.cpu import (
+    PreprocessSpec,
+    StainReference,
+    fit_letterbox,
+    lab_statistics,
+    prepare_crops,
+    prepare_frame,
+    reinhard_normalize,
+    square_crop_box,
+    to_rgb_float,
+)
+
+SEGMENTER_INPUT = (192, 256)
+CROP_INPUT = (64, 64)
+# A reference unlike every source's own colours, so that normalization has work to do.
+REFERENCE = StainReference(lab_mean=(65.0, 15.0, -12.0), lab_std=(14.0, 9.0, 7.0))
+SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), REFERENCE)
+SPEC_WITHOUT_STAIN = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
+
+
+def _bccd_frame(data_root: Path) -> np.ndarray:
+    path = data_root / "bccd" / "images" / "BloodImage_00000.jpg"
+    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert frame is not None, f"cannot read {path}"
+    return frame
+
+
+def _noise_frame(height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_a_640x480_field_fills_the_segmenter_input_exactly():
+    placement = fit_letterbox(480, 640, SEGMENTER_INPUT)
+    assert placement.scale == pytest.approx(0.4)
+    assert (placement.pad_x, placement.pad_y) == (0, 0)
+    assert (placement.content_width, placement.content_height) == (256, 192)
+    assert (placement.frame_width, placement.frame_height) == (640, 480)
+
+
+def test_a_square_crop_is_centred_with_horizontal_padding():
+    placement = fit_letterbox(120, 120, SEGMENTER_INPUT)
+    assert placement.scale == pytest.approx(1.6)
+    assert (placement.content_width, placement.content_height) == (192, 192)
+    assert (placement.pad_x, placement.pad_y) == (32, 0)
+
+
+def test_a_tall_frame_is_padded_vertically():
+    placement = fit_letterbox(400, 100, SEGMENTER_INPUT)
+    assert placement.content_height == 192
+    assert placement.pad_x == (256 - placement.content_width) // 2
+    assert placement.pad_y == 0
+
+
+@pytest.mark.parametrize("frame_size", [(480, 640), (120, 120)], ids=["full-field", "letterboxed"])
+def test_label_map_round_trips_through_the_model_resolution(frame_size):
+    frame_height, frame_width = frame_size
+    placement = fit_letterbox(frame_height, frame_width, SEGMENTER_INPUT)
+    # Blocks of labels much larger than a pixel at either resolution survive nearest resizing twice.
+    frame_labels = np.zeros(frame_size, np.uint8)
+    frame_labels[: frame_height // 2, : frame_width // 2] = 1
+    frame_labels[frame_height // 2 :, frame_width // 2 :] = 2
+    model_labels = np.full(SEGMENTER_INPUT, 7, np.uint8)  # 7 marks padding: it must not come back
+    content = cv2.resize(frame_labels, (placement.content_width, placement.content_height), interpolation=cv2.INTER_NEAREST)
+    model_labels[placement.pad_y : placement.pad_y + placement.content_height, placement.pad_x : placement.pad_x + placement.content_width] = content
+
+    back = placement.label_map_to_frame(model_labels)
+
+    assert back.shape == frame_size
+    assert 7 not in back
+    # Only pixels next to a block edge may move, by under one model pixel (1 / scale frame pixels).
+    assert np.mean(back == frame_labels) > 0.98
+
+
+@pytest.mark.parametrize(
+    ("frame_size", "frame_box"),
+    [((480, 640), (100, 50, 300, 250)), ((120, 120), (10, 20, 50, 60)), ((480, 640), (37, 11, 613, 479))],
+    ids=["full-field", "letterboxed", "odd-coordinates"],
+)
+def test_box_round_trips_from_frame_to_model_and_back(frame_size, frame_box):
+    placement = fit_letterbox(frame_size[0], frame_size[1], SEGMENTER_INPUT)
+    x0, y0, x1, y1 = frame_box
+    # The smallest model-pixel box covering the frame box, as a segmenter would report it.
+    model_box = (
+        int(np.floor(x0 * placement.scale + placement.pad_x)),
+        int(np.floor(y0 * placement.scale + placement.pad_y)),
+        int(np.ceil(x1 * placement.scale + placement.pad_x)),
+        int(np.ceil(y1 * placement.scale + placement.pad_y)),
+    )
+    back = placement.box_to_frame(model_box)
+    one_model_pixel = int(np.ceil(1 / placement.scale))
+    # The mapped box covers the original and overshoots by less than one model pixel per side.
+    assert back[0] <= x0 and back[1] <= y0 and back[2] >= x1 and back[3] >= y1
+    assert x0 - back[0] <= one_model_pixel and y0 - back[1] <= one_model_pixel
+    assert back[2] - x1 <= one_model_pixel and back[3] - y1 <= one_model_pixel
+
+
+def test_box_to_frame_maps_exact_multiples_exactly_and_clips_padding_to_the_frame():
+    placement = fit_letterbox(120, 120, SEGMENTER_INPUT)  # scale 1.6, pad_x 32
+    assert placement.box_to_frame((32 + 16, 32, 32 + 80, 96)) == (10, 20, 50, 60)
+    # A box reaching into the padding on both sides ends at the frame's edges.
+    assert placement.box_to_frame((0, 0, 256, 192)) == (0, 0, 120, 120)
+
+
+def test_reinhard_normalize_matches_the_reference_statistics_on_a_real_field(data_root):
+    rgb = to_rgb_float(_bccd_frame(data_root))
+    before_mean, _ = lab_statistics(rgb)
+    assert np.abs(before_mean - REFERENCE.lab_mean).max() > 5.0  # the test would pass trivially otherwise
+
+    mean, std = lab_statistics(reinhard_normalize(rgb, REFERENCE))
+
+    # Only clipping to the RGB gamut moves the result off the reference: measured 0.1 L*a*b* units
+    # on the mean and 0.2 % on the std for BCCD fields.
+    np.testing.assert_allclose(mean, REFERENCE.lab_mean, atol=0.5)
+    np.testing.assert_allclose(std, REFERENCE.lab_std, rtol=0.02)
+
+
+def test_reinhard_normalize_uses_given_statistics_instead_of_its_own(data_root):
+    rgb = to_rgb_float(_bccd_frame(data_root))
+    crop = rgb[100:200, 100:200]
+    whole_frame = lab_statistics(rgb)
+    # Equal to the whole frame's normalization up to float rounding (vectorized vs. scalar loops).
+    np.testing.assert_allclose(reinhard_normalize(crop, REFERENCE, whole_frame), reinhard_normalize(rgb, REFERENCE)[100:200, 100:200], atol=1e-6)
+    assert np.abs(reinhard_normalize(crop, REFERENCE) - reinhard_normalize(crop, REFERENCE, whole_frame)).max() > 0.01
+
+
+def test_prepare_frame_gives_the_segmenter_input_shape_and_dtype(data_root):
+    prepared = prepare_frame(_bccd_frame(data_root), SPEC, SEGMENTER_INPUT)
+    assert prepared.tensor.shape == (1, 3, *SEGMENTER_INPUT)
+    assert prepared.tensor.dtype == np.float32
+    assert prepared.tensor.flags.c_contiguous
+    assert np.isfinite(prepared.tensor).all()
+    assert prepared.letterbox == fit_letterbox(480, 640, SEGMENTER_INPUT)
+    assert prepared.lab_statistics is not None
+    assert prepare_frame(_bccd_frame(data_root), SPEC_WITHOUT_STAIN, SEGMENTER_INPUT).lab_statistics is None
+
+
+@pytest.mark.parametrize("spec", [SPEC, SPEC_WITHOUT_STAIN], ids=["stain", "no-stain"])
+def test_letterbox_padding_is_the_mean_colour_which_normalizes_to_zero(spec):
+    prepared = prepare_frame(_noise_frame(120, 120), spec, SEGMENTER_INPUT)
+    tensor = prepared.tensor[0]
+    pad_x = prepared.letterbox.pad_x
+    assert pad_x == 32
+    assert np.all(tensor[:, :, :pad_x] == 0.0)
+    assert np.all(tensor[:, :, pad_x + 192 :] == 0.0)
+    assert np.abs(tensor[:, :, pad_x : pad_x + 192]).mean() > 0.1
+
+
+def test_prepare_frame_reads_bgr_and_rgb_frames_alike(data_root):
+    frame = _bccd_frame(data_root)
+    from_bgr = prepare_frame(frame, SPEC, SEGMENTER_INPUT, channel_order="BGR")
+    from_rgb = prepare_frame(np.ascontiguousarray(frame[..., ::-1]), SPEC, SEGMENTER_INPUT, channel_order="RGB")
+    np.testing.assert_array_equal(from_bgr.tensor, from_rgb.tensor)
+
+
+def test_model_channel_order_reverses_the_input_channels(data_root):
+    frame = _bccd_frame(data_root)
+    bgr_spec = PreprocessSpec("BGR", SPEC.mean, SPEC.std, SPEC.stain_reference)
+    rgb_model = prepare_frame(frame, SPEC, SEGMENTER_INPUT).tensor
+    bgr_model = prepare_frame(frame, bgr_spec, SEGMENTER_INPUT).tensor
+    np.testing.assert_array_equal(bgr_model, rgb_model[:, ::-1])
+
+
+def test_square_crop_box_is_a_centred_square_grown_by_the_margin():
+    assert square_crop_box((10, 20, 30, 60), 0.0) == (0, 20, 40, 60)
+    assert square_crop_box((10, 20, 30, 60), 0.25) == (-10, 10, 50, 70)
+    x0, y0, x1, y1 = square_crop_box((100, 100, 140, 130), 0.15)
+    assert x1 - x0 == y1 - y0 == 52  # the long side 40, grown by 15 % on each edge
+    assert (x0 + x1) / 2 == pytest.approx(120, abs=0.5) and (y0 + y1) / 2 == pytest.approx(115, abs=0.5)
+
+
+def test_square_crop_box_of_a_point_is_at_least_two_pixels():
+    x0, y0, x1, y1 = square_crop_box((5, 5, 5, 5), 0.15)
+    assert x1 - x0 >= 2 and y1 - y0 >= 2
+
+
+@pytest.mark.parametrize("spec", [SPEC, SPEC_WITHOUT_STAIN], ids=["stain", "no-stain"])
+def test_crop_at_the_frame_edge_is_mean_colour_outside_the_frame(spec):
+    frame = _noise_frame(200, 300)
+    box = (0, 0, 40, 40)  # a cell touching the top-left corner
+    crop_box = square_crop_box(box, 0.5)  # (-20, -20, 60, 60): a quarter of each side lies outside
+    assert crop_box == (-20, -20, 60, 60)
+    statistics = lab_statistics(to_rgb_float(frame)) if spec.stain_reference is not None else None
+
+    crop = prepare_crops(frame, [box], spec, CROP_INPUT, 0.5, statistics)
+
+    assert crop.shape == (1, 3, *CROP_INPUT) and crop.dtype == np.float32
+    outside = 64 * 20 // 80  # 16 of 64 rows and columns come from outside the frame
+    # One row/column of slack: resizing blurs the inside/outside border by a pixel.
+    assert np.all(crop[0, :, : outside - 1, :] == 0.0)
+    assert np.all(crop[0, :, :, : outside - 1] == 0.0)
+    assert np.abs(crop[0, :, outside + 1 :, outside + 1 :]).mean() > 0.1
+
+
+def test_crops_batch_one_input_per_box_in_order(data_root):
+    frame = _bccd_frame(data_root)
+    statistics = lab_statistics(to_rgb_float(frame))
+    boxes = [(100, 100, 160, 150), (300, 200, 340, 260)]
+    batch = prepare_crops(frame, boxes, SPEC, CROP_INPUT, 0.15, statistics)
+    assert batch.shape == (2, 3, *CROP_INPUT)
+    for index, box in enumerate(boxes):
+        np.testing.assert_array_equal(batch[index], prepare_crops(frame, [box], SPEC, CROP_INPUT, 0.15, statistics)[0])
+    assert not np.array_equal(batch[0], batch[1])
