@@ -18,7 +18,10 @@ import cv2
 import numpy as np
 from scipy.stats import rankdata
 
+from leukoedge.session import wilson_interval  # one implementation, shared with the runtime
+
 from .data import LABEL_CYTOPLASM, LABEL_IGNORE, LABEL_NUCLEUS, LABEL_WBC
+
 
 SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW = 0.01, 0.03, 1.5, 11  # Wang et al. 2004
 
@@ -278,16 +281,3 @@ def binary_summary(y_true: Sequence[int], blast_prob: Sequence[float], threshold
         "auc": report["auc"],
         "n": report["n"],
     }
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion successes/n (z 1.96: 95 %); (0, 1) when n is 0."""
-    if n < 0 or not 0 <= successes <= n:
-        raise ValueError(f"expected 0 <= successes <= n; got successes={successes}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    proportion = successes / n
-    denominator = 1.0 + z * z / n
-    centre = (proportion + z * z / (2 * n)) / denominator
-    half_width = z * math.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)

@@ -1,0 +1,55 @@
+"""The application loop to copy: a source, the detector, one result per frame, a clean stop.
+
+    python examples/integrate.py SOURCE [--bundle B]     e.g. csi://0, 0, rtsp://..., clip.mp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from leukoedge import CaptureError, Detector, InvalidFrameError, LeukoedgeError
+from leukoedge.capture import ThreadedReader, open_source
+from leukoedge.cli import default_bundle
+
+log = logging.getLogger("integrate")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="camera, stream, video file or image folder (URI)")
+    parser.add_argument("--bundle", default=str(default_bundle()), help="model bundle (default: %(default)s)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    try:
+        detector = Detector.load(args.bundle)  # BundleError: missing, tampered or too new a bundle
+        # Grabs on its own thread and hands out the newest frame, so latency never piles up;
+        # a camera that fails is re-opened with backoff. CaptureError here: the source cannot be opened.
+        reader = ThreadedReader(lambda: open_source(args.source))
+    except LeukoedgeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        with reader:  # stops the capture thread however the loop ends
+            for frame in reader:  # ends with the file; a camera runs until Ctrl-C
+                try:
+                    result = detector.run(frame.image, capture_ms=frame.capture_ms)
+                except InvalidFrameError as error:  # one odd frame: skip it, keep the device running
+                    log.warning("frame %d skipped: %s", frame.index, error)
+                    continue
+                verdict = result.verdict
+                # Your application goes here: display, store, alert on verdict["flagged"].
+                print(f"frame {frame.index}: {verdict['cell_count']} cells, {verdict['blast_count']} blasts"
+                      f"{'  FLAGGED' if verdict['flagged'] else ''}  ({result.timings['total']:.0f} ms)")
+    except CaptureError as error:  # the camera failed and could not be re-opened
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: the with-block has already stopped the reader
+        pass
+    print(f"capture: {reader.stats()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

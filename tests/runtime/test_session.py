@@ -1,0 +1,334 @@
+"""Field-validation sessions: the recorder's files and numbers, the loop's stops, review, and `leukoedge run --source`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge import Detector
+from leukoedge.capture import Frame, FrameSource, ThreadedReader
+from leukoedge.cli import main as cli_main
+from leukoedge.errors import CaptureError, LeukoedgeError
+from leukoedge.result import CYTOPLASM, NUCLEUS, Cell, Result, Timings, make_verdict
+from leukoedge.session import (
+    ProgressDisplay,
+    SessionRecorder,
+    capture_session,
+    open_reader,
+    review_session,
+    run_session,
+    wilson_interval,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((REPO_ROOT / "samples").glob("bccd_*.jpg"))  # real BCCD fields shipped with the project
+HEADS = {"blast": ["normal", "blast"], "wbc_type": ["lymphocyte", "monocyte", "neutrophil"]}
+BLAST_THRESHOLD, FLAG_FRACTION = 0.5, 0.2
+FIELD_SIZE = (320, 240)
+
+
+def smear_field(number: int) -> np.ndarray:
+    return cv2.resize(cv2.imread(str(SAMPLES[number % len(SAMPLES)])), FIELD_SIZE, interpolation=cv2.INTER_AREA)
+
+
+def hand_made_cell(cell_id: int, box: tuple[int, int, int, int], blast_probability: float, wbc_type: str) -> Cell:
+    x0, y0, x1, y1 = box
+    mask = np.ones((y1 - y0, x1 - x0), dtype=bool)
+    nucleus_mask = mask.copy()
+    nucleus_mask[: (y1 - y0) // 2] = False
+    blast_scores = {"normal": 1.0 - blast_probability, "blast": blast_probability}
+    wbc_scores = {name: 0.8 if name == wbc_type else 0.1 for name in HEADS["wbc_type"]}
+    label = "blast" if blast_probability >= BLAST_THRESHOLD else "normal"
+    return Cell(cell_id, box, mask, nucleus_mask, label, blast_scores, blast_probability, {"blast": blast_scores, "wbc_type": wbc_scores})
+
+
+def hand_made_result(image: np.ndarray, cells: list[Cell]) -> Result:
+    label_map = np.zeros(image.shape[:2], dtype=np.uint8)
+    for cell in cells:
+        x0, y0, x1, y1 = cell.box
+        label_map[y0:y1, x0:x1][cell.mask] = CYTOPLASM
+        label_map[y0:y1, x0:x1][cell.nucleus_mask] = NUCLEUS
+    timings = Timings(capture_ms=1.0, preprocess_ms=2.0, segment_ms=10.0, postprocess_ms=1.0, classify_ms=3.0, total_ms=16.0)
+    verdict = make_verdict(cells, BLAST_THRESHOLD, FLAG_FRACTION)
+    return Result(label_map, cells, verdict, timings.as_dict(), image.shape[:2], "hand-made", "0.0.1")
+
+
+# Stream indices with a gap (frame 2 dropped); cells as (blast_probability, wbc_type).
+PLANNED_FRAMES = [
+    (0, [(0.9, "lymphocyte"), (0.2, "neutrophil")]),
+    (1, [(0.7, "monocyte")]),
+    (3, []),
+    (4, [(0.1, "lymphocyte"), (0.5, "lymphocyte")]),
+]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A session of PLANNED_FRAMES recorded with save_every=2: 5 cells, 3 blasts (p >= 0.5). Read only."""
+    folder = tmp_path_factory.mktemp("recorded") / "session"
+    recorder = SessionRecorder(folder, HEADS, "blast", save_every=2, source="hand-made")
+    for index, planned in PLANNED_FRAMES:
+        image = smear_field(index)
+        cells = [hand_made_cell(n + 1, (10 + 40 * n, 20, 40 + 40 * n, 60), p, kind) for n, (p, kind) in enumerate(planned)]
+        recorder.record(Frame(image, index, time.monotonic(), 1.0, "hand-made"), hand_made_result(image, cells))
+    summary = recorder.finish({"frames": 5, "dropped": 1, "reconnects": 2}, "end of source")
+    return folder, summary
+
+
+def read_results(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def read_cells(folder: Path) -> list[dict[str, str]]:
+    with (folder / "cells.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_wilson_interval_matches_newcombe_1998() -> None:
+    # Newcombe, Stat Med 17 (1998) 857-872, table I, method 3 (score interval without continuity correction).
+    for successes, n, expected in [(81, 263, (0.2553, 0.3662)), (15, 148, (0.0624, 0.1605)), (0, 20, (0.0, 0.1611)), (1, 29, (0.0061, 0.1718))]:
+        assert wilson_interval(successes, n) == pytest.approx(expected, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_recorder_writes_every_file_one_line_per_frame(recorded: tuple[Path, dict]) -> None:
+    folder, _ = recorded
+    saved = ["frame_000000.png", "frame_000003.png"]  # every 2nd processed frame, named by stream index
+    for name in ("frames", "overlays"):
+        assert sorted(p.name for p in (folder / name).iterdir()) == saved
+        assert all(cv2.imread(str(folder / name / file)).shape == (240, 320, 3) for file in saved)
+    for name in ("summary.json", "summary.html", "summary_plot.png", "timings.csv"):
+        assert (folder / name).is_file(), name
+    results = read_results(folder)
+    assert [r["index"] for r in results] == [0, 1, 3, 4]
+    assert [len(r["cells"]) for r in results] == [2, 1, 0, 2]
+    assert [r["overlay_file"] for r in results] == ["overlays/frame_000000.png", None, "overlays/frame_000003.png", None]
+    assert all("mask" not in cell and "nucleus_mask" not in cell for r in results for cell in r["cells"])
+    assert all(r["timings"]["end_to_end"] >= 0 and r["timings"]["segment"] == 10.0 for r in results)
+    with (folder / "timings.csv").open(newline="") as file:
+        timings = list(csv.DictReader(file))
+    assert [row["frame"] for row in timings] == ["0", "1", "3", "4"]
+    assert {float(row["total_ms"]) for row in timings} == {16.0}
+
+
+def test_cells_csv_has_a_row_per_cell_with_every_heads_top_class(recorded: tuple[Path, dict]) -> None:
+    folder, _ = recorded
+    rows = read_cells(folder)
+    assert len(rows) == sum(len(r["cells"]) for r in read_results(folder)) == 5
+    assert [(row["frame"], row["id"]) for row in rows] == [("0", "1"), ("0", "2"), ("1", "1"), ("4", "1"), ("4", "2")]
+    assert [row["label"] for row in rows] == ["blast", "normal", "blast", "normal", "blast"]
+    assert [row["wbc_type_class"] for row in rows] == ["lymphocyte", "neutrophil", "monocyte", "lymphocyte", "lymphocyte"]
+    assert [float(row["blast_probability"]) for row in rows] == [0.9, 0.2, 0.7, 0.1, 0.5]
+    assert (rows[0]["x0"], rows[0]["y0"], rows[0]["x1"], rows[0]["y1"]) == ("10", "20", "40", "60")
+    assert (float(rows[0]["wbc_type_class_probability"]), rows[1]["blast_class"], float(rows[1]["blast_class_probability"])) == pytest.approx((0.8, "normal", 0.8))
+
+
+def test_summary_counts_fraction_interval_latency_and_capture_faults(recorded: tuple[Path, dict]) -> None:
+    folder, summary = recorded
+    assert json.loads((folder / "summary.json").read_text()) == summary
+    assert (summary["frames_processed"], summary["cells"], summary["blasts"]) == (4, 5, 3)
+    assert summary["blast_fraction"] == pytest.approx(3 / 5)
+    low, high = summary["blast_fraction_ci95"]
+    assert (low, high) == pytest.approx(wilson_interval(3, 5)) and low < 3 / 5 < high
+    assert summary["class_counts"] == {"blast": {"normal": 2, "blast": 3}, "wbc_type": {"lymphocyte": 3, "monocyte": 1, "neutrophil": 1}}
+    assert summary["flagged_frames"] == 3  # every frame with cells has >= 20 % blasts
+    assert (summary["dropped_frames"], summary["reconnects"], summary["frames_saved"]) == (1, 2, 2)
+    assert summary["latency_ms"]["segment"] == {"median": 10.0, "p95": 10.0, "frames": 4}
+    assert set(summary["latency_ms"]) == {"capture", "preprocess", "segment", "postprocess", "classify", "total", "end_to_end"}
+
+
+def test_summary_html_shows_the_numbers_the_plot_and_every_saved_overlay(recorded: tuple[Path, dict]) -> None:
+    folder, _ = recorded
+    page = (folder / "summary.html").read_text()
+    for text in ('src="summary_plot.png"', 'src="overlays/frame_000000.png"', 'src="overlays/frame_000003.png"', "60.0%", "reviewer&#x27;s count"):
+        assert text in page, text
+    plot = cv2.imread(str(folder / "summary_plot.png"))
+    assert plot is not None and plot.shape[0] > 200
+
+
+def test_summary_without_matplotlib_still_writes_html_saying_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    recorder = SessionRecorder(tmp_path, HEADS, "blast", save_every=1)
+    image = smear_field(0)
+    recorder.record(Frame(image, 0, time.monotonic(), 1.0, "hand-made"), hand_made_result(image, []))
+    recorder.finish({}, "end of source")
+    assert "pip install matplotlib" in (tmp_path / "summary.html").read_text()
+    assert not (tmp_path / "summary_plot.png").exists()
+
+
+def test_a_folder_holding_a_session_is_never_overwritten(recorded: tuple[Path, dict]) -> None:
+    folder, _ = recorded
+    with pytest.raises(LeukoedgeError, match="already holds a session"):
+        SessionRecorder(folder, HEADS, "blast")
+
+
+def write_summary(folder: Path, blasts: int, cells: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {"blasts": blasts, "cells": cells, "blast_fraction": blasts / cells if cells else None, "blast_fraction_ci95": list(wilson_interval(blasts, cells))}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_review_compares_blast_fractions_interval_and_cell_counts(tmp_path: Path) -> None:
+    write_summary(tmp_path, blasts=30, cells=200)  # 15 %, 95 % CI about 10.7 % to 20.7 %
+    outside = review_session(tmp_path, blasts=24, total=100)
+    assert outside["difference"] == pytest.approx(0.15 - 0.24)
+    assert outside["hematologist_within_leukoedge_ci"] is False
+    assert outside["cell_count_ratio"] == 2.0
+    assert outside["hematologist"]["blast_fraction_ci95"] == pytest.approx(wilson_interval(24, 100))
+    assert json.loads((tmp_path / "review.json").read_text()) == outside
+    inside = review_session(tmp_path, blasts=16, total=100)
+    assert inside["difference"] == pytest.approx(-0.01)
+    assert inside["hematologist_within_leukoedge_ci"] is True
+
+
+def test_review_of_a_session_without_cells_compares_nothing(tmp_path: Path) -> None:
+    write_summary(tmp_path, blasts=0, cells=0)
+    review = review_session(tmp_path, blasts=5, total=100)
+    assert (review["difference"], review["hematologist_within_leukoedge_ci"], review["cell_count_ratio"]) == (None, None, 0.0)
+
+
+@pytest.mark.parametrize(("blasts", "total", "words"), [(5, 3, "0 <= blasts <= total"), (0, 0, "total > 0"), (-1, 10, "0 <= blasts")])
+def test_review_refuses_an_impossible_count(tmp_path: Path, blasts: int, total: int, words: str) -> None:
+    write_summary(tmp_path, blasts=1, cells=10)
+    with pytest.raises(LeukoedgeError, match=words):
+        review_session(tmp_path, blasts, total)
+
+
+def test_review_needs_a_finished_session(tmp_path: Path) -> None:
+    with pytest.raises(LeukoedgeError, match="summary.json not found"):
+        review_session(tmp_path, 1, 10)
+
+
+class TerminalBuffer(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class LineSource:
+    def progress_line(self, show_timings: bool) -> str:
+        return "frames 1" + ("  ms total 5" if show_timings else "")
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_prints_lines_on_a_pipe() -> None:
+    terminal = TerminalBuffer()
+    display = ProgressDisplay(terminal, show_timings=True, interval_s=0.0)
+    display(LineSource())
+    display(LineSource())
+    assert terminal.getvalue() == "\rframes 1  ms total 5" * 2
+    display.close()
+    assert terminal.getvalue().endswith("\n")
+    pipe = io.StringIO()
+    ProgressDisplay(pipe, pipe_interval_s=0.0)(LineSource())
+    assert pipe.getvalue() == "frames 1\n"
+
+
+# --- with a real detector --------------------------------------------------------------------------
+
+
+def test_capture_session_over_a_recording_processes_every_frame(shared_detector: Detector, smear_video: Path, tmp_path: Path) -> None:
+    summary = capture_session(smear_video, shared_detector, tmp_path / "session", save_every=2)
+    folder = tmp_path / "session"
+    results = read_results(folder)
+    assert (summary["frames_processed"], summary["stopped_by"], summary["dropped_frames"]) == (6, "end of source", 0)
+    assert [r["index"] for r in results] == list(range(6))
+    assert len(read_cells(folder)) == sum(len(r["cells"]) for r in results) == summary["cells"]
+    assert summary["blasts"] == sum(r["verdict"]["blast_count"] for r in results)
+    if summary["cells"]:
+        assert summary["blast_fraction"] == pytest.approx(summary["blasts"] / summary["cells"])
+        low, high = summary["blast_fraction_ci95"]
+        assert low <= summary["blast_fraction"] <= high
+    else:
+        assert summary["blast_fraction"] is None and summary["blast_fraction_ci95"] == [0.0, 1.0]
+    assert len(list((folder / "overlays").glob("*.png"))) == summary["frames_saved"] == 3
+    assert summary["latency_ms"]["total"]["frames"] == 6
+
+
+def test_stop_request_ends_the_session_after_the_frame_in_progress(shared_detector: Detector, smear_video: Path, tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def stop_after_two(recorder: SessionRecorder) -> None:
+        if recorder.frames_processed == 2:
+            stop.set()
+
+    recorder = SessionRecorder.for_detector(tmp_path, shared_detector, save_every=1)
+    summary = run_session(shared_detector, open_reader(smear_video), recorder, stop=stop, on_frame=stop_after_two)
+    assert (summary["stopped_by"], summary["frames_processed"]) == ("interrupted", 2)
+    assert len(read_results(tmp_path)) == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["frames_processed"] == 2
+
+
+def test_a_refused_frame_is_recorded_and_the_session_goes_on(shared_detector: Detector, tmp_path: Path) -> None:
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    side = shared_detector.limits["min_frame_side"] - 1  # below the bundle's limit: InvalidFrameError
+    cv2.imwrite(str(folder / "a_too_small.png"), cv2.resize(smear_field(0), (side, side)))
+    cv2.imwrite(str(folder / "b_field.png"), smear_field(1))
+    recorder = SessionRecorder.for_detector(tmp_path / "session", shared_detector, save_every=1)
+    summary = run_session(shared_detector, open_reader(folder), recorder)
+    results = read_results(tmp_path / "session")
+    assert "error" in results[0] and "verdict" not in results[0]
+    assert "verdict" in results[1]
+    assert (summary["frames_refused"], summary["frames_processed"], summary["stopped_by"]) == (1, 1, "end of source")
+
+
+class FailingCamera(FrameSource):
+    """A live source that delivers one real field, then fails as an unplugged camera does."""
+
+    live = True
+    uri = "failing://camera"
+
+    def __init__(self) -> None:
+        self.delivered = 0
+
+    def read(self) -> Frame | None:
+        if self.delivered:
+            raise OSError("camera cable pulled")
+        self.delivered += 1
+        return Frame(smear_field(0), 0, time.monotonic(), 0.0, self.uri)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_camera_that_fails_for_good_still_leaves_a_summary(shared_detector: Detector, tmp_path: Path) -> None:
+    recorder = SessionRecorder.for_detector(tmp_path, shared_detector)
+    reader = ThreadedReader(FailingCamera, reconnect=False)
+    with pytest.raises(CaptureError, match="camera cable pulled"):
+        run_session(shared_detector, reader, recorder)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by"].startswith("CaptureError")
+    assert "camera cable pulled" in summary["capture"]["last_error"]
+    assert len(read_results(tmp_path)) == summary["frames_processed"] <= 1
+
+
+# --- leukoedge run --source ------------------------------------------------------------------------
+
+
+def test_cli_live_mode_records_a_session(bundle_path: Path, smear_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "session"
+    code = cli_main(["run", "--source", str(smear_video), "--frames", "3", "--show-timings", "--bundle", str(bundle_path), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "segment" in printed.splitlines()[0]  # the progress line, with timings
+    assert "frames processed 3" in printed and str(out) in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["frames_processed"], summary["stopped_by"]) == (3, "frame limit")
+    assert len(read_results(out)) == 3
+
+
+@pytest.mark.parametrize("arguments", [["run"], ["run", "samples", "--source", "0"]])
+def test_cli_run_needs_exactly_one_of_images_and_source(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(arguments) == 2
+    assert "exactly one of" in capsys.readouterr().err
