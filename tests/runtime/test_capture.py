@@ -15,6 +15,7 @@ from leukoedge.capture import (
     Frame,
     FrameSource,
     ThreadedReader,
+    VideoCaptureSource,
     csi_pipeline,
     has_gstreamer,
     open_source,
@@ -366,3 +367,111 @@ def test_reader_ends_a_finite_source_and_counts_size_changes_and_skips(
     assert stats == {
         "frames": 4, "dropped": 3, "reconnects": 0, "size_changes": 1, "skipped": 1, "last_error": None,
     }
+
+
+# --- faults: sources that vanish, deliver nothing, or change size --------------------------------
+
+
+class StubCapture:
+    """cv2.VideoCapture as a failing driver behaves: grab() succeeds or not, retrieve() gives this image."""
+
+    def __init__(self, grabbed: bool, image: np.ndarray | None):
+        self._grabbed = grabbed
+        self._image = image
+
+    def grab(self) -> bool:
+        return self._grabbed
+
+    def retrieve(self) -> tuple[bool, np.ndarray | None]:
+        return self._image is not None, self._image
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("grabbed", "image"),
+    [(False, None), (True, None), (True, np.empty((0, 0, 3), np.uint8)), (True, np.empty((480, 0, 3), np.uint8))],
+    ids=["grab-fails", "retrieve-fails", "empty-image", "zero-width-image"],
+)
+def test_camera_that_delivers_nothing_reads_as_no_frame(grabbed: bool, image: np.ndarray | None) -> None:
+    # None is what ThreadedReader treats as a fault of a live source (and re-opens it), never a frame to run.
+    source = VideoCaptureSource(StubCapture(grabbed, image), "v4l2://0", live=True)  # type: ignore[arg-type]
+    assert source.read() is None
+
+
+class ListedFramesCamera(FrameSource):
+    """A live camera delivering the given images in turn, then failing: a camera switching modes mid-stream."""
+
+    live = True
+
+    def __init__(self, images: list[np.ndarray]):
+        self.uri = "scripted://mode-switching-camera"
+        self._images = images
+        self._delivered = 0
+
+    def read(self) -> Frame | None:
+        time.sleep(0.02)  # slower than the consumer, so no frame is dropped
+        if self._delivered == len(self._images):
+            raise OSError("camera unplugged")
+        self._delivered += 1
+        return Frame(self._images[self._delivered - 1], self._delivered - 1, time.monotonic(), 0.0, self.uri)
+
+    def close(self) -> None:
+        pass
+
+
+def test_frames_of_a_new_size_are_delivered_and_counted(smear_fields: list[np.ndarray]) -> None:
+    large = smear_fields[0]
+    small = cv2.resize(smear_fields[1], (80, 60))
+    camera = ListedFramesCamera([large, large, small, small, large])
+
+    with ThreadedReader(lambda: camera, reconnect=False) as reader:
+        shapes = []
+        with pytest.raises(CaptureError, match="camera unplugged"):
+            while True:
+                frame = reader.get(timeout=2.0)
+                shapes.append(frame.image.shape)
+        stats = reader.stats()
+
+    assert shapes == [large.shape, large.shape, small.shape, small.shape, large.shape]
+    assert stats["size_changes"] == 2 and stats["dropped"] == 0
+
+
+def test_first_open_failure_is_raised_by_the_constructor(tmp_path: Path) -> None:
+    with pytest.raises(CaptureError, match="does not exist"):
+        ThreadedReader(lambda: open_source(tmp_path / "unplugged.avi"))
+
+
+def test_folder_emptied_while_reading_ends_cleanly_with_skips_counted(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    for number in range(3):
+        cv2.imwrite(str(tmp_path / f"field_{number}.png"), smear_fields[number])
+    source = open_source(tmp_path)
+    first = source.read()
+    for number in (1, 2):  # a USB stick pulled, or a sync job deleting files, after the listing
+        (tmp_path / f"field_{number}.png").unlink()
+
+    assert first is not None and np.array_equal(first.image, smear_fields[0])
+    assert source.read() is None
+    assert source.skipped == 2
+
+
+def test_stop_ends_a_reader_waiting_to_reopen_a_vanished_camera(smear_fields: list[np.ndarray]) -> None:
+    opened = []
+
+    def camera_gone_for_good() -> FrameSource:
+        opened.append(time.monotonic())
+        if len(opened) == 1:
+            return ScriptedLiveSource(smear_fields[0], good_frames=1)
+        raise CaptureError("cannot open v4l2://0: camera unplugged")
+
+    reader = ThreadedReader(camera_gone_for_good, backoff_s=(0.5, 30.0))  # retries without limit
+    assert reader.get(timeout=2.0) is not None
+    wait_until(lambda: len(opened) >= 3)  # after 0.5 s and 1 s waits, now in a 2 s one
+    started = time.monotonic()
+    reader.stop(timeout=2.0)
+
+    assert time.monotonic() - started < 1.0
+    assert not reader.running
+    assert reader.get(timeout=1.0) is None
+    assert "camera unplugged" in str(reader.stats()["last_error"])

@@ -1,0 +1,119 @@
+"""`leukoedge soak`: resident memory and latency drift over many frames, exit 1 on growth."""
+
+from __future__ import annotations
+
+import mmap
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leukoedge import Detector, soak
+from leukoedge.cli import main
+from leukoedge.errors import LeukoedgeError
+from leukoedge.soak import MAX_GROWTH_MB, resident_mb, run_soak
+
+SAMPLE_FIELD = Path(__file__).resolve().parents[2] / "samples" / "bccd_BloodImage_00002.jpg"  # a shipped 640x480 BCCD field
+REPORT = re.compile(
+    r"frames: (?P<frames>\d+) after (?P<warmup>\d+) warm-up\n"
+    r"resident memory \(VmRSS\): start (?P<start>[\d.]+) MB, end (?P<end>[\d.]+) MB, growth (?P<growth>[-+][\d.]+) MB \(limit 5\.0 MB\)\n"
+    r"latency: first 10 % median (?P<first>[\d.]+) ms, last 10 % median (?P<last>[\d.]+) ms, "
+    r"drift (?P<drift>[-+][\d.]+) ms \([-+][\d.]+ %\), (?P<window>\d+) frames each\n"
+    r"result: (?P<result>PASS|FAIL: resident memory grew by >= 5\.0 MB)\n"
+)
+
+
+class LeakingRunner:
+    """Keeps 1 MB per frame, as a result cache without a bound would."""
+
+    def __init__(self) -> None:
+        self.kept: list[mmap.mmap] = []
+
+    def run(self, frame: np.ndarray) -> None:
+        # Fresh pages from the kernel, written to so they are resident: malloc could hand back memory
+        # that earlier tests in this process freed, which is already resident and would not show.
+        block = mmap.mmap(-1, 1 << 20)
+        block.write(b"\x01" * (1 << 20))
+        self.kept.append(block)
+
+
+class TidyRunner:
+    """Allocates 1 MB per frame and lets it go."""
+
+    def run(self, frame: np.ndarray) -> int:
+        return int(np.ones(1 << 20, np.uint8).sum())
+
+
+class SlowingRunner:
+    """1 ms per frame for its first 15 calls (10 warm-up, 5 timed), then 6 ms: a drift of +5 ms."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, frame: np.ndarray) -> None:
+        self.calls += 1
+        time.sleep(0.001 if self.calls <= 15 else 0.006)
+
+
+def test_cli_soak_reports_memory_and_drift_over_fifty_real_frames(shared_detector: Detector, capsys: pytest.CaptureFixture[str]):
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("VmRSS needs /proc (Linux)")
+    code = main(["soak", "--bundle", str(shared_detector.bundle.root), "--frames", "50", "--threads", "1", str(SAMPLE_FIELD)])
+
+    output = capsys.readouterr().out
+    assert f"bundle {shared_detector.bundle.name}" in output and "1 real frame(s) (640x480)" in output
+    report = REPORT.search(output)
+    assert report is not None, output
+    assert (report["frames"], report["warmup"], report["window"]) == ("50", "10", "5")
+    assert float(report["growth"]) == pytest.approx(float(report["end"]) - float(report["start"]), abs=0.11)
+    assert float(report["drift"]) == pytest.approx(float(report["last"]) - float(report["first"]), abs=0.11)
+    assert 0.0 < float(report["first"]) < 60_000.0
+    leaked = float(report["growth"]) >= MAX_GROWTH_MB
+    assert code == (1 if leaked else 0)
+    assert report["result"].startswith("FAIL") == leaked
+
+
+def test_cli_soak_exits_1_when_memory_grows_by_the_limit(shared_detector: Detector, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    readings = iter([100.0])  # the start reading; every later one is 5 MB higher
+    monkeypatch.setattr(soak, "resident_mb", lambda: (next(readings, 105.0), "VmRSS"))
+
+    code = main(["soak", "--bundle", str(shared_detector.bundle.root), "--frames", "3", "--warmup", "1", str(SAMPLE_FIELD)])
+
+    output = capsys.readouterr().out
+    assert code == 1
+    assert "start 100.0 MB, end 105.0 MB, growth +5.0 MB (limit 5.0 MB)" in output
+    assert "result: FAIL: resident memory grew by >= 5.0 MB" in output
+
+
+def test_a_leak_shows_as_growth_and_fails():
+    report = run_soak(LeakingRunner(), [np.zeros((4, 4, 3), np.uint8)], count=20, warmup=2)
+    assert report.growth_mb >= 15.0  # 20 MB kept; allocator rounding may hide a little
+    assert report.leaked()
+
+
+def test_memory_given_back_is_no_growth():
+    report = run_soak(TidyRunner(), [np.zeros((4, 4, 3), np.uint8)], count=20, warmup=2)
+    assert report.growth_mb < MAX_GROWTH_MB
+    assert not report.leaked()
+
+
+def test_drift_compares_the_first_and_last_tenth_of_frames():
+    report = run_soak(SlowingRunner(), [np.zeros((4, 4, 3), np.uint8)], count=20, warmup=10)
+    assert report.window == 2
+    assert 1.0 <= report.first_median_ms < 5.0
+    assert 6.0 <= report.last_median_ms
+    assert report.drift_ms == pytest.approx(report.last_median_ms - report.first_median_ms)
+
+
+def test_resident_memory_is_read_in_mb():
+    megabytes, source = resident_mb()
+    assert source in ("VmRSS", "peak RSS (getrusage)")
+    assert 1.0 < megabytes < 1 << 20
+
+
+@pytest.mark.parametrize(("frames", "count"), [([], 10), ([np.zeros((4, 4, 3), np.uint8)], 0)], ids=["no-frames", "zero-count"])
+def test_a_soak_of_nothing_is_refused(frames: list[np.ndarray], count: int):
+    with pytest.raises(LeukoedgeError, match="at least one frame and a count >= 1"):
+        run_soak(TidyRunner(), frames, count)
