@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 import shutil
 import tarfile
@@ -61,7 +62,8 @@ def _is_text(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # json.loads accepts NaN and Infinity; as a mean, std or threshold they would silently poison every frame.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_fraction(value: Any) -> bool:
@@ -212,7 +214,81 @@ def _cross_checks(manifest: dict[str, Any]) -> list[str]:
     limits = manifest["limits"]
     if limits["min_frame_side"] > limits["max_frame_side"]:
         problems.append(f"limits.min_frame_side {limits['min_frame_side']} exceeds limits.max_frame_side {limits['max_frame_side']}")
+    if "precisions" in manifest:  # optional: only bundles that went through `leukoedge calibrate` have it
+        problems.extend(_precision_problems(manifest))
     return problems
+
+
+# Precisions a bundle can hold model files for; fp16 exists only as a TensorRT engine built from the fp32 file.
+BUNDLE_PRECISIONS = ("fp32", "int8")
+MODELS = ("segmenter", "classifier")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+def _precision_problems(manifest: dict[str, Any]) -> list[str]:
+    """The "precisions" section written by `leukoedge calibrate`: calibration settings, per model and
+    precision the file, its measured speed and (int8) the accuracy gate it passed."""
+    precisions = manifest["precisions"]
+    if not isinstance(precisions, dict):
+        return [f"precisions must be an object, got {precisions!r}"]
+    problems = []
+    calibration = precisions.get("calibration")
+    if not (isinstance(calibration, dict) and calibration.get("method") in CALIBRATION_METHODS):
+        problems.append(f"precisions.calibration must be an object with method one of {CALIBRATION_METHODS}, got {calibration!r}")
+    elif calibration.get("calibration_set") not in manifest["files"]:
+        problems.append(f"precisions.calibration.calibration_set {calibration.get('calibration_set')!r} is not listed in files")
+    for model in MODELS:
+        entry = precisions.get(model)
+        if not isinstance(entry, dict) or set(entry) - set(BUNDLE_PRECISIONS) or "fp32" not in entry:
+            problems.append(f"precisions.{model} must be an object with fp32 and optionally int8, got {entry!r}")
+            continue
+        for precision, variant in entry.items():
+            where = f"precisions.{model}.{precision}"
+            if not isinstance(variant, dict):
+                problems.append(f"{where} must be an object, got {variant!r}")
+                continue
+            speed = variant.get("median_ms")
+            if speed is not None and not (_is_number(speed) and speed > 0):
+                problems.append(f"{where}.median_ms must be a number > 0 or null, got {speed!r}")
+            file_name = variant.get("file")
+            if precision == "fp32" and file_name != manifest[model]["file"]:
+                problems.append(f"{where}.file must be {model}.file {manifest[model]['file']!r}, got {file_name!r}")
+            if precision == "int8":
+                gate = variant.get("gate")
+                if not (isinstance(gate, dict) and _is_bool(gate.get("passed")) and isinstance(gate.get("metrics"), list)):
+                    problems.append(f'{where}.gate must be {{"passed": bool, "metrics": [...]}}, got {gate!r}')
+                elif file_name is not None and not gate["passed"]:
+                    problems.append(f"{where}.file {file_name!r} failed its accuracy gate; a bundle never ships a model that failed")
+                if file_name is not None and file_name not in manifest["files"]:
+                    problems.append(f"{where}.file {file_name!r} is not listed in files")
+    return problems
+
+
+def model_file(manifest: dict[str, Any], model: str, precision: str) -> str:
+    """The bundle file that holds `model` at `precision` ("fp32", "fp16": the fp32 file; "int8": the gated QDQ file)."""
+    if precision in ("fp32", "fp16"):
+        return manifest[model]["file"]
+    if precision != "int8":
+        raise BundleError(f"unknown precision {precision!r}; a bundle holds {', '.join(BUNDLE_PRECISIONS)} models (fp16: TensorRT engines)")
+    variant = manifest.get("precisions", {}).get(model, {}).get("int8")
+    if variant is None:
+        raise BundleError(f"bundle {manifest['name']} has no int8 {model}: quantize it with `leukoedge calibrate --data DIR --bundle B`")
+    if variant.get("file") is None:
+        failed = [m for m in variant["gate"]["metrics"] if not m.get("passed", True)]
+        reasons = "; ".join(f"{m['name']} {m['fp32']:.4f} -> {m['int8']:.4f} (allowed drop {m['tolerance']:g})" for m in failed)
+        raise BundleError(f"bundle {manifest['name']} has no int8 {model}: it failed its accuracy gate at calibration ({reasons})")
+    return variant["file"]
+
+
+def fastest_precision(manifest: dict[str, Any], model: str) -> str:
+    """The precision of `model` with the lowest median latency measured at calibration, among those in
+    the bundle (int8 only if it passed its gate); fp32 where the bundle was never calibrated."""
+    measured = {
+        precision: variant["median_ms"]
+        for precision, variant in manifest.get("precisions", {}).get(model, {}).items()
+        if variant.get("file") is not None and variant.get("median_ms") is not None
+    }
+    return min(measured, key=measured.get) if measured else "fp32"
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -221,7 +297,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise BundleError(f"{root} is not a leukoedge bundle: it has no {MANIFEST_NAME}")
     try:
         return json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: absurdly deep nesting
         raise BundleError(f"{manifest_path} is not valid JSON: {error}") from error
 
 
@@ -292,12 +368,12 @@ def _load_archive(archive: Path, verify: bool) -> Bundle:
     try:
         extract(archive, extraction)
         bundle = _load_folder(_bundle_root(extraction), verify)
-    except (zipfile.BadZipFile, tarfile.TarError, OSError) as error:
-        shutil.rmtree(extraction, ignore_errors=True)
-        raise BundleError(f"archive {archive} cannot be extracted: {error}") from error
     except BundleError:
         shutil.rmtree(extraction, ignore_errors=True)
         raise
+    except Exception as error:  # zipfile, tarfile and each decompressor raise their own: EOFError, zlib.error, LZMAError...
+        shutil.rmtree(extraction, ignore_errors=True)
+        raise BundleError(f"archive {archive} cannot be extracted: {error}") from error
     # The extracted files live exactly as long as the bundle that points at them.
     weakref.finalize(bundle, shutil.rmtree, extraction, ignore_errors=True)
     return bundle
@@ -385,6 +461,19 @@ def describe_bundle(bundle: Bundle) -> str:
         f"verdict: a cell is a blast at p >= {verdict['blast_threshold']}; a frame is flagged at blast fraction >= {verdict['flag_fraction']}",
         f"limits: frame sides {limits['min_frame_side']}..{limits['max_frame_side']} px",
     ]
+    if "precisions" in manifest:
+        calibration = manifest["precisions"]["calibration"]
+        lines.append(f"precisions (calibrated {calibration.get('date', '?')}, {calibration['method']}; default per model: fastest that passed):")
+        for model in MODELS:
+            variants = manifest["precisions"][model]
+            described = [
+                f"{precision} {variant['median_ms']:.1f} ms" if variant.get("median_ms") else precision
+                for precision, variant in variants.items()
+                if variant.get("file") is not None
+            ]
+            if "int8" in variants and variants["int8"].get("file") is None:
+                described.append("int8 failed its accuracy gate")
+            lines.append(f"  {model}: {', '.join(described)} -> {fastest_precision(manifest, model)}")
     metrics = manifest["training"].get("metrics")
     if isinstance(metrics, dict) and metrics:
         lines.append("training metrics:")

@@ -1,4 +1,4 @@
-"""`leukoedge run | info | bench | evaluate | train`: the command line over the same Python API.
+"""`leukoedge run | info | bench | soak | evaluate | train | calibrate | export`: the command line over the same Python API.
 
 Training and evaluation import torch; they are imported only when those commands run.
 """
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ import cv2
 import numpy as np
 
 from .errors import LeukoedgeError
+from .soak import MAX_GROWTH_MB
 
 log = logging.getLogger("leukoedge")
 
@@ -48,10 +50,18 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    if (args.input is None) == (args.source is None):
+        raise LeukoedgeError(
+            "`leukoedge run` takes exactly one of: an image or folder of images (positional), "
+            "or --source URI for a live session (csi://0, v4l2:///dev/video0, rtsp://..., clip.mp4, folder://...)"
+        )
+    if args.source is not None:
+        return command_run_live(args)
     from .detector import Detector
     from .result import draw_overlay
 
     detector = Detector.load(args.bundle)
+    args.out = args.out or Path("leukoedge-out")
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in image_paths(args.input):
@@ -77,6 +87,27 @@ def command_run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def command_run_live(args: argparse.Namespace) -> int:
+    """Record a session from a camera, stream or recording until it ends, --frames, or Ctrl-C."""
+    from .detector import Detector
+    from .errors import CaptureError
+    from .session import ProgressDisplay, capture_session, format_summary
+
+    detector = Detector.load(args.bundle)
+    out = args.out or Path("leukoedge-out") / time.strftime("session-%Y%m%d-%H%M%S")
+    progress = ProgressDisplay(show_timings=args.show_timings)
+    try:
+        summary = capture_session(args.source, detector, out, max_frames=args.frames, save_every=args.save_every, on_frame=progress)
+    except CaptureError:
+        progress.close()
+        print(f"the session up to the failure is written to {out}", file=sys.stderr)
+        raise
+    progress.close()
+    print(format_summary(summary))
+    print(f"session written to {out} (open {out / 'summary.html'})")
+    return 0
+
+
 def command_info(args: argparse.Namespace) -> int:
     from .bundle import describe_bundle, load_bundle
 
@@ -85,23 +116,77 @@ def command_info(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
+    from .benchmark import COMPARISON_PAIRS, comparison_detectors, format_comparison, format_single, time_detectors
     from .detector import Detector
+
+    frames = [read_image(p) for p in image_paths(args.images)]
+    shape = "x".join(str(s) for s in frames[0].shape[1::-1])
+    runs = f"Detector.run on {len(frames)} real frame(s) ({shape}), {args.frames} runs after {args.warmup} warm-up"
+    if args.compare:
+        detectors, skipped = comparison_detectors(args.bundle, args.threads, args.checkpoints)
+        print(f"{runs}, each configuration in turn frame by frame: {', '.join(detectors)}")
+        for reason in skipped:
+            print(reason)
+        print(format_comparison(time_detectors(detectors, frames, args.frames, args.warmup), COMPARISON_PAIRS))
+        return 0
+    precision = None if args.precision == "auto" else args.precision
+    detector = Detector.load(args.bundle, backend=args.backend, threads=args.threads, precision=precision)
+    times = time_detectors({args.backend: detector}, frames, args.frames, args.warmup)[args.backend]
+    precisions = ", ".join(f"{model} {value}" for model, value in detector.precisions.items())
+    print(f"{runs}, backend {args.backend} ({precisions})")
+    print(format_single(times))
+    return 0
+
+
+def command_calibrate(args: argparse.Namespace) -> int:
+    from .calibration.calibrate import CalibrateConfig, calibrate_bundle, parse_keep_float
+    from .calibration.quantize import QuantizationSettings
+
+    config = CalibrateConfig(
+        args.data,
+        args.bundle,
+        args.out,
+        fields=args.fields,
+        cells=args.cells,
+        gate_split=args.gate_split,
+        gate_limit=args.gate_limit,
+        dice_tolerance=args.max_dice_drop,
+        accuracy_tolerance=args.max_accuracy_drop,
+        keep_float=parse_keep_float(args.keep_float),
+        settings=QuantizationSettings.for_target(args.target, args.method),
+        threads=args.threads,
+    )
+    report = calibrate_bundle(config)
+    print(report.format())
+    print(f"bundle written to {report.bundle.root}")
+    failures = report.failures()
+    if failures:
+        raise LeukoedgeError("\n".join(failures))
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    if not args.engine:
+        raise LeukoedgeError("`leukoedge export` builds TensorRT engines: give --engine (the ONNX files come from `leukoedge train`)")
+    from .export.tensorrt import export_engines
+
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    for engine in export_engines(args.bundle, precision):
+        print(f"{precision} engine written to {engine} (key in {engine.with_suffix('.json').name})")
+    return 0
+
+
+def command_soak(args: argparse.Namespace) -> int:
+    from .detector import Detector
+    from .soak import run_soak
 
     detector = Detector.load(args.bundle, threads=args.threads)
     frames = [read_image(p) for p in image_paths(args.images)]
-    for frame in frames[: args.warmup]:
-        detector.run(frame)
-    per_stage: dict[str, list[float]] = {}
-    for index in range(args.frames):
-        for stage, ms in detector.run(frames[index % len(frames)]).timings.items():
-            per_stage.setdefault(stage, []).append(ms)
     shape = "x".join(str(s) for s in frames[0].shape[1::-1])
-    print(f"Detector.run on {len(frames)} real frame(s) ({shape}), {args.frames} runs after {args.warmup} warm-up, backend onnxruntime")
-    print(f"{'stage':<12}{'median ms':>10}{'p95 ms':>10}")
-    for stage, values in per_stage.items():
-        print(f"{stage:<12}{np.median(values):>10.1f}{np.percentile(values, 95):>10.1f}")
-    print(f"frames/s (median total): {1000.0 / np.median(per_stage['total']):.1f}")
-    return 0
+    print(f"soak: one Detector (bundle {detector.bundle.name} {detector.bundle.model_version}) on {len(frames)} real frame(s) ({shape})")
+    report = run_soak(detector, frames, args.frames, warmup=args.warmup)
+    print(report.format(args.max_growth_mb))
+    return 1 if report.leaked(args.max_growth_mb) else 0
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
@@ -126,11 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="detect, segment and classify cells in an image or a folder of images")
-    run.add_argument("input", type=Path, help="an image file or a folder of images")
+    run = commands.add_parser(
+        "run",
+        help="detect, segment and classify cells in an image or a folder of images, or live on --source",
+        description="Either an image or folder of images (overlays + JSON per image), or --source URI: a live "
+        "session from a camera, stream or recording, written as a session folder (see leukoedge.session); Ctrl-C stops it cleanly.",
+    )
+    run.add_argument("input", type=Path, nargs="?", help="an image file or a folder of images")
+    run.add_argument("--source", help="live mode: csi://0, v4l2:///dev/video0, 0, rtsp://..., gst://..., clip.mp4, folder:///path")
     run.add_argument("--bundle", type=Path, default=default_bundle(), help="model bundle folder or archive (default: %(default)s)")
-    run.add_argument("--out", type=Path, default=Path("leukoedge-out"), help="where overlays and JSON go (default: %(default)s)")
-    run.add_argument("--masks", action="store_true", help="include run-length-encoded masks in the JSON")
+    run.add_argument("--out", type=Path, default=None, help="where results go (default: leukoedge-out, live: leukoedge-out/session-<time>)")
+    run.add_argument("--masks", action="store_true", help="images: include run-length-encoded masks in the JSON")
+    run.add_argument("--frames", type=int, default=None, help="live: stop after this many frames (default: until the source ends or Ctrl-C)")
+    run.add_argument("--save-every", type=int, default=10, help="live: keep every k-th frame and its overlay as PNG (default: %(default)s)")
+    run.add_argument("--show-timings", action="store_true", help="live: median ms per stage in the progress line")
     run.set_defaults(handler=command_run)
 
     info = commands.add_parser("info", help="describe a model bundle and verify its checksums")
@@ -143,7 +237,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--frames", type=int, default=100)
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    bench.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    bench.add_argument(
+        "--precision", choices=("auto", "fp32", "int8", "fp16"), default="auto", help="auto: per model the fastest that passed its gate (default)"
+    )
+    bench.add_argument("--compare", action="store_true", help="ONNX Runtime fp32 and int8 and PyTorch eager fp32 side by side (needs [train] for PyTorch)")
+    bench.add_argument("--checkpoints", type=Path, default=None, help="--compare: folder of <bundle>-segmenter.pt/-classifier.pt (default: beside the bundle)")
     bench.set_defaults(handler=command_bench)
+
+    calibrate = commands.add_parser("calibrate", help="INT8 models for a bundle, written only if they pass an accuracy gate (needs [train])")
+    calibrate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
+    calibrate.add_argument("--bundle", type=Path, default=default_bundle())
+    calibrate.add_argument("--out", type=Path, default=None, help="write the calibrated bundle here (default: into --bundle)")
+    calibrate.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax", help="activation range calibration (default: %(default)s)")
+    calibrate.add_argument(
+        "--target", choices=("cpu", "tensorrt"), default="cpu", help="cpu: ONNX Runtime on x86; tensorrt: symmetric int8 for `export --engine --int8`"
+    )
+    calibrate.add_argument("--fields", type=int, default=512, help="segmenter calibration fields from the train split (default: %(default)s)")
+    calibrate.add_argument("--cells", type=int, default=512, help="classifier calibration cells from the train split (default: %(default)s)")
+    calibrate.add_argument("--gate-split", choices=("val", "test"), default="val", help="held-out data of the accuracy gate (default: %(default)s)")
+    calibrate.add_argument("--gate-limit", type=int, default=None, help="at most this many held-out images per source (default: all)")
+    calibrate.add_argument("--max-dice-drop", type=float, default=0.005, help="allowed Dice loss, nucleus and whole cell (default: %(default)s)")
+    calibrate.add_argument("--max-accuracy-drop", type=float, default=0.005, help="allowed accuracy and F1 loss per head (default: %(default)s = 0.5 pt)")
+    calibrate.add_argument("--keep-float", action="append", default=[], metavar="MODEL:NAMES", help="keep op types or nodes in float, e.g. segmenter:MatMul")
+    calibrate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    calibrate.set_defaults(handler=command_calibrate)
+
+    export = commands.add_parser("export", help="TensorRT engines for a bundle, cached in <bundle>/engines (needs [jetson] and a GPU)")
+    export.add_argument("--engine", action="store_true", help="build TensorRT engines from the bundle's ONNX files")
+    export.add_argument("--bundle", type=Path, default=default_bundle())
+    precision = export.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="fp16 engines from the fp32 models")
+    precision.add_argument("--int8", action="store_true", help="int8 engines from the bundle's gated QDQ models (leukoedge calibrate)")
+    export.set_defaults(handler=command_export)
+
+    soak = commands.add_parser("soak", help="many frames through one Detector: resident memory growth and latency drift")
+    soak.add_argument("images", type=Path, help="an image or a folder of images (e.g. ../shared/data/bccd/images)")
+    soak.add_argument("--bundle", type=Path, default=default_bundle())
+    soak.add_argument("--frames", type=int, default=10_000)
+    soak.add_argument("--warmup", type=int, default=10, help="untimed frames before the start reading (default: %(default)s)")
+    soak.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    soak.add_argument("--max-growth-mb", type=float, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
+    soak.set_defaults(handler=command_soak)
 
     evaluate = commands.add_parser("evaluate", help="held-out figures of a bundle on ../shared/data (needs [train])")
     evaluate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")

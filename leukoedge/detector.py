@@ -10,7 +10,8 @@ from typing import Iterator
 import numpy as np
 
 from .backends import create_backend
-from .bundle import Bundle, load_bundle
+from .bundle import MODELS, Bundle, fastest_precision, load_bundle, model_file
+from .errors import BackendUnavailableError, LeukoedgeError
 from .frame import validate_frame
 from .postprocess import CellInstance, find_cells, label_map_from_probabilities
 from .preprocess.cpu import PreparedFrame, PreprocessSpec, prepare_crops, prepare_frame
@@ -18,6 +19,36 @@ from .result import Cell, Result, Timings, make_verdict
 
 # Cells are classified in batches of at most this many (the exported graphs take up to 64).
 MAX_CLASSIFY_BATCH = 64
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def choose_precision(bundle: Bundle, model: str, precision: str | None, backend: str) -> str:
+    """The precision `model` runs at. Asked for: checked against the bundle (BundleError if it lacks
+    it) and the backend. None: on ONNX Runtime the fastest precision that passed its accuracy gate,
+    by the latencies measured at calibration; on TensorRT the most reduced one with a valid cached engine."""
+    if precision is None:
+        if backend != "tensorrt":
+            return fastest_precision(bundle.manifest, model)
+        from .backends.tensorrt import has_valid_engine
+
+        for candidate in ("int8", "fp16", "fp32"):
+            if _has_file(bundle, model, candidate) and has_valid_engine(bundle.path(model_file(bundle.manifest, model, candidate)), candidate):
+                return candidate
+        return "fp32"  # opening it names the export command when its engine is missing
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} or None (fastest that passed its gate)")
+    if precision == "fp16" and backend != "tensorrt":
+        raise BackendUnavailableError("fp16 runs on the TensorRT backend only (backend='tensorrt'); ONNX Runtime on CPU runs fp32 or int8")
+    model_file(bundle.manifest, model, precision)  # raises BundleError naming what is missing
+    return precision
+
+
+def _has_file(bundle: Bundle, model: str, precision: str) -> bool:
+    try:
+        model_file(bundle.manifest, model, precision)
+    except LeukoedgeError:
+        return False
+    return True
 
 
 @contextmanager
@@ -38,7 +69,9 @@ class Detector:
     InvalidFrameError, never silently resized into a wrong answer.
     """
 
-    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", channel_order: str = "BGR", threads: int | None = None):
+    def __init__(
+        self, bundle: Bundle, backend: str = "onnxruntime", channel_order: str = "BGR", threads: int | None = None, precision: str | None = None
+    ):
         manifest = bundle.manifest
         self.bundle = bundle
         self.channel_order = channel_order
@@ -48,14 +81,28 @@ class Detector:
         self.postprocess_spec = manifest["postprocess"]
         self.verdict_spec = manifest["verdict"]
         self.limits = manifest["limits"]
-        self.segmenter = create_backend(backend, bundle.path(self.segmenter_spec["file"]), threads)
-        self.classifier = create_backend(backend, bundle.path(self.classifier_spec["file"]), threads)
+        self.precisions = {model: choose_precision(bundle, model, precision, backend) for model in MODELS}
+        self.segmenter, self.classifier = (
+            create_backend(backend, bundle.path(model_file(manifest, model, self.precisions[model])), threads, self.precisions[model])
+            for model in MODELS
+        )
         self.backend_name = backend
 
     @classmethod
-    def load(cls, bundle_path: str | Path, backend: str = "onnxruntime", channel_order: str = "BGR", threads: int | None = None) -> "Detector":
-        """Load and verify a bundle (folder or archive), then open its models on the chosen backend."""
-        return cls(load_bundle(bundle_path), backend=backend, channel_order=channel_order, threads=threads)
+    def load(
+        cls,
+        bundle_path: str | Path,
+        backend: str = "onnxruntime",
+        channel_order: str = "BGR",
+        threads: int | None = None,
+        precision: str | None = None,
+    ) -> "Detector":
+        """Load and verify a bundle (folder or archive), then open its models on the chosen backend.
+
+        precision: "fp32", "int8" (the bundle's gated QDQ models), "fp16" (TensorRT only), or None:
+        per model, the fastest precision that passed its accuracy gate (fp32 for an uncalibrated bundle).
+        """
+        return cls(load_bundle(bundle_path), backend=backend, channel_order=channel_order, threads=threads, precision=precision)
 
     def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:
         """Validate, preprocess, segment, find cells, classify; timings in ms per stage."""

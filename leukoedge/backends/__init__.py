@@ -10,12 +10,18 @@ from .base import Backend
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def create_backend(name: str, model_path: Path, threads: int | None = None) -> Backend:
-    """Build a backend by name; TensorRT is imported only when asked for."""
+def create_backend(name: str, model_path: Path, threads: int | None = None, precision: str = "fp32") -> Backend:
+    """Build a backend by name for a bundle's model file; TensorRT is imported only when asked for.
+
+    ONNX Runtime runs the file as it is (its precision is the file's). TensorRT runs the engine cached
+    for that file at `precision` (fp32, fp16 or int8), built by `leukoedge export --engine`.
+    """
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(model_path, threads=threads)
     if name == "tensorrt":
-        raise BackendUnavailableError("the TensorRT backend is not part of this release yet; use backend='onnxruntime'")
+        from .tensorrt import open_engine
+
+        return open_engine(model_path, precision)
     raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -331,3 +332,73 @@ def test_describe_bundle_summarizes_what_info_shows(bundle_dir: Path):
     ]:
         assert words in text
 
+
+
+# --- malformed and tampered input beyond the happy refusals ---------------------------------------
+
+
+@pytest.mark.parametrize("text", ["[]", '"bundle"', "null", "[" * 100_000], ids=["list", "string", "null", "deeply-nested"])
+def test_manifest_that_is_not_a_json_object_is_refused(bundle_dir: Path, text: str):
+    (bundle_dir / "manifest.json").write_text(text)
+    with pytest.raises(BundleError, match="must hold a JSON object|not valid JSON"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("schema", [True, "1", 1.5, None], ids=["bool", "string", "float", "null"])
+def test_schema_version_must_be_the_integer_itself(bundle_dir: Path, schema):
+    _rewrite_manifest(bundle_dir, lambda manifest: manifest.update(schema_version=schema))
+    with pytest.raises(BundleError, match="is not supported by this leukoedge"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("sha", ["ABC" * 21 + "A", "0" * 63, "g" * 64, 12345], ids=["uppercase", "short", "not-hex", "number"])
+def test_checksum_that_is_not_a_lowercase_sha256_is_refused(bundle_dir: Path, sha):
+    _rewrite_manifest(bundle_dir, lambda manifest: manifest["files"].update({"segmenter.onnx": sha}))
+    with pytest.raises(BundleError, match=r"files\['segmenter.onnx'\] must be a lowercase hex sha256"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("literal", "where"),
+    [("NaN", "preprocess.mean"), ("Infinity", "preprocess.std"), ("-Infinity", "classifier.crop_margin"), ("NaN", "verdict.flag_fraction")],
+)
+def test_non_finite_numbers_in_the_manifest_are_refused(bundle_dir: Path, literal: str, where: str):
+    # json.loads reads NaN and Infinity; a NaN mean would turn every frame into NaN without an error.
+    section, key = where.split(".")
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest[section][key] = [0.5, "__LITERAL__", 0.5] if key in ("mean", "std") else "__LITERAL__"
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest).replace('"__LITERAL__"', literal))
+    with pytest.raises(BundleError, match=f"{where} must be"):
+        load_bundle(bundle_dir)
+
+
+def _archive(bundle_dir: Path, archive: Path, kind: str) -> None:
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle_zip:
+            for path in sorted(bundle_dir.iterdir()):
+                bundle_zip.write(path, path.name)
+    else:
+        with tarfile.open(archive, f"w:{kind}" if kind != "tar" else "w") as bundle_tar:
+            bundle_tar.add(bundle_dir, arcname="leukoedge-test")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flips"])
+@pytest.mark.parametrize("kind", ["zip", "tar", "gz", "bz2", "xz"])
+def test_damaged_archive_is_refused_and_leaves_no_extraction_behind(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, damage: str
+):
+    archive = tmp_path / f"bundle.{kind}"
+    _archive(bundle_dir, archive, kind)
+    data = bytearray(archive.read_bytes())
+    # Truncation hits the decompressors' end-of-stream checks (EOFError); flips hit CRCs, headers and checksums.
+    damaged = data[: len(data) // 2] if damage == "truncated" else bytearray(data)
+    if damage == "bit-flips":
+        for position in range(len(data) // 7, len(data), len(data) // 7):
+            damaged[position] ^= 0xA5
+    archive.write_bytes(bytes(damaged))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(BundleError):
+        load_bundle(archive)
+    assert list(scratch.iterdir()) == [], "a refused archive must not leave its extraction folder behind"

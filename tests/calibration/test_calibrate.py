@@ -1,0 +1,132 @@
+"""`leukoedge calibrate` end to end on a quick bundle: what it writes, the gate, precision selection."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from leukoedge import Detector
+from leukoedge.bundle import load_bundle
+from leukoedge.calibration import gate
+from leukoedge.calibration.calibrate import CalibrateConfig, cell_finder, parse_keep_float, quantize_and_gate
+from leukoedge.errors import BackendUnavailableError, BundleError, LeukoedgeError
+from leukoedge.preprocess.cpu import PreprocessSpec
+
+
+def test_calibrated_bundle_lists_int8_models_gate_table_and_calibration_files(calibrated_bundle: Path, data_root: Path):
+    bundle = load_bundle(calibrated_bundle)  # verifies every sha256, the new files included
+    files = bundle.manifest["files"]
+    assert {"segmenter.onnx", "classifier.onnx", "segmenter.int8.onnx", "classifier.int8.onnx", "calibration_set.csv"} <= set(files)
+    precisions = bundle.manifest["precisions"]
+    assert precisions["calibration"]["method"] == "minmax"
+    for model in ("segmenter", "classifier"):
+        int8 = precisions[model]["int8"]
+        assert int8["file"] == f"{model}.int8.onnx" and int8["gate"]["passed"]
+        assert int8["median_ms"] > 0 and precisions[model]["fp32"]["median_ms"] > 0
+        assert {metric["name"] for metric in int8["gate"]["metrics"]}
+    assert {m["name"] for m in precisions["segmenter"]["int8"]["gate"]["metrics"]} <= {"nucleus_dice", "whole_cell_dice"}
+    assert "blast_accuracy" in {m["name"] for m in precisions["classifier"]["int8"]["gate"]["metrics"]}
+    with bundle.path("calibration_set.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert sum(row["model"] == "segmenter" for row in rows) == precisions["calibration"]["fields"] == 8
+    assert sum(row["model"] == "classifier" for row in rows) == precisions["calibration"]["cells"] > 0
+    assert all((data_root / row["image"]).is_file() for row in rows)
+    assert all(len(row["box"].split()) == 4 for row in rows if row["model"] == "classifier")
+
+
+def test_onnx_runtime_runs_only_conv_and_gemm_in_int8_attention_and_norms_stay_float(calibrated_bundle: Path, tmp_path: Path):
+    for model in ("segmenter", "classifier"):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{model}.optimized.onnx")
+        ort.InferenceSession(str(calibrated_bundle / f"{model}.int8.onnx"), options, providers=["CPUExecutionProvider"])
+        kernels = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+        int8_kernels = {op for op in kernels if op.startswith("QLinear") or op == "QGemm"}
+        assert "QLinearConv" in int8_kernels and int8_kernels <= {"QLinearConv", "QGemm"}, int8_kernels
+        assert "Softmax" in kernels  # the output softmax (and the attention softmax) run in float
+
+
+def test_gate_refuses_int8_when_the_thresholds_cannot_be_met_and_names_the_metric(tiny_bundle: Path, data_root: Path, tmp_path: Path):
+    bundle = load_bundle(tiny_bundle)
+    manifest = bundle.manifest
+    spec = PreprocessSpec.from_manifest(manifest["preprocess"])
+    cases = gate.cell_cases(data_root, spec, manifest["classifier"], cell_finder(bundle, None), "val", limit=3)
+    # Every score lies in [0, 1]: gaining more than 1.0 over FP32 is impossible.
+    config = CalibrateConfig(data_root, tiny_bundle, tmp_path, dice_tolerance=-1.01, accuracy_tolerance=-1.01, speed_runs=2)
+
+    def score(path: Path) -> dict[str, float]:
+        return gate.classifier_scores(path, cases, manifest["classifier"], manifest["verdict"]["blast_threshold"])
+
+    crops = np.stack([case.crop for case in cases])
+    _, outcome = quantize_and_gate("classifier", bundle.path("classifier.onnx"), crops, score, len(cases), config, tmp_path)
+    assert not outcome.written and not outcome.gate.passed
+    assert {op_type for op_type, _ in outcome.remedies} == {"Conv", "Gemm"}  # each quantized op type kept in float, re-measured
+    message = outcome.explanation("classifier")
+    assert "blast_accuracy" in message and "no int8 classifier was written" in message
+    assert "does not pass either" in message
+
+
+def test_keep_float_takes_model_and_names():
+    assert parse_keep_float(["segmenter:MatMul,Softmax", "segmenter:/x/Conv"]) == {"segmenter": ("MatMul", "Softmax", "/x/Conv")}
+    with pytest.raises(LeukoedgeError, match="MODEL:NAME"):
+        parse_keep_float(["MatMul"])
+
+
+def test_detector_picks_the_fastest_precision_that_passed_or_the_one_asked_for(calibrated_bundle: Path, tmp_path: Path, data_root: Path):
+    bundle_dir = tmp_path / "default"
+    shutil.copytree(calibrated_bundle, bundle_dir)
+    manifest_path = bundle_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    # Speeds as if measured on a machine where int8 helps the segmenter but not the classifier.
+    manifest["precisions"]["segmenter"]["fp32"]["median_ms"], manifest["precisions"]["segmenter"]["int8"]["median_ms"] = 20.0, 10.0
+    manifest["precisions"]["classifier"]["fp32"]["median_ms"], manifest["precisions"]["classifier"]["int8"]["median_ms"] = 2.0, 3.0
+    manifest_path.write_text(json.dumps(manifest))
+
+    fastest = Detector.load(bundle_dir)
+    assert fastest.precisions == {"segmenter": "int8", "classifier": "fp32"}
+    frame = cv2.imread(str(sorted((data_root / "bccd" / "images").glob("*.jpg"))[0]))
+    assert fastest.run(frame).label_map.shape == frame.shape[:2]
+    assert Detector.load(bundle_dir, precision="int8").precisions == {"segmenter": "int8", "classifier": "int8"}
+    assert Detector.load(bundle_dir, precision="fp32").precisions == {"segmenter": "fp32", "classifier": "fp32"}
+    with pytest.raises(BackendUnavailableError, match="TensorRT"):
+        Detector.load(bundle_dir, precision="fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        Detector.load(bundle_dir, precision="int4")
+
+
+def test_an_uncalibrated_bundle_runs_fp32_and_refuses_int8_with_the_command_to_make_it(tiny_bundle: Path):
+    assert Detector.load(tiny_bundle).precisions == {"segmenter": "fp32", "classifier": "fp32"}
+    with pytest.raises(BundleError, match="leukoedge calibrate"):
+        Detector.load(tiny_bundle, precision="int8")
+
+
+def test_tensorrt_target_quantizes_symmetric_int8_with_zero_points_at_zero(tiny_bundle: Path, data_root: Path, tmp_path: Path):
+    from onnx import numpy_helper
+
+    from leukoedge.calibration.quantize import QuantizationSettings, TensorBatches, prepare_for_quantization, quantize_model
+
+    bundle = load_bundle(tiny_bundle)
+    manifest = bundle.manifest
+    spec = PreprocessSpec.from_manifest(manifest["preprocess"])
+    cases = gate.cell_cases(data_root, spec, manifest["classifier"], cell_finder(bundle, None), "val", limit=2)
+    prepared = prepare_for_quantization(bundle.path("classifier.onnx"), tmp_path / "prepared.onnx")
+    settings = QuantizationSettings.for_target("tensorrt")
+    batches = TensorBatches("crop", np.stack([case.crop for case in cases]))
+    int8 = onnx.load(str(quantize_model(prepared, tmp_path / "classifier.int8.onnx", settings, tmp_path / "ranges.json", batches)))
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in int8.graph.initializer}
+    zero_points = [initializers[node.input[2]] for node in int8.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert zero_points and all(point.dtype == np.int8 and not point.any() for point in zero_points)
+
+
+def test_int8_engines_are_refused_for_models_quantized_for_the_cpu(calibrated_bundle: Path):
+    from leukoedge.export.tensorrt import export_engines
+
+    with pytest.raises(BundleError, match="--target tensorrt"):
+        export_engines(calibrated_bundle, "int8")

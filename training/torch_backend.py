@@ -1,0 +1,78 @@
+"""A bundle's models in PyTorch eager mode behind the runtime's Backend protocol.
+
+The baseline `leukoedge bench --compare` measures ONNX Runtime against: the training checkpoints
+(training.pipeline saves them as <bundle parent>/checkpoints/<bundle name>-segmenter.pt and
+-classifier.pt), wrapped exactly as export/onnx.py wraps them for export (softmax included), and
+checked against the bundle's ONNX files before they are timed, so a stale checkpoint is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leukoedge.backends.onnxruntime import OnnxRuntimeBackend
+from leukoedge.bundle import Bundle
+from leukoedge.errors import LeukoedgeError
+from leukoedge.export.onnx import ClassifierWithSoftmax, SegmenterWithSoftmax
+
+from .train import load_checkpoint
+
+# fp32 ONNX Runtime against PyTorch on one input; export parity is ~1e-7, a different checkpoint is off by far more.
+MATCH_TOLERANCE = 1e-3
+
+
+class TorchBackend:
+    """A torch module as a Backend: named float32 inputs in, named numpy outputs out."""
+
+    name = "torch"
+
+    def __init__(self, module: torch.nn.Module, input_name: str, output_names: list[str]):
+        self.module = module.eval()
+        self.input_names = [input_name]
+        self.output_names = output_names
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            outputs = self.module(torch.from_numpy(np.ascontiguousarray(inputs[self.input_names[0]], np.float32)))
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        return {name: output.numpy() for name, output in zip(self.output_names, outputs)}
+
+
+def checkpoint_paths(bundle_path: Path, folder: Path | None = None) -> dict[str, Path]:
+    """Where training.pipeline saved the checkpoints of the bundle at bundle_path (or in `folder`)."""
+    folder = folder or Path(bundle_path).parent / "checkpoints"
+    return {model: folder / f"{Path(bundle_path).name}-{model}.pt" for model in ("segmenter", "classifier")}
+
+
+def torch_backends(bundle: Bundle, checkpoints: dict[str, Path], threads: int | None = None) -> dict[str, TorchBackend]:
+    """The segmenter and classifier of `bundle` in PyTorch eager FP32, verified against the bundle's ONNX files."""
+    missing = [str(path) for path in checkpoints.values() if not path.is_file()]
+    if missing:
+        raise LeukoedgeError(f"no training checkpoints {', '.join(missing)}")
+    if threads:
+        torch.set_num_threads(threads)
+    manifest = bundle.manifest
+    heads = manifest["classifier"]["heads"]
+    segmenter, _ = load_checkpoint(checkpoints["segmenter"])
+    classifier, _ = load_checkpoint(checkpoints["classifier"], head_classes={name: len(spec["classes"]) for name, spec in heads.items()})
+    backends = {
+        "segmenter": TorchBackend(SegmenterWithSoftmax(segmenter), manifest["segmenter"]["input"], [manifest["segmenter"]["output"]]),
+        "classifier": TorchBackend(
+            ClassifierWithSoftmax(classifier, list(heads)), manifest["classifier"]["input"], [spec["output"] for spec in heads.values()]
+        ),
+    }
+    rng = np.random.default_rng(0)
+    for model, backend in backends.items():
+        height, width = manifest[model]["input_size"]
+        probe = {backend.input_names[0]: rng.normal(0.0, 1.0, (1, 3, height, width)).astype(np.float32)}
+        reference = OnnxRuntimeBackend(bundle.path(manifest[model]["file"])).run(probe)
+        difference = max(float(np.abs(reference[name] - output).max()) for name, output in backend.run(probe).items())
+        if difference > MATCH_TOLERANCE:
+            raise LeukoedgeError(
+                f"checkpoint {checkpoints[model]} is not the {model} of bundle {bundle.name}: its outputs differ from the ONNX file's by {difference:.3g}"
+            )
+    return backends
