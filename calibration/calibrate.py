@@ -146,6 +146,7 @@ def cell_finder(bundle: Bundle, threads: int | None) -> Callable[[data.Record, n
             prepared.letterbox,
             manifest["postprocess"]["min_cell_area_px"],
             manifest["postprocess"]["split_touching"],
+            manifest["postprocess"].get("min_nucleus_area_px", 0),
         )
         return central_box([cell.box for cell in cells], image.shape)
 

@@ -197,6 +197,8 @@ def _cross_checks(manifest: dict[str, Any]) -> list[str]:
             problems.append(f"file name {name!r} in files is absolute or contains '..'; bundle files must lie inside the bundle folder")
         if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
             problems.append(f"files[{name!r}] must be a lowercase hex sha256, got {sha!r}")
+    if not _is_count(manifest["postprocess"].get("min_nucleus_area_px", 0)):
+        problems.append("postprocess.min_nucleus_area_px (optional) must be an integer >= 0")
     for section in ("segmenter", "classifier"):
         if manifest[section]["file"] not in manifest["files"]:
             problems.append(f"{section}.file {manifest[section]['file']!r} is not listed in files")

@@ -119,6 +119,7 @@ class Detector:
                 prepared.letterbox,
                 self.postprocess_spec["min_cell_area_px"],
                 self.postprocess_spec["split_touching"],
+                self.postprocess_spec.get("min_nucleus_area_px", 0),  # absent in bundles made before 0.1.0's fix
             )
         with _stopwatch(timings, "classify"):
             cells = self.classify(frame, prepared, instances)

@@ -73,11 +73,14 @@ def find_cells(
     letterbox: Letterbox,
     min_cell_area_px: int,
     split: bool,
+    min_nucleus_area_px: int = 0,
 ) -> tuple[list[CellInstance], np.ndarray]:
     """Cells in a model-resolution label map, mapped to frame coordinates.
 
     Returns the cells (sorted top-to-bottom, left-to-right) and the frame-resolution label map.
-    Components smaller than min_cell_area_px model pixels are dropped (platelets, debris, noise).
+    Components smaller than min_cell_area_px model pixels are dropped (platelets, debris, noise), and
+    so are those with fewer than min_nucleus_area_px nucleus pixels: every white cell has a nucleus,
+    while bluish rims of red cells look like cytoplasm alone.
     """
     frame_label_map = letterbox.label_map_to_frame(model_label_map)
     cell_mask = model_label_map > BACKGROUND
@@ -89,7 +92,7 @@ def find_cells(
     cells = []
     for instance in range(1, int(instances.max()) + 1):
         model_pixels = instances == instance
-        if model_pixels.sum() < min_cell_area_px:
+        if model_pixels.sum() < min_cell_area_px or (model_pixels & (model_label_map == NUCLEUS)).sum() < min_nucleus_area_px:
             continue
         ys, xs = np.nonzero(model_pixels)
         box = letterbox.box_to_frame((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))

@@ -32,6 +32,7 @@ SEGMENTER_INPUT = (192, 256)  # H, W: a 640x480 field maps exactly, single-cell 
 CLASSIFIER_INPUT = (64, 64)
 CROP_MARGIN = 0.15
 MIN_CELL_AREA_PX = 40  # model-input pixels: a Taleqani WBC is ~300, platelets and specks ~10-30
+MIN_NUCLEUS_AREA_PX = 20  # model-input pixels: a Taleqani blast nucleus is ~150; red-cell rims have none
 SUBTYPES = ["Benign", "Early", "Pre", "Pro"]
 WBC_TYPES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 VALIDATION_IMAGES_PER_SOURCE = 60  # model selection during training; the test split is evaluated in full
@@ -85,7 +86,7 @@ def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessS
     prepared = prepare_frame(image, spec, SEGMENTER_INPUT)
     with torch.no_grad():
         probabilities = model(torch.from_numpy(prepared.tensor)).softmax(dim=1)[0].numpy()
-    cells, _ = find_cells(label_map_from_probabilities(probabilities), prepared.letterbox, MIN_CELL_AREA_PX, split=True)
+    cells, _ = find_cells(label_map_from_probabilities(probabilities), prepared.letterbox, MIN_CELL_AREA_PX, True, MIN_NUCLEUS_AREA_PX)
     return [cell.box for cell in cells]
 
 
@@ -150,7 +151,7 @@ def build_manifest(spec: PreprocessSpec, training: dict) -> dict:
             "architecture": training["classifier"]["config"]["model"],
             "heads": {head: {"output": f"{head}_probs", "classes": classes} for head, classes in HEADS.items()},
         },
-        "postprocess": {"min_cell_area_px": MIN_CELL_AREA_PX, "split_touching": True},
+        "postprocess": {"min_cell_area_px": MIN_CELL_AREA_PX, "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "split_touching": True},
         "verdict": {"blast_threshold": 0.5, "flag_fraction": 0.2},
         "limits": {"min_frame_side": 16, "max_frame_side": 4096},
         "training": training,

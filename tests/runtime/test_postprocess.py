@@ -158,3 +158,15 @@ def test_an_empty_label_map_has_no_cells(split):
     cells, frame_labels = find_cells(np.zeros(MODEL_SIZE, np.uint8), fit_letterbox(480, 640, MODEL_SIZE), MIN_AREA, split)
     assert cells == []
     assert frame_labels.shape == (480, 640) and not frame_labels.any()
+
+
+def test_a_component_without_nucleus_is_not_a_cell():
+    """Bluish red-cell rims segment as cytoplasm alone; every white cell has a nucleus."""
+    label_map = np.zeros(MODEL_SIZE, np.uint8)
+    _cell(label_map, (60, 60), 20)
+    _disc(label_map, (180, 120), 15, CYTOPLASM)  # cytoplasm only
+    placement = fit_letterbox(MODEL_SIZE[0], MODEL_SIZE[1], MODEL_SIZE)
+    kept, _ = find_cells(label_map, placement, MIN_AREA, False, min_nucleus_area_px=20)
+    assert [cell.box[0] < 128 for cell in kept] == [True]
+    everything, _ = find_cells(label_map, placement, MIN_AREA, False, min_nucleus_area_px=0)
+    assert len(everything) == 2
