@@ -200,7 +200,15 @@ def command_evaluate(args: argparse.Namespace) -> int:
 def command_train(args: argparse.Namespace) -> int:
     from .training.pipeline import PipelineConfig, run_pipeline
 
-    config = PipelineConfig(args.data, args.out, quick=args.quick, segmenter_steps=args.segmenter_steps, classifier_steps=args.classifier_steps)
+    config = PipelineConfig(
+        args.data,
+        args.out,
+        quick=args.quick,
+        segmenter_steps=args.segmenter_steps,
+        classifier_steps=args.classifier_steps,
+        segmenter_learning_rate=args.segmenter_lr,
+        init_from=args.init_from,
+    )
     bundle = run_pipeline(config)
     print(f"bundle written to {bundle.root}")
     return 0
@@ -292,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
     train.add_argument("--segmenter-steps", type=int, default=2000)
-    train.add_argument("--classifier-steps", type=int, default=1500)
+    train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --init-from: keep that classifier")
+    train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
+    train.add_argument(
+        "--init-from", type=Path, default=None, help="fine-tune: start from PREFIX-segmenter.pt / PREFIX-classifier.pt (e.g. models/checkpoints/default)"
+    )
     train.set_defaults(handler=command_train)
     return parser
 

@@ -91,8 +91,10 @@ def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limi
         called_blast = int(np.sum(np.asarray(probability) >= threshold))
         report["called_blast"] = called_blast
         report["called_blast_fraction"] = called_blast / max(1, len(records))
-        wbc = classification_report(wbc_truth, wbc_predicted, classes=detector.classifier_spec["heads"]["wbc_type"]["classes"])
-        report["wbc_type"] = {"accuracy": wbc["accuracy"], "macro_f1": wbc["macro"]["f1"], "n": wbc["n"]}
+        report["wbc_type"] = {"accuracy": None, "macro_f1": None, "n": 0}
+        if wbc_truth:  # images where a cell was found
+            wbc = classification_report(wbc_truth, wbc_predicted, classes=detector.classifier_spec["heads"]["wbc_type"]["classes"])
+            report["wbc_type"] = {"accuracy": wbc["accuracy"], "macro_f1": wbc["macro"]["f1"], "n": wbc["n"]}
     else:
         report["blast"] = binary_summary(truth, probability, threshold)
     return report
@@ -118,7 +120,8 @@ def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None) ->
             subtype_predicted.append("none")
     verdict = binary_summary(malignant, [float(f) for f in flagged], 0.5)
     verdict["auc_from_blast_fraction"] = binary_summary(malignant, fraction, 0.5)["auc"]
-    subtype = classification_report(subtype_truth, subtype_predicted, classes=subtype_classes)
+    # A field where no cell was found gets no subtype: it counts as wrong, in its own "none" column.
+    subtype = classification_report(subtype_truth, subtype_predicted, classes=subtype_classes + ["none"] * ("none" in subtype_predicted))
     return {
         "images": len(records),
         "no_cell_found": no_cells,

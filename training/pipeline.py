@@ -48,6 +48,12 @@ class PipelineConfig:
     classifier_model: str = "custom_cnn"
     segmenter_steps: int = 1500
     classifier_steps: int = 1500
+    segmenter_learning_rate: float = 2e-3
+    # Fine-tuning: start from <init_from>-segmenter.pt / -classifier.pt (0 steps: keep that model as it is).
+    init_from: Path | None = None
+
+    def checkpoint(self, model: str) -> str | None:
+        return None if self.init_from is None else f"{self.init_from}-{model}.pt"
     seed: int = 0
 
     def limit(self, records: list) -> list:
@@ -178,6 +184,8 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             input_size=SEGMENTER_INPUT,
             steps=8 if quick else config.segmenter_steps,
             batch_size=4 if quick else 8,
+            learning_rate=config.segmenter_learning_rate,
+            init_from=config.checkpoint("segmenter"),
             crop=128,
             validate_every=4 if quick else 150,
             seed=config.seed,
@@ -196,6 +204,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             steps=8 if quick else config.classifier_steps,
             batch_size=8 if quick else 64,
             learning_rate=3e-3,
+            init_from=config.checkpoint("classifier"),
             validate_every=4 if quick else 100,
             seed=config.seed,
         ),

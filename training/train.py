@@ -57,6 +57,18 @@ class TrainConfig:
     patience: int = 5  # validations without improvement before early stopping
     seed: int = 0
     model_kwargs: dict = field(default_factory=dict)
+    init_from: str | None = None  # a checkpoint to start from (fine-tuning); with steps=0 it is used as it is
+
+
+def _initial_model(config: TrainConfig, **model_kwargs) -> torch.nn.Module:
+    """A fresh model, or one loaded from config.init_from (weights only, no pickle)."""
+    model = create_model(config.model, **config.model_kwargs, **model_kwargs)
+    if config.init_from is not None:
+        model.load_state_dict(torch.load(config.init_from, map_location="cpu", weights_only=True))
+    elif config.steps == 0:
+        raise ValueError(f"{config.model}: 0 training steps needs a checkpoint to start from (init_from)")
+    model.eval()
+    return model
 
 
 def balanced_indices(sources: Sequence[str], count: int, rng: np.random.Generator) -> np.ndarray:
@@ -146,7 +158,9 @@ def train_segmenter(
     config: TrainConfig,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a segmenter; the validation score is the mean of nucleus and whole-cell Dice."""
-    model = create_model(config.model, **config.model_kwargs)
+    model = _initial_model(config)
+    if config.steps == 0:
+        return model, {"config": asdict(config), "reused_checkpoint": config.init_from}
     sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
@@ -200,7 +214,9 @@ def train_classifier(
 ) -> tuple[torch.nn.Module, dict]:
     """Train a multi-head cell classifier. A head's loss counts only cells labelled for it.
     Validation score: mean over heads of balanced accuracy."""
-    model = create_model(config.model, head_classes={name: len(classes) for name, classes in heads.items()}, **config.model_kwargs)
+    model = _initial_model(config, head_classes={name: len(classes) for name, classes in heads.items()})
+    if config.steps == 0:
+        return model, {"config": asdict(config), "heads": heads, "reused_checkpoint": config.init_from}
     sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
