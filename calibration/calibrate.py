@@ -23,7 +23,7 @@ import numpy as np
 from leukoedge.backends.onnxruntime import OnnxRuntimeBackend
 from leukoedge.bundle import Bundle, load_bundle, save_bundle
 from leukoedge.errors import BundleError, LeukoedgeError
-from leukoedge.postprocess import find_cells, label_map_from_probabilities
+from leukoedge.postprocess import central_box, find_cells, label_map_from_probabilities
 from leukoedge.preprocess.cpu import Box, PreprocessSpec, prepare_frame
 from leukoedge.training import data
 from leukoedge.training.samples import classification_sample
@@ -119,14 +119,6 @@ def parse_keep_float(values: list[str]) -> dict[str, tuple[str, ...]]:
             raise LeukoedgeError(f"--keep-float takes MODEL:NAME[,NAME...] with MODEL segmenter or classifier, got {value!r}")
         keep[model] = keep.get(model, ()) + tuple(name for name in names.split(",") if name)
     return keep
-
-
-def central_box(boxes: list[Box], shape: tuple[int, ...]) -> Box | None:
-    """The box whose centre is nearest the image centre: single-cell images are centred on their cell."""
-    if not boxes:
-        return None
-    cy, cx = shape[0] / 2, shape[1] / 2
-    return min(boxes, key=lambda b: ((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2)
 
 
 def cell_finder(bundle: Bundle, threads: int | None) -> Callable[[data.Record, np.ndarray], Box | None]:

@@ -106,3 +106,11 @@ def find_cells(
         cells.append(CellInstance(box, mask, nucleus_mask))
     cells.sort(key=lambda cell: (cell.box[1], cell.box[0]))
     return cells, frame_label_map
+
+
+def central_box(boxes: list[Box], shape: tuple[int, ...]) -> Box | None:
+    """The box whose centre is nearest the image centre: single-cell images are centred on their cell."""
+    if not boxes:
+        return None
+    cy, cx = shape[0] / 2, shape[1] / 2
+    return min(boxes, key=lambda b: ((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2)

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from leukoedge.detector import Detector
+from leukoedge.postprocess import central_box
 from leukoedge.result import Result
 
 from . import data
@@ -34,10 +35,8 @@ def _summary(values: list[float | None]) -> dict[str, float | int | None]:
 
 def _central_cell(result: Result):
     """The detected cell nearest the frame centre: single-cell images are centred on their cell."""
-    if not result.cells:
-        return None
-    cy, cx = result.frame_shape[0] / 2, result.frame_shape[1] / 2
-    return min(result.cells, key=lambda c: ((c.box[0] + c.box[2]) / 2 - cx) ** 2 + ((c.box[1] + c.box[3]) / 2 - cy) ** 2)
+    box = central_box([cell.box for cell in result.cells], result.frame_shape)
+    return next((cell for cell in result.cells if cell.box == box), None)
 
 
 def evaluate_segmentation(detector: Detector, data_root: Path, limit: int | None) -> dict[str, Any]:

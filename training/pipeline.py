@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from leukoedge.bundle import SCHEMA_VERSION, Bundle, save_bundle
-from leukoedge.postprocess import find_cells, label_map_from_probabilities
+from leukoedge.postprocess import central_box, find_cells, label_map_from_probabilities
 from leukoedge.preprocess.cpu import PreprocessSpec, prepare_frame
 
 from . import data
@@ -96,14 +96,6 @@ def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessS
     return [cell.box for cell in cells]
 
 
-def _central_box(boxes: list[tuple[int, int, int, int]], shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
-    """The box whose centre is nearest the image centre: single-cell images are centred on their cell."""
-    if not boxes:
-        return None
-    cy, cx = shape[0] / 2, shape[1] / 2
-    return min(boxes, key=lambda b: ((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2)
-
-
 def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.Module, spec: PreprocessSpec) -> tuple[list[CellExample], dict]:
     """Cells with their targets. Boxes: ALL-IDB2 from the expert mask, Taleqani from the weak mask,
     PBC from the segmenter (no masks there). Returns the examples and per-source counts."""
@@ -112,7 +104,7 @@ def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.M
     missed_pbc = 0
     for record in tqdm(_records(config, "all-idb2", split), desc=f"cells all-idb2 {split}", leave=False):
         image = data.read_image(record)
-        box = _central_box(data.wbc_boxes(record), image.shape)
+        box = central_box(data.wbc_boxes(record), image.shape)
         if box is not None:
             examples.append(CellExample("all-idb2", image, box, {"blast": record.blast}))
     for record in tqdm(_records(config, "all-taleqani", split), desc=f"cells all-taleqani {split}", leave=False):
@@ -121,7 +113,7 @@ def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.M
             examples.append(CellExample("all-taleqani", image, box, {"blast": record.blast, "subtype": SUBTYPES.index(record.subtype)}))
     for record in tqdm(_records(config, "pbc", split), desc=f"cells pbc {split}", leave=False):
         image = data.read_image(record)
-        box = _central_box(segmenter_boxes(segmenter, image, spec), image.shape)
+        box = central_box(segmenter_boxes(segmenter, image, spec), image.shape)
         if box is None:
             missed_pbc += 1
             continue
