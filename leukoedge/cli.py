@@ -198,8 +198,12 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from .training.models import SEGMENTERS
     from .training.pipeline import PipelineConfig, run_pipeline
 
+    if args.segmenter_model not in SEGMENTERS:
+        print(f"error: unknown segmenter {args.segmenter_model!r}; choose one of {', '.join(sorted(SEGMENTERS))}", file=sys.stderr)
+        return 2
     config = PipelineConfig(
         args.data,
         args.out,
@@ -207,7 +211,9 @@ def command_train(args: argparse.Namespace) -> int:
         segmenter_steps=args.segmenter_steps,
         classifier_steps=args.classifier_steps,
         segmenter_learning_rate=args.segmenter_lr,
-        init_from=args.init_from,
+        segmenter_model=args.segmenter_model,
+        segmenter_init=args.segmenter_init,
+        classifier_init=args.classifier_init,
     )
     bundle = run_pipeline(config)
     print(f"bundle written to {bundle.root}")
@@ -299,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
-    train.add_argument("--segmenter-steps", type=int, default=2000)
-    train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --init-from: keep that classifier")
+    train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet or unet_s")
+    train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
+    train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
-    train.add_argument(
-        "--init-from", type=Path, default=None, help="fine-tune: start from PREFIX-segmenter.pt / PREFIX-classifier.pt (e.g. models/checkpoints/default)"
-    )
+    train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
+    train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")
     train.set_defaults(handler=command_train)
     return parser
 

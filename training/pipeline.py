@@ -44,21 +44,29 @@ class PipelineConfig:
     data_root: Path
     out_dir: Path
     quick: bool = False  # a few steps on a few images: checks the whole path, not the accuracy
-    segmenter_model: str = "hctnet_s"
+    segmenter_model: str = "hctnet_lite"
     classifier_model: str = "custom_cnn"
-    segmenter_steps: int = 1500
+    segmenter_steps: int = 8000
     classifier_steps: int = 1500
     segmenter_learning_rate: float = 2e-3
-    # Fine-tuning: start from <init_from>-segmenter.pt / -classifier.pt (0 steps: keep that model as it is).
-    init_from: Path | None = None
-
-    def checkpoint(self, model: str) -> str | None:
-        return None if self.init_from is None else f"{self.init_from}-{model}.pt"
+    # Fine-tuning: start a model from a checkpoint (.pt); with 0 steps that model is kept as it is.
+    segmenter_init: Path | None = None
+    classifier_init: Path | None = None
     seed: int = 0
 
     def limit(self, records: list) -> list:
         """In quick mode, a few records per source, spread over the labels by the split files' order."""
         return records[:: max(1, len(records) // 12)][:12] if self.quick else records
+
+
+def _checkpoint_model(checkpoint: Path | None) -> str | None:
+    """The architecture a checkpoint was trained as (from its JSON), so fine-tuning rebuilds the same model."""
+    if checkpoint is None:
+        return None
+    config_path = Path(checkpoint).with_suffix(".json")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: the checkpoint's config is missing (it is written beside every .pt by save_checkpoint)")
+    return json.loads(config_path.read_text())["config"]["model"]
 
 
 def _records(config: PipelineConfig, source: str, split: str) -> list[data.Record]:
@@ -172,14 +180,14 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         val_examples,
         spec,
         TrainConfig(
-            model=config.segmenter_model,
+            model=_checkpoint_model(config.segmenter_init) or config.segmenter_model,
             input_size=SEGMENTER_INPUT,
             steps=8 if quick else config.segmenter_steps,
             batch_size=4 if quick else 8,
             learning_rate=config.segmenter_learning_rate,
-            init_from=config.checkpoint("segmenter"),
+            init_from=None if config.segmenter_init is None else str(config.segmenter_init),
             crop=128,
-            validate_every=4 if quick else 150,
+            validate_every=4 if quick else max(50, config.segmenter_steps // 16),
             seed=config.seed,
         ),
     )
@@ -191,12 +199,12 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         HEADS,
         spec,
         TrainConfig(
-            model=config.classifier_model,
+            model=_checkpoint_model(config.classifier_init) or config.classifier_model,
             input_size=CLASSIFIER_INPUT,
             steps=8 if quick else config.classifier_steps,
             batch_size=8 if quick else 64,
             learning_rate=3e-3,
-            init_from=config.checkpoint("classifier"),
+            init_from=None if config.classifier_init is None else str(config.classifier_init),
             validate_every=4 if quick else 100,
             seed=config.seed,
         ),

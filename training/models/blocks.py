@@ -7,11 +7,11 @@ from torch import nn
 
 
 class ConvBNReLU(nn.Sequential):
-    """3x3 convolution, batch norm, ReLU."""
+    """3x3 convolution (stride 2 halves the map), batch norm, ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
