@@ -458,6 +458,8 @@ def describe_bundle(bundle: Bundle) -> str:
     ]
     for head, spec in classifier["heads"].items():
         lines.append(f"  head {head} (output {spec['output']!r}): {', '.join(spec['classes'])}")
+    if "flops" in segmenter and "flops" in classifier:  # bundles before 2026-11-24 do not record them
+        lines.append(f"compute (multiply-add = 2 FLOPs): segmenter {segmenter['flops'] / 1e9:.2f} GFLOPs per frame, classifier {classifier['flops'] / 1e6:.1f} MFLOPs per cell")
     lines += [
         f"postprocess: min cell area {postprocess['min_cell_area_px']} px, split touching cells {'yes' if postprocess['split_touching'] else 'no'}",
         f"verdict: a cell is a blast at p >= {verdict['blast_threshold']}; a frame is flagged at blast fraction >= {verdict['flag_fraction']}",

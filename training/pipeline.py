@@ -22,8 +22,10 @@ from leukoedge.postprocess import central_box, find_cells, label_map_from_probab
 from leukoedge.preprocess.cpu import PreprocessSpec, prepare_frame
 
 from . import data
+from .flops import count_flops
 from .stain import estimate_reference
 from .train import CellExample, SegmentationExample, TrainConfig, save_checkpoint, train_classifier, train_segmenter
+from .verdict import choose_flag_fraction
 
 log = logging.getLogger("leukoedge.training")
 
@@ -37,6 +39,7 @@ SUBTYPES = ["Benign", "Early", "Pre", "Pro"]
 WBC_TYPES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 VALIDATION_IMAGES_PER_SOURCE = 60  # model selection during training; the test split is evaluated in full
 HEADS = {"blast": ["normal", "blast"], "subtype": SUBTYPES, "wbc_type": WBC_TYPES}
+DEFAULT_FLAG_FRACTION = 0.2  # used only where the validation fields cannot choose one (e.g. --quick)
 
 
 @dataclass
@@ -132,7 +135,21 @@ def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.M
     return examples, counts
 
 
-def build_manifest(spec: PreprocessSpec, training: dict) -> dict:
+def calibrate_verdict(config: PipelineConfig, bundle_dir: Path) -> dict:
+    """Run the written bundle over the Taleqani validation fields and choose the frame verdict's flag_fraction."""
+    from leukoedge.detector import Detector
+
+    detector = Detector.load(bundle_dir)
+    fractions, malignant = [], []
+    for record in tqdm(_records(config, "all-taleqani", "val"), desc="verdict threshold (Taleqani val)", leave=False):
+        fractions.append(detector.run(data.read_image(record)).verdict["blast_fraction"])
+        malignant.append(record.blast)
+    threshold, balanced_accuracy = choose_flag_fraction(fractions, malignant, DEFAULT_FLAG_FRACTION)
+    log.info("verdict flag_fraction %.3f (balanced accuracy %s on %d Taleqani val fields)", threshold, balanced_accuracy, len(fractions))
+    return {"flag_fraction": threshold, "balanced_accuracy": balanced_accuracy, "fields": len(fractions)}
+
+
+def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "name": "leukoedge-default",
@@ -147,6 +164,7 @@ def build_manifest(spec: PreprocessSpec, training: dict) -> dict:
             "input_size": list(SEGMENTER_INPUT),
             "classes": ["background", "cytoplasm", "nucleus"],
             "architecture": training["segmenter"]["config"]["model"],
+            "flops": flops["segmenter"],
         },
         "classifier": {
             "file": "classifier.onnx",
@@ -155,10 +173,11 @@ def build_manifest(spec: PreprocessSpec, training: dict) -> dict:
             "crop_margin": CROP_MARGIN,
             "primary_head": "blast",
             "architecture": training["classifier"]["config"]["model"],
+            "flops": flops["classifier"],
             "heads": {head: {"output": f"{head}_probs", "classes": classes} for head, classes in HEADS.items()},
         },
         "postprocess": {"min_cell_area_px": MIN_CELL_AREA_PX, "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "split_touching": True},
-        "verdict": {"blast_threshold": 0.5, "flag_fraction": 0.2},
+        "verdict": {"blast_threshold": 0.5, "flag_fraction": DEFAULT_FLAG_FRACTION},
         "limits": {"min_frame_side": 16, "max_frame_side": 4096},
         "training": training,
     }
@@ -226,8 +245,13 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             "segmenter": {**segmenter_summary, "onnx_parity_max_abs": segmenter_parity},
             "classifier": {**classifier_summary, "onnx_parity_max_abs": classifier_parity},
         }
-        manifest = build_manifest(spec, training)
+        flops = {"segmenter": count_flops(segmenter, (1, 3, *SEGMENTER_INPUT)), "classifier": count_flops(classifier, (1, 3, *CLASSIFIER_INPUT))}
+        manifest = build_manifest(spec, training, flops)
         files = {"segmenter.onnx": scratch_dir / "segmenter.onnx", "classifier.onnx": scratch_dir / "classifier.onnx"}
+        draft = save_bundle(scratch_dir / "draft", manifest, files)
+        verdict = calibrate_verdict(config, draft.root)
+        manifest["verdict"]["flag_fraction"] = verdict["flag_fraction"]
+        manifest["training"]["verdict_calibration"] = verdict
         bundle = save_bundle(config.out_dir, manifest, files)
     log.info("bundle written to %s", config.out_dir)
     return bundle
