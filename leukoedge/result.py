@@ -202,6 +202,23 @@ _OTHER_LABEL_BGR = (0, 215, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
+def _text_style(image: np.ndarray) -> tuple[float, int]:
+    """(font scale, line thickness): text scales with the frame so it stays legible from 16 px thumbnails to 4K fields."""
+    font_scale = max(0.35, min(image.shape[:2]) / 1000.0)
+    return font_scale, max(1, round(font_scale * 2))
+
+
+def draw_cell_boxes(image_bgr: np.ndarray, cells: Sequence[Cell], captions: Sequence[str]) -> None:
+    """Draw each cell's box with its caption above it, in place (blast red, normal green, other labels yellow)."""
+    font_scale, thickness = _text_style(image_bgr)
+    for cell, caption in zip(cells, captions):
+        x0, y0, x1, y1 = cell.box
+        colour = _LABEL_BGR.get(cell.label, _OTHER_LABEL_BGR)
+        cv2.rectangle(image_bgr, (x0, y0), (x1 - 1, y1 - 1), colour, thickness)
+        (_, text_height), _ = cv2.getTextSize(caption, _FONT, font_scale, thickness)
+        cv2.putText(image_bgr, caption, (x0, max(y0 - 3, text_height)), _FONT, font_scale, colour, thickness, cv2.LINE_AA)
+
+
 def draw_overlay(frame_bgr: np.ndarray, result: Result) -> np.ndarray:
     """A BGR uint8 copy of the frame: cytoplasm and nucleus tinted, a labelled box per cell
     (blast red, normal green), the verdict on the top line."""
@@ -216,17 +233,9 @@ def draw_overlay(frame_bgr: np.ndarray, result: Result) -> np.ndarray:
         tinted = _TINT_ALPHA * np.asarray(colour, np.float32) + (1.0 - _TINT_ALPHA) * overlay[region]
         overlay[region] = np.round(tinted).astype(np.uint8)
 
-    # Text scales with the frame so it stays legible from 16 px thumbnails to 4K fields.
-    font_scale = max(0.35, min(overlay.shape[:2]) / 1000.0)
-    thickness = max(1, round(font_scale * 2))
-    for cell in result.cells:
-        x0, y0, x1, y1 = cell.box
-        colour = _LABEL_BGR.get(cell.label, _OTHER_LABEL_BGR)
-        cv2.rectangle(overlay, (x0, y0), (x1 - 1, y1 - 1), colour, thickness)
-        caption = f"{cell.id} {cell.label} p={cell.scores.get(cell.label, 0.0):.2f}"
-        (_, text_height), _ = cv2.getTextSize(caption, _FONT, font_scale, thickness)
-        cv2.putText(overlay, caption, (x0, max(y0 - 3, text_height)), _FONT, font_scale, colour, thickness, cv2.LINE_AA)
+    draw_cell_boxes(overlay, result.cells, [f"{cell.id} {cell.label} p={cell.scores.get(cell.label, 0.0):.2f}" for cell in result.cells])
 
+    font_scale, thickness = _text_style(overlay)
     verdict = result.verdict
     flag = "FLAGGED" if verdict["flagged"] else "not flagged"
     line = (

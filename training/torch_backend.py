@@ -4,6 +4,7 @@ The baseline `leukoedge bench --compare` measures ONNX Runtime against: the trai
 (training.pipeline saves them as <bundle parent>/checkpoints/<bundle name>-segmenter.pt and
 -classifier.pt), wrapped exactly as export/onnx.py wraps them for export (softmax included), and
 checked against the bundle's ONNX files before they are timed, so a stale checkpoint is refused.
+Grad-CAM (training/explain.py) takes its classifier from the same verified loader, verified_model.
 """
 
 from __future__ import annotations
@@ -48,31 +49,43 @@ def checkpoint_paths(bundle_path: Path, folder: Path | None = None) -> dict[str,
     return {model: folder / f"{Path(bundle_path).name}-{model}.pt" for model in ("segmenter", "classifier")}
 
 
-def torch_backends(bundle: Bundle, checkpoints: dict[str, Path], threads: int | None = None) -> dict[str, TorchBackend]:
-    """The segmenter and classifier of `bundle` in PyTorch eager FP32, verified against the bundle's ONNX files."""
-    missing = [str(path) for path in checkpoints.values() if not path.is_file()]
+def _require_files(paths: list[Path]) -> None:
+    missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise LeukoedgeError(f"no training checkpoints {', '.join(missing)}")
+
+
+def _as_backend(bundle: Bundle, model: str, module: torch.nn.Module) -> TorchBackend:
+    """`module` wrapped exactly as export/onnx.py wrapped it for export (softmax included)."""
+    spec = bundle.manifest[model]
+    if model == "segmenter":
+        return TorchBackend(SegmenterWithSoftmax(module), spec["input"], [spec["output"]])
+    return TorchBackend(ClassifierWithSoftmax(module, list(spec["heads"])), spec["input"], [head["output"] for head in spec["heads"].values()])
+
+
+def verified_model(bundle: Bundle, model: str, checkpoint: Path) -> torch.nn.Module:
+    """The `model` ("segmenter" or "classifier") of `bundle` rebuilt from its training checkpoint, in eval
+    mode; LeukoedgeError when the checkpoint is missing or its outputs differ from the bundle's ONNX file."""
+    _require_files([checkpoint])
+    model_kwargs = {}
+    if model == "classifier":
+        model_kwargs["head_classes"] = {name: len(spec["classes"]) for name, spec in bundle.manifest["classifier"]["heads"].items()}
+    module, _ = load_checkpoint(checkpoint, **model_kwargs)
+    backend = _as_backend(bundle, model, module)
+    height, width = bundle.manifest[model]["input_size"]
+    probe = {backend.input_names[0]: np.random.default_rng(0).normal(0.0, 1.0, (1, 3, height, width)).astype(np.float32)}
+    reference = OnnxRuntimeBackend(bundle.path(bundle.manifest[model]["file"])).run(probe)
+    difference = max(float(np.abs(reference[name] - output).max()) for name, output in backend.run(probe).items())
+    if difference > MATCH_TOLERANCE:
+        raise LeukoedgeError(
+            f"checkpoint {checkpoint} is not the {model} of bundle {bundle.name}: its outputs differ from the ONNX file's by {difference:.3g}"
+        )
+    return module
+
+
+def torch_backends(bundle: Bundle, checkpoints: dict[str, Path], threads: int | None = None) -> dict[str, TorchBackend]:
+    """The segmenter and classifier of `bundle` in PyTorch eager FP32, verified against the bundle's ONNX files."""
+    _require_files(list(checkpoints.values()))
     if threads:
         torch.set_num_threads(threads)
-    manifest = bundle.manifest
-    heads = manifest["classifier"]["heads"]
-    segmenter, _ = load_checkpoint(checkpoints["segmenter"])
-    classifier, _ = load_checkpoint(checkpoints["classifier"], head_classes={name: len(spec["classes"]) for name, spec in heads.items()})
-    backends = {
-        "segmenter": TorchBackend(SegmenterWithSoftmax(segmenter), manifest["segmenter"]["input"], [manifest["segmenter"]["output"]]),
-        "classifier": TorchBackend(
-            ClassifierWithSoftmax(classifier, list(heads)), manifest["classifier"]["input"], [spec["output"] for spec in heads.values()]
-        ),
-    }
-    rng = np.random.default_rng(0)
-    for model, backend in backends.items():
-        height, width = manifest[model]["input_size"]
-        probe = {backend.input_names[0]: rng.normal(0.0, 1.0, (1, 3, height, width)).astype(np.float32)}
-        reference = OnnxRuntimeBackend(bundle.path(manifest[model]["file"])).run(probe)
-        difference = max(float(np.abs(reference[name] - output).max()) for name, output in backend.run(probe).items())
-        if difference > MATCH_TOLERANCE:
-            raise LeukoedgeError(
-                f"checkpoint {checkpoints[model]} is not the {model} of bundle {bundle.name}: its outputs differ from the ONNX file's by {difference:.3g}"
-            )
-    return backends
+    return {model: _as_backend(bundle, model, verified_model(bundle, model, checkpoint)) for model, checkpoint in checkpoints.items()}
