@@ -12,13 +12,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import cv2
 import numpy as np
 
 from .errors import LeukoedgeError
 from .soak import MAX_GROWTH_MB
+
+if TYPE_CHECKING:
+    from .detector import Detector
+    from .result import Result
 
 log = logging.getLogger("leukoedge")
 
@@ -56,11 +60,14 @@ def command_run(args: argparse.Namespace) -> int:
             "or --source URI for a live session (csi://0, v4l2:///dev/video0, rtsp://..., clip.mp4, folder://...)"
         )
     if args.source is not None:
+        if args.explain:
+            raise LeukoedgeError("--explain works on an image or a folder of images, not on a live --source")
         return command_run_live(args)
     from .detector import Detector
     from .result import draw_overlay
 
     detector = Detector.load(args.bundle)
+    explain = gradcam_explainer(args, detector) if args.explain else None
     args.out = args.out or Path("leukoedge-out")
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -73,6 +80,8 @@ def command_run(args: argparse.Namespace) -> int:
             failures += 1
             continue
         cv2.imwrite(str(args.out / f"{path.stem}_overlay.png"), draw_overlay(frame, result))
+        if explain is not None:
+            cv2.imwrite(str(args.out / f"{path.stem}_gradcam.png"), explain(frame, result))
         (args.out / f"{path.stem}.json").write_text(result.to_json(include_masks=args.masks, indent=2))
         verdict = result.verdict
         print(
@@ -85,6 +94,18 @@ def command_run(args: argparse.Namespace) -> int:
         print("  timings ms: " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in result.timings.items()))
     print(f"overlays and JSON written to {args.out}")
     return 1 if failures else 0
+
+
+def gradcam_explainer(args: argparse.Namespace, detector: Detector) -> Callable[[np.ndarray, Result], np.ndarray]:
+    """frame, result -> Grad-CAM overlay of the blast head. From the training checkpoint in PyTorch (ONNX
+    Runtime gives no gradients), verified to be the bundle's classifier; needs the [train] extra."""
+    from .training.explain import explain_frame
+    from .training.torch_backend import checkpoint_paths, verified_model
+
+    checkpoint = checkpoint_paths(args.bundle, args.checkpoints)["classifier"]
+    classifier = verified_model(detector.bundle, "classifier", checkpoint)
+    print(f"Grad-CAM from training checkpoint {checkpoint}")
+    return lambda frame, result: explain_frame(frame, result, detector, classifier).overlay
 
 
 def command_run_live(args: argparse.Namespace) -> int:
@@ -190,31 +211,41 @@ def command_soak(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    from .training.evaluate import evaluate_bundle
+    from .training.evaluate import evaluate_bundle, parse_segmenter_checkpoints, run_quick
 
-    evaluate_bundle(args.bundle, args.data, args.out, limit=args.limit)
+    checkpoints = parse_segmenter_checkpoints(args.segmenter_checkpoint)
+    if args.quick:
+        run_quick(args.data, args.out, args.bundle, checkpoints, args.cross_source_bundle, args.limit)
+    else:
+        evaluate_bundle(args.bundle or default_bundle(), args.data, args.out, args.limit, checkpoints, args.cross_source_bundle)
     print((args.out / "evaluation.md").read_text())
     return 0
 
 
 def command_train(args: argparse.Namespace) -> int:
     from .training.models import SEGMENTERS
-    from .training.pipeline import PipelineConfig, run_pipeline
+    from .training.pipeline import SEGMENTATION_SOURCES, PipelineConfig, run_pipeline
 
     if args.segmenter_model not in SEGMENTERS:
         print(f"error: unknown segmenter {args.segmenter_model!r}; choose one of {', '.join(sorted(SEGMENTERS))}", file=sys.stderr)
         return 2
-    config = PipelineConfig(
-        args.data,
-        args.out,
-        quick=args.quick,
-        segmenter_steps=args.segmenter_steps,
-        classifier_steps=args.classifier_steps,
-        segmenter_learning_rate=args.segmenter_lr,
-        segmenter_model=args.segmenter_model,
-        segmenter_init=args.segmenter_init,
-        classifier_init=args.classifier_init,
-    )
+    sources = SEGMENTATION_SOURCES if args.segmentation_sources is None else tuple(s.strip() for s in args.segmentation_sources.split(",") if s.strip())
+    try:
+        config = PipelineConfig(
+            args.data,
+            args.out,
+            quick=args.quick,
+            segmenter_steps=args.segmenter_steps,
+            classifier_steps=args.classifier_steps,
+            segmenter_learning_rate=args.segmenter_lr,
+            segmenter_model=args.segmenter_model,
+            segmenter_init=args.segmenter_init,
+            classifier_init=args.classifier_init,
+            segmentation_sources=sources,
+        )
+    except ValueError as error:  # e.g. an unknown source name
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     bundle = run_pipeline(config)
     print(f"bundle written to {bundle.root}")
     return 0
@@ -239,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--frames", type=int, default=None, help="live: stop after this many frames (default: until the source ends or Ctrl-C)")
     run.add_argument("--save-every", type=int, default=10, help="live: keep every k-th frame and its overlay as PNG (default: %(default)s)")
     run.add_argument("--show-timings", action="store_true", help="live: median ms per stage in the progress line")
+    run.add_argument(
+        "--explain",
+        action="store_true",
+        help="images: also write <image>_gradcam.png, Grad-CAM of the blast head from the training checkpoint (needs [train])",
+    )
+    run.add_argument("--checkpoints", type=Path, default=None, help="--explain: folder of <bundle>-classifier.pt (default: beside the bundle)")
     run.set_defaults(handler=command_run)
 
     info = commands.add_parser("info", help="describe a model bundle and verify its checksums")
@@ -296,9 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="held-out figures of a bundle on ../shared/data (needs [train])")
     evaluate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    evaluate.add_argument("--bundle", type=Path, default=default_bundle())
+    evaluate.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default: {default_bundle()}; --quick: a tiny one trained for the run)")
     evaluate.add_argument("--out", type=Path, default=Path("reports"))
-    evaluate.add_argument("--limit", type=int, default=None, help="at most this many test images per source (quick check)")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most this many test images per source, spread over the split (--quick: 6)")
+    evaluate.add_argument(
+        "--segmenter-checkpoint",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also compare this segmenter checkpoint, e.g. 'CNN (base)=models/checkpoints/unet-segmenter.pt' (repeatable)",
+    )
+    evaluate.add_argument("--cross-source-bundle", type=Path, default=None, help="a bundle trained with --segmentation-sources leaving some out: tested on those")
+    evaluate.add_argument("--quick", action="store_true", help="CI: tiny models, a few images; checks every table and plot is made, not accuracy")
     evaluate.set_defaults(handler=command_evaluate)
 
     train = commands.add_parser("train", help="train segmenter + classifier, export to ONNX, write a bundle (needs [train])")
@@ -311,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
     train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
     train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")
+    train.add_argument(
+        "--segmentation-sources",
+        default=None,
+        metavar="SOURCE,...",
+        help="the sources the segmenter learns from, comma separated (default: all four: wbc-seg-zheng, all-idb2, all-taleqani, bccd); "
+        "leave some out for `evaluate --cross-source-bundle`",
+    )
     train.set_defaults(handler=command_train)
     return parser
 

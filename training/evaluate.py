@@ -1,36 +1,352 @@
 """Held-out evaluation of a bundle, end to end through the runtime Detector (what ships is what is measured).
 
 `leukoedge evaluate --data ../shared/data --bundle models/default --out reports/` writes
-reports/evaluation.md (tables), reports/evaluation.json (every number) and PNG plots.
+reports/evaluation.md (tables, linking the plots), reports/evaluation.json (every number) and PNG plots:
+
+- segmentation on the expert masks (Zheng, ALL-IDB2 test splits): the bundle, deep segmenters given
+  as training checkpoints, K-means (k=3 and k chosen on the train split), HSV K-means, fuzzy C-means,
+  Otsu + watershed; Jaccard, Tanimoto, Dice, SSIM, pixel error, ms/image; Jaccard <= Dice checked;
+- the K-means k sweep (k = 2..6) on the train split, per class, and the chosen k;
+- cross-source segmentation: a bundle tested on the sources its segmenter never saw;
+- blast vs normal, B-ALL subtype and WBC type, with ROC curves and confusion matrices.
+
+`--quick` trains tiny models and evaluates a few images: it checks that every table and plot is made.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from leukoedge.bundle import MANIFEST_NAME, Bundle, load_bundle
 from leukoedge.detector import Detector
+from leukoedge.errors import LeukoedgeError
 from leukoedge.postprocess import central_box
-from leukoedge.result import Result
+from leukoedge.preprocess.cpu import Box, PreprocessSpec
+from leukoedge.result import BACKGROUND, NUCLEUS, Result
 
-from . import data
-from .classical import kmeans_segment
-from .metrics import binary_summary, classification_report, segmentation_scores
+from . import data, plots
+from .classical import SWEEP_METRICS, choose_k, fuzzy_cmeans_segment, hsv_kmeans_segment, kmeans_segment, otsu_watershed_segment
+from .metrics import binary_summary, classification_report, roc_curve, segmentation_scores
+from .pipeline import (
+    SEGMENTATION_SOURCES,
+    SEGMENTER_INPUT,
+    PipelineConfig,
+    load_segmentation_examples,
+    run_pipeline,
+    segmenter_label_map,
+    spread,
+)
+from .train import TrainConfig, load_checkpoint, save_checkpoint, train_segmenter
 
-SEGMENTATION_TEST_SOURCES = ("wbc-seg-zheng", "all-idb2")
+SEGMENTATION_TEST_SOURCES = ("wbc-seg-zheng", "all-idb2")  # the sources with expert nucleus + cytoplasm masks
+REGIONS = ("nucleus", "whole_cell")
+TABLE_METRICS = ("jaccard", "tanimoto", "dice", "ssim", "pixel_error")
+K_SWEEP = tuple(range(2, 7))
+K_SWEEP_IMAGES = 40  # train images per source for the sweep (spread over the split): the k is stable by then
+SWEEP_CLASSES = ("background", "cytoplasm", "nucleus")
+EXAMPLE_IMAGES_PER_SOURCE = 2
+BOX_MATCH_IOU = 0.5
+JACCARD_DICE_HOLDS = "Jaccard <= Dice holds for every method, source, region and image"
+QUICK_LIMIT = 6
+# The quick bundle's segmenter leaves Taleqani and BCCD out, so that it also serves as the cross-source bundle.
+QUICK_SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2")
+
+Segmenter = Callable[[np.ndarray], tuple[np.ndarray, float]]  # BGR image -> (frame label map, ms)
 
 
-def _summary(values: list[float | None]) -> dict[str, float | int | None]:
+def _summary(values: Iterable[float | None]) -> dict[str, float | int | None]:
     defined = [v for v in values if v is not None]
     if not defined:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": float(np.mean(defined)), "std": float(np.std(defined)), "n": len(defined)}
+
+
+def _sample(records: list[data.Record], limit: int | None) -> list[data.Record]:
+    return records if limit is None else spread(records, limit)
+
+
+# ---- segmenters: every method as BGR image -> (label map in frame pixels, milliseconds) ----
+
+
+def _timed(segment: Callable[[np.ndarray], np.ndarray]) -> Segmenter:
+    def run(image: np.ndarray) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        label_map = segment(image)
+        return label_map, (time.perf_counter() - started) * 1000.0
+
+    return run
+
+
+def bundle_segmenter(detector: Detector) -> Segmenter:
+    """The bundle through Detector.run; its time is preprocess + segment + postprocess (classifying
+    the found cells is not segmentation)."""
+
+    def run(image: np.ndarray) -> tuple[np.ndarray, float]:
+        result = detector.run(image)
+        return result.label_map, sum(result.timings[stage] for stage in ("preprocess", "segment", "postprocess"))
+
+    return run
+
+
+def bundle_method(detector: Detector) -> str:
+    return f"leukoedge ({detector.segmenter_spec.get('architecture', 'segmenter')})"
+
+
+def checkpoint_segmenter(checkpoint: Path, evaluated: Bundle) -> tuple[Segmenter, str]:
+    """A segmenter training checkpoint run in PyTorch through the runtime's preprocessing and letterbox.
+
+    Its preprocessing (stain reference, mean/std) is that of the bundle the pipeline wrote with it
+    (<dir>/<name> for <dir>/checkpoints/<name>-segmenter.pt), else the evaluated bundle's. Returns the
+    segmenter and where its preprocessing came from.
+    """
+    model, saved = load_checkpoint(checkpoint)
+    input_size = tuple(saved["config"]["input_size"])
+    own_bundle = checkpoint.parent.parent / checkpoint.stem.removesuffix("-segmenter")
+    if (own_bundle / MANIFEST_NAME).is_file():
+        preprocess, origin = load_bundle(own_bundle, verify=False).manifest["preprocess"], f"bundle {own_bundle}"
+    else:
+        preprocess, origin = evaluated.manifest["preprocess"], f"the evaluated bundle (no bundle at {own_bundle})"
+    spec = PreprocessSpec.from_manifest(preprocess)
+
+    def segment(image: np.ndarray) -> np.ndarray:
+        model_label_map, letterbox = segmenter_label_map(model, image, spec, input_size)
+        return letterbox.label_map_to_frame(model_label_map)
+
+    return _timed(segment), origin
+
+
+def classical_segmenters(swept_k: int) -> dict[str, Segmenter]:
+    return {
+        "kmeans_k3": _timed(lambda image: kmeans_segment(image, k=3)),
+        "kmeans_swept": _timed(lambda image: kmeans_segment(image, k=swept_k)),
+        "hsv_kmeans": _timed(hsv_kmeans_segment),
+        "fuzzy_cmeans": _timed(fuzzy_cmeans_segment),
+        "otsu_watershed": _timed(otsu_watershed_segment),
+    }
+
+
+def parse_segmenter_checkpoints(values: Sequence[str]) -> dict[str, Path]:
+    """`LABEL=PATH` arguments (e.g. "CNN (base)=models/checkpoints/unet-segmenter.pt") -> {label: path}."""
+    checkpoints: dict[str, Path] = {}
+    for value in values:
+        label, separator, path = value.partition("=")
+        label, path = label.strip(), Path(path.strip())
+        if not separator or not label or not path.name:
+            raise LeukoedgeError(f"--segmenter-checkpoint takes LABEL=PATH, e.g. 'CNN (base)=models/checkpoints/unet-segmenter.pt'; got {value!r}")
+        if label in checkpoints or label in classical_segmenters(swept_k=3):  # (its names only)
+            raise LeukoedgeError(f"--segmenter-checkpoint label {label!r} is used twice or names a built-in method")
+        if not path.is_file() or not path.with_suffix(".json").is_file():
+            raise LeukoedgeError(f"segmenter checkpoint {path} (and the {path.with_suffix('.json').name} beside it) not found")
+        checkpoints[label] = path
+    return checkpoints
+
+
+# ---- scoring label maps against the truth ----
+
+PerImage = dict[str, dict[str, list[dict[str, float] | None]]]  # method -> region -> one score dict per image
+
+
+@dataclass
+class ScoredImages:
+    """Per-image scores, times and a few label maps of some segmenters on some images."""
+
+    per_image: PerImage
+    milliseconds: dict[str, list[float]]
+    examples: list[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray]]] = field(default_factory=list)
+
+
+def score_images(
+    records: list[data.Record], segmenters: dict[str, Segmenter], description: str, keep_examples: int = 0, regions: Sequence[str] = REGIONS
+) -> ScoredImages:
+    """Every segmenter on every record, each region scored by segmentation_scores."""
+    scored = ScoredImages({m: {r: [] for r in regions} for m in segmenters}, {m: [] for m in segmenters})
+    for index, record in enumerate(tqdm(records, desc=description, leave=False)):
+        image, truth = data.read_image(record), data.read_label_map(record)
+        predicted = {}
+        for method, segment in segmenters.items():
+            predicted[method], milliseconds = segment(image)
+            scored.milliseconds[method].append(milliseconds)
+            scores = segmentation_scores(predicted[method], truth)
+            for region in regions:
+                scored.per_image[method][region].append(scores[region])
+        if index < keep_examples:
+            scored.examples.append((f"{record.source} {record.image_path.stem}", image, truth, predicted))
+    return scored
+
+
+def summarise(scored: ScoredImages, metrics: Sequence[str] = TABLE_METRICS) -> dict[str, dict[str, Any]]:
+    """Per method: mean ± std over images of each region's metrics, and the median ms per image."""
+    table = {}
+    for method, regions in scored.per_image.items():
+        row: dict[str, Any] = {
+            f"{region}_{metric}": _summary(None if scores is None else scores[metric] for scores in per_region)
+            for region, per_region in regions.items()
+            for metric in metrics
+        }
+        row["ms_per_image"] = float(np.median(scored.milliseconds[method]))
+        table[method] = row
+    return table
+
+
+def jaccard_dice_violations(per_image_by_source: dict[str, PerImage]) -> list[str]:
+    """Every image where Jaccard exceeds Dice (impossible on the same masks: J = D / (2 - D)), as text."""
+    violations = []
+    for source, methods in per_image_by_source.items():
+        for method, regions in methods.items():
+            for region, images in regions.items():
+                for index, scores in enumerate(images):
+                    if scores is not None and scores["jaccard"] > scores["dice"] + 1e-12:
+                        where = f"{source} / {method} / {region} / image {index}"
+                        violations.append(f"{where}: Jaccard {scores['jaccard']:.6f} > Dice {scores['dice']:.6f}")
+    return violations
+
+
+# ---- the comparison on the expert masks ----
+
+
+@dataclass
+class SegmentationComparison:
+    table: dict[str, Any]  # the JSON section
+    per_image: dict[str, PerImage]  # source -> method -> region -> per-image scores
+    examples: list = field(default_factory=list)
+
+
+def compare_segmentation(
+    data_root: Path, deep: dict[str, Segmenter], swept_k: dict[str, int], limit: int | None
+) -> SegmentationComparison:
+    """Deep segmenters and every classical method on the test split of each source with expert masks."""
+    comparison = SegmentationComparison({}, {})
+    for source in SEGMENTATION_TEST_SOURCES:
+        records = _sample(data.load_records(data_root, source, "test"), limit)
+        scored = score_images(records, {**deep, **classical_segmenters(swept_k[source])}, f"segmentation {source}", EXAMPLE_IMAGES_PER_SOURCE)
+        comparison.table[source] = {"images": len(records), "kmeans_swept_k": swept_k[source], "methods": summarise(scored)}
+        comparison.per_image[source] = scored.per_image
+        comparison.examples += scored.examples
+    return comparison
+
+
+# ---- the K-means k sweep ----
+
+
+def background_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float] | None:
+    """SSIM, Dice and IoU of the background class, by the same rule as every region: scored as the
+    nucleus of label maps where background is relabelled the only foreground class (ignored stays ignored)."""
+
+    def background_as_nucleus(label_map: np.ndarray) -> np.ndarray:
+        return np.where(label_map == BACKGROUND, NUCLEUS, BACKGROUND).astype(np.uint8)
+
+    relabelled_truth = np.where(truth == data.LABEL_IGNORE, data.LABEL_IGNORE, background_as_nucleus(truth)).astype(np.uint8)
+    return segmentation_scores(background_as_nucleus(predicted), relabelled_truth)["nucleus"]
+
+
+def kmeans_k_sweep(data_root: Path, source: str, images: int) -> dict[str, Any]:
+    """K-means at k = 2..6 on a sample of the source's TRAIN split: the mean SSIM, Dice and IoU per class,
+    and the k classical.choose_k picks (best mean of nucleus, cytoplasm and whole-cell SSIM/Dice/IoU).
+    The test split plays no part, so the chosen k is then tested honestly."""
+    records = spread(data.load_records(data_root, source, "train"), images)
+    pairs = [(data.read_image(r), data.read_label_map(r)) for r in tqdm(records, desc=f"k sweep {source}", leave=False)]
+    chosen_k, table = choose_k([image for image, _ in pairs], [truth for _, truth in pairs], K_SWEEP)
+    by_k = {}
+    for k in K_SWEEP:
+        background = [background_scores(kmeans_segment(image, k), truth) for image, truth in pairs]
+        by_k[k] = dict(table[k])
+        for metric in SWEEP_METRICS:
+            by_k[k][f"background_{metric}"] = _summary(None if s is None else s[metric] for s in background)["mean"]
+    return {"images": len(records), "split": "train", "chosen_k": chosen_k, "by_k": by_k}
+
+
+# ---- cross-source ----
+
+
+def trained_segmentation_sources(bundle: Bundle) -> list[str]:
+    """The sources the bundle's segmenter learnt from (bundles made before the field learnt from all four)."""
+    return list(bundle.manifest.get("training", {}).get("segmentation_sources", SEGMENTATION_SOURCES))
+
+
+def box_iou(a: Box, b: Box) -> float:
+    width, height = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    overlap = width * height
+    return overlap / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap)
+
+
+def matched_boxes(detected: Sequence[Box], truth: Sequence[Box], min_iou: float = BOX_MATCH_IOU) -> int:
+    """Detected-truth pairs with IoU >= min_iou, one-to-one, matched greedily from the highest IoU."""
+    pairs = sorted(((box_iou(d, t), i, j) for i, d in enumerate(detected) for j, t in enumerate(truth)), reverse=True)
+    used_detected, used_truth = set(), set()
+    for iou, i, j in pairs:
+        if iou < min_iou:
+            break
+        if i not in used_detected and j not in used_truth:
+            used_detected.add(i)
+            used_truth.add(j)
+    return len(used_truth)
+
+
+def box_detection(detector: Detector, records: list[data.Record], description: str) -> dict[str, Any]:
+    """Box recall and precision at IoU >= 0.5 of the detected cells against the annotated WBC boxes.
+    Fields without a WBC box in their annotation are skipped (every BCCD field shows a WBC)."""
+    truth_boxes = detected_boxes = matched = skipped = 0
+    for record in tqdm(records, desc=description, leave=False):
+        truth = data.wbc_boxes(record)
+        if not truth:
+            skipped += 1
+            continue
+        detected = [cell.box for cell in detector.run(data.read_image(record)).cells]
+        truth_boxes, detected_boxes = truth_boxes + len(truth), detected_boxes + len(detected)
+        matched += matched_boxes(detected, truth)
+    return {
+        "box_recall": None if truth_boxes == 0 else matched / truth_boxes,
+        "box_precision": None if detected_boxes == 0 else matched / detected_boxes,
+        "truth_boxes": truth_boxes,
+        "detected_boxes": detected_boxes,
+        "matched": matched,
+        "fields_without_a_wbc_box": skipped,
+    }
+
+
+def evaluate_cross_source(cross: Detector, reference: Detector, data_root: Path, limit: int | None) -> tuple[dict[str, Any], dict[str, PerImage]]:
+    """The cross-source bundle on the test split of every segmentation source its segmenter did not
+    learn from, next to the reference bundle on the same images. Masks (Zheng, ALL-IDB2 expert;
+    Taleqani weak: label 3 and 1/2 count as cell, 255 ignored): Dice/Jaccard; BCCD: WBC boxes."""
+    trained = trained_segmentation_sources(cross.bundle)
+    section: dict[str, Any] = {
+        "bundle": str(cross.bundle.root),
+        "architecture": cross.segmenter_spec.get("architecture"),
+        "trained_on": trained,
+        "reference_bundle": str(reference.bundle.root),
+        "reference_trained_on": trained_segmentation_sources(reference.bundle),
+        "sources": {},
+    }
+    per_image: dict[str, PerImage] = {}
+    for source in (s for s in SEGMENTATION_SOURCES if s not in trained):
+        records = _sample(data.load_records(data_root, source, "test"), limit)
+        detectors = {"cross_source": cross, "reference": reference}
+        if source == "bccd":
+            rows = {role: box_detection(detector, records, f"cross-source {source} {role}") for role, detector in detectors.items()}
+        else:
+            # Nucleus only against expert nucleus masks: a weak Taleqani mask marks cells, and a field whose
+            # weak mask kept no cell would otherwise score "no nucleus anywhere" as nucleus segmentation.
+            regions = REGIONS if source in SEGMENTATION_TEST_SOURCES else ("whole_cell",)
+            segmenters = {role: bundle_segmenter(detector) for role, detector in detectors.items()}
+            scored = score_images(records, segmenters, f"cross-source {source}", regions=regions)
+            rows = summarise(scored, ("dice", "jaccard"))
+            per_image[f"{source} (cross-source)"] = scored.per_image
+        section["sources"][source] = {"images": len(records), "rows": rows}
+    return section, per_image
+
+
+# ---- classification (blast, subtype, WBC type) ----
 
 
 def _central_cell(result: Result):
@@ -39,40 +355,26 @@ def _central_cell(result: Result):
     return next((cell for cell in result.cells if cell.box == box), None)
 
 
-def evaluate_segmentation(detector: Detector, data_root: Path, limit: int | None) -> dict[str, Any]:
-    """Nucleus / whole-cell Dice and Jaccard on the test split, the bundle's segmenter vs K-means (k=3)."""
-    methods: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "leukoedge": lambda image: detector.run(image).label_map,
-        "kmeans_k3": lambda image: kmeans_segment(image, k=3),
+def _roc(truth: Sequence[int], score: Sequence[float], auc: float | None) -> dict[str, Any] | None:
+    curve = roc_curve(np.asarray(truth) == 1, np.asarray(score))
+    return None if curve is None else {**curve, "auc": auc}
+
+
+def _class_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a classification_report the evaluation keeps: accuracy, macro F1, confusion matrix."""
+    return {
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro"]["f1"],
+        "n": report["n"],
+        "classes": report["classes"],
+        "confusion": report["confusion_matrix"],
     }
-    table: dict[str, Any] = {}
-    for source in SEGMENTATION_TEST_SOURCES:
-        records = data.load_records(data_root, source, "test")[:limit]
-        scores: dict[str, dict[str, list]] = {m: {} for m in methods}
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for record in tqdm(records, desc=f"segmentation {source}", leave=False):
-            image, truth = data.read_image(record), data.read_label_map(record)
-            for method, segment in methods.items():
-                started = time.perf_counter()
-                predicted = segment(image)
-                times[method].append((time.perf_counter() - started) * 1000)
-                result = segmentation_scores(predicted, truth)
-                for region in ("nucleus", "whole_cell"):
-                    for metric in ("dice", "jaccard"):
-                        value = result[region][metric] if result[region] else None
-                        scores[method].setdefault(f"{region}_{metric}", []).append(value)
-        table[source] = {
-            method: {**{k: _summary(v) for k, v in scores[method].items()}, "ms_per_image": float(np.median(times[method]))}
-            for method in methods
-        }
-        table[source]["images"] = len(records)
-    return table
 
 
 def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limit: int | None) -> dict[str, Any]:
     """Blast vs normal on single-cell images (ALL-IDB2, PBC): the detected cell nearest the centre.
     An image with no detected cell counts as called normal and is reported as a miss."""
-    records = data.load_records(data_root, source, "test")[:limit]
+    records = _sample(data.load_records(data_root, source, "test"), limit)
     truth, probability, missed = [], [], 0
     wbc_truth, wbc_predicted = [], []
     for record in tqdm(records, desc=f"cells {source}", leave=False):
@@ -92,17 +394,18 @@ def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limi
         report["called_blast_fraction"] = called_blast / max(1, len(records))
         report["wbc_type"] = {"accuracy": None, "macro_f1": None, "n": 0}
         if wbc_truth:  # images where a cell was found
-            wbc = classification_report(wbc_truth, wbc_predicted, classes=detector.classifier_spec["heads"]["wbc_type"]["classes"])
-            report["wbc_type"] = {"accuracy": wbc["accuracy"], "macro_f1": wbc["macro"]["f1"], "n": wbc["n"]}
+            classes = detector.classifier_spec["heads"]["wbc_type"]["classes"]
+            report["wbc_type"] = _class_summary(classification_report(wbc_truth, wbc_predicted, classes=classes))
     else:
         report["blast"] = binary_summary(truth, probability, threshold)
+        report["blast"]["roc"] = _roc(truth, probability, report["blast"]["auc"])
     return report
 
 
 def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None) -> dict[str, Any]:
     """Taleqani fields: malignant vs benign per image from the frame verdict (flagged), and B-ALL subtype
     per image from the mean subtype probabilities of the detected cells."""
-    records = data.load_records(data_root, "all-taleqani", "test")[:limit]
+    records = _sample(data.load_records(data_root, "all-taleqani", "test"), limit)
     subtype_classes = detector.classifier_spec["heads"]["subtype"]["classes"]
     malignant, flagged, fraction, subtype_truth, subtype_predicted, no_cells = [], [], [], [], [], 0
     for record in tqdm(records, desc="fields all-taleqani", leave=False):
@@ -119,67 +422,259 @@ def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None) ->
             subtype_predicted.append("none")
     verdict = binary_summary(malignant, [float(f) for f in flagged], 0.5)
     verdict["auc_from_blast_fraction"] = binary_summary(malignant, fraction, 0.5)["auc"]
+    verdict["roc_from_blast_fraction"] = _roc(malignant, fraction, verdict["auc_from_blast_fraction"])
     # A field where no cell was found gets no subtype: it counts as wrong, in its own "none" column.
     subtype = classification_report(subtype_truth, subtype_predicted, classes=subtype_classes + ["none"] * ("none" in subtype_predicted))
     return {
         "images": len(records),
         "no_cell_found": no_cells,
         "malignant_vs_benign": verdict,
-        "subtype": {"accuracy": subtype["accuracy"], "macro_f1": subtype["macro"]["f1"], "n": subtype["n"], "confusion": subtype["confusion_matrix"]},
+        "subtype": _class_summary(subtype),
     }
 
 
-def evaluate_bundle(bundle: Path, data_root: Path, out_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    """Every held-out figure of the bundle; writes evaluation.json and evaluation.md into out_dir."""
+# ---- the report ----
+
+
+def write_plots(report: dict[str, Any], examples: list, out_dir: Path) -> dict[str, str]:
+    """Every PNG of the report into out_dir; returns plot name -> file name (absent: nothing to draw)."""
+    made = {
+        "dice_by_method": plots.dice_bars(report["segmentation"], out_dir / "dice_by_method.png"),
+        "segmentation_examples": plots.example_grid(examples, out_dir / "segmentation_examples.png"),
+        "kmeans_k_sweep": plots.k_sweep_curves(report["kmeans_k_sweep"], SWEEP_CLASSES, out_dir / "kmeans_k_sweep.png"),
+    }
+    taleqani_verdict = report["all_taleqani"]["malignant_vs_benign"]
+    curves = {
+        "roc_all_idb2_blast": ("ALL-IDB2: blast probability of the central cell", report["all_idb2"]["blast"]["roc"]),
+        "roc_taleqani_blast_fraction": ("Taleqani: malignant field by blast fraction", taleqani_verdict["roc_from_blast_fraction"]),
+    }
+    for name, (title, curve) in curves.items():
+        if curve is not None:  # a sample with one class only has no ROC
+            made[name] = plots.roc_curves({f"bundle {report['model_version']}": curve}, title, out_dir / f"{name}.png")
+    matrices = {
+        "confusion_taleqani_subtype": ("Taleqani B-ALL subtype per field", report["all_taleqani"]["subtype"]),
+        "confusion_pbc_wbc_type": ("PBC WBC type (central cell)", report["pbc"]["wbc_type"]),
+    }
+    for name, (title, summary) in matrices.items():
+        if summary["n"]:  # PBC: none when no cell was found in any image
+            made[name] = plots.confusion(summary["confusion"], summary["classes"], title, out_dir / f"{name}.png")
+    return {name: path.name for name, path in made.items()}
+
+
+def evaluate_bundle(
+    bundle: Path,
+    data_root: Path,
+    out_dir: Path,
+    limit: int | None = None,
+    segmenter_checkpoints: dict[str, Path] | None = None,
+    cross_source_bundle: Path | None = None,
+    quick: bool = False,
+) -> dict[str, Any]:
+    """Every held-out figure of the bundle; writes evaluation.json, evaluation.md and the PNGs into out_dir.
+
+    limit: at most this many test images per source (spread over the split); it also caps the k sweep.
+    segmenter_checkpoints: label -> segmenter checkpoint compared with the bundle (e.g. "CNN (base)").
+    cross_source_bundle: a bundle whose segmenter left some sources out (manifest training.segmentation_sources).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 image per source; got {limit}")
     detector = Detector.load(bundle)
+    sweeps = {source: kmeans_k_sweep(data_root, source, min(limit or K_SWEEP_IMAGES, K_SWEEP_IMAGES)) for source in SEGMENTATION_TEST_SOURCES}
+    deep = {bundle_method(detector): bundle_segmenter(detector)}
+    preprocess_of = {}
+    for label, checkpoint in (segmenter_checkpoints or {}).items():
+        deep[label], preprocess_of[label] = checkpoint_segmenter(Path(checkpoint), detector.bundle)
+    comparison = compare_segmentation(data_root, deep, {source: sweep["chosen_k"] for source, sweep in sweeps.items()}, limit)
+    cross_source, cross_per_image = None, {}
+    if cross_source_bundle is not None:
+        cross_source, cross_per_image = evaluate_cross_source(Detector.load(cross_source_bundle), detector, data_root, limit)
+    violations = jaccard_dice_violations({**comparison.per_image, **cross_per_image})
     report = {
         "date": dt.date.today().isoformat(),
+        "quick": quick,
         "bundle": str(bundle),
         "model_version": detector.bundle.model_version,
         "split": "test split of training/splits/*.csv (seed 0), never seen in training or model selection",
-        "segmentation": evaluate_segmentation(detector, data_root, limit),
+        "segmentation": comparison.table,
+        "segmenter_checkpoints": {
+            label: {"checkpoint": str(path), "preprocess_from": preprocess_of[label]} for label, path in (segmenter_checkpoints or {}).items()
+        },
+        "jaccard_le_dice": {"holds": not violations, "violations": violations},
+        "kmeans_k_sweep": sweeps,
+        "cross_source": cross_source,
         "all_idb2": evaluate_single_cells(detector, data_root, "all-idb2", limit),
         "pbc": evaluate_single_cells(detector, data_root, "pbc", limit),
         "all_taleqani": evaluate_taleqani(detector, data_root, limit),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = write_plots(report, comparison.examples, out_dir)
     (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "evaluation.md").write_text(markdown_report(report))
     return report
 
 
-def _cell(summary: dict) -> str:
-    return "-" if summary["mean"] is None else f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+def tiny_unet_checkpoint(data_root: Path, bundle: Path, scratch: Path) -> Path:
+    """A U-Net (unet_s) trained a few steps on the quick-mode images with the bundle's preprocessing:
+    the quick run's stand-in for "CNN (base)" (it checks the path, it says nothing about U-Nets)."""
+    config = PipelineConfig(data_root, scratch / "unet", quick=True)
+    spec = PreprocessSpec.from_manifest(load_bundle(bundle, verify=False).manifest["preprocess"])
+    model, summary = train_segmenter(
+        load_segmentation_examples(config, "train"),
+        load_segmentation_examples(config, "val", per_source=2),
+        spec,
+        TrainConfig(model="unet_s", input_size=SEGMENTER_INPUT, steps=8, batch_size=4, crop=128, validate_every=4),
+    )
+    checkpoint = scratch / "checkpoints" / "unet-segmenter.pt"
+    save_checkpoint(model, summary, checkpoint)
+    return checkpoint
+
+
+def run_quick(
+    data_root: Path,
+    out_dir: Path,
+    bundle: Path | None = None,
+    segmenter_checkpoints: dict[str, Path] | None = None,
+    cross_source_bundle: Path | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Every table and plot from tiny models on a few images (CI): checks the report, not the models.
+
+    Without a bundle, one is trained by the pipeline's quick mode, its segmenter on Zheng and ALL-IDB2
+    only, and serves as the cross-source bundle too; without checkpoints a tiny U-Net stands in for "CNN (base)".
+    """
+    with tempfile.TemporaryDirectory(prefix="leukoedge-quick-") as scratch_name:
+        scratch = Path(scratch_name)
+        if bundle is None:
+            config = PipelineConfig(data_root, scratch / "quick", quick=True, segmentation_sources=QUICK_SEGMENTATION_SOURCES)
+            bundle = run_pipeline(config).root
+        if not segmenter_checkpoints:
+            segmenter_checkpoints = {"CNN (base)": tiny_unet_checkpoint(data_root, bundle, scratch)}
+        return evaluate_bundle(bundle, data_root, out_dir, limit or QUICK_LIMIT, segmenter_checkpoints, cross_source_bundle or bundle, quick=True)
+
+
+# ---- markdown ----
+
+
+def _cell(summary: dict, digits: int = 3) -> str:
+    return "-" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def markdown_report(report: dict[str, Any]) -> str:
+def _image(report: dict[str, Any], name: str, caption: str) -> list[str]:
+    file_name = report["plots"].get(name)
+    return [f"![{caption}]({file_name})", ""] if file_name else [f"({caption}: nothing to plot, e.g. one class only among the images)", ""]
+
+
+def _method_label(method: str, source_table: dict[str, Any]) -> str:
+    return f"kmeans_swept (k={source_table['kmeans_swept_k']})" if method == "kmeans_swept" else method
+
+
+def _segmentation_md(report: dict[str, Any]) -> list[str]:
     lines = [
-        f"# leukoedge held-out evaluation ({report['date']})",
+        "## Segmentation on expert masks (test split, mean ± std over images)",
         "",
-        f"Bundle `{report['bundle']}` (model {report['model_version']}); {report['split']}.",
-        "Measured end to end through `Detector.run` (ONNX Runtime, CPU).",
+        "Methods: the bundle (ONNX Runtime through `Detector.run`; ms = preprocess + segment + postprocess), deep",
+        "segmenters from training checkpoints (PyTorch, through the same preprocessing and letterbox), and the classical",
+        "baselines of training/classical.py. `kmeans_swept` uses the k that the sweep below chose on the TRAIN split,",
+        "without the test images. Tanimoto is computed by its own formula; on binary masks it equals Jaccard.",
         "",
-        "## Segmentation (mean ± std over test images)",
-        "",
-        "| source | method | nucleus Dice | nucleus Jaccard | whole-cell Dice | whole-cell Jaccard | ms/image |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for source, methods in report["segmentation"].items():
-        for method, row in methods.items():
-            if method == "images":
-                continue
-            lines.append(
-                f"| {source} (n={methods['images']}) | {method} | {_cell(row['nucleus_dice'])} | {_cell(row['nucleus_jaccard'])} | "
-                f"{_cell(row['whole_cell_dice'])} | {_cell(row['whole_cell_jaccard'])} | {row['ms_per_image']:.1f} |"
-            )
+    for label, checkpoint in report["segmenter_checkpoints"].items():
+        lines.append(f"- {label}: checkpoint `{checkpoint['checkpoint']}`, preprocessing from {checkpoint['preprocess_from']}")
+    lines.append("")
+    for region, title in plots.REGION_TITLES.items():
+        lines += [
+            f"### {title.capitalize()}",
+            "",
+            "| source | method | Jaccard | Tanimoto | Dice | SSIM | pixel error % | ms/image (median) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for source, table in report["segmentation"].items():
+            for method, row in table["methods"].items():
+                scores = " | ".join(_cell(row[f"{region}_{metric}"], 2 if metric == "pixel_error" else 3) for metric in TABLE_METRICS)
+                lines.append(f"| {source} (n={table['images']}) | {_method_label(method, table)} | {scores} | {row['ms_per_image']:.1f} |")
+        lines.append("")
+    check = report["jaccard_le_dice"]
+    if check["holds"]:
+        lines.append(JACCARD_DICE_HOLDS + " (segmentation and cross-source tables).")
+    else:
+        lines += ["Jaccard > Dice, impossible on the same masks, at:"] + [f"- {violation}" for violation in check["violations"]]
+    lines.append("")
+    lines += _image(report, "dice_by_method", "Dice by method and source")
+    lines += _image(report, "segmentation_examples", "Example test images: image, truth and each method's label map")
+    return lines
+
+
+def _k_sweep_md(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "## K-means k sweep (train split)",
+        "",
+        "K-means (L*a*b*, clusters mapped to classes by the shared rule of training/classical.py) at k = 2..6, scored per",
+        "class against the expert masks; mean over the sampled train images. The chosen k has the best selection score:",
+        "the mean of SSIM, Dice and IoU over nucleus, cytoplasm and whole cell (background, its complement, is shown, not scored).",
+        "",
+    ]
+    for source, sweep in report["kmeans_k_sweep"].items():
+        ks = list(sweep["by_k"])
+        lines += [
+            f"### {source}: chosen k = {sweep['chosen_k']} ({sweep['images']} train images)",
+            "",
+            "| class | metric | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---|---|" + "---|" * len(ks),
+        ]
+        for name in SWEEP_CLASSES:
+            for metric, title in plots.METRIC_TITLES.items():
+                lines.append(f"| {name} | {title} | " + " | ".join(_number(sweep["by_k"][k][f"{name}_{metric}"]) for k in ks) + " |")
+        lines += ["| selection score | mean | " + " | ".join(_number(sweep["by_k"][k]["mean"]) for k in ks) + " |", ""]
+    lines += _image(report, "kmeans_k_sweep", "K-means score against k per class")
+    return lines
+
+
+def _cross_source_md(report: dict[str, Any]) -> list[str]:
+    cross = report["cross_source"]
+    lines = ["## Cross-source segmentation (test sources the segmenter never saw)", ""]
+    if cross is None:
+        return lines + ["Not run: give `--cross-source-bundle` (a bundle trained with `leukoedge train --segmentation-sources ...`).", ""]
+    if not cross["sources"]:
+        return lines + [f"Bundle `{cross['bundle']}` trained its segmenter on every segmentation source: nothing is held out.", ""]
+    held_out = ", ".join(cross["sources"])
+    lines += [
+        f"Bundle `{cross['bundle']}` ({cross['architecture']}), segmenter trained on {', '.join(cross['trained_on'])} only, tested on the",
+        f"test split of {held_out}. Next to it, on the same images, the reference `{cross['reference_bundle']}`",
+        f"(trained on {', '.join(cross['reference_trained_on'])}: a same-source figure where it learnt from that source).",
+        "Taleqani masks are weak (the authors' colour threshold; cell = labels 1/2/3, 255 ignored), so only whole-cell",
+        "scores exist there; BCCD has WBC boxes only:",
+        f"box recall and precision at IoU >= {BOX_MATCH_IOU} between detected cells and annotated WBC boxes.",
+        "These figures are kept apart from the same-source tables above.",
+        "",
+        "| held-out source | n | bundle | whole-cell Dice | whole-cell Jaccard | nucleus Dice | nucleus Jaccard | box recall | box precision |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for source, entry in cross["sources"].items():
+        for role, row in entry["rows"].items():
+            if role == "cross_source":
+                bundle_label = "trained without it"
+            else:
+                bundle_label = "reference (trained on it)" if source in cross["reference_trained_on"] else "reference (also trained without it)"
+            if source == "bccd":
+                masks = "- | - | - | -"
+                recall, precision = _number(row["box_recall"]), _number(row["box_precision"])
+                boxes = f"{recall} ({row['matched']}/{row['truth_boxes']}) | {precision} ({row['matched']}/{row['detected_boxes']})"
+            else:
+                keys = ("whole_cell_dice", "whole_cell_jaccard", "nucleus_dice", "nucleus_jaccard")
+                masks = " | ".join(_cell(row[key]) if key in row else "-" for key in keys)
+                boxes = "- | -"
+            lines.append(f"| {source} | {entry['images']} | {bundle_label} | {masks} | {boxes} |")
+    return lines + [""]
+
+
+def _classification_md(report: dict[str, Any]) -> list[str]:
     idb, taleqani, pbc = report["all_idb2"], report["all_taleqani"], report["pbc"]
     verdict = taleqani["malignant_vs_benign"]
-    lines += [
-        "",
+    lines = [
         "## Blast vs normal",
         "",
         "| data | unit | n | accuracy | sensitivity | specificity | AUC | no cell found |",
@@ -189,13 +684,40 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"| Taleqani | field: frame verdict `flagged` | {verdict['n']} | {_number(verdict['accuracy'])} | {_number(verdict['sensitivity'])} | "
         f"{_number(verdict['specificity'])} | {_number(verdict['auc_from_blast_fraction'])} (blast fraction) | {taleqani['no_cell_found']} |",
         "",
+    ]
+    lines += _image(report, "roc_all_idb2_blast", "ROC, ALL-IDB2 blast probability")
+    lines += _image(report, "roc_taleqani_blast_fraction", "ROC, Taleqani blast fraction per field")
+    lines += [
         f"B-ALL subtype per Taleqani field (mean of the cells' subtype probabilities): accuracy {_number(taleqani['subtype']['accuracy'])}, "
         f"macro F1 {_number(taleqani['subtype']['macro_f1'])}, n={taleqani['subtype']['n']}.",
         "",
+    ]
+    lines += _image(report, "confusion_taleqani_subtype", "Confusion matrix, Taleqani subtype")
+    lines += [
         f"PBC (healthy donors, all normal): {pbc['called_blast']} of {pbc['images']} cells called blast "
         f"({100 * pbc['called_blast_fraction']:.1f} %); WBC type accuracy {_number(pbc['wbc_type']['accuracy'])} "
         f"(macro F1 {_number(pbc['wbc_type']['macro_f1'])}, n={pbc['wbc_type']['n']}); no cell found in {pbc['no_cell_found']}.",
         "",
+    ]
+    lines += _image(report, "confusion_pbc_wbc_type", "Confusion matrix, PBC WBC type")
+    return lines
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    lines = [f"# leukoedge held-out evaluation ({report['date']})", ""]
+    if report["quick"]:
+        lines += [
+            "**Quick mode**: tiny models trained for a few steps, a few images per source. It checks that every",
+            "table and plot is made; its numbers say nothing about the models.",
+            "",
+        ]
+    lines += [
+        f"Bundle `{report['bundle']}` (model {report['model_version']}); {report['split']}.",
+        "Measured end to end through `Detector.run` (ONNX Runtime, CPU).",
+        "",
+    ]
+    lines += _segmentation_md(report) + _k_sweep_md(report) + _cross_source_md(report) + _classification_md(report)
+    lines += [
         "Caveats: Taleqani and PBC have no patient IDs and ALL-IDB2 comes from few patients, so images of one",
         "patient may sit on both sides of a split. No AML, CLL or FAB L1/L2/L3 data exists here: nothing is claimed for them.",
         "",

@@ -114,6 +114,7 @@ def _region_scores(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> di
     return {
         "dice": dice(pred_valid, truth_valid),
         "jaccard": jaccard(pred_valid, truth_valid),
+        "tanimoto": tanimoto(pred_valid, truth_valid),  # its own formula: equal to Jaccard on masks, a check of both
         "ssim": ssim((pred & valid).astype(np.float64), (truth & valid).astype(np.float64), valid=valid),
         "pixel_error": pixel_error_percent(pred_valid, truth_valid),
     }
@@ -122,9 +123,9 @@ def _region_scores(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> di
 def segmentation_scores(
     pred_label_map: np.ndarray, truth_label_map: np.ndarray, ignore: int = LABEL_IGNORE
 ) -> dict[str, dict[str, float] | None]:
-    """Dice, Jaccard, SSIM and pixel error (%) of a predicted label map against the truth.
+    """Dice, Jaccard, Tanimoto, SSIM and pixel error (%) of a predicted label map against the truth.
 
-    Returns {"nucleus": ..., "cytoplasm": ..., "whole_cell": ...}, each a dict of the four metrics.
+    Returns {"nucleus": ..., "cytoplasm": ..., "whole_cell": ...}, each a dict of the five metrics.
     Nucleus is label 2, cytoplasm label 1, whole cell labels 1 or 2 (and 3 in the truth). Truth pixels
     equal to `ignore` are left out. Where the truth has label-3 pixels (cell, split unknown), nucleus
     and cytoplasm cannot be scored and are None; a region is also None when every pixel is ignored.
@@ -167,6 +168,27 @@ def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float | None:
     ranks = rankdata(score)  # average ranks for ties
     u_statistic = float(ranks[is_positive].sum()) - positives * (positives + 1) / 2.0
     return u_statistic / (positives * negatives)
+
+
+def roc_curve(is_positive: np.ndarray, score: np.ndarray) -> dict[str, list[float]] | None:
+    """ROC points (false positive rate, true positive rate) from (0, 0) to (1, 1), one per distinct score
+    taken as the threshold (called positive at score >= threshold). None without both classes."""
+    is_positive = np.asarray(is_positive, bool)
+    score = np.asarray(score, np.float64)
+    positives = int(is_positive.sum())
+    negatives = is_positive.size - positives
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(-score, kind="stable")
+    ranked_score, ranked_positive = score[order], is_positive[order]
+    # the last position of each run of equal scores: tied samples cross the threshold together
+    run_ends = np.append(np.flatnonzero(np.diff(ranked_score)), score.size - 1)
+    true_positives = np.cumsum(ranked_positive)[run_ends]
+    false_positives = run_ends + 1 - true_positives
+    return {
+        "fpr": [0.0] + (false_positives / negatives).tolist(),
+        "tpr": [0.0] + (true_positives / positives).tolist(),
+    }
 
 
 def confusion_matrix(y_true: Sequence[Hashable], y_pred: Sequence[Hashable], classes: Sequence[Hashable]) -> np.ndarray:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from leukoedge.bundle import SCHEMA_VERSION, Bundle, save_bundle
 from leukoedge.postprocess import central_box, find_cells, label_map_from_probabilities
-from leukoedge.preprocess.cpu import PreprocessSpec, prepare_frame
+from leukoedge.preprocess.cpu import Letterbox, PreprocessSpec, prepare_frame
 
 from . import data
 from .flops import count_flops
@@ -55,11 +55,23 @@ class PipelineConfig:
     # Fine-tuning: start a model from a checkpoint (.pt); with 0 steps that model is kept as it is.
     segmenter_init: Path | None = None
     classifier_init: Path | None = None
+    # The sources the segmenter (and the stain reference) learn from; leave some out to test across sources.
+    segmentation_sources: tuple[str, ...] = SEGMENTATION_SOURCES
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]
+        if unknown or not self.segmentation_sources:
+            raise ValueError(f"segmentation_sources must be some of {', '.join(SEGMENTATION_SOURCES)}; got {list(self.segmentation_sources)}")
 
     def limit(self, records: list) -> list:
         """In quick mode, a few records per source, spread over the labels by the split files' order."""
-        return records[:: max(1, len(records) // 12)][:12] if self.quick else records
+        return spread(records, 12) if self.quick else records
+
+
+def spread(records: list, count: int) -> list:
+    """At most `count` records taken evenly over the list (sorted by path, so over the labels too)."""
+    return records[:: max(1, len(records) // count)][:count]
 
 
 def _checkpoint_model(checkpoint: Path | None) -> str | None:
@@ -79,7 +91,7 @@ def _records(config: PipelineConfig, source: str, split: str) -> list[data.Recor
 def load_segmentation_examples(config: PipelineConfig, split: str, per_source: int | None = None) -> list[SegmentationExample]:
     """Images with label maps; per_source caps each source (validation during training needs only a sample)."""
     examples = []
-    for source in SEGMENTATION_SOURCES:
+    for source in config.segmentation_sources:
         for record in tqdm(_records(config, source, split)[:per_source], desc=f"load {source} {split}", leave=False):
             label_map = data.read_label_map(record)
             if label_map is not None:
@@ -98,12 +110,20 @@ def preprocess_spec(config: PipelineConfig, train_examples: list[SegmentationExa
     return PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), estimate_reference(images))
 
 
-def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessSpec) -> list[tuple[int, int, int, int]]:
-    """Cell boxes in frame pixels found by the trained segmenter, through the runtime's own path."""
-    prepared = prepare_frame(image, spec, SEGMENTER_INPUT)
+def segmenter_label_map(
+    model: torch.nn.Module, image: np.ndarray, spec: PreprocessSpec, input_size: tuple[int, int] = SEGMENTER_INPUT
+) -> tuple[np.ndarray, Letterbox]:
+    """A torch segmenter's label map of a BGR image at model resolution, and where the frame sits in it:
+    the runtime's own preprocessing, as Detector.run feeds the exported segmenter."""
+    prepared = prepare_frame(image, spec, input_size)
     with torch.no_grad():
         probabilities = model(torch.from_numpy(prepared.tensor)).softmax(dim=1)[0].numpy()
-    cells, _ = find_cells(label_map_from_probabilities(probabilities), prepared.letterbox, MIN_CELL_AREA_PX, True, MIN_NUCLEUS_AREA_PX)
+    return label_map_from_probabilities(probabilities), prepared.letterbox
+
+
+def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessSpec) -> list[tuple[int, int, int, int]]:
+    """Cell boxes in frame pixels found by the trained segmenter, through the runtime's own path."""
+    cells, _ = find_cells(*segmenter_label_map(model, image, spec), MIN_CELL_AREA_PX, True, MIN_NUCLEUS_AREA_PX)
     return [cell.box for cell in cells]
 
 
@@ -241,6 +261,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         training = {
             "data": "real images of ../shared/data (Zheng 2018 dataset 1, ALL-IDB2 + Di Ruberto masks, Taleqani B-ALL, PBC, BCCD); split files training/splits/*.csv, seed 0",
             "quick": quick,
+            "segmentation_sources": list(config.segmentation_sources),
             "pretraining": "none: trained from scratch (no ImageNet weights can be downloaded here)",
             "segmenter": {**segmenter_summary, "onnx_parity_max_abs": segmenter_parity},
             "classifier": {**classifier_summary, "onnx_parity_max_abs": classifier_parity},

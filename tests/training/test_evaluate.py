@@ -1,26 +1,180 @@
-"""The held-out report: every table is produced, numbers are consistent, nothing crashes when no cell is found."""
+"""The held-out report: quick mode makes every table and plot, the numbers are consistent, the
+Jaccard <= Dice check catches a violation, and the k sweep keeps the best-scoring k."""
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
-from leukoedge.training.evaluate import evaluate_bundle
+import numpy as np
+import pytest
+
+from leukoedge.bundle import load_bundle, save_bundle
+from leukoedge.errors import LeukoedgeError
+from leukoedge.training.evaluate import (
+    QUICK_LIMIT,
+    background_scores,
+    jaccard_dice_violations,
+    matched_boxes,
+    parse_segmenter_checkpoints,
+    run_quick,
+)
+from leukoedge.training.torch_backend import checkpoint_paths
+
+TABLE_HEADERS = (
+    "## Segmentation on expert masks",
+    "### Nucleus",
+    "### Whole cell",
+    "| source | method | Jaccard | Tanimoto | Dice | SSIM | pixel error % | ms/image (median) |",
+    "## K-means k sweep (train split)",
+    "| class | metric | k=2 | k=3 | k=4 | k=5 | k=6 |",
+    "## Cross-source segmentation",
+    "| held-out source | n | bundle | whole-cell Dice | whole-cell Jaccard | nucleus Dice | nucleus Jaccard | box recall | box precision |",
+    "## Blast vs normal",
+    "| data | unit | n | accuracy | sensitivity | specificity | AUC | no cell found |",
+    "B-ALL subtype per Taleqani field",
+    "PBC (healthy donors",
+)
+PLOTS = (
+    "dice_by_method",
+    "segmentation_examples",
+    "kmeans_k_sweep",
+    "roc_all_idb2_blast",
+    "roc_taleqani_blast_fraction",
+    "confusion_taleqani_subtype",
+    "confusion_pbc_wbc_type",
+)
+HELD_OUT = ("all-taleqani", "bccd")
 
 
-def test_evaluate_writes_every_table_on_a_few_images(tiny_bundle, data_root, tmp_path):
-    report = evaluate_bundle(tiny_bundle, data_root, tmp_path, limit=3)
-    assert json.loads((tmp_path / "evaluation.json").read_text())["date"] == report["date"]
-    markdown = (tmp_path / "evaluation.md").read_text()
-    for heading in ("## Segmentation", "## Blast vs normal", "B-ALL subtype", "PBC (healthy donors"):
-        assert heading in markdown
+@pytest.fixture(scope="module")
+def cross_source_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_bundle's models under a manifest whose segmenter learnt from Zheng and ALL-IDB2 only: the
+    bundle `leukoedge train --segmentation-sources wbc-seg-zheng,all-idb2` writes, without training again."""
+    bundle = load_bundle(tiny_bundle)
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["training"]["segmentation_sources"] = ["wbc-seg-zheng", "all-idb2"]
+    files = {name: bundle.path(name) for name in manifest["files"]}
+    return save_bundle(tmp_path_factory.mktemp("cross") / "held-out", manifest, files).root
+
+
+@pytest.fixture(scope="module")
+def quick_report(tiny_bundle: Path, cross_source_bundle: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """`leukoedge evaluate --quick` on tiny_bundle, its own segmenter checkpoint standing in for "CNN (base)"."""
+    out = tmp_path_factory.mktemp("report")
+    checkpoints = {"CNN (base)": checkpoint_paths(tiny_bundle)["segmenter"]}
+    return run_quick(data_root, out, tiny_bundle, checkpoints, cross_source_bundle), out
+
+
+def test_quick_mode_writes_every_table_and_plot(quick_report) -> None:
+    report, out = quick_report
+    assert json.loads((out / "evaluation.json").read_text())["date"] == report["date"]
+    markdown = (out / "evaluation.md").read_text()
+    for header in TABLE_HEADERS:
+        assert header in markdown, header
+    for name in PLOTS:
+        file_name = report["plots"][name]
+        assert (out / file_name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({file_name})" in markdown  # linked from the report
+    assert report["quick"] and "Quick mode" in markdown
+
+
+def test_segmentation_table_compares_every_method_consistently(quick_report, tiny_bundle) -> None:
+    report, out = quick_report
+    architecture = load_bundle(tiny_bundle).manifest["segmenter"]["architecture"]
+    bundle_method = f"leukoedge ({architecture})"
+    expected = {bundle_method, "CNN (base)", "kmeans_k3", "kmeans_swept", "hsv_kmeans", "fuzzy_cmeans", "otsu_watershed"}
     for source in ("wbc-seg-zheng", "all-idb2"):
         table = report["segmentation"][source]
-        assert table["images"] == 3
-        for method in ("leukoedge", "kmeans_k3"):
-            dice, jaccard = table[method]["nucleus_dice"], table[method]["nucleus_jaccard"]
-            if dice["mean"] is not None:
-                assert jaccard["mean"] <= dice["mean"] + 1e-9  # Jaccard can never exceed Dice
-    assert report["all_idb2"]["blast"]["n"] == 3
-    assert report["pbc"]["images"] == 3 and 0 <= report["pbc"]["called_blast"] <= 3
+        assert table["images"] == QUICK_LIMIT and set(table["methods"]) == expected
+        for method, row in table["methods"].items():
+            assert row["ms_per_image"] > 0
+            for region in ("nucleus", "whole_cell"):
+                dice, jaccard, tanimoto = (row[f"{region}_{metric}"] for metric in ("dice", "jaccard", "tanimoto"))
+                assert dice["n"] == QUICK_LIMIT, (source, method, region)
+                assert jaccard["mean"] <= dice["mean"] + 1e-12
+                assert tanimoto["mean"] == pytest.approx(jaccard["mean"])  # equal on binary masks
+        # The bundle's own checkpoint in PyTorch through the runtime preprocessing segments as its ONNX file does.
+        checkpoint, onnx = table["methods"]["CNN (base)"], table["methods"][bundle_method]
+        assert checkpoint["whole_cell_dice"]["mean"] == pytest.approx(onnx["whole_cell_dice"]["mean"], abs=0.01)
+    assert report["jaccard_le_dice"] == {"holds": True, "violations": []}
+    assert "Jaccard <= Dice holds for every method, source, region and image" in (out / "evaluation.md").read_text()
+
+
+def test_k_sweep_chooses_the_best_scoring_k_on_the_train_split(quick_report) -> None:
+    report, _ = quick_report
+    for source, sweep in report["kmeans_k_sweep"].items():
+        assert sweep["split"] == "train" and sweep["images"] == QUICK_LIMIT
+        assert sorted(sweep["by_k"]) == [2, 3, 4, 5, 6]
+        best = max(sweep["by_k"], key=lambda k: (sweep["by_k"][k]["mean"], -k))
+        assert sweep["chosen_k"] == best
+        assert report["segmentation"][source]["kmeans_swept_k"] == best
+        for k, row in sweep["by_k"].items():
+            for name in ("background", "cytoplasm", "nucleus"):
+                assert all(0.0 <= row[f"{name}_{metric}"] <= 1.0 for metric in ("dice", "jaccard")), (source, k, name)
+
+
+def test_cross_source_tests_the_held_out_sources_beside_the_reference(quick_report, cross_source_bundle) -> None:
+    report, _ = quick_report
+    cross = report["cross_source"]
+    assert cross["bundle"] == str(cross_source_bundle) and cross["trained_on"] == ["wbc-seg-zheng", "all-idb2"]
+    assert tuple(cross["sources"]) == HELD_OUT
+    for role, row in cross["sources"]["all-taleqani"]["rows"].items():
+        assert row["whole_cell_dice"]["n"] == QUICK_LIMIT, role
+        assert row["whole_cell_jaccard"]["mean"] <= row["whole_cell_dice"]["mean"] + 1e-12
+        assert "nucleus_dice" not in row  # weak masks mark cells, not nuclei
+    for role, row in cross["sources"]["bccd"]["rows"].items():
+        assert row["truth_boxes"] > 0 and 0 <= row["matched"] <= min(row["truth_boxes"], row["detected_boxes"]), role
+
+
+def test_classification_sections_stay(quick_report) -> None:
+    report, _ = quick_report
+    assert report["all_idb2"]["blast"]["n"] == QUICK_LIMIT
+    assert report["pbc"]["images"] == QUICK_LIMIT and 0 <= report["pbc"]["called_blast"] <= QUICK_LIMIT
     taleqani = report["all_taleqani"]
-    assert taleqani["images"] == 3 and taleqani["subtype"]["n"] == 3
+    assert taleqani["images"] == QUICK_LIMIT and taleqani["subtype"]["n"] == QUICK_LIMIT
+    assert np.asarray(taleqani["subtype"]["confusion"]).sum() == QUICK_LIMIT
+
+
+def test_jaccard_dice_check_reports_a_constructed_violation() -> None:
+    consistent = {"dice": 0.8, "jaccard": 0.8 / 1.2}
+    impossible = {"dice": 0.5, "jaccard": 0.6}
+    scores = {"wbc-seg-zheng": {"kmeans_k3": {"nucleus": [consistent, None, impossible], "whole_cell": [consistent]}}}
+    violations = jaccard_dice_violations(scores)
+    assert len(violations) == 1
+    assert "wbc-seg-zheng / kmeans_k3 / nucleus / image 2" in violations[0]
+    assert jaccard_dice_violations({"all-idb2": {"otsu_watershed": {"nucleus": [consistent, consistent]}}}) == []
+
+
+def test_background_is_scored_as_the_complement_of_the_cell() -> None:
+    truth = np.zeros((24, 24), np.uint8)
+    truth[6:18, 6:18] = 1
+    truth[9:15, 9:15] = 2
+    assert background_scores(truth, truth)["dice"] == 1.0
+    grown = np.zeros_like(truth)
+    grown[4:20, 4:20] = 1  # the cell called 16x16 instead of 12x12: background loses 112 of its 432 pixels
+    assert background_scores(grown, truth)["dice"] == pytest.approx(2 * 320 / (320 + 432))
+    ignored = truth.copy()
+    ignored[4:20, 4:20][truth[4:20, 4:20] == 0] = 255  # the disputed ring ignored: nothing left to disagree on
+    assert background_scores(grown, ignored)["dice"] == 1.0
+
+
+def test_boxes_match_one_to_one_at_iou_half() -> None:
+    truth = [(0, 0, 10, 10), (20, 20, 30, 30)]
+    detected = [(0, 0, 10, 10), (1, 1, 10, 10), (20, 20, 26, 30), (50, 50, 60, 60)]
+    # two detections on the first cell count once; IoU 0.6 matches the second; the far box matches nothing
+    assert matched_boxes(detected, truth) == 2
+    assert matched_boxes([(20, 20, 24, 30)], truth) == 0  # IoU 0.4
+
+
+def test_segmenter_checkpoint_arguments(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "unet-segmenter.pt"
+    checkpoint.write_bytes(b"")
+    checkpoint.with_suffix(".json").write_text("{}")
+    assert parse_segmenter_checkpoints([f"CNN (base)={checkpoint}"]) == {"CNN (base)": checkpoint}
+    for bad in (str(checkpoint), f"={checkpoint}", f"kmeans_k3={checkpoint}", f"other={tmp_path / 'missing.pt'}"):
+        with pytest.raises(LeukoedgeError):
+            parse_segmenter_checkpoints([bad])
+    with pytest.raises(LeukoedgeError):
+        parse_segmenter_checkpoints([f"a={checkpoint}", f"a={checkpoint}"])

@@ -16,6 +16,7 @@ from leukoedge.training.metrics import (
     matthews_corrcoef,
     pixel_error_percent,
     roc_auc,
+    roc_curve,
     segmentation_scores,
     ssim,
     tanimoto,
@@ -151,6 +152,17 @@ def test_auc_by_ranks_counts_ties_half() -> None:
     assert roc_auc(is_positive, scores) == pytest.approx(7.5 / 9)
     assert roc_auc(is_positive, -scores) == pytest.approx(1.5 / 9)
     assert roc_auc(np.ones(3, bool), np.arange(3)) is None
+
+
+def test_roc_curve_points_and_area() -> None:
+    # the same scores: thresholds 0.9, 0.8, 0.7, 0.4 (one positive and one negative tied), 0.1
+    is_positive = np.array([1, 1, 1, 0, 0, 0], bool)
+    scores = np.array([0.9, 0.8, 0.4, 0.7, 0.4, 0.1])
+    curve = roc_curve(is_positive, scores)
+    assert curve["fpr"] == pytest.approx([0, 0, 0, 1 / 3, 2 / 3, 1])
+    assert curve["tpr"] == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(roc_auc(is_positive, scores))  # ties as a diagonal
+    assert roc_curve(np.zeros(3, bool), np.arange(3)) is None
 
 
 def test_multiclass_mcc_gorodkin_hand_computed() -> None:
