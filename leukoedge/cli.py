@@ -251,6 +251,14 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_study(args: argparse.Namespace) -> int:
+    from .training.classifier_study import run_study
+
+    run_study(args.data, args.out, quick=args.quick, folds=args.folds, bundle=args.bundle)
+    print((args.out / "study.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leukoedge", description="White blood cell detection and leukemia screening in blood-smear frames.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -365,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
         "leave some out for `evaluate --cross-source-bundle`",
     )
     train.set_defaults(handler=command_train)
+
+    study = commands.add_parser("study", help="compare the classifiers (4 models x 2 losses) on 3 tasks by stratified k-fold (needs [train])")
+    study.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
+    study.add_argument("--out", type=Path, default=Path("reports/classifiers"))
+    study.add_argument("--quick", action="store_true", help="2 folds, 3 steps, 4 images per class: checks the path, not accuracy")
+    study.add_argument("--folds", type=int, default=None, help="k (default 10, 2 with --quick; fewer where a class has fewer cells)")
+    study.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose segmenter finds PBC cells and nuclei (default: %(default)s)")
+    study.set_defaults(handler=command_study)
     return parser
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,6 +44,28 @@ class CellExample:
     image: np.ndarray
     box: tuple[int, int, int, int]
     targets: dict[str, int]
+
+
+CellSampler = Callable[[CellExample, np.random.Generator | None], np.ndarray]
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, ignore_index: int = -1) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, so examples the model
+    already gets right with confidence count less; mean over the labelled examples. gamma 0 is plain CE."""
+    labelled = targets != ignore_index
+    log_p_true = F.log_softmax(logits[labelled], dim=1).gather(1, targets[labelled, None])[:, 0]
+    return (-((1.0 - log_p_true.exp()) ** gamma) * log_p_true).mean()
+
+
+def focal_plus_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE keeps every example's gradient; the focal term (gamma 2) adds weight on the hard ones."""
+    return F.cross_entropy(logits, targets, ignore_index=-1) + focal_loss(logits, targets, gamma=2.0)
+
+
+CLASSIFIER_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": partial(F.cross_entropy, ignore_index=-1),
+    "focal_ce": focal_plus_cross_entropy,
+}
 
 
 @dataclass
@@ -211,26 +234,36 @@ def train_classifier(
     spec: PreprocessSpec,
     config: TrainConfig,
     crop_margin: float,
+    loss: str = "ce",
+    sample: CellSampler | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a multi-head cell classifier. A head's loss counts only cells labelled for it.
+    loss: a CLASSIFIER_LOSSES name. sample: how a cell becomes the model's input (given the rng:
+    augmented; given None: the runtime's crop); by default classification_sample of its box.
     Validation score: mean over heads of balanced accuracy."""
+    if loss not in CLASSIFIER_LOSSES:
+        raise ValueError(f"unknown classifier loss {loss!r}; expected one of {', '.join(CLASSIFIER_LOSSES)}")
+    head_loss = CLASSIFIER_LOSSES[loss]
     model = _initial_model(config, head_classes={name: len(classes) for name, classes in heads.items()})
     if config.steps == 0:
-        return model, {"config": asdict(config), "heads": heads, "reused_checkpoint": config.init_from}
+        return model, {"config": asdict(config), "heads": heads, "loss": loss, "reused_checkpoint": config.init_from}
+
+    def runtime_crop(example: CellExample, rng: np.random.Generator | None) -> np.ndarray:
+        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng)
+
+    sample = sample or runtime_crop
     sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
-        inputs = [classification_sample(train[i].image, train[i].box, spec, config.input_size, crop_margin, rng) for i in indices]
+        inputs = [sample(train[i], rng) for i in indices]
         targets = {head: torch.tensor([train[i].targets.get(head, -1) for i in indices]) for head in heads}
         return torch.from_numpy(np.stack(inputs)), targets
 
     def loss_of(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        losses = [F.cross_entropy(outputs[h], targets[h], ignore_index=-1) for h in heads if (targets[h] >= 0).any()]
+        losses = [head_loss(outputs[h], targets[h]) for h in heads if (targets[h] >= 0).any()]
         return torch.stack(losses).sum()
 
-    validation_inputs = torch.from_numpy(
-        np.stack([classification_sample(e.image, e.box, spec, config.input_size, crop_margin, None) for e in val])
-    )
+    validation_inputs = torch.from_numpy(np.stack([sample(e, None) for e in val]))
 
     def validate(model: torch.nn.Module) -> float:
         outputs = {h: torch.cat([model(validation_inputs[s : s + 256])[h] for s in range(0, len(val), 256)]) for h in heads}
@@ -244,7 +277,7 @@ def train_classifier(
         return float(np.mean(scores))
 
     summary = _train_loop(model, config, make_batch, loss_of, validate, sample_indices, f"train {config.model}")
-    return model, {"config": asdict(config), "heads": heads, **summary}
+    return model, {"config": asdict(config), "heads": heads, "loss": loss, **summary}
 
 
 def save_checkpoint(model: torch.nn.Module, config: dict, path: Path) -> None:

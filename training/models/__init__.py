@@ -6,11 +6,16 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .classifiers import custom_cnn
+from .classifiers import custom_cnn, dual_branch, resnet_s, vgg_hybrid
 from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_s
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {"hctnet": hctnet, "hctnet_s": hctnet_s, "hctnet_lite": hctnet_lite, "unet_s": unet_s}
-CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {"custom_cnn": custom_cnn}
+CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
+    "custom_cnn": custom_cnn,
+    "vgg_hybrid": vgg_hybrid,
+    "resnet_s": resnet_s,
+    "dual_branch": dual_branch,
+}
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -71,3 +71,45 @@ class TransformerBlock(nn.Module):
         tokens = tokens + self.attention(normed, normed, normed, need_weights=False)[0]
         tokens = tokens + self.ffn(self.norm2(tokens))
         return tokens.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """The residual shortcut: identity where the shape is kept, else a strided 1x1 conv + BN."""
+    if in_channels == out_channels and stride == 1:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): two 3x3 convs with a shortcut; stride 2 halves the map."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBNReLU(in_channels, out_channels, stride=stride),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = _projection(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """A VGG stage (two 3x3 convs) with a residual skip, its output reweighted by CBAM channel then
+    spatial attention before the skip is added (Woo et al. 2018's placement)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBNReLU(in_channels, out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            ChannelAttention(out_channels),
+            SpatialAttention(),
+        )
+        self.shortcut = _projection(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))

@@ -1,21 +1,31 @@
-"""Cell classifiers: one shared trunk, one softmax head per task (blast vs normal, B-ALL subtype, WBC type)."""
+"""Cell classifiers: one shared trunk, one softmax head per task (blast vs normal, B-ALL subtype, WBC type).
+
+Every model takes Nx3x64x64 cell crops (training/pipeline.py CLASSIFIER_INPUT, cut by prepare_crops),
+except dual_branch, which takes Nx6x64x64: the cell crop in channels 0-2 and the crop around the cell's
+nucleus in channels 3-5, so that it stays a model with one input (one ONNX input, "crop").
+The heads are whatever head_classes names, e.g. an ALL/AML/CLL/normal head; nothing is claimed for
+classes without data here.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .blocks import ConvBNReLU
+from .blocks import BasicBlock, ConvBNReLU, ResidualAttentionBlock
 
 
 class MultiHeadClassifier(nn.Module):
     """A feature trunk followed by dense layers and one linear head per task.
 
-    forward returns {head name: logits N x classes}.
+    forward returns {head name: logits N x classes}. input_channels: 3 (a cell crop) or 6 (dual_branch).
     """
 
-    def __init__(self, trunk: nn.Module, trunk_features: int, head_classes: dict[str, int], dense: tuple[int, ...], dropout: float):
+    def __init__(
+        self, trunk: nn.Module, trunk_features: int, head_classes: dict[str, int], dense: tuple[int, ...], dropout: float, input_channels: int = 3
+    ):
         super().__init__()
+        self.input_channels = input_channels
         self.trunk = trunk
         layers: list[nn.Module] = [nn.Flatten()]
         features = trunk_features
@@ -40,3 +50,57 @@ def custom_cnn(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadC
         nn.AdaptiveAvgPool2d(4),
     )
     return MultiHeadClassifier(trunk, 128 * 4 * 4, head_classes, dense=(196, 96), dropout=dropout)
+
+
+def vgg_hybrid(head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (32, 64, 96)) -> MultiHeadClassifier:
+    """VGG-style stages (3x3 convs, max-pool) with residual skips and CBAM channel + spatial attention.
+    A single 16-wide conv at full resolution keeps the cost near custom_cnn's at 64x64."""
+    layers: list[nn.Module] = [ConvBNReLU(3, 16), nn.MaxPool2d(2)]
+    channels = 16
+    for width in widths:
+        layers += [ResidualAttentionBlock(channels, width), nn.MaxPool2d(2)]
+        channels = width
+    trunk = nn.Sequential(*layers[:-1], nn.AdaptiveAvgPool2d(1))  # the last stage's 8x8 map is pooled whole
+    return MultiHeadClassifier(trunk, channels, head_classes, dense=(128,), dropout=dropout)
+
+
+def resnet_s(head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (20, 40, 80), blocks: int = 2) -> MultiHeadClassifier:
+    """A small ResNet: a stride-2 stem, three stages of basic blocks (each after the first halves the map);
+    the default widths give custom_cnn's FLOPs at 64x64."""
+    layers: list[nn.Module] = [ConvBNReLU(3, widths[0], stride=2)]
+    channels = widths[0]
+    for stage, width in enumerate(widths):
+        for index in range(blocks):
+            layers.append(BasicBlock(channels, width, stride=2 if stage > 0 and index == 0 else 1))
+            channels = width
+    trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+    return MultiHeadClassifier(trunk, channels, head_classes, dense=(128,), dropout=dropout)
+
+
+class DualBranchTrunk(nn.Module):
+    """Two trunks: one sees the whole cell (channels 0-2), the other the nucleus (channels 3-5);
+    their pooled features are concatenated."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.cell = _branch(width)
+        self.nucleus = _branch(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.cell(x[:, :3]), self.nucleus(x[:, 3:])], dim=1)
+
+
+def _branch(width: int) -> nn.Sequential:
+    """custom_cnn's three conv stages, narrower, pooled to one feature vector."""
+    return nn.Sequential(
+        ConvBNReLU(3, width // 4), nn.MaxPool2d(2),
+        ConvBNReLU(width // 4, width // 2), nn.MaxPool2d(2),
+        ConvBNReLU(width // 2, width),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+
+
+def dual_branch(head_classes: dict[str, int], dropout: float = 0.3, width: int = 96) -> MultiHeadClassifier:
+    """Whole-cell and nucleus-crop branches, features concatenated before the dense layer and heads.
+    Input Nx6xHxW: cell crop channels 0-2, nucleus crop channels 3-5 (see the module docstring)."""
+    return MultiHeadClassifier(DualBranchTrunk(width), 2 * width, head_classes, dense=(128,), dropout=dropout, input_channels=6)
