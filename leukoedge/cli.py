@@ -1,4 +1,4 @@
-"""`leukoedge run | info | bench | soak | evaluate | train | calibrate | export`: the command line over the same Python API.
+"""`leukoedge run | info | bench | soak | evaluate | train | study | calibrate | export`: the command line over the same Python API.
 
 Training and evaluation import torch; they are imported only when those commands run.
 """
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
-    train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet or unet_s")
+    train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")

@@ -94,6 +94,12 @@ def _initial_model(config: TrainConfig, **model_kwargs) -> torch.nn.Module:
     return model
 
 
+def _recorded_training(checkpoint: str) -> dict:
+    """How a reused checkpoint was trained (its JSON), so a bundle built from it keeps that record."""
+    recorded = json.loads(Path(checkpoint).with_suffix(".json").read_text())
+    return recorded.get("checkpoint_training", recorded)  # a reuse of a reuse points at the original training
+
+
 def balanced_indices(sources: Sequence[str], count: int, rng: np.random.Generator) -> np.ndarray:
     """Sample indices so each source contributes equally, whatever its size."""
     sources = np.asarray(sources)
@@ -183,7 +189,7 @@ def train_segmenter(
     """Train a segmenter; the validation score is the mean of nucleus and whole-cell Dice."""
     model = _initial_model(config)
     if config.steps == 0:
-        return model, {"config": asdict(config), "reused_checkpoint": config.init_from}
+        return model, {"config": asdict(config), "reused_checkpoint": config.init_from, "checkpoint_training": _recorded_training(config.init_from)}
     sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
@@ -246,7 +252,13 @@ def train_classifier(
     head_loss = CLASSIFIER_LOSSES[loss]
     model = _initial_model(config, head_classes={name: len(classes) for name, classes in heads.items()})
     if config.steps == 0:
-        return model, {"config": asdict(config), "heads": heads, "loss": loss, "reused_checkpoint": config.init_from}
+        return model, {
+            "config": asdict(config),
+            "heads": heads,
+            "loss": loss,
+            "reused_checkpoint": config.init_from,
+            "checkpoint_training": _recorded_training(config.init_from),
+        }
 
     def runtime_crop(example: CellExample, rng: np.random.Generator | None) -> np.ndarray:
         return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng)

@@ -7,9 +7,9 @@ from typing import Any, Callable
 from torch import nn
 
 from .classifiers import custom_cnn, dual_branch, resnet_s, vgg_hybrid
-from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_s
+from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_lite, unet_s
 
-SEGMENTERS: dict[str, Callable[..., nn.Module]] = {"hctnet": hctnet, "hctnet_s": hctnet_s, "hctnet_lite": hctnet_lite, "unet_s": unet_s}
+SEGMENTERS: dict[str, Callable[..., nn.Module]] = {"hctnet": hctnet, "hctnet_s": hctnet_s, "hctnet_lite": hctnet_lite, "unet_s": unet_s, "unet_lite": unet_lite}
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "custom_cnn": custom_cnn,
     "vgg_hybrid": vgg_hybrid,

@@ -109,3 +109,8 @@ def hctnet_lite(num_classes: int = 3) -> EncoderDecoder:
 def unet_s(num_classes: int = 3) -> EncoderDecoder:
     """Plain U-Net baseline of similar size to hctnet_s: no transformer, no attention."""
     return EncoderDecoder((16, 32, 64), num_classes, transformer_depth=0, heads=1, attention=False)
+
+
+def unet_lite(num_classes: int = 3) -> EncoderDecoder:
+    """Plain U-Net baseline paired with hctnet_lite: the same half-resolution body and refinement, no transformer, no attention."""
+    return EncoderDecoder((16, 32, 64), num_classes, transformer_depth=0, heads=1, attention=False, half_resolution=True)

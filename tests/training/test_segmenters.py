@@ -1,0 +1,74 @@
+"""Segmenters: every registered one maps an image to per-pixel class logits at the input resolution."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from leukoedge.training.models import SEGMENTERS, create_model
+from leukoedge.training.train import load_checkpoint, segmentation_loss
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", sorted(SEGMENTERS))
+@pytest.mark.parametrize("size", [(128, 128), (192, 256), (100, 90)])
+def test_logits_have_the_input_resolution(name, size):
+    model = create_model(name).eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 3, *size))
+    assert logits.shape == (2, 3, *size)
+
+
+def test_half_resolution_models_cost_less():
+    from leukoedge.training.flops import count_flops
+
+    full = count_flops(create_model("hctnet_s"), (1, 3, 192, 256))
+    half = count_flops(create_model("hctnet_lite"), (1, 3, 192, 256))
+    assert half < full / 2
+
+
+def test_refinement_sees_the_image_at_full_resolution():
+    """A one-pixel change of the input changes the half-resolution model's output at that pixel."""
+    torch.manual_seed(0)
+    model = create_model("hctnet_lite").eval()
+    image = torch.zeros(1, 3, 64, 64)
+    changed = image.clone()
+    changed[0, :, 31, 31] = 3.0
+    with torch.no_grad():
+        difference = (model(changed) - model(image)).abs().sum(dim=1)[0]
+    assert difference[31, 31] > 0
+    assert difference[31, 31] >= difference.max() * 0.5
+
+
+def test_a_few_steps_reduce_the_loss_on_a_real_batch(data_root):
+    from leukoedge.preprocess.cpu import PreprocessSpec
+    from leukoedge.training import data
+    from leukoedge.training.samples import segmentation_sample
+
+    records = data.load_records(data_root, "wbc-seg-zheng", "train")[:4]
+    spec = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
+    samples = [segmentation_sample(data.read_image(r), data.read_label_map(r), spec, (128, 128), None) for r in records]
+    inputs = torch.from_numpy(np.stack([s[0] for s in samples]))
+    labels = torch.from_numpy(np.stack([s[1] for s in samples]).astype(np.int64))
+    torch.manual_seed(0)
+    model = create_model("hctnet_lite").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = segmentation_loss(model(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8
+
+
+@pytest.mark.parametrize("model", ["segmenter", "classifier"])
+def test_shipped_checkpoints_still_load(model):
+    path = REPO_ROOT / "models" / "checkpoints" / f"default-{model}.pt"
+    kwargs = {"head_classes": {"blast": 2, "subtype": 4, "wbc_type": 8}} if model == "classifier" else {}
+    loaded, config = load_checkpoint(path, **kwargs)
+    assert config["config"]["model"]
+    assert not loaded.training
