@@ -6,7 +6,6 @@ Training and evaluation import torch; they are imported only when those commands
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

@@ -38,10 +38,10 @@ from leukoedge.preprocess.cpu import Box, PreprocessSpec, resize, square_crop_bo
 from leukoedge.result import Cell
 
 from . import data
-from .metrics import classification_report, roc_auc, roc_curve
+from .metrics import classification_report, mean_std, roc_auc, roc_curve
 from .models import create_model
 from .pipeline import CLASSIFIER_INPUT, CROP_MARGIN, HEADS, SUBTYPES, WBC_TYPES
-from .plots import _figure, _save, confusion, roc_curves
+from .plots import confusion, roc_curves, training_curves
 from .samples import classification_sample
 from .train import CLASSIFIER_LOSSES, CellExample, TrainConfig, train_classifier
 
@@ -256,13 +256,6 @@ def fold_scores(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     }
 
 
-def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    defined = [value for value in values if value is not None]
-    if not defined:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(defined)), "std": float(np.std(defined)), "n": len(defined)}
-
-
 @dataclass
 class StudyPlan:
     """What one study runs: tasks, models, losses, folds and the training budget."""
@@ -418,25 +411,6 @@ def _roc_of(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) ->
         if curve is not None:
             curves[classes[position]] = {**curve, "auc": roc_auc(truth == position, probabilities[:, position])}
     return curves
-
-
-def training_curves(results: dict[str, dict[str, dict]], title: str, path: Path) -> Path:
-    """Inner-validation score (balanced accuracy) against step: a panel per model, a colour per fold,
-    solid for the first loss and dashed for the second."""
-    models = list(results)
-    figure, axes = _figure(1, len(models), (3.2 * len(models), 3.0), sharey=True)
-    for axis, model in zip(axes[0], models):
-        for loss, style in zip(results[model], ("-", "--", ":")):
-            for fold, record in enumerate(results[model][loss]["folds"]):
-                steps, scores = zip(*record["history"]) if record["history"] else ((), ())
-                axis.plot(steps, scores, linestyle=style, color=f"C{fold % 10}", linewidth=1, label=loss if fold == 0 else None)
-        axis.set_title(model, fontsize=9)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("val balanced accuracy")
-    axes[0][0].legend(fontsize="small")
-    figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
 
 
 def write_plots(outcome: TaskOutcome, out_dir: Path) -> dict[str, str]:

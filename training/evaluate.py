@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -35,7 +35,7 @@ from leukoedge.result import BACKGROUND, NUCLEUS, Result
 
 from . import data, plots
 from .classical import SWEEP_METRICS, choose_k, fuzzy_cmeans_segment, hsv_kmeans_segment, kmeans_segment, otsu_watershed_segment
-from .metrics import binary_summary, classification_report, roc_curve, segmentation_scores
+from .metrics import binary_summary, classification_report, mean_std, roc_curve, segmentation_scores
 from .pipeline import (
     SEGMENTATION_SOURCES,
     SEGMENTER_INPUT,
@@ -61,13 +61,6 @@ QUICK_LIMIT = 6
 QUICK_SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2")
 
 Segmenter = Callable[[np.ndarray], tuple[np.ndarray, float]]  # BGR image -> (frame label map, ms)
-
-
-def _summary(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(defined)), "std": float(np.std(defined)), "n": len(defined)}
 
 
 def _sample(records: list[data.Record], limit: int | None) -> list[data.Record]:
@@ -188,7 +181,7 @@ def summarise(scored: ScoredImages, metrics: Sequence[str] = TABLE_METRICS) -> d
     table = {}
     for method, regions in scored.per_image.items():
         row: dict[str, Any] = {
-            f"{region}_{metric}": _summary(None if scores is None else scores[metric] for scores in per_region)
+            f"{region}_{metric}": mean_std(None if scores is None else scores[metric] for scores in per_region)
             for region, per_region in regions.items()
             for metric in metrics
         }
@@ -260,7 +253,7 @@ def kmeans_k_sweep(data_root: Path, source: str, images: int) -> dict[str, Any]:
         background = [background_scores(kmeans_segment(image, k), truth) for image, truth in pairs]
         by_k[k] = dict(table[k])
         for metric in SWEEP_METRICS:
-            by_k[k][f"background_{metric}"] = _summary(None if s is None else s[metric] for s in background)["mean"]
+            by_k[k][f"background_{metric}"] = mean_std(None if s is None else s[metric] for s in background)["mean"]
     return {"images": len(records), "split": "train", "chosen_k": chosen_k, "by_k": by_k}
 
 

@@ -12,7 +12,7 @@ Conventions, the same in every function here:
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -303,3 +303,11 @@ def binary_summary(y_true: Sequence[int], blast_prob: Sequence[float], threshold
         "auc": report["auc"],
         "n": report["n"],
     }
+
+
+def mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """Mean, std and count over the defined values (None = undefined for that image or fold)."""
+    defined = [value for value in values if value is not None]
+    if not defined:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(defined)), "std": float(np.std(defined)), "n": len(defined)}

@@ -131,3 +131,22 @@ def confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: st
     axis.set_ylabel("true")
     axis.set_title(title, fontsize=10)
     return _save(figure, path)
+
+
+def training_curves(results: dict[str, dict[str, dict]], title: str, path: Path) -> Path:
+    """Inner-validation score (balanced accuracy) against step: a panel per model, a colour per fold,
+    solid for the first loss and dashed for the second."""
+    models = list(results)
+    figure, axes = _figure(1, len(models), (3.2 * len(models), 3.0), sharey=True)
+    for axis, model in zip(axes[0], models):
+        for loss, style in zip(results[model], ("-", "--", ":")):
+            for fold, record in enumerate(results[model][loss]["folds"]):
+                steps, scores = zip(*record["history"]) if record["history"] else ((), ())
+                axis.plot(steps, scores, linestyle=style, color=f"C{fold % 10}", linewidth=1, label=loss if fold == 0 else None)
+        axis.set_title(model, fontsize=9)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("val balanced accuracy")
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
