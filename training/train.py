@@ -77,7 +77,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     crop: int | None = None  # segmentation: train on random crops of this size (fully convolutional model)
     validate_every: int = 100
-    patience: int = 5  # validations without improvement before early stopping
+    patience: int = 5  # validations without improvement before early stopping, counted in the second half only
     seed: int = 0
     model_kwargs: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint to start from (fine-tuning); with steps=0 it is used as it is
@@ -171,7 +171,8 @@ def _train_loop(
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 stale += 1
-                if stale >= config.patience:
+                # The one-cycle LR is high in the first half and scores swing; stop only once it anneals.
+                if stale >= config.patience and step + 1 >= config.steps // 2:
                     log.info("early stop at step %d: no improvement in %d validations", step + 1, stale)
                     break
     if best_state is not None:

@@ -1,0 +1,35 @@
+"""The training loop: best-checkpoint selection and early stopping."""
+
+import numpy as np
+import torch
+
+from leukoedge.training.train import TrainConfig, _train_loop
+
+
+def _run(scores: list[float], steps: int, patience: int) -> dict:
+    """Train a one-weight model with a scripted validation score sequence (validated every step)."""
+    model = torch.nn.Linear(1, 1)
+    sequence = iter(scores)
+    config = TrainConfig(model="scripted", input_size=(1, 1), steps=steps, batch_size=1, validate_every=1, patience=patience)
+    return _train_loop(
+        model,
+        config,
+        make_batch=lambda indices, rng: (torch.ones(1, 1), torch.zeros(1, 1)),
+        loss_of=lambda output, target: ((output - target) ** 2).mean(),
+        validate=lambda m: next(sequence),
+        sample_indices=np.zeros(steps, dtype=int),
+        description="test",
+    )
+
+
+def test_no_early_stop_in_the_first_half():
+    # Best at step 1, then worse: patience 2 would stop at step 3, but steps < 10 // 2 keep training.
+    summary = _run([0.9] + [0.1] * 20, steps=10, patience=2)
+    assert [h["step"] for h in summary["history"]][-1] == 5  # the first step in the second half with 2+ stale validations
+    assert summary["best_val_score"] == 0.9
+
+
+def test_runs_to_the_end_while_improving():
+    summary = _run([i / 10 for i in range(10)], steps=10, patience=2)
+    assert len(summary["history"]) == 10
+    assert summary["best_val_score"] == 0.9
