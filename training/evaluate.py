@@ -128,13 +128,13 @@ def classical_segmenters(swept_k: int) -> dict[str, Segmenter]:
 
 
 def parse_segmenter_checkpoints(values: Sequence[str]) -> dict[str, Path]:
-    """`LABEL=PATH` arguments (e.g. "CNN (base)=models/checkpoints/unet-segmenter.pt") -> {label: path}."""
+    """`LABEL=PATH` arguments (e.g. "CNN (base)=models/checkpoints/unet-lite-segmenter.pt") -> {label: path}."""
     checkpoints: dict[str, Path] = {}
     for value in values:
         label, separator, path = value.partition("=")
         label, path = label.strip(), Path(path.strip())
         if not separator or not label or not path.name:
-            raise LeukoedgeError(f"--segmenter-checkpoint takes LABEL=PATH, e.g. 'CNN (base)=models/checkpoints/unet-segmenter.pt'; got {value!r}")
+            raise LeukoedgeError(f"--segmenter-checkpoint takes LABEL=PATH, e.g. 'CNN (base)=models/checkpoints/unet-lite-segmenter.pt'; got {value!r}")
         if label in checkpoints or label in classical_segmenters(swept_k=3):  # (its names only)
             raise LeukoedgeError(f"--segmenter-checkpoint label {label!r} is used twice or names a built-in method")
         if not path.is_file() or not path.with_suffix(".json").is_file():
@@ -507,7 +507,7 @@ def evaluate_bundle(
 
 
 def tiny_unet_checkpoint(data_root: Path, bundle: Path, scratch: Path) -> Path:
-    """A U-Net (unet_s) trained a few steps on the quick-mode images with the bundle's preprocessing:
+    """A U-Net (unet_lite) trained a few steps on the quick-mode images with the bundle's preprocessing:
     the quick run's stand-in for "CNN (base)" (it checks the path, it says nothing about U-Nets)."""
     config = PipelineConfig(data_root, scratch / "unet", quick=True)
     spec = PreprocessSpec.from_manifest(load_bundle(bundle, verify=False).manifest["preprocess"])
@@ -515,7 +515,7 @@ def tiny_unet_checkpoint(data_root: Path, bundle: Path, scratch: Path) -> Path:
         load_segmentation_examples(config, "train"),
         load_segmentation_examples(config, "val", per_source=2),
         spec,
-        TrainConfig(model="unet_s", input_size=SEGMENTER_INPUT, steps=8, batch_size=4, crop=128, validate_every=4),
+        TrainConfig(model="unet_lite", input_size=SEGMENTER_INPUT, steps=8, batch_size=4, crop=128, validate_every=4),
     )
     checkpoint = scratch / "checkpoints" / "unet-segmenter.pt"
     save_checkpoint(model, summary, checkpoint)
