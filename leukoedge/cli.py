@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import cv2
 import numpy as np
 
+from .backends import BACKENDS
+from .detector import PREPROCESSORS
 from .errors import LeukoedgeError
 from .soak import MAX_GROWTH_MB
 
@@ -31,6 +33,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 def default_bundle() -> Path:
     """$LEUKOEDGE_BUNDLE, else the bundle shipped in the repository (models/default)."""
     return Path(os.environ.get("LEUKOEDGE_BUNDLE", Path(__file__).resolve().parents[1] / "models" / "default"))
+
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+# The comparison models shipped for the report (made by the commands in the README), used by
+# `leukoedge evaluate` unless other ones are named.
+SHIPPED_BASELINE = ("CNN (base)", MODELS_DIR / "checkpoints" / "unet-lite-segmenter.pt")
+SHIPPED_CROSS_SOURCE = MODELS_DIR / "cross-source"
 
 
 def image_paths(target: Path) -> list[Path]:
@@ -65,7 +74,7 @@ def command_run(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .result import draw_overlay
 
-    detector = Detector.load(args.bundle)
+    detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
     explain = gradcam_explainer(args, detector) if args.explain else None
     args.out = args.out or Path("leukoedge-out")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +122,7 @@ def command_run_live(args: argparse.Namespace) -> int:
     from .errors import CaptureError
     from .session import ProgressDisplay, capture_session, format_summary
 
-    detector = Detector.load(args.bundle)
+    detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
     out = args.out or Path("leukoedge-out") / time.strftime("session-%Y%m%d-%H%M%S")
     progress = ProgressDisplay(show_timings=args.show_timings)
     try:
@@ -150,10 +159,10 @@ def command_bench(args: argparse.Namespace) -> int:
         print(format_comparison(time_detectors(detectors, frames, args.frames, args.warmup), COMPARISON_PAIRS))
         return 0
     precision = None if args.precision == "auto" else args.precision
-    detector = Detector.load(args.bundle, backend=args.backend, threads=args.threads, precision=precision)
+    detector = Detector.load(args.bundle, backend=args.backend, threads=args.threads, precision=precision, preprocess=args.preprocess)
     times = time_detectors({args.backend: detector}, frames, args.frames, args.warmup)[args.backend]
     precisions = ", ".join(f"{model} {value}" for model, value in detector.precisions.items())
-    print(f"{runs}, backend {args.backend} ({precisions})")
+    print(f"{runs}, backend {args.backend} ({precisions}), preprocess {detector.preprocess_name}")
     print(format_single(times))
     return 0
 
@@ -216,7 +225,13 @@ def command_evaluate(args: argparse.Namespace) -> int:
     if args.quick:
         run_quick(args.data, args.out, args.bundle, checkpoints, args.cross_source_bundle, args.limit)
     else:
-        evaluate_bundle(args.bundle or default_bundle(), args.data, args.out, args.limit, checkpoints, args.cross_source_bundle)
+        label, baseline = SHIPPED_BASELINE
+        if not args.segmenter_checkpoint and baseline.is_file():
+            checkpoints = {label: baseline}
+        cross_source = args.cross_source_bundle
+        if cross_source is None and SHIPPED_CROSS_SOURCE.is_dir():
+            cross_source = SHIPPED_CROSS_SOURCE
+        evaluate_bundle(args.bundle or default_bundle(), args.data, args.out, args.limit, checkpoints, cross_source)
     print((args.out / "evaluation.md").read_text())
     return 0
 
@@ -258,6 +273,19 @@ def command_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a Detector runs its models (--backend) and its preprocessing (--preprocess)."""
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="onnxruntime",
+        help="onnxruntime (CPU), onnxruntime-cuda (needs onnxruntime-gpu), tensorrt (needs [jetson] and `leukoedge export --engine`) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--preprocess", choices=PREPROCESSORS, default="cpu", help="cpu (the reference) or cuda (pycuda kernels; needs [jetson] and a GPU) (default: %(default)s)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leukoedge", description="White blood cell detection and leukemia screening in blood-smear frames.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -283,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images: also write <image>_gradcam.png, Grad-CAM of the blast head from the training checkpoint (needs [train])",
     )
     run.add_argument("--checkpoints", type=Path, default=None, help="--explain: folder of <bundle>-classifier.pt (default: beside the bundle)")
+    add_device_arguments(run)
     run.set_defaults(handler=command_run)
 
     info = commands.add_parser("info", help="describe a model bundle and verify its checksums")
@@ -295,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--frames", type=int, default=100)
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    bench.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    add_device_arguments(bench)
     bench.add_argument(
         "--precision", choices=("auto", "fp32", "int8", "fp16"), default="auto", help="auto: per model the fastest that passed its gate (default)"
     )
@@ -348,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="LABEL=PATH",
-        help="also compare this segmenter checkpoint, e.g. 'CNN (base)=models/checkpoints/unet-segmenter.pt' (repeatable)",
+        help="also compare this segmenter checkpoint (repeatable; default: the shipped 'CNN (base)=models/checkpoints/unet-lite-segmenter.pt')",
     )
-    evaluate.add_argument("--cross-source-bundle", type=Path, default=None, help="a bundle trained with --segmentation-sources leaving some out: tested on those")
+    evaluate.add_argument("--cross-source-bundle", type=Path, default=None, help="a bundle trained with --segmentation-sources leaving some out: tested on those (default: the shipped models/cross-source)")
     evaluate.add_argument("--quick", action="store_true", help="CI: tiny models, a few images; checks every table and plot is made, not accuracy")
     evaluate.set_defaults(handler=command_evaluate)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -20,12 +21,14 @@ from .result import Cell, Result, Timings, make_verdict
 # Cells are classified in batches of at most this many (the exported graphs take up to 64).
 MAX_CLASSIFY_BATCH = 64
 PRECISIONS = ("fp32", "fp16", "int8")
+PREPROCESSORS = ("cpu", "cuda")
 
 
 def choose_precision(bundle: Bundle, model: str, precision: str | None, backend: str) -> str:
     """The precision `model` runs at. Asked for: checked against the bundle (BundleError if it lacks
-    it) and the backend. None: on ONNX Runtime the fastest precision that passed its accuracy gate,
-    by the latencies measured at calibration; on TensorRT the most reduced one with a valid cached engine."""
+    it) and the backend. None: on ONNX Runtime (CPU or CUDA) the fastest precision that passed its
+    accuracy gate, by the latencies measured at calibration (on the CPU); on TensorRT the most reduced
+    one with a valid cached engine."""
     if precision is None:
         if backend != "tensorrt":
             return fastest_precision(bundle.manifest, model)
@@ -38,7 +41,7 @@ def choose_precision(bundle: Bundle, model: str, precision: str | None, backend:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} or None (fastest that passed its gate)")
     if precision == "fp16" and backend != "tensorrt":
-        raise BackendUnavailableError("fp16 runs on the TensorRT backend only (backend='tensorrt'); ONNX Runtime on CPU runs fp32 or int8")
+        raise BackendUnavailableError(f"fp16 runs on the TensorRT backend only (backend='tensorrt'); {backend} runs fp32 or int8 ONNX files")
     model_file(bundle.manifest, model, precision)  # raises BundleError naming what is missing
     return precision
 
@@ -49,6 +52,18 @@ def _has_file(bundle: Bundle, model: str, precision: str) -> bool:
     except LeukoedgeError:
         return False
     return True
+
+
+def make_preprocessor(name: str, spec: PreprocessSpec, input_size: Sequence[int], channel_order: str) -> Callable[[np.ndarray], PreparedFrame]:
+    """frame -> PreparedFrame: "cpu", the reference (numpy + OpenCV); "cuda", the same steps as CUDA
+    kernels (pycuda): one copy of the frame to the GPU, one copy of the tensor and stain statistics back."""
+    if name == "cpu":
+        return functools.partial(prepare_frame, spec=spec, input_size=input_size, channel_order=channel_order)
+    if name == "cuda":
+        from .preprocess.cuda import CudaPreprocessor
+
+        return CudaPreprocessor(spec, input_size, channel_order).prepare_frame
+    raise ValueError(f"unknown preprocess {name!r}; expected one of {', '.join(PREPROCESSORS)}")
 
 
 @contextmanager
@@ -70,7 +85,13 @@ class Detector:
     """
 
     def __init__(
-        self, bundle: Bundle, backend: str = "onnxruntime", channel_order: str = "BGR", threads: int | None = None, precision: str | None = None
+        self,
+        bundle: Bundle,
+        backend: str = "onnxruntime",
+        channel_order: str = "BGR",
+        threads: int | None = None,
+        precision: str | None = None,
+        preprocess: str = "cpu",
     ):
         manifest = bundle.manifest
         self.bundle = bundle
@@ -81,6 +102,8 @@ class Detector:
         self.postprocess_spec = manifest["postprocess"]
         self.verdict_spec = manifest["verdict"]
         self.limits = manifest["limits"]
+        self.prepare_frame = make_preprocessor(preprocess, self.spec, self.segmenter_spec["input_size"], channel_order)
+        self.preprocess_name = preprocess
         self.precisions = {model: choose_precision(bundle, model, precision, backend) for model in MODELS}
         self.segmenter, self.classifier = (
             create_backend(backend, bundle.path(model_file(manifest, model, self.precisions[model])), threads, self.precisions[model])
@@ -96,13 +119,19 @@ class Detector:
         channel_order: str = "BGR",
         threads: int | None = None,
         precision: str | None = None,
+        preprocess: str = "cpu",
     ) -> "Detector":
         """Load and verify a bundle (folder or archive), then open its models on the chosen backend.
 
+        backend: "onnxruntime" (CPU), "onnxruntime-cuda" (needs onnxruntime-gpu) or "tensorrt" (needs [jetson]).
         precision: "fp32", "int8" (the bundle's gated QDQ models), "fp16" (TensorRT only), or None:
         per model, the fastest precision that passed its accuracy gate (fp32 for an uncalibrated bundle).
+        preprocess: "cpu" (the reference) or "cuda" (pycuda kernels, needs [jetson] and a GPU; equal to
+        the reference within the tolerance stated in leukoedge/preprocess/cuda.py).
         """
-        return cls(load_bundle(bundle_path), backend=backend, channel_order=channel_order, threads=threads, precision=precision)
+        return cls(
+            load_bundle(bundle_path), backend=backend, channel_order=channel_order, threads=threads, precision=precision, preprocess=preprocess
+        )
 
     def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:
         """Validate, preprocess, segment, find cells, classify; timings in ms per stage."""
@@ -110,7 +139,7 @@ class Detector:
         started = time.perf_counter()
         frame = validate_frame(frame, min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"], channel_order=self.channel_order)
         with _stopwatch(timings, "preprocess"):
-            prepared = prepare_frame(frame, self.spec, self.segmenter_spec["input_size"], self.channel_order)
+            prepared = self.prepare_frame(frame)
         with _stopwatch(timings, "segment"):
             probabilities = self.segmenter.run({self.segmenter_spec["input"]: prepared.tensor})[self.segmenter_spec["output"]][0]
         with _stopwatch(timings, "postprocess"):

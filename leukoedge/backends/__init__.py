@@ -7,19 +7,20 @@ from pathlib import Path
 from ..errors import BackendUnavailableError
 from .base import Backend
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def create_backend(name: str, model_path: Path, threads: int | None = None, precision: str = "fp32") -> Backend:
     """Build a backend by name for a bundle's model file; TensorRT is imported only when asked for.
 
-    ONNX Runtime runs the file as it is (its precision is the file's). TensorRT runs the engine cached
-    for that file at `precision` (fp32, fp16 or int8), built by `leukoedge export --engine`.
+    ONNX Runtime runs the file as it is (its precision is the file's), on the CPU ("onnxruntime") or on
+    its CUDA provider ("onnxruntime-cuda", needs onnxruntime-gpu). TensorRT runs the engine cached for
+    that file at `precision` (fp32, fp16 or int8), built by `leukoedge export --engine`.
     """
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "onnxruntime-cuda"):
         from .onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model_path, threads=threads)
+        return OnnxRuntimeBackend(model_path, device="cpu" if name == "onnxruntime" else "cuda", threads=threads)
     if name == "tensorrt":
         from .tensorrt import open_engine
 

@@ -84,9 +84,27 @@ def test_run_on_a_missing_input_exits_2_with_a_message(tiny_bundle, tmp_path, ca
 def test_bench_prints_median_and_p95_per_stage(tiny_bundle, bccd_image, capsys):
     assert cli.main(["bench", str(bccd_image), "--bundle", str(tiny_bundle), "--frames", "3", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
+    assert re.search(r"backend onnxruntime \(segmenter \w+, classifier \w+\), preprocess cpu$", out, re.MULTILINE)
     assert re.search(r"stage\s+median ms\s+p95 ms", out)
     for stage in STAGES:
         row = re.search(rf"^{stage}\s+(\d+\.\d)\s+(\d+\.\d)$", out, re.MULTILINE)
         assert row, f"no {stage} row in:\n{out}"
         assert float(row.group(1)) <= float(row.group(2)) + 0.1  # median <= p95, up to the printed rounding
     assert re.search(r"frames/s \(median total\): \d+\.\d", out)
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_cuda_preprocessing_without_pycuda_exits_2_with_the_install_hint(command, bccd_image, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pycuda", None)  # as if it were not installed, on any machine
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    extra = ["--out", str(tmp_path / "out")] if command == "run" else ["--frames", "1", "--warmup", "0"]
+    assert cli.main([command, str(bccd_image), "--bundle", str(cli.default_bundle()), "--preprocess", "cuda", *extra]) == 2
+    assert "error: the TensorRT backend and CUDA preprocessing need pycuda: pip install 'leukoedge[jetson]'" in capsys.readouterr().err
+
+
+def test_bench_on_onnxruntime_cuda_without_the_cuda_provider_exits_2_naming_onnxruntime_gpu(bccd_image, monkeypatch, capsys):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert cli.main(["bench", str(bccd_image), "--bundle", str(cli.default_bundle()), "--backend", "onnxruntime-cuda", "--frames", "1"]) == 2
+    assert "onnxruntime-cuda backend needs onnxruntime-gpu" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """CUDA preprocessing against the CPU reference (cpu.prepare_frame) on real frames.
 
-Tolerance, per element of the normalized input tensor: max |cuda - cpu| <= 0.05 and mean <= 0.005.
+Tolerance, per element of the normalized input tensor: max |cuda - cpu| <= 0.12 and mean <= 0.005.
 OpenCV's float L*a*b* conversion interpolates a lookup table (~0.5 L*a*b* units off the exact formula
 the kernels use) and its uint8 bilinear resize uses fixed-point weights (one level off when
-enlarging); a numpy transliteration of the kernels measured 0.033 max, 0.003 mean on these frames.
+enlarging); a numpy transliteration of the kernels measured 0.033 max, 0.003 mean on these frames and
+up to 0.095 max on one of 12 BCCD fields (see leukoedge/preprocess/cuda.py).
 Runs where pycuda and a CUDA GPU are present; skipped elsewhere.
 """
 
@@ -21,7 +22,7 @@ from leukoedge.preprocess.cpu import PreprocessSpec, StainReference, prepare_fra
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("pycuda") is None, reason="CUDA preprocessing needs pycuda and a CUDA GPU: pip install 'leukoedge[jetson]'")
 
-MAX_DIFFERENCE, MEAN_DIFFERENCE = 0.05, 0.005
+MAX_DIFFERENCE, MEAN_DIFFERENCE = 0.12, 0.005
 INPUT_SIZE = (192, 256)
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference((73.2, 5.5, 1.5), (14.3, 12.6, 15.1)))
 
