@@ -72,3 +72,30 @@ def test_shipped_checkpoints_still_load(model):
     loaded, config = load_checkpoint(path, **kwargs)
     assert config["config"]["model"]
     assert not loaded.training
+
+
+def test_weak_cells_need_a_nucleus_share():
+    """The weak-label term: a weak cell predicted all cytoplasm costs more than one with a nucleus core."""
+    from leukoedge.training.train import weak_nucleus_loss
+
+    labels = np.zeros((1, 32, 32), np.int64)
+    labels[0, 4:14, 4:14] = 3  # one weakly labelled cell
+    labels[0, 20:28, 20:28] = 3  # another
+    all_cytoplasm = torch.full((1, 32, 32), 0.01)
+    with_nucleus = all_cytoplasm.clone()
+    with_nucleus[0, 6:12, 6:12] = 0.95
+    with_nucleus[0, 22:26, 22:27] = 0.95
+    assert weak_nucleus_loss(with_nucleus, torch.from_numpy(labels)) < weak_nucleus_loss(all_cytoplasm, torch.from_numpy(labels)) / 10
+    assert weak_nucleus_loss(all_cytoplasm, torch.zeros((1, 32, 32), dtype=torch.int64)) is None
+
+
+def test_model_selection_sees_missing_nuclei_in_weak_cells():
+    from leukoedge.training.train import _mean_dice
+
+    truth = np.zeros((32, 32), np.uint8)
+    truth[4:14, 4:14] = 3
+    cytoplasm_only = np.where(truth == 3, 1, 0).astype(np.uint8)
+    with_nucleus = cytoplasm_only.copy()
+    with_nucleus[5:13, 5:13] = 2
+    assert _mean_dice(cytoplasm_only, truth) == 0.5  # whole cell right, nucleus missing
+    assert _mean_dice(with_nucleus, truth) == 1.0
