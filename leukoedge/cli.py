@@ -236,6 +236,19 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_source_weights(text: str | None) -> dict[str, float]:
+    """'wbc-seg-zheng=2,all-idb2=2' -> {source: weight}."""
+    weights = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            source, _, weight = item.partition("=")
+            try:
+                weights[source.strip()] = float(weight)
+            except ValueError:
+                raise LeukoedgeError(f"--segmenter-source-weights takes SOURCE=WEIGHT,...; got {item!r}") from None
+    return weights
+
+
 def command_train(args: argparse.Namespace) -> int:
     from .training.models import SEGMENTERS
     from .training.pipeline import SEGMENTATION_SOURCES, PipelineConfig, run_pipeline
@@ -254,6 +267,7 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_learning_rate=args.segmenter_lr,
             segmenter_model=args.segmenter_model,
             segmenter_init=args.segmenter_init,
+            segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
             classifier_init=args.classifier_init,
             segmentation_sources=sources,
         )
@@ -390,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
+    train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
     train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
     train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")

@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ class PipelineConfig:
     classifier_init: Path | None = None
     # The sources the segmenter (and the stain reference) learn from; leave some out to test across sources.
     segmentation_sources: tuple[str, ...] = SEGMENTATION_SOURCES
+    segmenter_source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -227,6 +228,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             init_from=None if config.segmenter_init is None else str(config.segmenter_init),
             crop=128,
             validate_every=4 if quick else max(50, config.segmenter_steps // 16),
+            source_weights=config.segmenter_source_weights,
             seed=config.seed,
         ),
     )

@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     model_kwargs: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint to start from (fine-tuning); with steps=0 it is used as it is
+    source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source (default 1 each)
 
 
 def _initial_model(config: TrainConfig, **model_kwargs) -> torch.nn.Module:
@@ -101,11 +102,13 @@ def _recorded_training(checkpoint: str) -> dict:
     return recorded.get("checkpoint_training", recorded)  # a reuse of a reuse points at the original training
 
 
-def balanced_indices(sources: Sequence[str], count: int, rng: np.random.Generator) -> np.ndarray:
-    """Sample indices so each source contributes equally, whatever its size."""
+def balanced_indices(sources: Sequence[str], count: int, rng: np.random.Generator, source_weights: dict[str, float] | None = None) -> np.ndarray:
+    """Sample indices so each source contributes equally whatever its size, or in proportion to
+    source_weights (source -> relative weight, default 1)."""
     sources = np.asarray(sources)
     names, counts = np.unique(sources, return_counts=True)
-    weight_of = {name: 1.0 / (len(names) * n) for name, n in zip(names, counts)}
+    source_weights = source_weights or {}
+    weight_of = {name: source_weights.get(name, 1.0) / (len(names) * n) for name, n in zip(names, counts)}
     weights = np.array([weight_of[s] for s in sources])
     return rng.choice(len(sources), size=count, p=weights / weights.sum())
 
@@ -227,7 +230,9 @@ def train_segmenter(
     model = _initial_model(config)
     if config.steps == 0:
         return model, {"config": asdict(config), "reused_checkpoint": config.init_from, "checkpoint_training": _recorded_training(config.init_from)}
-    sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
+    sample_indices = balanced_indices(
+        [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
+    )
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
         inputs, labels = [], []
@@ -307,7 +312,9 @@ def train_classifier(
         return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng)
 
     sample = sample or runtime_crop
-    sample_indices = balanced_indices([e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
+    sample_indices = balanced_indices(
+        [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
+    )
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
         inputs = [sample(train[i], rng) for i in indices]

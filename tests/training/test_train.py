@@ -33,3 +33,14 @@ def test_runs_to_the_end_while_improving():
     summary = _run([i / 10 for i in range(10)], steps=10, patience=2)
     assert len(summary["history"]) == 10
     assert summary["best_val_score"] == 0.9
+
+
+def test_sampling_balances_sources_and_follows_weights():
+    from leukoedge.training.train import balanced_indices
+
+    sources = ["big"] * 900 + ["small"] * 100
+    rng = np.random.default_rng(0)
+    equal = np.asarray(sources)[balanced_indices(sources, 20000, rng)]
+    assert abs((equal == "small").mean() - 0.5) < 0.02
+    weighted = np.asarray(sources)[balanced_indices(sources, 20000, rng, {"small": 3.0})]
+    assert abs((weighted == "small").mean() - 0.75) < 0.02
