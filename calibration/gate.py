@@ -97,11 +97,9 @@ def compare(model: str, fp32: dict[str, float], int8: dict[str, float], toleranc
 def _session(model_path: Path, threads: int | None):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    from leukoedge.backends.onnxruntime import session_options
+
+    return ort.InferenceSession(str(model_path), sess_options=session_options(ort, threads), providers=["CPUExecutionProvider"])
 
 
 def _run_batched(model_path: Path, inputs: np.ndarray, threads: int | None) -> dict[str, np.ndarray]:

@@ -28,13 +28,12 @@ def median_latency_ms(models: dict[str, Path], inputs: np.ndarray, runs: int = 2
     from other processes on the machine falls on every model alike instead of on whichever ran last."""
     import onnxruntime as ort
 
-    sessions = {}
-    for name, path in models.items():
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        sessions[name] = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    from leukoedge.backends.onnxruntime import session_options
+
+    sessions = {
+        name: ort.InferenceSession(str(path), sess_options=session_options(ort, threads), providers=["CPUExecutionProvider"])
+        for name, path in models.items()
+    }
     feeds = {name: {session.get_inputs()[0].name: inputs} for name, session in sessions.items()}
     for _ in range(warmup):
         for name, session in sessions.items():
