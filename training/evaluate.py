@@ -487,6 +487,7 @@ def evaluate_bundle(
         "quick": quick,
         "bundle": str(bundle),
         "model_version": detector.bundle.model_version,
+        "precisions": dict(detector.precisions),
         "split": "test split of training/splits/*.csv (seed 0), never seen in training or model selection",
         "segmentation": comparison.table,
         "segmenter_checkpoints": {
@@ -706,7 +707,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         ]
     lines += [
         f"Bundle `{report['bundle']}` (model {report['model_version']}); {report['split']}.",
-        "Measured end to end through `Detector.run` (ONNX Runtime, CPU).",
+        "Measured end to end through `Detector.run` (ONNX Runtime, CPU; precision per model: "
+        + ", ".join(f"{model} {precision}" for model, precision in report.get("precisions", {}).items())
+        + ", the bundle's default).",
         "",
     ]
     lines += _segmentation_md(report) + _k_sweep_md(report) + _cross_source_md(report) + _classification_md(report)
