@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from scipy.stats import rankdata
 
-from leukoedge.session import wilson_interval  # one implementation, shared with the runtime
+from leukoedge.session import wilson_interval  # noqa: F401  (re-exported: one implementation, shared with the runtime)
 
 from .data import LABEL_CYTOPLASM, LABEL_IGNORE, LABEL_NUCLEUS, LABEL_WBC
 
@@ -157,14 +157,23 @@ def _mean_defined(values: Sequence[float | None]) -> float | None:
     return None if not defined else float(np.mean(defined))
 
 
-def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float | None:
-    """Area under the ROC curve by ranks (Mann-Whitney U); tied scores count half. None without both classes."""
+def _binary_inputs(is_positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+    """(labels as bool, scores as float64, #positives, #negatives), or None unless both classes occur."""
     is_positive = np.asarray(is_positive, bool)
     score = np.asarray(score, np.float64)
     positives = int(is_positive.sum())
     negatives = is_positive.size - positives
     if positives == 0 or negatives == 0:
         return None
+    return is_positive, score, positives, negatives
+
+
+def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve by ranks (Mann-Whitney U); tied scores count half. None without both classes."""
+    checked = _binary_inputs(is_positive, score)
+    if checked is None:
+        return None
+    is_positive, score, positives, negatives = checked
     ranks = rankdata(score)  # average ranks for ties
     u_statistic = float(ranks[is_positive].sum()) - positives * (positives + 1) / 2.0
     return u_statistic / (positives * negatives)
@@ -173,12 +182,10 @@ def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float | None:
 def roc_curve(is_positive: np.ndarray, score: np.ndarray) -> dict[str, list[float]] | None:
     """ROC points (false positive rate, true positive rate) from (0, 0) to (1, 1), one per distinct score
     taken as the threshold (called positive at score >= threshold). None without both classes."""
-    is_positive = np.asarray(is_positive, bool)
-    score = np.asarray(score, np.float64)
-    positives = int(is_positive.sum())
-    negatives = is_positive.size - positives
-    if positives == 0 or negatives == 0:
+    checked = _binary_inputs(is_positive, score)
+    if checked is None:
         return None
+    is_positive, score, positives, negatives = checked
     order = np.argsort(-score, kind="stable")
     ranked_score, ranked_positive = score[order], is_positive[order]
     # the last position of each run of equal scores: tied samples cross the threshold together
