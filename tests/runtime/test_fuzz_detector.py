@@ -152,7 +152,7 @@ def lay_out(array: np.ndarray, layout: str) -> np.ndarray:
 @st.composite
 def huge_views(draw: st.DrawFn) -> np.ndarray:
     """Billions of pixels in a few bytes: zero-stride views made with as_strided or broadcast_to."""
-    big, any_side = st.integers(8192, 1 << 20), st.integers(1, 1 << 20)
+    big = st.integers(8192, 1 << 20)
     shape = draw(
         st.one_of(
             st.tuples(big, st.integers(4096, 1 << 20), st.just(3)),  # too tall
@@ -161,7 +161,8 @@ def huge_views(draw: st.DrawFn) -> np.ndarray:
             st.tuples(st.integers(4, 1 << 10), st.integers(4096, 1 << 16), st.integers(4096, 1 << 16), st.just(3)),  # a batch
             st.tuples(st.integers(16, 4096), st.integers(16, 4096), st.integers(1 << 20, 1 << 24)),  # absurd channel count
             st.tuples(st.integers(1 << 26, 1 << 34)),  # a flat buffer
-            st.tuples(any_side, big, big, st.just(3)),
+            # numpy refuses views of 2**63 bytes or more, so the leading side stays below 2**10 here
+            st.tuples(st.integers(1, 1 << 10), big, big, st.just(3)),
         )
     )
     dtype = draw(st.sampled_from([np.uint8, np.float32, np.float64, np.bool_, np.uint16]))
