@@ -52,6 +52,18 @@ def bundle_path(request: pytest.FixtureRequest) -> Path:
     return Path(chosen) if chosen else request.getfixturevalue("tiny_bundle")
 
 
+SMEAR_FIELDS = 4
+
+
+@pytest.fixture(scope="session")
+def smear_fields(data_root: Path) -> list:
+    """The first SMEAR_FIELDS real 640x480 BCCD fields (BGR uint8), touching cells among them."""
+    paths = sorted((data_root / "bccd" / "images").glob("*.jpg"))[:SMEAR_FIELDS]
+    if len(paths) < SMEAR_FIELDS:
+        pytest.skip(f"needs {SMEAR_FIELDS} BCCD images in {data_root / 'bccd' / 'images'}")
+    return [cv2.imread(str(path)) for path in paths]
+
+
 SMEAR_VIDEO_FRAMES, SMEAR_VIDEO_SIZE = 6, (320, 240)  # width, height: small, so sessions over it stay fast
 
 

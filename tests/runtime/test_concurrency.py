@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -20,14 +18,6 @@ from leukoedge import BackendUnavailableError, Detector, Result
 
 THREADS = 4
 
-
-@pytest.fixture(scope="module")
-def smear_fields(data_root: Path) -> list[np.ndarray]:
-    """Four real 640x480 BCCD fields."""
-    paths = sorted((data_root / "bccd" / "images").glob("*.jpg"))[:THREADS]
-    if len(paths) < THREADS:
-        pytest.skip(f"needs {THREADS} BCCD images in {data_root / 'bccd' / 'images'}")
-    return [cv2.imread(str(path)) for path in paths]
 
 
 @pytest.fixture(params=["onnxruntime", "tensorrt"])

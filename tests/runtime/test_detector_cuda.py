@@ -20,7 +20,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -30,7 +29,6 @@ from leukoedge.bundle import load_bundle
 from leukoedge.preprocess.cpu import prepare_crops, prepare_frame
 
 SHIPPED_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
-FIELDS = 4
 MIN_LABEL_AGREEMENT = 0.99
 MAX_PROBABILITY_DIFFERENCE = 1e-3
 
@@ -40,14 +38,6 @@ def _cuda_provider_present() -> bool:
 
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
-
-@pytest.fixture(scope="module")
-def smear_fields(data_root: Path) -> list[np.ndarray]:
-    """Real 640x480 BCCD fields, touching cells among them."""
-    paths = sorted((data_root / "bccd" / "images").glob("*.jpg"))[:FIELDS]
-    if len(paths) < FIELDS:
-        pytest.skip(f"needs {FIELDS} BCCD images in {data_root / 'bccd' / 'images'}")
-    return [cv2.imread(str(path)) for path in paths]
 
 
 def test_cuda_preprocessing_without_pycuda_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch):
