@@ -226,7 +226,8 @@ def train_segmenter(
     spec: PreprocessSpec,
     config: TrainConfig,
 ) -> tuple[torch.nn.Module, dict]:
-    """Train a segmenter; the validation score is the mean of nucleus and whole-cell Dice."""
+    """Train a segmenter; the validation score is the mean of nucleus and whole-cell Dice, averaged per
+    source and then over sources."""
     model = _initial_model(config)
     if config.steps == 0:
         return model, {"config": asdict(config), "reused_checkpoint": config.init_from, "checkpoint_training": _recorded_training(config.init_from)}
@@ -245,6 +246,7 @@ def train_segmenter(
         return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
 
     validation = [segmentation_sample(e.image, e.label_map, spec, config.input_size, None) for e in val]
+    validation_sources = [e.source for e in val]
 
     def validate(model: torch.nn.Module) -> float:
         scores = []
@@ -253,10 +255,18 @@ def train_segmenter(
             predicted = model(torch.from_numpy(np.stack([t for t, _ in chunk]))).argmax(dim=1).numpy()
             for prediction, (_, truth) in zip(predicted, chunk):
                 scores.append(_mean_dice(prediction, truth))
-        return float(np.nanmean(scores))
+        return per_source_mean(scores, validation_sources)
 
     summary = _train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train {config.model}")
     return model, {"config": asdict(config), **summary}
+
+
+def per_source_mean(scores: Sequence[float], sources: Sequence[str]) -> float:
+    """Mean over sources of each source's mean score (NaN skipped): a source with many validation
+    images must not outvote the others, or model selection trades a small source away unseen."""
+    scores, sources = np.asarray(scores, dtype=float), np.asarray(sources)
+    means = [np.nanmean(scores[sources == source]) for source in np.unique(sources) if not np.isnan(scores[sources == source]).all()]
+    return float(np.mean(means)) if means else float("nan")
 
 
 def _mean_dice(prediction: np.ndarray, truth: np.ndarray) -> float:

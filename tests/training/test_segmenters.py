@@ -99,3 +99,13 @@ def test_model_selection_sees_missing_nuclei_in_weak_cells():
     with_nucleus[5:13, 5:13] = 2
     assert _mean_dice(cytoplasm_only, truth) == 0.5  # whole cell right, nucleus missing
     assert _mean_dice(with_nucleus, truth) == 1.0
+
+
+def test_model_selection_weighs_every_source_equally():
+    from leukoedge.training.train import per_source_mean
+
+    # 9 good images of one source must not hide one bad image of another
+    scores = [0.9] * 9 + [0.1]
+    sources = ["big"] * 9 + ["small"]
+    assert per_source_mean(scores, sources) == pytest.approx(0.5)
+    assert per_source_mean([0.4, float("nan"), float("nan")], ["a", "b", "b"]) == pytest.approx(0.4)  # a source with no score is skipped
