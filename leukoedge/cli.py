@@ -1,4 +1,4 @@
-"""`leukoedge run | info | bench | soak | evaluate | train | study | calibrate | export`: the command line over the same Python API.
+"""`leukoedge run | info | bench | soak | evaluate | train | study | pretrain | calibrate | export`: the command line over the same Python API.
 
 Training and evaluation import torch; they are imported only when those commands run.
 """
@@ -287,6 +287,14 @@ def command_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_pretrain(args: argparse.Namespace) -> int:
+    from .training.pretrain import run_pretraining
+
+    run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle)
+    print((args.out / "pretraining.md").read_text())
+    return 0
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a Detector runs its models (--backend) and its preprocessing (--preprocess)."""
     parser.add_argument(
@@ -424,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--folds", type=int, default=None, help="k (default 10, 2 with --quick; fewer where a class has fewer cells)")
     study.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose segmenter finds PBC cells and nuclei (default: %(default)s)")
     study.set_defaults(handler=command_study)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="SimCLR pretraining of the classifier on unlabelled cells, and scratch vs SimCLR init on the test split (needs [train])"
+    )
+    pretrain.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
+    pretrain.add_argument("--out", type=Path, default=Path("reports/pretraining"), help="report and simclr-classifier.pt (default: %(default)s)")
+    pretrain.add_argument("--quick", action="store_true", help="a few cells, 2-3 steps: checks the path, not accuracy")
+    pretrain.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose preprocessing and segmenter checkpoint (PBC cells) are used (default: %(default)s)")
+    pretrain.set_defaults(handler=command_pretrain)
     return parser
 
 

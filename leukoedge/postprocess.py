@@ -80,7 +80,8 @@ def find_cells(
     Returns the cells (sorted top-to-bottom, left-to-right) and the frame-resolution label map.
     Components smaller than min_cell_area_px model pixels are dropped (platelets, debris, noise), and
     so are those with fewer than min_nucleus_area_px nucleus pixels: every white cell has a nucleus,
-    while bluish rims of red cells look like cytoplasm alone.
+    while bluish rims of red cells look like cytoplasm alone. The label map keeps the pixels of the
+    cells returned and nothing else, so that it and the cells always agree.
     """
     frame_label_map = letterbox.label_map_to_frame(model_label_map)
     cell_mask = model_label_map > BACKGROUND
@@ -89,7 +90,7 @@ def find_cells(
     else:
         _, instances = cv2.connectedComponents(cell_mask.astype(np.uint8), connectivity=8)
     frame_instances = letterbox.label_map_to_frame(instances.astype(np.int32))
-    cells = []
+    cells, kept = [], []
     for instance in range(1, int(instances.max()) + 1):
         model_pixels = instances == instance
         if model_pixels.sum() < min_cell_area_px or (model_pixels & (model_label_map == NUCLEUS)).sum() < min_nucleus_area_px:
@@ -104,7 +105,9 @@ def find_cells(
             continue
         nucleus_mask = mask & (frame_label_map[y0:y1, x0:x1] == NUCLEUS)
         cells.append(CellInstance(box, mask, nucleus_mask))
+        kept.append(instance)
     cells.sort(key=lambda cell: (cell.box[1], cell.box[0]))
+    frame_label_map[~np.isin(frame_instances, kept)] = BACKGROUND
     return cells, frame_label_map
 
 

@@ -127,7 +127,7 @@ def nucleus_box(detected: Sequence[Cell], box: Box) -> Box | None:
     return (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
 
 
-def _shrunk(image: np.ndarray, boxes: tuple[Box, Box]) -> tuple[np.ndarray, tuple[Box, Box]]:
+def shrink_for_crops(image: np.ndarray, boxes: tuple[Box, Box]) -> tuple[np.ndarray, tuple[Box, Box]]:
     """Each augmented crop takes stain statistics over its whole image, the cost of a training step on
     PBC's large cells: shrink the image (area averaging) while the cell crop stays >= 1.5x the model input
     and the nucleus crop >= 1x. The runtime too measures stain statistics on a resized frame."""
@@ -168,7 +168,7 @@ def study_cell(record: data.Record, detector: Detector, data_root: Path) -> Stud
     if box is None:
         return None
     found = nucleus_box(detected, box)
-    image, (box, nucleus) = _shrunk(image, (box, found or box))
+    image, (box, nucleus) = shrink_for_crops(image, (box, found or box))
     key = record.image_path.relative_to(Path(data_root) / record.source).as_posix()
     return StudyCell(record.source, image, box, _targets(record), nucleus_box=nucleus, nucleus_found=found is not None, key=key)
 

@@ -29,13 +29,13 @@ from tqdm import tqdm
 from leukoedge.bundle import MANIFEST_NAME, Bundle, load_bundle
 from leukoedge.detector import Detector
 from leukoedge.errors import LeukoedgeError
-from leukoedge.postprocess import central_box
+from leukoedge.postprocess import central_box, find_cells
 from leukoedge.preprocess.cpu import Box, PreprocessSpec
 from leukoedge.result import BACKGROUND, NUCLEUS, Result
 
 from . import data, plots
 from .classical import SWEEP_METRICS, choose_k, fuzzy_cmeans_segment, hsv_kmeans_segment, kmeans_segment, otsu_watershed_segment
-from .metrics import binary_summary, classification_report, mean_std, roc_curve, segmentation_scores
+from .metrics import binary_summary, classification_report, mean_std, paired_difference, roc_curve, segmentation_scores
 from .pipeline import (
     SEGMENTATION_SOURCES,
     SEGMENTER_INPUT,
@@ -95,7 +95,7 @@ def bundle_method(detector: Detector) -> str:
 
 
 def checkpoint_segmenter(checkpoint: Path, evaluated: Bundle) -> tuple[Segmenter, str]:
-    """A segmenter training checkpoint run in PyTorch through the runtime's preprocessing and letterbox.
+    """A segmenter training checkpoint run in PyTorch through the runtime's preprocessing, letterbox and postprocess.
 
     Its preprocessing (stain reference, mean/std) is that of the bundle the pipeline wrote with it
     (<dir>/<name> for <dir>/checkpoints/<name>-segmenter.pt), else the evaluated bundle's. Returns the
@@ -109,10 +109,17 @@ def checkpoint_segmenter(checkpoint: Path, evaluated: Bundle) -> tuple[Segmenter
     else:
         preprocess, origin = evaluated.manifest["preprocess"], f"the evaluated bundle (no bundle at {own_bundle})"
     spec = PreprocessSpec.from_manifest(preprocess)
+    postprocess = evaluated.manifest["postprocess"]
 
     def segment(image: np.ndarray) -> np.ndarray:
-        model_label_map, letterbox = segmenter_label_map(model, image, spec, input_size)
-        return letterbox.label_map_to_frame(model_label_map)
+        # the runtime's postprocess too (cells kept by the evaluated bundle's rules), as for the bundle itself
+        _, label_map = find_cells(
+            *segmenter_label_map(model, image, spec, input_size),
+            postprocess["min_cell_area_px"],
+            postprocess["split_touching"],
+            postprocess.get("min_nucleus_area_px", 0),
+        )
+        return label_map
 
     return _timed(segment), origin
 
@@ -206,6 +213,20 @@ def jaccard_dice_violations(per_image_by_source: dict[str, PerImage]) -> list[st
 # ---- the comparison on the expert masks ----
 
 
+def versus_baseline(per_image: PerImage, methods: Sequence[str], baseline: str) -> dict[str, dict[str, Any]]:
+    """Per method and region, the paired Dice difference method - baseline over the same images (with
+    its bootstrap interval): whether a method beats the baseline, not only whether its mean is higher."""
+    return {
+        method: {
+            region: paired_difference(
+                *zip(*((m["dice"], b["dice"]) for m, b in zip(per_image[method][region], per_image[baseline][region]) if m is not None and b is not None))
+            )
+            for region in REGIONS
+        }
+        for method in methods
+    }
+
+
 @dataclass
 class SegmentationComparison:
     table: dict[str, Any]  # the JSON section
@@ -221,7 +242,12 @@ def compare_segmentation(
     for source in SEGMENTATION_TEST_SOURCES:
         records = _sample(data.load_records(data_root, source, "test"), limit)
         scored = score_images(records, {**deep, **classical_segmenters(swept_k[source])}, f"segmentation {source}", EXAMPLE_IMAGES_PER_SOURCE)
-        comparison.table[source] = {"images": len(records), "kmeans_swept_k": swept_k[source], "methods": summarise(scored)}
+        comparison.table[source] = {
+            "images": len(records),
+            "kmeans_swept_k": swept_k[source],
+            "methods": summarise(scored),
+            "versus_kmeans_k3": versus_baseline(scored.per_image, list(deep), "kmeans_k3"),
+        }
         comparison.per_image[source] = scored.per_image
         comparison.examples += scored.examples
     return comparison
@@ -591,6 +617,22 @@ def _segmentation_md(report: dict[str, Any]) -> list[str]:
                 scores = " | ".join(_cell(row[f"{region}_{metric}"], 2 if metric == "pixel_error" else 3) for metric in TABLE_METRICS)
                 lines.append(f"| {source} (n={table['images']}) | {_method_label(method, table)} | {scores} | {row['ms_per_image']:.1f} |")
         lines.append("")
+    lines += [
+        "### Paired against K-means (k=3): Dice difference on the same images",
+        "",
+        "Mean of (method - kmeans_k3) per image with its 95 % bootstrap interval; ahead/behind count the images.",
+        "",
+        "| source | method | region | mean difference | 95 % interval | ahead / behind |",
+        "|---|---|---|---|---|---|",
+    ]
+    for source, table in report["segmentation"].items():
+        for method, regions in table.get("versus_kmeans_k3", {}).items():
+            for region, gap in regions.items():
+                lines.append(
+                    f"| {source} | {method} | {region.replace('_', ' ')} | {gap['mean']:+.3f} | "
+                    f"[{gap['ci95_low']:+.3f}, {gap['ci95_high']:+.3f}] | {gap['ahead']} / {gap['behind']} |"
+                )
+    lines.append("")
     check = report["jaccard_le_dice"]
     if check["holds"]:
         lines.append(JACCARD_DICE_HOLDS + " (segmentation and cross-source tables).")

@@ -150,3 +150,27 @@ def training_curves(results: dict[str, dict[str, dict]], title: str, path: Path)
     axes[0][0].legend(fontsize="small")
     figure.suptitle(title, fontsize=10)
     return _save(figure, path)
+
+
+def label_fraction_curves(results: dict[str, dict[str, dict]], metrics: dict[str, str], title: str, path: Path) -> Path:
+    """Test score against the share of labelled training cells, a panel per metric and a line per
+    initialisation; results[init][fraction] = {"fraction": float, "mean_std": {metric: {"mean", "std"}}}."""
+    figure, axes = _figure(1, len(metrics), (3.4 * len(metrics), 3.2))
+    percents = sorted({100 * run["fraction"] for by_fraction in results.values() for run in by_fraction.values()})
+    for axis, (metric, metric_title) in zip(axes[0], metrics.items()):
+        for init, by_fraction in results.items():
+            runs = sorted(by_fraction.values(), key=lambda run: run["fraction"])
+            summaries = [run["mean_std"][metric] for run in runs]
+            means = [np.nan if s["mean"] is None else s["mean"] for s in summaries]
+            stds = [0.0 if s["std"] is None else s["std"] for s in summaries]
+            axis.errorbar([100 * run["fraction"] for run in runs], means, yerr=stds, marker="o", capsize=3, label=init)
+        axis.set_xscale("log")
+        axis.set_xticks(percents, [f"{percent:g} %" for percent in percents])
+        axis.minorticks_off()
+        axis.set_xlabel("labelled training cells")
+        axis.set_title(metric_title, fontsize=9)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test score (mean ± std over seeds)")
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)

@@ -170,3 +170,20 @@ def test_a_component_without_nucleus_is_not_a_cell():
     assert [cell.box[0] < 128 for cell in kept] == [True]
     everything, _ = find_cells(label_map, placement, MIN_AREA, False, min_nucleus_area_px=0)
     assert len(everything) == 2
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_the_label_map_holds_the_returned_cells_and_nothing_else(split):
+    """A dropped speck or nucleus-less rim must not stay labelled cytoplasm in res.label_map."""
+    label_map = np.zeros(MODEL_SIZE, np.uint8)
+    _cell(label_map, (60, 60), 20)
+    _disc(label_map, (180, 120), 15, CYTOPLASM)  # no nucleus: not a cell
+    label_map[150:155, 30:35] = NUCLEUS  # 25 px speck: below the minimum area
+    placement = fit_letterbox(MODEL_SIZE[0], MODEL_SIZE[1], MODEL_SIZE)
+    cells, frame_labels = find_cells(label_map, placement, MIN_AREA, split, min_nucleus_area_px=20)
+    assert len(cells) == 1
+    union = np.zeros(MODEL_SIZE, bool)
+    x0, y0, x1, y1 = cells[0].box
+    union[y0:y1, x0:x1] = cells[0].mask
+    np.testing.assert_array_equal(frame_labels != BACKGROUND, union)
+    assert (frame_labels[55:65, 55:65] == NUCLEUS).all()  # the kept cell's nucleus is untouched

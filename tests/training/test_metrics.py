@@ -229,3 +229,18 @@ def test_wilson_interval_known_values() -> None:
     assert wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def test_paired_difference_separates_a_consistent_gain_from_noise():
+    from leukoedge.training.metrics import paired_difference
+
+    rng = np.random.default_rng(1)
+    baseline = rng.uniform(0.8, 0.95, 40)
+    better = paired_difference(baseline + 0.02, baseline)  # ahead on every image by the same margin
+    assert better["mean"] == pytest.approx(0.02)
+    assert 0 < better["ci95_low"] <= better["ci95_high"]
+    assert (better["ahead"], better["behind"]) == (40, 0)
+    noisy = paired_difference(baseline + rng.normal(0, 0.05, 40), baseline)
+    assert noisy["ci95_low"] < 0 < noisy["ci95_high"]  # a zero-mean gap is no win
+    with pytest.raises(ValueError):
+        paired_difference([], [])
