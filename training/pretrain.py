@@ -42,6 +42,7 @@ from . import data
 from .classifier_study import LEARNING_RATE, shrink_for_crops, stratified_folds
 from .metrics import binary_summary, classification_report, mean_std
 from .models import create_model
+from .models.classifiers import MultiHeadClassifier
 from .pipeline import (
     CLASSIFIER_INPUT,
     CROP_MARGIN,
@@ -54,7 +55,7 @@ from .pipeline import (
 from .plots import label_fraction_curves
 from .samples import classification_sample
 from .torch_backend import checkpoint_paths, verified_model
-from .train import CellExample, TrainConfig, _train_loop, balanced_indices, save_checkpoint, train_classifier
+from .train import CellExample, TrainConfig, train_loop, balanced_indices, save_checkpoint, train_classifier
 
 CLASSIFIER_MODEL = PipelineConfig.classifier_model  # the architecture the pipeline trains
 CHECKPOINT_NAME = "simclr-classifier.pt"
@@ -143,7 +144,7 @@ class ContrastiveModel(nn.Module):
     """A classifier's trunk (shared, not copied) with SimCLR's projection MLP: views in, projections out.
     The loss acts on the projections, so the trunk keeps features the projection learns to ignore."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: MultiHeadClassifier):
         super().__init__()
         self.trunk = classifier.trunk
         features = next(layer for layer in classifier.dense if isinstance(layer, nn.Linear)).in_features
@@ -181,7 +182,7 @@ def unlabelled_cells(
 
 def pretrain_simclr(
     cells: Sequence[CellExample], val_cells: Sequence[CellExample], spec: PreprocessSpec, config: TrainConfig, temperature: float = TEMPERATURE
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[MultiHeadClassifier, dict[str, Any]]:
     """SimCLR on `cells` (each source sampled equally); returns the classifier with HEADS (trunk
     pretrained, dense layers and heads as seeded by config.seed) and the training summary. The
     validation score, for model selection, is -NT-Xent on fixed view pairs of val_cells."""
@@ -205,7 +206,7 @@ def pretrain_simclr(
         return -float(nt_xent(*model(held_out).chunk(2), temperature))
 
     sample_indices = balanced_indices([cell.source for cell in cells], config.steps * config.batch_size, np.random.default_rng(config.seed + 1))
-    summary = _train_loop(contrastive, config, make_batch, loss_of, validate, sample_indices, f"simclr {config.model}")
+    summary = train_loop(contrastive, config, make_batch, loss_of, validate, sample_indices, f"simclr {config.model}")
     return classifier, summary
 
 
@@ -272,12 +273,49 @@ def held_out_scores(model: nn.Module, inputs: torch.Tensor, truth: dict[str, np.
     }
 
 
+def runtime_crops(cells: Sequence[CellExample], spec: PreprocessSpec) -> torch.Tensor:
+    """The classifier's input for each cell as the runtime cuts it (no augmentation)."""
+    crops = [classification_sample(cell.image, cell.box, spec, CLASSIFIER_INPUT, CROP_MARGIN, None) for cell in tqdm(cells, desc="test crops", leave=False)]
+    return torch.from_numpy(np.stack(crops))
+
+
+def fine_tune_and_score(
+    train: list[CellExample],
+    val: list[CellExample],
+    spec: PreprocessSpec,
+    budget: PretrainBudget,
+    init_from: str | None,
+    seed: int,
+    test: tuple[torch.Tensor, dict[str, np.ndarray]],
+) -> dict[str, Any]:
+    """One run: the pipeline's classifier trained on `train` from init_from (None: from scratch), scored on
+    the test inputs and truth."""
+    config = TrainConfig(
+        model=CLASSIFIER_MODEL,
+        input_size=CLASSIFIER_INPUT,
+        steps=budget.steps,
+        batch_size=budget.batch_size,
+        learning_rate=LEARNING_RATE,
+        validate_every=budget.validate_every,
+        init_from=init_from,
+        seed=seed,
+    )
+    torch.manual_seed(seed)  # the scratch init
+    model, summary = train_classifier(train, val, HEADS, spec, config, CROP_MARGIN)
+    return {
+        "seed": seed,
+        "labelled_cells": len(train),
+        **held_out_scores(model, *test),
+        "best_val_score": summary["best_val_score"],
+        "steps_run": summary["history"][-1]["step"],
+        "train_seconds": summary["seconds"],
+    }
+
+
 def compare_inits(cells: dict[str, list[CellExample]], spec: PreprocessSpec, budget: PretrainBudget, checkpoint: Path) -> dict[str, dict[str, Any]]:
-    """Every init x label fraction x seed: fine-tune, score on the test cells. Both inits of a fraction and
-    seed share the labelled share and the TrainConfig (the comparison is paired)."""
-    test = cells["test"]
-    inputs = torch.from_numpy(np.stack([classification_sample(c.image, c.box, spec, CLASSIFIER_INPUT, CROP_MARGIN, None) for c in tqdm(test, desc="test crops", leave=False)]))
-    truth = {head: np.array([cell.targets.get(head, -1) for cell in test]) for head in HEADS}
+    """Every init x label fraction x seed, fine-tuned and scored on the test cells. Both inits of a fraction
+    and seed share the labelled share and the TrainConfig (the comparison is paired)."""
+    test = (runtime_crops(cells["test"], spec), {head: np.array([cell.targets.get(head, -1) for cell in cells["test"]]) for head in HEADS})
     init_from = {"scratch": None, "simclr": str(checkpoint)}
     results: dict[str, dict[str, Any]] = {init: {} for init in INITS}
     with tqdm(total=len(INITS) * len(budget.label_fractions) * budget.seeds, desc="fine-tuning runs", unit="run") as progress:
@@ -286,29 +324,8 @@ def compare_inits(cells: dict[str, list[CellExample]], spec: PreprocessSpec, bud
                 train = labelled_share(cells["train"], fraction, seed)
                 for init in INITS:
                     progress.set_description(f"{init}, {100 * fraction:g} % labels, seed {seed}")
-                    config = TrainConfig(
-                        model=CLASSIFIER_MODEL,
-                        input_size=CLASSIFIER_INPUT,
-                        steps=budget.steps,
-                        batch_size=budget.batch_size,
-                        learning_rate=LEARNING_RATE,
-                        validate_every=budget.validate_every,
-                        init_from=init_from[init],
-                        seed=seed,
-                    )
-                    torch.manual_seed(seed)  # the scratch init
-                    model, summary = train_classifier(train, cells["val"], HEADS, spec, config, CROP_MARGIN)
                     run = results[init].setdefault(f"{fraction:g}", {"fraction": fraction, "runs": []})
-                    run["runs"].append(
-                        {
-                            "seed": seed,
-                            "labelled_cells": len(train),
-                            **held_out_scores(model, inputs, truth),
-                            "best_val_score": summary["best_val_score"],
-                            "steps_run": summary["history"][-1]["step"],
-                            "train_seconds": summary["seconds"],
-                        }
-                    )
+                    run["runs"].append(fine_tune_and_score(train, cells["val"], spec, budget, init_from[init], seed, test))
                     progress.update()
     for by_fraction in results.values():
         for run in by_fraction.values():

@@ -102,6 +102,17 @@ def _recorded_training(checkpoint: str) -> dict:
     return recorded.get("checkpoint_training", recorded)  # a reuse of a reuse points at the original training
 
 
+def pretraining_of(checkpoint: str | Path | None) -> str:
+    """How a model's weights began: follows each checkpoint's init_from back to a self-supervised
+    checkpoint (its JSON records "pretraining", e.g. training/pretrain.py's SimCLR), if there is one."""
+    while checkpoint is not None:
+        recorded = _recorded_training(str(checkpoint))
+        if "pretraining" in recorded:
+            return f"{recorded['pretraining']} ({checkpoint})"
+        checkpoint = recorded.get("config", {}).get("init_from")
+    return "none: trained from scratch (no ImageNet weights can be downloaded here)"
+
+
 def balanced_indices(sources: Sequence[str], count: int, rng: np.random.Generator, source_weights: dict[str, float] | None = None) -> np.ndarray:
     """Sample indices so each source contributes equally whatever its size, or in proportion to
     source_weights (source -> relative weight, default 1)."""
@@ -173,7 +184,7 @@ def _batches(indices: np.ndarray, batch_size: int):
         yield indices[start : start + batch_size]
 
 
-def _train_loop(
+def train_loop(
     model: torch.nn.Module,
     config: TrainConfig,
     make_batch: Callable[[np.ndarray, np.random.Generator], tuple[torch.Tensor, object]],
@@ -257,7 +268,7 @@ def train_segmenter(
                 scores.append(_mean_dice(prediction, truth))
         return per_source_mean(scores, validation_sources)
 
-    summary = _train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train {config.model}")
+    summary = train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train {config.model}")
     return model, {"config": asdict(config), **summary}
 
 
@@ -310,6 +321,8 @@ def train_classifier(
     head_loss = CLASSIFIER_LOSSES[loss]
     model = _initial_model(config, head_classes={name: len(classes) for name, classes in heads.items()})
     if config.steps == 0:
+        if "pretraining" in _recorded_training(config.init_from):
+            raise ValueError(f"{config.init_from} is a self-supervised checkpoint: its heads are untrained; fine-tune it (steps > 0)")
         return model, {
             "config": asdict(config),
             "heads": heads,
@@ -338,7 +351,8 @@ def train_classifier(
     validation_inputs = torch.from_numpy(np.stack([sample(e, None) for e in val]))
 
     def validate(model: torch.nn.Module) -> float:
-        outputs = {h: torch.cat([model(validation_inputs[s : s + 256])[h] for s in range(0, len(val), 256)]) for h in heads}
+        chunks = [model(validation_inputs[s : s + 256]) for s in range(0, len(val), 256)]  # one pass serves every head
+        outputs = {h: torch.cat([chunk[h] for chunk in chunks]) for h in heads}
         scores = []
         for head in heads:
             truth = np.array([e.targets.get(head, -1) for e in val])
@@ -348,7 +362,7 @@ def train_classifier(
                 scores.append(float(np.mean(recalls)))
         return float(np.mean(scores))
 
-    summary = _train_loop(model, config, make_batch, loss_of, validate, sample_indices, f"train {config.model}")
+    summary = train_loop(model, config, make_batch, loss_of, validate, sample_indices, f"train {config.model}")
     return model, {"config": asdict(config), "heads": heads, "loss": loss, **summary}
 
 

@@ -27,7 +27,7 @@ from leukoedge.training.pretrain import (  # noqa: E402
     pretrain_simclr,
     run_pretraining,
 )
-from leukoedge.training.train import CellExample, TrainConfig, save_checkpoint, train_classifier  # noqa: E402
+from leukoedge.training.train import CellExample, TrainConfig, pretraining_of, save_checkpoint, train_classifier  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
@@ -87,6 +87,22 @@ def test_checkpoint_initialises_the_pipelines_classifier_training(simclr_checkpo
     model, summary = train_classifier(_blobs(8, 2), _blobs(4, 3), HEADS, SPEC, config, CROP_MARGIN)
     assert summary["config"]["init_from"] == str(simclr_checkpoint)
     assert set(model(torch.zeros(1, 3, *CLASSIFIER_INPUT))) == set(HEADS)
+
+
+def test_a_pretrained_checkpoint_is_never_shipped_with_untrained_heads(simclr_checkpoint: Path) -> None:
+    config = TrainConfig(model=CLASSIFIER_MODEL, input_size=CLASSIFIER_INPUT, steps=0, batch_size=4, init_from=str(simclr_checkpoint))
+    with pytest.raises(ValueError, match="heads are untrained"):
+        train_classifier(_blobs(8, 2), _blobs(4, 3), HEADS, SPEC, config, CROP_MARGIN)
+
+
+def test_a_fine_tuned_classifier_records_that_it_began_from_simclr(simclr_checkpoint: Path, tmp_path: Path) -> None:
+    """The bundle manifest's "pretraining" follows init_from back to the SimCLR checkpoint."""
+    config = TrainConfig(model=CLASSIFIER_MODEL, input_size=CLASSIFIER_INPUT, steps=1, batch_size=4, validate_every=1, init_from=str(simclr_checkpoint))
+    model, summary = train_classifier(_blobs(8, 2), _blobs(4, 3), HEADS, SPEC, config, CROP_MARGIN)
+    fine_tuned = tmp_path / "fine-tuned-classifier.pt"
+    save_checkpoint(model, summary, fine_tuned)
+    assert pretraining_of(fine_tuned) == f"simclr ({simclr_checkpoint})"
+    assert pretraining_of(None).startswith("none")
 
 
 def test_labelled_share_keeps_every_source_and_class() -> None:

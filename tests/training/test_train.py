@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from leukoedge.training.train import TrainConfig, _train_loop
+from leukoedge.training.train import TrainConfig, train_loop
 
 
 def _run(scores: list[float], steps: int, patience: int) -> dict:
@@ -11,7 +11,7 @@ def _run(scores: list[float], steps: int, patience: int) -> dict:
     model = torch.nn.Linear(1, 1)
     sequence = iter(scores)
     config = TrainConfig(model="scripted", input_size=(1, 1), steps=steps, batch_size=1, validate_every=1, patience=patience)
-    return _train_loop(
+    return train_loop(
         model,
         config,
         make_batch=lambda indices, rng: (torch.ones(1, 1), torch.zeros(1, 1)),
