@@ -265,6 +265,7 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_steps=args.segmenter_steps,
             classifier_steps=args.classifier_steps,
             segmenter_learning_rate=args.segmenter_lr,
+            segmenter_crop=args.segmenter_crop or None,
             segmenter_model=args.segmenter_model,
             segmenter_init=args.segmenter_init,
             segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
@@ -413,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
+    train.add_argument("--segmenter-crop", type=int, default=128, help="side of the segmenter's training windows in model pixels (default 128; 0: the whole 192x256 input)")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
     train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
     train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")

@@ -52,6 +52,9 @@ class PipelineConfig:
     segmenter_steps: int = 8000
     classifier_steps: int = 1500
     segmenter_learning_rate: float = 2e-3
+    # Training windows of the segmenter input (fully convolutional): small is fast; None trains on the whole
+    # 192x256 input, where a letterboxed single-cell crop is seen whole, as at run time.
+    segmenter_crop: int | None = 128
     # Fine-tuning: start a model from a checkpoint (.pt); with 0 steps that model is kept as it is.
     segmenter_init: Path | None = None
     classifier_init: Path | None = None
@@ -61,6 +64,8 @@ class PipelineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.segmenter_crop is not None and not 16 <= self.segmenter_crop <= max(SEGMENTER_INPUT):
+            raise ValueError(f"segmenter_crop must be 16..{max(SEGMENTER_INPUT)} model pixels, or None for the whole input; got {self.segmenter_crop}")
         unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]
         if unknown or not self.segmentation_sources:
             raise ValueError(f"segmentation_sources must be some of {', '.join(SEGMENTATION_SOURCES)}; got {list(self.segmentation_sources)}")
@@ -226,7 +231,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             batch_size=4 if quick else 8,
             learning_rate=config.segmenter_learning_rate,
             init_from=None if config.segmenter_init is None else str(config.segmenter_init),
-            crop=128,
+            crop=config.segmenter_crop,
             validate_every=4 if quick else max(50, config.segmenter_steps // 16),
             source_weights=config.segmenter_source_weights,
             seed=config.seed,

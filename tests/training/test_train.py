@@ -1,6 +1,7 @@
 """The training loop: best-checkpoint selection and early stopping."""
 
 import numpy as np
+import pytest
 import torch
 
 from leukoedge.training.train import TrainConfig, train_loop
@@ -44,3 +45,13 @@ def test_sampling_balances_sources_and_follows_weights():
     assert abs((equal == "small").mean() - 0.5) < 0.02
     weighted = np.asarray(sources)[balanced_indices(sources, 20000, rng, {"small": 3.0})]
     assert abs((weighted == "small").mean() - 0.75) < 0.02
+
+
+def test_a_training_window_outside_the_model_input_is_refused(tmp_path):
+    from leukoedge.cli import main
+    from leukoedge.training.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="segmenter_crop"):
+        PipelineConfig(tmp_path, tmp_path / "out", segmenter_crop=512)
+    assert PipelineConfig(tmp_path, tmp_path / "out", segmenter_crop=None).segmenter_crop is None  # the whole input
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--segmenter-crop", "8"]) == 2  # clear error, no training
