@@ -24,7 +24,7 @@ from leukoedge.preprocess.cpu import Letterbox, PreprocessSpec, prepare_frame
 from . import data
 from .flops import count_flops
 from .stain import estimate_reference
-from .train import CellExample, SegmentationExample, TrainConfig, pretraining_of, save_checkpoint, train_classifier, train_segmenter
+from .train import CellExample, SegmentationExample, TrainConfig, save_checkpoint, train_classifier, train_segmenter
 from .verdict import choose_flag_fraction
 
 log = logging.getLogger("leukoedge.training")
@@ -269,7 +269,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             "data": "real images of ../shared/data (Zheng 2018 dataset 1, ALL-IDB2 + Di Ruberto masks, Taleqani B-ALL, PBC, BCCD); split files training/splits/*.csv, seed 0",
             "quick": quick,
             "segmentation_sources": list(config.segmentation_sources),
-            "pretraining": {"segmenter": pretraining_of(config.segmenter_init), "classifier": pretraining_of(config.classifier_init)},
+            "pretraining": {"segmenter": segmenter_summary["pretraining"], "classifier": classifier_summary["pretraining"]},
             "segmenter": {**segmenter_summary, "onnx_parity_max_abs": segmenter_parity},
             "classifier": {**classifier_summary, "onnx_parity_max_abs": classifier_parity},
         }

@@ -439,7 +439,11 @@ def run_pretraining(data_root: Path, out_dir: Path, quick: bool = False, bundle:
     classifier, pretraining = pretrain_simclr(pool, pool_val, spec, simclr_config)
     checkpoint = out_dir / CHECKPOINT_NAME
     record = {"temperature": TEMPERATURE, "projection_widths": PROJECTION_WIDTHS, "cells_per_source": pool_counts, "bundle": str(bundle)}
-    save_checkpoint(classifier, {"config": asdict(simclr_config), "heads": HEADS, "pretraining": "simclr", **record, **pretraining}, checkpoint)
+    save_checkpoint(
+        classifier,
+        {"config": asdict(simclr_config), "heads": HEADS, "pretraining": f"simclr ({checkpoint})", "heads_trained": False, **record, **pretraining},
+        checkpoint,
+    )
     cells, counts = labelled_cells(data_root, out_dir, budget, segmenter, spec)
     results = compare_inits(cells, spec, budget, checkpoint)
     plot = label_fraction_curves(

@@ -102,15 +102,16 @@ def _recorded_training(checkpoint: str) -> dict:
     return recorded.get("checkpoint_training", recorded)  # a reuse of a reuse points at the original training
 
 
+NO_PRETRAINING = "none: trained from scratch (no ImageNet weights can be downloaded here)"
+
+
 def pretraining_of(checkpoint: str | Path | None) -> str:
-    """How a model's weights began: follows each checkpoint's init_from back to a self-supervised
-    checkpoint (its JSON records "pretraining", e.g. training/pretrain.py's SimCLR), if there is one."""
-    while checkpoint is not None:
-        recorded = _recorded_training(str(checkpoint))
-        if "pretraining" in recorded:
-            return f"{recorded['pretraining']} ({checkpoint})"
-        checkpoint = recorded.get("config", {}).get("init_from")
-    return "none: trained from scratch (no ImageNet weights can be downloaded here)"
+    """How the weights a training starts from began. Every checkpoint this code saves records it
+    ("pretraining" in its JSON, passed on at each fine-tuning), so one level is read: no chain of
+    init_from paths to follow, which may point at files long gone."""
+    if checkpoint is None:
+        return NO_PRETRAINING
+    return _recorded_training(str(checkpoint)).get("pretraining", NO_PRETRAINING)  # checkpoints from before the record: from scratch
 
 
 def balanced_indices(sources: Sequence[str], count: int, rng: np.random.Generator, source_weights: dict[str, float] | None = None) -> np.ndarray:
@@ -240,8 +241,14 @@ def train_segmenter(
     """Train a segmenter; the validation score is the mean of nucleus and whole-cell Dice, averaged per
     source and then over sources."""
     model = _initial_model(config)
+    pretraining = pretraining_of(config.init_from)
     if config.steps == 0:
-        return model, {"config": asdict(config), "reused_checkpoint": config.init_from, "checkpoint_training": _recorded_training(config.init_from)}
+        return model, {
+            "config": asdict(config),
+            "pretraining": pretraining,
+            "reused_checkpoint": config.init_from,
+            "checkpoint_training": _recorded_training(config.init_from),
+        }
     sample_indices = balanced_indices(
         [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
     )
@@ -269,7 +276,7 @@ def train_segmenter(
         return per_source_mean(scores, validation_sources)
 
     summary = train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train {config.model}")
-    return model, {"config": asdict(config), **summary}
+    return model, {"config": asdict(config), "pretraining": pretraining, **summary}
 
 
 def per_source_mean(scores: Sequence[float], sources: Sequence[str]) -> float:
@@ -320,11 +327,13 @@ def train_classifier(
         raise ValueError(f"unknown classifier loss {loss!r}; expected one of {', '.join(CLASSIFIER_LOSSES)}")
     head_loss = CLASSIFIER_LOSSES[loss]
     model = _initial_model(config, head_classes={name: len(classes) for name, classes in heads.items()})
+    pretraining = pretraining_of(config.init_from)
     if config.steps == 0:
-        if "pretraining" in _recorded_training(config.init_from):
+        if _recorded_training(config.init_from).get("heads_trained") is False:
             raise ValueError(f"{config.init_from} is a self-supervised checkpoint: its heads are untrained; fine-tune it (steps > 0)")
         return model, {
             "config": asdict(config),
+            "pretraining": pretraining,
             "heads": heads,
             "loss": loss,
             "reused_checkpoint": config.init_from,
@@ -363,7 +372,7 @@ def train_classifier(
         return float(np.mean(scores))
 
     summary = train_loop(model, config, make_batch, loss_of, validate, sample_indices, f"train {config.model}")
-    return model, {"config": asdict(config), "heads": heads, "loss": loss, **summary}
+    return model, {"config": asdict(config), "heads": heads, "loss": loss, "pretraining": pretraining, **summary}
 
 
 def save_checkpoint(model: torch.nn.Module, config: dict, path: Path) -> None:

@@ -61,7 +61,7 @@ def simclr_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     classifier, summary = pretrain_simclr(_blobs(12, 0), _blobs(6, 1), SPEC, config)
     assert [entry["step"] for entry in summary["history"]] == [1, 2]
     path = tmp_path_factory.mktemp("simclr") / "simclr-classifier.pt"
-    save_checkpoint(classifier, {"config": asdict(config), "pretraining": "simclr", **summary}, path)
+    save_checkpoint(classifier, {"config": asdict(config), "pretraining": f"simclr ({path})", "heads_trained": False, **summary}, path)
     return path
 
 
@@ -101,7 +101,12 @@ def test_a_fine_tuned_classifier_records_that_it_began_from_simclr(simclr_checkp
     model, summary = train_classifier(_blobs(8, 2), _blobs(4, 3), HEADS, SPEC, config, CROP_MARGIN)
     fine_tuned = tmp_path / "fine-tuned-classifier.pt"
     save_checkpoint(model, summary, fine_tuned)
-    assert pretraining_of(fine_tuned) == f"simclr ({simclr_checkpoint})"
+    assert summary["pretraining"] == pretraining_of(fine_tuned) == f"simclr ({simclr_checkpoint})"
+    simclr_checkpoint.with_suffix(".json").rename(simclr_checkpoint.with_suffix(".gone"))  # the record survives its origin
+    try:
+        assert pretraining_of(fine_tuned) == f"simclr ({simclr_checkpoint})"
+    finally:
+        simclr_checkpoint.with_suffix(".gone").rename(simclr_checkpoint.with_suffix(".json"))
     assert pretraining_of(None).startswith("none")
 
 
@@ -140,5 +145,6 @@ def test_quick_run_writes_every_row_the_plot_and_a_checkpoint(quick_run: tuple[d
     image = cv2.imread(str(out / "pretraining.png"))
     assert image is not None and min(image.shape[:2]) > 100
     recorded = json.loads((out / "simclr-classifier.json").read_text())
-    assert recorded["pretraining"] == "simclr" and set(recorded["cells_per_source"]) == {"wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd"}
+    assert recorded["pretraining"] == f"simclr ({out / 'simclr-classifier.pt'})" and recorded["heads_trained"] is False
+    assert set(recorded["cells_per_source"]) == {"wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd"}
     assert all(count > 0 for count in recorded["cells_per_source"].values())
