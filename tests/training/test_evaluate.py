@@ -98,6 +98,14 @@ def test_segmentation_table_compares_every_method_consistently(quick_report, tin
         # The bundle's own checkpoint in PyTorch through the runtime preprocessing segments as its ONNX file does.
         checkpoint, onnx = table["methods"]["CNN (base)"], table["methods"][bundle_method]
         assert checkpoint["whole_cell_dice"]["mean"] == pytest.approx(onnx["whole_cell_dice"]["mean"], abs=0.01)
+        # Paired against K-means: the mean gap is the gap of the means (same images), inside its interval.
+        for method in (bundle_method, "CNN (base)"):
+            for region in ("nucleus", "whole_cell"):
+                gap = table["versus_kmeans_k3"][method][region]
+                dice_gap = table["methods"][method][f"{region}_dice"]["mean"] - table["methods"]["kmeans_k3"][f"{region}_dice"]["mean"]
+                assert gap["mean"] == pytest.approx(dice_gap) and gap["ci95_low"] <= gap["mean"] <= gap["ci95_high"]
+                assert gap["n"] == QUICK_LIMIT and gap["ahead"] + gap["behind"] <= QUICK_LIMIT
+    assert "Paired against K-means (k=3)" in (out / "evaluation.md").read_text()
     assert report["jaccard_le_dice"] == {"holds": True, "violations": []}
     assert "Jaccard <= Dice holds for every method, source, region and image" in (out / "evaluation.md").read_text()
 
