@@ -267,6 +267,7 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_learning_rate=args.segmenter_lr,
             segmenter_crop=args.segmenter_crop or None,
             segmenter_model=args.segmenter_model,
+            classifier_model=args.classifier_model,
             segmenter_init=args.segmenter_init,
             segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
             classifier_init=args.classifier_init,
@@ -411,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
     train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
+    train.add_argument("--classifier-model", default="custom_cnn", help="custom_cnn (default), vgg_hybrid or resnet_s (see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")

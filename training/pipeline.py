@@ -35,6 +35,7 @@ CLASSIFIER_INPUT = (64, 64)
 CROP_MARGIN = 0.15
 MIN_CELL_AREA_PX = 40  # model-input pixels: a Taleqani WBC is ~300, platelets and specks ~10-30
 MIN_NUCLEUS_AREA_PX = 20  # model-input pixels: a Taleqani blast nucleus is ~150; red-cell rims have none
+RUNTIME_CLASSIFIERS = ("custom_cnn", "vgg_hybrid", "resnet_s")  # dual_branch takes 6 channels (cell + nucleus crop): study only
 SUBTYPES = ["Benign", "Early", "Pre", "Pro"]
 WBC_TYPES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 VALIDATION_IMAGES_PER_SOURCE = 60  # model selection during training; the test split is evaluated in full
@@ -64,6 +65,10 @@ class PipelineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.classifier_model not in RUNTIME_CLASSIFIERS:
+            raise ValueError(
+                f"classifier_model must be one the runtime can feed (one 3-channel crop per cell): {', '.join(RUNTIME_CLASSIFIERS)}; got {self.classifier_model!r}"
+            )
         if self.segmenter_crop is not None and not 16 <= self.segmenter_crop <= max(SEGMENTER_INPUT):
             raise ValueError(f"segmenter_crop must be 16..{max(SEGMENTER_INPUT)} model pixels, or None for the whole input; got {self.segmenter_crop}")
         unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]

@@ -55,3 +55,13 @@ def test_a_training_window_outside_the_model_input_is_refused(tmp_path):
         PipelineConfig(tmp_path, tmp_path / "out", segmenter_crop=512)
     assert PipelineConfig(tmp_path, tmp_path / "out", segmenter_crop=None).segmenter_crop is None  # the whole input
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--segmenter-crop", "8"]) == 2  # clear error, no training
+
+
+def test_only_classifiers_the_runtime_can_feed_are_trained_for_a_bundle(tmp_path):
+    from leukoedge.cli import main
+    from leukoedge.training.pipeline import PipelineConfig
+
+    assert PipelineConfig(tmp_path, tmp_path / "out", classifier_model="vgg_hybrid").classifier_model == "vgg_hybrid"
+    with pytest.raises(ValueError, match="3-channel crop"):
+        PipelineConfig(tmp_path, tmp_path / "out", classifier_model="dual_branch")  # 6 channels: cell + nucleus crop
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--classifier-model", "nope"]) == 2
