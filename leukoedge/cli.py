@@ -290,9 +290,15 @@ def command_study(args: argparse.Namespace) -> int:
 
 
 def command_pretrain(args: argparse.Namespace) -> int:
+    from .training.pipeline import check_runtime_classifier
     from .training.pretrain import run_pretraining
 
-    run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle)
+    try:
+        check_runtime_classifier(args.model)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle, model=args.model)
     print((args.out / "pretraining.md").read_text())
     return 0
 
@@ -443,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     pretrain.add_argument("--out", type=Path, default=Path("reports/pretraining"), help="report and simclr-classifier.pt (default: %(default)s)")
     pretrain.add_argument("--quick", action="store_true", help="a few cells, 2-3 steps: checks the path, not accuracy")
+    pretrain.add_argument("--model", default="custom_cnn", help="the classifier pretrained and compared: custom_cnn (default), vgg_hybrid or resnet_s")
     pretrain.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose preprocessing and segmenter checkpoint (PBC cells) are used (default: %(default)s)")
     pretrain.set_defaults(handler=command_pretrain)
     return parser

@@ -43,6 +43,12 @@ HEADS = {"blast": ["normal", "blast"], "subtype": SUBTYPES, "wbc_type": WBC_TYPE
 DEFAULT_FLAG_FRACTION = 0.2  # used only where the validation fields cannot choose one (e.g. --quick)
 
 
+def check_runtime_classifier(model: str) -> None:
+    """ValueError unless the runtime can feed `model` (one 3-channel crop per cell)."""
+    if model not in RUNTIME_CLASSIFIERS:
+        raise ValueError(f"classifier model must be one the runtime can feed (one 3-channel crop per cell): {', '.join(RUNTIME_CLASSIFIERS)}; got {model!r}")
+
+
 @dataclass
 class PipelineConfig:
     data_root: Path
@@ -65,10 +71,7 @@ class PipelineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.classifier_model not in RUNTIME_CLASSIFIERS:
-            raise ValueError(
-                f"classifier_model must be one the runtime can feed (one 3-channel crop per cell): {', '.join(RUNTIME_CLASSIFIERS)}; got {self.classifier_model!r}"
-            )
+        check_runtime_classifier(self.classifier_model)
         if self.segmenter_crop is not None and not 16 <= self.segmenter_crop <= max(SEGMENTER_INPUT):
             raise ValueError(f"segmenter_crop must be 16..{max(SEGMENTER_INPUT)} model pixels, or None for the whole input; got {self.segmenter_crop}")
         unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]

@@ -48,6 +48,7 @@ from .pipeline import (
     CROP_MARGIN,
     HEADS,
     PipelineConfig,
+    check_runtime_classifier,
     load_cell_examples,
     segmenter_boxes,
     spread,
@@ -57,7 +58,7 @@ from .samples import classification_sample
 from .torch_backend import checkpoint_paths, verified_model
 from .train import CellExample, TrainConfig, train_loop, balanced_indices, save_checkpoint, train_classifier
 
-CLASSIFIER_MODEL = PipelineConfig.classifier_model  # the architecture the pipeline trains
+CLASSIFIER_MODEL = PipelineConfig.classifier_model  # the architecture the pipeline trains by default
 CHECKPOINT_NAME = "simclr-classifier.pt"
 TEMPERATURE = 0.2
 PROJECTION_WIDTHS = (256, 64)  # hidden, output: SimCLR's projection g, dropped after pretraining
@@ -287,11 +288,12 @@ def fine_tune_and_score(
     init_from: str | None,
     seed: int,
     test: tuple[torch.Tensor, dict[str, np.ndarray]],
+    model: str = CLASSIFIER_MODEL,
 ) -> dict[str, Any]:
-    """One run: the pipeline's classifier trained on `train` from init_from (None: from scratch), scored on
+    """One run: the classifier `model` trained on `train` from init_from (None: from scratch), scored on
     the test inputs and truth."""
     config = TrainConfig(
-        model=CLASSIFIER_MODEL,
+        model=model,
         input_size=CLASSIFIER_INPUT,
         steps=budget.steps,
         batch_size=budget.batch_size,
@@ -312,7 +314,9 @@ def fine_tune_and_score(
     }
 
 
-def compare_inits(cells: dict[str, list[CellExample]], spec: PreprocessSpec, budget: PretrainBudget, checkpoint: Path) -> dict[str, dict[str, Any]]:
+def compare_inits(
+    cells: dict[str, list[CellExample]], spec: PreprocessSpec, budget: PretrainBudget, checkpoint: Path, model: str = CLASSIFIER_MODEL
+) -> dict[str, dict[str, Any]]:
     """Every init x label fraction x seed, fine-tuned and scored on the test cells. Both inits of a fraction
     and seed share the labelled share and the TrainConfig (the comparison is paired)."""
     test = (runtime_crops(cells["test"], spec), {head: np.array([cell.targets.get(head, -1) for cell in cells["test"]]) for head in HEADS})
@@ -325,7 +329,7 @@ def compare_inits(cells: dict[str, list[CellExample]], spec: PreprocessSpec, bud
                 for init in INITS:
                     progress.set_description(f"{init}, {100 * fraction:g} % labels, seed {seed}")
                     run = results[init].setdefault(f"{fraction:g}", {"fraction": fraction, "runs": []})
-                    run["runs"].append(fine_tune_and_score(train, cells["val"], spec, budget, init_from[init], seed, test))
+                    run["runs"].append(fine_tune_and_score(train, cells["val"], spec, budget, init_from[init], seed, test, model))
                     progress.update()
     for by_fraction in results.values():
         for run in by_fraction.values():
@@ -415,10 +419,13 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_pretraining(data_root: Path, out_dir: Path, quick: bool = False, bundle: Path = Path("models/default")) -> dict[str, Any]:
+def run_pretraining(
+    data_root: Path, out_dir: Path, quick: bool = False, bundle: Path = Path("models/default"), model: str = CLASSIFIER_MODEL
+) -> dict[str, Any]:
     """Pretrain, compare, and write pretraining.json, pretraining.md, pretraining.png and the checkpoint
     into out_dir. bundle: whose preprocessing the crops take and whose segmenter checkpoint (verified
-    against its ONNX file) finds the PBC cells."""
+    against its ONNX file) finds the PBC cells. model: the classifier pretrained and compared."""
+    check_runtime_classifier(model)
     budget = QUICK_BUDGET if quick else FULL_BUDGET
     data_root, out_dir = Path(data_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -428,7 +435,7 @@ def run_pretraining(data_root: Path, out_dir: Path, quick: bool = False, bundle:
     pool, pool_counts = unlabelled_cells(data_root, "train", budget.pool_images_per_source, segmenter, spec)
     pool_val, pool_val_counts = unlabelled_cells(data_root, "val", budget.pool_val_images_per_source, segmenter, spec)
     simclr_config = TrainConfig(
-        model=CLASSIFIER_MODEL,
+        model=model,
         input_size=CLASSIFIER_INPUT,
         steps=budget.simclr_steps,
         batch_size=budget.simclr_batch_size,
@@ -445,7 +452,7 @@ def run_pretraining(data_root: Path, out_dir: Path, quick: bool = False, bundle:
         checkpoint,
     )
     cells, counts = labelled_cells(data_root, out_dir, budget, segmenter, spec)
-    results = compare_inits(cells, spec, budget, checkpoint)
+    results = compare_inits(cells, spec, budget, checkpoint, model)
     plot = label_fraction_curves(
         results, {metric: METRICS[metric] for metric in HEADLINE_METRICS}, "test split: scratch vs SimCLR init", out_dir / "pretraining.png"
     )
@@ -454,7 +461,7 @@ def run_pretraining(data_root: Path, out_dir: Path, quick: bool = False, bundle:
         "config": {
             "quick": quick,
             "budget": asdict(budget),
-            "model": CLASSIFIER_MODEL,
+            "model": model,
             "temperature": TEMPERATURE,
             "projection_widths": list(PROJECTION_WIDTHS),
             "simclr_learning_rate": SIMCLR_LEARNING_RATE,

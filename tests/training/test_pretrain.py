@@ -148,3 +148,12 @@ def test_quick_run_writes_every_row_the_plot_and_a_checkpoint(quick_run: tuple[d
     assert recorded["pretraining"] == f"simclr ({out / 'simclr-classifier.pt'})" and recorded["heads_trained"] is False
     assert set(recorded["cells_per_source"]) == {"wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd"}
     assert all(count > 0 for count in recorded["cells_per_source"].values())
+
+
+def test_simclr_pretrains_any_runtime_classifier() -> None:
+    config = TrainConfig(model="vgg_hybrid", input_size=CLASSIFIER_INPUT, steps=2, batch_size=6, validate_every=1, seed=5)
+    classifier, summary = pretrain_simclr(_blobs(12, 0), _blobs(6, 1), SPEC, config)
+    vgg_keys = create_model("vgg_hybrid", head_classes=head_classes()).state_dict().keys()
+    assert classifier.state_dict().keys() == vgg_keys != create_model(CLASSIFIER_MODEL, head_classes=head_classes()).state_dict().keys()
+    assert set(classifier(torch.zeros(2, 3, *CLASSIFIER_INPUT))) == set(HEADS)
+    assert len(summary["history"]) == 2

@@ -65,3 +65,4 @@ def test_only_classifiers_the_runtime_can_feed_are_trained_for_a_bundle(tmp_path
     with pytest.raises(ValueError, match="3-channel crop"):
         PipelineConfig(tmp_path, tmp_path / "out", classifier_model="dual_branch")  # 6 channels: cell + nucleus crop
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--classifier-model", "nope"]) == 2
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--model", "dual_branch"]) == 2
