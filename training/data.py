@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from leukoedge.preprocess.cpu import Box
+from leukoedge.preprocess.cpu import Box, resize_labels
 
 LABEL_BACKGROUND = 0
 LABEL_CYTOPLASM = 1
@@ -242,8 +242,7 @@ def _zheng_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray
 
 def _all_idb2_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray:
     # The masks are full size (257 px) and the images 0.4x thumbnails; nearest-neighbour keeps classes crisp.
-    mask = _read(record.label_path, cv2.IMREAD_COLOR)
-    mask = cv2.resize(mask, (image_shape[1], image_shape[0]), interpolation=cv2.INTER_NEAREST)
+    mask = resize_labels(_read(record.label_path, cv2.IMREAD_COLOR), image_shape[1], image_shape[0])
     distance = ((mask.astype(np.int32)[:, :, None, :] - _ALL_IDB2_COLOURS_BGR[None, None]) ** 2).sum(axis=-1)
     return _ALL_IDB2_LABELS[distance.argmin(axis=-1)]
 

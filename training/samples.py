@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from leukoedge.preprocess.cpu import (
@@ -22,6 +21,7 @@ from leukoedge.preprocess.cpu import (
     prepare_frame,
     reinhard_normalize,
     resize,
+    resize_labels,
     to_chw_normalized,
     to_rgb_float,
 )
@@ -34,7 +34,7 @@ def letterbox_label_map(label_map: np.ndarray, input_size: Sequence[int]) -> np.
     """A frame-resolution label map placed the way prepare_frame places its frame (padding = background)."""
     placement = fit_letterbox(label_map.shape[0], label_map.shape[1], input_size)
     canvas = np.full((int(input_size[0]), int(input_size[1])), LABEL_BACKGROUND, np.uint8)
-    content = cv2.resize(label_map, (placement.content_width, placement.content_height), interpolation=cv2.INTER_NEAREST)
+    content = resize_labels(label_map, placement.content_width, placement.content_height)
     canvas[placement.pad_y : placement.pad_y + placement.content_height, placement.pad_x : placement.pad_x + placement.content_width] = content
     return canvas
 
@@ -56,7 +56,7 @@ def segmentation_sample(
     content_width = max(8, round(image.shape[1] * scale))
     content_height = max(8, round(image.shape[0] * scale))
     rgb = to_rgb_float(resize(image, content_width, content_height))
-    labels = cv2.resize(label_map, (content_width, content_height), interpolation=cv2.INTER_NEAREST)
+    labels = resize_labels(label_map, content_width, content_height)
     if spec.stain_reference is not None:
         rgb = reinhard_normalize(rgb, jitter_reference(spec.stain_reference, rng), lab_statistics(rgb))
     rgb = augment_colour(rgb, rng)

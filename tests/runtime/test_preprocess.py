@@ -16,6 +16,8 @@ from leukoedge.preprocess.cpu import (
     prepare_crops,
     prepare_frame,
     reinhard_normalize,
+    resize,
+    resize_labels,
     square_crop_box,
     to_rgb_float,
 )
@@ -61,24 +63,47 @@ def test_a_tall_frame_is_padded_vertically():
     assert placement.pad_y == 0
 
 
+def _disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    ys, xs = np.mgrid[: shape[0], : shape[1]]
+    return ((ys - centre[0]) ** 2 + (xs - centre[1]) ** 2 <= radius**2).astype(np.uint8)
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([ys.mean(), xs.mean()])
+
+
 @pytest.mark.parametrize("frame_size", [(480, 640), (120, 120)], ids=["full-field", "letterboxed"])
 def test_label_map_round_trips_through_the_model_resolution(frame_size):
     frame_height, frame_width = frame_size
     placement = fit_letterbox(frame_height, frame_width, SEGMENTER_INPUT)
-    # Blocks of labels much larger than a pixel at either resolution survive nearest resizing twice.
     frame_labels = np.zeros(frame_size, np.uint8)
     frame_labels[: frame_height // 2, : frame_width // 2] = 1
     frame_labels[frame_height // 2 :, frame_width // 2 :] = 2
     model_labels = np.full(SEGMENTER_INPUT, 7, np.uint8)  # 7 marks padding: it must not come back
-    content = cv2.resize(frame_labels, (placement.content_width, placement.content_height), interpolation=cv2.INTER_NEAREST)
+    content = resize_labels(frame_labels, placement.content_width, placement.content_height)
     model_labels[placement.pad_y : placement.pad_y + placement.content_height, placement.pad_x : placement.pad_x + placement.content_width] = content
 
     back = placement.label_map_to_frame(model_labels)
 
     assert back.shape == frame_size
     assert 7 not in back
-    # Only pixels next to a block edge may move, by under one model pixel (1 / scale frame pixels).
-    assert np.mean(back == frame_labels) > 0.98
+    if placement.scale > 1:  # enlarged into the model: nothing is lost, so the way back is exact
+        assert np.array_equal(back, frame_labels)
+    else:  # only pixels next to a block edge may move
+        assert np.mean(back == frame_labels) > 0.99
+
+
+@pytest.mark.parametrize(("size", "resized"), [((120, 120), (192, 192)), ((192, 192), (120, 120)), ((480, 640), (192, 256))])
+def test_resized_labels_stay_where_the_resized_image_is(size, resized):
+    # A disk off the centre: its outline must land where resize() puts the same disk in an image,
+    # or every mask of training and runtime sits a fraction of a pixel beside its cell.
+    disk = _disk(size, (0.37 * size[0], 0.58 * size[1]), 0.2 * min(size))
+    image = resize(disk.astype(np.float32), resized[1], resized[0])
+    labels = resize_labels(disk, resized[1], resized[0])
+
+    assert np.abs(_centroid(labels) - _centroid(image > 0.5)).max() < 0.1
+    assert np.abs(_centroid(labels) - _centroid(image)).max() < 0.1 * size[0] / resized[0] + 0.1
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ def test_all_idb2_full_size_masks_are_resized_to_the_thumbnails(data_root: Path)
         assert (label_map == LABEL_NUCLEUS).any() and (label_map == LABEL_CYTOPLASM).any()
         assert (label_map == LABEL_BACKGROUND).any()
     # Colours: cyan (BGR 255,255,0) is nucleus, blue (BGR 255,0,0) cytoplasm.
-    small = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+    small = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
     assert np.all(label_map[np.all(small == (255, 255, 0), axis=-1)] == LABEL_NUCLEUS)
     assert np.all(label_map[np.all(small == (255, 0, 0), axis=-1)] == LABEL_CYTOPLASM)
 
