@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
     train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
-    train.add_argument("--classifier-model", default="custom_cnn", help="custom_cnn (default), vgg_hybrid or resnet_s (see `leukoedge study`)")
+    train.add_argument("--classifier-model", default="vgg_hybrid", help="vgg_hybrid (default, the shipped one), custom_cnn or resnet_s (see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     pretrain.add_argument("--out", type=Path, default=Path("reports/pretraining"), help="report and simclr-classifier.pt (default: %(default)s)")
     pretrain.add_argument("--quick", action="store_true", help="a few cells, 2-3 steps: checks the path, not accuracy")
-    pretrain.add_argument("--model", default="custom_cnn", help="the classifier pretrained and compared: custom_cnn (default), vgg_hybrid or resnet_s")
+    pretrain.add_argument("--model", default="vgg_hybrid", help="the classifier pretrained and compared: vgg_hybrid (default, the shipped one), custom_cnn or resnet_s")
     pretrain.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose preprocessing and segmenter checkpoint (PBC cells) are used (default: %(default)s)")
     pretrain.set_defaults(handler=command_pretrain)
     return parser

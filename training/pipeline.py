@@ -55,7 +55,7 @@ class PipelineConfig:
     out_dir: Path
     quick: bool = False  # a few steps on a few images: checks the whole path, not the accuracy
     segmenter_model: str = "hctnet_lite"
-    classifier_model: str = "custom_cnn"
+    classifier_model: str = "vgg_hybrid"  # best validation score of the runtime-fed classifiers (README)
     segmenter_steps: int = 8000
     classifier_steps: int = 1500
     segmenter_learning_rate: float = 2e-3

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="pretraining trains models (training
 
 from leukoedge.preprocess.cpu import PreprocessSpec  # noqa: E402
 from leukoedge.training.models import create_model  # noqa: E402
-from leukoedge.training.pipeline import CLASSIFIER_INPUT, CROP_MARGIN, HEADS, _checkpoint_model  # noqa: E402
+from leukoedge.training.pipeline import CLASSIFIER_INPUT, CROP_MARGIN, HEADS, RUNTIME_CLASSIFIERS, _checkpoint_model  # noqa: E402
 from leukoedge.training.pretrain import (  # noqa: E402
     CLASSIFIER_MODEL,
     INITS,
@@ -151,9 +151,10 @@ def test_quick_run_writes_every_row_the_plot_and_a_checkpoint(quick_run: tuple[d
 
 
 def test_simclr_pretrains_any_runtime_classifier() -> None:
-    config = TrainConfig(model="vgg_hybrid", input_size=CLASSIFIER_INPUT, steps=2, batch_size=6, validate_every=1, seed=5)
+    other = next(name for name in RUNTIME_CLASSIFIERS if name != CLASSIFIER_MODEL)  # not the default architecture
+    config = TrainConfig(model=other, input_size=CLASSIFIER_INPUT, steps=2, batch_size=6, validate_every=1, seed=5)
     classifier, summary = pretrain_simclr(_blobs(12, 0), _blobs(6, 1), SPEC, config)
-    vgg_keys = create_model("vgg_hybrid", head_classes=head_classes()).state_dict().keys()
-    assert classifier.state_dict().keys() == vgg_keys != create_model(CLASSIFIER_MODEL, head_classes=head_classes()).state_dict().keys()
+    other_keys = create_model(other, head_classes=head_classes()).state_dict().keys()
+    assert classifier.state_dict().keys() == other_keys != create_model(CLASSIFIER_MODEL, head_classes=head_classes()).state_dict().keys()
     assert set(classifier(torch.zeros(2, 3, *CLASSIFIER_INPUT))) == set(HEADS)
     assert len(summary["history"]) == 2
