@@ -223,7 +223,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
     checkpoints = parse_segmenter_checkpoints(args.segmenter_checkpoint)
     if args.quick:
-        run_quick(args.data, args.out, args.bundle, checkpoints, args.cross_source_bundle, args.limit)
+        run_quick(args.data, args.out, args.bundle, checkpoints, args.cross_source_bundle, args.limit, args.split)
     else:
         label, baseline = SHIPPED_BASELINE
         if not args.segmenter_checkpoint and baseline.is_file():
@@ -231,7 +231,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
         cross_source = args.cross_source_bundle
         if cross_source is None and SHIPPED_CROSS_SOURCE.is_dir():
             cross_source = SHIPPED_CROSS_SOURCE
-        evaluate_bundle(args.bundle or default_bundle(), args.data, args.out, args.limit, checkpoints, cross_source)
+        evaluate_bundle(args.bundle or default_bundle(), args.data, args.out, args.limit, checkpoints, cross_source, split=args.split)
     print((args.out / "evaluation.md").read_text())
     return 0
 
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     evaluate.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default: {default_bundle()}; --quick: a tiny one trained for the run)")
     evaluate.add_argument("--out", type=Path, default=Path("reports"))
-    evaluate.add_argument("--limit", type=int, default=None, help="at most this many test images per source, spread over the split (--quick: 6)")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most this many images per source, spread over the split (--quick: 6)")
     evaluate.add_argument(
         "--segmenter-checkpoint",
         action="append",
@@ -411,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--cross-source-bundle", type=Path, default=None, help="a bundle trained with --segmentation-sources leaving some out: tested on those (default: the shipped models/cross-source)")
     evaluate.add_argument("--quick", action="store_true", help="CI: tiny models, a few images; checks every table and plot is made, not accuracy")
+    evaluate.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="test (default): held-out figures; val: compare candidate models without looking at the test split",
+    )
     evaluate.set_defaults(handler=command_evaluate)
 
     train = commands.add_parser("train", help="train segmenter + classifier, export to ONNX, write a bundle (needs [train])")

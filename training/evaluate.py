@@ -51,6 +51,8 @@ SEGMENTATION_TEST_SOURCES = ("wbc-seg-zheng", "all-idb2")  # the sources with ex
 REGIONS = ("nucleus", "whole_cell")
 TABLE_METRICS = ("jaccard", "tanimoto", "dice", "ssim", "pixel_error")
 K_SWEEP = tuple(range(2, 7))
+# "val" is for comparing candidates (model selection may look at it); only "test" gives held-out figures.
+EVALUATION_SPLITS = ("test", "val")
 K_SWEEP_IMAGES = 40  # train images per source for the sweep (spread over the split): the k is stable by then
 SWEEP_CLASSES = ("background", "cytoplasm", "nucleus")
 EXAMPLE_IMAGES_PER_SOURCE = 2
@@ -235,12 +237,12 @@ class SegmentationComparison:
 
 
 def compare_segmentation(
-    data_root: Path, deep: dict[str, Segmenter], swept_k: dict[str, int], limit: int | None
+    data_root: Path, deep: dict[str, Segmenter], swept_k: dict[str, int], limit: int | None, split: str = "test"
 ) -> SegmentationComparison:
-    """Deep segmenters and every classical method on the test split of each source with expert masks."""
+    """Deep segmenters and every classical method on the split of each source with expert masks."""
     comparison = SegmentationComparison({}, {})
     for source in SEGMENTATION_TEST_SOURCES:
-        records = _sample(data.load_records(data_root, source, "test"), limit)
+        records = _sample(data.load_records(data_root, source, split), limit)
         scored = score_images(records, {**deep, **classical_segmenters(swept_k[source])}, f"segmentation {source}", EXAMPLE_IMAGES_PER_SOURCE)
         comparison.table[source] = {
             "images": len(records),
@@ -334,8 +336,10 @@ def box_detection(detector: Detector, records: list[data.Record], description: s
     }
 
 
-def evaluate_cross_source(cross: Detector, reference: Detector, data_root: Path, limit: int | None) -> tuple[dict[str, Any], dict[str, PerImage]]:
-    """The cross-source bundle on the test split of every segmentation source its segmenter did not
+def evaluate_cross_source(
+    cross: Detector, reference: Detector, data_root: Path, limit: int | None, split: str = "test"
+) -> tuple[dict[str, Any], dict[str, PerImage]]:
+    """The cross-source bundle on the split of every segmentation source its segmenter did not
     learn from, next to the reference bundle on the same images. Masks (Zheng, ALL-IDB2 expert;
     Taleqani weak: label 3 and 1/2 count as cell, 255 ignored): Dice/Jaccard; BCCD: WBC boxes."""
     trained = trained_segmentation_sources(cross.bundle)
@@ -345,11 +349,12 @@ def evaluate_cross_source(cross: Detector, reference: Detector, data_root: Path,
         "trained_on": trained,
         "reference_bundle": str(reference.bundle.root),
         "reference_trained_on": trained_segmentation_sources(reference.bundle),
+        "split": split,
         "sources": {},
     }
     per_image: dict[str, PerImage] = {}
     for source in (s for s in SEGMENTATION_SOURCES if s not in trained):
-        records = _sample(data.load_records(data_root, source, "test"), limit)
+        records = _sample(data.load_records(data_root, source, split), limit)
         detectors = {"cross_source": cross, "reference": reference}
         if source == "bccd":
             rows = {role: box_detection(detector, records, f"cross-source {source} {role}") for role, detector in detectors.items()}
@@ -390,10 +395,10 @@ def _class_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limit: int | None) -> dict[str, Any]:
+def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limit: int | None, split: str = "test") -> dict[str, Any]:
     """Blast vs normal on single-cell images (ALL-IDB2, PBC): the detected cell nearest the centre.
     An image with no detected cell counts as called normal and is reported as a miss."""
-    records = _sample(data.load_records(data_root, source, "test"), limit)
+    records = _sample(data.load_records(data_root, source, split), limit)
     truth, probability, missed = [], [], 0
     wbc_truth, wbc_predicted = [], []
     for record in tqdm(records, desc=f"cells {source}", leave=False):
@@ -421,10 +426,10 @@ def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limi
     return report
 
 
-def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None) -> dict[str, Any]:
+def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None, split: str = "test") -> dict[str, Any]:
     """Taleqani fields: malignant vs benign per image from the frame verdict (flagged), and B-ALL subtype
     per image from the mean subtype probabilities of the detected cells."""
-    records = _sample(data.load_records(data_root, "all-taleqani", "test"), limit)
+    records = _sample(data.load_records(data_root, "all-taleqani", split), limit)
     subtype_classes = detector.classifier_spec["heads"]["subtype"]["classes"]
     malignant, flagged, fraction, subtype_truth, subtype_predicted, no_cells = [], [], [], [], [], 0
     for record in tqdm(records, desc="fields all-taleqani", leave=False):
@@ -488,25 +493,29 @@ def evaluate_bundle(
     segmenter_checkpoints: dict[str, Path] | None = None,
     cross_source_bundle: Path | None = None,
     quick: bool = False,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Every held-out figure of the bundle; writes evaluation.json, evaluation.md and the PNGs into out_dir.
 
     limit: at most this many test images per source (spread over the split); it also caps the k sweep.
     segmenter_checkpoints: label -> segmenter checkpoint compared with the bundle (e.g. "CNN (base)").
     cross_source_bundle: a bundle whose segmenter left some sources out (manifest training.segmentation_sources).
+    split: "test" (held-out figures) or "val" (to compare candidate models without looking at the test split).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 image per source; got {limit}")
+    if split not in EVALUATION_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(EVALUATION_SPLITS)}; got {split!r}")
     detector = Detector.load(bundle)
     sweeps = {source: kmeans_k_sweep(data_root, source, min(limit or K_SWEEP_IMAGES, K_SWEEP_IMAGES)) for source in SEGMENTATION_TEST_SOURCES}
     deep = {bundle_method(detector): bundle_segmenter(detector)}
     preprocess_of = {}
     for label, checkpoint in (segmenter_checkpoints or {}).items():
         deep[label], preprocess_of[label] = checkpoint_segmenter(Path(checkpoint), detector.bundle)
-    comparison = compare_segmentation(data_root, deep, {source: sweep["chosen_k"] for source, sweep in sweeps.items()}, limit)
+    comparison = compare_segmentation(data_root, deep, {source: sweep["chosen_k"] for source, sweep in sweeps.items()}, limit, split)
     cross_source, cross_per_image = None, {}
     if cross_source_bundle is not None:
-        cross_source, cross_per_image = evaluate_cross_source(Detector.load(cross_source_bundle), detector, data_root, limit)
+        cross_source, cross_per_image = evaluate_cross_source(Detector.load(cross_source_bundle), detector, data_root, limit, split)
     violations = jaccard_dice_violations({**comparison.per_image, **cross_per_image})
     report = {
         "date": dt.date.today().isoformat(),
@@ -514,7 +523,12 @@ def evaluate_bundle(
         "bundle": str(bundle),
         "model_version": detector.bundle.model_version,
         "precisions": dict(detector.precisions),
-        "split": "test split of training/splits/*.csv (seed 0), never seen in training or model selection",
+        "evaluated_split": split,
+        "split": (
+            "test split of training/splits/*.csv (seed 0), never seen in training or model selection"
+            if split == "test"
+            else "VALIDATION split of training/splits/*.csv (seed 0): model selection saw it, so these are not held-out figures"
+        ),
         "segmentation": comparison.table,
         "segmenter_checkpoints": {
             label: {"checkpoint": str(path), "preprocess_from": preprocess_of[label]} for label, path in (segmenter_checkpoints or {}).items()
@@ -522,9 +536,9 @@ def evaluate_bundle(
         "jaccard_le_dice": {"holds": not violations, "violations": violations},
         "kmeans_k_sweep": sweeps,
         "cross_source": cross_source,
-        "all_idb2": evaluate_single_cells(detector, data_root, "all-idb2", limit),
-        "pbc": evaluate_single_cells(detector, data_root, "pbc", limit),
-        "all_taleqani": evaluate_taleqani(detector, data_root, limit),
+        "all_idb2": evaluate_single_cells(detector, data_root, "all-idb2", limit, split),
+        "pbc": evaluate_single_cells(detector, data_root, "pbc", limit, split),
+        "all_taleqani": evaluate_taleqani(detector, data_root, limit, split),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = write_plots(report, comparison.examples, out_dir)
@@ -556,6 +570,7 @@ def run_quick(
     segmenter_checkpoints: dict[str, Path] | None = None,
     cross_source_bundle: Path | None = None,
     limit: int | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Every table and plot from tiny models on a few images (CI): checks the report, not the models.
 
@@ -569,7 +584,7 @@ def run_quick(
             bundle = run_pipeline(config).root
         if not segmenter_checkpoints:
             segmenter_checkpoints = {"CNN (base)": tiny_unet_checkpoint(data_root, bundle, scratch)}
-        return evaluate_bundle(bundle, data_root, out_dir, limit or QUICK_LIMIT, segmenter_checkpoints, cross_source_bundle or bundle, quick=True)
+        return evaluate_bundle(bundle, data_root, out_dir, limit or QUICK_LIMIT, segmenter_checkpoints, cross_source_bundle or bundle, quick=True, split=split)
 
 
 # ---- markdown ----
@@ -594,7 +609,7 @@ def _method_label(method: str, source_table: dict[str, Any]) -> str:
 
 def _segmentation_md(report: dict[str, Any]) -> list[str]:
     lines = [
-        "## Segmentation on expert masks (test split, mean ± std over images)",
+        f"## Segmentation on expert masks ({report['evaluated_split']} split, mean ± std over images)",
         "",
         "Methods: the bundle (ONNX Runtime through `Detector.run`; ms = preprocess + segment + postprocess), deep",
         "segmenters from training checkpoints (PyTorch, through the same preprocessing and letterbox), and the classical",
@@ -679,7 +694,7 @@ def _cross_source_md(report: dict[str, Any]) -> list[str]:
     held_out = ", ".join(cross["sources"])
     lines += [
         f"Bundle `{cross['bundle']}` ({cross['architecture']}), segmenter trained on {', '.join(cross['trained_on'])} only, tested on the",
-        f"test split of {held_out}. Next to it, on the same images, the reference `{cross['reference_bundle']}`",
+        f"{cross['split']} split of {held_out}. Next to it, on the same images, the reference `{cross['reference_bundle']}`",
         f"(trained on {', '.join(cross['reference_trained_on'])}: a same-source figure where it learnt from that source).",
         "Taleqani masks are weak (the authors' colour threshold; cell = labels 1/2/3, 255 ignored), so only whole-cell",
         "scores exist there; BCCD has WBC boxes only:",

@@ -12,6 +12,7 @@ import pytest
 
 from leukoedge.bundle import load_bundle, save_bundle
 from leukoedge.errors import LeukoedgeError
+from leukoedge.training import evaluate
 from leukoedge.training.evaluate import (
     QUICK_LIMIT,
     background_scores,
@@ -186,3 +187,24 @@ def test_segmenter_checkpoint_arguments(tmp_path: Path) -> None:
             parse_segmenter_checkpoints([bad])
     with pytest.raises(LeukoedgeError):
         parse_segmenter_checkpoints([f"a={checkpoint}", f"a={checkpoint}"])
+
+
+def test_val_split_compares_candidates_without_touching_the_test_split(
+    tiny_bundle: Path, cross_source_bundle: Path, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits_read = []
+    load_records = evaluate.data.load_records
+
+    def recording_load_records(root, source, split=None):
+        splits_read.append(split)
+        return load_records(root, source, split)
+
+    monkeypatch.setattr(evaluate.data, "load_records", recording_load_records)
+    report = evaluate.evaluate_bundle(tiny_bundle, data_root, tmp_path, limit=1, cross_source_bundle=cross_source_bundle, split="val")
+
+    assert set(splits_read) == {"train", "val"}  # train: only the K-means k sweep
+    assert report["evaluated_split"] == "val" and report["cross_source"]["split"] == "val"
+    markdown = (tmp_path / "evaluation.md").read_text()
+    assert "VALIDATION split" in markdown and "(val split, mean" in markdown
+    with pytest.raises(ValueError, match="split must be one of test, val"):
+        evaluate.evaluate_bundle(tiny_bundle, data_root, tmp_path, limit=1, split="train")
