@@ -120,8 +120,8 @@ def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
     """Nearest-neighbour resize of a label or instance map, pixel centres aligned as in resize().
 
     cv2.INTER_NEAREST takes floor(x * ratio), which moves every outline up to one pixel right and down
-    (at 1.6x, half a model pixel on the way in and half a frame pixel on the way back: -0.006 nucleus
-    Dice on Zheng val). INTER_NEAREST_EXACT samples the source at the pixel centre.
+    (at 1.6x, half a model pixel on the way in and half a frame pixel on the way back): masks then sit
+    beside their cells. INTER_NEAREST_EXACT samples the source at the pixel centre.
     """
     return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
