@@ -267,7 +267,7 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_learning_rate=args.segmenter_lr,
             segmenter_crop=args.segmenter_crop or None,
             segmenter_model=args.segmenter_model,
-            classifier_model=args.classifier_model,
+            classifier_model=args.classifier_model or PipelineConfig.classifier_model,
             segmenter_init=args.segmenter_init,
             segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
             classifier_init=args.classifier_init,
@@ -291,14 +291,15 @@ def command_study(args: argparse.Namespace) -> int:
 
 def command_pretrain(args: argparse.Namespace) -> int:
     from .training.pipeline import check_runtime_classifier
-    from .training.pretrain import run_pretraining
+    from .training.pretrain import CLASSIFIER_MODEL, run_pretraining
 
+    model = args.model or CLASSIFIER_MODEL
     try:
-        check_runtime_classifier(args.model)
+        check_runtime_classifier(model)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle, model=args.model)
+    run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle, model=model)
     print((args.out / "pretraining.md").read_text())
     return 0
 
@@ -424,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
     train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
-    train.add_argument("--classifier-model", default="vgg_hybrid", help="vgg_hybrid (default, the shipped one), custom_cnn or resnet_s (see `leukoedge study`)")
+    train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
@@ -455,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     pretrain.add_argument("--out", type=Path, default=Path("reports/pretraining"), help="report and simclr-classifier.pt (default: %(default)s)")
     pretrain.add_argument("--quick", action="store_true", help="a few cells, 2-3 steps: checks the path, not accuracy")
-    pretrain.add_argument("--model", default="vgg_hybrid", help="the classifier pretrained and compared: vgg_hybrid (default, the shipped one), custom_cnn or resnet_s")
+    pretrain.add_argument("--model", default=None, help="the classifier pretrained and compared: vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one)")
     pretrain.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose preprocessing and segmenter checkpoint (PBC cells) are used (default: %(default)s)")
     pretrain.set_defaults(handler=command_pretrain)
     return parser
