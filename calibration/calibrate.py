@@ -122,14 +122,14 @@ def parse_keep_float(values: list[str]) -> dict[str, tuple[str, ...]]:
 
 
 def cell_finder(bundle: Bundle, threads: int | None) -> Callable[[data.Record, np.ndarray], Box | None]:
-    """The cell of an image: from its mask where the data has one, else (PBC) from the bundle's own
-    FP32 segmenter through the runtime's postprocessing, as training.pipeline does."""
+    """The cell of an image: from its mask in data.MARKED_CELL_SOURCES, else (Taleqani, PBC) from the
+    bundle's own FP32 segmenter through the runtime's postprocessing, as training.pipeline does."""
     manifest = bundle.manifest
     spec = PreprocessSpec.from_manifest(manifest["preprocess"])
     segmenter = OnnxRuntimeBackend(bundle.path(manifest["segmenter"]["file"]), threads=threads)
 
     def find(record: data.Record, image: np.ndarray) -> Box | None:
-        if record.label_path is not None:
+        if record.source in data.MARKED_CELL_SOURCES:
             return central_box(data.wbc_boxes(record), image.shape)
         prepared = prepare_frame(image, spec, manifest["segmenter"]["input_size"])
         probabilities = segmenter.run({manifest["segmenter"]["input"]: prepared.tensor})[manifest["segmenter"]["output"]][0]

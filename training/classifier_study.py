@@ -11,8 +11,8 @@ methods under one protocol, not a held-out figure of a shipped model (`leukoedge
   blast), PBC lymphocytes (normal);
 - subtype: Taleqani Benign / Early / Pre / Pro;
 - wbc_type: PBC's 8 classes.
-One cell per image, so no image is split between folds: ALL-IDB2 the expert mask's cell, Taleqani the
-weak mask's cell nearest the centre, PBC the cell the shipped segmenter finds nearest the centre.
+One cell per image, so no image is split between folds: ALL-IDB2 the expert mask's cell, Taleqani and
+PBC the cell the shipped bundle's Detector finds nearest the centre (data.MARKED_CELL_SOURCES).
 dual_branch's nucleus crop is the box of the nucleus_mask of the detected cell (Detector on the shipped
 bundle) that overlaps the cell most, or the cell box where none does (counted in study.json).
 """
@@ -160,11 +160,9 @@ def _targets(record: data.Record) -> dict[str, int]:
 def study_cell(record: data.Record, detector: Detector, data_root: Path) -> StudyCell | None:
     """The record's cell (see the module docstring), or None where the image has none."""
     image = data.read_image(record)
-    marked = data.wbc_boxes(record)  # [] for PBC, which has no masks
-    if record.source != "pbc" and not marked:
-        return None  # no cell to classify: spare the detector
+    marked = record.source in data.MARKED_CELL_SOURCES
     detected = detector.run(image).cells
-    box = central_box(marked if record.source != "pbc" else [cell.box for cell in detected], image.shape)
+    box = central_box(data.wbc_boxes(record) if marked else [cell.box for cell in detected], image.shape)
     if box is None:
         return None
     found = nucleus_box(detected, box)

@@ -61,6 +61,15 @@ _TALEQANI_STAINED_HUE = (118, 155)
 _TALEQANI_STAINED_MIN_SATURATION = 50
 # The mask edge is uncertain by a few pixels (threshold, JPEG): a ring of no supervision.
 _TALEQANI_EDGE_RING = 3
+# Where the kept cells hold less than this share of the field's stained pixels, the authors' threshold
+# failed on the field (the pale Pro fields: 94 % of them in the train split; 1-5 % of the others), and
+# its cells outside the stained hue would be taught as background: the field has no usable mask.
+_TALEQANI_MIN_STAINED_SHARE = 0.2
+
+# Sources whose mask marks the one cell of a single-cell image: a cell to classify is taken from the mask.
+# Elsewhere (Taleqani fields, PBC) the cells to classify are those the segmenter finds, as at run time:
+# the Taleqani weak masks miss most Pro cells, and cells taken from them taught a subtype head without Pro.
+MARKED_CELL_SOURCES = ("wbc-seg-zheng", "all-idb2")
 
 
 @dataclass(frozen=True)
@@ -265,8 +274,9 @@ def _solidity(component: np.ndarray) -> float:
     return float(component.sum()) / max(hull_area, 1.0)
 
 
-def _taleqani_weak_mask(record: Record) -> tuple[np.ndarray, list[Box]]:
-    """(label map, boxes of the kept WBC components) from the authors' colour-threshold segmentation."""
+def _taleqani_weak_mask(record: Record) -> tuple[np.ndarray | None, list[Box]]:
+    """(label map, boxes of the kept WBC components) from the authors' colour-threshold segmentation;
+    (None, []) where that segmentation failed on the field (see _TALEQANI_MIN_STAINED_SHARE)."""
     image = read_image(record)
     segmented = _read(record.label_path, cv2.IMREAD_COLOR)
     if segmented.shape != image.shape:
@@ -291,11 +301,14 @@ def _taleqani_weak_mask(record: Record) -> tuple[np.ndarray, list[Box]]:
         else:
             uncertain[index] = True
     wbc = cells[components]
+    stained = _stained_pixels(image)
+    if (stained & wbc).sum() < _TALEQANI_MIN_STAINED_SHARE * stained.sum():
+        return None, []
     unsupervised = (uncertain[components] | wbc).astype(np.uint8)
     ring = _disk(_TALEQANI_EDGE_RING)
     label_map = np.full(image.shape[:2], LABEL_BACKGROUND, np.uint8)
     label_map[cv2.dilate(unsupervised, ring) > 0] = LABEL_IGNORE
-    label_map[cv2.dilate(_stained_pixels(image).astype(np.uint8), ring) > 0] = LABEL_IGNORE
+    label_map[cv2.dilate(stained.astype(np.uint8), ring) > 0] = LABEL_IGNORE
     label_map[wbc] = LABEL_WBC
     boxes = [
         (int(x), int(y), int(x + width), int(y + height))
@@ -341,6 +354,7 @@ def read_label_map(record: Record) -> np.ndarray | None:
     """The record's labels: uint8 HxW (the image's size), values in {0, 1, 2, 3, 255}; None if it has none.
 
     BCCD: inside WBC boxes 255, elsewhere 0; None without an annotation or with no WBC box in it.
+    Taleqani: None where the authors' segmentation failed on the field.
     """
     if record.label_path is None:
         return None
@@ -368,7 +382,8 @@ def _largest_component_box(cell: np.ndarray) -> list[Box]:
 def wbc_boxes(record: Record) -> list[Box]:
     """WBC boxes (x0, y0, x1, y1), exclusive ends, in image coordinates; [] where unknown.
 
-    BCCD: the annotated WBC boxes; Taleqani: the kept weak-mask components; Zheng and ALL-IDB2:
+    BCCD: the annotated WBC boxes; Taleqani: the kept weak-mask components ([] where the weak mask
+    failed: these are for segmentation, not the cells to classify, see CELL_BOX_SOURCES); Zheng and ALL-IDB2:
     the largest component of the expert mask's cell pixels; PBC: [] (no boxes).
     """
     if record.label_path is None:

@@ -142,8 +142,9 @@ def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessS
 
 
 def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.Module, spec: PreprocessSpec) -> tuple[list[CellExample], dict]:
-    """Cells with their targets. Boxes: ALL-IDB2 from the expert mask, Taleqani from the weak mask,
-    PBC from the segmenter (no masks there). Returns the examples and per-source counts."""
+    """Cells with their targets. Boxes: ALL-IDB2 from the expert mask; Taleqani and PBC from the
+    segmenter, as at run time (data.MARKED_CELL_SOURCES). Every cell of a Taleqani field takes the
+    field's labels. Returns the examples and per-source counts."""
     examples: list[CellExample] = []
     counts: dict[str, int] = {}
     missed_pbc = 0
@@ -154,7 +155,7 @@ def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.M
             examples.append(CellExample("all-idb2", image, box, {"blast": record.blast}))
     for record in tqdm(_records(config, "all-taleqani", split), desc=f"cells all-taleqani {split}", leave=False):
         image = data.read_image(record)
-        for box in data.wbc_boxes(record):
+        for box in segmenter_boxes(segmenter, image, spec):
             examples.append(CellExample("all-taleqani", image, box, {"blast": record.blast, "subtype": SUBTYPES.index(record.subtype)}))
     for record in tqdm(_records(config, "pbc", split), desc=f"cells pbc {split}", leave=False):
         image = data.read_image(record)

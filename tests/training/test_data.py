@@ -75,6 +75,8 @@ def test_label_maps_have_the_image_shape_and_allowed_values(data_root: Path, sou
         if source == "pbc":
             assert label_map is None
             continue
+        if source == "all-taleqani" and label_map is None:
+            continue  # the authors' threshold failed on the field: see the Taleqani test below
         assert label_map is not None and label_map.dtype == np.uint8
         assert label_map.shape == image.shape[:2]
         assert set(np.unique(label_map).tolist()) <= ALLOWED_LABELS
@@ -110,6 +112,8 @@ def test_taleqani_weak_mask_gives_cell_sized_components_with_an_unsupervised_rim
     diameters = []
     for record in records[::40]:
         label_map = read_label_map(record)
+        if label_map is None:  # the authors' threshold failed on this field: see the next test
+            continue
         boxes = wbc_boxes(record)
         wbc = (label_map == LABEL_WBC).astype(np.uint8)
         count, _, stats, _ = cv2.connectedComponentsWithStats(wbc, connectivity=8)
@@ -123,6 +127,19 @@ def test_taleqani_weak_mask_gives_cell_sized_components_with_an_unsupervised_rim
         assert not (near_cell & (label_map == LABEL_BACKGROUND)).any()
     assert min(diameters) >= 12 and max(diameters) <= 120
     assert 15 <= float(np.median(diameters)) <= 35
+
+
+def test_taleqani_fields_where_the_authors_threshold_failed_have_no_label_map(data_root: Path) -> None:
+    # The pale Pro fields: the authors' segmentation keeps (nearly) no cell, so "everything else is
+    # background" would teach their cells as background.
+    by_subtype = {subtype: [] for subtype in ("Benign", "Early", "Pre", "Pro")}
+    for record in load_records(data_root, "all-taleqani")[::10]:
+        by_subtype[record.subtype].append(read_label_map(record) is None)
+    assert np.mean(by_subtype["Pro"]) > 0.8
+    for subtype in ("Benign", "Early", "Pre"):
+        assert np.mean(by_subtype[subtype]) < 0.1
+    failed = next(r for r in load_records(data_root, "all-taleqani")[::10] if r.subtype == "Pro" and read_label_map(r) is None)
+    assert wbc_boxes(failed) == []
 
 
 def test_bccd_boxes_come_from_the_voc_xml(data_root: Path) -> None:
