@@ -4,15 +4,16 @@ No ImageNet weights can be downloaded here, so the classifier's trunk learns fir
 cells of ../shared/data. `leukoedge pretrain --data ../shared/data --out reports/pretraining [--quick]`:
 
 1. Unlabelled cells of the train split of every source (labels never read): the marked WBC boxes
-   (data.wbc_boxes: Zheng and ALL-IDB2 expert masks, Taleqani weak masks, BCCD boxes) and, for PBC (no
-   masks), the cell the bundle's segmenter finds nearest the centre, as the pipeline finds PBC cells.
+   (data.wbc_boxes: Zheng and ALL-IDB2 expert masks, BCCD boxes); Taleqani: every cell the bundle's
+   segmenter finds (its weak masks miss most Pro cells); PBC (no masks): the cell the segmenter finds
+   nearest the centre. Taleqani and PBC as the pipeline finds their cells.
 2. SimCLR (Chen et al. 2020): two views of each cell through the augmentation the classifier trains
    with (samples.classification_sample: box, stain and gain jitter, rotations, flips), the classifier's
    trunk and a projection MLP, NT-Xent loss. Kept as a full classifier checkpoint with pipeline.HEADS
    (trunk pretrained, dense layers and heads at their fresh init), so that
    `leukoedge train --classifier-init <out>/simclr-classifier.pt` fine-tunes from it unchanged.
-3. Does it help: the pipeline's classifier on the pipeline's cells (pipeline.load_cell_examples, PBC
-   boxes from the bundle's segmenter checkpoint), trained from scratch and from the SimCLR checkpoint
+3. Does it help: the pipeline's classifier on the pipeline's cells (pipeline.load_cell_examples, Taleqani
+   and PBC boxes from the bundle's segmenter checkpoint), trained from scratch and from the SimCLR checkpoint
    with one TrainConfig, on a stratified share of the labelled train cells (per source and class), a
    few seeds each, scored on the test split. Writes pretraining.json, pretraining.md, pretraining.png.
 
@@ -176,7 +177,12 @@ def unlabelled_cells(
     for source in data.SOURCES:
         for record in tqdm(spread(data.load_records(data_root, source, split), images_per_source), desc=f"unlabelled {source} {split}", leave=False):
             image = data.read_image(record)
-            boxes = [central_box(segmenter_boxes(segmenter, image, spec), image.shape)] if source == "pbc" else data.wbc_boxes(record)
+            if source == "pbc":
+                boxes = [central_box(segmenter_boxes(segmenter, image, spec), image.shape)]  # one cell per PBC image
+            elif source == "all-taleqani":
+                boxes = segmenter_boxes(segmenter, image, spec)
+            else:
+                boxes = data.wbc_boxes(record)
             cells += [lighter(CellExample(source, image, box, {})) for box in boxes if box is not None]
     return cells, {source: sum(cell.source == source for cell in cells) for source in data.SOURCES}
 
