@@ -132,7 +132,9 @@ class Timings:
 
 @dataclass
 class Verdict:
-    """The frame-level call: how many cells, how many blasts, and whether the frame is flagged."""
+    """The frame-level call: how many cells, how many blasts, whether the frame is flagged, and the
+    frame's B-ALL subtype (the mean of its cells' subtype probabilities; None without cells or
+    without a subtype head)."""
 
     cell_count: int
     blast_count: int
@@ -140,17 +142,34 @@ class Verdict:
     flagged: bool
     blast_threshold: float
     flag_fraction: float
+    subtype: str | None
+    subtype_scores: dict[str, float]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+SUBTYPE_HEAD = "subtype"
+
+
+def frame_subtype(cells: Sequence[Cell]) -> tuple[str | None, dict[str, float]]:
+    """(most likely subtype, mean subtype probabilities) over the frame's cells. The subtype is a
+    property of the sample, not of one cell: a field of Pro-B blasts also holds cells that look Pre-B
+    on their own, and the mean over cells is what was validated (leukoedge evaluate)."""
+    if not cells or SUBTYPE_HEAD not in cells[0].head_scores:
+        return None, {}
+    classes = list(cells[0].head_scores[SUBTYPE_HEAD])
+    means = np.mean([[cell.head_scores[SUBTYPE_HEAD][name] for name in classes] for cell in cells], axis=0)
+    return classes[int(np.argmax(means))], {name: float(p) for name, p in zip(classes, means)}
+
+
 def make_verdict(cells: Sequence[Cell], blast_threshold: float, flag_fraction: float) -> dict[str, Any]:
     """A cell is a blast when blast_probability >= blast_threshold; the frame is flagged when
-    it has cells and the blast fraction reaches flag_fraction."""
+    it has cells and the blast fraction reaches flag_fraction; the subtype from frame_subtype."""
     cell_count = len(cells)
     blast_count = sum(1 for cell in cells if cell.blast_probability >= blast_threshold)
     blast_fraction = blast_count / cell_count if cell_count else 0.0
+    subtype, subtype_scores = frame_subtype(cells)
     return Verdict(
         cell_count=cell_count,
         blast_count=blast_count,
@@ -158,6 +177,8 @@ def make_verdict(cells: Sequence[Cell], blast_threshold: float, flag_fraction: f
         flagged=cell_count > 0 and blast_fraction >= flag_fraction,
         blast_threshold=float(blast_threshold),
         flag_fraction=float(flag_fraction),
+        subtype=subtype,
+        subtype_scores=subtype_scores,
     ).as_dict()
 
 

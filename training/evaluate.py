@@ -431,7 +431,7 @@ def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limi
 
 def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None, split: str = "test") -> dict[str, Any]:
     """Taleqani fields: malignant vs benign per image from the frame verdict (flagged), and B-ALL subtype
-    per image from the mean subtype probabilities of the detected cells."""
+    per image from the frame verdict's subtype (the mean subtype probabilities of the detected cells)."""
     records = _sample(data.load_records(data_root, "all-taleqani", split), limit)
     subtype_classes = detector.classifier_spec["heads"]["subtype"]["classes"]
     malignant, flagged, fraction, subtype_truth, subtype_predicted, no_cells = [], [], [], [], [], 0
@@ -442,11 +442,7 @@ def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None, sp
         fraction.append(result.verdict["blast_fraction"])
         no_cells += not result.cells
         subtype_truth.append(record.subtype)
-        if result.cells:
-            mean = np.mean([[c.head_scores["subtype"][s] for s in subtype_classes] for c in result.cells], axis=0)
-            subtype_predicted.append(subtype_classes[int(np.argmax(mean))])
-        else:
-            subtype_predicted.append("none")
+        subtype_predicted.append(result.verdict["subtype"] or "none")  # the runtime's frame subtype
     verdict = binary_summary(malignant, [float(f) for f in flagged], 0.5)
     verdict["auc_from_blast_fraction"] = binary_summary(malignant, fraction, 0.5)["auc"]
     verdict["roc_from_blast_fraction"] = _roc(malignant, fraction, verdict["auc_from_blast_fraction"])

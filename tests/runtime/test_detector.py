@@ -99,6 +99,10 @@ def _assert_consistent(result: Result, detector: Detector, frame_shape: tuple[in
     assert verdict["blast_count"] == sum(cell.blast_probability >= threshold for cell in result.cells)
     assert verdict["blast_threshold"] == threshold
     assert verdict["flagged"] == (bool(result.cells) and verdict["blast_fraction"] >= verdict["flag_fraction"])
+    if result.cells and "subtype" in heads:
+        assert list(verdict["subtype_scores"]) == heads["subtype"]["classes"]
+        assert sum(verdict["subtype_scores"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert verdict["subtype"] == max(verdict["subtype_scores"], key=verdict["subtype_scores"].get)
 
 
 def test_run_on_a_real_field_returns_a_consistent_result(detector, bccd_result):

@@ -119,6 +119,8 @@ def test_verdict_with_no_cells_is_not_flagged_even_at_zero_flag_fraction():
         "flagged": False,
         "blast_threshold": 0.5,
         "flag_fraction": 0.0,
+        "subtype": None,
+        "subtype_scores": {},
     }
 
 
@@ -130,6 +132,29 @@ def test_verdict_counts_blasts_at_the_threshold_and_flags_at_the_fraction():
     assert verdict["flagged"] is True
     assert make_verdict(cells, blast_threshold=0.5, flag_fraction=0.21)["flagged"] is False
     assert make_verdict(cells, blast_threshold=0.05, flag_fraction=0.5)["blast_count"] == 5
+
+
+def _with_subtype(cell: Cell, scores: dict[str, float]) -> Cell:
+    cell.head_scores = {**cell.head_scores, "subtype": scores}
+    return cell
+
+
+def test_frame_subtype_is_the_mean_over_cells_not_a_vote():
+    # Two cells lean Pre a little, one is clearly Pro: a vote says Pre, the mean says Pro.
+    cells = [
+        _with_subtype(_cell(1, (0, 0, 10, 10), 0.9), {"Benign": 0.0, "Early": 0.0, "Pre": 0.55, "Pro": 0.45}),
+        _with_subtype(_cell(2, (10, 0, 20, 10), 0.9), {"Benign": 0.0, "Early": 0.0, "Pre": 0.55, "Pro": 0.45}),
+        _with_subtype(_cell(3, (20, 0, 30, 10), 0.9), {"Benign": 0.0, "Early": 0.0, "Pre": 0.05, "Pro": 0.95}),
+    ]
+    verdict = make_verdict(cells, blast_threshold=0.5, flag_fraction=0.2)
+    assert verdict["subtype"] == "Pro"
+    assert verdict["subtype_scores"] == pytest.approx({"Benign": 0.0, "Early": 0.0, "Pre": 1.15 / 3, "Pro": 1.85 / 3})
+    json.dumps(verdict)
+
+
+def test_frame_without_a_subtype_head_has_no_subtype():
+    verdict = make_verdict([_cell(1, (0, 0, 10, 10), 0.9)], blast_threshold=0.5, flag_fraction=0.2)
+    assert (verdict["subtype"], verdict["subtype_scores"]) == (None, {})
 
 
 def test_result_to_dict_is_json_serializable_and_round_trips():
