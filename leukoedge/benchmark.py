@@ -1,7 +1,7 @@
 """`leukoedge bench`: per-stage latency of Detector.run on real frames.
 
-With --compare, several configurations (ONNX Runtime FP32, ONNX Runtime INT8, PyTorch eager FP32)
-run in the same process on the same frames, one frame each in turn, so that whatever else loads
+With --compare, several configurations (ONNX Runtime FP32, ONNX Runtime INT8, the bundle's own mix
+of precisions where it has one, PyTorch eager FP32) run in the same process on the same frames, one frame each in turn, so that whatever else loads
 the machine loads every configuration alike; the table gives per-stage median and p95 ms, frames/s
 and the ratios of the medians.
 """
@@ -19,7 +19,13 @@ from .detector import Detector
 from .errors import BundleError, LeukoedgeError
 
 STAGES = ("preprocess", "segment", "postprocess", "classify", "total")
-COMPARISON_PAIRS = (("ort int8", "ort fp32"), ("ort fp32", "torch fp32"), ("ort int8", "torch fp32"))
+COMPARISON_PAIRS = (
+    ("ort int8", "ort fp32"),
+    ("ort default", "ort fp32"),
+    ("ort fp32", "torch fp32"),
+    ("ort int8", "torch fp32"),
+    ("ort default", "torch fp32"),
+)
 
 
 @dataclass
@@ -85,28 +91,34 @@ def format_comparison(times: dict[str, StageTimes], pairs: Sequence[tuple[str, s
 
 
 def comparison_detectors(bundle_path: Path, threads: int | None, checkpoints: Path | None) -> tuple[dict[str, Detector], list[str]]:
-    """ONNX Runtime FP32, ONNX Runtime INT8 and PyTorch eager FP32 on the same bundle; what cannot run here
-    is left out with the reason (no int8 models, no torch, no or mismatched checkpoints)."""
+    """ONNX Runtime FP32, ONNX Runtime INT8 and PyTorch eager FP32 on the same bundle, and "ort default"
+    where the bundle's default mixes precisions (e.g. an INT8 segmenter beside an FP32 classifier whose
+    INT8 failed its gate): what Detector.load runs. Returns the detectors and notes: what cannot run here,
+    with the reason (no int8 models, no torch, no or mismatched checkpoints), and what "ort default" runs."""
     bundle = load_bundle(bundle_path)
     detectors = {"ort fp32": Detector(bundle, threads=threads, precision="fp32")}
-    skipped = []
+    notes = []
     try:
         detectors["ort int8"] = Detector(bundle, threads=threads, precision="int8")
     except BundleError as error:
-        skipped.append(f"ort int8 skipped: {error}")
+        notes.append(f"ort int8 skipped: {error}")
+    default = Detector(bundle, threads=threads)
+    if len(set(default.precisions.values())) > 1:  # all one precision: the same as a column above
+        detectors["ort default"] = default
+        notes.append("ort default: the bundle's default precision per model (" + ", ".join(f"{m} {p}" for m, p in default.precisions.items()) + ")")
     try:
         from .training.torch_backend import checkpoint_paths, torch_backends
     except ImportError as error:
-        skipped.append(f"torch fp32 skipped: {error.name} is not installed (pip install 'leukoedge[train]')")
-        return detectors, skipped
+        notes.append(f"torch fp32 skipped: {error.name} is not installed (pip install 'leukoedge[train]')")
+        return detectors, notes
     try:
         backends = torch_backends(bundle, checkpoint_paths(bundle_path, checkpoints), threads)
     except LeukoedgeError as error:
-        skipped.append(f"torch fp32 skipped: {error}")
-        return detectors, skipped
+        notes.append(f"torch fp32 skipped: {error}")
+        return detectors, notes
     eager = Detector(bundle, threads=threads, precision="fp32")
     # Same preprocessing and postprocessing; only the two model calls run in PyTorch.
     eager.segmenter, eager.classifier = backends["segmenter"], backends["classifier"]
     eager.backend_name = "torch"
     detectors["torch fp32"] = eager
-    return detectors, skipped
+    return detectors, notes

@@ -154,10 +154,10 @@ def command_bench(args: argparse.Namespace) -> int:
     shape = "x".join(str(s) for s in frames[0].shape[1::-1])
     runs = f"Detector.run on {len(frames)} real frame(s) ({shape}), {args.frames} runs after {args.warmup} warm-up"
     if args.compare:
-        detectors, skipped = comparison_detectors(args.bundle, args.threads, args.checkpoints)
+        detectors, notes = comparison_detectors(args.bundle, args.threads, args.checkpoints)
         print(f"{runs}, each configuration in turn frame by frame: {', '.join(detectors)}")
-        for reason in skipped:
-            print(reason)
+        for note in notes:
+            print(note)
         print(format_comparison(time_detectors(detectors, frames, args.frames, args.warmup), COMPARISON_PAIRS))
         return 0
     precision = None if args.precision == "auto" else args.precision
@@ -361,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--precision", choices=("auto", "fp32", "int8", "fp16"), default="auto", help="auto: per model the fastest that passed its gate (default)"
     )
-    bench.add_argument("--compare", action="store_true", help="ONNX Runtime fp32 and int8 and PyTorch eager fp32 side by side (needs [train] for PyTorch)")
+    bench.add_argument(
+        "--compare", action="store_true", help="ONNX Runtime fp32, int8 and the bundle's mix of the two, and PyTorch eager fp32, side by side (needs [train] for PyTorch)"
+    )
     bench.add_argument("--checkpoints", type=Path, default=None, help="--compare: folder of <bundle>-segmenter.pt/-classifier.pt (default: beside the bundle)")
     bench.set_defaults(handler=command_bench)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -33,11 +34,12 @@ def test_compare_measures_fp32_int8_and_pytorch_with_medians_p95_fps_and_ratios(
     header = out.splitlines()[1]
     assert all(f"{label} median" in header for label in CONFIGURATIONS)
     for stage in STAGES:
-        row = re.search(rf"^{stage}((?:\s+\d+\.\d){{6}})$", out, re.MULTILINE)
+        # 4 configurations where the tiny models' measured speeds made the bundle's default a mix
+        row = re.search(rf"^{stage}((?:\s+\d+\.\d){{6}}|(?:\s+\d+\.\d){{8}})$", out, re.MULTILINE)
         assert row, f"no {stage} row with median and p95 for 3 configurations in:\n{out}"
         medians_and_p95 = [float(value) for value in row.group(1).split()]
         assert all(median <= p95 + 0.1 for median, p95 in zip(medians_and_p95[::2], medians_and_p95[1::2]))
-    assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort int8 \d+\.\d, torch fp32 \d+\.\d", out)
+    assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort int8 \d+\.\d, (ort default \d+\.\d, )?torch fp32 \d+\.\d", out)
     for numerator, denominator in (("ort int8", "ort fp32"), ("ort fp32", "torch fp32"), ("ort int8", "torch fp32")):
         assert re.search(rf"ratio {numerator} / {denominator} .*segment \d+\.\d\d, classify (\d+\.\d\d|-), total \d+\.\d\d", out)
 
@@ -56,3 +58,31 @@ def test_ratio_of_a_stage_that_took_no_time_is_a_dash_not_a_crash():
     idle = StageTimes("b", {**{stage: [2.0, 4.0] for stage in STAGES}, "classify": [0.0, 0.0]})
     text = format_comparison({"a": fast, "b": idle}, [("a", "b")])
     assert "ratio a / b (median ms; < 1 is faster): segment 0.50, classify -, total 0.50" in text
+
+
+def test_compare_times_the_bundles_own_mix_of_precisions(calibrated_bundle, two_bccd_frames, tmp_path, capsys):
+    # A bundle whose INT8 classifier failed its gate: Detector.load runs an INT8 segmenter beside an FP32
+    # classifier, a configuration neither the fp32 nor the int8 column measures.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(calibrated_bundle, mixed)
+    manifest = json.loads((mixed / "manifest.json").read_text())
+    int8 = manifest["precisions"]["classifier"]["int8"]
+    (mixed / int8["file"]).unlink()
+    del manifest["files"][int8["file"]]
+    int8["file"] = None
+    int8["gate"] = {"passed": False, "samples": 8, "metrics": [{"name": "blast_accuracy", "fp32": 0.9, "int8": 0.8, "tolerance": 0.005, "passed": False}]}
+    manifest["precisions"]["segmenter"]["fp32"]["median_ms"] = 2 * manifest["precisions"]["segmenter"]["int8"]["median_ms"]  # int8 is its fastest
+    (mixed / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["bench", str(two_bccd_frames), "--bundle", str(mixed), "--frames", "1", "--warmup", "0", "--compare"]
+    assert cli.main([*argv, "--checkpoints", str(tmp_path / "nowhere")]) == 0
+    out = capsys.readouterr().out
+    assert "ort int8 skipped: bundle" in out and "failed its accuracy gate" in out
+    assert "ort default: the bundle's default precision per model (segmenter int8, classifier fp32)" in out
+    assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort default \d+\.\d$", out, re.MULTILINE)
+    assert re.search(r"ratio ort default / ort fp32 .*segment \d+\.\d\d", out)
+
+
+def test_compare_leaves_out_a_default_that_is_one_of_the_columns(tiny_bundle, two_bccd_frames, tmp_path, capsys):
+    argv = ["bench", str(two_bccd_frames), "--bundle", str(tiny_bundle), "--frames", "1", "--warmup", "0", "--compare"]
+    assert cli.main([*argv, "--checkpoints", str(tmp_path / "nowhere")]) == 0
+    assert "ort default" not in capsys.readouterr().out  # uncalibrated: its default is all fp32
