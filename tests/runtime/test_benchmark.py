@@ -44,12 +44,17 @@ def test_compare_measures_fp32_int8_and_pytorch_with_medians_p95_fps_and_ratios(
         assert re.search(rf"ratio {numerator} / {denominator} .*segment \d+\.\d\d, classify (\d+\.\d\d|-), total \d+\.\d\d", out)
 
 
-def test_compare_says_what_it_left_out_and_why(tiny_bundle, two_bccd_frames, tmp_path, capsys):
-    argv = ["bench", str(two_bccd_frames), "--bundle", str(tiny_bundle), "--frames", "1", "--warmup", "0", "--compare"]
+def _compare_without_checkpoints(bundle: Path, frames: Path, tmp_path: Path, capsys) -> str:
+    argv = ["bench", str(frames), "--bundle", str(bundle), "--frames", "1", "--warmup", "0", "--compare"]
     assert cli.main([*argv, "--checkpoints", str(tmp_path / "nowhere")]) == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_compare_says_what_it_left_out_and_why(tiny_bundle, two_bccd_frames, tmp_path, capsys):
+    out = _compare_without_checkpoints(tiny_bundle, two_bccd_frames, tmp_path, capsys)
     assert "ort int8 skipped: bundle" in out and "leukoedge calibrate" in out
     assert "torch fp32 skipped:" in out
+    assert "ort default" not in out  # uncalibrated: its default is all fp32, the fp32 column
     assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d$", out, re.MULTILINE)
 
 
@@ -73,16 +78,9 @@ def test_compare_times_the_bundles_own_mix_of_precisions(calibrated_bundle, two_
     int8["gate"] = {"passed": False, "samples": 8, "metrics": [{"name": "blast_accuracy", "fp32": 0.9, "int8": 0.8, "tolerance": 0.005, "passed": False}]}
     manifest["precisions"]["segmenter"]["fp32"]["median_ms"] = 2 * manifest["precisions"]["segmenter"]["int8"]["median_ms"]  # int8 is its fastest
     (mixed / "manifest.json").write_text(json.dumps(manifest))
-    argv = ["bench", str(two_bccd_frames), "--bundle", str(mixed), "--frames", "1", "--warmup", "0", "--compare"]
-    assert cli.main([*argv, "--checkpoints", str(tmp_path / "nowhere")]) == 0
-    out = capsys.readouterr().out
+    out = _compare_without_checkpoints(mixed, two_bccd_frames, tmp_path, capsys)
     assert "ort int8 skipped: bundle" in out and "failed its accuracy gate" in out
     assert "ort default: the bundle's default precision per model (segmenter int8, classifier fp32)" in out
     assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort default \d+\.\d$", out, re.MULTILINE)
     assert re.search(r"ratio ort default / ort fp32 .*segment \d+\.\d\d", out)
 
-
-def test_compare_leaves_out_a_default_that_is_one_of_the_columns(tiny_bundle, two_bccd_frames, tmp_path, capsys):
-    argv = ["bench", str(two_bccd_frames), "--bundle", str(tiny_bundle), "--frames", "1", "--warmup", "0", "--compare"]
-    assert cli.main([*argv, "--checkpoints", str(tmp_path / "nowhere")]) == 0
-    assert "ort default" not in capsys.readouterr().out  # uncalibrated: its default is all fp32
