@@ -72,7 +72,7 @@ def command_run(args: argparse.Namespace) -> int:
             raise LeukoedgeError("--explain works on an image or a folder of images, not on a live --source")
         return command_run_live(args)
     from .detector import Detector
-    from .result import draw_overlay
+    from .result import draw_overlay, flagged_subtype
 
     detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
     explain = gradcam_explainer(args, detector) if args.explain else None
@@ -92,11 +92,10 @@ def command_run(args: argparse.Namespace) -> int:
             cv2.imwrite(str(args.out / f"{path.stem}_gradcam.png"), explain(frame, result))
         (args.out / f"{path.stem}.json").write_text(result.to_json(include_masks=args.masks, indent=2))
         verdict = result.verdict
-        # The subtype head learnt B-ALL fields only (Taleqani): its call means something on a flagged frame.
-        subtype = f" (B-ALL subtype {verdict['subtype']}, p {verdict['subtype_scores'][verdict['subtype']]:.2f})" if verdict["flagged"] and verdict["subtype"] else ""
+        subtype = flagged_subtype(verdict)
         print(
             f"{path.name}: {verdict['cell_count']} cells, {verdict['blast_count']} blast "
-            f"({100 * verdict['blast_fraction']:.0f} %){'  FLAGGED' + subtype if verdict['flagged'] else ''}"
+            f"({100 * verdict['blast_fraction']:.0f} %){'  FLAGGED' if verdict['flagged'] else ''}{f' ({subtype})' if subtype else ''}"
         )
         for cell in result.cells:
             extra = "  ".join(f"{head}={max(s, key=s.get)}" for head, s in cell.head_scores.items() if head != detector.classifier_spec["primary_head"])

@@ -163,6 +163,14 @@ def frame_subtype(cells: Sequence[Cell]) -> tuple[str | None, dict[str, float]]:
     return classes[int(np.argmax(means))], {name: float(p) for name, p in zip(classes, means)}
 
 
+def flagged_subtype(verdict: dict[str, Any]) -> str:
+    """"B-ALL subtype Pro, p 0.97" for a flagged frame with a subtype, else "": the subtype head learnt
+    B-ALL fields only (Taleqani), so its call is shown where the frame is flagged and nowhere else."""
+    if not (verdict["flagged"] and verdict["subtype"]):
+        return ""
+    return f"B-ALL subtype {verdict['subtype']}, p {verdict['subtype_scores'][verdict['subtype']]:.2f}"
+
+
 def make_verdict(cells: Sequence[Cell], blast_threshold: float, flag_fraction: float) -> dict[str, Any]:
     """A cell is a blast when blast_probability >= blast_threshold; the frame is flagged when
     it has cells and the blast fraction reaches flag_fraction; the subtype from frame_subtype."""
@@ -259,12 +267,16 @@ def draw_overlay(frame_bgr: np.ndarray, result: Result) -> np.ndarray:
     font_scale, thickness = _text_style(overlay)
     verdict = result.verdict
     flag = "FLAGGED" if verdict["flagged"] else "not flagged"
-    line = (
+    lines = [
         f"cells {verdict['cell_count']}  blasts {verdict['blast_count']} ({verdict['blast_fraction']:.0%})  "
-        f"{flag} (at >={verdict['flag_fraction']:.0%})"
-    )
-    (text_width, text_height), baseline = cv2.getTextSize(line, _FONT, font_scale, thickness)
-    cv2.rectangle(overlay, (0, 0), (text_width + 6, text_height + baseline + 6), (0, 0, 0), cv2.FILLED)
+        f"{flag} (at >={verdict['flag_fraction']:.0%})",
+        flagged_subtype(verdict),
+    ]
     line_colour = (0, 0, 255) if verdict["flagged"] else (255, 255, 255)
-    cv2.putText(overlay, line, (3, text_height + 3), _FONT, font_scale, line_colour, thickness, cv2.LINE_AA)
+    top = 0
+    for line in filter(None, lines):
+        (text_width, text_height), baseline = cv2.getTextSize(line, _FONT, font_scale, thickness)
+        cv2.rectangle(overlay, (0, top), (text_width + 6, top + text_height + baseline + 6), (0, 0, 0), cv2.FILLED)
+        cv2.putText(overlay, line, (3, top + text_height + 3), _FONT, font_scale, line_colour, thickness, cv2.LINE_AA)
+        top += text_height + baseline + 6
     return overlay

@@ -18,6 +18,7 @@ from leukoedge.result import (
     Result,
     Timings,
     draw_overlay,
+    flagged_subtype,
     make_verdict,
     rle_decode,
     rle_encode,
@@ -186,6 +187,19 @@ def test_overlay_tints_cells_draws_boxes_and_leaves_the_input_alone():
     assert tuple(overlay[73, 100]) == (0, 200, 0)
     # Far from cells, captions and the verdict line the frame is as it came.
     assert not changed[100:, :15].any()
+
+
+def test_subtype_is_shown_on_flagged_frames_only():
+    pro = {"Benign": 0.01, "Early": 0.02, "Pre": 0.1, "Pro": 0.87}
+    cells = [_with_subtype(_cell(1, (20, 40, 60, 84), 0.93), pro), _with_subtype(_cell(2, (100, 50, 140, 96), 0.12), pro)]
+    flagged = make_verdict(cells, blast_threshold=0.5, flag_fraction=0.5)
+    assert flagged_subtype(flagged) == "B-ALL subtype Pro, p 0.87"
+    assert flagged_subtype(make_verdict(cells, blast_threshold=0.5, flag_fraction=0.6)) == ""  # same cells, not flagged
+    frame = np.full(FRAME_SHAPE + (3,), 200, np.uint8)
+    with_subtype = draw_overlay(frame, Result(**{**_result(cells).__dict__, "verdict": flagged}))
+    without = draw_overlay(frame, Result(**{**_result(cells).__dict__, "verdict": {**flagged, "subtype": None}}))
+    differs = np.flatnonzero(np.any(with_subtype != without, axis=(1, 2)))
+    assert differs.size and differs.min() > 5  # a second line below the verdict line, nothing else moved
 
 
 def test_overlay_refuses_a_frame_of_another_size():
