@@ -1,9 +1,9 @@
 """`leukoedge bench`: per-stage latency of Detector.run on real frames.
 
 With --compare, several configurations (ONNX Runtime FP32, ONNX Runtime INT8, the bundle's own mix
-of precisions where it has one, PyTorch eager FP32) run in the same process on the same frames, one frame each in turn, so that whatever else loads
-the machine loads every configuration alike; the table gives per-stage median and p95 ms, frames/s
-and the ratios of the medians.
+of precisions where it has one, PyTorch eager FP32) run in the same process on the same frames, one
+frame each in turn, so that whatever else loads the machine loads every configuration alike; the
+table gives per-stage median and p95 ms, frames/s and the ratios of the medians.
 """
 
 from __future__ import annotations
