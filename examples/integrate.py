@@ -39,7 +39,8 @@ def main() -> int:
                     log.warning("frame %d skipped: %s", frame.index, error)
                     continue
                 verdict = result.verdict
-                # Your application goes here: display, store, alert on verdict["flagged"].
+                # Your application goes here: display, store, alert on verdict["flagged"]
+                # (verdict["subtype"]: the frame's B-ALL subtype, meaningful on flagged frames).
                 print(f"frame {frame.index}: {verdict['cell_count']} cells, {verdict['blast_count']} blasts"
                       f"{'  FLAGGED' if verdict['flagged'] else ''}  ({result.timings['total']:.0f} ms)")
     except CaptureError as error:  # the camera failed and could not be re-opened
