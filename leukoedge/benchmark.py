@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import load_bundle
+from .bundle import MODELS, fastest_precision, load_bundle
 from .detector import Detector
 from .errors import BundleError, LeukoedgeError
 
@@ -102,10 +102,10 @@ def comparison_detectors(bundle_path: Path, threads: int | None, checkpoints: Pa
         detectors["ort int8"] = Detector(bundle, threads=threads, precision="int8")
     except BundleError as error:
         notes.append(f"ort int8 skipped: {error}")
-    default = Detector(bundle, threads=threads)
-    if len(set(default.precisions.values())) > 1:  # all one precision: the same as a column above
-        detectors["ort default"] = default
-        notes.append("ort default: the bundle's default precision per model (" + ", ".join(f"{m} {p}" for m, p in default.precisions.items()) + ")")
+    defaults = {model: fastest_precision(bundle.manifest, model) for model in MODELS}  # what Detector.load picks
+    if len(set(defaults.values())) > 1:  # all one precision: the same as a column above
+        detectors["ort default"] = Detector(bundle, threads=threads)
+        notes.append("ort default: the bundle's default precision per model (" + ", ".join(f"{m} {p}" for m, p in defaults.items()) + ")")
     try:
         from .training.torch_backend import checkpoint_paths, torch_backends
     except ImportError as error:
