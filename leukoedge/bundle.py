@@ -207,9 +207,6 @@ def _cross_checks(manifest: dict[str, Any]) -> list[str]:
         stain.get("method") == "reinhard" and _is_numbers(3)(stain.get("lab_mean")) and _is_numbers(3)(stain.get("lab_std"))
     ):
         problems.append(f'preprocess.stain_reference must be {{"method": "reinhard", "lab_mean": [3], "lab_std": [3]}} or null, got {stain!r}')
-    min_gain = None if stain is None else stain.get("min_lightness_gain")
-    if min_gain is not None and not (_is_number(min_gain) and min_gain > 0):
-        problems.append(f"preprocess.stain_reference.min_lightness_gain (optional) must be a positive number or null, got {min_gain!r}")
     classifier = manifest["classifier"]
     for head, spec in classifier["heads"].items():
         if not (isinstance(spec, dict) and _is_text(spec.get("output")) and _is_names(spec.get("classes"))):
@@ -450,8 +447,6 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(f"  {name}  {_human_size(bundle.path(name).stat().st_size)}  sha256 {sha[:12]}")
     stain = preprocess["stain_reference"]
     stain_text = "none" if stain is None else f"{stain['method']} lab_mean {stain['lab_mean']} lab_std {stain['lab_std']}"
-    if stain is not None and stain.get("min_lightness_gain") is not None:
-        stain_text += f", L* gain at least {stain['min_lightness_gain']}"
     height, width = segmenter["input_size"]
     crop_height, crop_width = classifier["input_size"]
     lines += [

@@ -41,10 +41,6 @@ WBC_TYPES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "mono
 VALIDATION_IMAGES_PER_SOURCE = 60  # model selection during training; the test split is evaluated in full
 HEADS = {"blast": ["normal", "blast"], "subtype": SUBTYPES, "wbc_type": WBC_TYPES}
 DEFAULT_FLAG_FRACTION = 0.2  # used only where the validation fields cannot choose one (e.g. --quick)
-# Reinhard's L* gain is ~1.2 on fields (ALL-IDB2, Taleqani), 1.8 on BCCD, but ~0.6 on Zheng's single-cell
-# crops, whose pale cytoplasm it flattened into the background. A floor of 0.8 leaves every ALL-IDB2, Taleqani
-# and BCCD field as it was (about 1 PBC image in 9 is lifted).
-STAIN_MIN_LIGHTNESS_GAIN = 0.8
 
 
 def check_runtime_classifier(model: str) -> None:
@@ -125,7 +121,7 @@ def preprocess_spec(config: PipelineConfig, train_examples: list[SegmentationExa
     rng = np.random.default_rng(config.seed)
     images = [image for images in per_source.values() for image in (images[i] for i in rng.choice(len(images), min(60, len(images)), replace=False))]
     # Values near 0.5/0.25 keep the stain-normalized input roughly zero-mean, unit-range.
-    return PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), estimate_reference(images, STAIN_MIN_LIGHTNESS_GAIN))
+    return PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), estimate_reference(images))
 
 
 def segmenter_label_map(

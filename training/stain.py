@@ -7,7 +7,6 @@ is only what training adds on top: the reference estimated from data, and random
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Iterable
 
 import cv2
@@ -16,9 +15,8 @@ import numpy as np
 from leukoedge.preprocess.cpu import StainReference, lab_statistics, reinhard_normalize, to_rgb_float
 
 
-def estimate_reference(images_bgr: Iterable[np.ndarray], min_lightness_gain: float | None = None) -> StainReference:
-    """The stain reference: mean over images of each image's L*a*b* mean and std (see StainReference
-    for min_lightness_gain)."""
+def estimate_reference(images_bgr: Iterable[np.ndarray]) -> StainReference:
+    """The stain reference: mean over images of each image's L*a*b* mean and std."""
     means, stds = [], []
     for image in images_bgr:
         mean, std = lab_statistics(to_rgb_float(image))
@@ -26,9 +24,7 @@ def estimate_reference(images_bgr: Iterable[np.ndarray], min_lightness_gain: flo
         stds.append(std)
     if not means:
         raise ValueError("cannot estimate a stain reference from no images")
-    return StainReference(
-        tuple(float(v) for v in np.mean(means, axis=0)), tuple(float(v) for v in np.mean(stds, axis=0)), min_lightness_gain
-    )
+    return StainReference(tuple(float(v) for v in np.mean(means, axis=0)), tuple(float(v) for v in np.mean(stds, axis=0)))
 
 
 def jitter_reference(reference: StainReference, rng: np.random.Generator, strength: float = 1.0) -> StainReference:
@@ -38,7 +34,7 @@ def jitter_reference(reference: StainReference, rng: np.random.Generator, streng
     """
     mean = np.asarray(reference.lab_mean) + rng.normal(0.0, [4.0, 3.0, 3.0]) * strength
     std = np.asarray(reference.lab_std) * np.exp(rng.normal(0.0, 0.12, 3) * strength)
-    return replace(reference, lab_mean=tuple(float(v) for v in mean), lab_std=tuple(float(v) for v in std))
+    return StainReference(tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
 def clahe(image_bgr: np.ndarray, clip_limit: float = 2.0, tile: int = 8) -> np.ndarray:

@@ -19,31 +19,13 @@ Box = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class StainReference:
-    """Target colour statistics in CIE L*a*b* (OpenCV float convention: L 0..100, a/b about -128..127).
-
-    min_lightness_gain floors the L* gain (reference std / image std). A crop that one cell fills has
-    far more lightness spread than the reference's fields; scaled all the way down to the reference,
-    its pale cytoplasm turns as grey as the background. None: no floor (bundles made before it).
-    """
+    """Target colour statistics in CIE L*a*b* (OpenCV float convention: L 0..100, a/b about -128..127)."""
 
     lab_mean: tuple[float, float, float]
     lab_std: tuple[float, float, float]
-    min_lightness_gain: float | None = None
-
-    def gains(self, image_std: np.ndarray) -> np.ndarray:
-        """The per-channel Reinhard gains for an image with this L*a*b* std."""
-        gain = np.asarray(self.lab_std, np.float32) / np.asarray(image_std, np.float32)
-        if self.min_lightness_gain is not None:
-            gain[0] = max(gain[0], np.float32(self.min_lightness_gain))
-        return gain
 
     def to_manifest(self) -> dict[str, Any]:
-        return {
-            "method": "reinhard",
-            "lab_mean": list(self.lab_mean),
-            "lab_std": list(self.lab_std),
-            "min_lightness_gain": self.min_lightness_gain,
-        }
+        return {"method": "reinhard", "lab_mean": list(self.lab_mean), "lab_std": list(self.lab_std)}
 
 
 @dataclass(frozen=True)
@@ -62,7 +44,7 @@ class PreprocessSpec:
         if reference is not None:
             if reference.get("method") != "reinhard":
                 raise ValueError(f"unknown stain normalization method {reference.get('method')!r}; expected 'reinhard'")
-            stain = StainReference(tuple(reference["lab_mean"]), tuple(reference["lab_std"]), reference.get("min_lightness_gain"))
+            stain = StainReference(tuple(reference["lab_mean"]), tuple(reference["lab_std"]))
         return cls(
             channel_order=preprocess["channel_order"],
             mean=tuple(preprocess["mean"]),
@@ -161,14 +143,14 @@ def reinhard_normalize(
     reference: StainReference,
     image_statistics: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Reinhard et al. (2001) colour transfer: match the image's L*a*b* mean/std to the reference
-    (the L* gain floored at reference.min_lightness_gain).
+    """Reinhard et al. (2001) colour transfer: match the image's L*a*b* mean/std to the reference.
 
     image_statistics lets a crop be normalized with its whole frame's statistics.
     """
     mean, std = image_statistics if image_statistics is not None else lab_statistics(rgb)
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)
-    lab = (lab - np.asarray(mean, np.float32)) * reference.gains(std) + np.asarray(reference.lab_mean, np.float32)
+    gain = np.asarray(reference.lab_std, np.float32) / np.asarray(std, np.float32)
+    lab = (lab - np.asarray(mean, np.float32)) * gain + np.asarray(reference.lab_mean, np.float32)
     return np.clip(cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_Lab2RGB), 0.0, 1.0)
 
 

@@ -3,7 +3,7 @@
 Steps, one kernel each: (1) resize into the letterbox content, area averaging when shrinking and
 bilinear when enlarging as cpu.resize does, rounded to uint8 levels as OpenCV's uint8 resize is,
 plus per-block sums of L*a*b* and their squares; (2) the frame's L*a*b* mean and std (floored at 1)
-and the Reinhard gains (L* floored as StainReference.gains), on the GPU, so nothing waits for the host; (3) Reinhard transfer in
+and the Reinhard gains, on the GPU, so nothing waits for the host; (3) Reinhard transfer in
 L*a*b*, back to RGB, mean/std normalization, written as CHW into the zeroed (= mean colour)
 letterboxed tensor. The frame is taken from the GPU as is (a pycuda GPUArray) or copied there once.
 
@@ -160,8 +160,7 @@ extern "C" __global__ void lab_moments(const double* partials, int blocks, int p
         float std = fmaxf((float)sqrt(variance), 1.0f);
         statistics[c] = (float)mean;
         statistics[3 + c] = std;
-        float gain = params[3 + c] / std;  // reference std / frame std
-        statistics[6 + c] = c == 0 ? fmaxf(gain, params[12]) : gain;  // L* gain floored as StainReference.gains
+        statistics[6 + c] = params[3 + c] / std;  // reference std / frame std
     }
 }
 
@@ -229,17 +228,8 @@ class CudaPreprocessor:
             self._normalize.prepare("PiiiPPiPiiii")
             self.stream = cuda.Stream()
             reference = spec.stain_reference
-            # [reference mean (3), reference std (3), mean (3), std (3), L* gain floor (0: none)]
-            min_lightness_gain = reference.min_lightness_gain if reference and reference.min_lightness_gain is not None else 0.0
             params = np.array(
-                [
-                    *(reference.lab_mean if reference else (0, 0, 0)),
-                    *(reference.lab_std if reference else (1, 1, 1)),
-                    *spec.mean,
-                    *spec.std,
-                    min_lightness_gain,
-                ],
-                np.float32,
+                [*(reference.lab_mean if reference else (0, 0, 0)), *(reference.lab_std if reference else (1, 1, 1)), *spec.mean, *spec.std], np.float32
             )
             self._params = cuda.to_device(params)
             self._statistics_device = cuda.mem_alloc(9 * 4)

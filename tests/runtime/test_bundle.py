@@ -166,11 +166,10 @@ def test_missing_required_keys_are_named(bundle_dir: Path):
         (lambda m: m["classifier"]["heads"].update(subtype={"output": "subtype_probs"}), "classifier.heads.subtype must be"),
         (lambda m: m["segmenter"].update(file="other.onnx"), "segmenter.file 'other.onnx' is not listed in files"),
         (lambda m: m["preprocess"]["stain_reference"].update(method="macenko"), "preprocess.stain_reference must be"),
-        (lambda m: m["preprocess"]["stain_reference"].update(min_lightness_gain=0), "min_lightness_gain (optional) must be a positive number or null"),
         (lambda m: m["limits"].update(min_frame_side=5000), "limits.min_frame_side 5000 exceeds"),
         (lambda m: m.update(training=[]), "training must be an object"),
     ],
-    ids=["threshold", "mean", "channel-order", "input-size", "bool", "primary-head", "head", "file-unlisted", "stain", "stain-gain-floor", "limits", "training"],
+    ids=["threshold", "mean", "channel-order", "input-size", "bool", "primary-head", "head", "file-unlisted", "stain", "limits", "training"],
 )
 def test_wrong_values_are_refused_by_name(change, words):
     manifest = _manifest()

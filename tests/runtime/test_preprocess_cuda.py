@@ -47,15 +47,7 @@ def _preprocessor(spec: PreprocessSpec):
         pytest.skip(f"no usable CUDA GPU: {error}")
 
 
-# A floor of 2.5 binds on every one of these frames (their L* gains are about 0.8-2.2).
-FLOORED_SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference((73.2, 5.5, 1.5), (14.3, 12.6, 15.1), min_lightness_gain=2.5))
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [SPEC, FLOORED_SPEC, PreprocessSpec("BGR", (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), None)],
-    ids=["reinhard-rgb", "reinhard-floored-lightness-gain", "no-stain-bgr"],
-)
+@pytest.mark.parametrize("spec", [SPEC, PreprocessSpec("BGR", (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), None)], ids=["reinhard-rgb", "no-stain-bgr"])
 def test_cuda_prepare_frame_matches_the_cpu_reference(real_frames: dict[str, np.ndarray], spec: PreprocessSpec):
     preprocessor = _preprocessor(spec)
     for name, frame in real_frames.items():
