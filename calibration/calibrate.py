@@ -276,10 +276,17 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
     log.info("calibration set: %d fields, %d cells", counts["fields"], counts["cells"])
     segmentation_cases = gate.segmentation_cases(config.data_root, spec, manifest["segmenter"]["input_size"], config.gate_split, config.gate_limit)
     cell_cases = gate.cell_cases(config.data_root, spec, manifest["classifier"], find_cell, config.gate_split, config.gate_limit)
+    field_cases = gate.field_cases(config.data_root, config.gate_split, config.gate_limit)
     if not segmentation_cases or not cell_cases:
         raise LeukoedgeError(f"no held-out data for the gate in the {config.gate_split} split of {config.data_root}")
     scorers: dict[str, tuple[Callable[[Path], dict[str, float]], int]] = {
-        "segmenter": (lambda path: gate.segmenter_scores(path, segmentation_cases, config.threads), len(segmentation_cases)),
+        "segmenter": (
+            lambda path: {
+                **gate.segmenter_scores(path, segmentation_cases, config.threads),
+                **(gate.verdict_scores(bundle, path, field_cases, config.threads) if field_cases else {}),
+            },
+            len(segmentation_cases) + len(field_cases),
+        ),
         "classifier": (
             lambda path: gate.classifier_scores(path, cell_cases, manifest["classifier"], manifest["verdict"]["blast_threshold"], config.threads),
             len(cell_cases),

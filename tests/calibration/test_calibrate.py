@@ -32,7 +32,7 @@ def test_calibrated_bundle_lists_int8_models_gate_table_and_calibration_files(ca
         assert int8["file"] == f"{model}.int8.onnx" and int8["gate"]["passed"]
         assert int8["median_ms"] > 0 and precisions[model]["fp32"]["median_ms"] > 0
         assert {metric["name"] for metric in int8["gate"]["metrics"]}
-    assert {m["name"] for m in precisions["segmenter"]["int8"]["gate"]["metrics"]} <= {"nucleus_dice", "whole_cell_dice"}
+    assert {m["name"] for m in precisions["segmenter"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice", "taleqani_verdict_accuracy"}
     assert "blast_accuracy" in {m["name"] for m in precisions["classifier"]["int8"]["gate"]["metrics"]}
     with bundle.path("calibration_set.csv").open(newline="") as stream:
         rows = list(csv.DictReader(stream))
@@ -130,3 +130,11 @@ def test_int8_engines_are_refused_for_models_quantized_for_the_cpu(calibrated_bu
 
     with pytest.raises(BundleError, match="--target tensorrt"):
         export_engines(calibrated_bundle, "int8")
+
+
+def test_the_verdict_metric_scores_the_detectors_verdict_against_each_fields_label(tiny_bundle: Path):
+    bundle = load_bundle(tiny_bundle)
+    empty = np.full((480, 640, 3), 245, np.uint8)  # no cell, so never flagged
+    cases = [gate.FieldCase(empty, malignant=False), gate.FieldCase(empty, malignant=False), gate.FieldCase(empty, malignant=True)]
+    scores = gate.verdict_scores(bundle, bundle.path("segmenter.onnx"), cases)
+    assert scores == {"taleqani_verdict_accuracy": pytest.approx(2 / 3)}
