@@ -418,7 +418,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"![scores against labelled share]({report['plot']})",
         "",
         f"Caveats: one pretraining run (seed {SEED}), so the std is over fine-tuning only; {budget['seeds']} seeds give a rough "
-        "spread. Both inits fine-tune for the same short budget (the shipped classifier trains 1500 steps); "
+        "spread. Both inits fine-tune for the same short budget (far fewer steps than the shipped classifier trains); "
         "Taleqani and PBC have no patient IDs, so cells of one patient may sit in train and test.",
         "",
     ]
