@@ -84,5 +84,3 @@ def test_compare_times_the_bundles_own_mix_of_precisions(calibrated_bundle, two_
     assert "ort default: the bundle's default precision per model (segmenter int8, classifier fp32)" in out
     assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort default \d+\.\d$", out, re.MULTILINE)
     assert re.search(r"ratio ort default / ort fp32 .*segment \d+\.\d\d", out)
-
-
