@@ -1,7 +1,7 @@
 """`leukoedge calibrate --data DIR --bundle B [--method minmax|entropy|percentile] [--out B2]`.
 
-Calibration set (train split) -> QDQ INT8 segmenter and classifier -> accuracy gate against FP32 on
-held-out data -> latency of both precisions on this machine -> bundle with the models that passed,
+Calibration set (train split) -> QDQ INT8 segmenter, refiner (where the bundle has one) and classifier
+-> accuracy gate against FP32 on held-out data -> latency of both precisions on this machine -> bundle with the models that passed,
 the calibration file list and a manifest "precisions" section. A model that fails its gate is not
 written; the error names the metric and, where one exists, the op type whose layers, kept in float,
 make it pass.
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from leukoedge.backends.onnxruntime import OnnxRuntimeBackend
-from leukoedge.bundle import Bundle, load_bundle, save_bundle
+from leukoedge.bundle import MODELS, OPTIONAL_MODELS, Bundle, bundle_models, load_bundle, save_bundle
 from leukoedge.errors import BundleError, LeukoedgeError
 from leukoedge.postprocess import central_box, find_cells, label_map_from_probabilities
 from leukoedge.preprocess.cpu import Box, PreprocessSpec, prepare_frame
@@ -36,7 +36,7 @@ from .speed import describe_cpu, median_latency_ms
 log = logging.getLogger("leukoedge.calibration")
 
 CALIBRATION_CSV = "calibration_set.csv"
-CLASSIFIER_TIMING_BATCH = 8  # a crowded field; most frames have fewer cells
+CELL_TIMING_BATCH = 8  # cells per refiner and classifier call: a crowded field; most frames have fewer cells
 
 
 @dataclass
@@ -45,7 +45,7 @@ class CalibrateConfig:
     bundle: Path
     out_dir: Path | None = None  # None: write into the bundle folder itself
     fields: int = 512  # segmenter calibration fields
-    cells: int = 512  # classifier calibration cells
+    cells: int = 512  # refiner and classifier calibration cells
     candidates_per_class: int | None = 200  # images read per stratum to choose the stain-diverse ones from
     gate_split: str = "val"
     gate_limit: int | None = None  # held-out images per source (None: the whole split)
@@ -115,8 +115,8 @@ def parse_keep_float(values: list[str]) -> dict[str, tuple[str, ...]]:
     keep: dict[str, tuple[str, ...]] = {}
     for value in values:
         model, _, names = value.partition(":")
-        if model not in ("segmenter", "classifier") or not names:
-            raise LeukoedgeError(f"--keep-float takes MODEL:NAME[,NAME...] with MODEL segmenter or classifier, got {value!r}")
+        if model not in (*MODELS, *OPTIONAL_MODELS) or not names:
+            raise LeukoedgeError(f"--keep-float takes MODEL:NAME[,NAME...] with MODEL segmenter, refiner or classifier, got {value!r}")
         keep[model] = keep.get(model, ()) + tuple(name for name in names.split(",") if name)
     return keep
 
@@ -146,15 +146,13 @@ def cell_finder(bundle: Bundle, threads: int | None) -> Callable[[data.Record, n
 
 
 def model_inputs(items: list[CalibrationItem], spec: PreprocessSpec, manifest: dict[str, Any], model: str) -> np.ndarray:
-    """The calibration items as the runtime feeds them to `model`: letterboxed fields or cut cells."""
+    """The calibration items as the runtime feeds them to `model`: letterboxed fields, or cut cells
+    (the refiner's and the classifier's crops differ only in size and margin)."""
     if model == "segmenter":
         return np.stack([prepare_frame(data.read_image(item.record), spec, manifest["segmenter"]["input_size"]).tensor[0] for item in items])
-    classifier = manifest["classifier"]
+    cut = manifest[model]
     return np.stack(
-        [
-            classification_sample(data.read_image(item.record), item.box, spec, classifier["input_size"], classifier["crop_margin"], None)
-            for item in items
-        ]
+        [classification_sample(data.read_image(item.record), item.box, spec, cut["input_size"], cut["crop_margin"], None) for item in items]
     )
 
 
@@ -199,7 +197,7 @@ def quantize_and_gate(
     fp32_scores = score(fp32_path)
     result = gate.compare(model, fp32_scores, score(int8_path), config.tolerances, samples)
     log.debug("gate\n%s", result.table())
-    timing_batch = inputs[:1] if model == "segmenter" else inputs[:CLASSIFIER_TIMING_BATCH]
+    timing_batch = inputs[:1] if model == "segmenter" else inputs[:CELL_TIMING_BATCH]
     median_ms = median_latency_ms({"fp32": fp32_path, "int8": int8_path}, timing_batch, config.speed_runs, config.threads)
     outcome = ModelOutcome(result, settings, median_ms, written=result.passed)
     if not result.passed and config.search:
@@ -243,7 +241,8 @@ def _precisions_section(config: CalibrateConfig, manifest: dict[str, Any], outco
             "threads": config.threads,
             "runs": config.speed_runs,
             "segmenter_batch": 1,
-            "classifier_batch": CLASSIFIER_TIMING_BATCH,
+            "refiner_batch": CELL_TIMING_BATCH,
+            "classifier_batch": CELL_TIMING_BATCH,
         },
     }
     for model, outcome in outcomes.items():
@@ -260,7 +259,7 @@ def _precisions_section(config: CalibrateConfig, manifest: dict[str, Any], outco
 
 
 def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
-    """Quantize, gate and time both models of a bundle; write the bundle with what passed."""
+    """Quantize, gate and time every model of a bundle; write the bundle with what passed."""
     bundle = load_bundle(config.bundle)
     out_dir = config.out_dir or config.bundle
     if not Path(out_dir).is_dir() and config.out_dir is None:
@@ -277,6 +276,9 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
     segmentation_cases = gate.segmentation_cases(config.data_root, spec, manifest["segmenter"]["input_size"], config.gate_split, config.gate_limit)
     cell_cases = gate.cell_cases(config.data_root, spec, manifest["classifier"], find_cell, config.gate_split, config.gate_limit)
     field_cases = gate.field_cases(config.data_root, config.gate_split, config.gate_limit)
+    refiner_cases = (
+        gate.refiner_cases(config.data_root, spec, manifest["refiner"], config.gate_split, config.gate_limit) if "refiner" in manifest else []
+    )
     if not segmentation_cases or not cell_cases:
         raise LeukoedgeError(f"no held-out data for the gate in the {config.gate_split} split of {config.data_root}")
     scorers: dict[str, tuple[Callable[[Path], dict[str, float]], int]] = {
@@ -287,6 +289,7 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
             },
             len(segmentation_cases) + len(field_cases),
         ),
+        "refiner": (lambda path: gate.refiner_scores(path, refiner_cases, config.threads), len(refiner_cases)),
         "classifier": (
             lambda path: gate.classifier_scores(path, cell_cases, manifest["classifier"], manifest["verdict"]["blast_threshold"], config.threads),
             len(cell_cases),
@@ -302,7 +305,8 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
                 shutil.copyfile(bundle.path(name), files[name])
         files[CALIBRATION_CSV] = write_calibration_csv(fields + cells, config.data_root, scratch / CALIBRATION_CSV)
         outcomes = {}
-        for model, items in (("segmenter", fields), ("classifier", cells)):
+        for model in bundle_models(manifest):
+            items = fields if model == "segmenter" else cells
             score, samples = scorers[model]
             int8_path, outcomes[model] = quantize_and_gate(
                 model, bundle.path(manifest[model]["file"]), model_inputs(items, spec, manifest, model), score, samples, config, scratch

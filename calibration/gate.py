@@ -6,6 +6,7 @@ Segmenter: mean Dice of the nucleus and of the whole cell against the expert mas
 and the accuracy of the frame verdict (malignant vs benign) on Taleqani fields, the segmenter feeding the
 bundle's FP32 classifier: the cells a segmenter finds decide the blast fraction, and a segmenter within
 its Dice allowance has been seen to lose 5 of 386 validation verdicts.
+Refiner: mean Dice of the nucleus and of the whole cell in the crops of the expert-masked cells.
 Classifier: per head, accuracy and F1 (blast: F1 of the blast class at the manifest's threshold;
 subtype and WBC type: macro F1) on the cells of ALL-IDB2, Taleqani and PBC.
 """
@@ -25,7 +26,7 @@ from leukoedge.postprocess import label_map_from_probabilities
 from leukoedge.preprocess.cpu import Box, Letterbox, PreprocessSpec, prepare_frame
 from leukoedge.training import data
 from leukoedge.training.metrics import binary_summary, classification_report, segmentation_scores
-from leukoedge.training.samples import classification_sample
+from leukoedge.training.samples import classification_sample, refiner_sample
 
 # Sources with expert nucleus/cytoplasm masks: the ones evaluate.py reports segmentation on.
 SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2")
@@ -42,6 +43,14 @@ class SegmentationCase:
     tensor: np.ndarray  # 3xHxW
     letterbox: Letterbox
     truth: np.ndarray  # frame-resolution label map
+
+
+@dataclass(frozen=True)
+class RefinerCase:
+    """A held-out expert-masked cell: the refiner's input crop and the truth cut from the same square."""
+
+    crop: np.ndarray  # 3xSxS
+    truth: np.ndarray  # SxS label map
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,32 @@ def segmenter_scores(model_path: Path, cases: Sequence[SegmentationCase], thread
     for case, field_probabilities in zip(cases, probabilities):
         predicted = case.letterbox.label_map_to_frame(label_map_from_probabilities(field_probabilities))
         scores = segmentation_scores(predicted, case.truth)
+        for region in ("nucleus", "whole_cell"):
+            if scores[region] is not None:
+                dice[f"{region}_dice"].append(scores[region]["dice"])
+    return {name: float(np.mean(values)) for name, values in dice.items() if values}
+
+
+def refiner_cases(
+    data_root: Path, spec: PreprocessSpec, refiner: dict[str, Any], split: str = "val", limit: int | None = None
+) -> list[RefinerCase]:
+    """Every expert-masked cell of the held-out split, cut as the runtime cuts it for the refiner (manifest section `refiner`)."""
+    cases = []
+    for source in SEGMENTATION_SOURCES:
+        for record in data.load_records(data_root, source, split)[:limit]:
+            truth, image = data.read_label_map(record), data.read_image(record)
+            for box in data.wbc_boxes(record):
+                crop, crop_truth = refiner_sample(image, truth, box, spec, refiner["input_size"], refiner["crop_margin"], None)
+                cases.append(RefinerCase(crop, crop_truth))
+    return cases
+
+
+def refiner_scores(model_path: Path, cases: Sequence[RefinerCase], threads: int | None = None) -> dict[str, float]:
+    """Mean nucleus and whole-cell Dice of the refiner over the cells' crops."""
+    (probabilities,) = _run_batched(model_path, np.stack([case.crop for case in cases]), threads).values()
+    dice: dict[str, list[float]] = {"nucleus_dice": [], "whole_cell_dice": []}
+    for case, crop_probabilities in zip(cases, probabilities):
+        scores = segmentation_scores(label_map_from_probabilities(crop_probabilities), case.truth)
         for region in ("nucleus", "whole_cell"):
             if scores[region] is not None:
                 dice[f"{region}_dice"].append(scores[region]["dice"])

@@ -94,11 +94,12 @@ def check_parity(module: nn.Module, path: Path, inputs: np.ndarray, input_name: 
     return difference
 
 
-def export_segmenter(segmenter: nn.Module, real_inputs: np.ndarray, path: Path) -> float:
-    """Export a segmenter as image -> probs and return the parity difference on real inputs."""
+def export_segmenter(segmenter: nn.Module, real_inputs: np.ndarray, path: Path, input_name: str = "image") -> float:
+    """Export a segmenter as <input_name> -> probs and return the parity difference on real inputs
+    (the field segmenter takes "image"; the per-cell refiner, the same kind of model, takes "crop")."""
     wrapped = SegmenterWithSoftmax(segmenter)
-    export_onnx(wrapped, torch.from_numpy(real_inputs[:2].astype(np.float32)), path, "image", ["probs"])
-    return check_parity(wrapped, path, real_inputs, "image")
+    export_onnx(wrapped, torch.from_numpy(real_inputs[:2].astype(np.float32)), path, input_name, ["probs"])
+    return check_parity(wrapped, path, real_inputs, input_name)
 
 
 def export_classifier(classifier: nn.Module, head_order: list[str], real_inputs: np.ndarray, path: Path) -> float:

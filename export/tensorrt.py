@@ -16,14 +16,14 @@ import re
 from pathlib import Path
 
 from leukoedge.backends.tensorrt import EngineKey, current_key, engine_paths, import_tensorrt, write_sidecar
-from leukoedge.bundle import MODELS, load_bundle, model_file
+from leukoedge.bundle import bundle_models, load_bundle, model_file
 from leukoedge.errors import BundleError, LeukoedgeError
 
 log = logging.getLogger("leukoedge.export")
 
-# (min, opt, max) batch per model: one field per segmenter call; the classifier takes a frame's cells
-# at once, up to Detector.MAX_CLASSIFY_BATCH.
-BATCH_PROFILES = {"segmenter": (1, 1, 4), "classifier": (1, 8, 64)}
+# (min, opt, max) batch per model: one field per segmenter call; the refiner and the classifier take a
+# frame's cells at once, up to Detector.MAX_CELL_BATCH.
+BATCH_PROFILES = {"segmenter": (1, 1, 4), "refiner": (1, 8, 64), "classifier": (1, 8, 64)}
 WORKSPACE_BYTES = 1 << 30  # Jetson Orin Nano shares 8 GB between CPU and GPU: 1 GB of scratch is plenty here
 
 
@@ -74,7 +74,7 @@ def build_engine(onnx_path: Path, precision: str, batch_profile: tuple[int, int,
 
 
 def export_engines(bundle_path: Path, precision: str) -> list[Path]:
-    """Build both models' engines of a bundle folder at `precision` (int8: from its gated QDQ files)."""
+    """Build the engines of every model of a bundle folder at `precision` (int8: from its gated QDQ files)."""
     if not Path(bundle_path).is_dir():
         raise BundleError(f"{bundle_path} is not a bundle folder: engines are cached inside the bundle, extract the archive first")
     bundle = load_bundle(bundle_path)
@@ -84,4 +84,4 @@ def export_engines(bundle_path: Path, precision: str) -> list[Path]:
             f"the int8 models of {bundle_path} were quantized for {target or 'no target'}, not TensorRT (which takes only symmetric "
             f"int8 Q/DQ): quantize them with `leukoedge calibrate --data DIR --bundle {bundle_path} --target tensorrt`"
         )
-    return [build_engine(bundle.path(model_file(bundle.manifest, model, precision)), precision, BATCH_PROFILES[model]) for model in MODELS]
+    return [build_engine(bundle.path(model_file(bundle.manifest, model, precision)), precision, BATCH_PROFILES[model]) for model in bundle_models(bundle.manifest)]

@@ -14,11 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import MODELS, fastest_precision, load_bundle
+from .bundle import bundle_models, fastest_precision, load_bundle
 from .detector import Detector
 from .errors import BundleError, LeukoedgeError
 
-STAGES = ("preprocess", "segment", "postprocess", "classify", "total")
+STAGES = ("preprocess", "segment", "postprocess", "refine", "classify", "total")
 COMPARISON_PAIRS = (
     ("ort int8", "ort fp32"),
     ("ort default", "ort fp32"),
@@ -84,7 +84,7 @@ def format_comparison(times: dict[str, StageTimes], pairs: Sequence[tuple[str, s
     for numerator, denominator in pairs:
         if numerator in times and denominator in times:
             ratios = ", ".join(
-                f"{stage} {_ratio(times[numerator].median(stage), times[denominator].median(stage))}" for stage in ("segment", "classify", "total")
+                f"{stage} {_ratio(times[numerator].median(stage), times[denominator].median(stage))}" for stage in ("segment", "refine", "classify", "total")
             )
             lines.append(f"ratio {numerator} / {denominator} (median ms; < 1 is faster): {ratios}")
     return "\n".join(lines)
@@ -102,7 +102,7 @@ def comparison_detectors(bundle_path: Path, threads: int | None, checkpoints: Pa
         detectors["ort int8"] = Detector(bundle, threads=threads, precision="int8")
     except BundleError as error:
         notes.append(f"ort int8 skipped: {error}")
-    defaults = {model: fastest_precision(bundle.manifest, model) for model in MODELS}  # what Detector.load picks
+    defaults = {model: fastest_precision(bundle.manifest, model) for model in bundle_models(bundle.manifest)}  # what Detector.load picks
     if len(set(defaults.values())) > 1:  # all one precision: the same as a column above
         detectors["ort default"] = Detector(bundle, threads=threads)
         notes.append("ort default: the bundle's default precision per model (" + ", ".join(f"{m} {p}" for m, p in defaults.items()) + ")")
@@ -112,13 +112,13 @@ def comparison_detectors(bundle_path: Path, threads: int | None, checkpoints: Pa
         notes.append(f"torch fp32 skipped: {error.name} is not installed (pip install 'leukoedge[train]')")
         return detectors, notes
     try:
-        backends = torch_backends(bundle, checkpoint_paths(bundle_path, checkpoints), threads)
+        backends = torch_backends(bundle, checkpoint_paths(bundle_path, checkpoints, bundle_models(bundle.manifest)), threads)
     except LeukoedgeError as error:
         notes.append(f"torch fp32 skipped: {error}")
         return detectors, notes
     eager = Detector(bundle, threads=threads, precision="fp32")
-    # Same preprocessing and postprocessing; only the two model calls run in PyTorch.
-    eager.segmenter, eager.classifier = backends["segmenter"], backends["classifier"]
+    # Same preprocessing and postprocessing; only the model calls run in PyTorch.
+    eager.segmenter, eager.classifier, eager.refiner = backends["segmenter"], backends["classifier"], backends.get("refiner")
     eager.backend_name = "torch"
     detectors["torch fp32"] = eager
     return detectors, notes

@@ -131,6 +131,15 @@ _REQUIRED: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "primary_head": (_is_text, "a head name"),
         "heads": (lambda value: isinstance(value, dict) and bool(value), "an object of head name -> {output, classes}"),
     },
+    "refiner": {  # optional section: checked only where the bundle has a refiner
+        "file": (_is_text, "a file name"),
+        "input": (_is_text, "an input name"),
+        "output": (_is_text, "an output name"),
+        "input_size": (_is_size, "[H, W], positive integers"),
+        "crop_margin": (lambda value: _is_number(value) and value >= 0, "a number >= 0"),
+        "classes": (_is_names, "a list of class names"),
+        "architecture": (_is_text, "an architecture name"),
+    },
     "postprocess": {
         "min_cell_area_px": (_is_count, "an integer >= 0"),
         "split_touching": (_is_bool, "true or false"),
@@ -172,10 +181,12 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
         )
     missing: list[str] = []
     wrong: list[str] = []
+    if "refiner" in manifest and not _is_table(manifest["refiner"]):
+        raise BundleError(f"manifest.json is invalid: refiner (optional) must be an object, got {manifest['refiner']!r}")
     for section, keys in _REQUIRED.items():
         table = manifest if not section else manifest.get(section)
         if not isinstance(table, dict):
-            continue  # already reported as a missing or wrongly typed top-level key
+            continue  # already reported as a missing or wrongly typed top-level key, or an optional section absent
         for key, (check, expectation) in keys.items():
             where = f"{section}.{key}" if section else key
             if key not in table:
@@ -199,7 +210,7 @@ def _cross_checks(manifest: dict[str, Any]) -> list[str]:
             problems.append(f"files[{name!r}] must be a lowercase hex sha256, got {sha!r}")
     if not _is_count(manifest["postprocess"].get("min_nucleus_area_px", 0)):
         problems.append("postprocess.min_nucleus_area_px (optional) must be an integer >= 0")
-    for section in ("segmenter", "classifier"):
+    for section in bundle_models(manifest):
         if manifest[section]["file"] not in manifest["files"]:
             problems.append(f"{section}.file {manifest[section]['file']!r} is not listed in files")
     stain = manifest["preprocess"]["stain_reference"]
@@ -223,7 +234,13 @@ def _cross_checks(manifest: dict[str, Any]) -> list[str]:
 
 # Precisions a bundle can hold model files for; fp16 exists only as a TensorRT engine built from the fp32 file.
 BUNDLE_PRECISIONS = ("fp32", "int8")
-MODELS = ("segmenter", "classifier")
+MODELS = ("segmenter", "classifier")  # every bundle has these
+OPTIONAL_MODELS = ("refiner",)  # leukoedge/refine.py; bundles made before 2026-11-30 have none
+
+
+def bundle_models(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The models this bundle holds, in the order a frame meets them: segmenter, [refiner], classifier."""
+    return ("segmenter", *(model for model in OPTIONAL_MODELS if model in manifest), "classifier")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -239,7 +256,7 @@ def _precision_problems(manifest: dict[str, Any]) -> list[str]:
         problems.append(f"precisions.calibration must be an object with method one of {CALIBRATION_METHODS}, got {calibration!r}")
     elif calibration.get("calibration_set") not in manifest["files"]:
         problems.append(f"precisions.calibration.calibration_set {calibration.get('calibration_set')!r} is not listed in files")
-    for model in MODELS:
+    for model in bundle_models(manifest):
         entry = precisions.get(model)
         if not isinstance(entry, dict) or set(entry) - set(BUNDLE_PRECISIONS) or "fp32" not in entry:
             problems.append(f"precisions.{model} must be an object with fp32 and optionally int8, got {entry!r}")
@@ -453,13 +470,26 @@ def describe_bundle(bundle: Bundle) -> str:
         f"preprocess: {preprocess['channel_order']}, mean {preprocess['mean']}, std {preprocess['std']}, stain reference {stain_text}",
         f"segmenter: {segmenter['architecture']} ({segmenter['file']}), input {segmenter['input']!r} {height}x{width}, "
         f"output {segmenter['output']!r}, classes {', '.join(segmenter['classes'])}",
+    ]
+    if "refiner" in manifest:
+        refiner = manifest["refiner"]
+        refine_height, refine_width = refiner["input_size"]
+        lines.append(
+            f"refiner: {refiner['architecture']} ({refiner['file']}), input {refiner['input']!r} {refine_height}x{refine_width} per cell, "
+            f"crop margin {refiner['crop_margin']}, output {refiner['output']!r}"
+        )
+    lines += [
         f"classifier: {classifier['file']}, input {classifier['input']!r} {crop_height}x{crop_width}, "
         f"crop margin {classifier['crop_margin']}, primary head {classifier['primary_head']}",
     ]
     for head, spec in classifier["heads"].items():
         lines.append(f"  head {head} (output {spec['output']!r}): {', '.join(spec['classes'])}")
     if "flops" in segmenter and "flops" in classifier:  # bundles before 2026-11-24 do not record them
-        lines.append(f"compute (multiply-add = 2 FLOPs): segmenter {segmenter['flops'] / 1e9:.2f} GFLOPs per frame, classifier {classifier['flops'] / 1e6:.1f} MFLOPs per cell")
+        refiner_text = f", refiner {manifest['refiner']['flops'] / 1e6:.0f} MFLOPs per cell" if "flops" in manifest.get("refiner", {}) else ""
+        lines.append(
+            f"compute (multiply-add = 2 FLOPs): segmenter {segmenter['flops'] / 1e9:.2f} GFLOPs per frame{refiner_text}, "
+            f"classifier {classifier['flops'] / 1e6:.1f} MFLOPs per cell"
+        )
     lines += [
         f"postprocess: min cell area {postprocess['min_cell_area_px']} px, split touching cells {'yes' if postprocess['split_touching'] else 'no'}",
         f"verdict: a cell is a blast at p >= {verdict['blast_threshold']}; a frame is flagged at blast fraction >= {verdict['flag_fraction']}",
@@ -468,7 +498,7 @@ def describe_bundle(bundle: Bundle) -> str:
     if "precisions" in manifest:
         calibration = manifest["precisions"]["calibration"]
         lines.append(f"precisions (calibrated {calibration.get('date', '?')}, {calibration['method']}; default per model: fastest that passed):")
-        for model in MODELS:
+        for model in bundle_models(manifest):
             variants = manifest["precisions"][model]
             described = [
                 f"{precision} {variant['median_ms']:.1f} ms" if variant.get("median_ms") else precision

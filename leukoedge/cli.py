@@ -258,6 +258,7 @@ def command_train(args: argparse.Namespace) -> int:
         print(f"error: unknown segmenter {args.segmenter_model!r}; choose one of {', '.join(sorted(SEGMENTERS))}", file=sys.stderr)
         return 2
     sources = SEGMENTATION_SOURCES if args.segmentation_sources is None else tuple(s.strip() for s in args.segmentation_sources.split(",") if s.strip())
+    refiner_sources = None if args.refiner_sources is None else tuple(s.strip() for s in args.refiner_sources.split(",") if s.strip())
     try:
         config = PipelineConfig(
             args.data,
@@ -272,7 +273,10 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_init=args.segmenter_init,
             segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
             classifier_init=args.classifier_init,
+            refiner_steps=args.refiner_steps,
+            refiner_init=args.refiner_init,
             segmentation_sources=sources,
+            refiner_sources=refiner_sources,
         )
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
@@ -423,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(handler=command_evaluate)
 
-    train = commands.add_parser("train", help="train segmenter + classifier, export to ONNX, write a bundle (needs [train])")
+    train = commands.add_parser("train", help="train segmenter + refiner + classifier, export to ONNX, write a bundle (needs [train])")
     train.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
@@ -431,17 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
+    train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
     train.add_argument("--segmenter-crop", type=int, default=128, help="side of the segmenter's training windows in model pixels (default 128; 0: the whole 192x256 input)")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
     train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
     train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")
+    train.add_argument("--refiner-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-refiner.pt")
     train.add_argument(
         "--segmentation-sources",
         default=None,
         metavar="SOURCE,...",
         help="the sources the segmenter learns from, comma separated (default: all four: wbc-seg-zheng, all-idb2, all-taleqani, bccd); "
         "leave some out for `evaluate --cross-source-bundle`",
+    )
+    train.add_argument(
+        "--refiner-sources",
+        default=None,
+        metavar="SOURCE,...",
+        help="the sources the per-cell refiner learns from (default: wbc-seg-zheng, all-idb2, all-taleqani, those of them in --segmentation-sources)",
     )
     train.set_defaults(handler=command_train)
 

@@ -11,15 +11,16 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backends import create_backend
-from .bundle import MODELS, Bundle, fastest_precision, load_bundle, model_file
+from .bundle import Bundle, bundle_models, fastest_precision, load_bundle, model_file
 from .errors import BackendUnavailableError, LeukoedgeError
 from .frame import validate_frame
 from .postprocess import CellInstance, find_cells, label_map_from_probabilities
 from .preprocess.cpu import PreparedFrame, PreprocessSpec, prepare_crops, prepare_frame
+from .refine import refine_cells
 from .result import Cell, Result, Timings, make_verdict
 
-# Cells are classified in batches of at most this many (the exported graphs take up to 64).
-MAX_CLASSIFY_BATCH = 64
+# Cells are refined and classified in batches of at most this many (the exported graphs take up to 64).
+MAX_CELL_BATCH = 64
 PRECISIONS = ("fp32", "fp16", "int8")
 PREPROCESSORS = ("cpu", "cuda")
 
@@ -104,11 +105,13 @@ class Detector:
         self.limits = manifest["limits"]
         self.prepare_frame = make_preprocessor(preprocess, self.spec, self.segmenter_spec["input_size"], channel_order)
         self.preprocess_name = preprocess
-        self.precisions = {model: choose_precision(bundle, model, precision, backend) for model in MODELS}
-        self.segmenter, self.classifier = (
-            create_backend(backend, bundle.path(model_file(manifest, model, self.precisions[model])), threads, self.precisions[model])
-            for model in MODELS
-        )
+        self.refiner_spec = manifest.get("refiner")  # None: the field segmenter's masks are final
+        self.precisions = {model: choose_precision(bundle, model, precision, backend) for model in bundle_models(manifest)}
+        backends = {
+            model: create_backend(backend, bundle.path(model_file(manifest, model, model_precision)), threads, model_precision)
+            for model, model_precision in self.precisions.items()
+        }
+        self.segmenter, self.classifier, self.refiner = backends["segmenter"], backends["classifier"], backends.get("refiner")
         self.backend_name = backend
 
     @classmethod
@@ -134,7 +137,8 @@ class Detector:
         )
 
     def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:
-        """Validate, preprocess, segment, find cells, classify; timings in ms per stage."""
+        """Validate, preprocess, segment, find cells, refine each cell's masks (bundles with a refiner),
+        classify; timings in ms per stage."""
         timings = Timings(capture_ms=capture_ms)
         started = time.perf_counter()
         frame = validate_frame(frame, min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"], channel_order=self.channel_order)
@@ -150,6 +154,9 @@ class Detector:
                 self.postprocess_spec["split_touching"],
                 self.postprocess_spec.get("min_nucleus_area_px", 0),  # absent in bundles made before 0.1.0's fix
             )
+        if self.refiner is not None:
+            with _stopwatch(timings, "refine"):
+                instances, label_map = self.refine(frame, prepared, instances)
         with _stopwatch(timings, "classify"):
             cells = self.classify(frame, prepared, instances)
         timings.total_ms = (time.perf_counter() - started) * 1000.0
@@ -163,6 +170,20 @@ class Detector:
             model_version=self.bundle.model_version,
         )
 
+    def refine(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> tuple[list[CellInstance], np.ndarray]:
+        """Each cell segmented again by the refiner from its crop (leukoedge/refine.py); the cells and
+        the frame label map painted from them."""
+        spec = self.refiner_spec
+        crop_labels = []
+        for start in range(0, len(instances), MAX_CELL_BATCH):
+            boxes = [cell.box for cell in instances[start : start + MAX_CELL_BATCH]]
+            crops = prepare_crops(frame, boxes, self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order)
+            probabilities = self.refiner.run({spec["input"]: crops})[spec["output"]]
+            crop_labels.extend(label_map_from_probabilities(cell_probabilities) for cell_probabilities in probabilities)
+        if not crop_labels:
+            return instances, np.zeros(frame.shape[:2], np.uint8)
+        return refine_cells(instances, np.stack(crop_labels), spec["crop_margin"], frame.shape[:2])
+
     def classify(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> list[Cell]:
         """Classify every cell crop (batched) with every head; the primary head names the label."""
         if not instances:
@@ -170,10 +191,10 @@ class Detector:
         spec = self.classifier_spec
         heads = spec["heads"]
         probabilities: dict[str, list[np.ndarray]] = {head: [] for head in heads}
-        for start in range(0, len(instances), MAX_CLASSIFY_BATCH):
-            batch = instances[start : start + MAX_CLASSIFY_BATCH]
+        for start in range(0, len(instances), MAX_CELL_BATCH):
+            batch = instances[start : start + MAX_CELL_BATCH]
             crops = prepare_crops(
-                frame, [cell.box for cell in batch], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order
+                frame, [cell.classifier_box for cell in batch], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order
             )
             outputs = self.classifier.run({spec["input"]: crops})
             for head, head_spec in heads.items():
@@ -203,6 +224,7 @@ class Detector:
                     scores=head_scores[primary],
                     blast_probability=blast_probability,
                     head_scores=head_scores,
+                    found_box=instance.found_box,
                 )
             )
         return cells

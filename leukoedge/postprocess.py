@@ -21,6 +21,13 @@ class CellInstance:
     box: Box
     mask: np.ndarray  # bool, whole cell
     nucleus_mask: np.ndarray  # bool
+    # Where the field segmenter found the cell; set by refinement (refine.py), which moves box and masks.
+    # The classifier crops around this box: its training crops were cut from the field segmenter's boxes.
+    found_box: Box | None = None
+
+    @property
+    def classifier_box(self) -> Box:
+        return self.box if self.found_box is None else self.found_box
 
 
 def label_map_from_probabilities(probabilities: np.ndarray) -> np.ndarray:

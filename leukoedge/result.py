@@ -71,6 +71,9 @@ class Cell:
     scores: dict[str, float]  # primary head: class -> probability
     blast_probability: float
     head_scores: dict[str, dict[str, float]]  # every classifier head: head -> class -> probability
+    # Where the field segmenter found the cell, when refinement (bundles with a refiner) moved box and
+    # masks; the classifier's crop is cut around it (classifier_box). None: box.
+    found_box: Box | None = None
 
     def __post_init__(self) -> None:
         # A mask that does not match its box would draw and serialize in the wrong place, silently.
@@ -81,6 +84,11 @@ class Cell:
                 f"cell {self.id}: masks must have the box's shape {expected}, "
                 f"got mask {self.mask.shape} and nucleus_mask {self.nucleus_mask.shape}"
             )
+
+    @property
+    def classifier_box(self) -> Box:
+        """The box the classifier's crop was cut around."""
+        return self.box if self.found_box is None else self.found_box
 
     @property
     def area_px(self) -> int:
@@ -100,6 +108,7 @@ class Cell:
             "scores": self.scores,
             "blast_probability": self.blast_probability,
             "head_scores": self.head_scores,
+            "classifier_box": self.classifier_box,
         }
         if include_masks:
             record["mask"] = rle_encode(self.mask)
@@ -115,6 +124,7 @@ class Timings:
     preprocess_ms: float = 0.0
     segment_ms: float = 0.0
     postprocess_ms: float = 0.0
+    refine_ms: float = 0.0  # 0 where the bundle has no refiner
     classify_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -124,6 +134,7 @@ class Timings:
             preprocess=float(self.preprocess_ms),
             segment=float(self.segment_ms),
             postprocess=float(self.postprocess_ms),
+            refine=float(self.refine_ms),
             classify=float(self.classify_ms),
             total=float(self.total_ms),
         )

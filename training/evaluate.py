@@ -82,18 +82,21 @@ def _timed(segment: Callable[[np.ndarray], np.ndarray]) -> Segmenter:
 
 
 def bundle_segmenter(detector: Detector) -> Segmenter:
-    """The bundle through Detector.run; its time is preprocess + segment + postprocess (classifying
-    the found cells is not segmentation)."""
+    """The bundle through Detector.run; its time is preprocess + segment + postprocess + refine
+    (classifying the found cells is not segmentation)."""
 
     def run(image: np.ndarray) -> tuple[np.ndarray, float]:
         result = detector.run(image)
-        return result.label_map, sum(result.timings[stage] for stage in ("preprocess", "segment", "postprocess"))
+        return result.label_map, sum(result.timings[stage] for stage in ("preprocess", "segment", "postprocess", "refine"))
 
     return run
 
 
 def bundle_method(detector: Detector) -> str:
-    return f"leukoedge ({detector.segmenter_spec.get('architecture', 'segmenter')})"
+    models = detector.segmenter_spec.get("architecture", "segmenter")
+    if detector.refiner_spec is not None:
+        models += " + refiner"
+    return f"leukoedge ({models})"
 
 
 def checkpoint_segmenter(checkpoint: Path, evaluated: Bundle) -> tuple[Segmenter, str]:

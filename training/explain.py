@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from leukoedge.detector import MAX_CLASSIFY_BATCH, Detector
+from leukoedge.detector import MAX_CELL_BATCH, Detector
 from leukoedge.errors import InvalidFrameError
 from leukoedge.frame import validate_frame
 from leukoedge.preprocess.cpu import Box, prepare_crops, prepare_frame, square_crop_box
@@ -98,10 +98,10 @@ def explain_frame(frame: np.ndarray, result: Result, detector: Detector, classif
     heatmap = np.zeros(frame.shape[:2], np.float32)
     covered = np.zeros(frame.shape[:2], bool)
     crops = cell_crops(frame, result, detector)
-    for start in range(0, len(crops), MAX_CLASSIFY_BATCH):
-        cells = result.cells[start : start + MAX_CLASSIFY_BATCH]
-        for cell, cell_heatmap in zip(cells, grad_cam(classifier, crops[start : start + MAX_CLASSIFY_BATCH], EXPLAINED_HEAD)):
-            _paste_max(heatmap, covered, cell_heatmap, square_crop_box(cell.box, detector.classifier_spec["crop_margin"]))
+    for start in range(0, len(crops), MAX_CELL_BATCH):
+        cells = result.cells[start : start + MAX_CELL_BATCH]
+        for cell, cell_heatmap in zip(cells, grad_cam(classifier, crops[start : start + MAX_CELL_BATCH], EXPLAINED_HEAD)):
+            _paste_max(heatmap, covered, cell_heatmap, square_crop_box(cell.classifier_box, detector.classifier_spec["crop_margin"]))
     frame_bgr = frame if detector.channel_order == "BGR" else np.ascontiguousarray(frame[..., ::-1])
     return FrameExplanation(heatmap, _draw_heatmap(frame_bgr, heatmap, covered, result))
 
@@ -111,7 +111,7 @@ def cell_crops(frame: np.ndarray, result: Result, detector: Detector) -> np.ndar
     boxes, margin, channel order and the frame's own stain statistics (from prepare_frame)."""
     spec = detector.classifier_spec
     statistics = prepare_frame(frame, detector.spec, detector.segmenter_spec["input_size"], detector.channel_order).lab_statistics
-    boxes = [cell.box for cell in result.cells]
+    boxes = [cell.classifier_box for cell in result.cells]
     return prepare_crops(frame, boxes, detector.spec, spec["input_size"], spec["crop_margin"], statistics, detector.channel_order)
 
 

@@ -1,7 +1,8 @@
 """One command from ../shared/data to a model bundle: `leukoedge train --data DIR --out models/default`.
 
-Steps: stain reference from the training split -> segmenter -> cell crops -> classifier ->
-ONNX export with parity check -> bundle (manifest + sha256) -> held-out evaluation into the manifest.
+Steps: stain reference from the training split -> field segmenter -> per-cell refiner ->
+cell crops -> classifier -> ONNX export with parity check -> bundle (manifest + sha256) -> frame
+verdict threshold from the validation fields.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from leukoedge.preprocess.cpu import Letterbox, PreprocessSpec, prepare_frame
 from . import data
 from .flops import count_flops
 from .stain import estimate_reference
-from .train import CellExample, SegmentationExample, TrainConfig, save_checkpoint, train_classifier, train_segmenter
+from .train import CellExample, CellMaskExample, SegmentationExample, TrainConfig, save_checkpoint, train_classifier, train_refiner, train_segmenter
 from .verdict import choose_flag_fraction
 
 log = logging.getLogger("leukoedge.training")
@@ -32,7 +33,11 @@ log = logging.getLogger("leukoedge.training")
 SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani", "bccd")
 SEGMENTER_INPUT = (192, 256)  # H, W: a 640x480 field maps exactly, single-cell crops are letterboxed
 CLASSIFIER_INPUT = (64, 64)
-CROP_MARGIN = 0.15
+CROP_MARGIN = 0.15  # the classifier's and the refiner's crops: a square around the cell, 15 % of its side added per edge
+REFINER_INPUT = (128, 128)  # a Zheng cell (~100 px) at ~1.1x, a Taleqani or BCCD cell enlarged to the same size
+# The refiner learns from every source with cell masks: the experts' (Zheng, ALL-IDB2) and Taleqani's weak
+# masks (as for the segmenter: "some WBC pixel" plus a nucleus share), without which it fails on fields.
+REFINER_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani")
 MIN_CELL_AREA_PX = 40  # model-input pixels: a Taleqani WBC is ~300, platelets and specks ~10-30
 MIN_NUCLEUS_AREA_PX = 20  # model-input pixels: a Taleqani blast nucleus is ~150; red-cell rims have none
 RUNTIME_CLASSIFIERS = ("custom_cnn", "vgg_hybrid", "resnet_s")  # dual_branch takes 6 channels (cell + nucleus crop): study only
@@ -59,15 +64,19 @@ class PipelineConfig:
     segmenter_steps: int = 8000
     classifier_steps: int = 1500
     segmenter_learning_rate: float = 2e-3
+    refiner_steps: int = 4000
     # Training windows of the segmenter input (fully convolutional): small is fast; None trains on the whole
     # 192x256 input, where a letterboxed single-cell crop is seen whole, as at run time.
     segmenter_crop: int | None = 128
     # Fine-tuning: start a model from a checkpoint (.pt); with 0 steps that model is kept as it is.
     segmenter_init: Path | None = None
     classifier_init: Path | None = None
+    refiner_init: Path | None = None
     # The sources the segmenter (and the stain reference) learn from; leave some out to test across sources.
     segmentation_sources: tuple[str, ...] = SEGMENTATION_SOURCES
     segmenter_source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source
+    # The sources the refiner learns from; None: those of REFINER_SOURCES the segmenter learns from too.
+    refiner_sources: tuple[str, ...] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +86,10 @@ class PipelineConfig:
         unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]
         if unknown or not self.segmentation_sources:
             raise ValueError(f"segmentation_sources must be some of {', '.join(SEGMENTATION_SOURCES)}; got {list(self.segmentation_sources)}")
+        if self.refiner_sources is None:
+            self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
+        if not self.refiner_sources or any(source not in REFINER_SOURCES for source in self.refiner_sources):
+            raise ValueError(f"the refiner learns from cell masks: refiner_sources must be some of {', '.join(REFINER_SOURCES)}; got {list(self.refiner_sources)}")
 
     def limit(self, records: list) -> list:
         """In quick mode, a few records per source, spread over the labels by the split files' order."""
@@ -135,8 +148,20 @@ def segmenter_label_map(
     return label_map_from_probabilities(probabilities), prepared.letterbox
 
 
+def load_refiner_examples(config: PipelineConfig, split: str, per_source: int | None = None) -> list[CellMaskExample]:
+    """Every masked cell of the refiner's sources (expert masks, Taleqani's weak ones): image, label map, the cell's box."""
+    examples = []
+    for source in config.refiner_sources:
+        for record in tqdm(_records(config, source, split)[:per_source], desc=f"load {source} {split} cells", leave=False):
+            label_map = data.read_label_map(record)
+            image = data.read_image(record)
+            examples += [CellMaskExample(source, image, label_map, box) for box in data.wbc_boxes(record)]
+    return examples
+
+
 def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessSpec) -> list[tuple[int, int, int, int]]:
-    """Cell boxes in frame pixels found by the trained segmenter, through the runtime's own path."""
+    """Cell boxes in frame pixels found by the trained segmenter, through the runtime's own path: the
+    boxes the runtime's classifier crops around (refinement changes masks, not these)."""
     cells, _ = find_cells(*segmenter_label_map(model, image, spec), MIN_CELL_AREA_PX, True, MIN_NUCLEUS_AREA_PX)
     return [cell.box for cell in cells]
 
@@ -201,6 +226,17 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) 
             "architecture": training["segmenter"]["config"]["model"],
             "flops": flops["segmenter"],
         },
+        "refiner": {
+            "file": "refiner.onnx",
+            "input": "crop",
+            "output": "probs",
+            "input_size": list(REFINER_INPUT),
+            "crop_margin": CROP_MARGIN,
+            "classes": ["background", "cytoplasm", "nucleus"],
+            "architecture": training["refiner"]["config"]["model"],
+            "flops": flops["refiner"],
+            "sources": list(training["refiner_sources"]),
+        },
         "classifier": {
             "file": "classifier.onnx",
             "input": "crop",
@@ -219,10 +255,10 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) 
 
 
 def run_pipeline(config: PipelineConfig) -> Bundle:
-    """Train both models, export them, write and return the verified bundle."""
+    """Train the three models, export them, write and return the verified bundle."""
     from leukoedge.export.onnx import export_classifier, export_segmenter
 
-    from .samples import classification_sample, segmentation_sample
+    from .samples import classification_sample, refiner_sample, segmentation_sample
 
     torch.manual_seed(config.seed)
     train_examples = load_segmentation_examples(config, "train")
@@ -245,6 +281,22 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             source_weights=config.segmenter_source_weights,
             seed=config.seed,
         ),
+    )
+    refiner_val = load_refiner_examples(config, "val", per_source=VALIDATION_IMAGES_PER_SOURCE)
+    refiner, refiner_summary = train_refiner(
+        load_refiner_examples(config, "train"),
+        refiner_val,
+        spec,
+        TrainConfig(
+            model=_checkpoint_model(config.refiner_init) or config.segmenter_model,
+            input_size=REFINER_INPUT,
+            steps=8 if quick else config.refiner_steps,
+            batch_size=4 if quick else 16,
+            init_from=None if config.refiner_init is None else str(config.refiner_init),
+            validate_every=4 if quick else 200,
+            seed=config.seed,
+        ),
+        CROP_MARGIN,
     )
     cell_train, train_counts = load_cell_examples(config, "train", segmenter, spec)
     cell_val, val_counts = load_cell_examples(config, "val", segmenter, spec)
@@ -271,20 +323,33 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         segmenter_inputs = np.stack([segmentation_sample(e.image, e.label_map, spec, SEGMENTER_INPUT, None)[0] for e in val_examples[:8]])
         crop_inputs = np.stack([classification_sample(e.image, e.box, spec, CLASSIFIER_INPUT, CROP_MARGIN, None) for e in cell_val[:32]])
         segmenter_parity = export_segmenter(segmenter, segmenter_inputs, scratch_dir / "segmenter.onnx")
+        refiner_inputs = np.stack([refiner_sample(e.image, e.label_map, e.box, spec, REFINER_INPUT, CROP_MARGIN, None)[0] for e in refiner_val[:16]])
+        refiner_parity = export_segmenter(refiner, refiner_inputs, scratch_dir / "refiner.onnx", input_name="crop")
         classifier_parity = export_classifier(classifier, list(HEADS), crop_inputs, scratch_dir / "classifier.onnx")
         save_checkpoint(segmenter, segmenter_summary, config.out_dir.parent / "checkpoints" / f"{config.out_dir.name}-segmenter.pt")
+        save_checkpoint(refiner, refiner_summary, config.out_dir.parent / "checkpoints" / f"{config.out_dir.name}-refiner.pt")
         save_checkpoint(classifier, classifier_summary, config.out_dir.parent / "checkpoints" / f"{config.out_dir.name}-classifier.pt")
         training = {
             "data": "real images of ../shared/data (Zheng 2018 dataset 1, ALL-IDB2 + Di Ruberto masks, Taleqani B-ALL, PBC, BCCD); split files training/splits/*.csv, seed 0",
             "quick": quick,
             "segmentation_sources": list(config.segmentation_sources),
-            "pretraining": {"segmenter": segmenter_summary["pretraining"], "classifier": classifier_summary["pretraining"]},
+            "refiner_sources": list(config.refiner_sources),
+            "pretraining": {
+                "segmenter": segmenter_summary["pretraining"],
+                "refiner": refiner_summary["pretraining"],
+                "classifier": classifier_summary["pretraining"],
+            },
             "segmenter": {**segmenter_summary, "onnx_parity_max_abs": segmenter_parity},
+            "refiner": {**refiner_summary, "onnx_parity_max_abs": refiner_parity},
             "classifier": {**classifier_summary, "onnx_parity_max_abs": classifier_parity},
         }
-        flops = {"segmenter": count_flops(segmenter, (1, 3, *SEGMENTER_INPUT)), "classifier": count_flops(classifier, (1, 3, *CLASSIFIER_INPUT))}
+        flops = {
+            "segmenter": count_flops(segmenter, (1, 3, *SEGMENTER_INPUT)),
+            "refiner": count_flops(refiner, (1, 3, *REFINER_INPUT)),
+            "classifier": count_flops(classifier, (1, 3, *CLASSIFIER_INPUT)),
+        }
         manifest = build_manifest(spec, training, flops)
-        files = {"segmenter.onnx": scratch_dir / "segmenter.onnx", "classifier.onnx": scratch_dir / "classifier.onnx"}
+        files = {name: scratch_dir / name for name in ("segmenter.onnx", "refiner.onnx", "classifier.onnx")}
         draft = save_bundle(scratch_dir / "draft", manifest, files)
         verdict = calibrate_verdict(config, draft.root)
         manifest["verdict"]["flag_fraction"] = verdict["flag_fraction"]

@@ -2,8 +2,8 @@
 
 Segmentation: a frame is letterboxed into the model input exactly as Detector does (fit_letterbox),
 then, for augmentation, rescaled, shifted, flipped and re-stained around that placement.
-Classification: cells are cut with the runtime's prepare_crops, from boxes the segmenter (or a mask)
-gives, so the classifier trains on the crops it will be shown.
+Classification and refinement: cells are cut with the runtime's prepare_crops, from boxes the
+segmenter (or a mask) gives, so the classifier and the refiner train on the crops they will be shown.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from leukoedge.preprocess.cpu import (
     Box,
     PreprocessSpec,
+    cut_padded,
     fit_letterbox,
     lab_statistics,
     prepare_crops,
@@ -22,6 +23,7 @@ from leukoedge.preprocess.cpu import (
     reinhard_normalize,
     resize,
     resize_labels,
+    square_crop_box,
     to_chw_normalized,
     to_rgb_float,
 )
@@ -91,6 +93,51 @@ def random_crop(tensor: np.ndarray, labels: np.ndarray, size: int, rng: np.rando
     return tensor[:, y : y + size, x : x + size], labels[y : y + size, x : x + size]
 
 
+def jitter_box(box: Box, rng: np.random.Generator) -> Box:
+    """The box as a found cell's box may come out: centre shifted ~5 % of its side, size ~10 % off."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0)
+    shift = rng.normal(0.0, 0.05 * side, 2)
+    grow = float(np.exp(rng.normal(0.0, 0.1)))
+    cx, cy = (x0 + x1) / 2 + shift[0], (y0 + y1) / 2 + shift[1]
+    half_w, half_h = (x1 - x0) * grow / 2, (y1 - y0) * grow / 2
+    return (int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h)))
+
+
+def jittered_stain(spec: PreprocessSpec, rng: np.random.Generator) -> PreprocessSpec:
+    """The spec with its stain reference jittered (another lab's stain), or as it is without one."""
+    if spec.stain_reference is None:
+        return spec
+    return PreprocessSpec(spec.channel_order, spec.mean, spec.std, jitter_reference(spec.stain_reference, rng))
+
+
+def refiner_sample(
+    image: np.ndarray,
+    label_map: np.ndarray,
+    box: Box,
+    spec: PreprocessSpec,
+    input_size: Sequence[int],
+    margin: float,
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(3xSxS crop, SxS labels) of one cell for the per-cell refiner (leukoedge/refine.py). rng None:
+    exactly the runtime's crop of that box; otherwise jittered box and stain, rotations, flips.
+    The labels are cut from the same square and resized the way refine.py maps them back."""
+    statistics = lab_statistics(to_rgb_float(image)) if spec.stain_reference is not None else None
+    if rng is not None:
+        box, spec = jitter_box(box, rng), jittered_stain(spec, rng)
+    crop = prepare_crops(image, [box], spec, input_size, margin, statistics)[0]
+    labels, _ = cut_padded(label_map, square_crop_box(box, margin))  # outside the image: background
+    labels = resize_labels(labels, int(input_size[1]), int(input_size[0]))
+    if rng is not None:
+        turns = int(rng.integers(4))
+        crop, labels = np.rot90(crop, turns, axes=(1, 2)), np.rot90(labels, turns)
+        if rng.random() < 0.5:
+            crop, labels = crop[:, :, ::-1], labels[:, ::-1]
+        crop = crop * rng.uniform(0.85, 1.15) + rng.normal(0.0, 0.1)
+    return np.ascontiguousarray(crop, dtype=np.float32), np.ascontiguousarray(labels)
+
+
 def classification_sample(
     image: np.ndarray,
     box: Box,
@@ -100,22 +147,10 @@ def classification_sample(
     rng: np.random.Generator | None,
 ) -> np.ndarray:
     """3xHxW crop of one cell. rng None: exactly the runtime's crop; otherwise jittered box, stain, flips."""
+    statistics = lab_statistics(to_rgb_float(image)) if spec.stain_reference is not None else None
     if rng is None:
-        statistics = lab_statistics(to_rgb_float(image)) if spec.stain_reference is not None else None
         return prepare_crops(image, [box], spec, input_size, margin, statistics)[0]
-    x0, y0, x1, y1 = box
-    side = max(x1 - x0, y1 - y0)
-    shift = rng.normal(0.0, 0.05 * side, 2)
-    grow = float(np.exp(rng.normal(0.0, 0.1)))
-    cx, cy = (x0 + x1) / 2 + shift[0], (y0 + y1) / 2 + shift[1]
-    half_w, half_h = (x1 - x0) * grow / 2, (y1 - y0) * grow / 2
-    jittered = (int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h)))
-    jittered_spec = spec
-    statistics = None
-    if spec.stain_reference is not None:
-        jittered_spec = PreprocessSpec(spec.channel_order, spec.mean, spec.std, jitter_reference(spec.stain_reference, rng))
-        statistics = lab_statistics(to_rgb_float(image))
-    crop = prepare_crops(image, [jittered], jittered_spec, input_size, margin, statistics)[0]
+    crop = prepare_crops(image, [jitter_box(box, rng)], jittered_stain(spec, rng), input_size, margin, statistics)[0]
     crop = np.rot90(crop, int(rng.integers(4)), axes=(1, 2))
     if rng.random() < 0.5:
         crop = crop[:, :, ::-1]

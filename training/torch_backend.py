@@ -10,12 +10,13 @@ Grad-CAM (training/explain.py) takes its classifier from the same verified loade
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from leukoedge.backends.onnxruntime import OnnxRuntimeBackend
-from leukoedge.bundle import Bundle
+from leukoedge.bundle import MODELS, Bundle
 from leukoedge.errors import LeukoedgeError
 from leukoedge.export.onnx import ClassifierWithSoftmax, SegmenterWithSoftmax
 
@@ -43,10 +44,10 @@ class TorchBackend:
         return {name: output.numpy() for name, output in zip(self.output_names, outputs)}
 
 
-def checkpoint_paths(bundle_path: Path, folder: Path | None = None) -> dict[str, Path]:
-    """Where training.pipeline saved the checkpoints of the bundle at bundle_path (or in `folder`)."""
+def checkpoint_paths(bundle_path: Path, folder: Path | None = None, models: Sequence[str] = MODELS) -> dict[str, Path]:
+    """Where training.pipeline saved the checkpoints of `models` of the bundle at bundle_path (or in `folder`)."""
     folder = folder or Path(bundle_path).parent / "checkpoints"
-    return {model: folder / f"{Path(bundle_path).name}-{model}.pt" for model in ("segmenter", "classifier")}
+    return {model: folder / f"{Path(bundle_path).name}-{model}.pt" for model in models}
 
 
 def _require_files(paths: list[Path]) -> None:
@@ -58,13 +59,13 @@ def _require_files(paths: list[Path]) -> None:
 def _as_backend(bundle: Bundle, model: str, module: torch.nn.Module) -> TorchBackend:
     """`module` wrapped exactly as export/onnx.py wrapped it for export (softmax included)."""
     spec = bundle.manifest[model]
-    if model == "segmenter":
+    if model in ("segmenter", "refiner"):
         return TorchBackend(SegmenterWithSoftmax(module), spec["input"], [spec["output"]])
     return TorchBackend(ClassifierWithSoftmax(module, list(spec["heads"])), spec["input"], [head["output"] for head in spec["heads"].values()])
 
 
 def verified_model(bundle: Bundle, model: str, checkpoint: Path) -> torch.nn.Module:
-    """The `model` ("segmenter" or "classifier") of `bundle` rebuilt from its training checkpoint, in eval
+    """The `model` ("segmenter", "refiner" or "classifier") of `bundle` rebuilt from its training checkpoint, in eval
     mode; LeukoedgeError when the checkpoint is missing or its outputs differ from the bundle's ONNX file."""
     _require_files([checkpoint])
     model_kwargs = {}
@@ -84,7 +85,7 @@ def verified_model(bundle: Bundle, model: str, checkpoint: Path) -> torch.nn.Mod
 
 
 def torch_backends(bundle: Bundle, checkpoints: dict[str, Path], threads: int | None = None) -> dict[str, TorchBackend]:
-    """The segmenter and classifier of `bundle` in PyTorch eager FP32, verified against the bundle's ONNX files."""
+    """The models of `bundle` named in `checkpoints` in PyTorch eager FP32, verified against the bundle's ONNX files."""
     _require_files(list(checkpoints.values()))
     if threads:
         torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from leukoedge.preprocess.cpu import PreprocessSpec
 
 from .data import LABEL_IGNORE, LABEL_WBC
 from .models import create_model
-from .samples import classification_sample, random_crop, segmentation_sample
+from .samples import classification_sample, random_crop, refiner_sample, segmentation_sample
 
 log = logging.getLogger("leukoedge.training")
 
@@ -35,6 +35,16 @@ class SegmentationExample:
     source: str
     image: np.ndarray
     label_map: np.ndarray
+
+
+@dataclass
+class CellMaskExample:
+    """One masked cell (expert or weak mask), for the per-cell refiner: the image, its label map and the cell's box."""
+
+    source: str
+    image: np.ndarray
+    label_map: np.ndarray
+    box: tuple[int, int, int, int]
 
 
 @dataclass
@@ -277,6 +287,50 @@ def train_segmenter(
 
     summary = train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train {config.model}")
     return model, {"config": asdict(config), "pretraining": pretraining, **summary}
+
+
+def train_refiner(
+    train: Sequence[CellMaskExample],
+    val: Sequence[CellMaskExample],
+    spec: PreprocessSpec,
+    config: TrainConfig,
+    crop_margin: float,
+) -> tuple[torch.nn.Module, dict]:
+    """Train the per-cell refiner (leukoedge/refine.py) on crops of masked cells, cut as the
+    runtime cuts them; the loss and the validation score are the segmenter's."""
+    model = _initial_model(config)
+    pretraining = pretraining_of(config.init_from)
+    if config.steps == 0:
+        return model, {
+            "config": asdict(config),
+            "crop_margin": crop_margin,
+            "pretraining": pretraining,
+            "reused_checkpoint": config.init_from,
+            "checkpoint_training": _recorded_training(config.init_from),
+        }
+    sample_indices = balanced_indices(
+        [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
+    )
+
+    def sample(example: CellMaskExample, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+        return refiner_sample(example.image, example.label_map, example.box, spec, config.input_size, crop_margin, rng)
+
+    def make_batch(indices: np.ndarray, rng: np.random.Generator):
+        inputs, labels = zip(*(sample(train[index], rng) for index in indices))
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
+
+    validation = [sample(example, None) for example in val]
+
+    def validate(model: torch.nn.Module) -> float:
+        scores = []
+        for start in range(0, len(validation), 32):
+            chunk = validation[start : start + 32]
+            predicted = model(torch.from_numpy(np.stack([crop for crop, _ in chunk]))).argmax(dim=1).numpy()
+            scores.extend(_mean_dice(prediction, truth) for prediction, (_, truth) in zip(predicted, chunk))
+        return per_source_mean(scores, [example.source for example in val])
+
+    summary = train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train refiner {config.model}")
+    return model, {"config": asdict(config), "crop_margin": crop_margin, "pretraining": pretraining, **summary}
 
 
 def per_source_mean(scores: Sequence[float], sources: Sequence[str]) -> float:

@@ -24,15 +24,17 @@ from leukoedge.preprocess.cpu import PreprocessSpec
 def test_calibrated_bundle_lists_int8_models_gate_table_and_calibration_files(calibrated_bundle: Path, data_root: Path):
     bundle = load_bundle(calibrated_bundle)  # verifies every sha256, the new files included
     files = bundle.manifest["files"]
-    assert {"segmenter.onnx", "classifier.onnx", "segmenter.int8.onnx", "classifier.int8.onnx", "calibration_set.csv"} <= set(files)
+    models = ("segmenter", "refiner", "classifier")
+    assert {*(f"{model}.onnx" for model in models), *(f"{model}.int8.onnx" for model in models), "calibration_set.csv"} <= set(files)
     precisions = bundle.manifest["precisions"]
     assert precisions["calibration"]["method"] == "minmax"
-    for model in ("segmenter", "classifier"):
+    for model in models:
         int8 = precisions[model]["int8"]
         assert int8["file"] == f"{model}.int8.onnx" and int8["gate"]["passed"]
         assert int8["median_ms"] > 0 and precisions[model]["fp32"]["median_ms"] > 0
         assert {metric["name"] for metric in int8["gate"]["metrics"]}
     assert {m["name"] for m in precisions["segmenter"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice", "taleqani_verdict_accuracy"}
+    assert {m["name"] for m in precisions["refiner"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice"}
     assert "blast_accuracy" in {m["name"] for m in precisions["classifier"]["int8"]["gate"]["metrics"]}
     with bundle.path("calibration_set.csv").open(newline="") as stream:
         rows = list(csv.DictReader(stream))
@@ -43,7 +45,7 @@ def test_calibrated_bundle_lists_int8_models_gate_table_and_calibration_files(ca
 
 
 def test_onnx_runtime_runs_only_conv_and_gemm_in_int8_attention_and_norms_stay_float(calibrated_bundle: Path, tmp_path: Path):
-    for model in ("segmenter", "classifier"):
+    for model in ("segmenter", "refiner", "classifier"):
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"{model}.optimized.onnx")
         ort.InferenceSession(str(calibrated_bundle / f"{model}.int8.onnx"), options, providers=["CPUExecutionProvider"])
@@ -75,6 +77,7 @@ def test_gate_refuses_int8_when_the_thresholds_cannot_be_met_and_names_the_metri
 
 def test_keep_float_takes_model_and_names():
     assert parse_keep_float(["segmenter:MatMul,Softmax", "segmenter:/x/Conv"]) == {"segmenter": ("MatMul", "Softmax", "/x/Conv")}
+    assert parse_keep_float(["refiner:MatMul"]) == {"refiner": ("MatMul",)}
     with pytest.raises(LeukoedgeError, match="MODEL:NAME"):
         parse_keep_float(["MatMul"])
 
@@ -87,14 +90,15 @@ def test_detector_picks_the_fastest_precision_that_passed_or_the_one_asked_for(c
     # Speeds as if measured on a machine where int8 helps the segmenter but not the classifier.
     manifest["precisions"]["segmenter"]["fp32"]["median_ms"], manifest["precisions"]["segmenter"]["int8"]["median_ms"] = 20.0, 10.0
     manifest["precisions"]["classifier"]["fp32"]["median_ms"], manifest["precisions"]["classifier"]["int8"]["median_ms"] = 2.0, 3.0
+    manifest["precisions"]["refiner"]["fp32"]["median_ms"], manifest["precisions"]["refiner"]["int8"]["median_ms"] = 9.0, 4.0
     manifest_path.write_text(json.dumps(manifest))
 
     fastest = Detector.load(bundle_dir)
-    assert fastest.precisions == {"segmenter": "int8", "classifier": "fp32"}
+    assert fastest.precisions == {"segmenter": "int8", "refiner": "int8", "classifier": "fp32"}
     frame = cv2.imread(str(sorted((data_root / "bccd" / "images").glob("*.jpg"))[0]))
     assert fastest.run(frame).label_map.shape == frame.shape[:2]
-    assert Detector.load(bundle_dir, precision="int8").precisions == {"segmenter": "int8", "classifier": "int8"}
-    assert Detector.load(bundle_dir, precision="fp32").precisions == {"segmenter": "fp32", "classifier": "fp32"}
+    assert Detector.load(bundle_dir, precision="int8").precisions == {"segmenter": "int8", "refiner": "int8", "classifier": "int8"}
+    assert Detector.load(bundle_dir, precision="fp32").precisions == {"segmenter": "fp32", "refiner": "fp32", "classifier": "fp32"}
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
         Detector.load(bundle_dir, precision="fp16")
     with pytest.raises(ValueError, match="unknown precision"):
@@ -102,7 +106,7 @@ def test_detector_picks_the_fastest_precision_that_passed_or_the_one_asked_for(c
 
 
 def test_an_uncalibrated_bundle_runs_fp32_and_refuses_int8_with_the_command_to_make_it(tiny_bundle: Path):
-    assert Detector.load(tiny_bundle).precisions == {"segmenter": "fp32", "classifier": "fp32"}
+    assert Detector.load(tiny_bundle).precisions == {"segmenter": "fp32", "refiner": "fp32", "classifier": "fp32"}
     with pytest.raises(BundleError, match="leukoedge calibrate"):
         Detector.load(tiny_bundle, precision="int8")
 

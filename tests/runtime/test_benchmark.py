@@ -42,7 +42,7 @@ def test_compare_measures_fp32_int8_and_pytorch_with_medians_p95_fps_and_ratios(
         assert all(median <= p95 + 0.1 for median, p95 in zip(medians_and_p95[::2], medians_and_p95[1::2]))
     assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort int8 \d+\.\d, (ort default \d+\.\d, )?torch fp32 \d+\.\d", out)
     for numerator, denominator in (("ort int8", "ort fp32"), ("ort fp32", "torch fp32"), ("ort int8", "torch fp32")):
-        assert re.search(rf"ratio {numerator} / {denominator} .*segment \d+\.\d\d, classify (\d+\.\d\d|-), total \d+\.\d\d", out)
+        assert re.search(rf"ratio {numerator} / {denominator} .*segment \d+\.\d\d, refine (\d+\.\d\d|-), classify (\d+\.\d\d|-), total \d+\.\d\d", out)
 
 
 def _compare_without_checkpoints(bundle: Path, frames: Path, tmp_path: Path, capsys) -> str:
@@ -63,7 +63,7 @@ def test_ratio_of_a_stage_that_took_no_time_is_a_dash_not_a_crash():
     fast = StageTimes("a", {stage: [1.0, 2.0] for stage in STAGES})
     idle = StageTimes("b", {**{stage: [2.0, 4.0] for stage in STAGES}, "classify": [0.0, 0.0]})
     text = format_comparison({"a": fast, "b": idle}, [("a", "b")])
-    assert "ratio a / b (median ms; < 1 is faster): segment 0.50, classify -, total 0.50" in text
+    assert "ratio a / b (median ms; < 1 is faster): segment 0.50, refine 0.50, classify -, total 0.50" in text
 
 
 def test_compare_times_the_bundles_own_mix_of_precisions(calibrated_bundle, two_bccd_frames, tmp_path, capsys):
@@ -78,9 +78,10 @@ def test_compare_times_the_bundles_own_mix_of_precisions(calibrated_bundle, two_
     int8["file"] = None
     int8["gate"] = {"passed": False, "samples": 8, "metrics": [{"name": "blast_accuracy", "fp32": 0.9, "int8": 0.8, "tolerance": 0.005, "passed": False}]}
     manifest["precisions"]["segmenter"]["fp32"]["median_ms"] = 2 * manifest["precisions"]["segmenter"]["int8"]["median_ms"]  # int8 is its fastest
+    manifest["precisions"]["refiner"]["int8"]["median_ms"] = 2 * manifest["precisions"]["refiner"]["fp32"]["median_ms"]  # fp32 is its fastest
     (mixed / "manifest.json").write_text(json.dumps(manifest))
     out = _compare_without_checkpoints(mixed, two_bccd_frames, tmp_path, capsys)
     assert "ort int8 skipped: bundle" in out and "failed its accuracy gate" in out
-    assert "ort default: the bundle's default precision per model (segmenter int8, classifier fp32)" in out
+    assert "ort default: the bundle's default precision per model (segmenter int8, refiner fp32, classifier fp32)" in out
     assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort default \d+\.\d$", out, re.MULTILINE)
     assert re.search(r"ratio ort default / ort fp32 .*segment \d+\.\d\d", out)

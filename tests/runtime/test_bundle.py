@@ -16,6 +16,7 @@ import pytest
 from leukoedge.bundle import (
     SCHEMA_VERSION,
     Bundle,
+    bundle_models,
     describe_bundle,
     load_bundle,
     save_bundle,
@@ -402,3 +403,43 @@ def test_damaged_archive_is_refused_and_leaves_no_extraction_behind(
     with pytest.raises(BundleError):
         load_bundle(archive)
     assert list(scratch.iterdir()) == [], "a refused archive must not leave its extraction folder behind"
+
+
+def _with_refiner() -> dict:
+    manifest = _manifest()
+    manifest["refiner"] = {
+        "file": "refiner.onnx",
+        "input": "crop",
+        "output": "probs",
+        "input_size": [128, 128],
+        "crop_margin": 0.15,
+        "classes": ["background", "cytoplasm", "nucleus"],
+        "architecture": "hctnet_lite",
+    }
+    manifest["files"] = {name: hashlib.sha256(content).hexdigest() for name, content in {**MODEL_BYTES, "refiner.onnx": b"r"}.items()}
+    return manifest
+
+
+def test_the_refiner_is_optional_and_checked_like_a_model_where_present():
+    validate_manifest(_with_refiner())
+    without = _with_refiner()
+    del without["refiner"]
+    validate_manifest(without)  # bundles made before the refiner still load
+
+    missing = _with_refiner()
+    del missing["refiner"]["crop_margin"]
+    with pytest.raises(BundleError, match="missing required keys: refiner.crop_margin"):
+        validate_manifest(missing)
+    unlisted = _with_refiner()
+    del unlisted["files"]["refiner.onnx"]
+    with pytest.raises(BundleError, match="refiner.file 'refiner.onnx' is not listed in files"):
+        validate_manifest(unlisted)
+    not_an_object = _with_refiner()
+    not_an_object["refiner"] = "refiner.onnx"
+    with pytest.raises(BundleError, match="refiner \\(optional\\) must be an object"):
+        validate_manifest(not_an_object)
+
+
+def test_bundle_models_put_the_refiner_between_segmenter_and_classifier():
+    assert bundle_models(_manifest()) == ("segmenter", "classifier")
+    assert bundle_models(_with_refiner()) == ("segmenter", "refiner", "classifier")

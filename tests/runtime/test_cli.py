@@ -14,7 +14,7 @@ import pytest
 
 from leukoedge import cli
 
-STAGES = ("preprocess", "segment", "postprocess", "classify", "total")
+STAGES = ("preprocess", "segment", "postprocess", "refine", "classify", "total")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_run_on_a_missing_input_exits_2_with_a_message(tiny_bundle, tmp_path, ca
 def test_bench_prints_median_and_p95_per_stage(tiny_bundle, bccd_image, capsys):
     assert cli.main(["bench", str(bccd_image), "--bundle", str(tiny_bundle), "--frames", "3", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"backend onnxruntime \(segmenter \w+, classifier \w+\), preprocess cpu$", out, re.MULTILINE)
+    assert re.search(r"backend onnxruntime \(segmenter \w+, refiner \w+, classifier \w+\), preprocess cpu$", out, re.MULTILINE)
     assert re.search(r"stage\s+median ms\s+p95 ms", out)
     for stage in STAGES:
         row = re.search(rf"^{stage}\s+(\d+\.\d)\s+(\d+\.\d)$", out, re.MULTILINE)

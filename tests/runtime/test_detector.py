@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from leukoedge import BackendUnavailableError, BundleError, Cell, Detector, InvalidFrameError, Result
-from leukoedge.detector import MAX_CLASSIFY_BATCH
+from leukoedge.detector import MAX_CELL_BATCH
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
-STAGES = ("preprocess", "segment", "postprocess", "classify")
+STAGES = ("preprocess", "segment", "postprocess", "refine", "classify")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_result_serializes_to_json(bccd_result):
 def test_cells_are_classified_in_batches_and_stay_consistent(tiny_bundle, bccd_frame):
     # 70 cells on a 10x7 grid of model pixels: more than one classifier batch.
     centres = [(14 + 24 * column, 14 + 26 * row) for row in range(7) for column in range(10)]
-    assert len(centres) > MAX_CLASSIFY_BATCH
+    assert len(centres) > MAX_CELL_BATCH
     detector = _detector_with_cells(tiny_bundle, centres, radius=6)
 
     result = detector.run(bccd_frame)

@@ -25,7 +25,7 @@ import pytest
 
 from leukoedge import BackendUnavailableError, Detector
 from leukoedge.backends import create_backend
-from leukoedge.bundle import load_bundle
+from leukoedge.bundle import bundle_models, load_bundle
 from leukoedge.preprocess.cpu import prepare_crops, prepare_frame
 
 SHIPPED_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
@@ -115,7 +115,7 @@ def test_onnxruntime_cuda_probabilities_equal_the_cpu_ones(smear_fields: list[np
     reference = Detector(bundle)
     try:
         backends = {
-            device: {model: create_backend(device, bundle.path(manifest[model]["file"])) for model in ("segmenter", "classifier")}
+            device: {model: create_backend(device, bundle.path(manifest[model]["file"])) for model in bundle_models(manifest)}
             for device in ("onnxruntime", "onnxruntime-cuda")
         }
     except BackendUnavailableError as error:
@@ -125,6 +125,10 @@ def test_onnxruntime_cuda_probabilities_equal_the_cpu_ones(smear_fields: list[np
         boxes = [cell.box for cell in reference.run(field).cells] or [(0, 0, 64, 64)]
         crops = prepare_crops(field, boxes, reference.spec, classifier["input_size"], classifier["crop_margin"], prepared.lab_statistics)
         inputs = {"segmenter": {segmenter["input"]: prepared.tensor}, "classifier": {classifier["input"]: crops}}
+        if "refiner" in manifest:
+            refiner = manifest["refiner"]
+            cell_crops = prepare_crops(field, boxes, reference.spec, refiner["input_size"], refiner["crop_margin"], prepared.lab_statistics)
+            inputs["refiner"] = {refiner["input"]: cell_crops}
         for model, model_inputs in inputs.items():
             on_cpu, on_gpu = backends["onnxruntime"][model].run(model_inputs), backends["onnxruntime-cuda"][model].run(model_inputs)
             for name, expected in on_cpu.items():

@@ -106,8 +106,15 @@ def test_cell_to_dict_with_masks_round_trips_through_json():
     assert "mask" not in cell.to_dict()
 
 
+def test_the_classifier_box_is_where_the_cell_was_found_when_refinement_moved_it():
+    refined = Cell(1, (12, 10, 30, 28), np.ones((18, 18), bool), np.zeros((18, 18), bool), "normal", {}, 0.1, {}, found_box=(10, 9, 32, 30))
+    assert refined.classifier_box == (10, 9, 32, 30) and refined.to_dict()["classifier_box"] == [10, 9, 32, 30]
+    unrefined = Cell(2, (0, 0, 5, 5), np.ones((5, 5), bool), np.ones((5, 5), bool), "normal", {}, 0.1, {})
+    assert unrefined.classifier_box == (0, 0, 5, 5) and unrefined.to_dict()["classifier_box"] == [0, 0, 5, 5]
+
+
 def test_timings_include_capture_only_when_measured():
-    assert list(Timings().as_dict()) == ["preprocess", "segment", "postprocess", "classify", "total"]
+    assert list(Timings().as_dict()) == ["preprocess", "segment", "postprocess", "refine", "classify", "total"]
     assert Timings(capture_ms=2.0, total_ms=9.0).as_dict()["capture"] == 2.0
 
 

@@ -84,7 +84,7 @@ def test_quick_mode_writes_every_table_and_plot(quick_report) -> None:
 def test_segmentation_table_compares_every_method_consistently(quick_report, tiny_bundle) -> None:
     report, out = quick_report
     architecture = load_bundle(tiny_bundle).manifest["segmenter"]["architecture"]
-    bundle_method = f"leukoedge ({architecture})"
+    bundle_method = f"leukoedge ({architecture} + refiner)"  # the quick bundle has a refiner
     expected = {bundle_method, "CNN (base)", "kmeans_k3", "kmeans_swept", "hsv_kmeans", "fuzzy_cmeans", "otsu_watershed"}
     for source in ("wbc-seg-zheng", "all-idb2"):
         table = report["segmentation"][source]

@@ -102,7 +102,7 @@ def test_explain_frame_explains_the_crops_the_runtime_classified(shipped_classif
     assert explanation.heatmap.min() >= 0.0 and explanation.heatmap.max() <= 1.0
     assert explanation.heatmap.max() > 0.5
     # The cell fills the thumbnail, so its square crop box leaves the frame: pasting clips it.
-    crop_boxes = [square_crop_box(cell.box, detector.classifier_spec["crop_margin"]) for cell in result.cells]
+    crop_boxes = [square_crop_box(cell.classifier_box, detector.classifier_spec["crop_margin"]) for cell in result.cells]
     height, width = frame.shape[:2]
     assert any(x0 < 0 or y0 < 0 or x1 > width or y1 > height for x0, y0, x1, y1 in crop_boxes)
     outside = np.ones(frame.shape[:2], bool)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from leukoedge.bundle import load_bundle
 from leukoedge.preprocess.cpu import PreprocessSpec
 from leukoedge.training import data
@@ -29,3 +31,14 @@ def test_taleqani_cells_come_from_the_segmenter_so_pro_fields_give_cells(data_ro
     for subtype, count in fields.items():
         assert cells[subtype] >= count, f"{subtype}: {cells[subtype]} cells from {count} fields"
     assert all(example.targets["blast"] == int(SUBTYPES[example.targets["subtype"]] != "Benign") for example in taleqani)
+
+
+def test_the_refiner_learns_from_the_mask_sources_the_segmenter_learns_from_unless_told(tmp_path: Path) -> None:
+    assert PipelineConfig(tmp_path, tmp_path).refiner_sources == ("wbc-seg-zheng", "all-idb2", "all-taleqani")
+    experts = PipelineConfig(tmp_path, tmp_path, segmentation_sources=("wbc-seg-zheng", "all-idb2"))
+    assert experts.refiner_sources == ("wbc-seg-zheng", "all-idb2")
+    assert PipelineConfig(tmp_path, tmp_path, refiner_sources=("all-idb2",)).refiner_sources == ("all-idb2",)
+    with pytest.raises(ValueError, match="refiner_sources must be some of"):
+        PipelineConfig(tmp_path, tmp_path, refiner_sources=("bccd",))  # boxes only: no cell mask to learn
+    with pytest.raises(ValueError, match="refiner_sources must be some of"):
+        PipelineConfig(tmp_path, tmp_path, segmentation_sources=("bccd",))

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from leukoedge.preprocess.cpu import PreprocessSpec, StainReference
+from leukoedge.preprocess.cpu import PreprocessSpec, StainReference, lab_statistics, prepare_crops, to_rgb_float
 from leukoedge.training.data import LABEL_BACKGROUND, LABEL_NUCLEUS
-from leukoedge.training.samples import segmentation_sample
+from leukoedge.training.samples import refiner_sample, segmentation_sample
 
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference(lab_mean=(70.0, 5.0, 2.0), lab_std=(14.0, 12.0, 15.0)))
 
@@ -37,3 +37,25 @@ def test_augmented_labels_stay_on_their_pixels(frame_size):
         near[ys.min() - 3 : ys.max() + 4, xs.min() - 3 : xs.max() + 4] = True
         dark = (green < (inside + outside) / 2) & near
         assert np.abs(_centroid(nucleus) - _centroid(dark)).max() < 0.25
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["runtime", "augmented"])
+def test_refiner_crops_and_their_labels_cover_the_same_pixels(augment):
+    # A dark disk (a nucleus) in a pale field: in the refiner's crop, its label must sit on the dark pixels,
+    # with the box jittered, rotated and flipped; without augmentation the crop is the runtime's crop.
+    ys, xs = np.mgrid[:200, :260]
+    disk = (ys - 90) ** 2 + (xs - 140) ** 2 <= 30**2
+    image = np.full((200, 260, 3), (225, 215, 230), np.uint8)
+    image[disk] = (150, 40, 90)
+    labels = np.where(disk, LABEL_NUCLEUS, LABEL_BACKGROUND).astype(np.uint8)
+    box = (110, 60, 171, 121)
+    rng = np.random.default_rng(5) if augment else None
+    for _ in range(4 if augment else 1):
+        crop, crop_labels = refiner_sample(image, labels, box, SPEC, (128, 128), 0.15, rng)
+        assert crop.shape == (3, 128, 128) and crop_labels.shape == (128, 128)
+        nucleus = crop_labels == LABEL_NUCLEUS
+        dark = crop[1] < (np.median(crop[1][nucleus]) + np.median(crop[1][~nucleus])) / 2
+        assert (nucleus == dark).mean() > 0.99
+    if not augment:
+        runtime = prepare_crops(image, [box], SPEC, (128, 128), 0.15, lab_statistics(to_rgb_float(image)))[0]
+        assert np.array_equal(crop, runtime)

@@ -65,7 +65,7 @@ def test_a_few_steps_reduce_the_loss_on_a_real_batch(data_root):
     assert losses[-1] < losses[0] * 0.8
 
 
-@pytest.mark.parametrize("model", ["segmenter", "classifier"])
+@pytest.mark.parametrize("model", ["segmenter", "refiner", "classifier"])
 def test_shipped_checkpoints_still_load(model):
     path = REPO_ROOT / "models" / "checkpoints" / f"default-{model}.pt"
     kwargs = {"head_classes": {"blast": 2, "subtype": 4, "wbc_type": 8}} if model == "classifier" else {}

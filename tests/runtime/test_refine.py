@@ -1,0 +1,112 @@
+"""Per-cell refinement (leukoedge/refine.py): the refiner's crop labels become each cell's mask, box and
+nucleus in frame pixels; neighbours are not swallowed; a cell the refiner misses keeps its field mask."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge.postprocess import CellInstance
+from leukoedge.preprocess.cpu import cut_padded, resize_labels, square_crop_box
+from leukoedge.refine import refine_cells
+from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
+
+MARGIN = 0.15
+SIZE = 128
+FRAME = (120, 160)
+
+
+def _disk_cell(centre: tuple[int, int], radius: int, nucleus_radius: int) -> np.ndarray:
+    """Frame label map of one round cell with a round nucleus."""
+    label_map = np.zeros(FRAME, np.uint8)
+    cv2.circle(label_map, centre, radius, CYTOPLASM, -1)
+    cv2.circle(label_map, centre, nucleus_radius, NUCLEUS, -1)
+    return label_map
+
+
+def _instance(cell: np.ndarray) -> CellInstance:
+    ys, xs = np.nonzero(cell)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    return CellInstance((x0, y0, x1, y1), cell[y0:y1, x0:x1], np.zeros((y1 - y0, x1 - x0), bool))
+
+
+def _crop_labels(label_map: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """What a perfect refiner returns for the crop the runtime cuts around `box`."""
+    labels, _ = cut_padded(label_map, square_crop_box(box, MARGIN))
+    return resize_labels(labels, SIZE, SIZE)
+
+
+def _in_frame(cell: CellInstance) -> np.ndarray:
+    frame = np.zeros(FRAME, bool)
+    x0, y0, x1, y1 = cell.box
+    frame[y0:y1, x0:x1] = cell.mask
+    return frame
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_a_perfect_refiner_gives_back_the_true_cell_in_frame_pixels():
+    truth = _disk_cell((70, 60), 30, 14)
+    # The field segmenter's mask is too large (as measured on Zheng): a disk 4 px wider.
+    field = _instance(_disk_cell((70, 60), 34, 0) > 0)
+
+    (cell,), label_map = refine_cells([field], _crop_labels(truth, field.box)[None], MARGIN, FRAME)
+
+    ys, xs = np.nonzero(truth)
+    true_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    assert all(abs(a - b) <= 1 for a, b in zip(cell.box, true_box))
+    assert cell.classifier_box == field.box  # the classifier keeps cropping where the cell was found
+    assert _dice(label_map > 0, truth > 0) > 0.98
+    assert _dice(label_map == NUCLEUS, truth == NUCLEUS) > 0.95
+    x0, y0, x1, y1 = cell.box
+    assert np.array_equal(label_map[y0:y1, x0:x1] > 0, cell.mask)
+    assert np.array_equal(label_map[y0:y1, x0:x1] == NUCLEUS, cell.nucleus_mask)
+
+
+def test_a_touching_neighbour_in_the_crop_is_not_swallowed():
+    left, right = _disk_cell((60, 60), 22, 9), _disk_cell((100, 60), 22, 9)
+    both = np.maximum(left, right)  # the two disks touch: one blob in either cell's crop
+    field_left, field_right = _instance(left > 0), _instance((right > 0) & (left == 0))
+    crops = np.stack([_crop_labels(both, field_left.box), _crop_labels(both, field_right.box)])
+
+    (refined_left, refined_right), label_map = refine_cells([field_left, field_right], crops, MARGIN, FRAME)
+
+    left_pixels, right_pixels = _in_frame(refined_left), _in_frame(refined_right)
+    assert not (left_pixels & _in_frame(field_right)).any()  # each keeps to its own side of the other's field mask
+    assert not (right_pixels & _in_frame(field_left)).any()
+    assert _dice(left_pixels, left > 0) > 0.97
+    assert _dice(label_map > 0, both > 0) > 0.97
+
+
+def test_a_cell_the_refiner_misses_keeps_its_field_mask():
+    field = _instance(_disk_cell((70, 60), 25, 10) > 0)
+    elsewhere = _disk_cell((140, 20), 10, 4)  # the refiner sees only something that is not this cell
+    crops = np.stack([np.zeros((SIZE, SIZE), np.uint8), _crop_labels(elsewhere, field.box)])
+
+    refined, label_map = refine_cells([field, field], crops, MARGIN, FRAME)
+
+    for cell in refined:
+        assert cell is field
+    assert label_map.max() == CYTOPLASM  # the field mask, which had no nucleus
+    assert label_map.sum() == field.mask.sum() * CYTOPLASM  # first cell wins the pixels both claim
+
+
+def test_cells_at_the_frame_edge_stay_inside_the_frame():
+    truth = _disk_cell((8, 60), 20, 8)  # cut by the left edge
+    field = _instance(truth > 0)
+
+    (cell,), label_map = refine_cells([field], _crop_labels(truth, field.box)[None], MARGIN, FRAME)
+
+    x0, y0, x1, y1 = cell.box
+    assert 0 <= x0 < x1 <= FRAME[1] and 0 <= y0 < y1 <= FRAME[0]
+    assert cell.mask.shape == (y1 - y0, x1 - x0)
+    assert _dice(label_map > 0, truth > 0) > 0.97
+
+
+def test_a_count_mismatch_is_refused():
+    field = _instance(_disk_cell((70, 60), 25, 10) > 0)
+    with pytest.raises(ValueError, match="2 refined crops for 1 cells"):
+        refine_cells([field], np.zeros((2, SIZE, SIZE), np.uint8), MARGIN, FRAME)
