@@ -237,8 +237,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_source_weights(text: str | None) -> dict[str, float]:
-    """'wbc-seg-zheng=2,all-idb2=2' -> {source: weight}."""
+def parse_source_weights(text: str | None, option: str = "--segmenter-source-weights") -> dict[str, float]:
+    """'wbc-seg-zheng=2,all-idb2=2' -> {source: weight}; errors name `option`."""
     weights = {}
     for item in (text or "").split(","):
         if item.strip():
@@ -246,7 +246,7 @@ def parse_source_weights(text: str | None) -> dict[str, float]:
             try:
                 weights[source.strip()] = float(weight)
             except ValueError:
-                raise LeukoedgeError(f"--segmenter-source-weights takes SOURCE=WEIGHT,...; got {item!r}") from None
+                raise LeukoedgeError(f"{option} takes SOURCE=WEIGHT,...; got {item!r}") from None
     return weights
 
 
@@ -274,6 +274,8 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
             classifier_init=args.classifier_init,
             refiner_steps=args.refiner_steps,
+            refiner_learning_rate=args.refiner_lr,
+            refiner_source_weights=parse_source_weights(args.refiner_source_weights, "--refiner-source-weights"),
             refiner_init=args.refiner_init,
             segmentation_sources=sources,
             refiner_sources=refiner_sources,
@@ -436,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
+    train.add_argument("--refiner-lr", type=float, default=2e-3, help="peak learning rate of the refiner's one-cycle schedule")
+    train.add_argument("--refiner-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per refiner source (default 1 each)")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
     train.add_argument("--segmenter-crop", type=int, default=128, help="side of the segmenter's training windows in model pixels (default 128; 0: the whole 192x256 input)")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")

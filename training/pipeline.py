@@ -65,6 +65,7 @@ class PipelineConfig:
     classifier_steps: int = 1500
     segmenter_learning_rate: float = 2e-3
     refiner_steps: int = 4000
+    refiner_learning_rate: float = 2e-3
     # Training windows of the segmenter input (fully convolutional): small is fast; None trains on the whole
     # 192x256 input, where a letterboxed single-cell crop is seen whole, as at run time.
     segmenter_crop: int | None = 128
@@ -77,6 +78,7 @@ class PipelineConfig:
     segmenter_source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source
     # The sources the refiner learns from; None: those of REFINER_SOURCES the segmenter learns from too.
     refiner_sources: tuple[str, ...] | None = None
+    refiner_source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per refiner source
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -292,8 +294,10 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             input_size=REFINER_INPUT,
             steps=8 if quick else config.refiner_steps,
             batch_size=4 if quick else 16,
+            learning_rate=config.refiner_learning_rate,
             init_from=None if config.refiner_init is None else str(config.refiner_init),
             validate_every=4 if quick else 200,
+            source_weights=config.refiner_source_weights,
             seed=config.seed,
         ),
         CROP_MARGIN,

@@ -112,6 +112,17 @@ def _recorded_training(checkpoint: str) -> dict:
     return recorded.get("checkpoint_training", recorded)  # a reuse of a reuse points at the original training
 
 
+def _reuse_record(config: TrainConfig, **extra) -> dict:
+    """The summary of a 0-step training: the checkpoint kept as it is, and how that one was trained."""
+    return {
+        "config": asdict(config),
+        **extra,
+        "pretraining": pretraining_of(config.init_from),
+        "reused_checkpoint": config.init_from,
+        "checkpoint_training": _recorded_training(config.init_from),
+    }
+
+
 NO_PRETRAINING = "none: trained from scratch (no ImageNet weights can be downloaded here)"
 
 
@@ -253,12 +264,7 @@ def train_segmenter(
     model = _initial_model(config)
     pretraining = pretraining_of(config.init_from)
     if config.steps == 0:
-        return model, {
-            "config": asdict(config),
-            "pretraining": pretraining,
-            "reused_checkpoint": config.init_from,
-            "checkpoint_training": _recorded_training(config.init_from),
-        }
+        return model, _reuse_record(config)
     sample_indices = balanced_indices(
         [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
     )
@@ -301,13 +307,7 @@ def train_refiner(
     model = _initial_model(config)
     pretraining = pretraining_of(config.init_from)
     if config.steps == 0:
-        return model, {
-            "config": asdict(config),
-            "crop_margin": crop_margin,
-            "pretraining": pretraining,
-            "reused_checkpoint": config.init_from,
-            "checkpoint_training": _recorded_training(config.init_from),
-        }
+        return model, _reuse_record(config, crop_margin=crop_margin)
     sample_indices = balanced_indices(
         [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
     )
@@ -385,14 +385,7 @@ def train_classifier(
     if config.steps == 0:
         if _recorded_training(config.init_from).get("heads_trained") is False:
             raise ValueError(f"{config.init_from} is a self-supervised checkpoint: its heads are untrained; fine-tune it (steps > 0)")
-        return model, {
-            "config": asdict(config),
-            "pretraining": pretraining,
-            "heads": heads,
-            "loss": loss,
-            "reused_checkpoint": config.init_from,
-            "checkpoint_training": _recorded_training(config.init_from),
-        }
+        return model, _reuse_record(config, heads=heads, loss=loss)
 
     def runtime_crop(example: CellExample, rng: np.random.Generator | None) -> np.ndarray:
         return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng)

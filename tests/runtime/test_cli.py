@@ -108,3 +108,10 @@ def test_bench_on_onnxruntime_cuda_without_the_cuda_provider_exits_2_naming_onnx
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert cli.main(["bench", str(bccd_image), "--bundle", str(cli.default_bundle()), "--backend", "onnxruntime-cuda", "--frames", "1"]) == 2
     assert "onnxruntime-cuda backend needs onnxruntime-gpu" in capsys.readouterr().err
+
+
+def test_source_weights_parse_and_a_bad_one_names_its_option():
+    assert cli.parse_source_weights("wbc-seg-zheng=4, all-idb2=2") == {"wbc-seg-zheng": 4.0, "all-idb2": 2.0}
+    assert cli.parse_source_weights(None) == {}
+    with pytest.raises(cli.LeukoedgeError, match="--refiner-source-weights takes SOURCE=WEIGHT"):
+        cli.parse_source_weights("wbc-seg-zheng", "--refiner-source-weights")
