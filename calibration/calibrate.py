@@ -1,8 +1,9 @@
 """`leukoedge calibrate --data DIR --bundle B [--method minmax|entropy|percentile] [--out B2]`.
 
-Calibration set (train split) -> QDQ INT8 segmenter, refiner (where the bundle has one) and classifier
--> accuracy gate against FP32 on held-out data -> latency of both precisions on this machine -> bundle with the models that passed,
-the calibration file list and a manifest "precisions" section. A model that fails its gate is not
+Calibration set (train split) -> QDQ INT8 segmenter, refiner (where the bundle has one) and
+classifier -> accuracy gate against FP32 on held-out data -> latency of both precisions on this
+machine -> bundle with the models that passed, the calibration file list and a manifest
+"precisions" section. A model that fails its gate is not
 written; the error names the metric and, where one exists, the op type whose layers, kept in float,
 make it pass.
 """
