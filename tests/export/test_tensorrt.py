@@ -42,7 +42,7 @@ def test_engine_built_from_the_bundle_matches_onnx_runtime_on_real_frames(engine
     from leukoedge.export.tensorrt import export_engines
 
     engines = export_engines(engine_bundle, precision)
-    assert [engine.name for engine in engines] == [f"segmenter.{precision}.engine", f"classifier.{precision}.engine"]
+    assert [engine.name for engine in engines] == [f"{model}.{precision}.engine" for model in ("segmenter", "refiner", "classifier")]
     manifest = load_bundle(engine_bundle).manifest
     spec = PreprocessSpec.from_manifest(manifest["preprocess"])
     frames = [cv2.imread(str(path)) for path in sorted((data_root / "bccd" / "images").glob("*.jpg"))[:2]]

@@ -84,3 +84,14 @@ def test_export_without_engine_flag_or_without_tensorrt_exits_2_with_what_to_do(
     if importlib.util.find_spec("tensorrt") is None:
         assert cli.main(["export", "--engine", "--bundle", str(tiny_bundle), "--fp16"]) == 2
         assert "leukoedge[jetson]" in capsys.readouterr().err
+
+
+def test_every_model_a_bundle_can_hold_has_an_engine_batch_profile():
+    from leukoedge.bundle import MODELS, OPTIONAL_MODELS
+    from leukoedge.detector import MAX_CELL_BATCH
+    from leukoedge.export.tensorrt import BATCH_PROFILES
+
+    assert set(BATCH_PROFILES) == {*MODELS, *OPTIONAL_MODELS}
+    for model in ("refiner", "classifier"):  # a frame's cells go in one call, up to Detector's batch
+        low, typical, high = BATCH_PROFILES[model]
+        assert low == 1 <= typical <= high == MAX_CELL_BATCH
