@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -150,10 +150,17 @@ def segmentation_cases(
 def segmenter_scores(model_path: Path, cases: Sequence[SegmentationCase], threads: int | None = None) -> dict[str, float]:
     """Mean nucleus and whole-cell Dice over the cases (nucleus only where the truth separates it)."""
     (probabilities,) = _run_batched(model_path, np.stack([case.tensor for case in cases]), threads).values()
+    return _mean_dice(
+        (case.letterbox.label_map_to_frame(label_map_from_probabilities(field_probabilities)), case.truth)
+        for case, field_probabilities in zip(cases, probabilities)
+    )
+
+
+def _mean_dice(predicted_and_truth: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean nucleus and whole-cell Dice over (predicted, truth) label maps (nucleus only where the truth separates it)."""
     dice: dict[str, list[float]] = {"nucleus_dice": [], "whole_cell_dice": []}
-    for case, field_probabilities in zip(cases, probabilities):
-        predicted = case.letterbox.label_map_to_frame(label_map_from_probabilities(field_probabilities))
-        scores = segmentation_scores(predicted, case.truth)
+    for predicted, truth in predicted_and_truth:
+        scores = segmentation_scores(predicted, truth)
         for region in ("nucleus", "whole_cell"):
             if scores[region] is not None:
                 dice[f"{region}_dice"].append(scores[region]["dice"])
@@ -177,13 +184,7 @@ def refiner_cases(
 def refiner_scores(model_path: Path, cases: Sequence[RefinerCase], threads: int | None = None) -> dict[str, float]:
     """Mean nucleus and whole-cell Dice of the refiner over the cells' crops."""
     (probabilities,) = _run_batched(model_path, np.stack([case.crop for case in cases]), threads).values()
-    dice: dict[str, list[float]] = {"nucleus_dice": [], "whole_cell_dice": []}
-    for case, crop_probabilities in zip(cases, probabilities):
-        scores = segmentation_scores(label_map_from_probabilities(crop_probabilities), case.truth)
-        for region in ("nucleus", "whole_cell"):
-            if scores[region] is not None:
-                dice[f"{region}_dice"].append(scores[region]["dice"])
-    return {name: float(np.mean(values)) for name, values in dice.items() if values}
+    return _mean_dice((label_map_from_probabilities(crop_probabilities), case.truth) for case, crop_probabilities in zip(cases, probabilities))
 
 
 def field_cases(data_root: Path, split: str = "val", limit: int | None = None) -> list[FieldCase]:

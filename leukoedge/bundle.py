@@ -236,12 +236,12 @@ def _cross_checks(manifest: dict[str, Any]) -> list[str]:
 BUNDLE_PRECISIONS = ("fp32", "int8")
 MODELS = ("segmenter", "classifier")  # every bundle has these
 OPTIONAL_MODELS = ("refiner",)  # leukoedge/refine.py; bundles made before 2026-11-30 have none
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 def bundle_models(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The models this bundle holds, in the order a frame meets them: segmenter, [refiner], classifier."""
     return ("segmenter", *(model for model in OPTIONAL_MODELS if model in manifest), "classifier")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 def _precision_problems(manifest: dict[str, Any]) -> list[str]:

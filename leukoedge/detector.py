@@ -15,7 +15,7 @@ from .bundle import Bundle, bundle_models, fastest_precision, load_bundle, model
 from .errors import BackendUnavailableError, LeukoedgeError
 from .frame import validate_frame
 from .postprocess import CellInstance, find_cells, label_map_from_probabilities
-from .preprocess.cpu import PreparedFrame, PreprocessSpec, prepare_crops, prepare_frame
+from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, prepare_crops, prepare_frame
 from .refine import refine_cells
 from .result import Cell, Result, Timings, make_verdict
 
@@ -154,7 +154,7 @@ class Detector:
                 self.postprocess_spec["split_touching"],
                 self.postprocess_spec.get("min_nucleus_area_px", 0),  # absent in bundles made before 0.1.0's fix
             )
-        if self.refiner is not None:
+        if self.refiner is not None and instances:
             with _stopwatch(timings, "refine"):
                 instances, label_map = self.refine(frame, prepared, instances)
         with _stopwatch(timings, "classify"):
@@ -171,18 +171,22 @@ class Detector:
         )
 
     def refine(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> tuple[list[CellInstance], np.ndarray]:
-        """Each cell segmented again by the refiner from its crop (leukoedge/refine.py); the cells and
-        the frame label map painted from them."""
+        """Each cell (at least one) segmented again by the refiner from its crop (leukoedge/refine.py);
+        the cells and the frame label map painted from them."""
         spec = self.refiner_spec
-        crop_labels = []
-        for start in range(0, len(instances), MAX_CELL_BATCH):
-            boxes = [cell.box for cell in instances[start : start + MAX_CELL_BATCH]]
-            crops = prepare_crops(frame, boxes, self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order)
-            probabilities = self.refiner.run({spec["input"]: crops})[spec["output"]]
-            crop_labels.extend(label_map_from_probabilities(cell_probabilities) for cell_probabilities in probabilities)
-        if not crop_labels:
-            return instances, np.zeros(frame.shape[:2], np.uint8)
+        crop_labels = [
+            label_map_from_probabilities(cell_probabilities)
+            for crops in self._crop_batches(frame, prepared, [cell.box for cell in instances], spec)
+            for cell_probabilities in self.refiner.run({spec["input"]: crops})[spec["output"]]
+        ]
         return refine_cells(instances, np.stack(crop_labels), spec["crop_margin"], frame.shape[:2])
+
+    def _crop_batches(self, frame: np.ndarray, prepared: PreparedFrame, boxes: list[Box], spec: dict) -> Iterator[np.ndarray]:
+        """The cells' crops for a model of the bundle (its input size and crop margin), MAX_CELL_BATCH at a time."""
+        for start in range(0, len(boxes), MAX_CELL_BATCH):
+            yield prepare_crops(
+                frame, boxes[start : start + MAX_CELL_BATCH], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order
+            )
 
     def classify(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> list[Cell]:
         """Classify every cell crop (batched) with every head; the primary head names the label."""
@@ -191,11 +195,7 @@ class Detector:
         spec = self.classifier_spec
         heads = spec["heads"]
         probabilities: dict[str, list[np.ndarray]] = {head: [] for head in heads}
-        for start in range(0, len(instances), MAX_CELL_BATCH):
-            batch = instances[start : start + MAX_CELL_BATCH]
-            crops = prepare_crops(
-                frame, [cell.classifier_box for cell in batch], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order
-            )
+        for crops in self._crop_batches(frame, prepared, [cell.classifier_box for cell in instances], spec):
             outputs = self.classifier.run({spec["input"]: crops})
             for head, head_spec in heads.items():
                 probabilities[head].append(outputs[head_spec["output"]])
