@@ -252,13 +252,16 @@ def parse_source_weights(text: str | None, option: str = "--segmenter-source-wei
 
 def command_train(args: argparse.Namespace) -> int:
     from .training.models import SEGMENTERS
-    from .training.pipeline import SEGMENTATION_SOURCES, PipelineConfig, run_pipeline
+    from .training.pipeline import CLASSIFICATION_SOURCES, SEGMENTATION_SOURCES, PipelineConfig, run_pipeline
 
     if args.segmenter_model not in SEGMENTERS:
         print(f"error: unknown segmenter {args.segmenter_model!r}; choose one of {', '.join(sorted(SEGMENTERS))}", file=sys.stderr)
         return 2
     sources = SEGMENTATION_SOURCES if args.segmentation_sources is None else tuple(s.strip() for s in args.segmentation_sources.split(",") if s.strip())
     refiner_sources = None if args.refiner_sources is None else tuple(s.strip() for s in args.refiner_sources.split(",") if s.strip())
+    classification_sources = CLASSIFICATION_SOURCES if args.classification_sources is None else tuple(
+        s.strip() for s in args.classification_sources.split(",") if s.strip()
+    )
     try:
         config = PipelineConfig(
             args.data,
@@ -279,6 +282,7 @@ def command_train(args: argparse.Namespace) -> int:
             refiner_init=args.refiner_init,
             segmentation_sources=sources,
             refiner_sources=refiner_sources,
+            classification_sources=classification_sources,
         )
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
@@ -419,7 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL=PATH",
         help="also compare this segmenter checkpoint (repeatable; default: the shipped 'CNN (base)=models/checkpoints/unet-lite-segmenter.pt')",
     )
-    evaluate.add_argument("--cross-source-bundle", type=Path, default=None, help="a bundle trained with --segmentation-sources leaving some out: tested on those (default: the shipped models/cross-source)")
+    evaluate.add_argument(
+        "--cross-source-bundle",
+        type=Path,
+        default=None,
+        help="a bundle trained with --segmentation-sources or --classification-sources leaving some out: tested on those (default: the shipped models/cross-source)",
+    )
     evaluate.add_argument("--quick", action="store_true", help="CI: tiny models, a few images; checks every table and plot is made, not accuracy")
     evaluate.add_argument(
         "--split",
@@ -458,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SOURCE,...",
         help="the sources the per-cell refiner learns from (default: wbc-seg-zheng, all-idb2, all-taleqani, those of them in --segmentation-sources)",
+    )
+    train.add_argument(
+        "--classification-sources",
+        default=None,
+        metavar="SOURCE,...",
+        help="the sources the classifier learns from (default: all-idb2, all-taleqani, pbc; the last two are required): "
+        "leave all-idb2 out for `evaluate --cross-source-bundle`",
     )
     train.set_defaults(handler=command_train)
 

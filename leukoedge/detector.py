@@ -174,12 +174,11 @@ class Detector:
         """Each cell (at least one) segmented again by the refiner from its crop (leukoedge/refine.py);
         the cells and the frame label map painted from them."""
         spec = self.refiner_spec
-        crop_labels = [
-            label_map_from_probabilities(cell_probabilities)
+        crop_probabilities = [
+            self.refiner.run({spec["input"]: crops})[spec["output"]]
             for crops in self._crop_batches(frame, prepared, [cell.box for cell in instances], spec)
-            for cell_probabilities in self.refiner.run({spec["input"]: crops})[spec["output"]]
         ]
-        return refine_cells(instances, np.stack(crop_labels), spec["crop_margin"], frame.shape[:2])
+        return refine_cells(instances, np.concatenate(crop_probabilities), spec["crop_margin"], frame.shape[:2])
 
     def _crop_batches(self, frame: np.ndarray, prepared: PreparedFrame, boxes: list[Box], spec: dict) -> Iterator[np.ndarray]:
         """The cells' crops for a model of the bundle (its input size and crop margin), MAX_CELL_BATCH at a time."""

@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 
 from .postprocess import CellInstance
-from .preprocess.cpu import resize_labels, square_crop_box
+from .postprocess import label_map_from_probabilities
+from .preprocess.cpu import resize, square_crop_box
 from .result import BACKGROUND, CYTOPLASM, NUCLEUS
 
 
@@ -33,10 +34,21 @@ def instance_map(instances: Sequence[CellInstance], frame_shape: tuple[int, int]
     return ids
 
 
+def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The refiner's 3xSxS class probabilities of a crop -> its label map at the crop's size in the frame.
+
+    The probabilities are resized, then the argmax taken: the outline then falls between crop pixels
+    where the refiner's soft edge does, not on the staircase of upsampled labels (Zheng validation
+    nucleus Dice 0.956 -> 0.959 with the shipped refiner). Crops are small, so this costs little.
+    """
+    channels_last = np.ascontiguousarray(np.moveaxis(crop_probabilities.astype(np.float32, copy=False), 0, -1))
+    return label_map_from_probabilities(np.moveaxis(resize(channels_last, width, height), -1, 0))
+
+
 def refine_instance(
-    index: int, instance: CellInstance, crop_labels: np.ndarray, crop_margin: float, ids: np.ndarray
+    index: int, instance: CellInstance, crop_probabilities: np.ndarray, crop_margin: float, ids: np.ndarray
 ) -> CellInstance:
-    """One cell's refined instance from the refiner's label map of its crop (SxS, 0/1/2).
+    """One cell's refined instance from the refiner's class probabilities of its crop (3xSxS).
 
     Kept: the refined cell component that overlaps this cell's field mask most, less the pixels of
     the other cells found (a crop of a crowded field holds neighbours too). Where the refiner finds
@@ -44,7 +56,7 @@ def refine_instance(
     """
     height, width = ids.shape
     x0, y0, x1, y1 = square_crop_box(instance.box, crop_margin)
-    labels = resize_labels(crop_labels, x1 - x0, y1 - y0)
+    labels = crop_labels_in_frame_pixels(crop_probabilities, x1 - x0, y1 - y0)
     wx0, wy0, wx1, wy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
     labels = labels[wy0 - y0 : wy1 - y0, wx0 - x0 : wx1 - x0]
     window_ids = ids[wy0:wy1, wx0:wx1]
@@ -65,17 +77,20 @@ def refine_instance(
 
 
 def refine_cells(
-    instances: Sequence[CellInstance], crop_labels: np.ndarray, crop_margin: float, frame_shape: tuple[int, int]
+    instances: Sequence[CellInstance], crop_probabilities: np.ndarray, crop_margin: float, frame_shape: tuple[int, int]
 ) -> tuple[list[CellInstance], np.ndarray]:
     """The refined cells (one per instance, same order) and the frame label map painted from them.
 
-    crop_labels: Nx S x S label maps (argmax of the refiner's probabilities) of the instances' crops,
-    cut with prepare_crops(frame, [instance.box ...], ..., crop_margin).
+    crop_probabilities: Nx3xSxS, the refiner's class probabilities for the instances' crops, cut with
+    prepare_crops(frame, [instance.box ...], ..., crop_margin).
     """
-    if len(crop_labels) != len(instances):
-        raise ValueError(f"{len(crop_labels)} refined crops for {len(instances)} cells")
+    if len(crop_probabilities) != len(instances):
+        raise ValueError(f"{len(crop_probabilities)} refined crops for {len(instances)} cells")
     ids = instance_map(instances, frame_shape)
-    refined = [refine_instance(index, instance, labels, crop_margin, ids) for index, (instance, labels) in enumerate(zip(instances, crop_labels))]
+    refined = [
+        refine_instance(index, instance, probabilities, crop_margin, ids)
+        for index, (instance, probabilities) in enumerate(zip(instances, crop_probabilities))
+    ]
     label_map = np.zeros(frame_shape, np.uint8)
     for cell in refined:
         x0, y0, x1, y1 = cell.box

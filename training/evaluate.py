@@ -7,7 +7,8 @@ reports/evaluation.md (tables, linking the plots), reports/evaluation.json (ever
   as training checkpoints, K-means (k=3 and k chosen on the train split), HSV K-means, fuzzy C-means,
   Otsu + watershed; Jaccard, Tanimoto, Dice, SSIM, pixel error, ms/image; Jaccard <= Dice checked;
 - the K-means k sweep (k = 2..6) on the train split, per class, and the chosen k;
-- cross-source segmentation: a bundle tested on the sources its segmenter never saw;
+- cross-source: a bundle tested on the sources its segmenter (segmentation) or its classifier (ALL-IDB2
+  blast vs normal) never saw;
 - blast vs normal, B-ALL subtype and WBC type, with ROC curves and confusion matrices.
 
 `--quick` trains tiny models and evaluates a few images: it checks that every table and plot is made.
@@ -37,6 +38,7 @@ from . import data, plots
 from .classical import SWEEP_METRICS, choose_k, fuzzy_cmeans_segment, hsv_kmeans_segment, kmeans_segment, otsu_watershed_segment
 from .metrics import binary_summary, classification_report, mean_std, paired_difference, roc_curve, segmentation_scores
 from .pipeline import (
+    CLASSIFICATION_SOURCES,
     SEGMENTATION_SOURCES,
     SEGMENTER_INPUT,
     PipelineConfig,
@@ -59,8 +61,10 @@ EXAMPLE_IMAGES_PER_SOURCE = 2
 BOX_MATCH_IOU = 0.5
 JACCARD_DICE_HOLDS = "Jaccard <= Dice holds for every method, source, region and image"
 QUICK_LIMIT = 6
-# The quick bundle's segmenter leaves Taleqani and BCCD out, so that it also serves as the cross-source bundle.
+# The quick bundle's segmenter leaves Taleqani and BCCD out, and its classifier ALL-IDB2, so that it also
+# serves as the cross-source bundle.
 QUICK_SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2")
+QUICK_CLASSIFICATION_SOURCES = ("all-taleqani", "pbc")
 
 Segmenter = Callable[[np.ndarray], tuple[np.ndarray, float]]  # BGR image -> (frame label map, ms)
 
@@ -296,6 +300,11 @@ def trained_segmentation_sources(bundle: Bundle) -> list[str]:
     return list(bundle.manifest.get("training", {}).get("segmentation_sources", SEGMENTATION_SOURCES))
 
 
+def trained_classification_sources(bundle: Bundle) -> list[str]:
+    """The sources the bundle's classifier learnt from (bundles made before the choice learnt from all three)."""
+    return list(bundle.manifest.get("training", {}).get("classification_sources", CLASSIFICATION_SOURCES))
+
+
 def box_iou(a: Box, b: Box) -> float:
     width, height = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
     if width <= 0 or height <= 0:
@@ -344,8 +353,11 @@ def evaluate_cross_source(
 ) -> tuple[dict[str, Any], dict[str, PerImage]]:
     """The cross-source bundle on the split of every segmentation source its segmenter did not
     learn from, next to the reference bundle on the same images. Masks (Zheng, ALL-IDB2 expert;
-    Taleqani weak: label 3 and 1/2 count as cell, 255 ignored): Dice/Jaccard; BCCD: WBC boxes."""
+    Taleqani weak: label 3 and 1/2 count as cell, 255 ignored): Dice/Jaccard; BCCD: WBC boxes.
+    Where its classifier did not learn from ALL-IDB2 (the one classification source that can be left
+    out), blast vs normal on ALL-IDB2 too, as the same-source table measures it."""
     trained = trained_segmentation_sources(cross.bundle)
+    classifier_trained = trained_classification_sources(cross.bundle)
     section: dict[str, Any] = {
         "bundle": str(cross.bundle.root),
         "architecture": cross.segmenter_spec.get("architecture"),
@@ -354,6 +366,9 @@ def evaluate_cross_source(
         "reference_trained_on": trained_segmentation_sources(reference.bundle),
         "split": split,
         "sources": {},
+        "classifier_trained_on": classifier_trained,
+        "reference_classifier_trained_on": trained_classification_sources(reference.bundle),
+        "classification": {},
     }
     per_image: dict[str, PerImage] = {}
     for source in (s for s in SEGMENTATION_SOURCES if s not in trained):
@@ -373,6 +388,11 @@ def evaluate_cross_source(
             rows = summarise(scored, ("dice", "jaccard"))
             per_image[f"{source} (cross-source)"] = scored.per_image
         section["sources"][source] = {"images": len(records), "images_without_a_usable_mask": drawn - len(records), "rows": rows}
+    if "all-idb2" not in classifier_trained:
+        section["classification"]["all-idb2"] = {
+            role: evaluate_single_cells(detector, data_root, "all-idb2", limit, split)
+            for role, detector in (("cross_source", cross), ("reference", reference))
+        }
     return section, per_image
 
 
@@ -577,12 +597,18 @@ def run_quick(
     """Every table and plot from tiny models on a few images (CI): checks the report, not the models.
 
     Without a bundle, one is trained by the pipeline's quick mode, its segmenter on Zheng and ALL-IDB2
-    only, and serves as the cross-source bundle too; without checkpoints a tiny U-Net stands in for "CNN (base)".
+    only and its classifier without ALL-IDB2, and serves as the cross-source bundle too; without checkpoints a tiny U-Net stands in for "CNN (base)".
     """
     with tempfile.TemporaryDirectory(prefix="leukoedge-quick-") as scratch_name:
         scratch = Path(scratch_name)
         if bundle is None:
-            config = PipelineConfig(data_root, scratch / "quick", quick=True, segmentation_sources=QUICK_SEGMENTATION_SOURCES)
+            config = PipelineConfig(
+                data_root,
+                scratch / "quick",
+                quick=True,
+                segmentation_sources=QUICK_SEGMENTATION_SOURCES,
+                classification_sources=QUICK_CLASSIFICATION_SOURCES,
+            )
             bundle = run_pipeline(config).root
         if not segmenter_checkpoints:
             segmenter_checkpoints = {"CNN (base)": tiny_unet_checkpoint(data_root, bundle, scratch)}
@@ -690,11 +716,45 @@ def _cross_source_md(report: dict[str, Any]) -> list[str]:
     cross = report["cross_source"]
     lines = ["## Cross-source segmentation (test sources the segmenter never saw)", ""]
     if cross is None:
-        return lines + ["Not run: give `--cross-source-bundle` (a bundle trained with `leukoedge train --segmentation-sources ...`).", ""]
+        return lines + [
+            "Not run: give `--cross-source-bundle` (a bundle trained with `leukoedge train --segmentation-sources ...`"
+            " or `--classification-sources ...`).",
+            "",
+        ]
     if not cross["sources"]:
-        return lines + [f"Bundle `{cross['bundle']}` trained its segmenter on every segmentation source: nothing is held out.", ""]
-    held_out = ", ".join(cross["sources"])
+        lines += [f"Bundle `{cross['bundle']}` trained its segmenter on every segmentation source: nothing is held out.", ""]
+    else:
+        lines += _cross_source_segmentation_md(cross)
+    return lines + _cross_source_classification_md(cross)
+
+
+def _cross_source_classification_md(cross: dict[str, Any]) -> list[str]:
+    lines = ["## Cross-source blast vs normal (a test source the classifier never saw)", ""]
+    rows = cross.get("classification", {}).get("all-idb2")
+    if rows is None:
+        return lines + [f"Bundle `{cross['bundle']}` trained its classifier on ALL-IDB2 too: nothing is held out.", ""]
     lines += [
+        f"Bundle `{cross['bundle']}`, classifier trained on {', '.join(cross['classifier_trained_on'])} only, on the",
+        f"{cross['split']} split of ALL-IDB2 (the detected cell nearest the centre, as in the same-source table below); next to it",
+        f"the reference `{cross['reference_bundle']}` (classifier trained on {', '.join(cross['reference_classifier_trained_on'])}).",
+        "",
+        "| ALL-IDB2 | n | accuracy | sensitivity | specificity | AUC | no cell found |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    trained = "all-idb2" in cross["reference_classifier_trained_on"]
+    reference_label = "reference (trained on it)" if trained else "reference (also trained without it)"
+    for role, label in (("cross_source", "trained without it"), ("reference", reference_label)):
+        blast = rows[role]["blast"]
+        lines.append(
+            f"| {label} | {blast['n']} | {_number(blast['accuracy'])} | {_number(blast['sensitivity'])} | "
+            f"{_number(blast['specificity'])} | {_number(blast['auc'])} | {rows[role]['no_cell_found']} |"
+        )
+    return lines + [""]
+
+
+def _cross_source_segmentation_md(cross: dict[str, Any]) -> list[str]:
+    held_out = ", ".join(cross["sources"])
+    lines = [
         f"Bundle `{cross['bundle']}` ({cross['architecture']}), segmenter trained on {', '.join(cross['trained_on'])} only, tested on the",
         f"{cross['split']} split of {held_out}. Next to it, on the same images, the reference `{cross['reference_bundle']}`",
         f"(trained on {', '.join(cross['reference_trained_on'])}: a same-source figure where it learnt from that source).",

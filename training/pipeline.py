@@ -38,6 +38,9 @@ REFINER_INPUT = (128, 128)  # a Zheng cell (~100 px) at ~1.1x, a Taleqani or BCC
 # The refiner learns from every source with cell masks: the experts' (Zheng, ALL-IDB2) and Taleqani's weak
 # masks (as for the segmenter: "some WBC pixel" plus a nucleus share), without which it fails on fields.
 REFINER_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani")
+CLASSIFICATION_SOURCES = ("all-idb2", "all-taleqani", "pbc")
+# The only sources of the subtype head (and the frame verdict's threshold) and of the WBC-type head.
+REQUIRED_CLASSIFICATION_SOURCES = ("all-taleqani", "pbc")
 MIN_CELL_AREA_PX = 40  # model-input pixels: a Taleqani WBC is ~300, platelets and specks ~10-30
 MIN_NUCLEUS_AREA_PX = 20  # model-input pixels: a Taleqani blast nucleus is ~150; red-cell rims have none
 RUNTIME_CLASSIFIERS = ("custom_cnn", "vgg_hybrid", "resnet_s")  # dual_branch takes 6 channels (cell + nucleus crop): study only
@@ -79,6 +82,8 @@ class PipelineConfig:
     # The sources the refiner learns from; None: those of REFINER_SOURCES the segmenter learns from too.
     refiner_sources: tuple[str, ...] | None = None
     refiner_source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per refiner source
+    # The sources the classifier learns from; leave ALL-IDB2 out to test blast vs normal on a source it never saw.
+    classification_sources: tuple[str, ...] = CLASSIFICATION_SOURCES
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,6 +97,13 @@ class PipelineConfig:
             self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
         if not self.refiner_sources or any(source not in REFINER_SOURCES for source in self.refiner_sources):
             raise ValueError(f"the refiner learns from cell masks: refiner_sources must be some of {', '.join(REFINER_SOURCES)}; got {list(self.refiner_sources)}")
+        if any(source not in CLASSIFICATION_SOURCES for source in self.classification_sources) or any(
+            source not in self.classification_sources for source in REQUIRED_CLASSIFICATION_SOURCES
+        ):
+            raise ValueError(
+                f"classification_sources must be some of {', '.join(CLASSIFICATION_SOURCES)}, with {' and '.join(REQUIRED_CLASSIFICATION_SOURCES)} "
+                f"(the only sources of the subtype and WBC-type heads); got {list(self.classification_sources)}"
+            )
 
     def limit(self, records: list) -> list:
         """In quick mode, a few records per source, spread over the labels by the split files' order."""
@@ -168,23 +180,28 @@ def segmenter_boxes(model: torch.nn.Module, image: np.ndarray, spec: PreprocessS
     return [cell.box for cell in cells]
 
 
+def _cell_records(config: PipelineConfig, source: str, split: str) -> list[data.Record]:
+    """The records of a classification source, none where the classifier leaves that source out."""
+    return _records(config, source, split) if source in config.classification_sources else []
+
+
 def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.Module, spec: PreprocessSpec) -> tuple[list[CellExample], dict]:
-    """Cells with their targets. Boxes: ALL-IDB2 from the expert mask; Taleqani and PBC from the
-    segmenter, as at run time (data.MARKED_CELL_SOURCES). Every cell of a Taleqani field takes the
-    field's labels. Returns the examples and per-source counts."""
+    """Cells with their targets, from config.classification_sources. Boxes: ALL-IDB2 from the expert mask;
+    Taleqani and PBC from the segmenter, as at run time (data.MARKED_CELL_SOURCES). Every cell of a
+    Taleqani field takes the field's labels. Returns the examples and per-source counts."""
     examples: list[CellExample] = []
     counts: dict[str, int] = {}
     missed_pbc = 0
-    for record in tqdm(_records(config, "all-idb2", split), desc=f"cells all-idb2 {split}", leave=False):
+    for record in tqdm(_cell_records(config, "all-idb2", split), desc=f"cells all-idb2 {split}", leave=False):
         image = data.read_image(record)
         box = central_box(data.wbc_boxes(record), image.shape)
         if box is not None:
             examples.append(CellExample("all-idb2", image, box, {"blast": record.blast}))
-    for record in tqdm(_records(config, "all-taleqani", split), desc=f"cells all-taleqani {split}", leave=False):
+    for record in tqdm(_cell_records(config, "all-taleqani", split), desc=f"cells all-taleqani {split}", leave=False):
         image = data.read_image(record)
         for box in segmenter_boxes(segmenter, image, spec):
             examples.append(CellExample("all-taleqani", image, box, {"blast": record.blast, "subtype": SUBTYPES.index(record.subtype)}))
-    for record in tqdm(_records(config, "pbc", split), desc=f"cells pbc {split}", leave=False):
+    for record in tqdm(_cell_records(config, "pbc", split), desc=f"cells pbc {split}", leave=False):
         image = data.read_image(record)
         box = central_box(segmenter_boxes(segmenter, image, spec), image.shape)
         if box is None:
@@ -338,6 +355,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             "quick": quick,
             "segmentation_sources": list(config.segmentation_sources),
             "refiner_sources": list(config.refiner_sources),
+            "classification_sources": list(config.classification_sources),
             "pretraining": {
                 "segmenter": segmenter_summary["pretraining"],
                 "refiner": refiner_summary["pretraining"],

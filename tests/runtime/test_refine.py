@@ -31,10 +31,14 @@ def _instance(cell: np.ndarray) -> CellInstance:
     return CellInstance((x0, y0, x1, y1), cell[y0:y1, x0:x1], np.zeros((y1 - y0, x1 - x0), bool))
 
 
-def _crop_labels(label_map: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """What a perfect refiner returns for the crop the runtime cuts around `box`."""
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    return np.stack([labels == label for label in (BACKGROUND, CYTOPLASM, NUCLEUS)]).astype(np.float32)
+
+
+def _crop_probabilities(label_map: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """What a perfect (and certain) refiner returns for the crop the runtime cuts around `box`."""
     labels, _ = cut_padded(label_map, square_crop_box(box, MARGIN))
-    return resize_labels(labels, SIZE, SIZE)
+    return _one_hot(resize_labels(labels, SIZE, SIZE))
 
 
 def _in_frame(cell: CellInstance) -> np.ndarray:
@@ -53,7 +57,7 @@ def test_a_perfect_refiner_gives_back_the_true_cell_in_frame_pixels():
     # The field segmenter's mask is too large (as measured on Zheng): a disk 4 px wider.
     field = _instance(_disk_cell((70, 60), 34, 0) > 0)
 
-    (cell,), label_map = refine_cells([field], _crop_labels(truth, field.box)[None], MARGIN, FRAME)
+    (cell,), label_map = refine_cells([field], _crop_probabilities(truth, field.box)[None], MARGIN, FRAME)
 
     ys, xs = np.nonzero(truth)
     true_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
@@ -66,11 +70,33 @@ def test_a_perfect_refiner_gives_back_the_true_cell_in_frame_pixels():
     assert np.array_equal(label_map[y0:y1, x0:x1] == NUCLEUS, cell.nucleus_mask)
 
 
+def test_the_outline_follows_the_refiners_soft_edge_between_crop_pixels():
+    # A large cell (crop ~3x the refiner's input) whose probabilities fall smoothly across its true
+    # outline, as a trained refiner's do: resizing the probabilities puts the outline where they
+    # cross, not on the 3-pixel staircase that upsampled crop labels would draw.
+    frame_shape, centre, radius = (420, 420), (210, 210), 150.0
+    field = CellInstance((60, 60, 361, 361), np.ones((301, 301), bool), np.zeros((301, 301), bool))
+    x0, y0, x1, y1 = square_crop_box(field.box, MARGIN)
+    scale = (x1 - x0) / SIZE
+    # frame coordinates of the crop's pixel centres, and their signed distance to the true outline
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    distance = radius - np.hypot(x0 + (xs + 0.5) * scale - 0.5 - centre[0], y0 + (ys + 0.5) * scale - 0.5 - centre[1])
+    inside = 1.0 / (1.0 + np.exp(-distance / scale))
+    probabilities = np.stack([1.0 - inside, inside, np.zeros_like(inside)])[None]
+
+    (cell,), label_map = refine_cells([field], probabilities, MARGIN, frame_shape)
+
+    truth = np.zeros(frame_shape, np.uint8)
+    cv2.circle(truth, centre, int(radius), 1, -1)
+    assert 0 < np.abs((label_map > 0).astype(int) - truth).sum() <= 0.002 * truth.sum()
+    assert abs(int((label_map > 0).sum()) - int(truth.sum())) <= 0.002 * truth.sum()
+
+
 def test_a_touching_neighbour_in_the_crop_is_not_swallowed():
     left, right = _disk_cell((60, 60), 22, 9), _disk_cell((100, 60), 22, 9)
     both = np.maximum(left, right)  # the two disks touch: one blob in either cell's crop
     field_left, field_right = _instance(left > 0), _instance((right > 0) & (left == 0))
-    crops = np.stack([_crop_labels(both, field_left.box), _crop_labels(both, field_right.box)])
+    crops = np.stack([_crop_probabilities(both, field_left.box), _crop_probabilities(both, field_right.box)])
 
     (refined_left, refined_right), label_map = refine_cells([field_left, field_right], crops, MARGIN, FRAME)
 
@@ -84,7 +110,7 @@ def test_a_touching_neighbour_in_the_crop_is_not_swallowed():
 def test_a_cell_the_refiner_misses_keeps_its_field_mask():
     field = _instance(_disk_cell((70, 60), 25, 10) > 0)
     elsewhere = _disk_cell((140, 20), 10, 4)  # the refiner sees only something that is not this cell
-    crops = np.stack([np.zeros((SIZE, SIZE), np.uint8), _crop_labels(elsewhere, field.box)])
+    crops = np.stack([_one_hot(np.zeros((SIZE, SIZE), np.uint8)), _crop_probabilities(elsewhere, field.box)])
 
     refined, label_map = refine_cells([field, field], crops, MARGIN, FRAME)
 
@@ -98,7 +124,7 @@ def test_cells_at_the_frame_edge_stay_inside_the_frame():
     truth = _disk_cell((8, 60), 20, 8)  # cut by the left edge
     field = _instance(truth > 0)
 
-    (cell,), label_map = refine_cells([field], _crop_labels(truth, field.box)[None], MARGIN, FRAME)
+    (cell,), label_map = refine_cells([field], _crop_probabilities(truth, field.box)[None], MARGIN, FRAME)
 
     x0, y0, x1, y1 = cell.box
     assert 0 <= x0 < x1 <= FRAME[1] and 0 <= y0 < y1 <= FRAME[0]
@@ -109,4 +135,4 @@ def test_cells_at_the_frame_edge_stay_inside_the_frame():
 def test_a_count_mismatch_is_refused():
     field = _instance(_disk_cell((70, 60), 25, 10) > 0)
     with pytest.raises(ValueError, match="2 refined crops for 1 cells"):
-        refine_cells([field], np.zeros((2, SIZE, SIZE), np.uint8), MARGIN, FRAME)
+        refine_cells([field], np.zeros((2, 3, SIZE, SIZE), np.float32), MARGIN, FRAME)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from leukoedge.bundle import load_bundle, save_bundle
+from leukoedge.detector import Detector
 from leukoedge.errors import LeukoedgeError
 from leukoedge.training import evaluate
 from leukoedge.training.evaluate import (
@@ -32,6 +33,8 @@ TABLE_HEADERS = (
     "| class | metric | k=2 | k=3 | k=4 | k=5 | k=6 |",
     "## Cross-source segmentation",
     "| held-out source | n | bundle | whole-cell Dice | whole-cell Jaccard | nucleus Dice | nucleus Jaccard | box recall | box precision |",
+    "## Cross-source blast vs normal",
+    "| ALL-IDB2 | n | accuracy | sensitivity | specificity | AUC | no cell found |",
     "## Blast vs normal",
     "| data | unit | n | accuracy | sensitivity | specificity | AUC | no cell found |",
     "B-ALL subtype per Taleqani field",
@@ -51,11 +54,13 @@ HELD_OUT = ("all-taleqani", "bccd")
 
 @pytest.fixture(scope="module")
 def cross_source_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_bundle's models under a manifest whose segmenter learnt from Zheng and ALL-IDB2 only: the
-    bundle `leukoedge train --segmentation-sources wbc-seg-zheng,all-idb2` writes, without training again."""
+    """tiny_bundle's models under a manifest whose segmenter learnt from Zheng and ALL-IDB2 only and whose
+    classifier left ALL-IDB2 out: the bundle `leukoedge train --segmentation-sources wbc-seg-zheng,all-idb2
+    --classification-sources all-taleqani,pbc` writes, without training again."""
     bundle = load_bundle(tiny_bundle)
     manifest = copy.deepcopy(bundle.manifest)
     manifest["training"]["segmentation_sources"] = ["wbc-seg-zheng", "all-idb2"]
+    manifest["training"]["classification_sources"] = ["all-taleqani", "pbc"]
     files = {name: bundle.path(name) for name in manifest["files"]}
     return save_bundle(tmp_path_factory.mktemp("cross") / "held-out", manifest, files).root
 
@@ -138,6 +143,24 @@ def test_cross_source_tests_the_held_out_sources_beside_the_reference(quick_repo
         assert "nucleus_dice" not in row  # weak masks mark cells, not nuclei
     for role, row in cross["sources"]["bccd"]["rows"].items():
         assert row["truth_boxes"] > 0 and 0 <= row["matched"] <= min(row["truth_boxes"], row["detected_boxes"]), role
+
+
+def test_cross_source_blast_vs_normal_is_all_idb2_by_the_classifier_that_never_saw_it(quick_report, cross_source_bundle) -> None:
+    report, out = quick_report
+    cross = report["cross_source"]
+    assert cross["classifier_trained_on"] == ["all-taleqani", "pbc"] and "all-idb2" in cross["reference_classifier_trained_on"]
+    rows = cross["classification"]["all-idb2"]
+    # Same models here (the fixture only relabels tiny_bundle), so both rows are the same-source figure.
+    assert rows["reference"] == rows["cross_source"] == report["all_idb2"]
+    assert rows["cross_source"]["blast"]["n"] == QUICK_LIMIT
+    assert f"| trained without it | {QUICK_LIMIT} |" in (out / "evaluation.md").read_text()
+
+
+def test_a_cross_source_bundle_whose_classifier_saw_every_source_says_so(tiny_bundle: Path, data_root: Path, tmp_path: Path) -> None:
+    detector = Detector.load(tiny_bundle)  # trained on every source: nothing held out
+    section, _ = evaluate.evaluate_cross_source(detector, detector, data_root, 1)
+    assert section["classification"] == {}
+    assert "trained its classifier on ALL-IDB2 too: nothing is held out" in "\n".join(evaluate._cross_source_classification_md(section))
 
 
 def test_classification_sections_stay(quick_report) -> None:

@@ -42,3 +42,18 @@ def test_the_refiner_learns_from_the_mask_sources_the_segmenter_learns_from_unle
         PipelineConfig(tmp_path, tmp_path, refiner_sources=("bccd",))  # boxes only: no cell mask to learn
     with pytest.raises(ValueError, match="refiner_sources must be some of"):
         PipelineConfig(tmp_path, tmp_path, segmentation_sources=("bccd",))
+
+
+def test_the_classifier_can_leave_all_idb2_out_but_not_the_only_sources_of_a_head(data_root: Path, tmp_path: Path) -> None:
+    segmenter, _ = load_checkpoint(REPO / "models" / "checkpoints" / "default-segmenter.pt")
+    spec = PreprocessSpec.from_manifest(load_bundle(REPO / "models" / "default").manifest["preprocess"])
+    everything = PipelineConfig(data_root=data_root, out_dir=tmp_path, quick=True)
+    without = PipelineConfig(data_root=data_root, out_dir=tmp_path, quick=True, classification_sources=("all-taleqani", "pbc"))
+    _, all_counts = load_cell_examples(everything, "test", segmenter, spec)
+    examples, counts = load_cell_examples(without, "test", segmenter, spec)
+    assert all_counts["all-idb2"] > 0 and "all-idb2" not in counts
+    assert {example.source for example in examples} == {"all-taleqani", "pbc"}
+    assert counts["all-taleqani"] == all_counts["all-taleqani"] and counts["pbc"] == all_counts["pbc"]
+    for sources in (("all-idb2", "pbc"), ("all-idb2", "all-taleqani"), ("all-taleqani", "pbc", "bccd")):
+        with pytest.raises(ValueError, match="classification_sources must be some of"):
+            PipelineConfig(tmp_path, tmp_path, classification_sources=sources)
