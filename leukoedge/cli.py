@@ -39,7 +39,8 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 # The comparison models shipped for the report (made by the commands in the README), used by
 # `leukoedge evaluate` unless other ones are named.
 SHIPPED_BASELINE = ("CNN (base)", MODELS_DIR / "checkpoints" / "unet-lite-segmenter.pt")
-SHIPPED_CROSS_SOURCE = MODELS_DIR / "cross-source"
+# Bundles trained without some sources: the segmenter without Taleqani and BCCD; the classifier without ALL-IDB2.
+SHIPPED_CROSS_SOURCE = (MODELS_DIR / "cross-source", MODELS_DIR / "cross-source-classifier")
 
 
 def image_paths(target: Path) -> list[Path]:
@@ -224,14 +225,12 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
     checkpoints = parse_segmenter_checkpoints(args.segmenter_checkpoint)
     if args.quick:
-        run_quick(args.data, args.out, args.bundle, checkpoints, args.cross_source_bundle, args.limit, args.split)
+        run_quick(args.data, args.out, args.bundle, checkpoints, args.cross_source_bundle or (), args.limit, args.split)
     else:
         label, baseline = SHIPPED_BASELINE
         if not args.segmenter_checkpoint and baseline.is_file():
             checkpoints = {label: baseline}
-        cross_source = args.cross_source_bundle
-        if cross_source is None and SHIPPED_CROSS_SOURCE.is_dir():
-            cross_source = SHIPPED_CROSS_SOURCE
+        cross_source = args.cross_source_bundle or [bundle for bundle in SHIPPED_CROSS_SOURCE if bundle.is_dir()]
         evaluate_bundle(args.bundle or default_bundle(), args.data, args.out, args.limit, checkpoints, cross_source, split=args.split)
     print((args.out / "evaluation.md").read_text())
     return 0
@@ -426,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--cross-source-bundle",
         type=Path,
+        action="append",
         default=None,
-        help="a bundle trained with --segmentation-sources or --classification-sources leaving some out: tested on those (default: the shipped models/cross-source)",
+        help="a bundle trained with --segmentation-sources or --classification-sources leaving some out, tested on those; "
+        "repeat for several (default: the shipped models/cross-source and models/cross-source-classifier)",
     )
     evaluate.add_argument("--quick", action="store_true", help="CI: tiny models, a few images; checks every table and plot is made, not accuracy")
     evaluate.add_argument(

@@ -7,7 +7,7 @@ reports/evaluation.md (tables, linking the plots), reports/evaluation.json (ever
   as training checkpoints, K-means (k=3 and k chosen on the train split), HSV K-means, fuzzy C-means,
   Otsu + watershed; Jaccard, Tanimoto, Dice, SSIM, pixel error, ms/image; Jaccard <= Dice checked;
 - the K-means k sweep (k = 2..6) on the train split, per class, and the chosen k;
-- cross-source: a bundle tested on the sources its segmenter (segmentation) or its classifier (ALL-IDB2
+- cross-source: bundles tested on the sources their segmenter (segmentation) or classifier (ALL-IDB2
   blast vs normal) never saw;
 - blast vs normal, B-ALL subtype and WBC type, with ROC curves and confusion matrices.
 
@@ -513,7 +513,7 @@ def evaluate_bundle(
     out_dir: Path,
     limit: int | None = None,
     segmenter_checkpoints: dict[str, Path] | None = None,
-    cross_source_bundle: Path | None = None,
+    cross_source_bundles: Sequence[Path] = (),
     quick: bool = False,
     split: str = "test",
 ) -> dict[str, Any]:
@@ -521,7 +521,8 @@ def evaluate_bundle(
 
     limit: at most this many test images per source (spread over the split); it also caps the k sweep.
     segmenter_checkpoints: label -> segmenter checkpoint compared with the bundle (e.g. "CNN (base)").
-    cross_source_bundle: a bundle whose segmenter left some sources out (manifest training.segmentation_sources).
+    cross_source_bundles: bundles whose segmenter or classifier left some sources out (manifest
+    training.segmentation_sources, training.classification_sources), each tested on those.
     split: "test" (held-out figures) or "val" (to compare candidate models without looking at the test split).
     """
     if limit is not None and limit < 1:
@@ -535,9 +536,11 @@ def evaluate_bundle(
     for label, checkpoint in (segmenter_checkpoints or {}).items():
         deep[label], preprocess_of[label] = checkpoint_segmenter(Path(checkpoint), detector.bundle)
     comparison = compare_segmentation(data_root, deep, {source: sweep["chosen_k"] for source, sweep in sweeps.items()}, limit, split)
-    cross_source, cross_per_image = None, {}
-    if cross_source_bundle is not None:
-        cross_source, cross_per_image = evaluate_cross_source(Detector.load(cross_source_bundle), detector, data_root, limit, split)
+    cross_source, cross_per_image = [], {}
+    for cross_source_bundle in cross_source_bundles:
+        section, per_image = evaluate_cross_source(Detector.load(cross_source_bundle), detector, data_root, limit, split)
+        cross_source.append(section)
+        cross_per_image.update({f"{key}, {cross_source_bundle}": scores for key, scores in per_image.items()})
     violations = jaccard_dice_violations({**comparison.per_image, **cross_per_image})
     report = {
         "date": dt.date.today().isoformat(),
@@ -590,7 +593,7 @@ def run_quick(
     out_dir: Path,
     bundle: Path | None = None,
     segmenter_checkpoints: dict[str, Path] | None = None,
-    cross_source_bundle: Path | None = None,
+    cross_source_bundles: Sequence[Path] = (),
     limit: int | None = None,
     split: str = "test",
 ) -> dict[str, Any]:
@@ -612,7 +615,7 @@ def run_quick(
             bundle = run_pipeline(config).root
         if not segmenter_checkpoints:
             segmenter_checkpoints = {"CNN (base)": tiny_unet_checkpoint(data_root, bundle, scratch)}
-        return evaluate_bundle(bundle, data_root, out_dir, limit or QUICK_LIMIT, segmenter_checkpoints, cross_source_bundle or bundle, quick=True, split=split)
+        return evaluate_bundle(bundle, data_root, out_dir, limit or QUICK_LIMIT, segmenter_checkpoints, cross_source_bundles or [bundle], quick=True, split=split)
 
 
 # ---- markdown ----
@@ -713,27 +716,27 @@ def _k_sweep_md(report: dict[str, Any]) -> list[str]:
 
 
 def _cross_source_md(report: dict[str, Any]) -> list[str]:
-    cross = report["cross_source"]
+    sections = report["cross_source"]
     lines = ["## Cross-source segmentation (test sources the segmenter never saw)", ""]
-    if cross is None:
-        return lines + [
-            "Not run: give `--cross-source-bundle` (a bundle trained with `leukoedge train --segmentation-sources ...`"
-            " or `--classification-sources ...`).",
-            "",
-        ]
-    if not cross["sources"]:
-        lines += [f"Bundle `{cross['bundle']}` trained its segmenter on every segmentation source: nothing is held out.", ""]
-    else:
+    segmentation = [cross for cross in sections if cross["sources"]]
+    if not segmentation:
+        lines += ["Not run: no `--cross-source-bundle` left a segmentation source out (`leukoedge train --segmentation-sources ...`).", ""]
+    for cross in segmentation:
         lines += _cross_source_segmentation_md(cross)
-    return lines + _cross_source_classification_md(cross)
+    lines += ["## Cross-source blast vs normal (a test source the classifier never saw)", ""]
+    classification = [cross for cross in sections if cross["classification"]]
+    if not classification:
+        lines += ["Not run: no `--cross-source-bundle` left ALL-IDB2 out of its classifier (`leukoedge train --classification-sources all-taleqani,pbc`).", ""]
+    for cross in classification:
+        lines += _cross_source_classification_md(cross)
+    return lines
 
 
 def _cross_source_classification_md(cross: dict[str, Any]) -> list[str]:
-    lines = ["## Cross-source blast vs normal (a test source the classifier never saw)", ""]
-    rows = cross.get("classification", {}).get("all-idb2")
-    if rows is None:
-        return lines + [f"Bundle `{cross['bundle']}` trained its classifier on ALL-IDB2 too: nothing is held out.", ""]
-    lines += [
+    rows = cross["classification"]["all-idb2"]
+    trained = "all-idb2" in cross["reference_classifier_trained_on"]
+    reference_label = "reference (trained on it)" if trained else "reference (also trained without it)"
+    lines = [
         f"Bundle `{cross['bundle']}`, classifier trained on {', '.join(cross['classifier_trained_on'])} only, on the",
         f"{cross['split']} split of ALL-IDB2 (the detected cell nearest the centre, as in the same-source table below); next to it",
         f"the reference `{cross['reference_bundle']}` (classifier trained on {', '.join(cross['reference_classifier_trained_on'])}).",
@@ -741,8 +744,6 @@ def _cross_source_classification_md(cross: dict[str, Any]) -> list[str]:
         "| ALL-IDB2 | n | accuracy | sensitivity | specificity | AUC | no cell found |",
         "|---|---|---|---|---|---|---|",
     ]
-    trained = "all-idb2" in cross["reference_classifier_trained_on"]
-    reference_label = "reference (trained on it)" if trained else "reference (also trained without it)"
     for role, label in (("cross_source", "trained without it"), ("reference", reference_label)):
         blast = rows[role]["blast"]
         lines.append(

@@ -115,3 +115,11 @@ def test_source_weights_parse_and_a_bad_one_names_its_option():
     assert cli.parse_source_weights(None) == {}
     with pytest.raises(cli.LeukoedgeError, match="--refiner-source-weights takes SOURCE=WEIGHT"):
         cli.parse_source_weights("wbc-seg-zheng", "--refiner-source-weights")
+
+
+def test_train_refuses_a_classifier_without_the_only_sources_of_a_head_before_training(tmp_path, capsys):
+    pytest.importorskip("torch", reason="train needs the training extra (torch)")
+    code = cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--classification-sources", "all-idb2,pbc"])
+    assert code == 2
+    assert "classification_sources must be some of all-idb2, all-taleqani, pbc, with all-taleqani and pbc" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

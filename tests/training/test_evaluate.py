@@ -70,7 +70,7 @@ def quick_report(tiny_bundle: Path, cross_source_bundle: Path, data_root: Path, 
     """`leukoedge evaluate --quick` on tiny_bundle, its own segmenter checkpoint standing in for "CNN (base)"."""
     out = tmp_path_factory.mktemp("report")
     checkpoints = {"CNN (base)": checkpoint_paths(tiny_bundle)["segmenter"]}
-    return run_quick(data_root, out, tiny_bundle, checkpoints, cross_source_bundle), out
+    return run_quick(data_root, out, tiny_bundle, checkpoints, [cross_source_bundle]), out
 
 
 def test_quick_mode_writes_every_table_and_plot(quick_report) -> None:
@@ -131,7 +131,7 @@ def test_k_sweep_chooses_the_best_scoring_k_on_the_train_split(quick_report) -> 
 
 def test_cross_source_tests_the_held_out_sources_beside_the_reference(quick_report, cross_source_bundle) -> None:
     report, _ = quick_report
-    cross = report["cross_source"]
+    (cross,) = report["cross_source"]
     assert cross["bundle"] == str(cross_source_bundle) and cross["trained_on"] == ["wbc-seg-zheng", "all-idb2"]
     assert tuple(cross["sources"]) == HELD_OUT
     taleqani = cross["sources"]["all-taleqani"]
@@ -147,7 +147,7 @@ def test_cross_source_tests_the_held_out_sources_beside_the_reference(quick_repo
 
 def test_cross_source_blast_vs_normal_is_all_idb2_by_the_classifier_that_never_saw_it(quick_report, cross_source_bundle) -> None:
     report, out = quick_report
-    cross = report["cross_source"]
+    (cross,) = report["cross_source"]
     assert cross["classifier_trained_on"] == ["all-taleqani", "pbc"] and "all-idb2" in cross["reference_classifier_trained_on"]
     rows = cross["classification"]["all-idb2"]
     # Same models here (the fixture only relabels tiny_bundle), so both rows are the same-source figure.
@@ -156,11 +156,13 @@ def test_cross_source_blast_vs_normal_is_all_idb2_by_the_classifier_that_never_s
     assert f"| trained without it | {QUICK_LIMIT} |" in (out / "evaluation.md").read_text()
 
 
-def test_a_cross_source_bundle_whose_classifier_saw_every_source_says_so(tiny_bundle: Path, data_root: Path, tmp_path: Path) -> None:
+def test_a_cross_source_bundle_that_saw_every_source_tests_nothing_and_says_so(tiny_bundle: Path, data_root: Path) -> None:
     detector = Detector.load(tiny_bundle)  # trained on every source: nothing held out
-    section, _ = evaluate.evaluate_cross_source(detector, detector, data_root, 1)
-    assert section["classification"] == {}
-    assert "trained its classifier on ALL-IDB2 too: nothing is held out" in "\n".join(evaluate._cross_source_classification_md(section))
+    section, per_image = evaluate.evaluate_cross_source(detector, detector, data_root, 1)
+    assert section["sources"] == {} and section["classification"] == {} and per_image == {}
+    markdown = "\n".join(evaluate._cross_source_md({"cross_source": [section]}))
+    assert "no `--cross-source-bundle` left a segmentation source out" in markdown
+    assert "no `--cross-source-bundle` left ALL-IDB2 out of its classifier" in markdown
 
 
 def test_classification_sections_stay(quick_report) -> None:
@@ -226,10 +228,10 @@ def test_val_split_compares_candidates_without_touching_the_test_split(
         return load_records(root, source, split)
 
     monkeypatch.setattr(evaluate.data, "load_records", recording_load_records)
-    report = evaluate.evaluate_bundle(tiny_bundle, data_root, tmp_path, limit=1, cross_source_bundle=cross_source_bundle, split="val")
+    report = evaluate.evaluate_bundle(tiny_bundle, data_root, tmp_path, limit=1, cross_source_bundles=[cross_source_bundle], split="val")
 
     assert set(splits_read) == {"train", "val"}  # train: only the K-means k sweep
-    assert report["evaluated_split"] == "val" and report["cross_source"]["split"] == "val"
+    assert report["evaluated_split"] == "val" and report["cross_source"][0]["split"] == "val"
     markdown = (tmp_path / "evaluation.md").read_text()
     assert "VALIDATION split" in markdown and "(val split, mean" in markdown
     with pytest.raises(ValueError, match="split must be one of test, val"):
