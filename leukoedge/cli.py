@@ -253,9 +253,10 @@ def command_train(args: argparse.Namespace) -> int:
     from .training.models import SEGMENTERS
     from .training.pipeline import CLASSIFICATION_SOURCES, SEGMENTATION_SOURCES, PipelineConfig, run_pipeline
 
-    if args.segmenter_model not in SEGMENTERS:
-        print(f"error: unknown segmenter {args.segmenter_model!r}; choose one of {', '.join(sorted(SEGMENTERS))}", file=sys.stderr)
-        return 2
+    for model in (args.segmenter_model, args.refiner_model):
+        if model is not None and model not in SEGMENTERS:
+            print(f"error: unknown segmenter {model!r}; choose one of {', '.join(sorted(SEGMENTERS))}", file=sys.stderr)
+            return 2
     sources = SEGMENTATION_SOURCES if args.segmentation_sources is None else tuple(s.strip() for s in args.segmentation_sources.split(",") if s.strip())
     refiner_sources = None if args.refiner_sources is None else tuple(s.strip() for s in args.refiner_sources.split(",") if s.strip())
     classification_sources = CLASSIFICATION_SOURCES if args.classification_sources is None else tuple(
@@ -271,6 +272,7 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_learning_rate=args.segmenter_lr,
             segmenter_crop=args.segmenter_crop or None,
             segmenter_model=args.segmenter_model,
+            refiner_model=args.refiner_model,
             classifier_model=args.classifier_model or PipelineConfig.classifier_model,
             segmenter_init=args.segmenter_init,
             segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
@@ -444,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
     train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
+    train.add_argument("--refiner-model", default=None, help="the per-cell refiner's architecture, one of --segmenter-model's (default: the segmenter's)")
     train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")

@@ -39,7 +39,7 @@ def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, heig
 
     The probabilities are resized, then the argmax taken: the outline then falls between crop pixels
     where the refiner's soft edge does, not on the staircase of upsampled labels (Zheng validation
-    nucleus Dice 0.956 -> 0.959 with the shipped refiner). Crops are small, so this costs little.
+    nucleus Dice 0.957 -> 0.960 with the shipped refiner in FP32, README). Crops are small: it costs little.
     """
     channels_last = np.ascontiguousarray(np.moveaxis(crop_probabilities.astype(np.float32, copy=False), 0, -1))
     return label_map_from_probabilities(np.moveaxis(resize(channels_last, width, height), -1, 0))

@@ -63,6 +63,7 @@ class PipelineConfig:
     out_dir: Path
     quick: bool = False  # a few steps on a few images: checks the whole path, not the accuracy
     segmenter_model: str = "hctnet_lite"
+    refiner_model: str | None = None  # None: the segmenter's architecture
     classifier_model: str = "vgg_hybrid"  # best validation score of the runtime-fed classifiers (README)
     segmenter_steps: int = 8000
     classifier_steps: int = 1500
@@ -307,7 +308,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         refiner_val,
         spec,
         TrainConfig(
-            model=_checkpoint_model(config.refiner_init) or config.segmenter_model,
+            model=_checkpoint_model(config.refiner_init) or config.refiner_model or config.segmenter_model,
             input_size=REFINER_INPUT,
             steps=8 if quick else config.refiner_steps,
             batch_size=4 if quick else 16,

@@ -123,3 +123,9 @@ def test_train_refuses_a_classifier_without_the_only_sources_of_a_head_before_tr
     assert code == 2
     assert "classification_sources must be some of all-idb2, all-taleqani, pbc, with all-taleqani and pbc" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_train_refuses_an_unknown_refiner_architecture(tmp_path, capsys):
+    pytest.importorskip("torch", reason="train needs the training extra (torch)")
+    assert cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--refiner-model", "hctnet_xl"]) == 2
+    assert "unknown segmenter 'hctnet_xl'; choose one of" in capsys.readouterr().err
