@@ -18,8 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .postprocess import CellInstance
-from .postprocess import label_map_from_probabilities
+from .postprocess import CellInstance, label_map_from_probabilities
 from .preprocess.cpu import resize, square_crop_box
 from .result import BACKGROUND, CYTOPLASM, NUCLEUS
 
