@@ -514,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         print(f"error: {error.name} is not installed; `{args.command}` needs it: pip install 'leukoedge[train]'", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`leukoedge info | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -129,3 +130,16 @@ def test_train_refuses_an_unknown_refiner_architecture(tmp_path, capsys):
     pytest.importorskip("torch", reason="train needs the training extra (torch)")
     assert cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--refiner-model", "hctnet_xl"]) == 2
     assert "unknown segmenter 'hctnet_xl'; choose one of" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_has_gone_ends_quietly(tiny_bundle):
+    # `leukoedge info B | head -1`: once head has exited, every write fails; no traceback may follow.
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    command = [sys.executable, "-c", "import sys; from leukoedge.cli import main; sys.exit(main(sys.argv[1:]))", "info", str(tiny_bundle)]
+    try:
+        writer = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert writer.returncode == 1
+    assert "Traceback" not in writer.stderr and "BrokenPipeError" not in writer.stderr
