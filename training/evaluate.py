@@ -600,7 +600,8 @@ def run_quick(
     """Every table and plot from tiny models on a few images (CI): checks the report, not the models.
 
     Without a bundle, one is trained by the pipeline's quick mode, its segmenter on Zheng and ALL-IDB2
-    only and its classifier without ALL-IDB2, and serves as the cross-source bundle too; without checkpoints a tiny U-Net stands in for "CNN (base)".
+    only and its classifier without ALL-IDB2, and serves as the cross-source bundle too; without
+    checkpoints a tiny U-Net stands in for "CNN (base)".
     """
     with tempfile.TemporaryDirectory(prefix="leukoedge-quick-") as scratch_name:
         scratch = Path(scratch_name)
@@ -726,7 +727,10 @@ def _cross_source_md(report: dict[str, Any]) -> list[str]:
     lines += ["## Cross-source blast vs normal (a test source the classifier never saw)", ""]
     classification = [cross for cross in sections if cross["classification"]]
     if not classification:
-        lines += ["Not run: no `--cross-source-bundle` left ALL-IDB2 out of its classifier (`leukoedge train --classification-sources all-taleqani,pbc`).", ""]
+        lines += [
+            "Not run: no `--cross-source-bundle` left ALL-IDB2 out of its classifier (`leukoedge train --classification-sources all-taleqani,pbc`).",
+            "",
+        ]
     for cross in classification:
         lines += _cross_source_classification_md(cross)
     return lines
