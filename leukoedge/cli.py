@@ -284,6 +284,7 @@ def command_train(args: argparse.Namespace) -> int:
             segmentation_sources=sources,
             refiner_sources=refiner_sources,
             classification_sources=classification_sources,
+            classifier_seed=args.classifier_seed,
         )
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
@@ -450,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
+    train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
     train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
     train.add_argument("--refiner-lr", type=float, default=2e-3, help="peak learning rate of the refiner's one-cycle schedule")
     train.add_argument("--refiner-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per refiner source (default 1 each)")

@@ -86,6 +86,9 @@ class PipelineConfig:
     # The sources the classifier learns from; leave ALL-IDB2 out to test blast vs normal on a source it never saw.
     classification_sources: tuple[str, ...] = CLASSIFICATION_SOURCES
     seed: int = 0
+    # The classifier's own seed (initial weights, batch order, augmentation); None: `seed`. Unlike `seed`,
+    # it leaves the stain reference and the other models alone: for the classifier's run-to-run spread.
+    classifier_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_runtime_classifier(self.classifier_model)
@@ -335,7 +338,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             learning_rate=3e-3,
             init_from=None if config.classifier_init is None else str(config.classifier_init),
             validate_every=4 if quick else 100,
-            seed=config.seed,
+            seed=config.seed if config.classifier_seed is None else config.classifier_seed,
         ),
         CROP_MARGIN,
     )

@@ -96,7 +96,9 @@ class TrainConfig:
 
 
 def _initial_model(config: TrainConfig, **model_kwargs) -> torch.nn.Module:
-    """A fresh model, or one loaded from config.init_from (weights only, no pickle)."""
+    """A fresh model, or one loaded from config.init_from (weights only, no pickle). Fresh weights come
+    from config.seed alone, not from whatever the models built before this one drew."""
+    torch.manual_seed(config.seed)
     model = create_model(config.model, **config.model_kwargs, **model_kwargs)
     if config.init_from is not None:
         model.load_state_dict(torch.load(config.init_from, map_location="cpu", weights_only=True))

@@ -66,3 +66,16 @@ def test_only_classifiers_the_runtime_can_feed_are_trained_for_a_bundle(tmp_path
         PipelineConfig(tmp_path, tmp_path / "out", classifier_model="dual_branch")  # 6 channels: cell + nucleus crop
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--classifier-model", "nope"]) == 2
     assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--model", "dual_branch"]) == 2
+
+
+def test_fresh_weights_follow_the_models_own_seed_not_what_was_drawn_before():
+    from leukoedge.training.train import _initial_model
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        config = TrainConfig("custom_cnn", (64, 64), steps=1, batch_size=1, seed=seed)
+        return [p.detach().clone() for p in _initial_model(config, head_classes={"blast": 2}).parameters()]
+
+    first = weights(1)
+    torch.rand(1000)  # another model drew from the global generator in between
+    assert all(torch.equal(a, b) for a, b in zip(first, weights(1)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, weights(2)))
