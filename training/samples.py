@@ -122,7 +122,8 @@ def refiner_sample(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(3xSxS crop, SxS labels) of one cell for the per-cell refiner (leukoedge/refine.py). rng None:
     exactly the runtime's crop of that box; otherwise jittered box and stain, rotations, flips.
-    The labels are cut from the same square and resized the way refine.py maps them back."""
+    The labels are cut from the same square and resized to the input as the image is (pixel centres
+    aligned); refine.py maps the refiner's probabilities back to the square the same way."""
     statistics = lab_statistics(to_rgb_float(image)) if spec.stain_reference is not None else None
     if rng is not None:
         box, spec = jitter_box(box, rng), jittered_stain(spec, rng)
