@@ -192,11 +192,13 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         nucleus_term = weak_nucleus_loss(probabilities[:, 2], labels)
         if nucleus_term is not None:
             loss = loss + nucleus_term
-    for target_probability, target_mask in (
-        (probabilities[:, 2], labels == 2),
-        (probabilities[:, 1:].sum(dim=1), (labels == 1) | (labels == 2) | weak),
+    # A weak pixel may be nucleus or cytoplasm: the nucleus Dice leaves it out (counting it would teach
+    # "not nucleus" on every weak cell, against the nucleus-share term above); the cell Dice counts it.
+    for target_probability, target_mask, valid in (
+        (probabilities[:, 2], labels == 2, (labels != LABEL_IGNORE) & ~weak),
+        (probabilities[:, 1:].sum(dim=1), (labels == 1) | (labels == 2) | weak, labels != LABEL_IGNORE),
     ):
-        valid = (labels != LABEL_IGNORE).float()
+        valid = valid.float()
         intersection = (target_probability * target_mask.float() * valid).sum()
         total = (target_probability * valid).sum() + target_mask.float().sum()
         loss = loss + 0.5 * (1 - (2 * intersection + 1) / (total + 1))

@@ -89,6 +89,32 @@ def test_weak_cells_need_a_nucleus_share():
     assert weak_nucleus_loss(all_cytoplasm, torch.zeros((1, 32, 32), dtype=torch.int64)) is None
 
 
+def test_a_weak_cells_split_beyond_the_nucleus_share_costs_nothing():
+    """Weak pixels may be nucleus or cytoplasm: once the nucleus share is met, a weak cell predicted 40 % or
+    80 % nucleus costs the same (the nucleus Dice must not count weak pixels as "not nucleus")."""
+
+    def logits_with_nucleus_rows(rows: int) -> torch.Tensor:
+        probabilities = torch.full((1, 3, 20, 20), 0.001)
+        probabilities[0, 0] = 0.998  # background outside the cell
+        cell = probabilities[0, :, 5:15, 5:15]
+        cell[0] = 0.001
+        cell[1] = 0.998
+        cell[2] = 0.001
+        cell[1, :rows] = 0.001
+        cell[2, :rows] = 0.998
+        return probabilities.log()
+
+    labels = torch.zeros((1, 20, 20), dtype=torch.int64)
+    labels[0, 5:15, 5:15] = 3  # one weak cell of 100 pixels
+    loss_40 = segmentation_loss(logits_with_nucleus_rows(4), labels)
+    loss_80 = segmentation_loss(logits_with_nucleus_rows(8), labels)
+    assert loss_40.item() == pytest.approx(loss_80.item(), abs=1e-4)
+    # an expert nucleus still counts: predicting it as cytoplasm costs more
+    labels[0, 5:9, 5:15] = 2
+    labels[0, 9:15, 5:15] = 1
+    assert segmentation_loss(logits_with_nucleus_rows(0), labels) > segmentation_loss(logits_with_nucleus_rows(4), labels) + 0.1
+
+
 def test_model_selection_sees_missing_nuclei_in_weak_cells():
     from leukoedge.training.train import _mean_dice
 
