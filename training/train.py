@@ -195,7 +195,7 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     # A weak pixel may be nucleus or cytoplasm: the nucleus Dice leaves it out (counting it would teach
     # "not nucleus" on every weak cell, against the nucleus-share term above); the cell Dice counts it.
     for target_probability, target_mask, valid in (
-        (probabilities[:, 2], labels == 2, (labels != LABEL_IGNORE) & ~weak),
+        (probabilities[:, 2], labels == 2, strong),
         (probabilities[:, 1:].sum(dim=1), (labels == 1) | (labels == 2) | weak, labels != LABEL_IGNORE),
     ):
         valid = valid.float()
