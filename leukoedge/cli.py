@@ -294,6 +294,23 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_ensemble(args: argparse.Namespace) -> int:
+    from .training.train import save_ensemble_checkpoint
+
+    missing = [str(path) for path in args.members if not path.is_file() or not path.with_suffix(".json").is_file()]
+    if missing:
+        print(f"error: no checkpoint (.pt with its .json) at {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        record = save_ensemble_checkpoint(args.members, args.out)
+    except ValueError as error:  # fewer than two members, or one that is not a segmenter
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    members = ", ".join(member["model"] for member in record["config"]["model_kwargs"]["members"])
+    print(f"ensemble of {len(args.members)} ({members}) written to {args.out}; build a bundle with it: leukoedge train ... --refiner-init {args.out} --refiner-steps 0")
+    return 0
+
+
 def command_study(args: argparse.Namespace) -> int:
     from .training.classifier_study import run_study
 
@@ -482,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
         "leave all-idb2 out for `evaluate --cross-source-bundle`",
     )
     train.set_defaults(handler=command_train)
+
+    ensemble = commands.add_parser(
+        "ensemble", help="one checkpoint that averages several segmentation checkpoints' class probabilities, e.g. a refiner ensemble (needs [train])"
+    )
+    ensemble.add_argument("members", type=Path, nargs="+", help="two or more segmenter or refiner checkpoints (.pt, each with its .json)")
+    ensemble.add_argument("--out", type=Path, required=True, help="the ensemble checkpoint to write (.pt and .json), e.g. for --refiner-init")
+    ensemble.set_defaults(handler=command_ensemble)
 
     study = commands.add_parser("study", help="compare the classifiers (4 models x 2 losses) on 3 tasks by stratified k-fold (needs [train])")
     study.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")

@@ -119,14 +119,16 @@ def spread(records: list, count: int) -> list:
     return records[:: max(1, len(records) // count)][:count]
 
 
-def _checkpoint_model(checkpoint: Path | None) -> str | None:
-    """The architecture a checkpoint was trained as (from its JSON), so fine-tuning rebuilds the same model."""
+def _checkpoint_model(checkpoint: Path | None, default: str) -> dict:
+    """TrainConfig's model and model_kwargs: those a checkpoint was built with (its JSON), so fine-tuning
+    rebuilds the same model (an ensemble's kwargs name its members); without a checkpoint, `default`'s."""
     if checkpoint is None:
-        return None
+        return {"model": default, "model_kwargs": {}}
     config_path = Path(checkpoint).with_suffix(".json")
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: the checkpoint's config is missing (it is written beside every .pt by save_checkpoint)")
-    return json.loads(config_path.read_text())["config"]["model"]
+    config = json.loads(config_path.read_text())["config"]
+    return {"model": config["model"], "model_kwargs": config.get("model_kwargs", {})}
 
 
 def _records(config: PipelineConfig, source: str, split: str) -> list[data.Record]:
@@ -232,6 +234,13 @@ def calibrate_verdict(config: PipelineConfig, bundle_dir: Path) -> dict:
     return {"flag_fraction": threshold, "balanced_accuracy": balanced_accuracy, "fields": len(fractions)}
 
 
+def architecture_label(config: dict) -> str:
+    """A model's architecture for the manifest: "hctnet_lite"; an ensemble with its members,
+    "probability_mean(hctnet_lite, hctnet_lite, hctnet_lite)"."""
+    members = config.get("model_kwargs", {}).get("members")
+    return config["model"] if not members else f"{config['model']}({', '.join(member['model'] for member in members)})"
+
+
 def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -246,7 +255,7 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) 
             "output": "probs",
             "input_size": list(SEGMENTER_INPUT),
             "classes": ["background", "cytoplasm", "nucleus"],
-            "architecture": training["segmenter"]["config"]["model"],
+            "architecture": architecture_label(training["segmenter"]["config"]),
             "flops": flops["segmenter"],
         },
         "refiner": {
@@ -256,7 +265,7 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) 
             "input_size": list(REFINER_INPUT),
             "crop_margin": CROP_MARGIN,
             "classes": ["background", "cytoplasm", "nucleus"],
-            "architecture": training["refiner"]["config"]["model"],
+            "architecture": architecture_label(training["refiner"]["config"]),
             "flops": flops["refiner"],
             "sources": list(training["refiner_sources"]),
         },
@@ -266,7 +275,7 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) 
             "input_size": list(CLASSIFIER_INPUT),
             "crop_margin": CROP_MARGIN,
             "primary_head": "blast",
-            "architecture": training["classifier"]["config"]["model"],
+            "architecture": architecture_label(training["classifier"]["config"]),
             "flops": flops["classifier"],
             "heads": {head: {"output": f"{head}_probs", "classes": classes} for head, classes in HEADS.items()},
         },
@@ -293,7 +302,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         val_examples,
         spec,
         TrainConfig(
-            model=_checkpoint_model(config.segmenter_init) or config.segmenter_model,
+            **_checkpoint_model(config.segmenter_init, config.segmenter_model),
             input_size=SEGMENTER_INPUT,
             steps=8 if quick else config.segmenter_steps,
             batch_size=4 if quick else 8,
@@ -311,7 +320,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         refiner_val,
         spec,
         TrainConfig(
-            model=_checkpoint_model(config.refiner_init) or config.refiner_model or config.segmenter_model,
+            **_checkpoint_model(config.refiner_init, config.refiner_model or config.segmenter_model),
             input_size=REFINER_INPUT,
             steps=8 if quick else config.refiner_steps,
             batch_size=4 if quick else 16,
@@ -331,7 +340,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         HEADS,
         spec,
         TrainConfig(
-            model=_checkpoint_model(config.classifier_init) or config.classifier_model,
+            **_checkpoint_model(config.classifier_init, config.classifier_model),
             input_size=CLASSIFIER_INPUT,
             steps=8 if quick else config.classifier_steps,
             batch_size=8 if quick else 64,

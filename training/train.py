@@ -433,6 +433,27 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(config, indent=2, default=str))
 
 
+def save_ensemble_checkpoint(members: Sequence[Path], path: Path) -> dict:
+    """One checkpoint of the mean of several segmentation checkpoints' class probabilities
+    (training/models/ensemble.py), with each member's training record; returns its config.
+    Fine-tuning from it (--refiner-init PATH) keeps it with 0 steps, as any checkpoint."""
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two member checkpoints; got {len(members)}")
+    loaded = [load_checkpoint(Path(member)) for member in members]
+    specs = [{"model": record["config"]["model"], "model_kwargs": record["config"].get("model_kwargs", {})} for _, record in loaded]
+    ensemble = create_model("probability_mean", members=specs)  # refuses members that are not segmenters
+    for member, (module, _) in zip(ensemble.members, loaded):
+        member.load_state_dict(module.state_dict())
+    origins = sorted({pretraining_of(member) for member in members})
+    record = {
+        "config": {"model": "probability_mean", "model_kwargs": {"members": specs}},
+        "pretraining": origins[0] if len(origins) == 1 else "; ".join(origins),
+        "members": [{"checkpoint": str(member), "training": _recorded_training(str(member))} for member in members],
+    }
+    save_checkpoint(ensemble, record, path)
+    return record
+
+
 def load_checkpoint(path: Path, **model_kwargs) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model named in the config and load its weights without unpickling anything."""
     config = json.loads(path.with_suffix(".json").read_text())

@@ -80,9 +80,9 @@ def test_checkpoint_is_a_classifier_with_a_pretrained_trunk_and_fresh_heads(simc
 def test_checkpoint_initialises_the_pipelines_classifier_training(simclr_checkpoint: Path) -> None:
     """What `leukoedge train --classifier-init <checkpoint>` does with it: the model named in its JSON,
     started from its weights, trained a step further."""
-    assert _checkpoint_model(simclr_checkpoint) == CLASSIFIER_MODEL
+    assert _checkpoint_model(simclr_checkpoint, "resnet_s") == {"model": CLASSIFIER_MODEL, "model_kwargs": {}}
     config = TrainConfig(
-        model=_checkpoint_model(simclr_checkpoint), input_size=CLASSIFIER_INPUT, steps=2, batch_size=4, validate_every=2, init_from=str(simclr_checkpoint)
+        **_checkpoint_model(simclr_checkpoint, "resnet_s"), input_size=CLASSIFIER_INPUT, steps=2, batch_size=4, validate_every=2, init_from=str(simclr_checkpoint)
     )
     model, summary = train_classifier(_blobs(8, 2), _blobs(4, 3), HEADS, SPEC, config, CROP_MARGIN)
     assert summary["config"]["init_from"] == str(simclr_checkpoint)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .classifiers import custom_cnn, dual_branch, resnet_s, vgg_hybrid
+from .ensemble import ProbabilityMean
 from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_lite, unet_s
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {"hctnet": hctnet, "hctnet_s": hctnet_s, "hctnet_lite": hctnet_lite, "unet_s": unet_s, "unet_lite": unet_lite}
@@ -18,9 +19,21 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def probability_mean(members: list[dict[str, Any]]) -> ProbabilityMean:
+    """An ensemble of segmenters, each {"model": name, "model_kwargs": {...}} (training/models/ensemble.py);
+    its weights are its members' trained ones, joined by training.train.save_ensemble_checkpoint."""
+    unknown = [member["model"] for member in members if member["model"] not in SEGMENTERS]
+    if unknown:
+        raise ValueError(f"ensemble members must be segmenters ({', '.join(sorted(SEGMENTERS))}); got {', '.join(unknown)}")
+    return ProbabilityMean([SEGMENTERS[member["model"]](**member.get("model_kwargs", {})) for member in members])
+
+
+ENSEMBLES: dict[str, Callable[..., nn.Module]] = {"probability_mean": probability_mean}
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered segmenter or classifier by name."""
-    registry = {**SEGMENTERS, **CLASSIFIERS}
+    """Build a registered segmenter, classifier or ensemble by name."""
+    registry = {**SEGMENTERS, **CLASSIFIERS, **ENSEMBLES}
     if name not in registry:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(registry))}")
     return registry[name](**kwargs)
