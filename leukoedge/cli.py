@@ -281,6 +281,7 @@ def command_train(args: argparse.Namespace) -> int:
             refiner_learning_rate=args.refiner_lr,
             refiner_source_weights=parse_source_weights(args.refiner_source_weights, "--refiner-source-weights"),
             refiner_init=args.refiner_init,
+            refiner_teacher=args.refiner_teacher,
             segmentation_sources=sources,
             refiner_sources=refiner_sources,
             classification_sources=classification_sources,
@@ -478,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
     train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")
     train.add_argument("--refiner-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-refiner.pt")
+    train.add_argument(
+        "--refiner-teacher", type=Path, default=None, help="distillation: the refiner also learns this checkpoint's class probabilities, e.g. a `leukoedge ensemble` one"
+    )
     train.add_argument(
         "--segmentation-sources",
         default=None,

@@ -77,6 +77,8 @@ class PipelineConfig:
     segmenter_init: Path | None = None
     classifier_init: Path | None = None
     refiner_init: Path | None = None
+    # Distillation: the refiner also learns this checkpoint's class probabilities (e.g. a refiner ensemble's).
+    refiner_teacher: Path | None = None
     # The sources the segmenter (and the stain reference) learn from; leave some out to test across sources.
     segmentation_sources: tuple[str, ...] = SEGMENTATION_SOURCES
     segmenter_source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source
@@ -97,6 +99,8 @@ class PipelineConfig:
         unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]
         if unknown or not self.segmentation_sources:
             raise ValueError(f"segmentation_sources must be some of {', '.join(SEGMENTATION_SOURCES)}; got {list(self.segmentation_sources)}")
+        if self.refiner_teacher is not None and self.refiner_steps == 0:
+            raise ValueError("--refiner-teacher needs refiner training steps: with --refiner-steps 0 the refiner is kept as it is")
         if self.refiner_sources is None:
             self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
         if not self.refiner_sources or any(source not in REFINER_SOURCES for source in self.refiner_sources):
@@ -329,6 +333,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             validate_every=4 if quick else 200,
             source_weights=config.refiner_source_weights,
             seed=config.seed,
+            teacher=None if config.refiner_teacher is None else str(config.refiner_teacher),
         ),
         CROP_MARGIN,
     )

@@ -93,6 +93,12 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint to start from (fine-tuning); with steps=0 it is used as it is
     source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source (default 1 each)
+    # Refiner only: a checkpoint (e.g. a refiner ensemble) whose class probabilities the model learns too (distillation).
+    teacher: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None and self.steps == 0:
+            raise ValueError("a teacher needs training steps: with 0 steps the model is kept as it is")
 
 
 def _initial_model(config: TrainConfig, **model_kwargs) -> torch.nn.Module:
@@ -205,6 +211,15 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return loss
 
 
+def distillation_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """segmentation_loss on the labels, plus cross-entropy against a teacher's class probabilities on
+    every pixel (soft labels at temperature 1): the student learns what the teacher outputs, also where
+    the labels are weak or absent. Its minimum over the soft term is the teacher's own probabilities."""
+    labels, teacher_probabilities = targets
+    soft = -(teacher_probabilities * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    return segmentation_loss(logits, labels) + soft
+
+
 def _batches(indices: np.ndarray, batch_size: int):
     for start in range(0, len(indices) - batch_size + 1, batch_size):
         yield indices[start : start + batch_size]
@@ -307,11 +322,14 @@ def train_refiner(
     crop_margin: float,
 ) -> tuple[torch.nn.Module, dict]:
     """Train the per-cell refiner (leukoedge/refine.py) on crops of masked cells, cut as the
-    runtime cuts them; the loss and the validation score are the segmenter's."""
+    runtime cuts them; the loss and the validation score are the segmenter's. With config.teacher, the
+    loss adds the teacher's class probabilities on each training crop (distillation_loss): one refiner
+    learns what an ensemble of refiners outputs, at one refiner's run-time cost."""
     model = _initial_model(config)
     pretraining = pretraining_of(config.init_from)
     if config.steps == 0:
         return model, _reuse_record(config, crop_margin=crop_margin)
+    teacher = None if config.teacher is None else load_checkpoint(Path(config.teacher))[0]
     sample_indices = balanced_indices(
         [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
     )
@@ -321,7 +339,11 @@ def train_refiner(
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
         inputs, labels = zip(*(sample(train[index], rng) for index in indices))
-        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
+        inputs, labels = torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
+        if teacher is None:
+            return inputs, labels
+        with torch.no_grad():
+            return inputs, (labels, teacher(inputs).softmax(dim=1))
 
     validation = [sample(example, None) for example in val]
 
@@ -333,7 +355,8 @@ def train_refiner(
             scores.extend(_mean_dice(prediction, truth) for prediction, (_, truth) in zip(predicted, chunk))
         return per_source_mean(scores, [example.source for example in val])
 
-    summary = train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train refiner {config.model}")
+    loss = segmentation_loss if teacher is None else distillation_loss
+    summary = train_loop(model, config, make_batch, loss, validate, sample_indices, f"train refiner {config.model}")
     return model, {"config": asdict(config), "crop_margin": crop_margin, "pretraining": pretraining, **summary}
 
 

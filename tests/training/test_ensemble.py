@@ -1,5 +1,6 @@
 """Ensembles of segmentation models: one model whose softmax is the mean of its members' softmax,
-saved as one checkpoint, rebuilt by the pipeline from it, exported as one ONNX graph."""
+saved as one checkpoint, rebuilt by the pipeline from it, exported as one ONNX graph; and a refiner
+distilled from one (--refiner-teacher)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,18 @@ import torch
 
 from leukoedge import cli
 from leukoedge.training.models import ProbabilityMean, create_model
-from leukoedge.training.pipeline import _checkpoint_model, architecture_label
-from leukoedge.training.train import TrainConfig, load_checkpoint, save_checkpoint, save_ensemble_checkpoint, train_refiner
+from leukoedge.preprocess.cpu import PreprocessSpec
+from leukoedge.training.data import LABEL_IGNORE
+from leukoedge.training.pipeline import PipelineConfig, _checkpoint_model, architecture_label
+from leukoedge.training.train import (
+    CellMaskExample,
+    TrainConfig,
+    distillation_loss,
+    load_checkpoint,
+    save_checkpoint,
+    save_ensemble_checkpoint,
+    train_refiner,
+)
 
 
 def _member(seed: int) -> torch.nn.Module:
@@ -107,3 +118,55 @@ def test_the_ensemble_command_writes_the_checkpoint_or_says_why_not(tmp_path, ca
     assert cli.main(["ensemble", "--out", str(tmp_path / "gone.pt"), members[0], str(tmp_path / "missing.pt")]) == 2
     assert f"no checkpoint (.pt with its .json) at {tmp_path / 'missing.pt'}" in capsys.readouterr().err
     assert not (tmp_path / "one.pt").exists() and not (tmp_path / "gone.pt").exists()
+
+
+def test_the_distillation_term_is_least_at_the_teachers_own_probabilities():
+    labels = torch.full((2, 8, 8), LABEL_IGNORE)  # no pixel labelled: only the teacher speaks
+    teacher_logits = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    targets = (labels, teacher_logits.softmax(dim=1))
+    at_teacher = distillation_loss(teacher_logits, targets)
+    for other in (teacher_logits * 0.5, teacher_logits * 2.0, torch.zeros_like(teacher_logits), teacher_logits.flip(1)):
+        assert distillation_loss(other, targets) > at_teacher + 1e-4
+
+
+def _disc_cells(count: int, seed: int) -> list[CellMaskExample]:
+    """Synthetic single-cell images: a dark nucleus in a paler cytoplasm disc on a light background."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(count):
+        image = np.full((48, 48, 3), 220, np.uint8)
+        labels = np.zeros((48, 48), np.uint8)
+        cy, cx = rng.integers(20, 28, size=2)
+        yy, xx = np.mgrid[:48, :48]
+        distance = np.hypot(yy - cy, xx - cx)
+        image[distance < 14], labels[distance < 14] = (200, 150, 190), 1
+        image[distance < 8], labels[distance < 8] = (110, 40, 120), 2
+        examples.append(CellMaskExample("wbc-seg-zheng", image, labels, (int(cx) - 14, int(cy) - 14, int(cx) + 14, int(cy) + 14)))
+    return examples
+
+
+def test_a_refiner_distilled_from_a_teacher_ends_nearer_the_teacher_than_one_trained_without(tmp_path):
+    save_ensemble_checkpoint([_saved_member(tmp_path, seed) for seed in (0, 1)], tmp_path / "teacher.pt")
+    teacher, _ = load_checkpoint(tmp_path / "teacher.pt")
+    spec = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
+    train, val = _disc_cells(8, 0), _disc_cells(2, 1)
+    probe = torch.from_numpy(np.random.default_rng(7).normal(0.0, 1.0, (2, 3, 32, 32)).astype(np.float32))
+
+    def distance_to_teacher(teacher_path: str | None) -> float:
+        config = TrainConfig(
+            model="hctnet_lite", input_size=(32, 32), steps=12, batch_size=4, learning_rate=5e-3, validate_every=12, seed=3, teacher=teacher_path
+        )
+        student, summary = train_refiner(train, val, spec, config, 0.15)
+        assert summary["config"]["teacher"] == teacher_path
+        with torch.no_grad():
+            target = teacher(probe).softmax(dim=1)
+            return float((target * (target.clamp_min(1e-12).log() - student(probe).log_softmax(dim=1))).sum(dim=1).mean())
+
+    assert distance_to_teacher(str(tmp_path / "teacher.pt")) < distance_to_teacher(None)
+
+
+def test_a_teacher_without_training_steps_is_refused_before_any_data_is_read(tmp_path):
+    with pytest.raises(ValueError, match="--refiner-teacher needs refiner training steps"):
+        PipelineConfig(tmp_path, tmp_path, refiner_teacher=tmp_path / "teacher.pt", refiner_steps=0)
+    with pytest.raises(ValueError, match="a teacher needs training steps"):
+        TrainConfig(model="hctnet_lite", input_size=(32, 32), steps=0, batch_size=1, teacher="teacher.pt")
