@@ -54,7 +54,7 @@ class CalibrateConfig:
     accuracy_tolerance: float = gate.DEFAULT_ACCURACY_TOLERANCE
     keep_float: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> op types or node names
     settings: QuantizationSettings = field(default_factory=QuantizationSettings)
-    speed_runs: int = 20
+    speed_runs: int = 50  # per model and precision, interleaved (calibration/speed.py): enough for a stable median
     threads: int | None = None
     search: bool = True  # on a failed gate, look for op types to keep in float
 

@@ -299,15 +299,27 @@ def model_file(manifest: dict[str, Any], model: str, precision: str) -> str:
     return variant["file"]
 
 
+# A reduced precision is the default only where it measured at least this much faster than FP32. Latencies
+# on a small shared CPU swing by several percent from one calibration to the next; without a margin, a tie
+# flips a bundle's default precision, and so its figures, between two runs of the same command.
+MIN_SPEEDUP = 0.05
+
+
 def fastest_precision(manifest: dict[str, Any], model: str) -> str:
     """The precision of `model` with the lowest median latency measured at calibration, among those in
-    the bundle (int8 only if it passed its gate); fp32 where the bundle was never calibrated."""
+    the bundle (int8 only if it passed its gate), if it beats FP32 by MIN_SPEEDUP; else fp32, also
+    where the bundle was never calibrated."""
     measured = {
         precision: variant["median_ms"]
         for precision, variant in manifest.get("precisions", {}).get(model, {}).items()
         if variant.get("file") is not None and variant.get("median_ms") is not None
     }
-    return min(measured, key=measured.get) if measured else "fp32"
+    if not measured:
+        return "fp32"
+    fastest = min(measured, key=measured.get)
+    if "fp32" in measured and measured[fastest] > (1.0 - MIN_SPEEDUP) * measured["fp32"]:
+        return "fp32"
+    return fastest
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

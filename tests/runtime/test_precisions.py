@@ -88,6 +88,14 @@ def test_the_fastest_precision_that_passed_is_chosen_per_model():
     assert fastest_precision(uncalibrated, "segmenter") == "fp32"
 
 
+def test_a_precision_within_the_timing_noise_of_fp32_does_not_become_the_default():
+    manifest = _manifest(segmenter_passed=True)
+    timings = manifest["precisions"]["segmenter"]
+    for int8_ms, expected in ((120.0, "fp32"), (116.0, "fp32"), (113.0, "int8"), (60.0, "int8")):  # fp32 120 ms; 5 % margin
+        timings["int8"]["median_ms"] = int8_ms
+        assert fastest_precision(manifest, "segmenter") == expected, int8_ms
+
+
 def test_model_file_per_precision_and_the_reason_when_there_is_none():
     manifest = _manifest(segmenter_passed=False)
     assert model_file(manifest, "classifier", "int8") == "classifier.int8.onnx"
