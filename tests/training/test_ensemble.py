@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from leukoedge import cli
-from leukoedge.training.models import ProbabilityMean, create_model
 from leukoedge.preprocess.cpu import PreprocessSpec
 from leukoedge.training.data import LABEL_IGNORE
+from leukoedge.training.models import ProbabilityMean, create_model
 from leukoedge.training.pipeline import PipelineConfig, _checkpoint_model, architecture_label
 from leukoedge.training.train import (
     CellMaskExample,
