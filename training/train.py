@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -456,13 +457,23 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(config, indent=2, default=str))
 
 
+def _readable_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
+    """load_checkpoint, with any failure to read the file or its JSON said as a ValueError naming the file."""
+    try:
+        return load_checkpoint(path)
+    except pickle.UnpicklingError as error:  # torch's own text suggests unsafe loading: not advice to repeat
+        raise ValueError(f"{path} is not a readable checkpoint (.pt with its .json): not a weights file this code saves") from error
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"{path} is not a readable checkpoint (.pt with its .json): {str(error).splitlines()[0]}") from error
+
+
 def save_ensemble_checkpoint(members: Sequence[Path], path: Path) -> dict:
     """One checkpoint of the mean of several segmentation checkpoints' class probabilities
     (training/models/ensemble.py), with each member's training record; returns its config.
     Fine-tuning from it (--refiner-init PATH) keeps it with 0 steps, as any checkpoint."""
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two member checkpoints; got {len(members)}")
-    loaded = [load_checkpoint(Path(member)) for member in members]
+    loaded = [_readable_checkpoint(Path(member)) for member in members]
     specs = [{"model": record["config"]["model"], "model_kwargs": record["config"].get("model_kwargs", {})} for _, record in loaded]
     ensemble = create_model("probability_mean", members=specs)  # refuses members that are not segmenters
     for member, (module, _) in zip(ensemble.members, loaded):

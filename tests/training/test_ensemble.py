@@ -119,6 +119,15 @@ def test_the_ensemble_command_writes_the_checkpoint_or_says_why_not(tmp_path, ca
     assert f"no checkpoint (.pt with its .json) at {tmp_path / 'missing.pt'}" in capsys.readouterr().err
     assert not (tmp_path / "one.pt").exists() and not (tmp_path / "gone.pt").exists()
 
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "corrupt.json").write_text((tmp_path / "member-0.json").read_text())
+    assert cli.main(["ensemble", "--out", str(tmp_path / "bad.pt"), members[0], str(tmp_path / "corrupt.pt")]) == 2
+    assert f"{tmp_path / 'corrupt.pt'} is not a readable checkpoint" in capsys.readouterr().err
+    (tmp_path / "member-1.json").write_text("{not json")
+    assert cli.main(["ensemble", "--out", str(tmp_path / "bad.pt"), *members]) == 2
+    assert f"{tmp_path / 'member-1.pt'} is not a readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()
+
 
 def test_the_distillation_term_is_least_at_the_teachers_own_probabilities():
     labels = torch.full((2, 8, 8), LABEL_IGNORE)  # no pixel labelled: only the teacher speaks
