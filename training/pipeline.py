@@ -99,6 +99,15 @@ class PipelineConfig:
         unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]
         if unknown or not self.segmentation_sources:
             raise ValueError(f"segmentation_sources must be some of {', '.join(SEGMENTATION_SOURCES)}; got {list(self.segmentation_sources)}")
+        # Checked here, not when each model's turn comes: a missing file must not cost minutes of training first.
+        for option, checkpoint in (
+            ("--segmenter-init", self.segmenter_init),
+            ("--refiner-init", self.refiner_init),
+            ("--classifier-init", self.classifier_init),
+            ("--refiner-teacher", self.refiner_teacher),
+        ):
+            if checkpoint is not None and not (Path(checkpoint).is_file() and Path(checkpoint).with_suffix(".json").is_file()):
+                raise ValueError(f"{option} {checkpoint}: no checkpoint there (a .pt with its .json, as training writes them)")
         if self.refiner_teacher is not None and self.refiner_steps == 0:
             raise ValueError("--refiner-teacher needs refiner training steps: with --refiner-steps 0 the refiner is kept as it is")
         if self.refiner_sources is None:

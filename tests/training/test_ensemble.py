@@ -175,7 +175,19 @@ def test_a_refiner_distilled_from_a_teacher_ends_nearer_the_teacher_than_one_tra
 
 
 def test_a_teacher_without_training_steps_is_refused_before_any_data_is_read(tmp_path):
+    teacher = _saved_member(tmp_path, 0)
     with pytest.raises(ValueError, match="--refiner-teacher needs refiner training steps"):
-        PipelineConfig(tmp_path, tmp_path, refiner_teacher=tmp_path / "teacher.pt", refiner_steps=0)
+        PipelineConfig(tmp_path, tmp_path, refiner_teacher=teacher, refiner_steps=0)
     with pytest.raises(ValueError, match="a teacher needs training steps"):
         TrainConfig(model="hctnet_lite", input_size=(32, 32), steps=0, batch_size=1, teacher="teacher.pt")
+
+
+@pytest.mark.parametrize("option", ["segmenter_init", "refiner_init", "classifier_init", "refiner_teacher"])
+def test_a_missing_checkpoint_is_refused_before_any_training(tmp_path, option):
+    """Each model's checkpoint is read when its turn comes, minutes into a run: the config checks them all first."""
+    weights_only = tmp_path / "weights-only.pt"
+    weights_only.write_bytes(b"")  # its .json is missing
+    for path in (tmp_path / "absent.pt", weights_only):
+        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} {path}: no checkpoint there"):
+            PipelineConfig(tmp_path, tmp_path, **{option: path})
+    assert PipelineConfig(tmp_path, tmp_path, **{option: _saved_member(tmp_path, 0)})
