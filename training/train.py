@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -461,10 +460,10 @@ def _readable_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
     """load_checkpoint, with any failure to read the file or its JSON said as a ValueError naming the file."""
     try:
         return load_checkpoint(path)
-    except pickle.UnpicklingError as error:  # torch's own text suggests unsafe loading: not advice to repeat
-        raise ValueError(f"{path} is not a readable checkpoint (.pt with its .json): not a weights file this code saves") from error
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"{path} is not a readable checkpoint (.pt with its .json): {str(error).splitlines()[0]}") from error
+    except Exception as error:  # torch.load's weights-only refusal; its own text suggests unsafe loading, not advice to repeat
+        raise ValueError(f"{path} is not a readable checkpoint (.pt with its .json): not a weights file this code saves") from error
 
 
 def save_ensemble_checkpoint(members: Sequence[Path], path: Path) -> dict:
