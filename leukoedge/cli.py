@@ -286,6 +286,7 @@ def command_train(args: argparse.Namespace) -> int:
             refiner_sources=refiner_sources,
             classification_sources=classification_sources,
             classifier_seed=args.classifier_seed,
+            classifier_ema_decay=args.classifier_ema_decay or None,
         )
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
@@ -469,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
+    train.add_argument(
+        "--classifier-ema-decay", type=float, default=None,
+        help="keep a moving average of the classifier's weights, this decay per step (e.g. 0.999); 0 or unset: its last weights",
+    )
     train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
     train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
     train.add_argument("--refiner-lr", type=float, default=2e-3, help="peak learning rate of the refiner's one-cycle schedule")

@@ -25,7 +25,17 @@ from leukoedge.preprocess.cpu import Letterbox, PreprocessSpec, prepare_frame
 from . import data
 from .flops import count_flops
 from .stain import estimate_reference
-from .train import CellExample, CellMaskExample, SegmentationExample, TrainConfig, save_checkpoint, train_classifier, train_refiner, train_segmenter
+from .train import (
+    CellExample,
+    CellMaskExample,
+    SegmentationExample,
+    TrainConfig,
+    check_ema_decay,
+    save_checkpoint,
+    train_classifier,
+    train_refiner,
+    train_segmenter,
+)
 from .verdict import choose_flag_fraction
 
 log = logging.getLogger("leukoedge.training")
@@ -91,9 +101,12 @@ class PipelineConfig:
     # The classifier's own seed (initial weights, batch order, augmentation); None: `seed`. Unlike `seed`,
     # it leaves the stain reference and the other models alone: for the classifier's run-to-run spread.
     classifier_seed: int | None = None
+    # The classifier keeps a moving average of its weights (this decay per step); None: its last weights.
+    classifier_ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         check_runtime_classifier(self.classifier_model)
+        check_ema_decay(self.classifier_ema_decay)
         if self.segmenter_crop is not None and not 16 <= self.segmenter_crop <= max(SEGMENTER_INPUT):
             raise ValueError(f"segmenter_crop must be 16..{max(SEGMENTER_INPUT)} model pixels, or None for the whole input; got {self.segmenter_crop}")
         unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]
@@ -362,6 +375,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             init_from=None if config.classifier_init is None else str(config.classifier_init),
             validate_every=4 if quick else 100,
             seed=config.seed if config.classifier_seed is None else config.classifier_seed,
+            ema_decay=config.classifier_ema_decay,
         ),
         CROP_MARGIN,
     )

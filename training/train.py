@@ -95,10 +95,20 @@ class TrainConfig:
     source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source (default 1 each)
     # Refiner only: a checkpoint (e.g. a refiner ensemble) whose class probabilities the model learns too (distillation).
     teacher: str | None = None
+    # Validate and keep an exponential moving average of the weights (this decay per step) instead of the
+    # weights of the last step: a run's result then depends less on where its last noisy step landed.
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.teacher is not None and self.steps == 0:
             raise ValueError("a teacher needs training steps: with 0 steps the model is kept as it is")
+        check_ema_decay(self.ema_decay)
+
+
+def check_ema_decay(decay: float | None) -> None:
+    """ValueError unless decay is None (no moving average) or strictly between 0 and 1."""
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ValueError(f"the weights' moving-average decay must be between 0 and 1 (exclusive); got {decay}")
 
 
 def _initial_model(config: TrainConfig, **model_kwargs) -> torch.nn.Module:
@@ -234,11 +244,18 @@ def train_loop(
     sample_indices: np.ndarray,
     description: str,
 ) -> dict:
-    """AdamW + one-cycle LR, validation every N steps, early stopping on the validation score (higher = better)."""
+    """AdamW + one-cycle LR, validation every N steps, early stopping on the validation score (higher = better).
+    With config.ema_decay, the weights validated and kept are the moving average's (BatchNorm statistics included)."""
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.15)
+    average = None
+    if config.ema_decay is not None:
+        average = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    evaluated = model if average is None else average.module
     best_score, best_state, stale, history = -np.inf, None, 0, []
     started = time.perf_counter()
     batches = _batches(sample_indices, config.batch_size)
@@ -251,15 +268,17 @@ def train_loop(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update_parameters(model)
         progress.set_postfix(loss=f"{loss.item():.3f}", best=f"{best_score:.3f}")
         if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
-            model.eval()
+            evaluated.eval()
             with torch.no_grad():
-                score = validate(model)
+                score = validate(evaluated)
             history.append({"step": step + 1, "loss": float(loss.item()), "val_score": score, "seconds": time.perf_counter() - started})
             if score > best_score:
                 best_score, stale = score, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
             else:
                 stale += 1
                 # The one-cycle LR is high in the first half and scores swing; stop only once it anneals.

@@ -36,6 +36,50 @@ def test_runs_to_the_end_while_improving():
     assert summary["best_val_score"] == 0.9
 
 
+def _weights_kept(ema_decay: float | None, steps: int = 6) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Train a one-weight model; return the weights each step started from (plus the last step's result)
+    and the weights train_loop kept (validated once, at the end, so that one is kept)."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    trajectory = []
+
+    def make_batch(indices, rng):
+        trajectory.append(model.weight.detach().clone())
+        return torch.ones(1, 1), torch.full((1, 1), 5.0)
+
+    config = TrainConfig(model="scripted", input_size=(1, 1), steps=steps, batch_size=1, learning_rate=0.5, validate_every=steps, ema_decay=ema_decay)
+    train_loop(model, config, make_batch, lambda o, t: ((o - t) ** 2).mean(), lambda m: 0.0, np.zeros(steps, dtype=int), "test")
+    return trajectory, model.weight.detach().clone()
+
+
+def test_the_moving_average_of_the_weights_is_kept_when_asked():
+    plain_trajectory, plain_kept = _weights_kept(None)
+    trajectory, kept = _weights_kept(0.5)
+    assert torch.equal(trajectory[0], plain_trajectory[0])  # the same start, the same steps
+    # Without the average the last step's weights are kept; with it, the average of the weights after each step.
+    final = trajectory[1:] + [None]
+    # The last step's own weights are not in the trajectory: recover them from the plain run (same steps).
+    final[-1] = plain_kept
+    expected = final[0]
+    for weights in final[1:]:
+        expected = 0.5 * expected + 0.5 * weights
+    assert torch.allclose(kept, expected)
+    assert not torch.allclose(kept, plain_kept)
+
+
+def test_a_moving_average_decay_outside_zero_to_one_is_refused():
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="moving-average decay"):
+            TrainConfig(model="m", input_size=(1, 1), steps=1, batch_size=1, ema_decay=decay)
+
+
+def test_the_train_command_refuses_a_bad_classifier_decay_before_any_training(tmp_path, capsys):
+    from leukoedge.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--classifier-ema-decay", "1.5"]) == 2
+    assert "moving-average decay" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_sampling_balances_sources_and_follows_weights():
     from leukoedge.training.train import balanced_indices
 
