@@ -286,7 +286,7 @@ def command_train(args: argparse.Namespace) -> int:
             refiner_sources=refiner_sources,
             classification_sources=classification_sources,
             classifier_seed=args.classifier_seed,
-            classifier_ema_decay=args.classifier_ema_decay or None,
+            classifier_ema_decay=PipelineConfig.classifier_ema_decay if args.classifier_ema_decay is None else args.classifier_ema_decay or None,
         )
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument(
         "--classifier-ema-decay", type=float, default=None,
-        help="keep a moving average of the classifier's weights, this decay per step (e.g. 0.999); 0 or unset: its last weights",
+        help="the decay per step of the moving average of the classifier's weights that training keeps (default 0.999); 0: none, keep its best step's weights",
     )
     train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
     train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")

@@ -101,8 +101,9 @@ class PipelineConfig:
     # The classifier's own seed (initial weights, batch order, augmentation); None: `seed`. Unlike `seed`,
     # it leaves the stain reference and the other models alone: for the classifier's run-to-run spread.
     classifier_seed: int | None = None
-    # The classifier keeps a moving average of its weights (this decay per step); None: its last weights.
-    classifier_ema_decay: float | None = None
+    # The classifier keeps a moving average of its weights (this decay per step; None: its best step's weights):
+    # it lifted the validation verdict of every seed tried, most that of the worst one (README).
+    classifier_ema_decay: float | None = 0.999
 
     def __post_init__(self) -> None:
         check_runtime_classifier(self.classifier_model)

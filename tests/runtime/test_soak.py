@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mmap
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +46,19 @@ class TidyRunner:
 
 
 class SlowingRunner:
-    """1 ms per frame for its first 15 calls (10 warm-up, 5 timed), then 6 ms: a drift of +5 ms."""
+    """1 ms per frame for its first 15 calls (10 warm-up, 5 timed), then 6 ms: a drift of +5 ms.
+    It advances its own clock (patched in as the soak's), so a busy machine cannot change the figures."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.now_s = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now_s
 
     def run(self, frame: np.ndarray) -> None:
         self.calls += 1
-        time.sleep(0.001 if self.calls <= 15 else 0.006)
+        self.now_s += 0.001 if self.calls <= 15 else 0.006
 
 
 def test_cli_soak_reports_memory_and_drift_over_fifty_real_frames(shared_detector: Detector, capsys: pytest.CaptureFixture[str]):
@@ -99,12 +103,14 @@ def test_memory_given_back_is_no_growth():
     assert not report.leaked()
 
 
-def test_drift_compares_the_first_and_last_tenth_of_frames():
-    report = run_soak(SlowingRunner(), [np.zeros((4, 4, 3), np.uint8)], count=20, warmup=10)
+def test_drift_compares_the_first_and_last_tenth_of_frames(monkeypatch: pytest.MonkeyPatch):
+    runner = SlowingRunner()
+    monkeypatch.setattr(soak, "time", runner)
+    report = run_soak(runner, [np.zeros((4, 4, 3), np.uint8)], count=20, warmup=10)
     assert report.window == 2
-    assert 1.0 <= report.first_median_ms < 5.0
-    assert 6.0 <= report.last_median_ms
-    assert report.drift_ms == pytest.approx(report.last_median_ms - report.first_median_ms)
+    assert report.first_median_ms == pytest.approx(1.0)
+    assert report.last_median_ms == pytest.approx(6.0)
+    assert report.drift_ms == pytest.approx(5.0)
 
 
 def test_resident_memory_is_read_in_mb():
