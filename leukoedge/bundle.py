@@ -509,7 +509,7 @@ def describe_bundle(bundle: Bundle) -> str:
     ]
     if "precisions" in manifest:
         calibration = manifest["precisions"]["calibration"]
-        lines.append(f"precisions (calibrated {calibration.get('date', '?')}, {calibration['method']}; default per model: fastest that passed):")
+        lines.append(f"precisions (calibrated {calibration.get('date', '?')}, {calibration['method']}; default per model: INT8 where it passed and was at least {MIN_SPEEDUP:.0%} faster, else FP32):")
         for model in bundle_models(manifest):
             variants = manifest["precisions"][model]
             described = [
