@@ -2,7 +2,8 @@
 
 With --compare, several configurations (ONNX Runtime FP32, ONNX Runtime INT8, the bundle's own mix
 of precisions where it has one, PyTorch eager FP32) run in the same process on the same frames, one
-frame each in turn, so that whatever else loads the machine loads every configuration alike; the
+frame each in turn (the order rotating from frame to frame), so that whatever else loads the machine
+loads every configuration alike; the
 table gives per-stage median and p95 ms, frames/s and the ratios of the medians.
 """
 
@@ -47,15 +48,19 @@ class StageTimes:
 
 
 def time_detectors(detectors: dict[str, Detector], frames: Sequence[np.ndarray], runs: int, warmup: int) -> dict[str, StageTimes]:
-    """Run every detector on frames[i % len(frames)] for i in range(runs), in turn, after `warmup` untimed rounds."""
+    """Run every detector on frames[i % len(frames)] for i in range(runs), in turn, after `warmup` untimed rounds.
+    The turn order rotates from frame to frame: whichever configuration runs right after another pays for
+    that one's leftovers (its spinning worker threads, the caches it filled), so each takes every place alike."""
+    labels = list(detectors)
     for index in range(warmup):
         for detector in detectors.values():
             detector.run(frames[index % len(frames)])
     times = {label: StageTimes(label) for label in detectors}
     for index in range(runs):
         frame = frames[index % len(frames)]
-        for label, detector in detectors.items():
-            for stage, ms in detector.run(frame).timings.items():
+        shift = index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            for stage, ms in detectors[label].run(frame).timings.items():
                 times[label].ms.setdefault(stage, []).append(ms)
     return times
 

@@ -6,7 +6,9 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from leukoedge import cli
@@ -85,3 +87,22 @@ def test_compare_times_the_bundles_own_mix_of_precisions(calibrated_bundle, two_
     assert "ort default: the bundle's default precision per model (segmenter int8, refiner fp32, classifier fp32)" in out
     assert re.search(r"frames/s \(median total\): ort fp32 \d+\.\d, ort default \d+\.\d$", out, re.MULTILINE)
     assert re.search(r"ratio ort default / ort fp32 .*segment \d+\.\d\d", out)
+
+
+def test_configurations_take_turns_in_a_rotating_order():
+    """Each configuration runs first, second and third equally often: none always follows the same one."""
+    from leukoedge.benchmark import time_detectors
+
+    calls: list[str] = []
+
+    class Recording:
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        def run(self, frame):
+            calls.append(self.label)
+            return SimpleNamespace(timings={"total": 1.0})
+
+    times = time_detectors({label: Recording(label) for label in "abc"}, [np.zeros((2, 2, 3), np.uint8)], runs=3, warmup=0)
+    assert calls == list("abc" "bca" "cab")
+    assert all(times[label].ms["total"] == [1.0, 1.0, 1.0] for label in "abc")
