@@ -156,7 +156,7 @@ def command_bench(args: argparse.Namespace) -> int:
     runs = f"Detector.run on {len(frames)} real frame(s) ({shape}), {args.frames} runs after {args.warmup} warm-up"
     if args.compare:
         detectors, notes = comparison_detectors(args.bundle, args.threads, args.checkpoints)
-        print(f"{runs}, each configuration in turn frame by frame: {', '.join(detectors)}")
+        print(f"{runs}, each configuration in turn frame by frame, the order rotating: {', '.join(detectors)}")
         for note in notes:
             print(note)
         print(format_comparison(time_detectors(detectors, frames, args.frames, args.warmup), COMPARISON_PAIRS))
