@@ -298,9 +298,9 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_ensemble(args: argparse.Namespace) -> int:
-    from .training.train import save_ensemble_checkpoint
+    from .training.train import is_checkpoint, save_ensemble_checkpoint
 
-    missing = [str(path) for path in args.members if not path.is_file() or not path.with_suffix(".json").is_file()]
+    missing = [str(path) for path in args.members if not is_checkpoint(path)]
     if missing:
         print(f"error: no checkpoint (.pt with its .json) at {', '.join(missing)}", file=sys.stderr)
         return 2

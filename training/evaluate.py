@@ -47,7 +47,7 @@ from .pipeline import (
     segmenter_label_map,
     spread,
 )
-from .train import TrainConfig, load_checkpoint, save_checkpoint, train_segmenter
+from .train import TrainConfig, is_checkpoint, load_checkpoint, save_checkpoint, train_segmenter
 
 SEGMENTATION_TEST_SOURCES = ("wbc-seg-zheng", "all-idb2")  # the sources with expert nucleus + cytoplasm masks
 REGIONS = ("nucleus", "whole_cell")
@@ -153,7 +153,7 @@ def parse_segmenter_checkpoints(values: Sequence[str]) -> dict[str, Path]:
             raise LeukoedgeError(f"--segmenter-checkpoint takes LABEL=PATH, e.g. 'CNN (base)=models/checkpoints/unet-lite-segmenter.pt'; got {value!r}")
         if label in checkpoints or label in classical_segmenters(swept_k=3):  # (its names only)
             raise LeukoedgeError(f"--segmenter-checkpoint label {label!r} is used twice or names a built-in method")
-        if not path.is_file() or not path.with_suffix(".json").is_file():
+        if not is_checkpoint(path):
             raise LeukoedgeError(f"segmenter checkpoint {path} (and the {path.with_suffix('.json').name} beside it) not found")
         checkpoints[label] = path
     return checkpoints

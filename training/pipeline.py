@@ -31,6 +31,7 @@ from .train import (
     SegmentationExample,
     TrainConfig,
     check_ema_decay,
+    is_checkpoint,
     save_checkpoint,
     train_classifier,
     train_refiner,
@@ -120,7 +121,7 @@ class PipelineConfig:
             ("--classifier-init", self.classifier_init),
             ("--refiner-teacher", self.refiner_teacher),
         ):
-            if checkpoint is not None and not (Path(checkpoint).is_file() and Path(checkpoint).with_suffix(".json").is_file()):
+            if checkpoint is not None and not is_checkpoint(checkpoint):
                 raise ValueError(f"{option} {checkpoint}: no checkpoint there (a .pt with its .json, as training writes them)")
         if self.refiner_teacher is not None and self.refiner_steps == 0:
             raise ValueError("--refiner-teacher needs refiner training steps: with --refiner-steps 0 the refiner is kept as it is")

@@ -96,7 +96,7 @@ class TrainConfig:
     # Refiner only: a checkpoint (e.g. a refiner ensemble) whose class probabilities the model learns too (distillation).
     teacher: str | None = None
     # Validate and keep an exponential moving average of the weights (this decay per step) instead of the
-    # weights of the last step: a run's result then depends less on where its last noisy step landed.
+    # weights as they are at each validation: a run's result then depends less on one noisy step.
     ema_decay: float | None = None
 
     def __post_init__(self) -> None:
@@ -473,6 +473,11 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     path.with_suffix(".json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a checkpoint as save_checkpoint writes one: the .pt and its .json beside it."""
+    return Path(path).is_file() and Path(path).with_suffix(".json").is_file()
 
 
 def _readable_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
