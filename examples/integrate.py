@@ -11,6 +11,7 @@ import sys
 
 from leukoedge import CaptureError, Detector, InvalidFrameError, LeukoedgeError
 from leukoedge.capture import ThreadedReader, open_source
+from leukoedge.result import verdict_summary
 from leukoedge.cli import default_bundle
 
 log = logging.getLogger("integrate")
@@ -39,10 +40,10 @@ def main() -> int:
                     log.warning("frame %d skipped: %s", frame.index, error)
                     continue
                 verdict = result.verdict
-                # Your application goes here: display, store, alert on verdict["flagged"]
-                # (verdict["subtype"]: the frame's B-ALL subtype, meaningful on flagged frames).
-                print(f"frame {frame.index}: {verdict['cell_count']} cells, {verdict['blast_count']} blasts"
-                      f"{'  FLAGGED' if verdict['flagged'] else ''}  ({result.timings['total']:.0f} ms)")
+                # Your application goes here: display, store, alert on verdict.flagged; a frame with
+                # verdict.status other than "ok" was not judged (verdict.reason says why).
+                # verdict.subtype: the frame's B-ALL subtype, meaningful on flagged frames.
+                print(f"frame {frame.index}: {verdict_summary(verdict)}  ({result.timings['total']:.0f} ms)")
     except CaptureError as error:  # the camera failed and could not be re-opened
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -74,7 +74,7 @@ def command_run(args: argparse.Namespace) -> int:
             raise LeukoedgeError("--explain works on an image or a folder of images, not on a live --source")
         return command_run_live(args)
     from .detector import Detector
-    from .result import draw_overlay, flagged_subtype
+    from .result import draw_overlay, flagged_subtype, verdict_summary
 
     detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
     explain = gradcam_explainer(args, detector) if args.explain else None
@@ -96,8 +96,7 @@ def command_run(args: argparse.Namespace) -> int:
         verdict = result.verdict
         subtype = flagged_subtype(verdict)
         print(
-            f"{path.name}: {verdict['cell_count']} cells, {verdict['blast_count']} blast "
-            f"({100 * verdict['blast_fraction']:.0f} %){'  FLAGGED' if verdict['flagged'] else ''}{f' ({subtype})' if subtype else ''}"
+            f"{path.name}: {verdict_summary(verdict)}{f' ({subtype})' if subtype else ''}"
         )
         for cell in result.cells:
             extra = "  ".join(f"{head}={max(s, key=s.get)}" for head, s in cell.head_scores.items() if head != detector.classifier_spec["primary_head"])

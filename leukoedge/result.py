@@ -8,7 +8,8 @@ exact.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import cv2
@@ -141,11 +142,26 @@ class Timings:
         return stages
 
 
+# Verdict.status: only "ok" frames were judged; every other status is a refusal to judge, never a flag.
+STATUS_OK = "ok"  # judged: flagged or not
+STATUS_NO_CELLS = "no_cells"  # no white cell found: nothing to judge
+STATUS_OUTSIDE_DOMAIN = "outside_domain"  # colours or model confidence unlike anything the bundle was validated on
+STATUS_TOO_SMALL = "too_small"  # the frame cannot hold a white cell at the bundle's scale
+STATUS_UNREADABLE = "unreadable"  # the frame was not fully decoded (truncated or corrupt file, broken stream)
+VERDICT_STATUSES = (STATUS_OK, STATUS_NO_CELLS, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, STATUS_UNREADABLE)
+
+
 @dataclass
 class Verdict:
-    """The frame-level call: how many cells, how many blasts, whether the frame is flagged, and the
-    frame's B-ALL subtype (the mean of its cells' subtype probabilities; None without cells or
-    without a subtype head)."""
+    """The frame-level call.
+
+    status says whether the frame was judged at all (VERDICT_STATUSES); `reason` says why not, for a
+    person. Only a judged frame ("ok") can be flagged: a frame the bundle cannot judge is never a
+    leukemia flag. cell_count and the blast fraction count white cells only; objects the cell-or-not
+    gate rejected (red cells, platelets, debris) are in non_wbc_count and nowhere else. subtype: the
+    frame's B-ALL subtype (the mean of its cells' subtype probabilities; None without cells or without
+    a subtype head).
+    """
 
     cell_count: int
     blast_count: int
@@ -155,9 +171,46 @@ class Verdict:
     flag_fraction: float
     subtype: str | None
     subtype_scores: dict[str, float]
+    status: str = STATUS_OK
+    reason: str = ""
+    non_wbc_count: int = 0
+    domain: dict[str, float] = field(default_factory=dict)  # the domain check's scores (bundles with one)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        if self.status not in VERDICT_STATUSES:
+            raise ValueError(f"verdict status must be one of {VERDICT_STATUSES}, got {self.status!r}")
+        if self.flagged and self.status != STATUS_OK:
+            raise ValueError(f"a frame with status {self.status!r} was not judged and cannot be flagged")
+
+    @property
+    def judged(self) -> bool:
+        return self.status == STATUS_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    as_dict = to_dict
+
+    def __getitem__(self, key: str) -> Any:
+        """verdict["flagged"]: dict-style access from 0.1; use the attributes (removed in 0.3)."""
+        warnings.warn(
+            f'verdict["{key}"] is deprecated and goes in leukoedge 0.3: use verdict.{key} (or verdict.to_dict() for JSON)',
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @classmethod
+    def not_judged(cls, status: str, reason: str, blast_threshold: float, flag_fraction: float, **extra: Any) -> "Verdict":
+        """The verdict of a frame the bundle cannot judge: no count, no fraction, never flagged."""
+        if status == STATUS_OK:
+            raise ValueError("not_judged needs a refusal status, not 'ok'")
+        return cls(
+            cell_count=0, blast_count=0, blast_fraction=0.0, flagged=False, blast_threshold=float(blast_threshold),
+            flag_fraction=float(flag_fraction), subtype=None, subtype_scores={}, status=status, reason=reason, **extra,
+        )
 
 
 SUBTYPE_HEAD = "subtype"
@@ -174,17 +227,34 @@ def frame_subtype(cells: Sequence[Cell]) -> tuple[str | None, dict[str, float]]:
     return classes[int(np.argmax(means))], {name: float(p) for name, p in zip(classes, means)}
 
 
-def flagged_subtype(verdict: dict[str, Any]) -> str:
+def flagged_subtype(verdict: Verdict) -> str:
     """"B-ALL subtype Pro, p 0.97" for a flagged frame with a subtype, else "": the subtype head learnt
     B-ALL fields only (Taleqani), so its call is shown where the frame is flagged and nowhere else."""
-    if not (verdict["flagged"] and verdict["subtype"]):
+    if not (verdict.flagged and verdict.subtype):
         return ""
-    return f"B-ALL subtype {verdict['subtype']}, p {verdict['subtype_scores'][verdict['subtype']]:.2f}"
+    return f"B-ALL subtype {verdict.subtype}, p {verdict.subtype_scores[verdict.subtype]:.2f}"
 
 
-def make_verdict(cells: Sequence[Cell], blast_threshold: float, flag_fraction: float) -> dict[str, Any]:
-    """A cell is a blast when blast_probability >= blast_threshold; the frame is flagged when
-    it has cells and the blast fraction reaches flag_fraction; the subtype from frame_subtype."""
+def verdict_summary(verdict: Verdict) -> str:
+    """One line for a person: "3 cells, 1 blast (33 %)  FLAGGED" or "NOT JUDGED (outside_domain): why"."""
+    if not verdict.judged:
+        return f"NOT JUDGED ({verdict.status}): {verdict.reason}"
+    text = f"{verdict.cell_count} cells, {verdict.blast_count} blast ({100 * verdict.blast_fraction:.0f} %)"
+    if verdict.flagged:
+        text += "  FLAGGED"
+    return text
+
+
+def make_verdict(
+    cells: Sequence[Cell],
+    blast_threshold: float,
+    flag_fraction: float,
+    non_wbc_count: int = 0,
+    domain: dict[str, float] | None = None,
+) -> Verdict:
+    """A cell is a blast when blast_probability >= blast_threshold; the frame is flagged when it has
+    cells and the blast fraction reaches flag_fraction; the subtype from frame_subtype. A frame
+    without cells gets status "no_cells" (not judged, not flagged)."""
     cell_count = len(cells)
     blast_count = sum(1 for cell in cells if cell.blast_probability >= blast_threshold)
     blast_fraction = blast_count / cell_count if cell_count else 0.0
@@ -198,7 +268,11 @@ def make_verdict(cells: Sequence[Cell], blast_threshold: float, flag_fraction: f
         flag_fraction=float(flag_fraction),
         subtype=subtype,
         subtype_scores=subtype_scores,
-    ).as_dict()
+        status=STATUS_OK if cell_count else STATUS_NO_CELLS,
+        reason="" if cell_count else "no white cell found in the frame",
+        non_wbc_count=int(non_wbc_count),
+        domain=dict(domain or {}),
+    )
 
 
 @dataclass
@@ -207,7 +281,7 @@ class Result:
 
     label_map: np.ndarray  # HxW uint8 in frame pixels: BACKGROUND, CYTOPLASM, NUCLEUS
     cells: list[Cell]
-    verdict: dict[str, Any]  # make_verdict(...)
+    verdict: Verdict  # make_verdict(...) or Verdict.not_judged(...)
     timings: dict[str, float]  # ms per stage, Timings.as_dict()
     frame_shape: tuple[int, int]
     bundle_name: str
@@ -218,7 +292,7 @@ class Result:
             "bundle_name": self.bundle_name,
             "model_version": self.model_version,
             "frame_shape": self.frame_shape,
-            "verdict": self.verdict,
+            "verdict": self.verdict.to_dict(),
             "timings": self.timings,
             "cells": [cell.to_dict(include_masks) for cell in self.cells],
         }
@@ -277,13 +351,16 @@ def draw_overlay(frame_bgr: np.ndarray, result: Result) -> np.ndarray:
 
     font_scale, thickness = _text_style(overlay)
     verdict = result.verdict
-    flag = "FLAGGED" if verdict["flagged"] else "not flagged"
-    lines = [
-        f"cells {verdict['cell_count']}  blasts {verdict['blast_count']} ({verdict['blast_fraction']:.0%})  "
-        f"{flag} (at >={verdict['flag_fraction']:.0%})",
-        flagged_subtype(verdict),
-    ]
-    line_colour = (0, 0, 255) if verdict["flagged"] else (255, 255, 255)
+    if verdict.judged:
+        flag = "FLAGGED" if verdict.flagged else "not flagged"
+        lines = [
+            f"cells {verdict.cell_count}  blasts {verdict.blast_count} ({verdict.blast_fraction:.0%})  "
+            f"{flag} (at >={verdict.flag_fraction:.0%})",
+            flagged_subtype(verdict),
+        ]
+    else:
+        lines = [f"NOT JUDGED: {verdict.status}", verdict.reason]
+    line_colour = (0, 0, 255) if verdict.flagged else (0, 215, 255) if not verdict.judged else (255, 255, 255)
     top = 0
     for line in filter(None, lines):
         (text_width, text_height), baseline = cv2.getTextSize(line, _FONT, font_scale, thickness)

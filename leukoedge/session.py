@@ -236,7 +236,7 @@ class SessionRecorder:
             "timestamp": grabbed_wall,
             "elapsed_s": elapsed_s,
             "frame_shape": list(result.frame_shape),
-            "verdict": result.verdict,
+            "verdict": result.verdict.to_dict(),
             "timings": timings,
             "cells": [cell.to_dict() for cell in result.cells],
             **files,
@@ -255,19 +255,19 @@ class SessionRecorder:
 
         verdict = result.verdict
         self.frames_processed += 1
-        self.cell_count += verdict["cell_count"]
-        self.blast_count += verdict["blast_count"]
-        self.flagged_frames += bool(verdict["flagged"])
+        self.cell_count += verdict.cell_count
+        self.blast_count += verdict.blast_count
+        self.flagged_frames += bool(verdict.flagged)
         for stage, ms in timings.items():
             self.stage_ms.setdefault(stage, []).append(ms)
         self.per_frame.append(
             {"index": frame.index, "elapsed_s": elapsed_s, "total_ms": timings["total"], "end_to_end_ms": timings["end_to_end"],
-             "cells": verdict["cell_count"], "blasts": verdict["blast_count"]}
+             "cells": verdict.cell_count, "blasts": verdict.blast_count}
         )
         if files["overlay_file"] is not None:
             labels = dict(Counter(cell.label for cell in result.cells))
-            self.saved.append({**files, "index": frame.index, "elapsed_s": elapsed_s, "cells": verdict["cell_count"], "blasts": verdict["blast_count"], "labels": labels})
-        self.bundle = {"name": result.bundle_name, "model_version": result.model_version, "blast_threshold": verdict["blast_threshold"]}
+            self.saved.append({**files, "index": frame.index, "elapsed_s": elapsed_s, "cells": verdict.cell_count, "blasts": verdict.blast_count, "labels": labels})
+        self.bundle = {"name": result.bundle_name, "model_version": result.model_version, "blast_threshold": verdict.blast_threshold}
         self._last_record = time.monotonic()
 
     def record_refusal(self, frame: Frame, error: LeukoedgeError) -> None:

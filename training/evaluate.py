@@ -461,11 +461,11 @@ def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None, sp
     for record in tqdm(records, desc="fields all-taleqani", leave=False):
         result = detector.run(data.read_image(record))
         malignant.append(record.blast)
-        flagged.append(result.verdict["flagged"])
-        fraction.append(result.verdict["blast_fraction"])
+        flagged.append(result.verdict.flagged)
+        fraction.append(result.verdict.blast_fraction)
         no_cells += not result.cells
         subtype_truth.append(record.subtype)
-        subtype_predicted.append(result.verdict["subtype"] or "none")  # the runtime's frame subtype
+        subtype_predicted.append(result.verdict.subtype or "none")  # the runtime's frame subtype
     verdict = binary_summary(malignant, [float(f) for f in flagged], 0.5)
     verdict["auc_from_blast_fraction"] = binary_summary(malignant, fraction, 0.5)["auc"]
     verdict["roc_from_blast_fraction"] = _roc(malignant, fraction, verdict["auc_from_blast_fraction"])

@@ -255,7 +255,7 @@ def calibrate_verdict(config: PipelineConfig, bundle_dir: Path) -> dict:
     detector = Detector.load(bundle_dir)
     fractions, malignant = [], []
     for record in tqdm(_records(config, "all-taleqani", "val"), desc="verdict threshold (Taleqani val)", leave=False):
-        fractions.append(detector.run(data.read_image(record)).verdict["blast_fraction"])
+        fractions.append(detector.run(data.read_image(record)).verdict.blast_fraction)
         malignant.append(record.blast)
     threshold, balanced_accuracy = choose_flag_fraction(fractions, malignant, DEFAULT_FLAG_FRACTION)
     log.info("verdict flag_fraction %.3f (balanced accuracy %s on %d Taleqani val fields)", threshold, balanced_accuracy, len(fractions))

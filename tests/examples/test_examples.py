@@ -129,7 +129,7 @@ def test_integrate_runs_over_a_recording_and_exits_0(bundle_path: Path, smear_vi
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
     # The reader hands out the newest frame, so which frames are shown depends on timing; how many were grabbed does not.
-    assert len(lines) >= 2 and all(re.fullmatch(r"frame \d: \d+ cells, \d+ blasts( +FLAGGED)? +\(\d+ ms\)", line) for line in lines[:-1])
+    assert len(lines) >= 2 and all(re.fullmatch(r"frame \d+: (\d+ cells, \d+ blast \(\d+ %\)( +FLAGGED)?|NOT JUDGED \(\w+\): .+) +\(\d+ ms\)", line) for line in lines[:-1])
     assert lines[-1].startswith("capture: {'frames': 6")
 
 

@@ -64,5 +64,5 @@ def test_detector_runs_on_a_real_image_of_every_source(detector, data_root, sour
         painted[y0:y1, x0:x1] |= cell.mask
     assert np.array_equal(painted, result.label_map != BACKGROUND)
     assert result.timings["refine"] > 0.0 or not result.cells
-    assert result.verdict["cell_count"] == len(result.cells)
+    assert result.verdict.cell_count == len(result.cells)
     assert json.loads(result.to_json())["frame_shape"] == [height, width]

@@ -95,14 +95,14 @@ def _assert_consistent(result: Result, detector: Detector, frame_shape: tuple[in
             assert list(scores) == heads[head]["classes"]
             assert sum(scores.values()) == pytest.approx(1.0, abs=1e-4)
     verdict = result.verdict
-    assert verdict["cell_count"] == len(result.cells)
-    assert verdict["blast_count"] == sum(cell.blast_probability >= threshold for cell in result.cells)
-    assert verdict["blast_threshold"] == threshold
-    assert verdict["flagged"] == (bool(result.cells) and verdict["blast_fraction"] >= verdict["flag_fraction"])
+    assert verdict.cell_count == len(result.cells)
+    assert verdict.blast_count == sum(cell.blast_probability >= threshold for cell in result.cells)
+    assert verdict.blast_threshold == threshold
+    assert verdict.flagged == (bool(result.cells) and verdict.blast_fraction >= verdict.flag_fraction)
     if result.cells and "subtype" in heads:
-        assert list(verdict["subtype_scores"]) == heads["subtype"]["classes"]
-        assert sum(verdict["subtype_scores"].values()) == pytest.approx(1.0, abs=1e-4)
-        assert verdict["subtype"] == max(verdict["subtype_scores"], key=verdict["subtype_scores"].get)
+        assert list(verdict.subtype_scores) == heads["subtype"]["classes"]
+        assert sum(verdict.subtype_scores.values()) == pytest.approx(1.0, abs=1e-4)
+        assert verdict.subtype == max(verdict.subtype_scores, key=verdict.subtype_scores.get)
 
 
 def test_run_on_a_real_field_returns_a_consistent_result(detector, bccd_result):
@@ -128,7 +128,7 @@ def test_result_serializes_to_json(bccd_result):
     decoded = json.loads(json.dumps(bccd_result.to_dict(include_masks=True)))
     assert decoded["frame_shape"] == [480, 640]
     assert set(decoded["timings"]) == {*STAGES, "total"}
-    assert decoded["verdict"] == bccd_result.verdict
+    assert decoded["verdict"] == bccd_result.verdict.to_dict()
     assert len(decoded["cells"]) == len(bccd_result.cells)
 
 

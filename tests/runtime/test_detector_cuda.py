@@ -102,7 +102,7 @@ def test_cuda_preprocessing_finds_the_cells_and_labels_of_the_cpu_reference(smea
         expected, actual = reference.run(field), on_gpu.run(field)
         agreement = float((actual.label_map == expected.label_map).mean())
         assert agreement >= MIN_LABEL_AGREEMENT, f"field {index}: label maps agree on {100 * agreement:.2f} % of pixels"
-        assert (actual.verdict["cell_count"], actual.verdict["blast_count"]) == (expected.verdict["cell_count"], expected.verdict["blast_count"])
+        assert (actual.verdict.cell_count, actual.verdict.blast_count) == (expected.verdict.cell_count, expected.verdict.blast_count)
         labels = collections.Counter(cell.label for cell in actual.cells)
         assert labels == collections.Counter(cell.label for cell in expected.cells), f"field {index}: p(blast) {[c.blast_probability for c in actual.cells]}"
 

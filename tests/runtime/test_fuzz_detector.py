@@ -242,12 +242,12 @@ def check_result(result: Result, height: int, width: int, verdict_spec: dict[str
     threshold, flag_fraction = verdict_spec["blast_threshold"], verdict_spec["flag_fraction"]
     blasts = sum(cell.blast_probability >= threshold for cell in result.cells)
     verdict = result.verdict
-    assert verdict["cell_count"] == len(result.cells)
-    assert verdict["blast_count"] == blasts
-    assert verdict["blast_fraction"] == (blasts / len(result.cells) if result.cells else 0.0)
-    assert verdict["flagged"] == (bool(result.cells) and verdict["blast_fraction"] >= flag_fraction)
+    assert verdict.cell_count == len(result.cells)
+    assert verdict.blast_count == blasts
+    assert verdict.blast_fraction == (blasts / len(result.cells) if result.cells else 0.0)
+    assert verdict.flagged == (bool(result.cells) and verdict.blast_fraction >= flag_fraction)
     assert all(math.isfinite(ms) and ms >= 0.0 for ms in result.timings.values())
-    assert json.loads(result.to_json())["verdict"] == verdict
+    assert json.loads(result.to_json())["verdict"] == verdict.to_dict()
 
 
 def dense_bytes(frame: np.ndarray) -> int:

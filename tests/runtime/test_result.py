@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,11 +18,13 @@ from leukoedge.result import (
     Cell,
     Result,
     Timings,
+    Verdict,
     draw_overlay,
     flagged_subtype,
     make_verdict,
     rle_decode,
     rle_encode,
+    verdict_summary,
 )
 
 FRAME_SHAPE = (120, 160)
@@ -120,7 +123,7 @@ def test_timings_include_capture_only_when_measured():
 
 def test_verdict_with_no_cells_is_not_flagged_even_at_zero_flag_fraction():
     verdict = make_verdict([], blast_threshold=0.5, flag_fraction=0.0)
-    assert verdict == {
+    assert verdict.to_dict() == {
         "cell_count": 0,
         "blast_count": 0,
         "blast_fraction": 0.0,
@@ -129,17 +132,38 @@ def test_verdict_with_no_cells_is_not_flagged_even_at_zero_flag_fraction():
         "flag_fraction": 0.0,
         "subtype": None,
         "subtype_scores": {},
+        "status": "no_cells",
+        "reason": "no white cell found in the frame",
+        "non_wbc_count": 0,
+        "domain": {},
     }
+    assert not verdict.judged
+
+
+def test_verdict_refuses_a_flag_on_a_frame_it_did_not_judge():
+    with pytest.raises(ValueError, match="cannot be flagged"):
+        Verdict(1, 1, 1.0, True, 0.5, 0.2, None, {}, status="outside_domain")
+    refused = Verdict.not_judged("unreadable", "truncated JPEG", blast_threshold=0.5, flag_fraction=0.2)
+    assert (refused.flagged, refused.cell_count, refused.judged) == (False, 0, False)
+    assert "NOT JUDGED (unreadable)" in verdict_summary(refused)
+    with pytest.raises(ValueError, match="status"):
+        Verdict.not_judged("maybe", "", 0.5, 0.2)
+
+
+def test_dict_style_verdict_access_still_works_with_a_deprecation_warning():
+    verdict = make_verdict([], blast_threshold=0.5, flag_fraction=0.2)
+    with pytest.warns(DeprecationWarning, match="verdict.flagged"):
+        assert verdict["flagged"] is False
 
 
 def test_verdict_counts_blasts_at_the_threshold_and_flags_at_the_fraction():
     cells = [_cell(index, (0, 0, 10, 10), probability) for index, probability in enumerate([0.5, 0.49, 0.1, 0.2, 0.3])]
     verdict = make_verdict(cells, blast_threshold=0.5, flag_fraction=0.2)
-    assert (verdict["cell_count"], verdict["blast_count"]) == (5, 1)
-    assert verdict["blast_fraction"] == pytest.approx(0.2)
-    assert verdict["flagged"] is True
-    assert make_verdict(cells, blast_threshold=0.5, flag_fraction=0.21)["flagged"] is False
-    assert make_verdict(cells, blast_threshold=0.05, flag_fraction=0.5)["blast_count"] == 5
+    assert (verdict.cell_count, verdict.blast_count) == (5, 1)
+    assert verdict.blast_fraction == pytest.approx(0.2)
+    assert verdict.flagged is True
+    assert make_verdict(cells, blast_threshold=0.5, flag_fraction=0.21).flagged is False
+    assert make_verdict(cells, blast_threshold=0.05, flag_fraction=0.5).blast_count == 5
 
 
 def _with_subtype(cell: Cell, scores: dict[str, float]) -> Cell:
@@ -155,14 +179,14 @@ def test_frame_subtype_is_the_mean_over_cells_not_a_vote():
         _with_subtype(_cell(3, (20, 0, 30, 10), 0.9), {"Benign": 0.0, "Early": 0.0, "Pre": 0.05, "Pro": 0.95}),
     ]
     verdict = make_verdict(cells, blast_threshold=0.5, flag_fraction=0.2)
-    assert verdict["subtype"] == "Pro"
-    assert verdict["subtype_scores"] == pytest.approx({"Benign": 0.0, "Early": 0.0, "Pre": 1.15 / 3, "Pro": 1.85 / 3})
-    json.dumps(verdict)
+    assert verdict.subtype == "Pro"
+    assert verdict.subtype_scores == pytest.approx({"Benign": 0.0, "Early": 0.0, "Pre": 1.15 / 3, "Pro": 1.85 / 3})
+    json.dumps(verdict.to_dict())
 
 
 def test_frame_without_a_subtype_head_has_no_subtype():
     verdict = make_verdict([_cell(1, (0, 0, 10, 10), 0.9)], blast_threshold=0.5, flag_fraction=0.2)
-    assert (verdict["subtype"], verdict["subtype_scores"]) == (None, {})
+    assert (verdict.subtype, verdict.subtype_scores) == (None, {})
 
 
 def test_result_to_dict_is_json_serializable_and_round_trips():
@@ -204,7 +228,7 @@ def test_subtype_is_shown_on_flagged_frames_only():
     assert flagged_subtype(make_verdict(cells, blast_threshold=0.5, flag_fraction=0.6)) == ""  # same cells, not flagged
     frame = np.full(FRAME_SHAPE + (3,), 200, np.uint8)
     with_subtype = draw_overlay(frame, Result(**{**_result(cells).__dict__, "verdict": flagged}))
-    without = draw_overlay(frame, Result(**{**_result(cells).__dict__, "verdict": {**flagged, "subtype": None}}))
+    without = draw_overlay(frame, Result(**{**_result(cells).__dict__, "verdict": dataclasses.replace(flagged, subtype=None)}))
     differs = np.flatnonzero(np.any(with_subtype != without, axis=(1, 2)))
     assert differs.size and differs.min() > 5  # a second line below the verdict line, nothing else moved
 
