@@ -25,8 +25,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO)
     try:
         detector = Detector.load(args.bundle)  # BundleError: missing, tampered or too new a bundle
-        # Grabs on its own thread and hands out the newest frame, so latency never piles up;
-        # a camera that fails is re-opened with backoff. CaptureError here: the source cannot be opened.
+        # Grabs on its own thread. From a camera or stream it hands out the newest frame, so latency
+        # never piles up; from a video file or folder every frame in order (drop_frames=True drops
+        # them as from a camera). A camera that fails is re-opened with backoff.
+        # CaptureError here: the source cannot be opened.
         reader = ThreadedReader(lambda: open_source(args.source))
     except LeukoedgeError as error:
         print(f"error: {error}", file=sys.stderr)

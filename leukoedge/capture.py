@@ -289,9 +289,12 @@ def _open_folder(folder: Path, glob: str | None, uri: str) -> ImageFilesSource:
 class ThreadedReader:
     """Grabs frames on a background thread into a one-frame slot, so `get()` returns the newest frame.
 
-    A frame not taken before the next one arrives is dropped (counted). A live source that fails is
-    re-opened through `source_factory` with exponential backoff; a finite source simply ends.
-    Frame.index is renumbered across re-opens, so gaps in it are exactly the dropped frames.
+    From a live source (camera, stream) a frame not taken before the next one arrives is dropped
+    (counted): latency never piles up. From a file or folder every frame is kept, the grabbing thread
+    waiting for `get()`, since a recording has no "now" to keep up with; drop_frames overrides either.
+    A live source that fails is re-opened through `source_factory` with exponential backoff; a finite
+    source simply ends. Frame.index is renumbered across re-opens, so gaps in it are exactly the
+    dropped frames.
     """
 
     def __init__(
@@ -301,6 +304,7 @@ class ThreadedReader:
         reconnect: bool = True,
         max_retries: int | None = None,
         backoff_s: tuple[float, float] = (0.5, 8.0),
+        drop_frames: bool | None = None,
     ) -> None:
         self._source_factory = source_factory
         self._reconnect = reconnect
@@ -318,6 +322,7 @@ class ThreadedReader:
         self._last_error: str | None = None
         # The first open happens here, so a wrong URI or a missing GStreamer fails at once, not in the thread.
         self._source: FrameSource | None = source_factory()
+        self._drop_frames = self._source.live if drop_frames is None else drop_frames
         self._thread = threading.Thread(target=self._run, name="leukoedge-capture", daemon=True)
         self._thread.start()
 
@@ -336,6 +341,7 @@ class ThreadedReader:
             if not self._slot.wait_for(lambda: self._latest is not None or self._finished, timeout):
                 raise TimeoutError(f"no frame within {timeout} s (stats: {self.stats()})")
             frame, self._latest = self._latest, None
+            self._slot.notify_all()  # a grabbing thread that keeps every frame waits for the slot to empty
             if frame is None and self._error is not None:
                 raise self._error
             return frame
@@ -394,6 +400,10 @@ class ThreadedReader:
     def _publish(self, frame: Frame) -> None:
         size = frame.image.shape[:2]
         with self._slot:
+            if not self._drop_frames:
+                self._slot.wait_for(lambda: self._latest is None or self._stopping.is_set())
+                if self._stopping.is_set():
+                    return
             if self._last_size is not None and size != self._last_size:
                 self._size_changes += 1
             self._last_size = size

@@ -272,7 +272,7 @@ def test_reader_hands_out_the_newest_frame_and_counts_dropped(
     write_video(path, smear_fields, 30)
     last_frame = list(open_source(path))[-1]
 
-    reader = ThreadedReader(lambda: open_source(path))
+    reader = ThreadedReader(lambda: open_source(path), drop_frames=True)  # as from a camera
     wait_until(lambda: not reader.running)  # a consumer far slower than the source
 
     newest = reader.get(timeout=1.0)
@@ -358,7 +358,7 @@ def test_reader_ends_a_finite_source_and_counts_size_changes_and_skips(
         cv2.imwrite(str(tmp_path / name), field)
     (tmp_path / "c.png").write_bytes(b"corrupt")
 
-    with ThreadedReader(lambda: open_source(tmp_path)) as reader:
+    with ThreadedReader(lambda: open_source(tmp_path), drop_frames=True) as reader:  # as from a camera
         wait_until(lambda: not reader.running)
         taken = list(reader)
         stats = reader.stats()
