@@ -19,3 +19,8 @@ class BackendUnavailableError(LeukoedgeError):
 
 class CaptureError(LeukoedgeError):
     """A frame source cannot be opened or stopped delivering frames."""
+
+
+class StorageError(LeukoedgeError, OSError):
+    """A file leukoedge writes (a session record, an overlay, a summary) could not be written whole:
+    a full disk, a read-only or vanished folder. What was written before it is intact."""

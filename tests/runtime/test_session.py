@@ -145,7 +145,7 @@ def test_summary_counts_fraction_interval_latency_and_capture_faults(recorded: t
     assert summary["flagged_frames"] == 3  # every frame with cells has >= 20 % blasts
     assert (summary["dropped_frames"], summary["reconnects"], summary["frames_saved"]) == (1, 2, 2)
     assert summary["latency_ms"]["segment"] == {"median": 10.0, "p95": 10.0, "frames": 4}
-    assert set(summary["latency_ms"]) == {"capture", "preprocess", "segment", "postprocess", "refine", "classify", "total", "end_to_end"}
+    assert set(summary["latency_ms"]) == {*Timings(capture_ms=0.0).as_dict(), "end_to_end"} >= {"capture", "segment", "classify", "total"}
 
 
 def test_summary_html_shows_the_numbers_the_plot_and_every_saved_overlay(recorded: tuple[Path, dict]) -> None:
