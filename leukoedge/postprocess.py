@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .preprocess.cpu import Box, Letterbox
+from .preprocess.cpu import Box, Letterbox, resize_labels
 from .result import BACKGROUND, NUCLEUS
 
 
@@ -42,19 +42,20 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
     cells have two, joined only by a thin neck that the distance threshold cuts.
     """
     mask = cell_mask.astype(np.uint8)
-    count, components = cv2.connectedComponents(mask, connectivity=8)
+    _, components, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     distance = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     seeds = np.zeros(mask.shape, np.int32)
     next_seed = 1
-    for component in range(1, count):
-        inside = components == component
-        if inside.sum() < min_area_px:
-            continue
-        cores = (distance >= 0.6 * distance[inside].max()) & inside
+    # Each component's cores are found inside its own box: a crowded field's 70 components then cost
+    # 70 box-sized steps, not 70 passes over the whole map.
+    for component in np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1:
+        x, y, width, height = stats[component, :4]
+        window = np.s_[y : y + height, x : x + width]
+        inside = components[window] == component
+        cores = (distance[window] >= 0.6 * distance[window][inside].max()) & inside
         core_count, core_labels = cv2.connectedComponents(cores.astype(np.uint8), connectivity=8)
-        for core in range(1, core_count):
-            seeds[core_labels == core] = next_seed
-            next_seed += 1
+        seeds[window][cores] = core_labels[cores] + (next_seed - 1)  # numbered in raster order, as one by one
+        next_seed += core_count - 1
     if next_seed == 1:
         return seeds
     # watershed floods from the seeds over the inverted distance; -1 marks the split lines.
@@ -75,6 +76,31 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
     return markers
 
 
+def frame_sampling(letterbox: Letterbox) -> tuple[np.ndarray, np.ndarray]:
+    """For every frame row and column, the model-input row and column whose label it takes: exactly
+    Letterbox.label_map_to_frame's nearest-neighbour mapping (OpenCV computes it, on one row and one
+    column), so that any frame box can be mapped back alone, at the cost of its own pixels."""
+    columns = np.arange(letterbox.content_width, dtype=np.int32)[None, :]
+    rows = np.arange(letterbox.content_height, dtype=np.int32)[:, None]
+    return (
+        resize_labels(rows, 1, letterbox.frame_height)[:, 0] + letterbox.pad_y,
+        resize_labels(columns, letterbox.frame_width, 1)[0] + letterbox.pad_x,
+    )
+
+
+def _model_boxes(instances: np.ndarray, count: int) -> np.ndarray:
+    """(count + 1) x 4 boxes (x0, y0, x1, y1, ends exclusive) of instances 1..count in one pass; row 0 unused."""
+    ys, xs = np.nonzero(instances)
+    ids = instances[ys, xs]
+    boxes = np.zeros((count + 1, 4), np.int64)
+    boxes[:, :2] = np.iinfo(np.int32).max
+    np.minimum.at(boxes[:, 0], ids, xs)
+    np.minimum.at(boxes[:, 1], ids, ys)
+    np.maximum.at(boxes[:, 2], ids, xs + 1)
+    np.maximum.at(boxes[:, 3], ids, ys + 1)
+    return boxes
+
+
 def find_cells(
     model_label_map: np.ndarray,
     letterbox: Letterbox,
@@ -89,34 +115,38 @@ def find_cells(
     so are those with fewer than min_nucleus_area_px nucleus pixels: every white cell has a nucleus,
     while bluish rims of red cells look like cytoplasm alone. The label map keeps the pixels of the
     cells returned and nothing else, so that it and the cells always agree.
+
+    Masks are mapped to the frame box by box (frame_sampling): the cost grows with the cells' area in
+    the frame, not with the frame's, whose label map is only painted where the cells are.
     """
-    frame_label_map = letterbox.label_map_to_frame(model_label_map)
     cell_mask = model_label_map > BACKGROUND
     if split:
         instances = split_touching(cell_mask, min_cell_area_px)
     else:
         _, instances = cv2.connectedComponents(cell_mask.astype(np.uint8), connectivity=8)
-    frame_instances = letterbox.label_map_to_frame(instances.astype(np.int32))
-    cells, kept = [], []
-    for instance in range(1, int(instances.max()) + 1):
-        model_pixels = instances == instance
-        if model_pixels.sum() < min_cell_area_px or (model_pixels & (model_label_map == NUCLEUS)).sum() < min_nucleus_area_px:
-            continue
-        ys, xs = np.nonzero(model_pixels)
-        box = letterbox.box_to_frame((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    count = int(instances.max())
+    areas = np.bincount(instances.ravel(), minlength=count + 1)
+    nucleus_areas = np.bincount(instances[model_label_map == NUCLEUS], minlength=count + 1)
+    candidates = [
+        instance for instance in range(1, count + 1) if areas[instance] >= min_cell_area_px and nucleus_areas[instance] >= min_nucleus_area_px
+    ]
+    model_boxes = _model_boxes(instances, count)
+    frame_rows, frame_columns = frame_sampling(letterbox)
+    frame_label_map = np.zeros((letterbox.frame_height, letterbox.frame_width), np.uint8)
+    cells = []
+    for instance in candidates:
+        box = letterbox.box_to_frame(tuple(int(side) for side in model_boxes[instance]))
         x0, y0, x1, y1 = box
         if x1 <= x0 or y1 <= y0:
             continue
-        mask = frame_instances[y0:y1, x0:x1] == instance
+        rows, columns = frame_rows[y0:y1, None], frame_columns[None, x0:x1]
+        mask = instances[rows, columns] == instance
         if not mask.any():
             continue
-        nucleus_mask = mask & (frame_label_map[y0:y1, x0:x1] == NUCLEUS)
-        cells.append(CellInstance(box, mask, nucleus_mask))
-        kept.append(instance)
+        labels = model_label_map[rows, columns]
+        cells.append(CellInstance(box, mask, mask & (labels == NUCLEUS)))
+        frame_label_map[y0:y1, x0:x1][mask] = labels[mask]
     cells.sort(key=lambda cell: (cell.box[1], cell.box[0]))
-    is_kept = np.zeros(int(instances.max()) + 1, bool)  # a lookup table: half the time of np.isin on a 640x480 frame
-    is_kept[kept] = True
-    frame_label_map[~is_kept[frame_instances]] = BACKGROUND
     return cells, frame_label_map
 
 

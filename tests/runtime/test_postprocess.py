@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge.postprocess import find_cells, label_map_from_probabilities, split_touching
+from leukoedge.postprocess import find_cells, frame_sampling, label_map_from_probabilities, split_touching
 from leukoedge.preprocess.cpu import fit_letterbox
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
@@ -187,3 +187,42 @@ def test_the_label_map_holds_the_returned_cells_and_nothing_else(split):
     union[y0:y1, x0:x1] = cells[0].mask
     np.testing.assert_array_equal(frame_labels != BACKGROUND, union)
     assert (frame_labels[55:65, 55:65] == NUCLEUS).all()  # the kept cell's nucleus is untouched
+
+
+@pytest.mark.parametrize("frame_shape", [(480, 640), (224, 224), (1920, 2560), (240, 333), (363, 360), (17, 4000), (4000, 30)])
+def test_frame_sampling_is_the_frame_wide_nearest_resize(frame_shape):
+    """Box-by-box mapping takes every frame pixel's label from the same model pixel as resizing the
+    whole map would: enlarged, shrunk, letterboxed either way, extreme aspect ratios."""
+    model_map = np.random.default_rng(0).integers(0, 1000, MODEL_SIZE).astype(np.int32)
+    placement = fit_letterbox(frame_shape[0], frame_shape[1], MODEL_SIZE)
+    rows, columns = frame_sampling(placement)
+    np.testing.assert_array_equal(model_map[rows[:, None], columns[None, :]], placement.label_map_to_frame(model_map))
+
+
+def _frame_wide_reference(model_label_map: np.ndarray, placement, cells) -> np.ndarray:
+    """The label map as find_cells made it before it worked box by box: the whole map resized to the
+    frame, every pixel outside the returned cells' masks cleared."""
+    frame_labels = placement.label_map_to_frame(model_label_map)
+    keep = np.zeros(frame_labels.shape, bool)
+    for cell in cells:
+        x0, y0, x1, y1 = cell.box
+        keep[y0:y1, x0:x1] |= cell.mask
+        np.testing.assert_array_equal(cell.nucleus_mask, cell.mask & (frame_labels[y0:y1, x0:x1] == NUCLEUS))
+    frame_labels[~keep] = BACKGROUND
+    return frame_labels
+
+
+@pytest.mark.parametrize("frame_shape", [(480, 640), (1920, 2560), (150, 200)])
+def test_box_by_box_masks_hold_every_pixel_of_their_cell_in_the_frame(frame_shape):
+    """Each cell's frame box holds all the frame pixels its model pixels map to (none is cut off by
+    mapping box by box), and the label map is what resizing the whole map gives, outside cells cleared."""
+    label_map = np.zeros(MODEL_SIZE, np.uint8)
+    for centre, radius in (((40, 40), 18), ((75, 45), 16), ((200, 150), 25), ((255, 100), 12), ((130, 191), 14)):
+        _cell(label_map, centre, radius)  # two touching, two cut by the input's edges
+    placement = fit_letterbox(frame_shape[0], frame_shape[1], MODEL_SIZE)
+    cells, frame_labels = find_cells(label_map, placement, MIN_AREA, True, min_nucleus_area_px=20)
+    assert len(cells) == 5
+    reference = _frame_wide_reference(label_map, placement, cells)
+    np.testing.assert_array_equal(frame_labels, reference)
+    everything = placement.label_map_to_frame(label_map) != BACKGROUND
+    assert (frame_labels != BACKGROUND).sum() == everything.sum()  # nothing of any cell lost at a box edge
