@@ -6,6 +6,12 @@ machine -> bundle with the models that passed, the calibration file list and a m
 "precisions" section. A model that fails its gate is not
 written; the error names the metric and, where one exists, the op type whose layers, kept in float,
 make it pass.
+
+`--target tensorrt` quantizes for TensorRT instead (quantize.QuantizationSettings.for_target) and is
+gated the same way, but writes beside the CPU-target files, never over them: <model>.int8-trt.onnx,
+calibration_set.int8-trt.csv and a manifest section "tensorrt_int8", which `leukoedge export --engine
+--int8` reads. It measures no latency: ONNX Runtime's CPU timing of a TensorRT-target graph says
+nothing about the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from leukoedge.backends.onnxruntime import OnnxRuntimeBackend
+from leukoedge.backends.tensorrt import TENSORRT_INT8
 from leukoedge.bundle import MODELS, OPTIONAL_MODELS, Bundle, bundle_models, load_bundle, save_bundle
 from leukoedge.errors import BundleError, LeukoedgeError
 from leukoedge.postprocess import central_box, find_cells, label_map_from_probabilities
@@ -69,7 +76,7 @@ class ModelOutcome:
 
     gate: gate.GateResult
     settings: QuantizationSettings
-    median_ms: dict[str, float]  # precision -> ms
+    median_ms: dict[str, float]  # precision -> ms; empty for the TensorRT target (not timed)
     written: bool
     remedies: list[tuple[str, gate.GateResult]] = field(default_factory=list)  # op type kept in float -> its gate
 
@@ -105,9 +112,10 @@ class CalibrationReport:
         lines = [f"calibration set: {self.calibration_counts['fields']} fields, {self.calibration_counts['cells']} cells (train split)"]
         for model, outcome in self.outcomes.items():
             lines.append(outcome.gate.table())
-            fp32_ms, int8_ms = outcome.median_ms["fp32"], outcome.median_ms["int8"]
-            lines.append(f"  median ms per call: fp32 {fp32_ms:.2f}, int8 {int8_ms:.2f} (int8/fp32 {int8_ms / fp32_ms:.2f})")
-            lines.append(f"  int8 {'written' if outcome.written else 'NOT written'}")
+            if outcome.median_ms:
+                fp32_ms, int8_ms = outcome.median_ms["fp32"], outcome.median_ms["int8"]
+                lines.append(f"  median ms per call: fp32 {fp32_ms:.2f}, int8 {int8_ms:.2f} (int8/fp32 {int8_ms / fp32_ms:.2f})")
+            lines.append(f"  {outcome.settings.file_tag} {'written' if outcome.written else 'NOT written'}")
         return "\n".join(lines)
 
 
@@ -194,12 +202,13 @@ def quantize_and_gate(
     excluded = resolve_keep_float(config.keep_float.get(model, ()), nodes_by_type, _all_node_names(prepared), model)
     settings = dataclasses.replace(config.settings, nodes_to_exclude=excluded)
     ranges = scratch / f"{model}.ranges.json"
-    int8_path = quantize_model(prepared, scratch / f"{model}.int8.onnx", settings, ranges, TensorBatches(_input_name(fp32_path), inputs))
+    int8_path = quantize_model(prepared, scratch / f"{model}.{settings.file_tag}.onnx", settings, ranges, TensorBatches(_input_name(fp32_path), inputs))
     fp32_scores = score(fp32_path)
     result = gate.compare(model, fp32_scores, score(int8_path), config.tolerances, samples)
     log.debug("gate\n%s", result.table())
     timing_batch = inputs[:1] if model == "segmenter" else inputs[:CELL_TIMING_BATCH]
-    median_ms = median_latency_ms({"fp32": fp32_path, "int8": int8_path}, timing_batch, config.speed_runs, config.threads)
+    timed = settings.target == "cpu"
+    median_ms = median_latency_ms({"fp32": fp32_path, "int8": int8_path}, timing_batch, config.speed_runs, config.threads) if timed else {}
     outcome = ModelOutcome(result, settings, median_ms, written=result.passed)
     if not result.passed and config.search:
         for op_type, names in nodes_by_type.items():
@@ -259,6 +268,34 @@ def _precisions_section(config: CalibrateConfig, manifest: dict[str, Any], outco
     return section
 
 
+def _tensorrt_section(config: CalibrateConfig, outcomes: dict[str, ModelOutcome], counts: dict[str, int], calibration_csv: str) -> dict[str, Any]:
+    """The manifest's "tensorrt_int8" section: settings, and per model its TensorRT-target file (null where
+    its gate failed), the gate and the nodes kept in float. No timing: see the module docstring."""
+    import onnxruntime as ort
+
+    settings = config.settings.to_manifest()
+    settings.pop("nodes_to_exclude")
+    section: dict[str, Any] = {
+        "calibration": {
+            **settings,
+            "calibration_set": calibration_csv,
+            "data_split": "train",
+            **counts,
+            "gate_split": config.gate_split,
+            "tolerances": config.tolerances,
+            "gate_runtime": f"onnxruntime {ort.__version__} (CPU), running the QDQ graph",
+            "date": dt.date.today().isoformat(),
+        }
+    }
+    for model, outcome in outcomes.items():
+        section[model] = {
+            "file": f"{model}.{config.settings.file_tag}.onnx" if outcome.written else None,
+            "nodes_to_exclude": list(outcome.settings.nodes_to_exclude),
+            "gate": outcome.gate.to_manifest(),
+        }
+    return section
+
+
 def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
     """Quantize, gate and time every model of a bundle; write the bundle with what passed."""
     bundle = load_bundle(config.bundle)
@@ -296,15 +333,18 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
             len(cell_cases),
         ),
     }
+    tag = config.settings.file_tag
+    calibration_csv = CALIBRATION_CSV if tag == "int8" else f"calibration_set.{tag}.csv"
     with tempfile.TemporaryDirectory(prefix="leukoedge-calibrate-") as scratch_name:
         scratch = Path(scratch_name)
         files = {}
         for name in manifest["files"]:
-            if name != CALIBRATION_CSV and not name.endswith(".int8.onnx"):  # a previous calibration's outputs are replaced
+            # A previous calibration's outputs for this target are replaced; the other target's are kept.
+            if name != calibration_csv and not name.endswith(f".{tag}.onnx"):
                 files[name] = scratch / "bundle" / name
                 files[name].parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(bundle.path(name), files[name])
-        files[CALIBRATION_CSV] = write_calibration_csv(fields + cells, config.data_root, scratch / CALIBRATION_CSV)
+        files[calibration_csv] = write_calibration_csv(fields + cells, config.data_root, scratch / calibration_csv)
         outcomes = {}
         for model in bundle_models(manifest):
             items = fields if model == "segmenter" else cells
@@ -313,10 +353,13 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
                 model, bundle.path(manifest[model]["file"]), model_inputs(items, spec, manifest, model), score, samples, config, scratch
             )
             if outcomes[model].written:
-                files[f"{model}.int8.onnx"] = int8_path
-        new_manifest = {**manifest, "precisions": _precisions_section(config, manifest, outcomes, counts)}
+                files[f"{model}.{tag}.onnx"] = int8_path
+        if config.settings.target == "cpu":
+            new_manifest = {**manifest, "precisions": _precisions_section(config, manifest, outcomes, counts)}
+        else:
+            new_manifest = {**manifest, TENSORRT_INT8: _tensorrt_section(config, outcomes, counts, calibration_csv)}
         written = save_bundle(Path(out_dir), new_manifest, files)
-    for stale in Path(out_dir).glob("*.int8.onnx"):
+    for stale in Path(out_dir).glob(f"*.{tag}.onnx"):
         if stale.name not in written.manifest["files"]:
             stale.unlink()  # a failed model must not linger from an earlier calibration
     return CalibrationReport(written, outcomes, counts)

@@ -54,8 +54,9 @@ class QuantizationSettings:
 
     target "cpu": the defaults above, for ONNX Runtime on x86 CPUs. target "tensorrt": what TensorRT's
     explicit quantization accepts, int8 activations and weights, both symmetric (zero point 0), full
-    range, biases left in float (TensorRT folds them into its int8 kernels; it takes no int32 Q/DQ);
-    ONNX Runtime runs such a model too, so the same gate measures it.
+    range, weights per output channel (axis 0 of Conv and of transB Gemm weights, ONNX Runtime's
+    per-channel axis for both), biases left in float (TensorRT folds them into its int8 kernels; it
+    takes no int32 Q/DQ); ONNX Runtime runs such a model too, so the same gate measures it.
     """
 
     method: str = "minmax"  # "minmax" | "entropy" | "percentile"
@@ -79,6 +80,12 @@ class QuantizationSettings:
                 method=method, target=target, reduce_range=False, activation_type="QInt8", symmetric_activations=True, quantize_bias=False
             )
         raise ValueError(f"unknown quantization target {target!r}; expected 'cpu' or 'tensorrt'")
+
+    @property
+    def file_tag(self) -> str:
+        """How this target's quantized files are named, <model>.<tag>.onnx: the CPU-target and the
+        TensorRT-target INT8 models of one bundle live side by side, each with its own manifest entry."""
+        return "int8" if self.target == "cpu" else "int8-trt"
 
     def to_manifest(self) -> dict:
         return {**asdict(self), "op_types": list(self.op_types), "nodes_to_exclude": list(self.nodes_to_exclude)}

@@ -36,20 +36,31 @@ def choose_precision(bundle: Bundle, model: str, precision: str | None, backend:
         from .backends.tensorrt import has_valid_engine
 
         for candidate in ("int8", "fp16", "fp32"):
-            if _has_file(bundle, model, candidate) and has_valid_engine(bundle.path(model_file(bundle.manifest, model, candidate)), candidate):
+            if _has_file(bundle, model, candidate, backend) and has_valid_engine(bundle.path(source_file(bundle, model, candidate, backend)), candidate):
                 return candidate
         return "fp32"  # opening it names the export command when its engine is missing
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} or None (the bundle's default per model: INT8 where it passed its gate and was measurably faster)")
     if precision == "fp16" and backend != "tensorrt":
         raise BackendUnavailableError(f"fp16 runs on the TensorRT backend only (backend='tensorrt'); {backend} runs fp32 or int8 ONNX files")
-    model_file(bundle.manifest, model, precision)  # raises BundleError naming what is missing
+    source_file(bundle, model, precision, backend)  # raises BundleError naming what is missing
     return precision
 
 
-def _has_file(bundle: Bundle, model: str, precision: str) -> bool:
+def source_file(bundle: Bundle, model: str, precision: str, backend: str) -> str:
+    """The bundle file `model` runs from at `precision`: on TensorRT the one its engine is built from
+    (int8: the TensorRT-target QDQ file, never the CPU-target one, which TensorRT refuses), elsewhere
+    the file ONNX Runtime runs."""
+    if backend == "tensorrt":
+        from .backends.tensorrt import engine_source
+
+        return engine_source(bundle.manifest, model, precision, bundle.root)
+    return model_file(bundle.manifest, model, precision)
+
+
+def _has_file(bundle: Bundle, model: str, precision: str, backend: str) -> bool:
     try:
-        model_file(bundle.manifest, model, precision)
+        source_file(bundle, model, precision, backend)
     except LeukoedgeError:
         return False
     return True
@@ -108,7 +119,7 @@ class Detector:
         self.refiner_spec = manifest.get("refiner")  # None: the field segmenter's masks are final
         self.precisions = {model: choose_precision(bundle, model, precision, backend) for model in bundle_models(manifest)}
         backends = {
-            model: create_backend(backend, bundle.path(model_file(manifest, model, model_precision)), threads, model_precision)
+            model: create_backend(backend, bundle.path(source_file(bundle, model, model_precision, backend)), threads, model_precision)
             for model, model_precision in self.precisions.items()
         }
         self.segmenter, self.classifier, self.refiner = backends["segmenter"], backends["classifier"], backends.get("refiner")

@@ -1,9 +1,17 @@
 """TensorRT backend (Jetson and other NVIDIA GPUs): serialized engines run with pycuda buffers.
 
-An engine is valid only for the model it was built from, the TensorRT version that built it and
-the GPU (name and compute capability) it was built on. Engines are therefore cached next to the
-model in `<bundle>/engines/`, each with a JSON sidecar holding that key; an engine whose key does
-not match this model, TensorRT and GPU is refused with the command that rebuilds it, never run.
+leukoedge runs on TensorRT 10 only (JetPack 6: TensorRT 10.3). Its graphs are ONNX opset 18, which
+TensorRT 8.x (JetPack 5: 8.5, 8.6) does not read: its ONNX parser stops at opset 17, and 8.5 has no
+LayerNormalization, which the segmenter's and refiner's transformer blocks use. TensorRT 11 removed
+the weakly-typed precision flags (BuilderFlag.FP16, BuilderFlag.INT8) these engines are built with.
+Both are refused at import with what to do instead.
+
+An engine is valid only for the model file it was built from, the TensorRT version that built it,
+the GPU it was built on (name, compute capability, number of multiprocessors and memory: every Jetson
+Orin module calls itself "Orin") and the settings it was built with (batch profile, workspace). Engines
+are cached next to the model in `<bundle>/engines/`, each with a JSON sidecar holding that key; an
+engine whose key does not match this model, TensorRT, GPU and settings is refused with the command
+that rebuilds it, never run.
 
 tensorrt and pycuda are imported only inside the functions that need them, so this module (and the
 cache-key logic in it) imports on any machine.
@@ -21,11 +29,41 @@ from typing import Any
 import numpy as np
 
 from ..bundle import sha256_file
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, BundleError
 
 ENGINE_DIR = "engines"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
-_JETSON_EXTRA = "pip install 'leukoedge[jetson]' (on Jetson: the tensorrt of your JetPack, and pycuda)"
+TENSORRT_MAJOR = 10
+_JETSON_EXTRA = "pip install 'leukoedge[jetson]' (on Jetson: JetPack 6's TensorRT 10, and pycuda; see docs/jetson.md)"
+
+# (min, opt, max) batch per model: one field per segmenter call; the refiner and the classifier take a
+# frame's cells at once, up to Detector's MAX_CELL_BATCH. Part of every engine's key: an engine built for
+# a smaller batch would refuse a crowded frame's cells.
+BATCH_PROFILES = {"segmenter": (1, 1, 4), "refiner": (1, 8, 64), "classifier": (1, 8, 64)}
+WORKSPACE_BYTES = 1 << 30  # Jetson Orin Nano shares 8 GB between CPU and GPU: 1 GB of scratch is plenty here
+
+# The bundle manifest section `leukoedge calibrate --target tensorrt` writes: the TensorRT-target INT8 files.
+TENSORRT_INT8 = "tensorrt_int8"
+_CALIBRATE_FOR_TENSORRT = "leukoedge calibrate --data DIR --bundle {bundle} --target tensorrt"
+
+
+def check_tensorrt_version(version: str) -> None:
+    """Refuse a TensorRT other than 10.x, saying why and what to use instead."""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError as error:
+        raise BackendUnavailableError(f"cannot read the TensorRT version {version!r}; leukoedge needs TensorRT {TENSORRT_MAJOR}.x") from error
+    if major < TENSORRT_MAJOR:
+        raise BackendUnavailableError(
+            f"TensorRT {version} cannot run leukoedge's models: they are ONNX opset 18 graphs, and TensorRT 8.x (JetPack 5) "
+            f"parses opsets up to 17 only (8.5 has no LayerNormalization at all). Use JetPack 6 (TensorRT 10), or on JetPack 5 "
+            f"the ONNX Runtime backends (--backend onnxruntime, or onnxruntime-cuda with the onnxruntime-gpu wheel for JetPack 5)"
+        )
+    if major > TENSORRT_MAJOR:
+        raise BackendUnavailableError(
+            f"TensorRT {version} is not supported: TensorRT 11 removed BuilderFlag.FP16 and BuilderFlag.INT8 (weak typing), "
+            f"which leukoedge's engines are built with; install TensorRT 10: pip install 'tensorrt>=10,<11'"
+        )
 
 
 def import_tensorrt() -> Any:
@@ -33,6 +71,7 @@ def import_tensorrt() -> Any:
         import tensorrt
     except ImportError as error:
         raise BackendUnavailableError(f"the TensorRT backend needs the tensorrt package: {_JETSON_EXTRA}") from error
+    check_tensorrt_version(tensorrt.__version__)
     return tensorrt
 
 
@@ -60,6 +99,17 @@ class EngineKey:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str  # "8.7"
+    multiprocessors: int  # Orin Nano and Orin NX: 8 (4 on the 4 GB Nano), AGX Orin: 16
+    memory_mib: int  # the 8 GB and 16 GB modules of one family differ only here
+    batch_profile: tuple[int, int, int]  # (min, opt, max)
+    workspace_bytes: int
+
+    @classmethod
+    def from_record(cls, recorded: dict[str, Any]) -> "EngineKey":
+        """The key a sidecar holds (KeyError where a field is missing, as in sidecars of older leukoedge)."""
+        values = {name: recorded[name] for name in cls.__dataclass_fields__}
+        values["batch_profile"] = tuple(values["batch_profile"])
+        return cls(**values)
 
     def mismatches(self, other: "EngineKey") -> list[str]:
         """Human-readable differences, `self` being what the engine was built for."""
@@ -67,27 +117,51 @@ class EngineKey:
         return [f"{name} {built[name]!r} (here {here[name]!r})" for name in built if built[name] != here[name]]
 
 
-def current_key(model_path: Path, precision: str) -> EngineKey:
+def model_role(model_path: Path) -> str:
+    """segmenter, refiner or classifier, from the bundle's file naming (segmenter.onnx, segmenter.int8-trt.onnx)."""
+    role = model_path.name.split(".")[0]
+    if role not in BATCH_PROFILES:
+        raise BundleError(f"{model_path.name} is not a bundle model file: TensorRT engines are built for {', '.join(BATCH_PROFILES)}.*onnx")
+    return role
+
+
+def gpu_identity(cuda: Any) -> dict[str, Any]:
+    """The GPU an engine is built for: what distinguishes one Jetson module from another, not only its name."""
+    device = cuda.Device(0)
+    major, minor = device.compute_capability()
+    return {
+        "gpu_name": device.name(),
+        "compute_capability": f"{major}.{minor}",
+        "multiprocessors": int(device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)),
+        "memory_mib": int(device.total_memory()) // (1 << 20),
+    }
+
+
+def current_key(model_path: Path, precision: str, workspace_bytes: int = WORKSPACE_BYTES) -> EngineKey:
     """The key an engine for `model_path` at `precision` must carry on this machine (needs TensorRT and a GPU)."""
     trt = import_tensorrt()
     cuda = import_pycuda()
-    device = cuda.Device(0)
-    major, minor = device.compute_capability()
-    return EngineKey(sha256_file(model_path), precision, trt.__version__, device.name(), f"{major}.{minor}")
+    return EngineKey(
+        model_sha256=sha256_file(model_path),
+        precision=precision,
+        tensorrt_version=trt.__version__,
+        **gpu_identity(cuda),
+        batch_profile=BATCH_PROFILES[model_role(model_path)],
+        workspace_bytes=workspace_bytes,
+    )
 
 
 def engine_paths(model_path: Path, precision: str) -> tuple[Path, Path]:
-    """(engine, sidecar) for a model file at a precision: <bundle>/engines/<model stem>.<precision>.engine/.json."""
+    """(engine, sidecar) for a model file at a precision: <bundle>/engines/<model>.<precision>.engine/.json."""
     if precision not in ENGINE_PRECISIONS:
         raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(ENGINE_PRECISIONS)}")
-    stem = model_path.name.removesuffix(".onnx")
-    stem = stem if stem.endswith(f".{precision}") else f"{stem}.{precision}"  # segmenter.int8.onnx -> segmenter.int8.engine
     folder = model_path.parent / ENGINE_DIR
+    stem = f"{model_path.name.split('.')[0]}.{precision}"  # segmenter.onnx, segmenter.int8-trt.onnx -> segmenter.<precision>
     return folder / f"{stem}.engine", folder / f"{stem}.json"
 
 
-def write_sidecar(sidecar: Path, key: EngineKey, source: str, profile: dict[str, Any]) -> None:
-    payload = {**asdict(key), "source": source, "profile": profile, "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+def write_sidecar(sidecar: Path, key: EngineKey, source: str) -> None:
+    payload = {**asdict(key), "source": source, "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     sidecar.write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -96,14 +170,13 @@ def check_engine(engine: Path, sidecar: Path, expected: EngineKey, rebuild: str)
     if not engine.is_file() or not sidecar.is_file():
         raise BackendUnavailableError(f"no TensorRT engine {engine.name} in {engine.parent} for this model; build it: {rebuild}")
     try:
-        recorded = json.loads(sidecar.read_text())
-        built_for = EngineKey(**{name: recorded[name] for name in EngineKey.__dataclass_fields__})
-    except (ValueError, KeyError, TypeError) as error:
-        raise BackendUnavailableError(f"engine sidecar {sidecar} is unreadable ({error}); rebuild the engine: {rebuild}") from error
+        built_for = EngineKey.from_record(json.loads(sidecar.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise BackendUnavailableError(f"engine sidecar {sidecar} is unreadable or from an older leukoedge ({error!r}); rebuild the engine: {rebuild}") from error
     differences = built_for.mismatches(expected)
     if differences:
         raise BackendUnavailableError(
-            f"TensorRT engine {engine} was built for another model, TensorRT or GPU: {'; '.join(differences)}. "
+            f"TensorRT engine {engine} was built for another model, TensorRT, GPU or build settings: {'; '.join(differences)}. "
             f"Engines do not transfer between them; rebuild it: {rebuild}"
         )
 
@@ -111,6 +184,38 @@ def check_engine(engine: Path, sidecar: Path, expected: EngineKey, rebuild: str)
 def rebuild_command(model_path: Path, precision: str) -> str:
     flag = {"fp32": "", "fp16": " --fp16", "int8": " --int8"}[precision]
     return f"leukoedge export --engine --bundle {model_path.parent}{flag}"
+
+
+def engine_source(manifest: dict[str, Any], model: str, precision: str, bundle_path: Path | str = "B") -> str:
+    """The bundle file a TensorRT engine of `model` at `precision` is built from.
+
+    fp32 and fp16: the fp32 ONNX file. int8: the TensorRT-target QDQ file (symmetric INT8, zero points 0)
+    that `leukoedge calibrate --target tensorrt` wrote and gated, never the CPU-target `*.int8.onnx`
+    (UINT8 activations with non-zero zero points, which TensorRT's parser refuses).
+    """
+    if precision in ("fp32", "fp16"):
+        return manifest[model]["file"]
+    if precision != "int8":
+        raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(ENGINE_PRECISIONS)}")
+    section = manifest.get(TENSORRT_INT8)
+    calibrate = _CALIBRATE_FOR_TENSORRT.format(bundle=bundle_path)
+    if section is None:
+        cpu_files = sorted(name for name in manifest["files"] if name.endswith(".int8.onnx"))
+        found = (
+            f"its INT8 files ({', '.join(cpu_files)}) are quantized for the CPU (UINT8 activations, non-zero zero points), which TensorRT refuses"
+            if cpu_files
+            else "it has no INT8 files"
+        )
+        raise BundleError(f"bundle {manifest['name']} was never quantized for TensorRT, so it has no INT8 {model} engine source: {found}. Make them: {calibrate}")
+    entry = section.get(model) or {}
+    if entry.get("file") is None:
+        failed = [m for m in entry.get("gate", {}).get("metrics", []) if not m.get("passed", True)]
+        reasons = "; ".join(f"{m['name']} {m['fp32']:.4f} -> {m['int8']:.4f} (allowed drop {m['tolerance']:g})" for m in failed)
+        raise BundleError(
+            f"bundle {manifest['name']} has no TensorRT-target INT8 {model}: it failed its accuracy gate at calibration ({reasons or 'no gate recorded'}); "
+            "build its engine at fp16 (`leukoedge export --engine --int8` does so for such models)"
+        )
+    return entry["file"]
 
 
 class TensorRTBackend:

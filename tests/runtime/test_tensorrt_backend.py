@@ -1,19 +1,33 @@
-"""TensorRT backend: the engine-cache key and its refusals, pure Python, run everywhere.
-Building and running engines against ONNX Runtime: tests/export/test_tensorrt.py (GPU machines)."""
+"""TensorRT backend: the engine-cache key and its refusals, the supported TensorRT versions, and the
+backend itself run end to end against ONNX Runtime (the reference) on the shipped bundle's models.
+
+Runs everywhere: where tensorrt and pycuda are absent (CI, this machine), `tests/fakes` stands in for
+them (TensorRT 10's Python API run by ONNX Runtime; see fakes/fake_tensorrt.py for what it checks and
+what it cannot). Where a real TensorRT and GPU are present, the comparisons also run on them."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import fakes
 from leukoedge.backends import create_backend
-from leukoedge.backends.tensorrt import EngineKey, check_engine, engine_paths, rebuild_command, write_sidecar
-from leukoedge.errors import BackendUnavailableError
+from leukoedge.backends.onnxruntime import OnnxRuntimeBackend
+from leukoedge.backends.tensorrt import BATCH_PROFILES, EngineKey, check_engine, engine_paths, rebuild_command, write_sidecar
+from leukoedge.errors import BackendUnavailableError, BundleError
 
-KEY = EngineKey("ab" * 32, "fp16", "10.3.0", "Orin", "8.7")
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "models" / "default"
+KEY = EngineKey("ab" * 32, "fp16", "10.3.0", "Orin", "8.7", 8, 7619, (1, 1, 4), 1 << 30)
+# Probabilities. The fake computes in fp32 like ONNX Runtime; a GPU's fp32 may run TF32 on Ampere and
+# later, and fp16 engines carry fp16 rounding.
+TOLERANCE = {"fake": {"fp32": 1e-5, "fp16": 1e-5}, "real": {"fp32": 1e-2, "fp16": 3e-2}}
 
 
 def _cached_engine(tmp_path: Path, key: EngineKey) -> tuple[Path, Path, Path]:
@@ -22,14 +36,37 @@ def _cached_engine(tmp_path: Path, key: EngineKey) -> tuple[Path, Path, Path]:
     engine, sidecar = engine_paths(model, key.precision)
     engine.parent.mkdir()
     engine.write_bytes(b"serialized engine")
-    write_sidecar(sidecar, key, model.name, {"batch_min": 1, "batch_opt": 1, "batch_max": 4})
+    write_sidecar(sidecar, key, model.name)
     return model, engine, sidecar
 
 
-def test_engines_are_cached_next_to_the_model_one_per_precision():
+@pytest.fixture(params=["fake", "real"])
+def gpu_stack(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """'fake': tests/fakes installed as tensorrt and pycuda; 'real': the installed ones, on a GPU."""
+    if request.param == "fake":
+        fakes.install(monkeypatch)
+        return "fake"
+    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("pycuda") is None:
+        pytest.skip("no real TensorRT here: pip install 'leukoedge[jetson]' on a GPU machine (docs/jetson.md)")
+    from leukoedge.backends.tensorrt import import_pycuda, import_tensorrt
+
+    try:
+        import_tensorrt(), import_pycuda()
+    except BackendUnavailableError as error:
+        pytest.skip(f"no usable TensorRT and CUDA GPU: {error}")
+    return "real"
+
+
+@pytest.fixture
+def shipped_copy(tmp_path: Path) -> Path:
+    """The shipped bundle in a scratch folder, so engines are built beside its models, not in the repository."""
+    return Path(shutil.copytree(SHIPPED, tmp_path / "default", ignore=shutil.ignore_patterns("engines")))
+
+
+def test_engines_are_cached_next_to_the_model_one_per_model_and_precision():
     bundle = Path("models/default")
     assert engine_paths(bundle / "segmenter.onnx", "fp16") == (bundle / "engines/segmenter.fp16.engine", bundle / "engines/segmenter.fp16.json")
-    assert engine_paths(bundle / "segmenter.int8.onnx", "int8")[0] == bundle / "engines/segmenter.int8.engine"
+    assert engine_paths(bundle / "segmenter.int8-trt.onnx", "int8")[0] == bundle / "engines/segmenter.int8.engine"
     with pytest.raises(ValueError, match="precision"):
         engine_paths(bundle / "segmenter.onnx", "int4")
 
@@ -38,28 +75,38 @@ def test_an_engine_with_a_matching_key_is_accepted(tmp_path: Path):
     model, engine, sidecar = _cached_engine(tmp_path, KEY)
     check_engine(engine, sidecar, KEY, rebuild_command(model, "fp16"))
     recorded = json.loads(sidecar.read_text())
-    assert recorded["model_sha256"] == KEY.model_sha256 and recorded["profile"]["batch_max"] == 4
+    assert recorded["model_sha256"] == KEY.model_sha256 and recorded["batch_profile"] == [1, 1, 4] and recorded["multiprocessors"] == 8
 
 
 @pytest.mark.parametrize(
-    "here, named",
+    "difference, named",
     [
-        (EngineKey("cd" * 32, "fp16", "10.3.0", "Orin", "8.7"), "model_sha256"),
-        (EngineKey("ab" * 32, "fp16", "10.4.0", "Orin", "8.7"), "tensorrt_version"),
-        (EngineKey("ab" * 32, "fp16", "10.3.0", "Xavier", "7.2"), "gpu_name"),
-        (EngineKey("ab" * 32, "int8", "10.3.0", "Orin", "8.7"), "precision"),
+        ({"model_sha256": "cd" * 32}, "model_sha256"),
+        ({"tensorrt_version": "10.4.0"}, "tensorrt_version"),
+        ({"gpu_name": "Xavier", "compute_capability": "7.2"}, "gpu_name"),
+        ({"precision": "int8"}, "precision"),
+        ({"multiprocessors": 16}, "multiprocessors"),  # an AGX Orin is "Orin" too
+        ({"memory_mib": 15_388}, "memory_mib"),  # Orin NX 16 GB vs 8 GB: same name, same SM count
+        ({"batch_profile": (1, 8, 64)}, "batch_profile"),
+        ({"workspace_bytes": 1 << 28}, "workspace_bytes"),
     ],
 )
-def test_an_engine_built_for_another_model_tensorrt_or_gpu_is_refused_with_the_rebuild_command(tmp_path: Path, here: EngineKey, named: str):
+def test_an_engine_built_for_another_model_tensorrt_gpu_or_build_settings_is_refused_with_the_rebuild_command(
+    tmp_path: Path, difference: dict, named: str
+):
     model, engine, sidecar = _cached_engine(tmp_path, KEY)
     with pytest.raises(BackendUnavailableError, match="rebuild") as refusal:
-        check_engine(engine, sidecar, here, rebuild_command(model, "fp16"))
+        check_engine(engine, sidecar, replace(KEY, **difference), rebuild_command(model, "fp16"))
     message = str(refusal.value)
     assert named in message and f"leukoedge export --engine --bundle {tmp_path} --fp16" in message
 
 
-def test_a_missing_engine_or_an_unreadable_sidecar_is_refused(tmp_path: Path):
+def test_a_missing_engine_an_unreadable_sidecar_or_one_of_an_older_leukoedge_is_refused(tmp_path: Path):
     model, engine, sidecar = _cached_engine(tmp_path, KEY)
+    older = {name: value for name, value in json.loads(sidecar.read_text()).items() if name not in ("multiprocessors", "memory_mib", "batch_profile")}
+    sidecar.write_text(json.dumps(older))
+    with pytest.raises(BackendUnavailableError, match="older leukoedge.*rebuild"):
+        check_engine(engine, sidecar, KEY, rebuild_command(model, "fp16"))
     sidecar.write_text("{not json")
     with pytest.raises(BackendUnavailableError, match="unreadable"):
         check_engine(engine, sidecar, KEY, rebuild_command(model, "fp16"))
@@ -76,22 +123,95 @@ def test_without_tensorrt_the_backend_names_the_extra_to_install(tmp_path: Path)
         create_backend("tensorrt", model, precision="fp16")
 
 
-def test_export_without_engine_flag_or_without_tensorrt_exits_2_with_what_to_do(tiny_bundle: Path, capsys):
-    from leukoedge import cli
+@pytest.mark.parametrize(
+    "version, says",
+    [
+        ("8.5.2.2", ["opset 18", "JetPack 5", "onnxruntime"]),  # JetPack 5.1
+        ("8.6.2", ["opset 18", "up to 17"]),
+        ("11.0.0", ["BuilderFlag.FP16", "tensorrt>=10,<11"]),
+    ],
+)
+def test_tensorrt_other_than_10_is_refused_at_import_saying_why(monkeypatch: pytest.MonkeyPatch, version: str, says: list[str]):
+    from leukoedge.backends.tensorrt import import_tensorrt
 
-    assert cli.main(["export", "--bundle", str(tiny_bundle)]) == 2
-    assert "--engine" in capsys.readouterr().err
-    if importlib.util.find_spec("tensorrt") is None:
-        assert cli.main(["export", "--engine", "--bundle", str(tiny_bundle), "--fp16"]) == 2
-        assert "leukoedge[jetson]" in capsys.readouterr().err
+    fakes.install(monkeypatch, version=version)
+    with pytest.raises(BackendUnavailableError) as refusal:
+        import_tensorrt()
+    assert all(phrase in str(refusal.value) for phrase in says), str(refusal.value)
+    fakes.install(monkeypatch, version="10.3.0.30")  # JetPack 6's TensorRT
+    assert import_tensorrt().__version__ == "10.3.0.30"
 
 
-def test_every_model_a_bundle_can_hold_has_an_engine_batch_profile():
-    from leukoedge.bundle import MODELS, OPTIONAL_MODELS
-    from leukoedge.detector import MAX_CELL_BATCH
-    from leukoedge.export.tensorrt import BATCH_PROFILES
+def test_the_jetson_extra_pins_tensorrt_10():
+    (jetson,) = [line for line in (REPO / "pyproject.toml").read_text().splitlines() if line.startswith("jetson = ")]
+    assert '"tensorrt>=10,<11"' in jetson
 
-    assert set(BATCH_PROFILES) == {*MODELS, *OPTIONAL_MODELS}
-    for model in ("refiner", "classifier"):  # a frame's cells go in one call, up to Detector's batch
-        low, typical, high = BATCH_PROFILES[model]
-        assert low == 1 <= typical <= high == MAX_CELL_BATCH
+
+def test_a_machine_where_cuda_finds_no_gpu_is_refused(monkeypatch: pytest.MonkeyPatch):
+    from leukoedge.backends.tensorrt import import_pycuda
+
+    fakes.install(monkeypatch, gpu=None)
+    with pytest.raises(BackendUnavailableError, match="no GPU"):
+        import_pycuda()
+
+
+def _fields_and_crops(model: str, batch: int) -> np.ndarray:
+    """Real inputs: the sample frames letterboxed to the model's input, repeated to `batch`."""
+    import cv2
+
+    from leukoedge.bundle import load_bundle
+    from leukoedge.preprocess.cpu import PreprocessSpec, prepare_frame
+
+    manifest = load_bundle(SHIPPED).manifest
+    spec = PreprocessSpec.from_manifest(manifest["preprocess"])
+    frames = [cv2.imread(str(path)) for path in sorted((REPO / "samples").glob("*.jpg"))]
+    tensors = [prepare_frame(frame, spec, manifest[model]["input_size"]).tensor[0] for frame in frames]
+    return np.stack([tensors[index % len(tensors)] for index in range(batch)])
+
+
+@pytest.mark.parametrize("model", ["segmenter", "refiner", "classifier"])
+def test_every_model_on_tensorrt_matches_onnx_runtime_at_each_batch_of_its_profile_and_refuses_beyond(
+    gpu_stack: str, shipped_copy: Path, model: str
+):
+    from leukoedge.export.tensorrt import build_engine
+
+    onnx_file = shipped_copy / f"{model}.onnx"
+    build_engine(onnx_file, "fp32")
+    engine = create_backend("tensorrt", onnx_file, precision="fp32")
+    reference = OnnxRuntimeBackend(onnx_file)
+    low, typical, high = BATCH_PROFILES[model]
+    assert engine.max_batch == high and engine.output_names == reference.output_names
+    (input_name,) = engine.input_names
+    for batch in sorted({low, typical, high, 3}):
+        if batch > high:
+            continue
+        inputs = {input_name: _fields_and_crops(model, batch)}
+        got, want = engine.run(inputs), reference.run(inputs)
+        for name in reference.output_names:  # every head of the classifier, not only the first output
+            assert got[name].shape == want[name].shape
+            assert float(np.abs(got[name] - want[name]).max()) < TOLERANCE[gpu_stack]["fp32"], (model, name, batch)
+    with pytest.raises(ValueError, match=f"profile maximum {high}"):
+        engine.run({input_name: _fields_and_crops(model, high + 1)})
+    with pytest.raises(ValueError, match="outside the engine's optimization profile"):
+        engine.run({input_name: _fields_and_crops(model, 1)[:0]})
+
+
+def test_an_engine_built_on_one_orin_is_refused_on_another(monkeypatch: pytest.MonkeyPatch, shipped_copy: Path):
+    from leukoedge.export.tensorrt import build_engine
+
+    fakes.install(monkeypatch, gpu=fakes.ORIN_NANO_8GB)
+    onnx_file = shipped_copy / "classifier.onnx"
+    build_engine(onnx_file, "fp16")
+    create_backend("tensorrt", onnx_file, precision="fp16")  # accepted where it was built
+    fakes.switch_gpu(fakes.AGX_ORIN_32GB)  # also reports itself as "Orin", compute capability 8.7
+    with pytest.raises(BackendUnavailableError, match="multiprocessors 8 .here 14.*memory_mib") as refusal:
+        create_backend("tensorrt", onnx_file, precision="fp16")
+    assert "leukoedge export --engine" in str(refusal.value)
+
+
+def test_an_int8_engine_is_never_built_from_a_cpu_target_file(monkeypatch: pytest.MonkeyPatch, shipped_copy: Path):
+    from leukoedge import Detector
+
+    fakes.install(monkeypatch)
+    with pytest.raises(BundleError, match=r"never quantized for TensorRT.*classifier\.int8\.onnx.*UINT8.*--target tensorrt"):
+        Detector.load(shipped_copy, backend="tensorrt", precision="int8")
