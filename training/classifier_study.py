@@ -38,6 +38,7 @@ from leukoedge.preprocess.cpu import Box, PreprocessSpec, resize, square_crop_bo
 from leukoedge.result import Cell
 
 from . import data
+from .evaluate import portable_path
 from .metrics import classification_report, mean_std, roc_auc, roc_curve
 from .models import create_model
 from .pipeline import CLASSIFIER_INPUT, CROP_MARGIN, HEADS, SUBTYPES, WBC_TYPES
@@ -541,7 +542,7 @@ def run_study(
             "folds": plan.folds,
             "budget": asdict(plan.budget),
             "seed": SEED,
-            "bundle": str(bundle),
+            "bundle": portable_path(bundle, data_root),
             "torch_threads": torch.get_num_threads(),
             "estimated_seconds": estimate,
         },

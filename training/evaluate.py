@@ -60,6 +60,21 @@ SWEEP_CLASSES = ("background", "cytoplasm", "nucleus")
 EXAMPLE_IMAGES_PER_SOURCE = 2
 BOX_MATCH_IOU = 0.5
 JACCARD_DICE_HOLDS = "Jaccard <= Dice holds for every method, source, region and image"
+# A report is read on other machines: it names files relative to the data folder, the working folder or
+# this repository, never by the absolute path of the machine that made it.
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable_path(path: str | Path, data_root: Path | None = None) -> str:
+    """`path` as a report prints it: "<data>/..." under the data folder given, else relative to the
+    working folder or the repository, else ".../<name>" (a scratch folder means nothing elsewhere)."""
+    resolved = Path(path).resolve()
+    if data_root is not None and resolved.is_relative_to(Path(data_root).resolve()):
+        return (Path("<data>") / resolved.relative_to(Path(data_root).resolve())).as_posix()
+    for base in (Path.cwd().resolve(), REPOSITORY_ROOT):
+        if resolved.is_relative_to(base):
+            return resolved.relative_to(base).as_posix() or "."
+    return f".../{resolved.name}"
 QUICK_LIMIT = 6
 # The quick bundle's segmenter leaves Taleqani and BCCD out, and its classifier ALL-IDB2, so that it also
 # serves as the cross-source bundle.
@@ -114,9 +129,9 @@ def checkpoint_segmenter(checkpoint: Path, evaluated: Bundle) -> tuple[Segmenter
     input_size = tuple(saved["config"]["input_size"])
     own_bundle = checkpoint.parent.parent / checkpoint.stem.removesuffix("-segmenter")
     if (own_bundle / MANIFEST_NAME).is_file():
-        preprocess, origin = load_bundle(own_bundle, verify=False).manifest["preprocess"], f"bundle {own_bundle}"
+        preprocess, origin = load_bundle(own_bundle, verify=False).manifest["preprocess"], f"bundle {portable_path(own_bundle)}"
     else:
-        preprocess, origin = evaluated.manifest["preprocess"], f"the evaluated bundle (no bundle at {own_bundle})"
+        preprocess, origin = evaluated.manifest["preprocess"], f"the evaluated bundle (no bundle at {portable_path(own_bundle)})"
     spec = PreprocessSpec.from_manifest(preprocess)
     postprocess = evaluated.manifest["postprocess"]
 
@@ -359,10 +374,10 @@ def evaluate_cross_source(
     trained = trained_segmentation_sources(cross.bundle)
     classifier_trained = trained_classification_sources(cross.bundle)
     section: dict[str, Any] = {
-        "bundle": str(cross.bundle.root),
+        "bundle": portable_path(cross.bundle.root, data_root),
         "architecture": cross.segmenter_spec.get("architecture"),
         "trained_on": trained,
-        "reference_bundle": str(reference.bundle.root),
+        "reference_bundle": portable_path(reference.bundle.root, data_root),
         "reference_trained_on": trained_segmentation_sources(reference.bundle),
         "split": split,
         "sources": {},
@@ -540,12 +555,12 @@ def evaluate_bundle(
     for cross_source_bundle in cross_source_bundles:
         section, per_image = evaluate_cross_source(Detector.load(cross_source_bundle), detector, data_root, limit, split)
         cross_source.append(section)
-        cross_per_image.update({f"{key}, {cross_source_bundle}": scores for key, scores in per_image.items()})
+        cross_per_image.update({f"{key}, {portable_path(cross_source_bundle, data_root)}": scores for key, scores in per_image.items()})
     violations = jaccard_dice_violations({**comparison.per_image, **cross_per_image})
     report = {
         "date": dt.date.today().isoformat(),
         "quick": quick,
-        "bundle": str(bundle),
+        "bundle": portable_path(bundle, data_root),
         "model_version": detector.bundle.model_version,
         "precisions": dict(detector.precisions),
         "evaluated_split": split,
@@ -556,7 +571,7 @@ def evaluate_bundle(
         ),
         "segmentation": comparison.table,
         "segmenter_checkpoints": {
-            label: {"checkpoint": str(path), "preprocess_from": preprocess_of[label]} for label, path in (segmenter_checkpoints or {}).items()
+            label: {"checkpoint": portable_path(path, data_root), "preprocess_from": preprocess_of[label]} for label, path in (segmenter_checkpoints or {}).items()
         },
         "jaccard_le_dice": {"holds": not violations, "violations": violations},
         "kmeans_k_sweep": sweeps,

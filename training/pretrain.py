@@ -40,6 +40,7 @@ from leukoedge.postprocess import central_box
 from leukoedge.preprocess.cpu import PreprocessSpec
 
 from . import data
+from .evaluate import portable_path
 from .classifier_study import LEARNING_RATE, shrink_for_crops, stratified_folds
 from .metrics import binary_summary, classification_report, mean_std
 from .models import create_model
@@ -451,7 +452,7 @@ def run_pretraining(
     )
     classifier, pretraining = pretrain_simclr(pool, pool_val, spec, simclr_config)
     checkpoint = out_dir / CHECKPOINT_NAME
-    record = {"temperature": TEMPERATURE, "projection_widths": PROJECTION_WIDTHS, "cells_per_source": pool_counts, "bundle": str(bundle)}
+    record = {"temperature": TEMPERATURE, "projection_widths": PROJECTION_WIDTHS, "cells_per_source": pool_counts, "bundle": portable_path(bundle, data_root)}
     save_checkpoint(
         classifier,
         {"config": asdict(simclr_config), "heads": HEADS, "pretraining": f"simclr ({checkpoint})", "heads_trained": False, **record, **pretraining},
@@ -472,8 +473,8 @@ def run_pretraining(
             "projection_widths": list(PROJECTION_WIDTHS),
             "simclr_learning_rate": SIMCLR_LEARNING_RATE,
             "learning_rate": LEARNING_RATE,
-            "bundle": str(bundle),
-            "checkpoint": str(checkpoint),
+            "bundle": portable_path(bundle, data_root),
+            "checkpoint": portable_path(checkpoint, data_root),
             "torch_threads": torch.get_num_threads(),
         },
         "cells": {"pool": pool_counts, "pool_val": pool_val_counts, **counts},

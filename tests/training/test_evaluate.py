@@ -132,7 +132,7 @@ def test_k_sweep_chooses_the_best_scoring_k_on_the_train_split(quick_report) -> 
 def test_cross_source_tests_the_held_out_sources_beside_the_reference(quick_report, cross_source_bundle) -> None:
     report, _ = quick_report
     (cross,) = report["cross_source"]
-    assert cross["bundle"] == str(cross_source_bundle) and cross["trained_on"] == ["wbc-seg-zheng", "all-idb2"]
+    assert cross["bundle"] == evaluate.portable_path(cross_source_bundle) and cross["trained_on"] == ["wbc-seg-zheng", "all-idb2"]
     assert tuple(cross["sources"]) == HELD_OUT
     taleqani = cross["sources"]["all-taleqani"]
     # fields where the authors' threshold failed have no mask to score against: counted, not scored
@@ -163,6 +163,22 @@ def test_a_cross_source_bundle_that_saw_every_source_tests_nothing_and_says_so(t
     markdown = "\n".join(evaluate._cross_source_md({"cross_source": [section]}))
     assert "no `--cross-source-bundle` left a segmentation source out" in markdown
     assert "no `--cross-source-bundle` left ALL-IDB2 out of its classifier" in markdown
+
+
+def test_the_report_names_no_absolute_path_of_the_machine_that_made_it(quick_report, tiny_bundle, cross_source_bundle, data_root) -> None:
+    _, out = quick_report
+    for name in ("evaluation.md", "evaluation.json"):
+        text = (out / name).read_text()
+        for machine_path in (tiny_bundle, cross_source_bundle, Path(data_root).resolve(), Path.cwd().resolve()):
+            assert str(machine_path) not in text, (name, machine_path)
+
+
+def test_portable_path_is_relative_to_the_data_folder_the_working_folder_or_the_repository(tmp_path: Path) -> None:
+    data_root = tmp_path / "data"
+    assert evaluate.portable_path(data_root / "bccd" / "a.jpg", data_root) == "<data>/bccd/a.jpg"
+    assert evaluate.portable_path(evaluate.REPOSITORY_ROOT / "models" / "default") == "models/default"
+    assert evaluate.portable_path(Path("models/default")) == "models/default"
+    assert evaluate.portable_path(tmp_path / "scratch" / "default") == ".../default"
 
 
 def test_classification_sections_stay(quick_report) -> None:
