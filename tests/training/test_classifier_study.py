@@ -103,7 +103,7 @@ def test_quick_study_writes_every_table_and_plot(quick_study: tuple[dict, Path])
 
 def test_quick_study_tests_every_cell_once_and_scores_stay_in_range(quick_study: tuple[dict, Path]) -> None:
     study, _ = quick_study
-    for task, report in study["tasks"].items():
+    for report in study["tasks"].values():
         for by_loss in report["results"].values():
             for run in by_loss.values():
                 assert int(np.sum(run["confusion_matrix"])) == report["cells"]
