@@ -7,14 +7,17 @@ and the Reinhard gains, on the GPU, so nothing waits for the host; (3) Reinhard 
 L*a*b*, back to RGB, mean/std normalization, written as CHW into the zeroed (= mean colour)
 letterboxed tensor. The frame is taken from the GPU as is (a pycuda GPUArray) or copied there once.
 
-Tolerance against cpu.prepare_frame, per tensor element: |cuda - cpu| <= 0.12, mean <= 0.005
+Tolerance against cpu.prepare_frame, per tensor element: |cuda - cpu| <= 0.12, mean <= 0.01
 (units of the normalized input, where one uint8 level is about 0.016). Where it comes from:
 OpenCV's float RGB->L*a*b* interpolates a 3-D lookup table (up to ~0.5 L*a*b* units off the exact
 formula these kernels use), and its uint8 bilinear resize uses fixed-point weights (one level off
-at some pixels when enlarging). A numpy transliteration of these kernels measured 0.033 max and
-0.003 mean on BCCD, ALL-IDB2 and PBC frames, and up to 0.095 max (0.001 mean) on one of 12 BCCD
-fields, where a dark pixel sits near the Lab cube-root knee; tests/runtime/test_preprocess_cuda.py checks the
-kernels themselves where a GPU is present.
+at some pixels when enlarging); the Reinhard gains (reference std / frame std) multiply both. A numpy
+transliteration of these kernels measured 0.033 max and 0.003 mean on BCCD, ALL-IDB2 and PBC frames,
+and up to 0.095 max (0.001 mean) on one of 12 BCCD fields, where a dark pixel sits near the Lab
+cube-root knee. The kernels themselves, run by the CPU emulation in CI (tests/runtime/cuda_emulator),
+measured 0.036 max and at most 0.003 mean on whole frames, and 0.066 max, 0.0054 mean on a pale
+90x100 piece of a field enlarged 1.9x, whose b* gain is 4.2 (hence a mean bound of 0.01, not 0.005).
+tests/runtime/test_preprocess_cuda.py checks this on the emulation and, where there is one, on a GPU.
 
 Cell crops for the classifier stay on the CPU (cpu.prepare_crops): a few 64x64 crops per frame.
 The kernels (kernels.cu) use double-precision sums but no double atomics, so any CUDA GPU runs them.

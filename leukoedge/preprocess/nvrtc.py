@@ -47,8 +47,20 @@ def load_nvrtc() -> ctypes.CDLL:
             library = ctypes.CDLL(path)
         except OSError:
             continue
+        _preload_builtins(Path(path).parent)
         return _declare(library)
     raise BackendUnavailableError(f"CUDA preprocessing compiles its kernels with NVRTC, and no libnvrtc was found: {INSTALL_NVRTC}")
+
+
+def _preload_builtins(folder: Path) -> None:
+    """libnvrtc dlopens libnvrtc-builtins by name when it compiles, found through libnvrtc's own
+    search path; a process whose dlopen is intercepted (AddressSanitizer's is) loses that path, and
+    the compile fails. Loaded beforehand from libnvrtc's folder, the name resolves to it."""
+    for builtins in sorted(folder.glob("libnvrtc-builtins.so*")):
+        try:
+            ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:

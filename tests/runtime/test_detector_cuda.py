@@ -1,8 +1,9 @@
 """Detector on the CUDA paths: preprocess="cuda" (pycuda kernels) and backend="onnxruntime-cuda".
 
 Everywhere: what is missing is refused with what to install, never run on the CPU behind the caller's back.
-Where pycuda and a CUDA GPU (or onnxruntime-gpu's CUDA provider) are present: results against the CPU
-reference on real BCCD fields, run on the shipped bundle (a barely trained bundle's near-tied
+preprocess="cuda" also runs on the CPU emulation of the kernels (tests/runtime/cuda_emulator: the real
+kernels.cu as host C++ behind stand-in pycuda modules), so CI runs it with no GPU. Where pycuda and a
+CUDA GPU (or onnxruntime-gpu's CUDA provider) are present: results against the CPU reference on real BCCD fields, run on the shipped bundle (a barely trained bundle's near-tied
 probabilities would flip on any difference). Tolerances:
 - preprocess="cuda": label maps agree on >= 99 % of pixels and the verdict (cell count, blast count)
   and the cells' labels are the same. Cell boxes are not compared: where touching cells are split, the
@@ -20,12 +21,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import cuda_emulator
 import numpy as np
 import pytest
 
 from leukoedge import BackendUnavailableError, Detector
 from leukoedge.backends import create_backend
 from leukoedge.bundle import bundle_models, load_bundle
+from leukoedge.preprocess import nvrtc
 from leukoedge.preprocess.cpu import prepare_crops, prepare_frame
 
 SHIPPED_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
@@ -39,11 +42,58 @@ def _cuda_provider_present() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+@pytest.fixture
+def emulated_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """pycuda replaced by the CPU emulation for one test; the host build's path."""
+    library = cuda_emulator.build(cuda_emulator.library_folder(request))
+    cuda_emulator.install(monkeypatch, library)
+    return library
+
+
+@pytest.fixture(params=["emulated", "gpu"])
+def cuda_runtime(request: pytest.FixtureRequest) -> str:
+    if request.param == "emulated":
+        request.getfixturevalue("emulated_gpu")
+    elif importlib.util.find_spec("pycuda") is None:
+        pytest.skip("CUDA preprocessing on a GPU needs pycuda and a CUDA GPU: pip install 'leukoedge[jetson]'")
+    return request.param
+
 
 def test_cuda_preprocessing_without_pycuda_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "pycuda", None)  # as if it were not installed, on any machine
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
     with pytest.raises(BackendUnavailableError, match=r"pycuda: pip install 'leukoedge\[jetson\]'"):
+        Detector.load(SHIPPED_BUNDLE, preprocess="cuda")
+
+
+def test_cuda_preprocessing_needs_no_nvcc_on_path(emulated_gpu: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    # Stock JetPack leaves /usr/local/cuda/bin off PATH; pycuda's SourceModule then fails asking nvcc
+    # its version (the stand-in's SourceModule fails the same way). NVRTC needs no PATH.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    try:
+        detector = Detector.load(SHIPPED_BUNDLE, preprocess="cuda")
+    except BackendUnavailableError as error:
+        cuda_emulator.missing(f"the kernels compile with NVRTC: {error}")
+    assert detector.preprocess_name == "cuda"
+    frame = np.random.default_rng(1).integers(0, 256, (120, 160, 3), np.uint8)
+    assert np.isfinite(detector.prepare_frame(frame).tensor).all()
+
+
+def test_cuda_preprocessing_without_nvrtc_names_the_package_to_install(emulated_gpu: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(nvrtc, "_candidate_paths", lambda: ["/nonexistent/libnvrtc.so.12"])
+    nvrtc.load_nvrtc.cache_clear()
+    try:
+        with pytest.raises(BackendUnavailableError, match=r"no libnvrtc was found: pip install 'nvidia-cuda-nvrtc-cu12"):
+            Detector.load(SHIPPED_BUNDLE, preprocess="cuda")
+    finally:
+        nvrtc.load_nvrtc.cache_clear()
+
+
+def test_an_nvrtc_newer_than_the_driver_is_refused_with_the_matching_one_named(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    # JetPack 5's driver is CUDA 11.4: code from NVRTC 12 would not load there.
+    cuda_emulator.install(monkeypatch, cuda_emulator.build(cuda_emulator.library_folder(request)), compute_capability=(7, 2), driver_version=11040)
+    monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (12, 6))
+    with pytest.raises(BackendUnavailableError, match=r"NVRTC 12.6 makes code that this CUDA 11.4 driver cannot load.*nvidia-cuda-nvrtc-cu11"):
         Detector.load(SHIPPED_BUNDLE, preprocess="cuda")
 
 
@@ -86,16 +136,17 @@ def test_fp16_stays_tensorrt_only_on_onnxruntime_cuda():
         Detector.load(SHIPPED_BUNDLE, backend="onnxruntime-cuda", precision="fp16")
 
 
-def _detector_or_skip(**options: str) -> Detector:
+def _detector_or_skip(runtime: str = "gpu", **options: str) -> Detector:
     try:
         return Detector.load(SHIPPED_BUNDLE, **options)
     except BackendUnavailableError as error:
+        if runtime == "emulated":
+            cuda_emulator.missing(f"the kernels compile with NVRTC: {error}")
         pytest.skip(f"no CUDA here: {error}")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pycuda") is None, reason="CUDA preprocessing needs pycuda and a CUDA GPU: pip install 'leukoedge[jetson]'")
-def test_cuda_preprocessing_finds_the_cells_and_labels_of_the_cpu_reference(smear_fields: list[np.ndarray]):
-    on_gpu = _detector_or_skip(preprocess="cuda")
+def test_cuda_preprocessing_finds_the_cells_and_labels_of_the_cpu_reference(cuda_runtime: str, smear_fields: list[np.ndarray]):
+    on_gpu = _detector_or_skip(cuda_runtime, preprocess="cuda")
     assert on_gpu.preprocess_name == "cuda"
     reference = Detector.load(SHIPPED_BUNDLE)
     for index, field in enumerate(smear_fields):

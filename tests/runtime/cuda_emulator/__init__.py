@@ -22,7 +22,9 @@ from __future__ import annotations
 import bisect
 import ctypes
 import hashlib
+import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -30,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+
+from leukoedge.preprocess.cuda import KERNEL_SOURCE  # the very file CudaPreprocessor compiles with NVRTC
 
 HERE = Path(__file__).resolve().parent
-KERNEL_SOURCE = HERE.parents[2] / "leukoedge" / "preprocess" / "kernels.cu"
 _POISON = 0xFF  # every float32/float64 made of these bytes is a NaN
 _ARGUMENT_TYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int32, "I": ctypes.c_uint32, "f": ctypes.c_float, "d": ctypes.c_double}
 
@@ -41,19 +45,31 @@ def kernel_names(source: str) -> list[str]:
     return re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)', source)
 
 
-def build(out_dir: Path, sanitize: bool = False) -> Path:
-    """kernels.cu + the shim -> a shared library in out_dir (reused while the sources are unchanged)."""
-    source = KERNEL_SOURCE.read_text()
+def missing(what: str) -> None:
+    """Skip for want of a tool, except in CI (CI=true), whose set-up installs them all: there it fails."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the CUDA emulation, but {what}")
+    pytest.skip(what)
+
+
+def build(out_dir: Path, sanitize: bool = False, kernel_source: Path = KERNEL_SOURCE) -> Path:
+    """kernels.cu + the shim -> a shared library in out_dir (reused while the sources are unchanged).
+    kernel_source: another .cu file (a test's deliberately broken kernel)."""
+    if shutil.which("g++") is None:
+        missing("the CUDA emulation compiles the kernels with g++, which is not on PATH (apt-get install g++)")
+    source = kernel_source.read_text()
     flags = ["-std=c++20", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-sign-compare", f"-I{HERE}"]
     flags += ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else ["-O2"]
-    defines = [f'-DKERNEL_SOURCE="{KERNEL_SOURCE}"', f"-DKERNELS(X)={' '.join(f'X({name})' for name in kernel_names(source))}"]
-    inputs = [KERNEL_SOURCE, HERE / "cuda_host_shim.h", HERE / "launch.cpp"]
+    defines = [f'-DKERNEL_SOURCE="{kernel_source}"', f"-DKERNELS(X)={' '.join(f'X({name})' for name in kernel_names(source))}"]
+    inputs = [kernel_source, HERE / "cuda_host_shim.h", HERE / "launch.cpp"]
     key = hashlib.sha256(b"".join(path.read_bytes() for path in inputs) + " ".join(flags + defines).encode()).hexdigest()[:16]
     library = out_dir / f"kernels-{key}{'-asan' if sanitize else ''}.so"
     if not library.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
-        partial = library.with_suffix(f".{id(library)}.tmp")
-        subprocess.run(["g++", *flags, *defines, str(HERE / "launch.cpp"), "-o", str(partial)], check=True, capture_output=True, text=True)
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        compiled = subprocess.run(["g++", *flags, *defines, str(HERE / "launch.cpp"), "-o", str(partial)], capture_output=True, text=True)
+        if compiled.returncode != 0:
+            raise RuntimeError(f"g++ could not build {kernel_source.name} as host C++:\n{compiled.stderr}")
         partial.replace(library)
     return library
 
@@ -283,3 +299,9 @@ def install(monkeypatch: Any, library: Path, **device: Any) -> dict[str, types.M
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     return modules
+
+
+def library_folder(request: Any) -> Path:
+    """Where builds are kept between test runs: pytest's cache (a fresh temporary folder without it)."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("cuda-emulator") if cache is not None else request.getfixturevalue("tmp_path_factory").mktemp("cuda-emulator")

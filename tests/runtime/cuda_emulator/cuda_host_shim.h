@@ -1,8 +1,8 @@
 // The CUDA built-ins kernels.cu uses, for compiling it as host C++ (tests only; see __init__.py).
 //
-// Blocks run one after another; the threads of a block run at once, one host thread per CUDA
-// thread, so __shared__ can be a function-local static: every thread of the running block sees
-// the same array, as on the GPU. __syncthreads is a barrier across those host threads.
+// Blocks run one after another, each CUDA thread of a block as a fiber of its own (launch.cpp), so
+// __shared__ can be a function-local static: every thread of the running block sees the same
+// array, as on the GPU. __syncthreads is a barrier across those fibers.
 #pragma once
 
 #include <algorithm>
@@ -20,8 +20,8 @@ inline float3 make_float3(float x, float y, float z) { return float3{x, y, z}; }
 using std::min;
 using std::max;
 
-// Each host thread is one CUDA thread: its indices are thread-local. Launches never overlap.
-inline thread_local uint3 threadIdx, blockIdx;
+// Set by the launcher before it resumes a fiber. Launches never overlap.
+inline uint3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 void __syncthreads();

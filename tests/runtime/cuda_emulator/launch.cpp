@@ -5,14 +5,16 @@
 #include "cuda_host_shim.h"
 #include KERNEL_SOURCE
 
-#include <atomic>
-#include <barrier>
+#include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -53,42 +55,92 @@ template <typename... Params> Kernel describe(void (*kernel)(Params...)) {
 #define DESCRIBE(name) {#name, describe(name)},
 const std::map<std::string, Kernel> kernels = {KERNELS(DESCRIBE)};
 
-struct Aborted {};
+// One fiber (a user-level thread: its own stack and registers) per CUDA thread of a block, run in
+// turn on one host thread: each runs until it reaches __syncthreads or leaves the kernel, then the
+// next one runs. A round ends when every fiber has stopped; the barrier opens when all stopped at
+// __syncthreads, the block ends when all left. A round where some did each is a divergent
+// __syncthreads (undefined on a GPU) and fails the launch. Running the fibers in a fixed order
+// makes a missing __syncthreads give the same wrong answer every run.
+constexpr std::size_t STACK_BYTES = 256 * 1024;  // the kernels need little; AddressSanitizer's redzones more
 
-// One barrier for __syncthreads and for the end of each block. Every thread of a block must take
-// the same path through it: a phase that some threads reach through __syncthreads and others by
-// leaving the block is a divergent __syncthreads (undefined on a GPU), and fails the launch.
-struct BlockBarrier {
-    std::atomic<int> at_sync{0}, at_end{0};
-    std::atomic<bool> failed{false};
-    std::string error;
-    struct Completion {
-        BlockBarrier* owner;
-        void operator()() noexcept {
-            if (owner->at_sync.load() && owner->at_end.load() && !owner->failed.exchange(true))
-                owner->error = "__syncthreads() reached by " + std::to_string(owner->at_sync.load()) + " threads of block (" +
-                               std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) + ") while " +
-                               std::to_string(owner->at_end.load()) + " had left it";
-            owner->at_sync = 0;
-            owner->at_end = 0;
-        }
-    };
-    std::barrier<Completion> barrier;
-    explicit BlockBarrier(std::ptrdiff_t threads) : barrier(threads, Completion{this}) {}
-
-    void wait(bool leaving) {
-        (leaving ? at_end : at_sync).fetch_add(1);
-        barrier.arrive_and_wait();
-        if (failed.load()) throw Aborted{};
-    }
+struct Fiber {
+    ucontext_t context;
+    uint3 index;
+    bool left;  // returned from the kernel
+    void* stack;
 };
 
-BlockBarrier* current = nullptr;
+struct Launch {
+    const Kernel* kernel;
+    void** args;
+    std::vector<Fiber> fibers;
+    std::size_t running;
+    ucontext_t scheduler, blank;
+    void* scheduler_fake_stack = nullptr;
+} launch;
+
+#if defined(__SANITIZE_ADDRESS__)
+// AddressSanitizer must be told of each switch of stacks, or it reports the fibers' frames as overflows.
+void* fiber_fake_stack = nullptr;
+const void* scheduler_stack_bottom = nullptr;
+std::size_t scheduler_stack_size = 0;
+void to_fiber(Fiber& fiber) {
+    __sanitizer_start_switch_fiber(&launch.scheduler_fake_stack, fiber.stack, STACK_BYTES);
+    swapcontext(&launch.scheduler, &fiber.context);
+    __sanitizer_finish_switch_fiber(launch.scheduler_fake_stack, nullptr, nullptr);
+}
+void to_scheduler(Fiber& fiber, bool leaving) {
+    __sanitizer_start_switch_fiber(leaving ? nullptr : &fiber_fake_stack, scheduler_stack_bottom, scheduler_stack_size);
+    swapcontext(&fiber.context, &launch.scheduler);
+    __sanitizer_finish_switch_fiber(fiber_fake_stack, &scheduler_stack_bottom, &scheduler_stack_size);
+}
+void fiber_started() { __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack_bottom, &scheduler_stack_size); }
+#else
+void to_fiber(Fiber& fiber) { swapcontext(&launch.scheduler, &fiber.context); }
+void to_scheduler(Fiber& fiber, bool) { swapcontext(&fiber.context, &launch.scheduler); }
+void fiber_started() {}
+#endif
+
+void fiber_main() {
+    fiber_started();
+    Fiber& fiber = launch.fibers[launch.running];
+    launch.kernel->call(launch.kernel->kernel, launch.args);
+    fiber.left = true;
+    to_scheduler(fiber, true);
+}
+
+// Runs one block; an empty string on success, else what went wrong.
+std::string run_block() {
+    for (Fiber& fiber : launch.fibers) {
+        fiber.context = launch.blank;
+        fiber.context.uc_stack.ss_sp = fiber.stack;
+        fiber.context.uc_stack.ss_size = STACK_BYTES;
+        fiber.context.uc_link = nullptr;
+        fiber.left = false;
+        makecontext(&fiber.context, fiber_main, 0);
+    }
+    for (;;) {
+        std::size_t at_barrier = 0, left = 0;
+        for (std::size_t i = 0; i < launch.fibers.size(); ++i) {
+            Fiber& fiber = launch.fibers[i];
+            if (fiber.left) continue;
+            launch.running = i;
+            threadIdx = fiber.index;
+            to_fiber(fiber);
+            ++(fiber.left ? left : at_barrier);
+        }
+        if (at_barrier == 0) return "";
+        if (at_barrier != launch.fibers.size())
+            return "__syncthreads() reached by " + std::to_string(at_barrier) + " threads of block (" + std::to_string(blockIdx.x) + ", " +
+                   std::to_string(blockIdx.y) + ") while " + std::to_string(launch.fibers.size() - at_barrier) + " had left it";
+    }
+}
+
 std::mutex one_launch_at_a_time;
 
 }  // namespace
 
-void __syncthreads() { current->wait(false); }
+void __syncthreads() { to_scheduler(launch.fibers[launch.running], false); }
 
 extern "C" {
 
@@ -108,33 +160,29 @@ int emulate_launch(const char* name, unsigned grid_x, unsigned grid_y, unsigned 
         return 1;
     }
     std::lock_guard<std::mutex> lock(one_launch_at_a_time);
-    const Kernel& kernel = found->second;
-    BlockBarrier barrier(threads);
-    current = &barrier;
-    blockDim = dim3{block_x, block_y, block_z};
-    gridDim = dim3{grid_x, grid_y, grid_z};
-    auto cuda_thread = [&](uint3 thread) {
-        threadIdx = thread;
-        try {
-            for (unsigned z = 0; z < grid_z; ++z)
-                for (unsigned y = 0; y < grid_y; ++y)
-                    for (unsigned x = 0; x < grid_x; ++x) {
-                        blockIdx = uint3{x, y, z};
-                        kernel.call(kernel.kernel, args);
-                        barrier.wait(true);
-                    }
-        } catch (const Aborted&) {
-        }
-    };
-    std::vector<std::thread> workers;
-    workers.reserve(threads);
+    launch.kernel = &found->second;
+    launch.args = args;
+    launch.fibers.assign(threads, Fiber{});
+    getcontext(&launch.blank);
+    std::size_t next = 0;
     for (unsigned z = 0; z < block_z; ++z)
         for (unsigned y = 0; y < block_y; ++y)
-            for (unsigned x = 0; x < block_x; ++x) workers.emplace_back(cuda_thread, uint3{x, y, z});
-    for (auto& worker : workers) worker.join();
-    current = nullptr;
-    if (barrier.failed.load()) {
-        std::snprintf(error, error_size, "%s: %s", name, barrier.error.c_str());
+            for (unsigned x = 0; x < block_x; ++x) {
+                launch.fibers[next].index = uint3{x, y, z};
+                launch.fibers[next++].stack = std::malloc(STACK_BYTES);
+            }
+    blockDim = dim3{block_x, block_y, block_z};
+    gridDim = dim3{grid_x, grid_y, grid_z};
+    std::string failure;
+    for (unsigned z = 0; z < grid_z && failure.empty(); ++z)
+        for (unsigned y = 0; y < grid_y && failure.empty(); ++y)
+            for (unsigned x = 0; x < grid_x && failure.empty(); ++x) {
+                blockIdx = uint3{x, y, z};
+                failure = run_block();
+            }
+    for (Fiber& fiber : launch.fibers) std::free(fiber.stack);
+    if (!failure.empty()) {
+        std::snprintf(error, error_size, "%s: %s", name, failure.c_str());
         return 1;
     }
     return 0;
