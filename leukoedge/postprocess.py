@@ -69,6 +69,8 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
     # Every pixel of a component goes to the nearest cell of the same component.
     _, nearest = cv2.distanceTransformWithLabels((markers == 0).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
     cell_ys, cell_xs = np.nonzero(markers)  # DIST_LABEL_PIXEL numbers these 1.. in the same row-major order
+    if not cell_ys.size:  # the split lines took every seed (a strip 2 px thin along the edge): no cell to refill
+        return markers
     refill = (mask > 0) & (markers == 0)
     source = nearest[refill] - 1
     same_component = components[cell_ys[source], cell_xs[source]] == components[refill]

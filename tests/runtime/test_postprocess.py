@@ -226,3 +226,11 @@ def test_box_by_box_masks_hold_every_pixel_of_their_cell_in_the_frame(frame_shap
     np.testing.assert_array_equal(frame_labels, reference)
     everything = placement.label_map_to_frame(label_map) != BACKGROUND
     assert (frame_labels != BACKGROUND).sum() == everything.sum()  # nothing of any cell lost at a box edge
+
+
+def test_split_touching_of_a_strip_the_split_lines_swallow_finds_no_cell():
+    # A 2 px strip along the frame's edge (a small crop's segmenter output) lost every seed to the
+    # watershed's lines and then crashed Detector.run with an IndexError.
+    mask = np.zeros((40, 40), np.uint8)
+    mask[38:40, 5:30] = 1
+    assert split_touching(mask, MIN_AREA).max() == 0
