@@ -3,6 +3,11 @@
 The manifest is the single source of truth about the models: inputs, preprocessing, class names,
 thresholds, frame limits, training data and metrics. Every file it lists carries a sha256 that
 load_bundle checks, so a modified or truncated model is refused instead of giving wrong answers.
+
+What a manifest must hold is written once, in SECTIONS; check_models holds the opened models against
+it at load (Detector runs it). Sizes are checked before anything is read, archives before anything
+is extracted, and an optional Ed25519 signature (leukoedge/signing.py) ties the manifest to a key the
+integrator pins. Every refusal is a BundleError naming the key or file at fault (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from leukoedge.errors import BundleError
+import numpy as np
+
+from leukoedge.errors import BundleError, LeukoedgeError
+from leukoedge.signing import SIGNATURE_NAME, KeyLike, signature_text, verify_signature
+
+if TYPE_CHECKING:
+    from leukoedge.backends.base import Backend
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -57,104 +68,323 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Sizes checked before anything is read. The default bundle's manifest is 26 KB and its largest file 1.7 MB;
+# without these, a 2 GB manifest.json took 4.2 GB of memory before it was refused (issue 23).
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_FILE_BYTES = 1 << 30  # any one file of a bundle; ONNX Runtime cannot parse a model over 2 GiB anyway
+MAX_FILES = 100  # files one manifest lists
+MAX_ARCHIVE_BYTES = 2 << 30  # everything a bundle archive unpacks to, as its members declare it
+MAX_ARCHIVE_MEMBERS = 1000
+MAX_SIGNATURE_BYTES = 1024
+
+# Ranges of manifest values: wide for any bundle meant for a microscope camera, narrow enough that no value
+# makes a frame allocate gigabytes, overflow a float, or divide by zero.
+MAX_INPUT_SIDE = 4096  # px, a model input's height or width
+MAX_FRAME_SIDE = 16384  # px, the most limits.max_frame_side may allow
+MAX_CROP_MARGIN = 1.0  # a cell crop grows by at most the cell's side on each edge
+MAX_CLASSES = 1000
+MAX_TEXT = 1000  # characters of a name, file name or date
+_MAX_INT = 2**53  # beyond this an integer is no longer exact as a float, and 10**400 overflows one
+
+SEGMENTATION_CLASSES = 3  # the runtime's label convention: 0 background, 1 cytoplasm, 2 nucleus (result.py)
+BLAST_HEAD, BLAST_CLASS = "blast", "blast"  # the verdict reads this head's class, whatever the primary head
+
+
+def _shown(value: Any) -> str:
+    """A value as a refusal quotes it: repr, cut short (a manifest may hold a megabyte-long list)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value)
+    # isprintable() refuses NUL bytes, newlines and other control characters in names and file names.
+    return isinstance(value, str) and 0 < len(value) <= MAX_TEXT and value.isprintable()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -_MAX_INT <= value <= _MAX_INT
 
 
 def _is_number(value: Any) -> bool:
     # json.loads accepts NaN and Infinity; as a mean, std or threshold they would silently poison every frame.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_fraction(value: Any) -> bool:
-    return _is_number(value) and 0.0 <= value <= 1.0
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_numbers(length: int) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, list) and len(value) == length and all(_is_number(item) for item in value)
-
-
-def _is_size(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_is_count(item) and item > 0 for item in value)
-
-
-def _is_names(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(_is_text(item) for item in value)
-
-
-def _is_table(value: Any) -> bool:
-    return isinstance(value, dict)
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _is_bool(value: Any) -> bool:
     return isinstance(value, bool)
 
 
-# section ("" = top level) -> key -> (check, what the check expects)
-_REQUIRED: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "": {
-        "name": (_is_text, "a non-empty string"),
-        "model_version": (_is_text, "a non-empty string"),
-        "created": (_is_text, "an ISO date string"),
-        "files": (_is_table, "an object of file name -> sha256"),
-        "preprocess": (_is_table, "an object"),
-        "segmenter": (_is_table, "an object"),
-        "classifier": (_is_table, "an object"),
-        "postprocess": (_is_table, "an object"),
-        "verdict": (_is_table, "an object"),
-        "limits": (_is_table, "an object"),
-        "training": (_is_table, "an object"),
-    },
-    "preprocess": {
-        "channel_order": (lambda value: value in ("RGB", "BGR"), '"RGB" or "BGR"'),
-        "mean": (_is_numbers(3), "3 numbers"),
-        "std": (lambda value: _is_numbers(3)(value) and all(item > 0 for item in value), "3 positive numbers"),
-        "stain_reference": (lambda value: value is None or isinstance(value, dict), "an object or null"),
-    },
-    "segmenter": {
-        "file": (_is_text, "a file name"),
-        "input": (_is_text, "an input name"),
-        "output": (_is_text, "an output name"),
-        "input_size": (_is_size, "[H, W], positive integers"),
-        "classes": (_is_names, "a list of class names"),
-        "architecture": (_is_text, "an architecture name"),
-    },
-    "classifier": {
-        "file": (_is_text, "a file name"),
-        "input": (_is_text, "an input name"),
-        "input_size": (_is_size, "[H, W], positive integers"),
-        "crop_margin": (lambda value: _is_number(value) and value >= 0, "a number >= 0"),
-        "primary_head": (_is_text, "a head name"),
-        "heads": (lambda value: isinstance(value, dict) and bool(value), "an object of head name -> {output, classes}"),
-    },
-    "refiner": {  # optional section: checked only where the bundle has a refiner
-        "file": (_is_text, "a file name"),
-        "input": (_is_text, "an input name"),
-        "output": (_is_text, "an output name"),
-        "input_size": (_is_size, "[H, W], positive integers"),
-        "crop_margin": (lambda value: _is_number(value) and value >= 0, "a number >= 0"),
-        "classes": (_is_names, "a list of class names"),
-        "architecture": (_is_text, "an architecture name"),
-    },
-    "postprocess": {
-        "min_cell_area_px": (_is_count, "an integer >= 0"),
-        "split_touching": (_is_bool, "true or false"),
-    },
-    "verdict": {
-        "blast_threshold": (_is_fraction, "a number in [0, 1]"),
-        "flag_fraction": (_is_fraction, "a number in [0, 1]"),
-    },
-    "limits": {
-        "min_frame_side": (lambda value: _is_count(value) and value > 0, "an integer > 0"),
-        "max_frame_side": (lambda value: _is_count(value) and value > 0, "an integer > 0"),
-    },
+def _is_names(count: int | None = None) -> Callable[[Any], bool]:
+    """A list of distinct names: `count` of them, or 1 to MAX_CLASSES."""
+
+    def check(value: Any) -> bool:
+        if not (isinstance(value, list) and all(_is_text(item) for item in value) and len(set(value)) == len(value)):
+            return False
+        return len(value) == count if count is not None else 0 < len(value) <= MAX_CLASSES
+
+    return check
+
+
+@dataclass(frozen=True)
+class Key:
+    """One manifest key: how its value is checked, and what a refusal says was expected."""
+
+    check: Callable[[Any], bool]
+    expected: str
+    optional: bool = False
+
+
+def _text(what: str, optional: bool = False) -> Key:
+    return Key(_is_text, f"{what} (printable, 1 to {MAX_TEXT} characters)", optional)
+
+
+def _integer(low: int, high: int, optional: bool = False) -> Key:
+    return Key(lambda value: _is_int(value) and low <= value <= high, f"an integer in [{low}, {high}]", optional)
+
+
+def _number(low: float, high: float, optional: bool = False) -> Key:
+    return Key(lambda value: _is_number(value) and low <= value <= high, f"a number in [{low:g}, {high:g}]", optional)
+
+
+def _numbers(count: int, low: float, high: float) -> Key:
+    return Key(
+        lambda value: isinstance(value, list) and len(value) == count and all(_is_number(item) and low <= item <= high for item in value),
+        f"{count} numbers in [{low:g}, {high:g}]",
+    )
+
+
+def _names(what: str, count: int | None = None) -> Key:
+    how_many = f"{count}" if count is not None else f"1 to {MAX_CLASSES}"
+    return Key(_is_names(count), f"a list of {how_many} distinct {what}")
+
+
+_INPUT_SIZE = Key(
+    lambda value: isinstance(value, list) and len(value) == 2 and all(_is_int(side) and 1 <= side <= MAX_INPUT_SIDE for side in value),
+    f"[H, W], integers in [1, {MAX_INPUT_SIDE}]",
+)
+_CROP_MARGIN = _number(0.0, MAX_CROP_MARGIN)
+_FLOPS = Key(lambda value: _is_number(value) and value >= 0, "a number >= 0", optional=True)
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """An output a model must return for a batch of one: its name, shape (None: any size), and the manifest
+    key that declares it (named in refusals). Along axis 1 every output holds class probabilities."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    declared_by: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One object of the manifest.
+
+    keys: what each key must hold. constraints: (section, manifest) -> problems, between keys or with
+    other sections, run once every key of the manifest has the right type. outputs: for a model section,
+    what its model returns (check_models runs it at load). optional: checked only where the manifest has it.
+    """
+
+    keys: dict[str, Key]
+    constraints: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None
+    outputs: Callable[[dict[str, Any]], list[ModelOutput]] | None = None
+    optional: bool = False
+
+
+def _stain_problems(preprocess: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    stain = preprocess["stain_reference"]
+    lab_mean, lab_std = (stain.get(key) if isinstance(stain, dict) else None for key in ("lab_mean", "lab_std"))
+    # OpenCV's float L*a*b*: L in 0..100, a and b in about -128..127.
+    mean_ok = isinstance(lab_mean, list) and len(lab_mean) == 3 and all(_is_number(v) for v in lab_mean) and 0 <= lab_mean[0] <= 100
+    mean_ok = mean_ok and all(-128 <= v <= 128 for v in lab_mean[1:])
+    std_ok = isinstance(lab_std, list) and len(lab_std) == 3 and all(_is_number(v) and 0 < v <= 200 for v in lab_std)
+    if stain is None or (stain.get("method") == "reinhard" and mean_ok and std_ok):
+        return []
+    return [
+        'preprocess.stain_reference must be {"method": "reinhard", "lab_mean": [L 0..100, a, b -128..128], '
+        f'"lab_std": [3 numbers in (0, 200]]}} or null, got {_shown(stain)}'
+    ]
+
+
+def _head_problems(classifier: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    heads, problems = classifier["heads"], []
+    for head, spec in heads.items():
+        if not (_is_text(head) and isinstance(spec, dict) and _is_text(spec.get("output")) and _is_names()(spec.get("classes"))):
+            problems.append(f'classifier.heads.{head} must be {{"output": name, "classes": [distinct names]}}, got {_shown(spec)}')
+    if problems:
+        return problems
+    outputs = [spec["output"] for spec in heads.values()]
+    if len(set(outputs)) != len(outputs):
+        problems.append(f"classifier.heads name one output twice: {outputs}")
+    if classifier["primary_head"] not in heads:
+        problems.append(f"classifier.primary_head {classifier['primary_head']!r} is not one of the heads {sorted(heads)}")
+    if BLAST_CLASS not in heads.get(BLAST_HEAD, {}).get("classes", []):
+        problems.append(f"classifier.heads must have a {BLAST_HEAD!r} head with a {BLAST_CLASS!r} class (the frame verdict counts it), got {sorted(heads)}")
+    return problems
+
+
+def _limit_problems(limits: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    if limits["min_frame_side"] > limits["max_frame_side"]:
+        return [f"limits.min_frame_side {limits['min_frame_side']} exceeds limits.max_frame_side {limits['max_frame_side']}"]
+    return []
+
+
+def _label_map_outputs(section: str, same_size: bool) -> Callable[[dict[str, Any]], list[ModelOutput]]:
+    """A segmentation model: class probabilities per pixel, at its input's size where the runtime maps them
+    back pixel for pixel (the field segmenter; the refiner's crops are resized anyway)."""
+
+    def outputs(spec: dict[str, Any]) -> list[ModelOutput]:
+        height, width = spec["input_size"] if same_size else (None, None)
+        return [ModelOutput(spec["output"], (1, len(spec["classes"]), height, width), f"{section}.output and {section}.classes")]
+
+    return outputs
+
+
+def _head_outputs(classifier: dict[str, Any]) -> list[ModelOutput]:
+    return [ModelOutput(spec["output"], (1, len(spec["classes"])), f"classifier.heads.{head}") for head, spec in classifier["heads"].items()]
+
+
+def _precision_problems(precisions: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The "precisions" section written by `leukoedge calibrate`: calibration settings, per model and
+    precision the file, its measured speed and (int8) the accuracy gate it passed."""
+    problems = []
+    calibration = precisions.get("calibration")
+    if not (isinstance(calibration, dict) and calibration.get("method") in CALIBRATION_METHODS):
+        problems.append(f"precisions.calibration must be an object with method one of {CALIBRATION_METHODS}, got {_shown(calibration)}")
+    elif not _is_text(calibration.get("calibration_set")) or calibration["calibration_set"] not in manifest["files"]:
+        problems.append(f"precisions.calibration.calibration_set {_shown(calibration.get('calibration_set'))} is not listed in files")
+    for model in bundle_models(manifest):
+        entry = precisions.get(model)
+        if not isinstance(entry, dict) or set(entry) - set(BUNDLE_PRECISIONS) or "fp32" not in entry:
+            problems.append(f"precisions.{model} must be an object with fp32 and optionally int8, got {_shown(entry)}")
+            continue
+        for precision, variant in entry.items():
+            problems.extend(_variant_problems(manifest, model, precision, variant))
+    return problems
+
+
+def _variant_problems(manifest: dict[str, Any], model: str, precision: str, variant: Any) -> list[str]:
+    where = f"precisions.{model}.{precision}"
+    if not isinstance(variant, dict):
+        return [f"{where} must be an object, got {_shown(variant)}"]
+    problems = []
+    speed = variant.get("median_ms")
+    if speed is not None and not (_is_number(speed) and speed > 0):
+        problems.append(f"{where}.median_ms must be a number > 0 or null, got {_shown(speed)}")
+    file_name = variant.get("file")
+    if precision == "fp32" and file_name != manifest[model]["file"]:
+        problems.append(f"{where}.file must be {model}.file {manifest[model]['file']!r}, got {_shown(file_name)}")
+    if precision != "int8":
+        return problems
+    gate = variant.get("gate")
+    if not (isinstance(gate, dict) and _is_bool(gate.get("passed")) and isinstance(gate.get("metrics"), list)):
+        problems.append(f'{where}.gate must be {{"passed": bool, "metrics": [...]}}, got {_shown(gate)}')
+    elif not all(_is_gate_metric(metric) for metric in gate["metrics"]):
+        problems.append(f'{where}.gate.metrics must hold {{"name", "fp32", "int8", "tolerance", "passed"}} objects, got {_shown(gate["metrics"])}')
+    elif file_name is not None and not gate["passed"]:
+        problems.append(f"{where}.file {_shown(file_name)} failed its accuracy gate; a bundle never ships a model that failed")
+    if file_name is not None and not (isinstance(file_name, str) and file_name in manifest["files"]):
+        problems.append(f"{where}.file {_shown(file_name)} is not listed in files")
+    return problems
+
+
+def _is_gate_metric(metric: Any) -> bool:
+    """One metric of an int8 accuracy gate, as model_file quotes it when the gate failed."""
+    return (
+        isinstance(metric, dict)
+        and _is_text(metric.get("name"))
+        and all(_is_number(metric.get(key)) for key in ("fp32", "int8", "tolerance"))
+        and _is_bool(metric.get("passed", True))
+    )
+
+
+# The manifest's sections, in the order a frame meets the models: the one place that says what a manifest
+# holds. An optional section is checked only where a bundle has it; adding one (say a "gate" model) is one
+# entry here: its keys, its constraints and, for a model, the outputs check_models expects at load.
+SECTIONS: dict[str, Section] = {
+    "preprocess": Section(
+        {
+            "channel_order": Key(lambda value: value in ("RGB", "BGR"), '"RGB" or "BGR"'),
+            "mean": _numbers(3, 0.0, 1.0),  # of channel values scaled to [0, 1]
+            "std": _numbers(3, 1e-3, 10.0),
+            "stain_reference": Key(lambda value: value is None or isinstance(value, dict), "an object or null"),
+        },
+        constraints=_stain_problems,
+    ),
+    "segmenter": Section(
+        {
+            "file": _text("a file name"),
+            "input": _text("an input name"),
+            "output": _text("an output name"),
+            "input_size": _INPUT_SIZE,
+            "classes": _names("class names (background, cytoplasm, nucleus)", SEGMENTATION_CLASSES),
+            "architecture": _text("an architecture name"),
+            "flops": _FLOPS,
+        },
+        outputs=_label_map_outputs("segmenter", same_size=True),
+    ),
+    "refiner": Section(  # leukoedge/refine.py; bundles made before 2026-11-30 have none
+        {
+            "file": _text("a file name"),
+            "input": _text("an input name"),
+            "output": _text("an output name"),
+            "input_size": _INPUT_SIZE,
+            "crop_margin": _CROP_MARGIN,
+            "classes": _names("class names (background, cytoplasm, nucleus)", SEGMENTATION_CLASSES),
+            "architecture": _text("an architecture name"),
+            "flops": _FLOPS,
+        },
+        outputs=_label_map_outputs("refiner", same_size=False),
+        optional=True,
+    ),
+    "classifier": Section(
+        {
+            "file": _text("a file name"),
+            "input": _text("an input name"),
+            "input_size": _INPUT_SIZE,
+            "crop_margin": _CROP_MARGIN,
+            "primary_head": _text("a head name"),
+            "heads": Key(lambda value: isinstance(value, dict) and 0 < len(value) <= MAX_CLASSES, "an object of head name -> {output, classes}"),
+            "flops": _FLOPS,
+        },
+        constraints=_head_problems,
+        outputs=_head_outputs,
+    ),
+    "postprocess": Section(
+        {
+            "min_cell_area_px": _integer(0, MAX_FRAME_SIDE**2),
+            "min_nucleus_area_px": _integer(0, MAX_FRAME_SIDE**2, optional=True),  # absent before 0.1.0
+            "split_touching": Key(_is_bool, "true or false"),
+        }
+    ),
+    "verdict": Section({"blast_threshold": _number(0.0, 1.0), "flag_fraction": _number(0.0, 1.0)}),
+    "limits": Section(
+        {"min_frame_side": _integer(1, MAX_FRAME_SIDE), "max_frame_side": _integer(1, MAX_FRAME_SIDE)},
+        constraints=_limit_problems,
+    ),
+    "training": Section({}),  # free-form: how the bundle was made, for people and `leukoedge info`
+    "precisions": Section({}, constraints=_precision_problems, optional=True),  # only bundles that went through `leukoedge calibrate`
 }
 
+_TOP_LEVEL: dict[str, Key] = {
+    "name": _text("a non-empty string"),
+    "model_version": _text("a non-empty string"),
+    "created": _text("an ISO date string"),
+    "files": Key(lambda value: isinstance(value, dict) and len(value) <= MAX_FILES, f"an object of at most {MAX_FILES} file name -> sha256"),
+}
+
+# Precisions a bundle can hold model files for; fp16 exists only as a TensorRT engine built from the fp32 file.
+BUNDLE_PRECISIONS = ("fp32", "int8")
+MODELS = tuple(name for name, section in SECTIONS.items() if section.outputs and not section.optional)  # every bundle has these
+OPTIONAL_MODELS = tuple(name for name, section in SECTIONS.items() if section.outputs and section.optional)
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def bundle_models(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The models this bundle holds, in the order a frame meets them: segmenter, [refiner], classifier."""
+    return tuple(name for name, section in SECTIONS.items() if section.outputs and (not section.optional or name in manifest))
 
 
 def _unsafe_file_name(name: str) -> bool:
@@ -168,7 +398,8 @@ def _unsafe_file_name(name: str) -> bool:
 
 
 def validate_manifest(manifest: dict[str, Any]) -> None:
-    """Refuse a manifest of another schema, or one missing keys or carrying wrong types."""
+    """Refuse a manifest of another schema, or one missing keys, carrying wrong types or values out of
+    range, or whose keys contradict each other. Every refusal is a BundleError naming the keys."""
     if not isinstance(manifest, dict):
         raise BundleError(f"manifest.json must hold a JSON object, got {type(manifest).__name__}")
     if "schema_version" not in manifest:
@@ -176,110 +407,60 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
     schema = manifest["schema_version"]
     if schema != SCHEMA_VERSION or isinstance(schema, bool):
         raise BundleError(
-            f"bundle schema {schema} is not supported by this leukoedge (supports {SCHEMA_VERSION}); "
+            f"bundle schema {_shown(schema)} is not supported by this leukoedge (supports {SCHEMA_VERSION}); "
             "upgrade leukoedge or re-export"
         )
-    missing: list[str] = []
-    wrong: list[str] = []
-    if "refiner" in manifest and not _is_table(manifest["refiner"]):
-        raise BundleError(f"manifest.json is invalid: refiner (optional) must be an object, got {manifest['refiner']!r}")
-    for section, keys in _REQUIRED.items():
-        table = manifest if not section else manifest.get(section)
-        if not isinstance(table, dict):
-            continue  # already reported as a missing or wrongly typed top-level key, or an optional section absent
-        for key, (check, expectation) in keys.items():
-            where = f"{section}.{key}" if section else key
-            if key not in table:
-                missing.append(where)
-            elif not check(table[key]):
-                wrong.append(f"{where} must be {expectation}, got {table[key]!r}")
+    missing, wrong = _key_problems(manifest)
     if missing:
         raise BundleError(f"manifest.json is missing required keys: {', '.join(missing)}")
-    wrong.extend(_cross_checks(manifest))
+    if not wrong:  # constraints read keys of several sections: only once every key has its type
+        wrong = _file_problems(manifest["files"])
+        for name, section in SECTIONS.items():
+            if name in manifest and section.constraints:
+                wrong.extend(section.constraints(manifest[name], manifest))
+        wrong.extend(
+            f"{model}.file {manifest[model]['file']!r} is not listed in files"
+            for model in bundle_models(manifest)
+            if manifest[model]["file"] not in manifest["files"]
+        )
     if wrong:
         raise BundleError("manifest.json is invalid: " + "; ".join(wrong))
 
 
-def _cross_checks(manifest: dict[str, Any]) -> list[str]:
-    """Constraints between keys, checked once every key is known to be present and typed."""
+def _key_problems(manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(missing keys, keys of the wrong type or out of range), over the top level and every section present."""
+    missing: list[str] = []
+    wrong: list[str] = []
+    _check_keys("", manifest, _TOP_LEVEL, missing, wrong)
+    for name, section in SECTIONS.items():
+        if name not in manifest:
+            if not section.optional:
+                missing.append(name)
+        elif not isinstance(manifest[name], dict):
+            wrong.append(f"{name}{' (optional)' if section.optional else ''} must be an object, got {_shown(manifest[name])}")
+        else:
+            _check_keys(f"{name}.", manifest[name], section.keys, missing, wrong)
+    return missing, wrong
+
+
+def _check_keys(prefix: str, table: dict[str, Any], keys: dict[str, Key], missing: list[str], wrong: list[str]) -> None:
+    for key, rule in keys.items():
+        if key not in table:
+            if not rule.optional:
+                missing.append(prefix + key)
+        elif not rule.check(table[key]):
+            wrong.append(f"{prefix}{key} must be {rule.expected}, got {_shown(table[key])}")
+
+
+def _file_problems(files: dict[str, Any]) -> list[str]:
     problems = []
-    for name, sha in manifest["files"].items():
-        if _unsafe_file_name(name):
+    for name, sha in files.items():
+        if not _is_text(name):
+            problems.append(f"file name {_shown(name)} in files must be printable, 1 to {MAX_TEXT} characters")
+        elif _unsafe_file_name(name):
             problems.append(f"file name {name!r} in files is absolute or contains '..'; bundle files must lie inside the bundle folder")
         if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
-            problems.append(f"files[{name!r}] must be a lowercase hex sha256, got {sha!r}")
-    if not _is_count(manifest["postprocess"].get("min_nucleus_area_px", 0)):
-        problems.append("postprocess.min_nucleus_area_px (optional) must be an integer >= 0")
-    for section in bundle_models(manifest):
-        if manifest[section]["file"] not in manifest["files"]:
-            problems.append(f"{section}.file {manifest[section]['file']!r} is not listed in files")
-    stain = manifest["preprocess"]["stain_reference"]
-    if stain is not None and not (
-        stain.get("method") == "reinhard" and _is_numbers(3)(stain.get("lab_mean")) and _is_numbers(3)(stain.get("lab_std"))
-    ):
-        problems.append(f'preprocess.stain_reference must be {{"method": "reinhard", "lab_mean": [3], "lab_std": [3]}} or null, got {stain!r}')
-    classifier = manifest["classifier"]
-    for head, spec in classifier["heads"].items():
-        if not (isinstance(spec, dict) and _is_text(spec.get("output")) and _is_names(spec.get("classes"))):
-            problems.append(f"classifier.heads.{head} must be {{\"output\": name, \"classes\": [names]}}, got {spec!r}")
-    if classifier["primary_head"] not in classifier["heads"]:
-        problems.append(f"classifier.primary_head {classifier['primary_head']!r} is not one of the heads {sorted(classifier['heads'])}")
-    limits = manifest["limits"]
-    if limits["min_frame_side"] > limits["max_frame_side"]:
-        problems.append(f"limits.min_frame_side {limits['min_frame_side']} exceeds limits.max_frame_side {limits['max_frame_side']}")
-    if "precisions" in manifest:  # optional: only bundles that went through `leukoedge calibrate` have it
-        problems.extend(_precision_problems(manifest))
-    return problems
-
-
-# Precisions a bundle can hold model files for; fp16 exists only as a TensorRT engine built from the fp32 file.
-BUNDLE_PRECISIONS = ("fp32", "int8")
-MODELS = ("segmenter", "classifier")  # every bundle has these
-OPTIONAL_MODELS = ("refiner",)  # leukoedge/refine.py; bundles made before 2026-11-30 have none
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-
-
-def bundle_models(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """The models this bundle holds, in the order a frame meets them: segmenter, [refiner], classifier."""
-    return ("segmenter", *(model for model in OPTIONAL_MODELS if model in manifest), "classifier")
-
-
-def _precision_problems(manifest: dict[str, Any]) -> list[str]:
-    """The "precisions" section written by `leukoedge calibrate`: calibration settings, per model and
-    precision the file, its measured speed and (int8) the accuracy gate it passed."""
-    precisions = manifest["precisions"]
-    if not isinstance(precisions, dict):
-        return [f"precisions must be an object, got {precisions!r}"]
-    problems = []
-    calibration = precisions.get("calibration")
-    if not (isinstance(calibration, dict) and calibration.get("method") in CALIBRATION_METHODS):
-        problems.append(f"precisions.calibration must be an object with method one of {CALIBRATION_METHODS}, got {calibration!r}")
-    elif calibration.get("calibration_set") not in manifest["files"]:
-        problems.append(f"precisions.calibration.calibration_set {calibration.get('calibration_set')!r} is not listed in files")
-    for model in bundle_models(manifest):
-        entry = precisions.get(model)
-        if not isinstance(entry, dict) or set(entry) - set(BUNDLE_PRECISIONS) or "fp32" not in entry:
-            problems.append(f"precisions.{model} must be an object with fp32 and optionally int8, got {entry!r}")
-            continue
-        for precision, variant in entry.items():
-            where = f"precisions.{model}.{precision}"
-            if not isinstance(variant, dict):
-                problems.append(f"{where} must be an object, got {variant!r}")
-                continue
-            speed = variant.get("median_ms")
-            if speed is not None and not (_is_number(speed) and speed > 0):
-                problems.append(f"{where}.median_ms must be a number > 0 or null, got {speed!r}")
-            file_name = variant.get("file")
-            if precision == "fp32" and file_name != manifest[model]["file"]:
-                problems.append(f"{where}.file must be {model}.file {manifest[model]['file']!r}, got {file_name!r}")
-            if precision == "int8":
-                gate = variant.get("gate")
-                if not (isinstance(gate, dict) and _is_bool(gate.get("passed")) and isinstance(gate.get("metrics"), list)):
-                    problems.append(f'{where}.gate must be {{"passed": bool, "metrics": [...]}}, got {gate!r}')
-                elif file_name is not None and not gate["passed"]:
-                    problems.append(f"{where}.file {file_name!r} failed its accuracy gate; a bundle never ships a model that failed")
-                if file_name is not None and file_name not in manifest["files"]:
-                    problems.append(f"{where}.file {file_name!r} is not listed in files")
+            problems.append(f"files[{_shown(name)}] must be a lowercase hex sha256, got {_shown(sha)}")
     return problems
 
 
@@ -322,13 +503,92 @@ def fastest_precision(manifest: dict[str, Any], model: str) -> str:
     return fastest
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+# A softmax's rows sum to 1 up to float rounding: within 2e-7 on the default bundle's models, INT8 included.
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def check_models(manifest: dict[str, Any], models: Mapping[str, Backend], files: Mapping[str, str] | None = None) -> None:
+    """Run one input of zeros (a batch of one at the manifest's input size) through every opened model and
+    hold what comes out against the manifest: the input's name, each output's name and shape (class
+    counts included) and its class probabilities. A bundle whose manifest and models disagree is refused
+    here, at load, instead of failing or being misread at the first frame; the run also warms the backend up.
+
+    models: manifest section -> the backend running it; files: section -> the file it runs (for messages).
+    """
+    for model, backend in models.items():
+        spec = manifest[model]
+        file_name = (files or {}).get(model, spec["file"])
+        expected = SECTIONS[model].outputs(spec)
+        _check_model_names(model, file_name, spec, backend, expected)
+        height, width = spec["input_size"]
+        try:
+            outputs = backend.run({spec["input"]: np.zeros((1, 3, height, width), np.float32)})
+        except LeukoedgeError:
+            raise
+        except Exception as error:  # each backend raises its own (ONNX Runtime: InvalidArgument, Fail, ...)
+            raise BundleError(f"{model} model {file_name} does not run on a 1x3x{height}x{width} input ({model}.input_size): {error}") from error
+        for output in expected:
+            problem = _output_problem(np.asarray(outputs[output.name]), output.shape)
+            if problem:
+                raise BundleError(f"{model} model {file_name}: output {output.name!r} {problem} (declared by {output.declared_by})")
+
+
+def _check_model_names(model: str, file_name: str, spec: dict[str, Any], backend: Backend, expected: list[ModelOutput]) -> None:
+    if list(backend.input_names) != [spec["input"]]:
+        raise BundleError(f"{model}.input {spec['input']!r} is not the input of {file_name}: its inputs are {list(backend.input_names)}")
+    for output in expected:
+        if output.name not in backend.output_names:
+            raise BundleError(f"{output.declared_by}: output {output.name!r} is not an output of {file_name}: its outputs are {list(backend.output_names)}")
+
+
+def _output_problem(values: np.ndarray, shape: tuple[int | None, ...]) -> str | None:
+    """What is wrong with one output for a batch of one, or None."""
+    if values.ndim != len(shape) or any(want is not None and got != want for got, want in zip(values.shape, shape)):
+        wanted = "(" + ", ".join("any" if side is None else str(side) for side in shape) + ")"
+        return f"has shape {values.shape} where the manifest expects {wanted}"
+    if not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all():
+        return f"holds {values.dtype} values that are not all finite numbers"
+    sums = values.sum(axis=1, dtype=np.float64)
+    if values.min() < -PROBABILITY_TOLERANCE or values.max() > 1 + PROBABILITY_TOLERANCE or np.abs(sums - 1.0).max() > PROBABILITY_TOLERANCE:
+        return f"is not class probabilities (values {values.min():.3g}..{values.max():.3g}, sums over classes {sums.min():.3g}..{sums.max():.3g}: logits, not a softmax?)"
+    return None
+
+
+def _read_manifest_bytes(root: Path) -> bytes:
+    """manifest.json's bytes, its size checked before it is read (a 2 GB one is refused without reading it)."""
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a leukoedge bundle: it has no {MANIFEST_NAME}")
     try:
-        return json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: absurdly deep nesting
+        size = manifest_path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{manifest_path} is {size} bytes; a manifest may hold at most {MAX_MANIFEST_BYTES} (1 MiB)")
+        with open(manifest_path, "rb") as stream:
+            data = stream.read(MAX_MANIFEST_BYTES + 1)  # the file may have grown since stat()
+    except OSError as error:
+        raise BundleError(f"{manifest_path} cannot be read: {error}") from error
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path} holds more than {MAX_MANIFEST_BYTES} bytes (1 MiB), the most a manifest may hold")
+    return data
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys, another parser the first: a signed or reviewed manifest
+    # must mean one thing.
+    table = dict(pairs)
+    if len(table) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise BundleError(f"{MANIFEST_NAME} holds the key {twice!r} twice in one object")
+    return table
+
+
+def _parse_manifest(data: bytes, manifest_path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    # ValueError: malformed JSON, bytes that are not UTF-8, integers over Python's 4300-digit limit;
+    # RecursionError: absurdly deep nesting.
+    except (ValueError, RecursionError) as error:
         raise BundleError(f"{manifest_path} is not valid JSON: {error}") from error
 
 
@@ -336,43 +596,67 @@ def _check_files(root: Path, manifest: dict[str, Any], verify: bool) -> None:
     resolved_root = root.resolve()
     for name, expected in manifest["files"].items():
         path = root / name
-        # resolve() follows symlinks, so a link inside the folder pointing out of it is caught too.
-        if not path.resolve().is_relative_to(resolved_root):
-            raise BundleError(f"bundle file {name!r} resolves to {path.resolve()}, outside the bundle folder {resolved_root}")
-        if not path.is_file():
-            raise BundleError(f"bundle file {name!r} listed in {MANIFEST_NAME} is missing from {root}")
-        if verify:
-            actual = sha256_file(path)
-            if actual != expected:
-                raise BundleError(
-                    f"bundle file {name!r} fails its checksum: expected sha256 {expected}, got {actual}; "
-                    "the file was modified or corrupted since the bundle was saved"
-                )
+        try:
+            # resolve() follows symlinks, so a link inside the folder pointing out of it is caught too.
+            if not path.resolve().is_relative_to(resolved_root):
+                raise BundleError(f"bundle file {name!r} resolves to {path.resolve()}, outside the bundle folder {resolved_root}")
+            if not path.is_file():
+                raise BundleError(f"bundle file {name!r} listed in {MANIFEST_NAME} is missing from {root} (or is not a regular file)")
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise BundleError(f"bundle file {name!r} is {size} bytes; a bundle file may hold at most {MAX_FILE_BYTES} (1 GiB)")
+            actual = sha256_file(path) if verify else expected
+        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop, on Python < 3.13
+            raise BundleError(f"bundle file {name!r} cannot be read: {error}") from error
+        if actual != expected:
+            raise BundleError(
+                f"bundle file {name!r} fails its checksum: expected sha256 {expected}, got {actual}; "
+                "the file was modified or corrupted since the bundle was saved"
+            )
 
 
-def _check_member_name(archive: Path, name: str) -> None:
+def _check_member(archive: Path, name: str, size: int, totals: list[int]) -> None:
+    """One archive member's name and declared size, before anything is extracted; totals: [members, bytes] so far."""
     if _unsafe_file_name(name):
         raise BundleError(f"archive {archive} is refused: member {name!r} is an absolute path or contains '..' (path traversal)")
+    totals[0] += 1
+    totals[1] += size
+    limit = MAX_MANIFEST_BYTES if PurePosixPath(name).name == MANIFEST_NAME else MAX_FILE_BYTES
+    if size > limit:
+        raise BundleError(f"archive {archive} is refused: member {name!r} declares {size} bytes, more than a bundle file may hold ({limit})")
+    if totals[0] > MAX_ARCHIVE_MEMBERS or totals[1] > MAX_ARCHIVE_BYTES:
+        raise BundleError(
+            f"archive {archive} is refused: more than {MAX_ARCHIVE_MEMBERS} members or {MAX_ARCHIVE_BYTES} bytes unpacked (a decompression bomb?)"
+        )
+
+
+_UNIX_FILE_TYPE = 0o170000
+_UNIX_REGULAR, _UNIX_FOLDER = 0o100000, 0o040000
 
 
 def _extract_zip(archive: Path, destination: Path) -> None:
     with zipfile.ZipFile(archive) as bundle_zip:
+        totals = [0, 0]
         for member in bundle_zip.infolist():
-            _check_member_name(archive, member.filename)
-            unix_mode = member.external_attr >> 16
-            # Only plain files and folders: 0o170000 masks the file type bits of the Unix mode.
-            if unix_mode and (unix_mode & 0o170000) not in (0o100000, 0o040000):
+            _check_member(archive, member.filename, member.file_size, totals)
+            # The high 16 bits hold a Unix mode where the zip was made on Unix. Its file type bits are 0 where
+            # the writer recorded none (ZipFile.writestr records permissions only): a regular file, as for
+            # zips from Windows. Only plain files and folders pass.
+            file_type = (member.external_attr >> 16) & _UNIX_FILE_TYPE
+            if file_type not in (0, _UNIX_REGULAR, _UNIX_FOLDER):
                 raise BundleError(f"archive {archive} is refused: member {member.filename!r} is a link or special file")
+        # zipfile stops each member at its declared size, so the sizes checked above bound what is written.
         bundle_zip.extractall(destination)
 
 
 def _extract_tar(archive: Path, destination: Path) -> None:
     with tarfile.open(archive) as bundle_tar:
-        members = bundle_tar.getmembers()
-        for member in members:
-            _check_member_name(archive, member.name)
-            if not (member.isfile() or member.isdir()):
+        totals, members = [0, 0], []
+        for member in bundle_tar:  # one header at a time: a tar of a million members is refused at the 1001st
+            _check_member(archive, member.name, member.size, totals)
+            if not (member.isfile() or member.isdir()) or member.issparse():
                 raise BundleError(f"archive {archive} is refused: member {member.name!r} is a link, device or other special file")
+            members.append(member)
         # The "data" filter (Python >= 3.10.12 / 3.11.4) repeats these checks inside tarfile itself.
         safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         bundle_tar.extractall(destination, members=members, **safety)
@@ -388,7 +672,7 @@ def _bundle_root(extracted: Path) -> Path:
     return extracted
 
 
-def _load_archive(archive: Path, verify: bool) -> Bundle:
+def _load_archive(archive: Path, verify: bool, public_key: KeyLike | None) -> Bundle:
     if zipfile.is_zipfile(archive):
         extract = _extract_zip
     elif tarfile.is_tarfile(archive):
@@ -398,7 +682,7 @@ def _load_archive(archive: Path, verify: bool) -> Bundle:
     extraction = Path(tempfile.mkdtemp(prefix="leukoedge-bundle-"))
     try:
         extract(archive, extraction)
-        bundle = _load_folder(_bundle_root(extraction), verify)
+        bundle = _load_folder(_bundle_root(extraction), verify, public_key)
     except BundleError:
         shutil.rmtree(extraction, ignore_errors=True)
         raise
@@ -410,21 +694,52 @@ def _load_archive(archive: Path, verify: bool) -> Bundle:
     return bundle
 
 
-def _load_folder(root: Path, verify: bool) -> Bundle:
-    manifest = _read_manifest(root)
+def _check_signature(root: Path, manifest_bytes: bytes, public_key: KeyLike) -> None:
+    signature_path = root / SIGNATURE_NAME
+    if not signature_path.is_file():
+        raise BundleError(f"bundle {root} is not signed: it has no {SIGNATURE_NAME}, and a public key was given to check it with")
+    try:
+        if signature_path.stat().st_size > MAX_SIGNATURE_BYTES:
+            raise BundleError(f"{signature_path} is over {MAX_SIGNATURE_BYTES} bytes: not a signature")
+        signature = signature_path.read_bytes()
+    except OSError as error:
+        raise BundleError(f"{signature_path} cannot be read: {error}") from error
+    verify_signature(manifest_bytes, signature, public_key)
+
+
+def _load_folder(root: Path, verify: bool, public_key: KeyLike | None) -> Bundle:
+    manifest_bytes = _read_manifest_bytes(root)
+    if public_key is not None:  # before parsing: an unsigned manifest's JSON is never even read
+        _check_signature(root, manifest_bytes, public_key)
+    manifest = _parse_manifest(manifest_bytes, root / MANIFEST_NAME)
     validate_manifest(manifest)
     _check_files(root, manifest, verify)
     return Bundle(root=root, manifest=manifest)
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Load a bundle folder or archive; verify=True checks every file's sha256 (reads every byte)."""
+def load_bundle(path: str | Path, verify: bool = True, public_key: KeyLike | None = None) -> Bundle:
+    """Load a bundle folder or archive; verify=True checks every file's sha256 (reads every byte).
+
+    public_key: the integrator's pinned Ed25519 public key (leukoedge/signing.py lists the forms it takes);
+    given, the bundle must carry manifest.json.sig, a valid signature of its manifest.json by that key.
+    """
     path = Path(path)
     if path.is_dir():
-        return _load_folder(path, verify)
+        return _load_folder(path, verify, public_key)
     if path.is_file():
-        return _load_archive(path, verify)
+        return _load_archive(path, verify, public_key)
     raise BundleError(f"bundle folder {path} does not exist")
+
+
+def sign_bundle(path: str | Path, private_key: KeyLike) -> Path:
+    """Sign a bundle folder: write manifest.json.sig, an Ed25519 signature of its manifest.json. The bundle
+    is loaded first (checksums included), so a broken bundle is never signed. Returns the signature's path."""
+    if not Path(path).is_dir():
+        raise BundleError(f"{path} is not a bundle folder: sign the folder, then archive it")
+    bundle = load_bundle(path)
+    signature_path = bundle.root / SIGNATURE_NAME
+    signature_path.write_text(signature_text(_read_manifest_bytes(bundle.root), private_key), encoding="ascii")
+    return signature_path
 
 
 def save_bundle(out_dir: Path, manifest: dict[str, Any], files: dict[str, Path]) -> Bundle:
@@ -441,6 +756,7 @@ def save_bundle(out_dir: Path, manifest: dict[str, Any], files: dict[str, Path])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out_dir / SIGNATURE_NAME).unlink(missing_ok=True)  # it signed the manifest just replaced: sign the new one again
     return load_bundle(out_dir)
 
 
