@@ -75,7 +75,7 @@ class PipelineConfig:
     quick: bool = False  # a few steps on a few images: checks the whole path, not the accuracy
     segmenter_model: str = "hctnet_lite"
     refiner_model: str | None = None  # None: the segmenter's architecture
-    classifier_model: str = "vgg_hybrid"  # best validation score of the runtime-fed classifiers (README)
+    classifier_model: str = "vgg_hybrid"  # best validation score of the runtime-fed classifiers (docs/training.md)
     segmenter_steps: int = 8000
     classifier_steps: int = 1500
     segmenter_learning_rate: float = 2e-3
@@ -103,7 +103,7 @@ class PipelineConfig:
     # it leaves the stain reference and the other models alone: for the classifier's run-to-run spread.
     classifier_seed: int | None = None
     # The classifier keeps a moving average of its weights (this decay per step; None: its best step's weights):
-    # it lifted the validation verdict of every seed tried, most that of the worst one (README).
+    # it lifted the validation verdict of every seed tried, most that of the worst one (docs/training.md).
     classifier_ema_decay: float | None = 0.999
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ Independently trained networks make partly independent mistakes, so the mean of 
 probabilities is usually better than any one of them: three refiners, one trained on the expert masks
 alone, two on the expert and the weak Taleqani masks, raise the validation Zheng nucleus Dice from
 0.960 to 0.966. Each member costs its own compute at run time, so the shipped refiner is one network
-distilled from that ensemble (training.train.distillation_loss; README, "Refiner ensemble and distillation").
+distilled from that ensemble (training.train.distillation_loss; docs/training.md, "Refiner ensemble and distillation").
 
 The ensemble's output is the log of the members' mean class probabilities: softmax of it is that
 mean again, so it trains, exports (export/onnx.py wraps segmenters in a softmax), quantizes and
