@@ -25,7 +25,8 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
-from leukoedge.errors import CaptureError
+from leukoedge.decode import decode_checked, read_image
+from leukoedge.errors import CaptureError, UnreadableImageError
 
 log = logging.getLogger("leukoedge.capture")
 
@@ -33,7 +34,6 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".m
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2"})
 STREAM_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "http", "https"})
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
-_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
 
 
 @dataclass
@@ -48,11 +48,15 @@ class Frame:
 
 
 class FrameSource(ABC):
-    """A stream of frames: `read()` until it returns None (end of stream), then `close()`."""
+    """A stream of frames: `read()` until it returns None (end of stream), then `close()`.
+
+    A frame that was not decoded whole (leukoedge/decode.py) is never returned: it is skipped,
+    counted and logged, and a recording cut short raises CaptureError instead of ending.
+    """
 
     uri: str
     live: bool  # cameras and streams: running dry is a fault; files and folders: it is the end
-    skipped: int = 0  # unreadable files passed over
+    skipped: int = 0  # unreadable files or damaged recorded frames passed over
 
     @abstractmethod
     def read(self) -> Frame | None:
@@ -74,25 +78,63 @@ class FrameSource(ABC):
 
 
 class VideoCaptureSource(FrameSource):
-    """Anything cv2.VideoCapture opens: cameras, streams, GStreamer pipelines, video files."""
+    """Anything cv2.VideoCapture opens: cameras, streams, GStreamer pipelines, video files.
+
+    From a file, each frame is decoded with the decoder's fault messages collected (FFmpeg reports a
+    frame cut or damaged only there, then conceals it): such a frame is skipped and counted, and a
+    file that ends before the frame count its header declares raises CaptureError, since a cut
+    recording must not read as one that ended.
+    """
 
     def __init__(self, capture: cv2.VideoCapture, uri: str, *, live: bool) -> None:
         self._capture = capture
         self.uri = uri
         self.live = live
+        self.skipped = 0
         self._next_index = 0
+        self._declared_frames = 0 if live else max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
 
     def read(self) -> Frame | None:
-        started = time.monotonic()
+        while True:
+            started = time.monotonic()
+            if self.live:
+                decoded, faults = self._decode(), []
+            else:
+                decoded, faults = decode_checked(self._decode)
+            if decoded is None:
+                self._check_complete()
+                return None
+            grabbed_at, image = decoded
+            if faults:
+                self.skipped += 1
+                log.warning("skipped frame %d of %s: the decoder reported damage (%s)", self._position, self.uri, "; ".join(faults[:3]))
+                continue
+            frame = Frame(_as_bgr(image), self._next_index, grabbed_at, (time.monotonic() - started) * 1000.0, self.uri)
+            self._next_index += 1
+            return frame
+
+    @property
+    def _position(self) -> int:
+        """Frames read from the file so far, returned or skipped."""
+        return self._next_index + self.skipped
+
+    def _decode(self) -> tuple[float, np.ndarray] | None:
+        """(when it was grabbed, the decoded image) of the next frame, or None at the end."""
         if not self._capture.grab():
             return None
         grabbed_at = time.monotonic()
         ok, image = self._capture.retrieve()
         if not ok or image is None or image.size == 0:
             return None
-        frame = Frame(_as_bgr(image), self._next_index, grabbed_at, (time.monotonic() - started) * 1000.0, self.uri)
-        self._next_index += 1
-        return frame
+        return grabbed_at, image
+
+    def _check_complete(self) -> None:
+        """At the end of a file: CaptureError when frames its header declares never came."""
+        if self._position < self._declared_frames:
+            raise CaptureError(
+                f"{self.uri} ended after {self._position} of the {self._declared_frames} frames its header declares: "
+                "the file is cut or damaged, so the recording is incomplete"
+            )
 
     def close(self) -> None:
         self._capture.release()
@@ -115,10 +157,11 @@ class ImageFilesSource(FrameSource):
             path = self._paths[self._position]
             self._position += 1
             started = time.monotonic()
-            image = _decode_image(path)
-            if image is None:
+            try:
+                image = read_image(path)
+            except UnreadableImageError as error:
                 self.skipped += 1
-                log.warning("skipped %s: not a readable image", path)
+                log.warning("skipped %s", error)
                 continue
             frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri)
             self._next_index += 1
@@ -127,24 +170,6 @@ class ImageFilesSource(FrameSource):
 
     def close(self) -> None:
         self._position = len(self._paths)
-
-
-def _decode_image(path: Path) -> np.ndarray | None:
-    """HxWx3 uint8 BGR image of a file, or None when it is missing, truncated or not an image."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode also reads non-ASCII paths
-    except OSError:
-        return None
-    if data.size == 0:
-        return None
-    # Older OpenCV builds (JetPack's among them) decode a truncated JPEG into a grey-filled image with
-    # only a warning: a silent wrong frame. A complete JPEG ends with the EOI marker.
-    if bytes(data[:2]) == _JPEG_START and not bytes(data[-64:]).rstrip(b"\0").endswith(_JPEG_END):
-        return None
-    try:
-        return cv2.imdecode(data, cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:
@@ -266,8 +291,7 @@ def _open_path(path: Path, glob: str | None, uri: str) -> FrameSource:
     if suffix in VIDEO_SUFFIXES:
         return _open_capture(str(path), cv2.CAP_ANY, uri, live=False, expected="a video file OpenCV can decode")
     if suffix in IMAGE_SUFFIXES:
-        if _decode_image(path) is None:
-            raise CaptureError(f"cannot read {path}: expected an image file OpenCV can decode")
+        read_image(path)  # an unreadable single image fails here, with the reason (UnreadableImageError)
         return ImageFilesSource([path], uri)
     raise CaptureError(
         f"unknown file type {suffix!r} of {path}: expected a video ({', '.join(sorted(VIDEO_SUFFIXES))}) "
@@ -383,6 +407,9 @@ class ThreadedReader:
                 try:
                     frame = self._source.read()
                 except Exception as error:  # drivers and user sources raise anything; every one is a fault
+                    if not self._source.live:  # re-opened, a file would replay from its start: its fault is final
+                        self._end_with(error)
+                        return
                     self._recover(error)
                     continue
                 if frame is not None:
@@ -436,6 +463,16 @@ class ThreadedReader:
                 f"capture failed and was not recovered after {self._retries} re-open attempts: {self._last_error}"
             )
             self._error.__cause__ = fault
+
+    def _end_with(self, fault: BaseException) -> None:
+        """A file or folder failed (a cut recording among them): get() raises it after the frames before it."""
+        self._note_error(fault)
+        with self._slot:
+            if isinstance(fault, CaptureError):
+                self._error = fault
+            else:
+                self._error = CaptureError(f"reading {self._source.uri if self._source else 'the source'} failed: {self._last_error}")
+                self._error.__cause__ = fault
 
     def _note_error(self, error: BaseException) -> None:
         self._last_error = f"{type(error).__name__}: {error}"

@@ -57,10 +57,10 @@ def image_paths(target: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise LeukoedgeError(f"cannot decode {path} as an image")
-    return image
+    """The whole image, or UnreadableImageError (a LeukoedgeError): a truncated or corrupt file is never judged."""
+    from .decode import read_image as read_whole_image
+
+    return read_whole_image(path)
 
 
 def command_run(args: argparse.Namespace) -> int:

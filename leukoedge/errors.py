@@ -21,6 +21,11 @@ class CaptureError(LeukoedgeError):
     """A frame source cannot be opened or stopped delivering frames."""
 
 
+class UnreadableImageError(CaptureError):
+    """An image file, or a recorded frame, was not decoded whole (empty, truncated, corrupt, not an
+    image): its pixels are never judged."""
+
+
 class StorageError(LeukoedgeError, OSError):
     """A file leukoedge writes (a session record, an overlay, a summary) could not be written whole:
     a full disk, a read-only or vanished folder. What was written before it is intact."""

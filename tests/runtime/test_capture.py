@@ -72,6 +72,14 @@ def truncated_jpeg(field: np.ndarray) -> bytes:
     return encoded[: len(encoded) * 7 // 10]
 
 
+def corrupt_jpeg(field: np.ndarray) -> bytes:
+    """Middle bytes damaged, the end marker intact: libjpeg decodes it with a "Corrupt JPEG data" warning."""
+    encoded = bytearray(cv2.imencode(".jpg", field)[1].tobytes())
+    middle = len(encoded) // 2
+    encoded[middle : middle + 20] = bytes(value ^ 0x55 for value in encoded[middle : middle + 20])
+    return bytes(encoded)
+
+
 class ScriptedLiveSource(FrameSource):
     """A live camera stand-in: `good_frames` frames (None = endless), then a fault: raise or an empty read."""
 
@@ -165,15 +173,63 @@ def test_video_file_yields_every_frame_in_order(tmp_path: Path, smear_fields: li
         assert np.abs(frame.image.astype(int) - expected).mean() < 10  # MJPG is lossy
 
 
-def test_truncated_video_ends_cleanly_with_fewer_frames(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+def read_all(path: Path) -> list[np.ndarray]:
+    """Every frame cv2.VideoCapture decodes from a file, unchecked: the reference for an intact file."""
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while (decoded := capture.read())[0]:
+        frames.append(decoded[1])
+    capture.release()
+    return frames
+
+
+def test_cut_video_raises_capture_error_after_its_whole_frames_only(
+    tmp_path: Path, smear_fields: list[np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 23: the half-decoded last frame of a cut AVI was delivered as valid, and the cut read as the end.
+    path = tmp_path / "cut.avi"
+    write_video(path, smear_fields, 30)
+    intact = read_all(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    source, frames = open_source(path), []
+
+    with caplog.at_level(logging.WARNING, logger="leukoedge.capture"), pytest.raises(CaptureError, match="of the 30 frames its header declares"):
+        for frame in source:
+            frames.append(frame)
+
+    assert 0 < len(frames) < 30
+    assert all(np.array_equal(frame.image, expected) for frame, expected in zip(frames, intact))
+    assert source.skipped == 1 and "decoder reported damage" in caplog.text  # the half frame
+
+
+def test_damaged_video_frame_is_skipped_and_counted(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    path = tmp_path / "damaged.avi"
+    write_video(path, smear_fields, 12)
+    intact = read_all(path)
+    data = bytearray(path.read_bytes())
+    sixth = [index for index in range(len(data)) if data[index : index + 4] == b"00dc"][6]  # the 6th frame's chunk
+    data[sixth + 600 : sixth + 640] = bytes(40)  # zeros in its entropy-coded data
+    path.write_bytes(bytes(data))
+
+    with open_source(path) as source:
+        frames = list(source)
+
+    assert source.skipped >= 1 and len(frames) + source.skipped == 12
+    assert all(any(np.array_equal(frame.image, expected) for expected in intact) for frame in frames)
+
+
+def test_threaded_reader_raises_a_cut_files_error_and_does_not_replay_it(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
     path = tmp_path / "cut.avi"
     write_video(path, smear_fields, 30)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    frames = []
 
-    frames = list(open_source(path))
+    with ThreadedReader(lambda: open_source(path)) as reader, pytest.raises(CaptureError, match="cut or damaged"):
+        for frame in reader:
+            frames.append(frame)
 
-    assert 0 < len(frames) < 30
+    assert 0 < len(frames) < 30 and reader.stats()["reconnects"] == 0
 
 
 def test_unreadable_images_in_folder_are_skipped_counted_and_logged(
@@ -184,6 +240,7 @@ def test_unreadable_images_in_folder_are_skipped_counted_and_logged(
     (tmp_path / "c.jpg").write_bytes(truncated_jpeg(smear_fields[1]))
     (tmp_path / "d.jpg").write_bytes(b"")
     cv2.imwrite(str(tmp_path / "e.png"), smear_fields[2])
+    (tmp_path / "f.jpg").write_bytes(corrupt_jpeg(smear_fields[1]))
 
     with caplog.at_level(logging.WARNING, logger="leukoedge.capture"):
         source = open_source(tmp_path)
@@ -191,8 +248,9 @@ def test_unreadable_images_in_folder_are_skipped_counted_and_logged(
 
     assert [np.array_equal(f.image, field) for f, field in zip(frames, smear_fields[::2])] == [True, True]
     assert [frame.index for frame in frames] == [0, 1]
-    assert source.skipped == 3
-    assert {name for name in ("b.png", "c.jpg", "d.jpg") if name in caplog.text} == {"b.png", "c.jpg", "d.jpg"}
+    assert source.skipped == 4
+    assert {name for name in ("b.png", "c.jpg", "d.jpg", "f.jpg") if name in caplog.text} == {"b.png", "c.jpg", "d.jpg", "f.jpg"}
+    assert "truncated file" in caplog.text and "decoder reported a damaged file" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -218,7 +276,8 @@ def test_unopenable_sources_raise_capture_error(
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("field.png", b"\x89PNG broken" * 10, "expected an image file"),
+        ("field.png", b"\x89PNG broken" * 10, "not an image file"),
+        ("cut.png", cv2.imencode(".png", np.full((64, 64, 3), 200, np.uint8))[1].tobytes()[:-30], "truncated"),
         ("session.avi", b"RIFF junk" * 50, "expected a video file"),
         ("notes.txt", b"hello", "unknown file type"),
     ],

@@ -1,0 +1,223 @@
+"""Decoding that reports every fault: a frame leukoedge reads is the whole image, or it is refused.
+
+OpenCV's decoders do not say when they guessed. A JPEG cut short may come back grey below the cut
+(older builds, JetPack's among them), a JPEG with damaged entropy-coded data comes back with smeared
+blocks, an AVI cut inside a frame gives a half-decoded last frame: each only with a message that
+libjpeg, libpng or FFmpeg writes to the process's stderr. A confident blast flag on such a frame
+is the worst answer the runtime can give, so every image and recorded frame is read here:
+
+- JPEG: the marker structure is walked (SOI, segments of the stated lengths, a frame header before
+  the first scan, restart markers in order, an EOI after the last scan), and libjpeg must decode
+  without a warning.
+- PNG: every chunk's CRC is checked, from IHDR to IEND, and libpng must decode without an error.
+- BMP: the file must be as long as its header says.
+- Other formats (TIFF, WebP, ...) and video frames: the decoder must not report a fault.
+
+What no decoder can see is not checked: a JPEG whose damaged bytes still decode as valid codes and
+end on the right byte (JPEG has no checksum) gives slightly wrong pixels without any message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+import numpy as np
+
+from .errors import UnreadableImageError
+
+T = TypeVar("T")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI, _JPEG_SOS, _JPEG_TEM = 0xD9, 0xDA, 0x01
+_JPEG_RST = range(0xD0, 0xD8)
+# SOF0..SOF15 without DHT (C4), JPG (C8) and DAC (CC): the markers that start a frame header.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+# Lines a native decoder writes on a fault: libjpeg's warnings and errors, libpng's errors, libtiff's,
+# FFmpeg's log lines ("[mjpeg @ 0x55d0...] overread 8"), OpenCV's own codec warnings. Anything else
+# written to stderr meanwhile (another thread's log line) is passed on untouched and decides nothing.
+_DECODER_FAULT = re.compile(
+    rb"JPEG|Huffman|[Mm]arker|Bogus|libpng error|TIFF|\[[\w-]+ @ 0x[0-9a-fA-F]+\]|imgcodecs|grfmt"
+)
+_stderr_lock = threading.Lock()
+
+
+@contextmanager
+def decoder_messages() -> Iterator[list[str]]:
+    """Collects the fault messages native decoders write to stderr (file descriptor 2) inside the block.
+
+    libjpeg, libpng and FFmpeg report through stderr only, so the descriptor is pointed at a
+    temporary file for the block (one block at a time, process-wide) and whatever was written is
+    passed on to the real stderr afterwards. The yielded list is filled when the block ends.
+    """
+    faults: list[str] = []
+    with _stderr_lock, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield faults
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            written = sink.read()
+            if written:
+                os.write(2, written)
+            faults.extend(line.decode("utf-8", "replace").strip() for line in written.splitlines() if _DECODER_FAULT.search(line))
+
+
+def decode_checked(decode: Callable[[], T]) -> tuple[T, list[str]]:
+    """decode() and the fault messages native decoders wrote while it ran."""
+    with decoder_messages() as faults:
+        value = decode()
+    return value, faults
+
+
+def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
+    """HxWx3 uint8 BGR pixels of an encoded image (any format cv2.imdecode reads), all of them.
+
+    Raises UnreadableImageError, naming `name` and the fault, when the data is empty, truncated,
+    corrupt or not an image.
+    """
+    encoded = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    if not encoded:
+        raise UnreadableImageError(f"cannot read {name}: the file is empty")
+    problem = structure_problem(encoded)
+    if problem:
+        raise UnreadableImageError(f"cannot read {name}: {problem}")
+    buffer = np.frombuffer(encoded, np.uint8)
+    try:
+        image, faults = decode_checked(lambda: cv2.imdecode(buffer, cv2.IMREAD_COLOR))
+    except cv2.error as error:
+        raise UnreadableImageError(f"cannot read {name}: the decoder failed ({error})") from error
+    if faults:
+        raise UnreadableImageError(f"cannot read {name}: the decoder reported a damaged file ({'; '.join(faults[:3])})")
+    if image is None or image.size == 0:
+        raise UnreadableImageError(f"cannot read {name}: not an image file OpenCV can decode")
+    return image
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """decode_image of a file's bytes (non-ASCII paths too); UnreadableImageError when it cannot be read."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise UnreadableImageError(f"cannot read {path}: {error.strerror or error}") from error
+    return decode_image(data, str(path))
+
+
+def structure_problem(data: bytes) -> str:
+    """What is wrong with a JPEG's, PNG's or BMP's structure ("" when nothing is, or for other formats)."""
+    if data.startswith(_JPEG_SOI):
+        return jpeg_problem(data)
+    if data.startswith(_PNG_SIGNATURE):
+        return png_problem(data)
+    if data.startswith(b"BM"):
+        return bmp_problem(data)
+    return ""
+
+
+def jpeg_problem(data: bytes) -> str:
+    """Walks a JPEG's markers from SOI to EOI; "" when the structure is whole."""
+    position, frame_header, scans = 2, False, 0
+    while True:
+        if position >= len(data):
+            return "the JPEG ends before its end-of-image marker (truncated file)"
+        if data[position] != 0xFF:
+            return f"the JPEG has byte 0x{data[position]:02x} at offset {position} where a marker must start (corrupt file)"
+        while position < len(data) and data[position] == 0xFF:  # fill bytes before a marker
+            position += 1
+        if position >= len(data):
+            return "the JPEG ends before its end-of-image marker (truncated file)"
+        marker = data[position]
+        position += 1
+        if marker == _JPEG_EOI:
+            return "" if scans else "the JPEG ends without image data"
+        if marker in _JPEG_RST or marker == _JPEG_TEM:
+            continue  # markers without a length; libjpeg judges whether they belong here
+        if marker in (0x00, 0xD8):
+            return f"the JPEG has marker 0xff{marker:02x} at offset {position - 2} (corrupt file)"
+        if position + 2 > len(data):
+            return "the JPEG ends inside a segment header (truncated file)"
+        length = int.from_bytes(data[position : position + 2], "big")
+        end = position + length
+        if length < 2:
+            return f"the JPEG's segment 0xff{marker:02x} at offset {position - 2} has length {length} (corrupt file)"
+        if end > len(data):
+            return "the JPEG ends inside a segment (truncated file)"
+        if marker in _JPEG_SOF:
+            frame_header = True
+        if marker == _JPEG_SOS:
+            if not frame_header:
+                return "the JPEG has a scan before its frame header (corrupt file)"
+            scans += 1
+            position, problem = _skip_entropy_coded_data(data, end)
+            if problem:
+                return problem
+            continue
+        position = end
+
+
+def _skip_entropy_coded_data(data: bytes, position: int) -> tuple[int, str]:
+    """The offset of the marker ending a scan that starts at `position`, checking its restart markers
+    come in order (RST0..RST7, RST0, ...); (offset, "") or (offset, the problem)."""
+    expected_restart = 0
+    while True:
+        position = data.find(b"\xff", position)
+        if position < 0 or position + 1 >= len(data):
+            return len(data), "the JPEG ends inside its image data (truncated file)"
+        following = data[position + 1]
+        if following == 0x00 or following == 0xFF:  # a stuffed 0xff data byte, or fill before a marker
+            position += 1 if following == 0xFF else 2
+            continue
+        if following in _JPEG_RST:
+            if following - 0xD0 != expected_restart:
+                return position, f"the JPEG has restart marker RST{following - 0xD0} where RST{expected_restart} belongs (corrupt or missing data)"
+            expected_restart = (expected_restart + 1) % 8
+            position += 2
+            continue
+        return position, ""
+
+
+def png_problem(data: bytes) -> str:
+    """Checks every PNG chunk's CRC from IHDR to IEND; "" when all are whole."""
+    position, first = len(_PNG_SIGNATURE), True
+    while True:
+        if position + 8 > len(data):
+            return "the PNG ends before its IEND chunk (truncated file)"
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        end = position + 12 + length
+        if not kind.isalpha() or length >= 1 << 31:
+            return f"the PNG has a broken chunk header at offset {position} (corrupt file)"
+        if end > len(data):
+            return f"the PNG ends inside its {kind.decode('ascii')} chunk (truncated file)"
+        if zlib.crc32(data[position + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return f"the PNG's {kind.decode('ascii')} chunk at offset {position} fails its CRC (corrupt file)"
+        if first and kind != b"IHDR":
+            return f"the PNG starts with chunk {kind.decode('ascii')}, not IHDR (corrupt file)"
+        if kind == b"IEND":
+            return ""
+        position, first = end, False
+
+
+def bmp_problem(data: bytes) -> str:
+    """A BMP shorter than its header's file size (0 there means the writer left it out)."""
+    if len(data) < 14:
+        return "the BMP ends inside its header (truncated file)"
+    stated = int.from_bytes(data[2:6], "little")
+    if stated and len(data) < stated:
+        return f"the BMP holds {len(data)} of the {stated} bytes its header states (truncated file)"
+    return ""

@@ -1,0 +1,159 @@
+"""decode.py: a file is read whole or refused with UnreadableImageError saying why.
+
+The damaged files are made from the real smear fields shipped in samples/.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge.decode import decode_image, decoder_messages, jpeg_problem, png_problem, read_image
+from leukoedge.errors import CaptureError, LeukoedgeError, UnreadableImageError
+
+SAMPLES = sorted((Path(__file__).resolve().parents[2] / "samples").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def field_jpeg() -> bytes:
+    return SAMPLES[0].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def field_png(field_jpeg: bytes) -> bytes:
+    return cv2.imencode(".png", cv2.imdecode(np.frombuffer(field_jpeg, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
+
+
+def scan_start(jpeg: bytes) -> int:
+    """Offset of the first entropy-coded byte (after the SOS header)."""
+    sos = jpeg.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")
+
+
+def test_intact_files_decode_to_what_opencv_reads(field_jpeg: bytes, field_png: bytes):
+    expected = cv2.imdecode(np.frombuffer(field_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(decode_image(field_jpeg), expected)
+    assert np.array_equal(decode_image(field_png), expected)
+    assert jpeg_problem(field_jpeg) == "" and png_problem(field_png) == ""
+
+
+def test_data_after_the_end_marker_is_ignored(field_jpeg: bytes):
+    assert np.array_equal(decode_image(field_jpeg + b"\0" * 64 + b"trailer"), decode_image(field_jpeg))
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),  # `leukoedge run` flagged this one (issue 23)
+        (lambda b: b[: len(b) // 2] + b"\xff\xd9", "premature end"),  # cut, then an end marker: libjpeg's warning
+        (lambda b: b[:-2], "truncated"),
+        (lambda b: b[:300], "truncated"),
+        (lambda b: b[:4] + b"\x00\x01" + b[6:], "length 1"),
+        (lambda b: b[:2] + b"\x00" + b[3:], "where a marker must start"),
+        (lambda b: b"", "empty"),
+    ],
+    ids=["half", "half-with-eoi", "no-eoi", "in-headers", "segment-length", "marker", "empty"],
+)
+def test_damaged_jpeg_is_refused_with_the_reason(field_jpeg: bytes, damage, words: str):
+    with pytest.raises(UnreadableImageError) as refusal:
+        decode_image(damage(field_jpeg), "field.jpg")
+    assert "field.jpg" in str(refusal.value) and words in str(refusal.value).lower()
+
+
+def test_corrupt_entropy_coded_data_with_the_end_marker_intact_is_refused(field_jpeg: bytes):
+    # The issue's second case: middle bytes damaged, FFD9 still at the end; libjpeg warns "Corrupt JPEG data".
+    damaged = bytearray(field_jpeg)
+    middle = len(damaged) // 2
+    damaged[middle : middle + 20] = bytes(value ^ 0x55 for value in damaged[middle : middle + 20])
+    with pytest.raises(UnreadableImageError, match="decoder reported a damaged file"):
+        decode_image(bytes(damaged))
+
+
+def test_restart_markers_out_of_order_are_refused(field_jpeg: bytes):
+    image = decode_image(field_jpeg)
+    with_restarts = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])[1].tobytes()
+    assert np.array_equal(decode_image(with_restarts), cv2.imdecode(np.frombuffer(with_restarts, np.uint8), cv2.IMREAD_COLOR))
+    second = with_restarts.index(b"\xff\xd1")
+    skipped_one = with_restarts[:second] + with_restarts[with_restarts.index(b"\xff\xd2") :]  # RST1's interval lost
+    with pytest.raises(UnreadableImageError, match="RST2 where RST1 belongs"):
+        decode_image(skipped_one)
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:-12], "before its iend"),
+        (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:], "fails its crc"),
+        (lambda b: b[:-20] + bytes([b[-20] ^ 0x40]) + b[-19:], "fails its crc"),
+        (lambda b: b[:12] + b"IHDX" + b[16:], "fails its crc"),
+        (lambda b: b[:8] + b"\xff\xff\xff\xff" + b[12:], "broken chunk header"),
+    ],
+    ids=["half", "no-iend", "pixel-data-bit", "late-bit", "chunk-type", "chunk-length"],
+)
+def test_damaged_png_is_refused_with_the_reason(field_png: bytes, damage, words: str):
+    with pytest.raises(UnreadableImageError) as refusal:
+        decode_image(damage(field_png))
+    assert words in str(refusal.value).lower()
+
+
+def test_truncated_bmp_is_refused(field_jpeg: bytes):
+    bmp = cv2.imencode(".bmp", decode_image(field_jpeg))[1].tobytes()
+    assert np.array_equal(decode_image(bmp), decode_image(field_jpeg))
+    with pytest.raises(UnreadableImageError, match="truncated"):
+        decode_image(bmp[: len(bmp) * 2 // 3])
+
+
+def test_not_an_image_is_refused():
+    with pytest.raises(UnreadableImageError, match="not an image file"):
+        decode_image(b"just text, no image" * 10)
+
+
+def test_read_image_names_the_file_and_is_a_capture_error(tmp_path: Path, field_jpeg: bytes):
+    path = tmp_path / "feld ö.jpg"  # non-ASCII names read too
+    path.write_bytes(field_jpeg)
+    assert read_image(path).shape == (480, 640, 3)
+    path.write_bytes(field_jpeg[:1000])
+    with pytest.raises(UnreadableImageError, match="feld ö.jpg") as refusal:
+        read_image(path)
+    assert isinstance(refusal.value, CaptureError) and isinstance(refusal.value, LeukoedgeError)
+    with pytest.raises(UnreadableImageError, match="cannot read"):
+        read_image(tmp_path / "missing.jpg")
+
+
+def test_decoder_messages_collects_fault_lines_and_passes_everything_on(capfd: pytest.CaptureFixture[str]):
+    with decoder_messages() as faults:
+        os.write(2, b"Corrupt JPEG data: bad Huffman code\n")
+        os.write(2, b"an unrelated log line\n")
+    assert faults == ["Corrupt JPEG data: bad Huffman code"]
+    assert capfd.readouterr().err == "Corrupt JPEG data: bad Huffman code\nan unrelated log line\n"
+
+
+def test_threads_decoding_at_once_each_get_their_own_verdict(field_jpeg: bytes):
+    damaged = bytearray(field_jpeg)
+    middle = len(damaged) // 2
+    damaged[middle : middle + 20] = bytes(value ^ 0x55 for value in damaged[middle : middle + 20])
+    outcomes: dict[int, list[bool]] = {}
+
+    def decode_many(worker: int) -> None:
+        results = []
+        for turn in range(20):
+            data = bytes(damaged) if (worker + turn) % 2 else field_jpeg
+            try:
+                decode_image(data)
+                results.append(data == field_jpeg)
+            except UnreadableImageError:
+                results.append(data != field_jpeg)
+        outcomes[worker] = results
+
+    threads = [threading.Thread(target=decode_many, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(all(results) for results in outcomes.values())
