@@ -18,19 +18,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .postprocess import CellInstance, label_map_from_probabilities
+from .postprocess import CellInstance
 from .preprocess.cpu import resize, square_crop_box
 from .result import BACKGROUND, CYTOPLASM, NUCLEUS
-
-
-def instance_map(instances: Sequence[CellInstance], frame_shape: tuple[int, int]) -> np.ndarray:
-    """HxW int32: i + 1 where instance i's mask is, 0 elsewhere (first instance wins an overlap)."""
-    ids = np.zeros(frame_shape, np.int32)
-    for index, instance in enumerate(instances):
-        x0, y0, x1, y1 = instance.box
-        window = ids[y0:y1, x0:x1]
-        window[instance.mask & (window == 0)] = index + 1
-    return ids
 
 
 def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -38,30 +28,58 @@ def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, heig
 
     The probabilities are resized, then the argmax taken: the outline then falls between crop pixels
     where the refiner's soft edge does, not on the staircase of upsampled labels (Zheng validation
-    nucleus Dice 0.957 -> 0.960 with the shipped refiner in FP32, README). Crops are small: it costs little.
+    nucleus Dice 0.957 -> 0.960 with the shipped refiner in FP32, README). Each class plane is resized
+    on its own and the argmax of the three taken by two comparisons (ties to the lower class, as
+    np.argmax): the same labels, a quarter of the time of argmax over interleaved channels on a
+    large cell in a large frame.
     """
-    channels_last = np.ascontiguousarray(np.moveaxis(crop_probabilities.astype(np.float32, copy=False), 0, -1))
-    return label_map_from_probabilities(np.moveaxis(resize(channels_last, width, height), -1, 0))
+    background, cytoplasm, nucleus = (resize(np.asarray(plane, np.float32), width, height) for plane in crop_probabilities)
+    labels = (cytoplasm > background).view(np.uint8)  # 1 = CYTOPLASM
+    np.maximum(background, cytoplasm, out=background)
+    labels[nucleus > background] = NUCLEUS
+    return labels
+
+
+def crop_windows(instances: Sequence[CellInstance], crop_margin: float, frame_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each instance's crop square (x0, y0, x1, y1, may leave the frame) and its part inside the frame, Nx4 each."""
+    squares = np.array([square_crop_box(instance.box, crop_margin) for instance in instances], np.int64).reshape(-1, 4)
+    height, width = frame_shape
+    windows = np.maximum(squares, 0)
+    windows[:, 2] = np.minimum(squares[:, 2], width)
+    windows[:, 3] = np.minimum(squares[:, 3], height)
+    return squares, windows
+
+
+def window_ids(instances: Sequence[CellInstance], neighbours: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """The instance map (i + 1 where instance i's mask is, 0 elsewhere, the first instance winning an
+    overlap) inside one window of the frame, painted only from the instances whose boxes reach into it."""
+    wx0, wy0, wx1, wy1 = (int(side) for side in window)
+    ids = np.zeros((wy1 - wy0, wx1 - wx0), np.int32)
+    for index in neighbours:
+        instance = instances[index]
+        x0, y0, x1, y1 = instance.box
+        cx0, cy0, cx1, cy1 = max(x0, wx0), max(y0, wy0), min(x1, wx1), min(y1, wy1)
+        target = ids[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
+        target[instance.mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] & (target == 0)] = index + 1
+    return ids
 
 
 def refine_instance(
-    index: int, instance: CellInstance, crop_probabilities: np.ndarray, crop_margin: float, ids: np.ndarray
+    index: int, instance: CellInstance, crop_probabilities: np.ndarray, square: np.ndarray, window: np.ndarray, ids: np.ndarray
 ) -> CellInstance:
     """One cell's refined instance from the refiner's class probabilities of its crop (3xSxS).
 
+    square: the crop's square in the frame; window: its part inside the frame, ids the instance map there.
     Kept: the refined cell component that overlaps this cell's field mask most, less the pixels of
     the other cells found (a crop of a crowded field holds neighbours too). Where the refiner finds
     nothing there, the field segmenter's instance stays: a found cell is never dropped here.
     """
-    height, width = ids.shape
-    x0, y0, x1, y1 = square_crop_box(instance.box, crop_margin)
-    labels = crop_labels_in_frame_pixels(crop_probabilities, x1 - x0, y1 - y0)
-    wx0, wy0, wx1, wy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
-    labels = labels[wy0 - y0 : wy1 - y0, wx0 - x0 : wx1 - x0]
-    window_ids = ids[wy0:wy1, wx0:wx1]
-    own = window_ids == index + 1
-    foreground = (labels != BACKGROUND) & ((window_ids == 0) | own)
-    count, components = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=8)
+    x0, y0, x1, y1 = (int(side) for side in square)
+    wx0, wy0, wx1, wy1 = (int(side) for side in window)
+    labels = crop_labels_in_frame_pixels(crop_probabilities, x1 - x0, y1 - y0)[wy0 - y0 : wy1 - y0, wx0 - x0 : wx1 - x0]
+    own = ids == index + 1
+    foreground = (labels != BACKGROUND) & ((ids == 0) | own)
+    count, components = cv2.connectedComponents(foreground.view(np.uint8), connectivity=8)
     if count < 2:
         return instance
     overlap = np.bincount(components[own], minlength=count)[1:]
@@ -81,13 +99,18 @@ def refine_cells(
     """The refined cells (one per instance, same order) and the frame label map painted from them.
 
     crop_probabilities: Nx3xSxS, the refiner's class probabilities for the instances' crops, cut with
-    prepare_crops(frame, [instance.box ...], ..., crop_margin).
+    prepare_crops(frame, [instance.box ...], ..., crop_margin). All work is per cell box: nothing here
+    grows with the frame but the label map it returns.
     """
     if len(crop_probabilities) != len(instances):
         raise ValueError(f"{len(crop_probabilities)} refined crops for {len(instances)} cells")
-    ids = instance_map(instances, frame_shape)
+    squares, windows = crop_windows(instances, crop_margin, frame_shape)
+    boxes = np.array([instance.box for instance in instances], np.int64).reshape(-1, 4)
+    # reaches[i, j]: instance j's box overlaps instance i's window, so its pixels can be in i's crop
+    reaches = (boxes[None, :, 0] < windows[:, None, 2]) & (boxes[None, :, 2] > windows[:, None, 0])
+    reaches &= (boxes[None, :, 1] < windows[:, None, 3]) & (boxes[None, :, 3] > windows[:, None, 1])
     refined = [
-        refine_instance(index, instance, probabilities, crop_margin, ids)
+        refine_instance(index, instance, probabilities, squares[index], windows[index], window_ids(instances, np.flatnonzero(reaches[index]), windows[index]))
         for index, (instance, probabilities) in enumerate(zip(instances, crop_probabilities))
     ]
     label_map = np.zeros(frame_shape, np.uint8)
