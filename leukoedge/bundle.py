@@ -168,12 +168,13 @@ _FLOPS = Key(lambda value: _is_number(value) and value >= 0, "a number >= 0", op
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """An output a model must return for a batch of one: its name, shape (None: any size), and the manifest
-    key that declares it (named in refusals). Along axis 1 every output holds class probabilities."""
+    """An output a model must return for a batch of one: its name and shape (None: any size), and the manifest
+    keys that declare them (named in refusals). Along axis 1 every output holds class probabilities."""
 
     name: str
     shape: tuple[int | None, ...]
-    declared_by: str
+    name_key: str
+    shape_keys: str
 
 
 @dataclass(frozen=True)
@@ -235,13 +236,17 @@ def _label_map_outputs(section: str, same_size: bool) -> Callable[[dict[str, Any
 
     def outputs(spec: dict[str, Any]) -> list[ModelOutput]:
         height, width = spec["input_size"] if same_size else (None, None)
-        return [ModelOutput(spec["output"], (1, len(spec["classes"]), height, width), f"{section}.output and {section}.classes")]
+        shape_keys = f"{section}.classes and {section}.input_size" if same_size else f"{section}.classes"
+        return [ModelOutput(spec["output"], (1, len(spec["classes"]), height, width), f"{section}.output", shape_keys)]
 
     return outputs
 
 
 def _head_outputs(classifier: dict[str, Any]) -> list[ModelOutput]:
-    return [ModelOutput(spec["output"], (1, len(spec["classes"])), f"classifier.heads.{head}") for head, spec in classifier["heads"].items()]
+    return [
+        ModelOutput(spec["output"], (1, len(spec["classes"])), f"classifier.heads.{head}.output", f"classifier.heads.{head}.classes")
+        for head, spec in classifier["heads"].items()
+    ]
 
 
 def _precision_problems(precisions: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
@@ -530,7 +535,7 @@ def check_models(manifest: dict[str, Any], models: Mapping[str, Backend], files:
         for output in expected:
             problem = _output_problem(np.asarray(outputs[output.name]), output.shape)
             if problem:
-                raise BundleError(f"{model} model {file_name}: output {output.name!r} {problem} (declared by {output.declared_by})")
+                raise BundleError(f"{model} model {file_name}: output {output.name!r} {problem} (from {output.shape_keys})")
 
 
 def _check_model_names(model: str, file_name: str, spec: dict[str, Any], backend: Backend, expected: list[ModelOutput]) -> None:
@@ -538,7 +543,7 @@ def _check_model_names(model: str, file_name: str, spec: dict[str, Any], backend
         raise BundleError(f"{model}.input {spec['input']!r} is not the input of {file_name}: its inputs are {list(backend.input_names)}")
     for output in expected:
         if output.name not in backend.output_names:
-            raise BundleError(f"{output.declared_by}: output {output.name!r} is not an output of {file_name}: its outputs are {list(backend.output_names)}")
+            raise BundleError(f"{output.name_key} {output.name!r} is not an output of {file_name}: its outputs are {list(backend.output_names)}")
 
 
 def _output_problem(values: np.ndarray, shape: tuple[int | None, ...]) -> str | None:

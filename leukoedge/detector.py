@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backends import create_backend
-from .bundle import Bundle, bundle_models, fastest_precision, load_bundle, model_file
+from .bundle import Bundle, bundle_models, check_models, fastest_precision, load_bundle, model_file
 from .errors import BackendUnavailableError, LeukoedgeError
 from .frame import validate_frame
 from .postprocess import CellInstance, find_cells, label_map_from_probabilities
@@ -123,6 +123,8 @@ class Detector:
             for model, model_precision in self.precisions.items()
         }
         self.segmenter, self.classifier, self.refiner = backends["segmenter"], backends["classifier"], backends.get("refiner")
+        # One input through every model: a bundle whose manifest and models disagree fails here, not at the first frame.
+        check_models(manifest, backends, {model: model_file(manifest, model, p) for model, p in self.precisions.items()})
         self.backend_name = backend
 
     @classmethod
@@ -134,6 +136,7 @@ class Detector:
         threads: int | None = None,
         precision: str | None = None,
         preprocess: str = "cpu",
+        public_key: object = None,
     ) -> "Detector":
         """Load and verify a bundle (folder or archive), then open its models on the chosen backend.
 
@@ -142,9 +145,11 @@ class Detector:
         per model, the fastest precision that passed its accuracy gate (fp32 for an uncalibrated bundle).
         preprocess: "cpu" (the reference) or "cuda" (pycuda kernels, needs [jetson] and a GPU; equal to
         the reference within the tolerance stated in leukoedge/preprocess/cuda.py).
+        public_key: a pinned Ed25519 public key (leukoedge/signing.py); given, the bundle must carry a valid
+        signature of its manifest (manifest.json.sig), else BundleError.
         """
         return cls(
-            load_bundle(bundle_path), backend=backend, channel_order=channel_order, threads=threads, precision=precision, preprocess=preprocess
+            load_bundle(bundle_path, public_key=public_key), backend=backend, channel_order=channel_order, threads=threads, precision=precision, preprocess=preprocess
         )
 
     def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, BundleError
 
 DEVICES = ("cpu", "cuda")
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -62,7 +62,13 @@ class OnnxRuntimeBackend:
         ort = _import_onnxruntime()
         providers = _providers(ort, device)
         options = session_options(ort, threads)
-        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        except Exception as error:  # ONNX Runtime's own classes (InvalidProtobuf, Fail, InvalidGraph, ...), not importable
+            raise BundleError(
+                f"ONNX Runtime {ort.__version__} cannot load model file {model_path.name}: {error} "
+                "(not an ONNX model, or one with operators this ONNX Runtime lacks)"
+            ) from error
         if device == "cuda" and CUDA_PROVIDER not in self.session.get_providers():
             # ONNX Runtime falls back to the CPU, logging why, when the CUDA provider cannot start: refuse that silently slow path.
             raise BackendUnavailableError(

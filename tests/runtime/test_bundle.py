@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import leukoedge.bundle as bundle_module
 from leukoedge.bundle import (
     SCHEMA_VERSION,
     Bundle,
@@ -169,8 +170,18 @@ def test_missing_required_keys_are_named(bundle_dir: Path):
         (lambda m: m["preprocess"]["stain_reference"].update(method="macenko"), "preprocess.stain_reference must be"),
         (lambda m: m["limits"].update(min_frame_side=5000), "limits.min_frame_side 5000 exceeds"),
         (lambda m: m.update(training=[]), "training must be an object"),
+        (lambda m: m["verdict"].update(flag_fraction=10**400), "verdict.flag_fraction must be a number in [0, 1]"),
+        (lambda m: m["segmenter"].update(classes=["background", "nucleus"]), "segmenter.classes must be a list of 3 distinct"),
+        (lambda m: m["segmenter"].update(flops="1.2 GFLOPs"), "segmenter.flops must be a number >= 0"),
+        (lambda m: m["classifier"]["heads"]["wbc_type"].update(output="blast_probs"), "classifier.heads name one output twice"),
+        (lambda m: m["preprocess"]["stain_reference"].update(lab_std=[15.0, 0.0, 6.0]), "preprocess.stain_reference must be"),
+        (lambda m: m["postprocess"].update(min_nucleus_area_px=-1), "postprocess.min_nucleus_area_px must be an integer in [0, "),
+        (lambda m: m.update(name="leukoedge\ntest"), "name must be a non-empty string (printable"),
     ],
-    ids=["threshold", "mean", "channel-order", "input-size", "bool", "primary-head", "head", "file-unlisted", "stain", "limits", "training"],
+    ids=[
+        "threshold", "mean", "channel-order", "input-size", "bool", "primary-head", "head", "file-unlisted", "stain", "limits", "training",
+        "huge-integer", "segmenter-classes", "flops", "shared-output", "stain-std", "nucleus-area", "control-character",
+    ],
 )
 def test_wrong_values_are_refused_by_name(change, words):
     manifest = _manifest()
@@ -443,3 +454,40 @@ def test_the_refiner_is_optional_and_checked_like_a_model_where_present():
 def test_bundle_models_put_the_refiner_between_segmenter_and_classifier():
     assert bundle_models(_manifest()) == ("segmenter", "classifier")
     assert bundle_models(_with_refiner()) == ("segmenter", "refiner", "classifier")
+
+
+def test_a_failed_int8_gate_with_malformed_metrics_is_refused_at_validation():
+    manifest = _manifest()
+    manifest["files"] = {name: hashlib.sha256(content).hexdigest() for name, content in {**MODEL_BYTES, "calibration_set.csv": b"c"}.items()}
+    manifest["precisions"] = {
+        "calibration": {"method": "minmax", "calibration_set": "calibration_set.csv"},
+        "segmenter": {"fp32": {"file": "segmenter.onnx"}},
+        "classifier": {"fp32": {"file": "classifier.onnx"}, "int8": {"file": None, "gate": {"passed": False, "metrics": ["f1 dropped"]}}},
+    }
+    # model_file quotes the failed metrics; strings in their place raised AttributeError there.
+    with pytest.raises(BundleError, match=r"precisions.classifier.int8.gate.metrics must hold"):
+        validate_manifest(manifest)
+
+
+def test_an_optional_section_is_one_table_entry_checked_only_where_present(monkeypatch: pytest.MonkeyPatch):
+    """How a new optional model (say a white-cell gate) joins: one Section in SECTIONS."""
+    gate = bundle_module.Section(
+        {"file": bundle_module._text("a file name"), "input": bundle_module._text("an input name"), "threshold": bundle_module._number(0.0, 1.0)},
+        outputs=lambda spec: [bundle_module.ModelOutput("wbc_probs", (1, 2), "gate.output", "gate.classes")],
+        optional=True,
+    )
+    monkeypatch.setattr(bundle_module, "SECTIONS", {**bundle_module.SECTIONS, "gate": gate})
+    manifest = _manifest()
+    manifest["files"] = {name: hashlib.sha256(content).hexdigest() for name, content in MODEL_BYTES.items()}
+    validate_manifest(manifest)  # absent: not checked
+    assert bundle_models(manifest) == ("segmenter", "classifier")
+    manifest["gate"] = {"file": "gate.onnx", "input": "crop", "threshold": 2}
+    assert bundle_models(manifest) == ("segmenter", "classifier", "gate")
+    with pytest.raises(BundleError, match=r"gate.threshold must be a number in \[0, 1\], got 2"):
+        validate_manifest(manifest)
+    manifest["gate"]["threshold"] = 0.5
+    with pytest.raises(BundleError, match="gate.file 'gate.onnx' is not listed in files"):
+        validate_manifest(manifest)
+    del manifest["gate"]["input"]
+    with pytest.raises(BundleError, match="missing required keys: gate.input"):
+        validate_manifest(manifest)
