@@ -19,7 +19,10 @@ from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, prepare_crops, p
 from .refine import refine_cells
 from .result import Cell, Result, Timings, make_verdict
 
-# Cells are refined and classified in batches of at most this many (the exported graphs take up to 64).
+# Cells are refined and classified in batches of at most this many: one call per model for a frame of up
+# to 64 cells. ONNX Runtime would take more (the graphs' batch axis is symbolic), but TensorRT engines are
+# built for 1..64 (export BATCH_PROFILES) and the chunks bound memory on 8 GB devices; a 65th cell costs
+# one more call, measured at no more than the batch of 73 in one (refiner, ORT CPU).
 MAX_CELL_BATCH = 64
 PRECISIONS = ("fp32", "fp16", "int8")
 PREPROCESSORS = ("cpu", "cuda")
@@ -216,19 +219,17 @@ class Detector:
                 probabilities[head].append(outputs[head_spec["output"]])
         stacked = {head: np.concatenate(parts) for head, parts in probabilities.items()}
         primary = spec["primary_head"]
-        primary_classes = heads[primary]["classes"]
-        blast_index = heads["blast"]["classes"].index("blast")
-        blast_threshold = self.verdict_spec["blast_threshold"]
+        blast_probabilities = stacked["blast"][:, heads["blast"]["classes"].index("blast")].tolist()
+        if primary == "blast":  # the label agrees with the verdict's threshold, not only the argmax
+            blast_threshold = self.verdict_spec["blast_threshold"]
+            labels = ["blast" if probability >= blast_threshold else "normal" for probability in blast_probabilities]
+        else:
+            labels = [heads[primary]["classes"][best] for best in stacked[primary].argmax(axis=1).tolist()]
+        scores = {head: stacked[head].tolist() for head in heads}  # Python floats for all cells in one step
         cells = []
         for index, instance in enumerate(instances):
-            head_scores = {
-                head: {name: float(p) for name, p in zip(heads[head]["classes"], stacked[head][index])} for head in heads
-            }
-            blast_probability = float(stacked["blast"][index][blast_index])
-            if primary == "blast":  # the label agrees with the verdict's threshold, not only the argmax
-                label = "blast" if blast_probability >= blast_threshold else "normal"
-            else:
-                label = primary_classes[int(np.argmax(stacked[primary][index]))]
+            head_scores = {head: dict(zip(heads[head]["classes"], scores[head][index])) for head in heads}
+            label, blast_probability = labels[index], blast_probabilities[index]
             cells.append(
                 Cell(
                     id=index + 1,
