@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -19,8 +21,8 @@ import numpy as np
 from .backends import BACKENDS
 from .bundle import MIN_SPEEDUP
 from .detector import PREPROCESSORS
-from .errors import LeukoedgeError
-from .soak import MAX_GROWTH_MB
+from .errors import LeukoedgeError, StorageError
+from .soak import MAX_GROWTH_MB, MAX_WARMUP
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -63,6 +65,44 @@ def read_image(path: Path) -> np.ndarray:
     return read_whole_image(path)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (--frames, --save-every, ...)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (--warmup)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return value
+
+
+def require_data_folder(data: Path) -> None:
+    if not data.is_dir():
+        raise LeukoedgeError(f"--data {data} is not a folder: expected the folder holding the data sources (../shared/data, see its README.md)")
+
+
+def require_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LeukoedgeError(f"--out {out} is a file: expected a folder (created when missing)")
+
+
+@contextmanager
+def removed_if_left_empty(out: Path) -> Iterator[None]:
+    """A command that fails must not leave behind an empty --out it created."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def command_run(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.source is None):
         raise LeukoedgeError(
@@ -75,13 +115,19 @@ def command_run(args: argparse.Namespace) -> int:
         return command_run_live(args)
     from .detector import Detector
     from .result import draw_overlay, flagged_subtype, verdict_summary
+    from .session import write_file, write_png
 
+    args.out = args.out or Path("leukoedge-out")
+    require_out_folder(args.out)
+    paths = image_paths(args.input)
     detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
     explain = gradcam_explainer(args, detector) if args.explain else None
-    args.out = args.out or Path("leukoedge-out")
-    args.out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for path in image_paths(args.input):
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(f"cannot create {args.out}: {error.strerror or error}") from error
+    failures = written = 0
+    for path in paths:
         try:
             frame = read_image(path)
             result = detector.run(frame)
@@ -89,10 +135,14 @@ def command_run(args: argparse.Namespace) -> int:
             log.error("%s: %s", path, error)
             failures += 1
             continue
-        cv2.imwrite(str(args.out / f"{path.stem}_overlay.png"), draw_overlay(frame, result))
-        if explain is not None:
-            cv2.imwrite(str(args.out / f"{path.stem}_gradcam.png"), explain(frame, result))
-        (args.out / f"{path.stem}.json").write_text(result.to_json(include_masks=args.masks, indent=2))
+        try:  # a full disk ends the run: every later write would fail the same way
+            write_png(args.out / f"{path.stem}_overlay.png", draw_overlay(frame, result))
+            if explain is not None:
+                write_png(args.out / f"{path.stem}_gradcam.png", explain(frame, result))
+            write_file(args.out / f"{path.stem}.json", result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
+        except StorageError as error:
+            raise StorageError(f"{error}; the results of the {written} image(s) before {path.name} are in {args.out}") from error
+        written += 1
         verdict = result.verdict
         subtype = flagged_subtype(verdict)
         print(
@@ -121,17 +171,25 @@ def gradcam_explainer(args: argparse.Namespace, detector: Detector) -> Callable[
 def command_run_live(args: argparse.Namespace) -> int:
     """Record a session from a camera, stream or recording until it ends, --frames, or Ctrl-C."""
     from .detector import Detector
-    from .errors import CaptureError
-    from .session import ProgressDisplay, capture_session, format_summary
+    from .session import RESULTS_FILE, SUMMARY_FILE, ProgressDisplay, capture_session, format_summary
 
-    detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
     out = args.out or Path("leukoedge-out") / time.strftime("session-%Y%m%d-%H%M%S")
+    require_out_folder(out)
+    detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
+    # A folder that already holds a session is refused and written nothing: its summary is not this run's.
+    older_session = (out / RESULTS_FILE).exists()
     progress = ProgressDisplay(show_timings=args.show_timings)
     try:
         summary = capture_session(args.source, detector, out, max_frames=args.frames, save_every=args.save_every, on_frame=progress)
-    except CaptureError:
+    except KeyboardInterrupt:  # a second Ctrl-C: the summary was still written first
         progress.close()
-        print(f"the session up to the failure is written to {out}", file=sys.stderr)
+        if not older_session and (out / SUMMARY_FILE).is_file():
+            print(f"stopped by a second Ctrl-C; the session is written to {out}", file=sys.stderr)
+        return 130
+    except LeukoedgeError:
+        progress.close()
+        if not older_session and (out / SUMMARY_FILE).is_file():
+            print(f"the session up to the failure is written to {out} (open {out / 'summary.html'})", file=sys.stderr)
         raise
     progress.close()
     print(format_summary(summary))
@@ -170,6 +228,9 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def command_calibrate(args: argparse.Namespace) -> int:
+    require_data_folder(args.data)
+    if args.out is not None:
+        require_out_folder(args.out)
     from .calibration.calibrate import CalibrateConfig, calibrate_bundle, parse_keep_float
     from .calibration.quantize import QuantizationSettings
 
@@ -215,12 +276,14 @@ def command_soak(args: argparse.Namespace) -> int:
     frames = [read_image(p) for p in image_paths(args.images)]
     shape = "x".join(str(s) for s in frames[0].shape[1::-1])
     print(f"soak: one Detector (bundle {detector.bundle.name} {detector.bundle.model_version}) on {len(frames)} real frame(s) ({shape})")
-    report = run_soak(detector, frames, args.frames, warmup=args.warmup)
+    report = run_soak(detector, frames, args.frames, warmup=args.warmup, max_warmup=args.max_warmup)
     print(report.format(args.max_growth_mb))
     return 1 if report.leaked(args.max_growth_mb) else 0
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    require_data_folder(args.data)
+    require_out_folder(args.out)
     from .training.evaluate import evaluate_bundle, parse_segmenter_checkpoints, run_quick
 
     checkpoints = parse_segmenter_checkpoints(args.segmenter_checkpoint)
@@ -250,6 +313,8 @@ def parse_source_weights(text: str | None, option: str = "--segmenter-source-wei
 
 
 def command_train(args: argparse.Namespace) -> int:
+    require_data_folder(args.data)
+    require_out_folder(args.out)
     from .training.models import SEGMENTERS
     from .training.pipeline import CLASSIFICATION_SOURCES, SEGMENTATION_SOURCES, PipelineConfig, run_pipeline
 
@@ -291,7 +356,8 @@ def command_train(args: argparse.Namespace) -> int:
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
         return 2
-    bundle = run_pipeline(config)
+    with removed_if_left_empty(args.out):
+        bundle = run_pipeline(config)
     print(f"bundle written to {bundle.root}")
     return 0
 
@@ -314,14 +380,19 @@ def command_ensemble(args: argparse.Namespace) -> int:
 
 
 def command_study(args: argparse.Namespace) -> int:
+    require_data_folder(args.data)
+    require_out_folder(args.out)
     from .training.classifier_study import run_study
 
-    run_study(args.data, args.out, quick=args.quick, folds=args.folds, bundle=args.bundle)
+    with removed_if_left_empty(args.out):
+        run_study(args.data, args.out, quick=args.quick, folds=args.folds, bundle=args.bundle)
     print((args.out / "study.md").read_text())
     return 0
 
 
 def command_pretrain(args: argparse.Namespace) -> int:
+    require_data_folder(args.data)
+    require_out_folder(args.out)
     from .training.pipeline import check_runtime_classifier
     from .training.pretrain import CLASSIFIER_MODEL, run_pretraining
 
@@ -331,7 +402,8 @@ def command_pretrain(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle, model=model)
+    with removed_if_left_empty(args.out):
+        run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle, model=model)
     print((args.out / "pretraining.md").read_text())
     return 0
 
@@ -365,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bundle", type=Path, default=default_bundle(), help="model bundle folder or archive (default: %(default)s)")
     run.add_argument("--out", type=Path, default=None, help="where results go (default: leukoedge-out, live: leukoedge-out/session-<time>)")
     run.add_argument("--masks", action="store_true", help="images: include run-length-encoded masks in the JSON")
-    run.add_argument("--frames", type=int, default=None, help="live: stop after this many frames (default: until the source ends or Ctrl-C)")
-    run.add_argument("--save-every", type=int, default=10, help="live: keep every k-th frame and its overlay as PNG (default: %(default)s)")
+    run.add_argument("--frames", type=positive_int, default=None, help="live: stop after this many frames (default: until the source ends or Ctrl-C)")
+    run.add_argument("--save-every", type=positive_int, default=10, help="live: keep every k-th frame and its overlay as PNG (default: %(default)s)")
     run.add_argument("--show-timings", action="store_true", help="live: median ms per stage in the progress line")
     run.add_argument(
         "--explain",
@@ -384,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="per-stage latency of Detector.run on real frames (median, p95)")
     bench.add_argument("images", type=Path, help="an image or a folder of images (e.g. ../shared/data/bccd/images)")
     bench.add_argument("--bundle", type=Path, default=default_bundle())
-    bench.add_argument("--frames", type=int, default=100)
-    bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    bench.add_argument("--frames", type=positive_int, default=100)
+    bench.add_argument("--warmup", type=non_negative_int, default=5)
+    bench.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     add_device_arguments(bench)
     bench.add_argument(
         "--precision", choices=("auto", "fp32", "int8", "fp16"), default="auto", help=f"auto: per model INT8 where it passed its gate and measured at least {MIN_SPEEDUP * 100:.0f} %% faster at calibration, else FP32 (default)"
@@ -405,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--target", choices=("cpu", "tensorrt"), default="cpu", help="cpu: ONNX Runtime on x86; tensorrt: symmetric int8 for `export --engine --int8`"
     )
-    calibrate.add_argument("--fields", type=int, default=512, help="segmenter calibration fields from the train split (default: %(default)s)")
-    calibrate.add_argument("--cells", type=int, default=512, help="classifier calibration cells from the train split (default: %(default)s)")
+    calibrate.add_argument("--fields", type=positive_int, default=512, help="segmenter calibration fields from the train split (default: %(default)s)")
+    calibrate.add_argument("--cells", type=positive_int, default=512, help="classifier calibration cells from the train split (default: %(default)s)")
     calibrate.add_argument("--gate-split", choices=("val", "test"), default="val", help="held-out data of the accuracy gate (default: %(default)s)")
     calibrate.add_argument("--gate-limit", type=int, default=None, help="at most this many held-out images per source (default: all)")
     calibrate.add_argument("--max-dice-drop", type=float, default=0.005, help="allowed Dice loss, nucleus and whole cell (default: %(default)s)")
@@ -426,9 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     soak = commands.add_parser("soak", help="many frames through one Detector: resident memory growth and latency drift")
     soak.add_argument("images", type=Path, help="an image or a folder of images (e.g. ../shared/data/bccd/images)")
     soak.add_argument("--bundle", type=Path, default=default_bundle())
-    soak.add_argument("--frames", type=int, default=10_000)
-    soak.add_argument("--warmup", type=int, default=10, help="untimed frames before the start reading (default: %(default)s)")
-    soak.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    soak.add_argument("--frames", type=positive_int, default=10_000)
+    soak.add_argument("--warmup", type=non_negative_int, default=10, help="untimed frames at least before the start reading (default: %(default)s)")
+    soak.add_argument(
+        "--max-warmup",
+        type=non_negative_int,
+        default=MAX_WARMUP,
+        help="untimed frames at most: the warm-up goes on until resident memory settles (ONNX Runtime's arenas grow over the first few hundred frames) or this many (default: %(default)s)",
+    )
+    soak.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     soak.add_argument("--max-growth-mb", type=float, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
     soak.set_defaults(handler=command_soak)
 
@@ -436,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     evaluate.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default: {default_bundle()}; --quick: a tiny one trained for the run)")
     evaluate.add_argument("--out", type=Path, default=Path("reports"))
-    evaluate.add_argument("--limit", type=int, default=None, help="at most this many images per source, spread over the split (--quick: 6)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="at most this many images per source, spread over the split (--quick: 6)")
     evaluate.add_argument(
         "--segmenter-checkpoint",
         action="append",
@@ -552,6 +630,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`leukoedge info | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 1
+    except OSError as error:  # a file the command reads or writes: the message names it, a traceback adds nothing
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

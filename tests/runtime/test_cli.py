@@ -13,9 +13,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from leukoedge import cli
+from leukoedge import benchmark, cli, session
+from leukoedge.result import Timings
 
-STAGES = ("preprocess", "segment", "postprocess", "refine", "classify", "total")
+STAGES = tuple(Timings().as_dict())  # what Detector.run times, capture aside
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_bench_prints_median_and_p95_per_stage(tiny_bundle, bccd_image, capsys):
     out = capsys.readouterr().out
     assert re.search(r"backend onnxruntime \(segmenter \w+, refiner \w+, classifier \w+\), preprocess cpu$", out, re.MULTILINE)
     assert re.search(r"stage\s+median ms\s+p95 ms", out)
-    for stage in STAGES:
+    for stage in benchmark.STAGES:
         row = re.search(rf"^{stage}\s+(\d+\.\d)\s+(\d+\.\d)$", out, re.MULTILINE)
         assert row, f"no {stage} row in:\n{out}"
         assert float(row.group(1)) <= float(row.group(2)) + 0.1  # median <= p95, up to the printed rounding
@@ -143,3 +144,81 @@ def test_output_piped_into_a_reader_that_has_gone_ends_quietly(tiny_bundle):
         os.close(write_end)
     assert writer.returncode == 1
     assert "Traceback" not in writer.stderr and "BrokenPipeError" not in writer.stderr
+
+
+# --- arguments and failures: a message and exit 2, never a traceback --------------------------------
+
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate", "train", "study", "pretrain"])
+def test_a_missing_data_folder_is_named_and_no_out_folder_is_left(command, tmp_path, capsys):
+    missing, out = tmp_path / "no-data", tmp_path / "out"
+    assert cli.main([command, "--data", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --data {missing} is not a folder" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["run", "--source", "0", "--save-every", "0"],
+        ["run", "--source", "0", "--frames", "-1"],
+        ["run", "--source", "0", "--frames", "0"],
+        ["bench", "samples", "--frames", "0"],
+        ["bench", "samples", "--warmup", "-1"],
+        ["soak", "samples", "--frames", "0"],
+    ],
+    ids=["save-every-0", "frames-minus-1", "frames-0", "bench-frames-0", "bench-warmup-minus-1", "soak-frames-0"],
+)
+def test_a_count_out_of_range_is_refused_before_anything_runs(arguments, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(arguments)
+    assert exited.value.code == 2
+    assert re.search(r"expected a whole number >= [01], got -?\d+", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("mode", ["images", "live", "evaluate"])
+def test_out_pointing_at_a_file_is_refused(mode, bundle_path, tmp_path, capsys):
+    out = tmp_path / "results.txt"
+    out.write_text("not a folder")
+    arguments = {
+        "images": ["run", "samples", "--bundle", str(bundle_path)],
+        "live": ["run", "--source", "samples", "--bundle", str(bundle_path)],
+        "evaluate": ["evaluate", "--data", str(tmp_path)],
+    }[mode]
+    assert cli.main([*arguments, "--out", str(out)]) == 2
+    assert f"error: --out {out} is a file" in capsys.readouterr().err
+    assert out.read_text() == "not a folder"
+
+
+def test_a_source_that_cannot_be_opened_claims_no_session(bundle_path, tmp_path, capsys):
+    out = tmp_path / "session"
+    assert cli.main(["run", "--source", str(tmp_path / "missing.avi"), "--bundle", str(bundle_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "written to" not in err
+    assert not out.exists()
+
+
+def test_a_folder_holding_an_older_session_is_refused_and_not_claimed(bundle_path, tmp_path, capsys):
+    out = tmp_path / "session"
+    out.mkdir()
+    for name in ("results.jsonl", "summary.json"):
+        (out / name).write_text("an older session\n")
+    assert cli.main(["run", "--source", "samples", "--bundle", str(bundle_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a session" in err and "written to" not in err
+    assert (out / "summary.json").read_text() == "an older session\n"
+
+
+def test_run_on_images_with_a_full_disk_exits_2_and_claims_nothing(bundle_path, bccd_image, tmp_path, monkeypatch, capsys):
+    def full_disk(path, mode="r", *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(session, "open", full_disk, raising=False)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(bccd_image), "--bundle", str(bundle_path), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "written to" not in captured.out
+    assert f"cannot write {out / 'BloodImage_00000_overlay.png'}: No space left on device" in captured.err
+    assert "the results of the 0 image(s) before BloodImage_00000.jpg" in captured.err
+    assert list(out.iterdir()) == []

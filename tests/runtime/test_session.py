@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,16 +19,19 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge import Detector
+from leukoedge import Detector, session
 from leukoedge.capture import Frame, FrameSource, ThreadedReader
 from leukoedge.cli import main as cli_main
-from leukoedge.errors import CaptureError, LeukoedgeError
+from leukoedge.errors import CaptureError, LeukoedgeError, StorageError
 from leukoedge.result import CYTOPLASM, NUCLEUS, Cell, Result, Timings, make_verdict
 from leukoedge.session import (
+    RESERVE_BYTES,
+    STOPPED_UNRECORDED,
     ProgressDisplay,
     SessionRecorder,
     capture_session,
     open_reader,
+    repair_session,
     review_session,
     run_session,
     wilson_interval,
@@ -332,3 +340,220 @@ def test_cli_live_mode_records_a_session(bundle_path: Path, smear_video: Path, t
 def test_cli_run_needs_exactly_one_of_images_and_source(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(arguments) == 2
     assert "exactly one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_frames", [0, -1])
+def test_a_session_of_no_frames_is_refused(tmp_path: Path, max_frames: int) -> None:
+    with pytest.raises(ValueError, match="max_frames must be at least 1"):
+        capture_session(tmp_path / "no-source.avi", None, tmp_path / "session", max_frames=max_frames)  # type: ignore[arg-type]
+    assert not (tmp_path / "session").exists()
+
+
+# --- full disks, killed sessions, impatient Ctrl-C -------------------------------------------------
+
+
+class HandMadeDetector:
+    """Detector.run and classifier_spec over PLANNED_FRAMES' cells, cycled: a session without models."""
+
+    classifier_spec = {"heads": {head: {"classes": classes} for head, classes in HEADS.items()}, "primary_head": "blast"}
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, image: np.ndarray, capture_ms: float | None = None) -> Result:
+        planned = PLANNED_FRAMES[self.calls % len(PLANNED_FRAMES)][1]
+        self.calls += 1
+        return hand_made_result(image, [hand_made_cell(n + 1, (10 + 40 * n, 20, 40 + 40 * n, 60), p, kind) for n, (p, kind) in enumerate(planned)])
+
+
+def write_fields(folder: Path, count: int) -> Path:
+    """A folder of `count` real fields (hard links of one PNG): a long recording that costs no disk."""
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "field_000.png"), smear_field(0))
+    for number in range(1, count):
+        os.link(folder / "field_000.png", folder / f"field_{number:03d}.png")
+    return folder
+
+
+class FillingDisk:
+    """The os module as the session sees it on a disk with `free` bytes left: the write that reaches
+    the end is cut short and the next one fails with ENOSPC, as on a full disk."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes) -> int:
+        if self.free <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = os.write(fd, bytes(data[: self.free]))
+        self.free -= written
+        return written
+
+
+def assert_whole_session(folder: Path) -> dict:
+    """Every file of the session agrees with results.jsonl, whose every line is a whole record; returns the summary."""
+    text = (folder / "results.jsonl").read_text()
+    assert text == "" or text.endswith("\n")
+    results = read_results(folder)
+    processed = [r for r in results if "verdict" in r]
+    assert [(int(row["frame"]), int(row["id"])) for row in read_cells(folder)] == [(r["index"], c["id"]) for r in processed for c in r["cells"]]
+    with (folder / "timings.csv").open(newline="") as file:
+        assert [int(row["frame"]) for row in csv.DictReader(file)] == [r["index"] for r in processed]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["frames_processed"] == len(processed)
+    assert summary["cells"] == sum(r["verdict"]["cell_count"] for r in processed)
+    assert (folder / "summary.html").is_file() and not (folder / ".summary-reserve").exists()
+    return summary
+
+
+def test_a_disk_that_fills_mid_line_ends_the_session_with_whole_records_and_a_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "session"
+    recorder = SessionRecorder(folder, HEADS, "blast", save_every=100, source="fields")
+    monkeypatch.setattr(session, "os", FillingDisk(free=2500))  # a few frames' lines, the last cut mid-line
+    reader = open_reader(write_fields(tmp_path / "fields", 40))
+    with pytest.raises(StorageError, match="No space left on device"):
+        run_session(HandMadeDetector(), reader, recorder)
+    monkeypatch.undo()
+
+    summary = assert_whole_session(folder)
+    assert 1 <= summary["frames_processed"] < 40
+    assert summary["ended_early"] is True
+    assert summary["stopped_by"].startswith("StorageError") and "No space left on device" in summary["stopped_by"]
+    assert "ENDED EARLY" in (folder / "summary.html").read_text()
+    assert "ENDED EARLY: StorageError" in session.format_summary(summary)
+    review = review_session(folder, blasts=1, total=10)
+    assert review["session_ended_early"] is True and review["leukoedge"]["cells"] == summary["cells"]
+
+
+def test_a_frame_whose_overlay_cannot_be_written_leaves_no_image_and_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "session"
+    recorder = SessionRecorder(folder, HEADS, "blast", save_every=1)
+    real_open = open
+
+    def full_for_overlays(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if "overlays" in str(path) and "frame_000002" in str(path):
+            file = real_open(path, mode, *args, **kwargs)
+            file.write(b"\x89PNG half")  # a first block made it to the disk
+            file.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(session, "open", full_for_overlays, raising=False)
+    with pytest.raises(StorageError, match="frame_000002.png: No space left on device"):
+        run_session(HandMadeDetector(), open_reader(write_fields(tmp_path / "fields", 5)), recorder)
+    monkeypatch.undo()
+    summary = assert_whole_session(folder)
+    assert summary["frames_processed"] == 2 and summary["ended_early"]
+    for name in ("frames", "overlays"):
+        assert sorted(p.name for p in (folder / name).iterdir()) == ["frame_000000.png", "frame_000001.png"]
+
+
+def test_a_session_cannot_start_without_room_for_its_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_room(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
+    monkeypatch.setattr(session, "os", FillingDisk(free=0))
+    with pytest.raises(StorageError, match=f"needs at least {RESERVE_BYTES >> 10} kB free"):
+        SessionRecorder(tmp_path / "session", HEADS, "blast")
+    assert not (tmp_path / "session" / ".summary-reserve").exists()
+
+
+def test_a_killed_session_is_rebuilt_from_its_records(tmp_path: Path) -> None:
+    folder = tmp_path / "session"
+    recorder = SessionRecorder(folder, HEADS, "blast", save_every=2, source="hand-made")
+    for index, planned in PLANNED_FRAMES:
+        image = smear_field(index)
+        cells = [hand_made_cell(n + 1, (10 + 40 * n, 20, 40 + 40 * n, 60), p, kind) for n, (p, kind) in enumerate(planned)]
+        recorder.record(Frame(image, index, time.monotonic(), 1.0, "hand-made"), hand_made_result(image, cells))
+    # Killed: no finish(); an older leukoedge's half-written last line, and a cells.csv row of a frame never recorded.
+    with (folder / "results.jsonl").open("a") as file:
+        file.write('{"index": 5, "timestamp": 17')
+    with (folder / "cells.csv").open("a") as file:
+        file.write("5,1,0,0,9,9,81,40,blast,0.9000,blast,0.9000,lymphocyte,0.8000\r\n")
+    assert (folder / ".summary-reserve").stat().st_size == RESERVE_BYTES
+
+    summary = repair_session(folder)
+
+    assert_whole_session(folder)
+    assert (summary["frames_processed"], summary["cells"], summary["blasts"], summary["frames_saved"]) == (4, 5, 3, 2)
+    assert (summary["ended_early"], summary["stopped_by"]) == (True, STOPPED_UNRECORDED)
+    assert summary["dropped_frames"] == 1  # frame 2 is missing from the numbering
+    assert summary["class_counts"]["blast"] == {"normal": 2, "blast": 3}
+    assert repair_session(folder) == summary  # a second repair finds the summary and leaves it
+
+
+def test_review_rebuilds_the_summary_of_a_killed_session(tmp_path: Path) -> None:
+    folder = tmp_path / "session"
+    recorder = SessionRecorder(folder, HEADS, "blast")
+    image = smear_field(0)
+    recorder.record(Frame(image, 0, time.monotonic(), 1.0, "hand-made"), hand_made_result(image, [hand_made_cell(1, (10, 20, 40, 60), 0.9, "monocyte")]))
+    review = review_session(folder, blasts=1, total=2)
+    assert (review["leukoedge"]["cells"], review["session_ended_early"]) == (1, True)
+    assert json.loads((folder / "summary.json").read_text())["stopped_by"] == STOPPED_UNRECORDED
+
+
+def test_a_second_ctrl_c_while_the_summary_is_written_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    draw_plot = session.plot_session
+
+    def impatient_user(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # stop, please
+        os.kill(os.getpid(), signal.SIGINT)  # now!
+        time.sleep(0.05)  # both are delivered while the plot is drawn
+        draw_plot(*args)
+
+    monkeypatch.setattr(session, "plot_session", impatient_user)
+    folder = tmp_path / "session"
+    with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C still acts, once the summary is whole
+        capture_session(write_fields(tmp_path / "fields", 3), HandMadeDetector(), folder, save_every=1)  # type: ignore[arg-type]
+    summary = assert_whole_session(folder)
+    assert (summary["stopped_by"], summary["frames_processed"]) == ("end of source", 3)
+    assert 'src="summary_plot.png"' in (folder / "summary.html").read_text()
+
+
+def user_namespaces_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not user_namespaces_mount(), reason="needs `unshare -rm` (user namespaces) to mount a small tmpfs")
+def test_a_real_full_disk_ends_the_cli_session_with_a_summary_and_a_failed_image_run_says_so(bundle_path: Path, tmp_path: Path) -> None:
+    fields = write_fields(tmp_path / "fields", 150)
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    png = len(cv2.imencode(".png", smear_field(0))[1])
+    # The reserve, frame 0 and its overlay (save-every 1000), a page for each other file, then ~30 kB of records.
+    size_kb = (RESERVE_BYTES + 2 * png) // 1024 + 56
+    leukoedge = f"{sys.executable} -m leukoedge.cli"
+    script = f"""
+        mount -t tmpfs -o size={size_kb}k tmpfs {disk} || exit 77
+        {leukoedge} run --source {fields} --bundle {bundle_path} --out {disk}/session --save-every 1000 >{kept}.session.out 2>{kept}.session.err
+        echo $? >{kept}.session.rc
+        cp -r {disk}/session {kept}
+        cat /dev/zero >{disk}/filler 2>/dev/null
+        {leukoedge} run {fields}/field_000.png --bundle {bundle_path} --out {disk}/images >{kept}.images.out 2>{kept}.images.err
+        echo $? >{kept}.images.rc
+        ls {disk}/images >{kept}.images.ls
+    """
+    completed = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert completed.returncode == 0, completed.stderr
+
+    session_err = Path(f"{kept}.session.err").read_text()
+    assert Path(f"{kept}.session.rc").read_text().strip() == "2", session_err
+    assert "No space left on device" in session_err and "Traceback" not in session_err
+    assert f"the session up to the failure is written to {disk}/session" in session_err
+    summary = assert_whole_session(kept)
+    assert summary["ended_early"] and 1 <= summary["frames_processed"] < 150
+    assert review_session(kept, blasts=1, total=10)["leukoedge"]["cells"] == summary["cells"]
+
+    images_err = Path(f"{kept}.images.err").read_text()
+    assert Path(f"{kept}.images.rc").read_text().strip() == "2", images_err
+    assert "No space left on device" in images_err and "Traceback" not in images_err
+    assert "written to" not in Path(f"{kept}.images.out").read_text()
+    assert Path(f"{kept}.images.ls").read_text().split() == []  # no truncated overlay left behind
