@@ -1,4 +1,4 @@
-"""prepare_frame on an NVIDIA GPU: the same steps as cpu.py, as pycuda kernels.
+"""prepare_frame on an NVIDIA GPU: the same steps as cpu.py, as CUDA kernels (kernels.cu) run through pycuda.
 
 Steps, one kernel each: (1) resize into the letterbox content, area averaging when shrinking and
 bilinear when enlarging as cpu.resize does, rounded to uint8 levels as OpenCV's uint8 resize is,

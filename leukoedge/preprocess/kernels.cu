@@ -1,8 +1,8 @@
 // prepare_frame's three CUDA kernels (see cuda.py for the steps and the tolerance against cpu.py).
 //
 // This one file is compiled twice: on the GPU machine by NVRTC (nvrtc.py, no nvcc needed), and in CI
-// as host C++ (tests/runtime/cuda_emulator: one host thread per CUDA thread, a barrier for
-// __syncthreads), so the emulation runs exactly this source. Use only the CUDA built-ins that the
+// as host C++ (tests/runtime/cuda_emulator: one fiber per CUDA thread, a barrier across a block's
+// fibers for __syncthreads), so the emulation runs exactly this source. Use only the CUDA built-ins that the
 // emulator's shim provides (threadIdx, blockIdx, blockDim, gridDim, __syncthreads, float3,
 // make_float3, min, and the C math functions); a kernel must be `extern "C" __global__` so that
 // both builds find it by its plain name.

@@ -120,14 +120,14 @@ std::string run_block() {
         makecontext(&fiber.context, fiber_main, 0);
     }
     for (;;) {
-        std::size_t at_barrier = 0, left = 0;
+        std::size_t at_barrier = 0;
         for (std::size_t i = 0; i < launch.fibers.size(); ++i) {
             Fiber& fiber = launch.fibers[i];
             if (fiber.left) continue;
             launch.running = i;
             threadIdx = fiber.index;
             to_fiber(fiber);
-            ++(fiber.left ? left : at_barrier);
+            if (!fiber.left) ++at_barrier;
         }
         if (at_barrier == 0) return "";
         if (at_barrier != launch.fibers.size())
