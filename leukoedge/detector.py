@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -13,11 +14,12 @@ import numpy as np
 from .backends import create_backend
 from .bundle import Bundle, bundle_models, check_models, fastest_precision, load_bundle, model_file
 from .errors import BackendUnavailableError, LeukoedgeError
-from .frame import validate_frame
+from .frame import min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, label_map_from_probabilities
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, prepare_crops, prepare_frame
 from .refine import refine_cells
-from .result import Cell, Result, Timings, make_verdict
+from .domain import domain_scores, outside_domain
+from .result import BACKGROUND, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, Cell, Result, Timings, Verdict, make_verdict
 
 # Cells are refined and classified in batches of at most this many: one call per model for a frame of up
 # to 64 cells. ONNX Runtime would take more (the graphs' batch axis is symbolic), but TensorRT engines are
@@ -26,6 +28,17 @@ from .result import Cell, Result, Timings, make_verdict
 MAX_CELL_BATCH = 64
 PRECISIONS = ("fp32", "fp16", "int8")
 PREPROCESSORS = ("cpu", "cuda")
+
+
+@dataclass
+class Candidates:
+    """A frame's proposals before the gate: the preprocessed frame, the segmenter's class probabilities
+    (3 x model H x W), the cell instances in frame pixels and the frame label map painted from them."""
+
+    prepared: PreparedFrame
+    probabilities: np.ndarray
+    instances: list[CellInstance]
+    label_map: np.ndarray
 
 
 def choose_precision(bundle: Bundle, model: str, precision: str | None, backend: str) -> str:
@@ -117,17 +130,21 @@ class Detector:
         self.postprocess_spec = manifest["postprocess"]
         self.verdict_spec = manifest["verdict"]
         self.limits = manifest["limits"]
+        self.min_judged_side = min_judged_side(self.limits)
         self.prepare_frame = make_preprocessor(preprocess, self.spec, self.segmenter_spec["input_size"], channel_order)
         self.preprocess_name = preprocess
         self.refiner_spec = manifest.get("refiner")  # None: the field segmenter's masks are final
+        self.gate_spec = manifest.get("gate")  # None: every proposal is a white cell (bundles before 0.2.0)
+        self.domain_spec = manifest.get("domain")  # None: every frame is judged (bundles before 0.2.0)
         self.precisions = {model: choose_precision(bundle, model, precision, backend) for model in bundle_models(manifest)}
         backends = {
             model: create_backend(backend, bundle.path(source_file(bundle, model, model_precision, backend)), threads, model_precision)
             for model, model_precision in self.precisions.items()
         }
         self.segmenter, self.classifier, self.refiner = backends["segmenter"], backends["classifier"], backends.get("refiner")
+        self.gate = backends.get("gate")
         # One input through every model: a bundle whose manifest and models disagree fails here, not at the first frame.
-        check_models(manifest, backends, {model: model_file(manifest, model, p) for model, p in self.precisions.items()})
+        check_models(manifest, backends, {model: source_file(bundle, model, p, backend) for model, p in self.precisions.items()})
         self.backend_name = backend
 
     @classmethod
@@ -157,10 +174,36 @@ class Detector:
 
     def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:
         """Validate, preprocess, segment, find cells, refine each cell's masks (bundles with a refiner),
-        classify; timings in ms per stage."""
+        keep the white cells (bundles with a gate), check the domain (bundles with one), classify,
+        judge; timings in ms per stage."""
         timings = Timings(capture_ms=capture_ms)
         started = time.perf_counter()
         frame = validate_frame(frame, min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"], channel_order=self.channel_order)
+        if too_small := too_small_reason(frame, self.min_judged_side):
+            return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
+        found = self.candidates(frame, timings)
+        instances, label_map, non_wbc_count = found.instances, found.label_map, 0
+        if self.gate is not None and instances:
+            with _stopwatch(timings, "gate"):
+                instances, label_map, non_wbc_count = self.keep_white_cells(frame, found)
+        domain = domain_scores(self.domain_spec, found.prepared, found.probabilities) if self.domain_spec else {}
+        with _stopwatch(timings, "classify"):
+            cells = self.classify(frame, found.prepared, instances)
+        timings.total_ms = (time.perf_counter() - started) * 1000.0
+        return Result(
+            label_map=label_map,
+            cells=cells,
+            verdict=self.judge(cells, non_wbc_count, domain),
+            timings=timings.as_dict(),
+            frame_shape=(frame.shape[0], frame.shape[1]),
+            bundle_name=self.bundle.name,
+            model_version=self.bundle.model_version,
+        )
+
+    def candidates(self, frame: np.ndarray, timings: Timings | None = None) -> Candidates:
+        """Everything the segmenter (and the refiner) found in a validated frame, before the gate: the
+        cell proposals the gate and `leukoedge adapt` work on."""
+        timings = Timings() if timings is None else timings
         with _stopwatch(timings, "preprocess"):
             prepared = self.prepare_frame(frame)
         with _stopwatch(timings, "segment"):
@@ -176,13 +219,43 @@ class Detector:
         if self.refiner is not None and instances:
             with _stopwatch(timings, "refine"):
                 instances, label_map = self.refine(frame, prepared, instances)
-        with _stopwatch(timings, "classify"):
-            cells = self.classify(frame, prepared, instances)
+        return Candidates(prepared, probabilities, instances, label_map)
+
+    def white_cell_probabilities(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> np.ndarray:
+        """The gate's probability that each proposal is a white cell (crops cut as the classifier's)."""
+        spec = self.gate_spec
+        parts = [
+            self.gate.run({spec["input"]: crops})[spec["output"]][:, spec["classes"].index("wbc")]
+            for crops in self._crop_batches(frame, prepared, [instance.classifier_box for instance in instances], spec)
+        ]
+        return np.concatenate(parts)
+
+    def keep_white_cells(self, frame: np.ndarray, found: Candidates) -> tuple[list[CellInstance], np.ndarray, int]:
+        """The proposals the gate calls white cells, the label map without the others, and how many
+        others there were (red cells, platelets, debris: never counted, never classified)."""
+        keep = self.white_cell_probabilities(frame, found.prepared, found.instances) >= self.gate_spec["threshold"]
+        label_map = found.label_map.copy()
+        for instance in (instance for instance, kept in zip(found.instances, keep) if not kept):
+            x0, y0, x1, y1 = instance.box
+            label_map[y0:y1, x0:x1][instance.mask] = BACKGROUND
+        return [instance for instance, kept in zip(found.instances, keep) if kept], label_map, int((~keep).sum())
+
+    def judge(self, cells: list[Cell], non_wbc_count: int, domain: dict[str, float]) -> Verdict:
+        """The frame's verdict; outside the bundle's validated domain it is not judged (never flagged)."""
+        threshold, fraction = self.verdict_spec["blast_threshold"], self.verdict_spec["flag_fraction"]
+        outside = outside_domain(self.domain_spec, domain) if self.domain_spec else ""
+        if outside:
+            return Verdict.not_judged(STATUS_OUTSIDE_DOMAIN, outside, threshold, fraction, non_wbc_count=non_wbc_count, domain=domain)
+        return make_verdict(cells, threshold, fraction, non_wbc_count=non_wbc_count, domain=domain)
+
+    def not_judged(self, frame: np.ndarray, status: str, reason: str, timings: Timings, started: float) -> Result:
+        """The Result of a frame no model ran on: no cells, an all-background label map, a refusal verdict."""
         timings.total_ms = (time.perf_counter() - started) * 1000.0
+        threshold, fraction = self.verdict_spec["blast_threshold"], self.verdict_spec["flag_fraction"]
         return Result(
-            label_map=label_map,
-            cells=cells,
-            verdict=make_verdict(cells, self.verdict_spec["blast_threshold"], self.verdict_spec["flag_fraction"]),
+            label_map=np.zeros(frame.shape[:2], np.uint8),
+            cells=[],
+            verdict=Verdict.not_judged(status, reason, threshold, fraction),
             timings=timings.as_dict(),
             frame_shape=(frame.shape[0], frame.shape[1]),
             bundle_name=self.bundle.name,

@@ -126,6 +126,7 @@ class Timings:
     segment_ms: float = 0.0
     postprocess_ms: float = 0.0
     refine_ms: float = 0.0  # 0 where the bundle has no refiner
+    gate_ms: float = 0.0  # 0 where the bundle has no gate
     classify_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -136,6 +137,7 @@ class Timings:
             segment=float(self.segment_ms),
             postprocess=float(self.postprocess_ms),
             refine=float(self.refine_ms),
+            gate=float(self.gate_ms),
             classify=float(self.classify_ms),
             total=float(self.total_ms),
         )

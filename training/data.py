@@ -30,7 +30,13 @@ LABEL_NUCLEUS = 2
 LABEL_WBC = 3  # some WBC pixel, nucleus/cytoplasm unknown (weak masks)
 LABEL_IGNORE = 255  # no supervision
 
-SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd")
+SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd", "txl-pbc")
+# Object classes of the sources with boxes (BCCD VOC names; TXL-PBC YOLO classes 0, 1, 2 mapped to the same names).
+BOX_CLASSES = ("WBC", "RBC", "Platelets")
+TXL_PBC_CLASSES = {0: "WBC", 1: "RBC", 2: "Platelets"}
+# The sources whose fields hold several objects with boxes of every class: where "only white cells are cells"
+# is measured, per device (TXL-PBC holds two labs' devices: raabin and bcd).
+BOX_SOURCES = ("bccd", "txl-pbc")
 SPLITS = ("train", "val", "test")
 ZHENG_WBC_TYPES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
 SPLITS_DIR = Path(__file__).parent / "splits"
@@ -83,6 +89,13 @@ class Record:
     subtype: str | None  # Taleqani: "Benign" | "Early" | "Pre" | "Pro"
     wbc_type: str | None  # PBC cell_type; Zheng type name (labels unverified by experts)
     split: str  # "train" | "val" | "test", from the committed split file
+    device: str | None = None  # TXL-PBC: the lab/device subset ("raabin" or "bcd"); None: the source is one device
+
+    @property
+    def domain(self) -> str:
+        """The source, or source/device where one source holds several devices: the unit left out in
+        leave-one-source-out figures."""
+        return self.source if self.device is None else f"{self.source}/{self.device}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,8 @@ class _Entry:
     blast: int | None = None
     subtype: str | None = None
     wbc_type: str | None = None
+    device: str | None = None
+    split: str | None = None  # the dataset's own split where it has one (TXL-PBC)
 
 
 def _source_dir(data_root: Path, source: str) -> Path:
@@ -168,12 +183,20 @@ def _bccd_entries(folder: Path) -> list[_Entry]:
     return entries
 
 
+def _txl_pbc_entries(folder: Path) -> list[_Entry]:
+    return [
+        _Entry(row["image"], folder / row["image"], folder / row["boxes"], device=row["subset"], split=row["txl_split"])
+        for row in _read_csv(folder / "labels.csv")
+    ]
+
+
 _ENTRY_READERS: dict[str, Callable[[Path], list[_Entry]]] = {
     "wbc-seg-zheng": _zheng_entries,
     "all-idb2": _all_idb2_entries,
     "all-taleqani": _taleqani_entries,
     "pbc": _pbc_entries,
     "bccd": _bccd_entries,
+    "txl-pbc": _txl_pbc_entries,
 }
 
 
@@ -222,6 +245,7 @@ def load_records(data_root: Path, source: str, split: str | None = None) -> list
             subtype=entry.subtype,
             wbc_type=entry.wbc_type,
             split=assigned[entry.key],
+            device=entry.device,
         )
         for entry in entries
     ]
@@ -317,15 +341,16 @@ def _taleqani_weak_mask(record: Record) -> tuple[np.ndarray | None, list[Box]]:
     return label_map, boxes
 
 
-def _bccd_annotated_wbc_boxes(annotation: Path, image_shape: tuple[int, ...]) -> list[Box]:
+def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
     try:
         root = ET.parse(annotation).getroot()
     except ET.ParseError as error:
         raise ValueError(f"cannot parse VOC annotation {annotation}: {error}") from error
     height, width = image_shape[:2]
-    boxes = []
+    boxes: dict[str, list[Box]] = {name: [] for name in BOX_CLASSES}
     for element in root.iter("object"):
-        if (element.findtext("name") or "").strip() != "WBC":
+        name = (element.findtext("name") or "").strip()
+        if name not in boxes:
             continue
         corners = element.find("bndbox")
         xmin, ymin, xmax, ymax = (float(corners.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
@@ -333,8 +358,39 @@ def _bccd_annotated_wbc_boxes(annotation: Path, image_shape: tuple[int, ...]) ->
         x0, y0 = max(0, int(round(xmin)) - 1), max(0, int(round(ymin)) - 1)
         x1, y1 = min(width, int(round(xmax))), min(height, int(round(ymax)))
         if x1 > x0 and y1 > y0:
-            boxes.append((x0, y0, x1, y1))
+            boxes[name].append((x0, y0, x1, y1))
     return boxes
+
+
+def _bccd_annotated_wbc_boxes(annotation: Path, image_shape: tuple[int, ...]) -> list[Box]:
+    return _bccd_boxes(annotation, image_shape)["WBC"]
+
+
+def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
+    """YOLO lines `class cx cy w h` (normalized to the image) -> boxes per class in pixels, ends exclusive."""
+    height, width = image_shape[:2]
+    boxes: dict[str, list[Box]] = {name: [] for name in BOX_CLASSES}
+    for number, line in enumerate(label_path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 5 or int(fields[0]) not in TXL_PBC_CLASSES:
+            raise ValueError(f"{label_path}:{number}: expected 'class cx cy w h' with class 0, 1 or 2, got {line!r}")
+        cx, cy, box_width, box_height = (float(value) for value in fields[1:])
+        x0, y0 = max(0, int(round((cx - box_width / 2) * width))), max(0, int(round((cy - box_height / 2) * height)))
+        x1, y1 = min(width, int(round((cx + box_width / 2) * width))), min(height, int(round((cy + box_height / 2) * height)))
+        if x1 > x0 and y1 > y0:
+            boxes[TXL_PBC_CLASSES[int(fields[0])]].append((x0, y0, x1, y1))
+    return boxes
+
+
+def object_boxes(record: Record) -> dict[str, list[Box]]:
+    """Boxes per object class (BOX_CLASSES: WBC, RBC, Platelets) of a BCCD or TXL-PBC field; {} for
+    other sources and unannotated fields."""
+    if record.label_path is None or record.source not in BOX_SOURCES:
+        return {}
+    shape = read_image(record).shape
+    return _bccd_boxes(record.label_path, shape) if record.source == "bccd" else _txl_pbc_boxes(record.label_path, shape)
 
 
 def _bccd_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray | None:
@@ -367,6 +423,8 @@ def read_label_map(record: Record) -> np.ndarray | None:
         return _all_idb2_label_map(record, image_shape)
     if record.source == "bccd":
         return _bccd_label_map(record, image_shape)
+    if record.source == "txl-pbc":
+        return None  # boxes only (object_boxes); the segmenter's box-weak labels come from BCCD
     raise ValueError(f"{record.source} has no label maps")
 
 
@@ -390,8 +448,8 @@ def wbc_boxes(record: Record) -> list[Box]:
         return []
     if record.source == "all-taleqani":
         return _taleqani_weak_mask(record)[1]
-    if record.source == "bccd":
-        return _bccd_annotated_wbc_boxes(record.label_path, read_image(record).shape)
+    if record.source in BOX_SOURCES:
+        return object_boxes(record)["WBC"]
     label_map = read_label_map(record)
     return _largest_component_box((label_map == LABEL_CYTOPLASM) | (label_map == LABEL_NUCLEUS))
 
@@ -432,7 +490,10 @@ def make_splits(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for source, entries in per_source.items():
-        assigned = _assign_splits(entries, source, seed, fractions)
+        if all(entry.split for entry in entries):  # the dataset's own split (TXL-PBC): kept, so figures compare with its authors'
+            assigned = {entry.key: entry.split for entry in entries}
+        else:
+            assigned = _assign_splits(entries, source, seed, fractions)
         with (out_dir / f"{source}.csv").open("w", newline="") as file:
             writer = csv.writer(file, lineterminator="\n")
             writer.writerow(["image", "split"])

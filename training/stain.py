@@ -69,3 +69,28 @@ def normalize_with_jitter(rgb: np.ndarray, reference: StainReference, rng: np.ra
     """Reinhard to the reference (a jittered one when rng is given), with the image's own statistics."""
     target = reference if rng is None else jitter_reference(reference, rng)
     return reinhard_normalize(rgb, target)
+
+
+def augment_device(frame_bgr: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """A BGR uint8 frame as another microscope might have taken it, before the runtime's preprocessing:
+    stain (L*a*b* shift and scale, wide enough to cover the sources' spread), white balance, uneven
+    illumination, defocus, sensor noise and JPEG. Magnification is left to the caller (boxes move with it)."""
+    lab = cv2.cvtColor(frame_bgr.astype(np.float32) / 255.0, cv2.COLOR_BGR2LAB)
+    lab[..., 0] = lab[..., 0] * rng.uniform(1 - 0.15 * strength, 1 + 0.1 * strength) + rng.uniform(-8, 8) * strength
+    for channel in (1, 2):
+        lab[..., channel] = lab[..., channel] * rng.uniform(1 - 0.3 * strength, 1 + 0.4 * strength) + rng.uniform(-12, 12) * strength
+    rgb_gain = 1.0 + rng.uniform(-0.12, 0.12, size=3) * strength  # the camera's white balance
+    frame = np.clip(cv2.cvtColor(lab, cv2.COLOR_LAB2BGR) * rgb_gain, 0.0, 1.0)
+    height, width = frame.shape[:2]
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)  # a lamp off-centre: a brightness ramp across the field
+    ramp = ((xs / width - 0.5) * np.cos(angle) + (ys / height - 0.5) * np.sin(angle)) * rng.uniform(0, 0.25) * strength
+    frame = np.clip(frame * (1.0 + ramp[..., None]), 0.0, 1.0)
+    if rng.random() < 0.4:
+        frame = gaussian(frame, rng.uniform(0.5, 2.0) * strength)
+    frame = frame + rng.normal(0.0, rng.uniform(0, 0.025) * strength, size=frame.shape)
+    frame = np.clip(frame * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if rng.random() < 0.5:
+        ok, encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(40, 95))])
+        frame = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+    return frame

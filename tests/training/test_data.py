@@ -30,7 +30,7 @@ from leukoedge.training.data import (
 )
 
 ALLOWED_LABELS = {LABEL_BACKGROUND, LABEL_CYTOPLASM, LABEL_NUCLEUS, LABEL_WBC, LABEL_IGNORE}
-EXPECTED_COUNTS = {"wbc-seg-zheng": 300, "all-idb2": 208, "all-taleqani": 2572, "pbc": 2000, "bccd": 292}
+EXPECTED_COUNTS = {"wbc-seg-zheng": 300, "all-idb2": 208, "all-taleqani": 2572, "pbc": 2000, "bccd": 292, "txl-pbc": 719}
 
 
 def _stratum(record: data.Record) -> str | int | None:
@@ -72,7 +72,7 @@ def test_label_maps_have_the_image_shape_and_allowed_values(data_root: Path, sou
         image = read_image(record)
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         label_map = read_label_map(record)
-        if source == "pbc":
+        if source in ("pbc", "txl-pbc"):  # no masks: PBC has labels per image, TXL-PBC boxes (object_boxes)
             assert label_map is None
             continue
         if source == "all-taleqani" and label_map is None:
@@ -184,6 +184,8 @@ def test_splits_are_disjoint_and_cover_every_record(data_root: Path, source: str
     parts = {split: {record.image_path for record in load_records(data_root, source, split)} for split in data.SPLITS}
     assert set.union(*parts.values()) == everything
     assert sum(len(part) for part in parts.values()) == len(everything)
+    if source == "txl-pbc":
+        return  # the dataset's own split (about 70/20/10), kept as its authors made it
     for split, fraction in zip(data.SPLITS, (0.7, 0.15, 0.15)):
         assert abs(len(parts[split]) / len(everything) - fraction) < 0.02
 
@@ -207,7 +209,8 @@ def test_make_splits_is_deterministic_and_matches_the_committed_files(data_root:
         committed = (SPLITS_DIR / f"{source}.csv").read_bytes()
         assert (tmp_path / "first" / f"{source}.csv").read_bytes() == committed
         assert (tmp_path / "second" / f"{source}.csv").read_bytes() == committed
-        assert (tmp_path / "other_seed" / f"{source}.csv").read_bytes() != committed
+        if source != "txl-pbc":  # the dataset's own split: no seed in it
+            assert (tmp_path / "other_seed" / f"{source}.csv").read_bytes() != committed
 
 
 def test_a_record_missing_from_the_split_file_is_an_error(
@@ -246,3 +249,39 @@ def test_an_unreadable_image_names_the_file(data_root: Path, tmp_path: Path) -> 
     record = replace(load_records(data_root, "pbc")[0], image_path=broken)
     with pytest.raises(ValueError, match="broken.jpg"):
         read_image(record)
+
+
+def test_txl_pbc_yolo_boxes_become_pixel_boxes_per_class(data_root: Path) -> None:
+    records = load_records(data_root, "txl-pbc")
+    assert Counter(record.device for record in records) == {"raabin": 500, "bcd": 219}
+    assert {record.domain for record in records} == {"txl-pbc/raabin", "txl-pbc/bcd"}
+    record = records[0]
+    height, width = data.read_image(record).shape[:2]
+    first = record.label_path.read_text().split()
+    boxes = data.object_boxes(record)
+    cx, cy, box_width, box_height = (float(value) for value in first[1:5])
+    expected = (round((cx - box_width / 2) * width), round((cy - box_height / 2) * height), round((cx + box_width / 2) * width), round((cy + box_height / 2) * height))
+    named = boxes[data.TXL_PBC_CLASSES[int(first[0])]]
+    assert any(max(abs(a - b) for a, b in zip(box, expected)) <= 1 for box in named)
+    assert data.wbc_boxes(record) == boxes["WBC"]
+    totals = Counter()
+    for record in records:
+        for name, found in data.object_boxes(record).items():
+            totals[name] += len(found)
+    # The data README's counts: 10,867 RBC, 755 WBC, 238 platelet boxes.
+    assert (totals["RBC"], totals["WBC"], totals["Platelets"]) == (10867, 755, 238)
+
+
+def test_bccd_boxes_of_every_class(data_root: Path) -> None:
+    record = _by_name(load_records(data_root, "bccd"), "BloodImage_00002.jpg")
+    boxes = data.object_boxes(record)
+    assert set(boxes) == set(data.BOX_CLASSES) and boxes["WBC"] == data.wbc_boxes(record)
+    assert len(boxes["RBC"]) > 5
+    assert data.object_boxes(load_records(data_root, "pbc")[0]) == {}
+
+
+def test_a_malformed_yolo_line_names_the_file_and_line(data_root: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(ValueError, match=r"labels.txt:2"):
+        data._txl_pbc_boxes(labels, (100, 100, 3))

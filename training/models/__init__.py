@@ -6,13 +6,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .classifiers import custom_cnn, dual_branch, resnet_s, vgg_hybrid
+from .classifiers import custom_cnn, dual_branch, gate_cnn, resnet_s, vgg_hybrid
 from .ensemble import ProbabilityMean
 from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_lite, unet_s
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {"hctnet": hctnet, "hctnet_s": hctnet_s, "hctnet_lite": hctnet_lite, "unet_s": unet_s, "unet_lite": unet_lite}
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "custom_cnn": custom_cnn,
+    "gate_cnn": gate_cnn,
     "vgg_hybrid": vgg_hybrid,
     "resnet_s": resnet_s,
     "dual_branch": dual_branch,

@@ -52,6 +52,19 @@ def custom_cnn(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadC
     return MultiHeadClassifier(trunk, 128 * 4 * 4, head_classes, dense=(196, 96), dropout=dropout)
 
 
+def gate_cnn(head_classes: dict[str, int], dropout: float = 0.2) -> MultiHeadClassifier:
+    """custom_cnn at half the resolution and half the width: the cell-or-not gate (training/gate.py)
+    decides on shape and colour, not on chromatin texture, and runs on every proposal of every frame."""
+    trunk = nn.Sequential(
+        nn.AvgPool2d(2),
+        ConvBNReLU(3, 16), nn.MaxPool2d(2),
+        ConvBNReLU(16, 32), nn.MaxPool2d(2),
+        ConvBNReLU(32, 64), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
+    )
+    return MultiHeadClassifier(trunk, 64 * 4 * 4, head_classes, dense=(96,), dropout=dropout)
+
+
 def vgg_hybrid(head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (32, 64, 96)) -> MultiHeadClassifier:
     """VGG-style stages (3x3 convs, max-pool) with residual skips and CBAM channel + spatial attention.
     A single 16-wide conv at full resolution keeps the cost near custom_cnn's at 64x64."""

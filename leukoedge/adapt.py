@@ -1,0 +1,169 @@
+"""`leukoedge adapt`: tune a bundle's device-dependent parts to a new microscope from its unlabelled frames.
+
+What depends on the device and can be re-estimated without labels is the domain check (leukoedge/domain.py):
+the new microscope's frames join the colour references, so its own colours are no longer "outside the
+validated domain". What is NOT changed, and why:
+- the stain reference: every frame is already normalized to it with its own statistics (Reinhard), which
+  is what maps a new stain onto what the models learned; moving the reference would move every model's input;
+- the uncertainty threshold: a segmenter that is unsure of a device's fields stays unsure after adaptation;
+  only labelled fine-tuning (not available yet) can change that, so such frames stay refused;
+- the models' weights (no labels).
+A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
+of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
+prints how many held-back frames each bundle flags, for a person to look at (a field kit session's review).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .bundle import save_bundle
+from .detector import Detector
+from .domain import MAX_REFERENCES, THRESHOLD_MARGIN, THRESHOLD_QUANTILE, colour_distance, colour_features, outside_domain, segmenter_uncertainty
+from .errors import LeukoedgeError
+
+log = logging.getLogger("leukoedge.adapt")
+
+MIN_FRAMES = 20  # fewer frames say too little about a device to move the domain check
+DEFAULT_HOLD_BACK = 0.2
+
+
+class AdaptationRefused(LeukoedgeError):
+    """The adapted bundle did worse than the original on the held-back frames, or there were too few frames."""
+
+
+@dataclass
+class FrameMeasure:
+    colour: np.ndarray
+    uncertainty: float
+    refused: bool
+    flagged: bool
+
+
+@dataclass
+class AdaptReport:
+    frames: int
+    held_back: int
+    refused_before: int
+    refused_after: int
+    flagged_before: int
+    flagged_after: int
+    written: bool
+
+    def lines(self) -> list[str]:
+        return [
+            f"frames: {self.frames} ({self.frames - self.held_back} fitted, {self.held_back} held back)",
+            f"held-back frames refused (outside the domain): {self.refused_before} before, {self.refused_after} after",
+            f"held-back frames flagged: {self.flagged_before} before, {self.flagged_after} after",
+            "bundle written" if self.written else "bundle NOT written: it did worse on the held-back frames",
+        ]
+
+
+def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
+    """A frame's domain features and whether the detector refuses or flags it."""
+    result = detector.run(frame)
+    found = detector.candidates(frame)
+    return FrameMeasure(
+        colour_features(found.prepared),
+        segmenter_uncertainty(found.prepared, found.probabilities),
+        result.verdict.status == "outside_domain",
+        result.verdict.flagged,
+    )
+
+
+def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed: int = 0) -> dict[str, Any]:
+    """The domain section with the device's frames among the colour references (the spread is kept, so
+    distances stay comparable) and the colour threshold raised to cover the device's own spread if needed."""
+    adapted = copy.deepcopy(domain)
+    device = np.array([measure.colour for measure in fitted])
+    rng = np.random.default_rng(seed)
+    keep_device = rng.permutation(len(device))[: MAX_REFERENCES // 2]
+    original = np.asarray(domain["colour_references"], np.float64)
+    keep_original = rng.permutation(len(original))[: MAX_REFERENCES - len(keep_device)]
+    adapted["colour_references"] = np.round(np.concatenate([original[np.sort(keep_original)], device[np.sort(keep_device)]]), 3).tolist()
+    spread = np.asarray(domain["colour_spread"], np.float64)
+    distances = np.sqrt((((device[:, None, :] - device[None, :, :]) / spread) ** 2).mean(axis=2))
+    np.fill_diagonal(distances, np.inf)
+    own = float(np.quantile(distances.min(axis=1), THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    adapted["max_colour_distance"] = max(float(domain["max_colour_distance"]), own)
+    return adapted
+
+
+def _split(names: Sequence[str], hold_back: float) -> np.ndarray:
+    """True for held-back frames: chosen by a hash of the name, so reruns hold back the same frames."""
+    scores = np.array([int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for name in names])
+    return scores < hold_back
+
+
+def adapt_bundle(
+    bundle_path: str | Path,
+    frames: Sequence[np.ndarray],
+    names: Sequence[str],
+    out_dir: str | Path,
+    hold_back: float = DEFAULT_HOLD_BACK,
+    channel_order: str = "BGR",
+) -> AdaptReport:
+    """Adapt a bundle's domain check to a device's unlabelled frames and write it to out_dir (see module doc)."""
+    if len(frames) < MIN_FRAMES:
+        raise AdaptationRefused(f"adaptation needs at least {MIN_FRAMES} frames of the device, got {len(frames)}")
+    if not 0.05 <= hold_back <= 0.5:
+        raise ValueError(f"hold_back must be between 0.05 and 0.5, got {hold_back}")
+    detector = Detector.load(bundle_path, channel_order=channel_order)
+    domain = detector.domain_spec
+    if domain is None:
+        raise AdaptationRefused(f"bundle {detector.bundle.name} has no domain check to adapt (made before 0.2.0); retrain it")
+    measures = [measure(detector, frame) for frame in frames]
+    held = _split(names, hold_back)
+    if held.all() or not held.any():
+        held = np.arange(len(frames)) % 5 == 0  # too few frames for the hash to split: every fifth
+    adapted = adapted_domain(domain, [m for m, h in zip(measures, held) if not h])
+    after = [
+        bool(outside_domain(adapted, {"colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty}))
+        for m, h in zip(measures, held)
+        if h
+    ]
+    flagged_after = sum(_judged_flag(detector, frame, adapted) for frame, h in zip(frames, held) if h)
+    held_measures = [m for m, h in zip(measures, held) if h]
+    report = AdaptReport(
+        frames=len(frames),
+        held_back=int(held.sum()),
+        refused_before=sum(m.refused for m in held_measures),
+        refused_after=sum(after),
+        flagged_before=sum(m.flagged for m in held_measures),
+        flagged_after=int(flagged_after),
+        written=False,
+    )
+    if report.refused_after > report.refused_before:
+        return report
+    manifest = copy.deepcopy(detector.bundle.manifest)
+    manifest["domain"] = adapted
+    manifest["adaptation"] = {
+        "date": dt.date.today().isoformat(),
+        "adapted": ["domain.colour_references", "domain.max_colour_distance"],
+        "frames": len(frames),
+        "held_back": report.held_back,
+        "frame_sha256": [hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest() for frame in frames],
+        "gate": {key: getattr(report, key) for key in ("refused_before", "refused_after", "flagged_before", "flagged_after")},
+    }
+    files = {name: detector.bundle.path(name) for name in manifest["files"]}
+    save_bundle(Path(out_dir), manifest, files)
+    report.written = True
+    return report
+
+
+def _judged_flag(detector: Detector, frame: np.ndarray, domain: dict[str, Any]) -> bool:
+    """Whether the frame is flagged under another domain section (the models unchanged)."""
+    original = detector.domain_spec
+    detector.domain_spec = domain
+    try:
+        return detector.run(frame).verdict.flagged
+    finally:
+        detector.domain_spec = original

@@ -1,0 +1,291 @@
+"""The cell-or-not gate: is a cell the segmenter found a white cell, or a red cell, platelet or debris?
+
+The field segmenter finds every stained blob; on a microscope it never saw, darker red cells and
+platelets come out as "cells" and then as blasts. The gate is the papers' small CNN at half size (gate_cnn) with
+one head, trained on what the segmenter actually proposes, cut exactly as the classifier's crops are
+(so at run time one crop serves both):
+- fields with boxes of every class (BCCD, TXL-PBC): a proposal matching a WBC box (IoU >= 0.4) is a white
+  cell, one that overlaps no WBC box is not; plus crops around the annotated WBC, RBC and platelet boxes;
+- single-cell sources with expert masks (Zheng, ALL-IDB2): the proposal matching the expert cell is a
+  white cell, the others are not;
+- PBC: the proposal at the centre is the labelled cell (a white cell unless the label is platelet or
+  erythroblast), the others (red cells around it) are not;
+- Taleqani: proposals matching the weak blast masks are white cells; the others are left out (the weak
+  masks miss cells, so "unmatched" does not mean "not a white cell").
+Every training field is also seen as another device would show it (training/stain.augment_device, scale
+0.6-1.6x). Proposals inside a WBC box that match it poorly (fragments) are left out: neither answer is right.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from leukoedge.detector import Detector
+from leukoedge.preprocess.cpu import prepare_crops
+
+from . import data
+from .detection import box_iou
+from .models.classifiers import gate_cnn
+from .stain import augment_device
+
+log = logging.getLogger("leukoedge.training")
+
+GATE_HEAD = "wbc"
+GATE_CLASSES = ["not_wbc", "wbc"]
+POSITIVE_IOU = 0.4
+WEAK_POSITIVE_IOU = 0.3  # Taleqani's weak masks run larger than the cells
+NOT_WBC_TYPES = ("platelet", "erythroblast")  # PBC classes that are not white cells
+MAX_BOX_NEGATIVES_PER_FIELD = 8  # annotated red cells per field taken as negatives (raabin fields hold ~30)
+SCALE_RANGE = (0.6, 1.6)  # pixel size differs by objective and camera
+GATE_SOURCES = ("bccd", "txl-pbc", "wbc-seg-zheng", "all-idb2", "pbc", "all-taleqani")
+
+
+@dataclass
+class GateExamples:
+    """Crops as the classifier takes them (N x 3 x H x W, float16 to halve memory), labels (1 white cell,
+    0 not) and each crop's source/device (for balanced batches and leave-one-source-out)."""
+
+    crops: np.ndarray
+    labels: np.ndarray
+    domains: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["GateExamples"]) -> "GateExamples":
+        parts = [part for part in parts if len(part.labels)]
+        if not parts:
+            return cls(np.zeros((0, 3, 1, 1), np.float16), np.zeros(0, np.int64), np.zeros(0, object))
+        return cls(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("crops", "labels", "domains")))
+
+    def without(self, domain_prefix: str) -> "GateExamples":
+        keep = np.array([not str(domain).startswith(domain_prefix) for domain in self.domains], bool)
+        return GateExamples(self.crops[keep], self.labels[keep], self.domains[keep])
+
+
+def label_proposals(record: data.Record, proposals: Sequence[data.Box], frame_shape: tuple[int, int], scale: float) -> list[int | None]:
+    """1 white cell, 0 not, None left out, for each proposal box of a field (boxes in the scaled frame)."""
+    truth = [tuple(int(round(v * scale)) for v in box) for box in data.wbc_boxes(record)]
+    iou = box_iou(proposals, truth)
+    best = iou.max(axis=1) if truth else np.zeros(len(proposals))
+    if record.source == "pbc":
+        height, width = frame_shape
+        centre = (width / 2, height / 2)
+        centre_index = _proposal_at(proposals, centre)
+        central_label = 0 if record.wbc_type in NOT_WBC_TYPES else 1
+        return [central_label if index == centre_index else 0 for index in range(len(proposals))]
+    if record.source == "all-taleqani":
+        return [1 if value >= WEAK_POSITIVE_IOU else None for value in best]
+    labels: list[int | None] = []
+    for index, box in enumerate(proposals):
+        if best[index] >= POSITIVE_IOU:
+            labels.append(1)
+        elif any(_inside(_centre(box), wbc) for wbc in truth):
+            labels.append(None)  # a fragment of a white cell
+        else:
+            labels.append(0)
+    return labels
+
+
+def _centre(box: data.Box) -> tuple[float, float]:
+    return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+
+
+def _inside(point: tuple[float, float], box: data.Box) -> bool:
+    return box[0] <= point[0] < box[2] and box[1] <= point[1] < box[3]
+
+
+def _proposal_at(proposals: Sequence[data.Box], point: tuple[float, float]) -> int | None:
+    """The proposal whose box holds the point, nearest its centre first; None if none holds it."""
+    holding = [index for index, box in enumerate(proposals) if _inside(point, box)]
+    if not holding:
+        return None
+    return min(holding, key=lambda index: np.hypot(*np.subtract(_centre(proposals[index]), point)))
+
+
+def field_examples(detector: Detector, record: data.Record, frame: np.ndarray, scale: float, rng: np.random.Generator) -> GateExamples:
+    """The gate's examples from one (possibly augmented and rescaled) field."""
+    found = detector.candidates(frame)
+    prepared = found.prepared
+    boxes = [instance.classifier_box for instance in found.instances]
+    labels = label_proposals(record, boxes, frame.shape[:2], scale)
+    chosen = [(box, label) for box, label in zip(boxes, labels) if label is not None]
+    annotated = data.object_boxes(record)
+    if annotated:
+        chosen += [(tuple(int(round(v * scale)) for v in box), 1) for box in annotated["WBC"]]
+        others = annotated["RBC"] + annotated["Platelets"]
+        for index in rng.permutation(len(others))[:MAX_BOX_NEGATIVES_PER_FIELD]:
+            chosen.append((tuple(int(round(v * scale)) for v in others[index]), 0))
+    if not chosen:
+        return GateExamples.concatenate([])
+    spec = detector.classifier_spec
+    crops = prepare_crops(frame, [box for box, _ in chosen], detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order)
+    return GateExamples(crops.astype(np.float16), np.array([label for _, label in chosen], np.int64), np.array([record.domain] * len(chosen), object))
+
+
+def collect_examples(
+    detector: Detector, records: Sequence[data.Record], augmented_copies: int, seed: int, description: str = "gate examples"
+) -> GateExamples:
+    """Every record as it is, plus `augmented_copies` device-augmented and rescaled versions of it."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for record in tqdm(records, desc=description, unit="field"):
+        image = data.read_image(record)
+        for copy in range(1 + augmented_copies):
+            frame, scale = image, 1.0
+            if copy:
+                scale = float(np.exp(rng.uniform(*np.log(SCALE_RANGE))))
+                size = (max(16, int(round(image.shape[1] * scale))), max(16, int(round(image.shape[0] * scale))))
+                frame = augment_device(cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR), rng)
+            parts.append(field_examples(detector, record, frame, scale, rng))
+    return GateExamples.concatenate(parts)
+
+
+def gate_records(data_root: Path, split: str, per_source: int | None, sources: Sequence[str] = GATE_SOURCES) -> list[data.Record]:
+    """A split's fields of every gate source, at most `per_source` per source/device (evenly spaced)."""
+    records = []
+    for source in sources:
+        by_domain: dict[str, list[data.Record]] = {}
+        for record in data.load_records(data_root, source, split):
+            by_domain.setdefault(record.domain, []).append(record)
+        for domain_records in by_domain.values():
+            if per_source is not None and len(domain_records) > per_source:
+                domain_records = [domain_records[int(i)] for i in np.linspace(0, len(domain_records) - 1, per_source)]
+            records.extend(domain_records)
+    return records
+
+
+def _balanced_batch(examples: GateExamples, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+    """Indices: half white cells, half not, each half spread evenly over the domains that have any."""
+    chosen = []
+    for label in (0, 1):
+        domains = sorted({d for d, l in zip(examples.domains, examples.labels) if l == label})
+        per_domain = max(1, batch_size // (2 * max(1, len(domains))))
+        for domain in domains:
+            pool = np.flatnonzero((examples.labels == label) & (examples.domains == domain))
+            chosen.append(rng.choice(pool, per_domain))
+    return np.concatenate(chosen)
+
+
+def _augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Flips and quarter turns: a cell has no up or down."""
+    if rng.random() < 0.5:
+        crops = crops.flip(3)
+    return torch.rot90(crops, int(rng.integers(4)), dims=(2, 3))
+
+
+def train_gate(examples: GateExamples, steps: int, seed: int = 0, batch_size: int = 128, learning_rate: float = 2e-3) -> torch.nn.Module:
+    """gate_cnn with one head ("wbc": not_wbc, wbc), class- and domain-balanced batches, cosine schedule."""
+    if not (examples.labels == 0).any() or not (examples.labels == 1).any():
+        raise ValueError("the gate needs examples of white cells and of other objects")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = gate_cnn({GATE_HEAD: len(GATE_CLASSES)})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(2, steps))
+    model.train()
+    for _ in tqdm(range(steps), desc="gate", unit="step"):
+        indices = _balanced_batch(examples, rng, batch_size)
+        crops = _augment_crops(torch.from_numpy(examples.crops[indices].astype(np.float32)), rng)
+        loss = torch.nn.functional.cross_entropy(model(crops)[GATE_HEAD], torch.from_numpy(examples.labels[indices]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def wbc_probabilities(model: torch.nn.Module, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The gate's probability that each crop is a white cell."""
+    model.eval()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(crops), batch_size):
+            logits = model(torch.from_numpy(crops[start : start + batch_size].astype(np.float32)))[GATE_HEAD]
+            parts.append(logits.softmax(dim=1)[:, 1].numpy())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, min_recall: float) -> float:
+    """The highest threshold that keeps at least `min_recall` of the white cells: a missed white cell
+    costs a count, a kept red cell can cost a false flag, so the gate is as strict as the recall allows."""
+    positives = np.sort(probabilities[labels == 1])
+    if not len(positives):
+        raise ValueError("no white cells to choose the gate's threshold on")
+    index = int(np.floor((1.0 - min_recall) * len(positives)))
+    return float(positives[min(index, len(positives) - 1)])
+
+
+GATE_SPEC_BASE = {"architecture": "gate_cnn", "file": "gate.onnx", "input": "crop", "output": f"{GATE_HEAD}_probs", "classes": GATE_CLASSES}
+MIN_GATE_RECALL = 0.98  # of the validation white cells; see choose_threshold
+
+
+def gate_spec(classifier_spec: dict, threshold: float) -> dict:
+    """The manifest's "gate" section: crops cut as the classifier's (one crop serves both at run time)."""
+    return {**GATE_SPEC_BASE, "input_size": list(classifier_spec["input_size"]), "crop_margin": classifier_spec["crop_margin"], "threshold": float(threshold)}
+
+
+def with_torch_gate(detector: Detector, model: torch.nn.Module, threshold: float) -> Detector:
+    """The detector with `model` as its gate (PyTorch, through the Backend protocol)."""
+    from leukoedge.export.onnx import ClassifierWithSoftmax
+
+    from .torch_backend import TorchBackend
+
+    detector.gate_spec = gate_spec(detector.classifier_spec, threshold)
+    detector.gate = TorchBackend(ClassifierWithSoftmax(model, [GATE_HEAD]), "crop", [detector.gate_spec["output"]])
+    return detector
+
+
+def domain_fit_frames(detector: Detector, records: Sequence[data.Record]) -> dict:
+    """The manifest's "domain" section fitted on validation frames (leukoedge/domain.fit_domain)."""
+    from leukoedge.domain import colour_features, fit_domain, segmenter_uncertainty
+
+    colour, uncertainty, sources = [], [], []
+    for record in tqdm(records, desc="domain check", unit="field"):
+        found = detector.candidates(data.read_image(record))
+        colour.append(colour_features(found.prepared))
+        uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
+        sources.append(record.domain)
+    return fit_domain(colour, uncertainty, sources)
+
+
+def _examples(detector: Detector, data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
+    """Collected examples of a split, read from / written to `cache` (an .npz per split and setting) if given."""
+    path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}.npz"
+    if path is not None and path.is_file():
+        stored = np.load(path, allow_pickle=False)
+        return GateExamples(stored["crops"], stored["labels"], stored["domains"].astype(object))
+    examples = collect_examples(detector, gate_records(data_root, split, per_source), copies, seed=0 if split == "train" else 1, description=f"gate examples ({split})")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, crops=examples.crops, labels=examples.labels, domains=examples.domains.astype(str))
+    return examples
+
+
+def leave_one_source_out(
+    data_root: Path, bundle: Path, domains: Sequence[str], steps: int, train_per_source: int, copies: int, eval_split: str, eval_per_source: int, cache: Path | None
+) -> list[dict]:
+    """For each domain: a gate trained without it, the detector's figures on its fields; then the gate
+    trained on every domain, on every domain's fields. Rows as training/detection.detection_figures."""
+    from .detection import detection_figures, normal_records
+
+    detector = Detector.load(bundle)
+    train = _examples(detector, data_root, "train", train_per_source, copies, cache)
+    validation = _examples(detector, data_root, "val", 40, 0, cache)
+    rows = []
+    for left_out in [*domains, None]:
+        kept_train = train if left_out is None else train.without(left_out)
+        kept_val = validation if left_out is None else validation.without(left_out)
+        model = train_gate(kept_train, steps)
+        threshold = choose_threshold(wbc_probabilities(model, kept_val.crops), kept_val.labels, MIN_GATE_RECALL)
+        with_torch_gate(detector, model, threshold)
+        evaluated = [r for r in normal_records(data_root, eval_split, limit=eval_per_source) if left_out is None or r.domain.startswith(left_out)]
+        for row in detection_figures(detector, evaluated, f"left out {left_out or 'none'}"):
+            rows.append({**row, "left_out": left_out or "none", "gate_threshold": threshold})
+    return rows
