@@ -7,6 +7,10 @@
 2. When the hematologist has counted the same smear:
        python examples/capture_session.py review sessions/clinic-01 --blasts 12 --total 200
    prints the agreement and stores it as review.json.
+3. A session that was killed (SIGKILL, power cut) has no summary; review rebuilds it from the
+   per-frame records, or on its own:
+       python examples/capture_session.py repair sessions/clinic-01
+A full disk ends the session early: the summary says so and why, and the exit code is 2.
 
 Sources: csi://0, v4l2:///dev/video0, 0, rtsp://..., gst://... ! appsink, clip.mp4, folder:///path.
 """
@@ -20,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from leukoedge import Detector, LeukoedgeError
-from leukoedge.cli import default_bundle
-from leukoedge.session import ProgressDisplay, capture_session, format_review, format_summary, review_session
+from leukoedge.cli import default_bundle, positive_int
+from leukoedge.session import ProgressDisplay, capture_session, format_review, format_summary, repair_session, review_session
 
 
 def record(argv: Sequence[str]) -> int:
@@ -29,13 +33,16 @@ def record(argv: Sequence[str]) -> int:
     parser.add_argument("--source", required=True, help="camera, stream, video file or image folder (URI)")
     parser.add_argument("--bundle", type=Path, default=default_bundle(), help="model bundle (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="the session folder (must not hold a session yet)")
-    parser.add_argument("--frames", type=int, default=None, help="stop after this many frames (default: end of source or Ctrl-C)")
-    parser.add_argument("--save-every", type=int, default=10, help="keep every k-th frame and its overlay (default: %(default)s)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="stop after this many frames (default: end of source or Ctrl-C)")
+    parser.add_argument("--save-every", type=positive_int, default=10, help="keep every k-th frame and its overlay (default: %(default)s)")
     args = parser.parse_args(argv)
     detector = Detector.load(args.bundle)
     progress = ProgressDisplay()
     try:
         summary = capture_session(args.source, detector, args.out, max_frames=args.frames, save_every=args.save_every, on_frame=progress)
+    except KeyboardInterrupt:  # a second Ctrl-C: the summary was written first all the same
+        print(f"\nstopped by a second Ctrl-C; the session is in {args.out}", file=sys.stderr)
+        return 130
     finally:
         progress.close()
     print(format_summary(summary))
@@ -54,11 +61,21 @@ def review(argv: Sequence[str]) -> int:
     return 0
 
 
+def repair(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="capture_session.py repair", description="Rebuild the summary of a session that was killed before writing it.")
+    parser.add_argument("session", type=Path, help="the session folder")
+    args = parser.parse_args(argv)
+    print(format_summary(repair_session(args.session)))
+    print(f"summary written to {args.session}; open {args.session / 'summary.html'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"review": review, "repair": repair}
     try:
-        return review(argv[1:]) if argv[:1] == ["review"] else record(argv)
+        return commands[argv[0]](argv[1:]) if argv[:1] and argv[0] in commands else record(argv)
     except LeukoedgeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

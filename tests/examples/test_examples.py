@@ -107,6 +107,55 @@ def test_ctrl_c_stops_cleanly_and_writes_the_session_so_far(bundle_path: Path, t
     assert (folder / "summary.html").is_file() and "frames processed" in stdout
 
 
+def test_a_killed_session_is_reviewed_from_its_records(bundle_path: Path, tmp_path: Path) -> None:
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    field = cv2.resize(cv2.imread(str(next((REPO_ROOT / "samples").glob("bccd_*.jpg")))), (320, 240))
+    cv2.imwrite(str(fields / "field_000.png"), field)
+    for number in range(1, 200):
+        os.link(fields / "field_000.png", fields / f"field_{number:03d}.png")
+    folder = tmp_path / "session"
+    process = subprocess.Popen(
+        [sys.executable, str(CAPTURE_SESSION), "--source", str(fields), "--bundle", str(bundle_path), "--out", str(folder), "--save-every", "3"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder / "results.jsonl").is_file() or (folder / "results.jsonl").read_text().count("\n") < 3:
+            assert process.poll() is None and time.monotonic() < deadline, "no frame recorded"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)  # no handler runs: no summary
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert not (folder / "summary.json").exists()
+
+    completed = run_script(CAPTURE_SESSION, "review", folder, "--blasts", "1", "--total", "10")
+
+    assert completed.returncode == 0, completed.stderr
+    assert "rebuilding it from results.jsonl" in completed.stderr and "hematologist: 1 blasts of 10 cells" in completed.stdout
+    summary = json.loads((folder / "summary.json").read_text())
+    results = results_of(folder)
+    assert summary["ended_early"] is True and "killed" in summary["stopped_by"]
+    assert summary["frames_processed"] == len(results) >= 3
+    assert summary["cells"] == sum(r["verdict"]["cell_count"] for r in results)
+    assert (folder / "summary.html").is_file() and json.loads((folder / "review.json").read_text())["session_ended_early"] is True
+    repaired = run_script(CAPTURE_SESSION, "repair", folder)
+    assert repaired.returncode == 0 and "ENDED EARLY" in repaired.stdout  # a session with its summary is left as it is
+
+
+def test_repair_of_a_folder_without_a_session_says_so(tmp_path: Path) -> None:
+    completed = run_script(CAPTURE_SESSION, "repair", tmp_path)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("error:") and "holds no session to rebuild" in completed.stderr
+
+
+def test_a_session_of_no_frames_is_refused(bundle_path: Path, smear_video: Path, tmp_path: Path) -> None:
+    completed = run_script(CAPTURE_SESSION, "--source", smear_video, "--bundle", bundle_path, "--out", tmp_path / "s", "--frames", "-1")
+    assert completed.returncode == 2 and "expected a whole number >= 1" in completed.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_review_prints_and_stores_the_agreement(tmp_path: Path) -> None:
     summary = {"blasts": 30, "cells": 200, "blast_fraction": 0.15, "blast_fraction_ci95": list(wilson_interval(30, 200))}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
