@@ -8,8 +8,9 @@ this 2-core machine and 2.4 s while it was busy, in a different interleaving eac
 in one order every time and cost well under a second a frame even then.
 
 `fake_pycuda` returns stand-ins for the pycuda modules that CudaPreprocessor imports, to put in
-sys.modules: device memory is host memory, streams run each call at once (in order, as a stream
-would), and kernel launches go to the host build through ctypes.
+sys.modules: device memory is host memory, a stream queues its copies and launches and runs them in
+order at synchronize() (so a result read before then is stale, as on a GPU), and kernel launches go
+to the host build through ctypes.
 
 The stand-ins check what a GPU would punish silently or with a crash: a launch or copy outside a
 pushed context, a pointer or copy outside any allocation, prepare() letters that do not match the
@@ -178,8 +179,22 @@ def fake_pycuda(library: Path, compute_capability: tuple[int, int] = (8, 7), dri
             return primary
 
     class Stream:
+        """Queues its copies and launches and runs them at synchronize(), so a result read before then is stale, as on a GPU."""
+
+        def __init__(self, flags: int = 0):
+            self.pending: list[Any] = []
+
         def synchronize(self) -> None:
             device.require_context("Stream.synchronize")
+            pending, self.pending = self.pending, []
+            for action in pending:
+                action()
+
+    def on_stream(stream: Any, action: Any) -> None:
+        if stream is None:
+            action()
+        else:
+            stream.pending.append(action)
 
     class Function:
         def __init__(self, name: str):
@@ -203,11 +218,15 @@ def fake_pycuda(library: Path, compute_capability: tuple[int, int] = (8, 7), dri
                     values.append(ctypes.c_void_p(_address(value)))
                 else:
                     values.append(_ARGUMENT_TYPES[letter](value))
-            pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(value), ctypes.c_void_p) for value in values])
             grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-            message = ctypes.create_string_buffer(512)
-            if device.library.emulate_launch(self.name.encode(), *grid, *block, pointers, message, len(message)):
-                raise LaunchError(message.value.decode())
+
+            def launch() -> None:
+                pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(value), ctypes.c_void_p) for value in values])
+                message = ctypes.create_string_buffer(512)
+                if device.library.emulate_launch(self.name.encode(), *grid, *block, pointers, message, len(message)):
+                    raise LaunchError(message.value.decode())
+
+            on_stream(stream, launch)
 
     class Module:
         def __init__(self, image: bytes):
@@ -238,19 +257,20 @@ def fake_pycuda(library: Path, compute_capability: tuple[int, int] = (8, 7), dri
         device.require_context("memcpy_htod")
         source = np.ascontiguousarray(source)
         device.check_range(_address(destination), source.nbytes, "memcpy_htod")
-        ctypes.memmove(_address(destination), source.ctypes.data, source.nbytes)
+        on_stream(stream, lambda: ctypes.memmove(_address(destination), source.ctypes.data, source.nbytes))
 
     def memcpy_dtoh(destination: np.ndarray, source: Any, stream: Any = None) -> None:
         device.require_context("memcpy_dtoh")
         if not destination.flags.c_contiguous:
             raise LogicError("memcpy_dtoh: the host buffer is not contiguous")
         device.check_range(_address(source), destination.nbytes, "memcpy_dtoh")
-        ctypes.memmove(destination.ctypes.data, _address(source), destination.nbytes)
+        on_stream(stream, lambda: ctypes.memmove(destination.ctypes.data, _address(source), destination.nbytes))
 
     def memset_d32(destination: Any, value: int, count: int, stream: Any = None) -> None:
         device.require_context("memset_d32")
         device.check_range(_address(destination), 4 * count, "memset_d32")
-        np.frombuffer((ctypes.c_uint32 * count).from_address(_address(destination)), np.uint32)[:] = value
+        words = np.frombuffer((ctypes.c_uint32 * count).from_address(_address(destination)), np.uint32)
+        on_stream(stream, lambda: words.fill(value))
 
     driver.Device, driver.Context, driver.Stream, driver.Function, driver.Module = Device, Context, Stream, Function, Module
     driver.DeviceAllocation, driver.module_from_buffer, driver.mem_alloc, driver.to_device = DeviceAllocation, module_from_buffer, mem_alloc, to_device
