@@ -456,11 +456,15 @@ class SessionRecorder:
         self._started = self._last_record = time.monotonic()
         self.header = {"source": source, "heads": self.tally.heads, "primary_head": primary_head, "save_every": save_every, "started": time.time()}
         _reserve_space(self.folder / RESERVE_FILE, RESERVE_BYTES)
-        write_file_atomically(self.folder / SESSION_FILE, json.dumps(self.header, indent=2).encode("utf-8"))
-        self._results = RecordFile(self.folder / RESULTS_FILE)
-        self._cells = RecordFile(self.folder / CELLS_FILE)
-        self._timings = RecordFile(self.folder / TIMINGS_FILE)
-        self._append({self._cells: _csv_line(_cells_header(self.heads)), self._timings: _csv_line(_timings_header())})
+        try:
+            write_file_atomically(self.folder / SESSION_FILE, json.dumps(self.header, indent=2).encode("utf-8"))
+            self._results = RecordFile(self.folder / RESULTS_FILE)
+            self._cells = RecordFile(self.folder / CELLS_FILE)
+            self._timings = RecordFile(self.folder / TIMINGS_FILE)
+            self._append({self._cells: _csv_line(_cells_header(self.heads)), self._timings: _csv_line(_timings_header())})
+        except BaseException:
+            (self.folder / RESERVE_FILE).unlink(missing_ok=True)  # a session that never started holds no space
+            raise
 
     @classmethod
     def for_detector(cls, folder: str | Path, detector: Detector, *, save_every: int = 10, source: str = "") -> SessionRecorder:
@@ -877,7 +881,7 @@ def repair_session(folder: str | Path) -> dict[str, Any]:
         return json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
     results_path, header_path = folder / RESULTS_FILE, folder / SESSION_FILE
     if not (results_path.is_file() and header_path.is_file()):
-        raise LeukoedgeError(f"{folder} holds no session to rebuild: expected {RESULTS_FILE} and {SESSION_FILE} (written by leukoedge 0.2 or later)")
+        raise LeukoedgeError(f"{folder} holds no session to rebuild: expected {RESULTS_FILE} and {SESSION_FILE} (sessions recorded before {SESSION_FILE} existed cannot be)")
     header = json.loads(header_path.read_text(encoding="utf-8"))
     records, whole = read_records(results_path)
     (folder / RESERVE_FILE).unlink(missing_ok=True)
