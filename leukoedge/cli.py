@@ -208,6 +208,10 @@ def command_bench(args: argparse.Namespace) -> int:
     from .benchmark import COMPARISON_PAIRS, comparison_detectors, format_comparison, format_single, time_detectors
     from .detector import Detector
 
+    if args.data is not None:
+        return bench_scaling(args)
+    if args.images is None:
+        raise LeukoedgeError("bench needs images (an image or a folder) or --data (a data folder, for the scaling table)")
     frames = [read_image(p) for p in image_paths(args.images)]
     shape = "x".join(str(s) for s in frames[0].shape[1::-1])
     runs = f"Detector.run on {len(frames)} real frame(s) ({shape}), {args.frames} runs after {args.warmup} warm-up"
@@ -224,6 +228,24 @@ def command_bench(args: argparse.Namespace) -> int:
     precisions = ", ".join(f"{model} {value}" for model, value in detector.precisions.items())
     print(f"{runs}, backend {args.backend} ({precisions}), preprocess {detector.preprocess_name}")
     print(format_single(times))
+    return 0
+
+
+def bench_scaling(args: argparse.Namespace) -> int:
+    """`leukoedge bench --data`: the cost of Detector.run against cells and frame size."""
+    from .benchmark import fit_scaling, format_scaling, scaling_points, time_points
+    from .detector import Detector
+
+    precision = None if args.precision == "auto" else args.precision
+    detector = Detector.load(args.bundle, backend=args.backend, threads=args.threads, precision=precision, preprocess=args.preprocess)
+    points = scaling_points(args.data)
+    precisions = ", ".join(f"{model} {value}" for model, value in detector.precisions.items())
+    print(
+        f"Detector.run against cells and frame size: {detector.bundle.name} ({precisions}), backend {args.backend}, "
+        f"{args.frames} runs per point after {args.warmup} warm-up, the points in turn frame by frame, the order rotating"
+    )
+    time_points(detector, points, args.frames, args.warmup)
+    print(format_scaling(points, fit_scaling(points)))
     return 0
 
 
@@ -454,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=command_info)
 
     bench = commands.add_parser("bench", help="per-stage latency of Detector.run on real frames (median, p95)")
-    bench.add_argument("images", type=Path, help="an image or a folder of images (e.g. ../shared/data/bccd/images)")
+    bench.add_argument("images", type=Path, nargs="?", help="an image or a folder of images (e.g. ../shared/data/bccd/images); or --data")
+    bench.add_argument(
+        "--data", type=Path, default=None, help="scaling mode: time Detector.run against cells and frame size on frames built from this data folder (e.g. ../shared/data); --frames runs per point"
+    )
     bench.add_argument("--bundle", type=Path, default=default_bundle())
     bench.add_argument("--frames", type=positive_int, default=100)
     bench.add_argument("--warmup", type=non_negative_int, default=5)

@@ -106,3 +106,61 @@ def test_configurations_take_turns_in_a_rotating_order():
     times = time_detectors({label: Recording(label) for label in "abc"}, [np.zeros((2, 2, 3), np.uint8)], runs=3, warmup=0)
     assert calls == list("abc" "bca" "cab")
     assert all(times[label].ms["total"] == [1.0, 1.0, 1.0] for label in "abc")
+
+
+def _point(name: str, cells: int, megapixels: float, ms: dict[str, list[float]]):
+    from leukoedge.benchmark import ScalingPoint
+
+    side = int(round((megapixels * 1e6) ** 0.5))
+    point = ScalingPoint(name, [np.zeros((side, side, 3), np.uint8)])
+    point.cell_counts = [cells]
+    point.times.ms = ms
+    return point
+
+
+def test_the_scaling_fit_recovers_ms_per_cell_and_per_megapixel():
+    from leukoedge.benchmark import fit_scaling, format_scaling
+
+    shapes = [(1, 0.25), (10, 0.25), (30, 0.25), (1, 1.0), (1, 4.0), (12, 0.36)]
+    points = [
+        _point(f"p{index}", cells, (side := round((mp * 1e6) ** 0.5)) ** 2 / 1e6, {"total": [3.0 + 2.0 * cells + 5.0 * side * side / 1e6] * 3})
+        for index, (cells, mp) in enumerate(shapes)
+    ]
+    fit = fit_scaling(points, stages=("total",))
+    assert fit.base["total"] == pytest.approx(3.0) and fit.per_cell["total"] == pytest.approx(2.0) and fit.per_megapixel["total"] == pytest.approx(5.0)
+    text = format_scaling(points, fit, stages=("total",))
+    assert re.search(r"^total\s+3\.00\s+2\.00\s+5\.00$", text, re.MULTILINE)
+
+
+def test_points_that_cannot_separate_cells_from_size_give_no_slope():
+    from leukoedge.benchmark import fit_scaling
+
+    # every point 0.25 MP: the per-megapixel cost cannot be told apart from the base
+    points = [_point(f"p{cells}", cells, 0.25, {"total": [float(cells)]}) for cells in (1, 5, 9)]
+    fit = fit_scaling(points, stages=("total",))
+    assert fit.per_cell["total"] is None and fit.per_megapixel["total"] is None
+
+
+def test_bench_with_data_prints_every_point_and_the_fit_stage_by_stage(tiny_bundle, data_root, capsys):
+    from leukoedge.benchmark import FIELD_SIZES, PASTED_CELLS, TALEQANI_TILES
+
+    assert cli.main(["bench", "--data", str(data_root), "--bundle", str(tiny_bundle), "--frames", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs per point" in out
+    header = next(line for line in out.splitlines() if line.startswith("point"))
+    assert header.split() == ["point", "frame", "MP", "cells", *STAGES]
+    rows = re.findall(r"^(.+?)\s+(\d+)x(\d+)\s+(\d+\.\d\d)\s+(\d+\.\d)((?:\s+\d+\.\d/\d+\.\d){6})$", out, re.MULTILINE)
+    names = [row[0] for row in rows]
+    assert names == [f"bccd +{n} pasted WBC" for n in PASTED_CELLS] + [f"bccd field {w}x{h}" for w, h in FIELD_SIZES] + [f"taleqani tiled {k}x{k}" for k in TALEQANI_TILES]
+    for name, width, height, megapixels, _, stages in rows:
+        assert float(megapixels) == pytest.approx(int(width) * int(height) / 1e6, abs=0.005)
+        for median, p95 in (pair.split("/") for pair in stages.split()):
+            assert float(median) <= float(p95) + 0.05, name
+    assert [row[1:3] for row in rows][-3:] == [("224", "224"), ("448", "448"), ("672", "672")]
+    for stage in STAGES:
+        assert re.search(rf"^{stage}\s+-?\d+\.\d\d\s+-?\d+\.\d\d\s+-?\d+\.\d\d$", out, re.MULTILINE), f"no fit row for {stage} in:\n{out}"
+
+
+def test_bench_needs_images_or_data(capsys):
+    assert cli.main(["bench"]) != 0
+    assert "--data" in capsys.readouterr().err
