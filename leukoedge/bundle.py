@@ -163,6 +163,7 @@ _INPUT_SIZE = Key(
     f"[H, W], integers in [1, {MAX_INPUT_SIDE}]",
 )
 _CROP_MARGIN = _number(0.0, MAX_CROP_MARGIN)
+MAX_DOMAIN_REFERENCES = 1000
 _FLOPS = Key(lambda value: _is_number(value) and value >= 0, "a number >= 0", optional=True)
 
 
@@ -221,6 +222,20 @@ def _head_problems(classifier: dict[str, Any], manifest: dict[str, Any]) -> list
         problems.append(f"classifier.primary_head {classifier['primary_head']!r} is not one of the heads {sorted(heads)}")
     if BLAST_CLASS not in heads.get(BLAST_HEAD, {}).get("classes", []):
         problems.append(f"classifier.heads must have a {BLAST_HEAD!r} head with a {BLAST_CLASS!r} class (the frame verdict counts it), got {sorted(heads)}")
+    return problems
+
+
+def _gate_problems(gate: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The gate reads the classifier's crops (one crop serves both), so it must cut them the same way."""
+    problems = []
+    if "wbc" not in gate["classes"]:
+        problems.append(f"gate.classes must name the white-cell class 'wbc', got {gate['classes']}")
+    classifier = manifest.get("classifier", {})
+    if (gate["input_size"], gate["crop_margin"]) != (classifier.get("input_size"), classifier.get("crop_margin")):
+        problems.append(
+            f"gate.input_size and gate.crop_margin must equal the classifier's ({classifier.get('input_size')}, "
+            f"{classifier.get('crop_margin')}), got ({gate['input_size']}, {gate['crop_margin']})"
+        )
     return problems
 
 
@@ -294,11 +309,13 @@ def _variant_problems(manifest: dict[str, Any], model: str, precision: str, vari
 
 
 def _is_gate_metric(metric: Any) -> bool:
-    """One metric of an int8 accuracy gate, as model_file quotes it when the gate failed."""
+    """One metric of an int8 accuracy gate, as model_file quotes it when the gate failed. A score may be NaN
+    (a metric undefined on a degenerate gate set): it is a record of the calibration, not a setting."""
     return (
         isinstance(metric, dict)
         and _is_text(metric.get("name"))
-        and all(_is_number(metric.get(key)) for key in ("fp32", "int8", "tolerance"))
+        and all(isinstance(metric.get(key), float) or _is_int(metric.get(key)) for key in ("fp32", "int8"))
+        and _is_number(metric.get("tolerance"))
         and _is_bool(metric.get("passed", True))
     )
 
@@ -342,6 +359,21 @@ SECTIONS: dict[str, Section] = {
         outputs=_label_map_outputs("refiner", same_size=False),
         optional=True,
     ),
+    "gate": Section(  # training/gate.py: white cell or not; bundles made before 0.2.0 have none
+        {
+            "file": _text("a file name"),
+            "input": _text("an input name"),
+            "output": _text("an output name"),
+            "input_size": _INPUT_SIZE,
+            "crop_margin": _CROP_MARGIN,
+            "classes": _names("class names (not_wbc, wbc)", 2),
+            "architecture": _text("an architecture name"),
+            "threshold": _number(0.0, 1.0),
+        },
+        constraints=_gate_problems,
+        outputs=lambda spec: [ModelOutput(spec["output"], (1, 2), "gate.output", "gate.classes")],
+        optional=True,
+    ),
     "classifier": Section(
         {
             "file": _text("a file name"),
@@ -366,6 +398,19 @@ SECTIONS: dict[str, Section] = {
     "limits": Section(
         {"min_frame_side": _integer(1, MAX_FRAME_SIDE), "max_frame_side": _integer(1, MAX_FRAME_SIDE)},
         constraints=_limit_problems,
+    ),
+    "domain": Section(  # leukoedge/domain.py: the domain check; bundles made before 0.2.0 have none
+        {
+            "colour_references": Key(
+                lambda value: isinstance(value, list) and 0 < len(value) <= MAX_DOMAIN_REFERENCES
+                and all(isinstance(row, list) and len(row) == 6 and all(_is_number(v) for v in row) for row in value),
+                f"a list of 1 to {MAX_DOMAIN_REFERENCES} rows of 6 numbers (L*a*b* mean and std of a reference frame)",
+            ),
+            "colour_spread": Key(lambda value: isinstance(value, list) and len(value) == 6 and all(_is_number(v) and v > 0 for v in value), "6 numbers > 0"),
+            "max_colour_distance": _number(0.0, 1e6),
+            "max_uncertainty": _number(0.0, 1.0),
+        },
+        optional=True,
     ),
     "training": Section({}),  # free-form: how the bundle was made, for people and `leukoedge info`
     "precisions": Section({}, constraints=_precision_problems, optional=True),  # only bundles that went through `leukoedge calibrate`
