@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from leukoedge.bundle import SCHEMA_VERSION, Bundle, save_bundle
+from leukoedge.frame import DEFAULT_MIN_JUDGED_SIDE
 from leukoedge.postprocess import central_box, find_cells, label_map_from_probabilities
 from leukoedge.preprocess.cpu import Letterbox, PreprocessSpec, prepare_frame
 
@@ -309,7 +310,7 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) 
         },
         "postprocess": {"min_cell_area_px": MIN_CELL_AREA_PX, "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "split_touching": True},
         "verdict": {"blast_threshold": 0.5, "flag_fraction": DEFAULT_FLAG_FRACTION},
-        "limits": {"min_frame_side": 16, "max_frame_side": 4096},
+        "limits": {"min_frame_side": 16, "min_judged_side": DEFAULT_MIN_JUDGED_SIDE, "max_frame_side": 4096},
         "training": training,
     }
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leukoedge.errors import InvalidFrameError, LeukoedgeError
-from leukoedge.frame import validate_frame
+from leukoedge.errors import BundleError, InvalidFrameError, LeukoedgeError
+from leukoedge.frame import DEFAULT_MIN_JUDGED_SIDE, min_judged_side, too_small_reason, validate_frame
 
 LIMITS = {"min_side": 16, "max_side": 256}
 
@@ -81,3 +81,22 @@ def test_refusals_belong_to_the_one_error_hierarchy():
 def test_unknown_channel_order_is_a_caller_error():
     with pytest.raises(ValueError, match="channel_order"):
         validate_frame(_frame(), channel_order="HSV", **LIMITS)
+
+
+def test_min_judged_side_comes_from_the_manifest_or_the_default_for_older_bundles():
+    assert min_judged_side({"min_frame_side": 16, "max_frame_side": 4096, "min_judged_side": 100}) == 100
+    assert min_judged_side({"min_frame_side": 16, "max_frame_side": 4096}) == DEFAULT_MIN_JUDGED_SIDE
+    # an older bundle that already refuses frames smaller than the default judges all it accepts
+    assert min_judged_side({"min_frame_side": 200, "max_frame_side": 4096}) == 200
+
+
+@pytest.mark.parametrize("value", [0, 8, 5000, 64.0, "64", True, None], ids=["zero", "below-min-frame", "above-max-frame", "float", "text", "bool", "null"])
+def test_a_wrong_min_judged_side_is_a_bundle_error_naming_the_field(value):
+    with pytest.raises(BundleError, match="limits.min_judged_side"):
+        min_judged_side({"min_frame_side": 16, "max_frame_side": 4096, "min_judged_side": value})
+
+
+def test_too_small_reason_names_the_size_and_the_minimum():
+    assert too_small_reason(_frame(64, 80), 64) == ""
+    reason = too_small_reason(_frame(63, 200), 64)
+    assert "200x63" in reason and "64 px" in reason
