@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from leukoedge.postprocess import CellInstance
-from leukoedge.preprocess.cpu import cut_padded, resize_labels, square_crop_box
-from leukoedge.refine import refine_cells
+from leukoedge.preprocess.cpu import cut_padded, resize, resize_labels, square_crop_box
+from leukoedge.refine import crop_labels_in_frame_pixels, refine_cells
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
 MARGIN = 0.15
@@ -136,3 +136,42 @@ def test_a_count_mismatch_is_refused():
     field = _instance(_disk_cell((70, 60), 25, 10) > 0)
     with pytest.raises(ValueError, match="2 refined crops for 1 cells"):
         refine_cells([field], np.zeros((2, 3, SIZE, SIZE), np.float32), MARGIN, FRAME)
+
+
+@pytest.mark.parametrize("side", [40, 128, 300])
+def test_crop_labels_are_the_argmax_of_the_resized_probabilities_ties_to_the_lower_class(side):
+    """Plane by plane and two comparisons: the labels np.argmax gives over the interleaved resize,
+    shrunk, same size and enlarged, where classes tie exactly too."""
+    rng = np.random.default_rng(side)
+    probabilities = rng.random((3, SIZE, SIZE)).astype(np.float32)
+    probabilities[1, :10] = probabilities[0, :10]  # cytoplasm ties background
+    probabilities[2, 10:20] = probabilities[1, 10:20] = np.maximum(probabilities[0, 10:20], 0.5)  # nucleus ties cytoplasm
+    interleaved = resize(np.ascontiguousarray(np.moveaxis(probabilities, 0, -1)), side, side)
+    np.testing.assert_array_equal(crop_labels_in_frame_pixels(probabilities, side, side), np.argmax(interleaved, axis=-1))
+
+
+def test_a_crowded_field_refines_as_if_each_crop_saw_the_whole_frames_cells():
+    """Neighbours are found box by box: a cell whose crop reaches a neighbour's box keeps off that
+    neighbour's pixels, and one far away plays no part, in any order of the cells."""
+    centres = [(30, 30), (62, 30), (94, 30), (30, 90), (130, 90)]
+    truth = np.zeros(FRAME, np.uint8)
+    for centre in centres:
+        truth = np.maximum(truth, _disk_cell(centre, 17, 7))
+    fields = []
+    claimed = np.zeros(FRAME, bool)
+    for centre in centres:
+        own = (_disk_cell(centre, 17, 7) > 0) & ~claimed
+        claimed |= own
+        fields.append(_instance(own))
+    crops = np.stack([_crop_probabilities(truth, field.box) for field in fields])
+    refined, label_map = refine_cells(fields, crops, MARGIN, FRAME)
+    for index, cell in enumerate(refined):
+        others = np.zeros(FRAME, bool)
+        for other_index, other in enumerate(fields):
+            if other_index != index:
+                others |= _in_frame(other)
+        assert not (_in_frame(cell) & others).any()
+        assert _dice(_in_frame(cell), _in_frame(fields[index])) > 0.9
+    reversed_cells, reversed_map = refine_cells(fields[::-1], crops[::-1], MARGIN, FRAME)
+    assert [cell.box for cell in reversed_cells[::-1]] == [cell.box for cell in refined]
+    assert _dice(label_map > 0, truth > 0) > 0.97
