@@ -71,15 +71,20 @@ def load_public_key(key: KeyLike) -> Any:
 
 
 def load_private_key(key: KeyLike) -> Any:
-    """An Ed25519PrivateKey from a key object, unencrypted PEM (PKCS8), 32 raw bytes, or a file of one."""
+    """An Ed25519PrivateKey from a key object, unencrypted PEM (PKCS8) or OpenSSH, 32 raw bytes, or a file of one."""
     ed25519, serialization, _ = _cryptography()
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
     data = _key_bytes(key, "private key")
     try:
-        loaded = ed25519.Ed25519PrivateKey.from_private_bytes(data) if len(data) == _RAW_KEY_BYTES else serialization.load_pem_private_key(data, password=None)
+        if len(data) == _RAW_KEY_BYTES:
+            loaded = ed25519.Ed25519PrivateKey.from_private_bytes(data)
+        elif data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):  # ssh-keygen's own format
+            loaded = serialization.load_ssh_private_key(data, password=None)
+        else:
+            loaded = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as error:
-        raise BundleError(f"private key cannot be read as unencrypted PEM or raw Ed25519: {error}") from error
+        raise BundleError(f"private key cannot be read as unencrypted PEM, OpenSSH or raw Ed25519: {error}") from error
     if not isinstance(loaded, ed25519.Ed25519PrivateKey):
         raise BundleError(f"private key is a {type(loaded).__name__}; bundle signatures are Ed25519")
     return loaded

@@ -470,24 +470,24 @@ def test_a_failed_int8_gate_with_malformed_metrics_is_refused_at_validation():
 
 
 def test_an_optional_section_is_one_table_entry_checked_only_where_present(monkeypatch: pytest.MonkeyPatch):
-    """How a new optional model (say a white-cell gate) joins: one Section in SECTIONS."""
-    gate = bundle_module.Section(
+    """How a new optional model joins: one Section in SECTIONS (here a made-up "grader" model)."""
+    grader = bundle_module.Section(
         {"file": bundle_module._text("a file name"), "input": bundle_module._text("an input name"), "threshold": bundle_module._number(0.0, 1.0)},
-        outputs=lambda spec: [bundle_module.ModelOutput("wbc_probs", (1, 2), "gate.output", "gate.classes")],
+        outputs=lambda spec: [bundle_module.ModelOutput("grade_probs", (1, 2), "grader.output", "grader.classes")],
         optional=True,
     )
-    monkeypatch.setattr(bundle_module, "SECTIONS", {**bundle_module.SECTIONS, "gate": gate})
+    monkeypatch.setattr(bundle_module, "SECTIONS", {**bundle_module.SECTIONS, "grader": grader})
     manifest = _manifest()
     manifest["files"] = {name: hashlib.sha256(content).hexdigest() for name, content in MODEL_BYTES.items()}
     validate_manifest(manifest)  # absent: not checked
     assert bundle_models(manifest) == ("segmenter", "classifier")
-    manifest["gate"] = {"file": "gate.onnx", "input": "crop", "threshold": 2}
-    assert bundle_models(manifest) == ("segmenter", "classifier", "gate")
-    with pytest.raises(BundleError, match=r"gate.threshold must be a number in \[0, 1\], got 2"):
+    manifest["grader"] = {"file": "grader.onnx", "input": "crop", "threshold": 2}
+    assert bundle_models(manifest) == (*bundle_models(manifest)[:-1], "grader")
+    with pytest.raises(BundleError, match=r"grader.threshold must be a number in \[0, 1\], got 2"):
         validate_manifest(manifest)
-    manifest["gate"]["threshold"] = 0.5
-    with pytest.raises(BundleError, match="gate.file 'gate.onnx' is not listed in files"):
+    manifest["grader"]["threshold"] = 0.5
+    with pytest.raises(BundleError, match="grader.file 'grader.onnx' is not listed in files"):
         validate_manifest(manifest)
-    del manifest["gate"]["input"]
-    with pytest.raises(BundleError, match="missing required keys: gate.input"):
+    del manifest["grader"]["input"]
+    with pytest.raises(BundleError, match="missing required keys: grader.input"):
         validate_manifest(manifest)

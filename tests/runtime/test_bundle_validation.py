@@ -382,3 +382,22 @@ def test_saving_over_a_signed_bundle_drops_its_stale_signature(tmp_path: Path, k
     save_bundle(bundle, manifest, {name: sources / name for name in files})
     assert not (bundle / "manifest.json.sig").exists()
     assert os.path.exists(sources / "manifest.json.sig")
+
+
+def test_the_private_key_is_taken_as_pem_openssh_or_raw_bytes(tmp_path: Path, keys):
+    from cryptography.hazmat.primitives import serialization
+
+    from leukoedge.signing import load_private_key
+
+    private_pem, public_pem = keys
+    key = load_private_key(private_pem)
+    bundle = _copy_of_default(tmp_path)
+    for form in [
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),  # ssh-keygen's format
+        key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
+    ]:
+        (bundle / "manifest.json.sig").unlink(missing_ok=True)
+        sign_bundle(bundle, form)
+        assert load_bundle(bundle, public_key=public_pem).name == "leukoedge-default"
+    with pytest.raises(BundleError, match="private key cannot be read"):
+        sign_bundle(bundle, b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
