@@ -430,6 +430,47 @@ def command_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_gate(args: argparse.Namespace) -> int:
+    require_data_folder(args.data)
+    from .training.detection import format_table
+    from .training.gate import GateRecipe, build_gated_bundle, leave_one_source_out
+
+    recipe = GateRecipe(steps=args.steps, train_per_source=args.train_per_source, eval_split=args.split, eval_per_source=args.eval_per_source)
+    if args.leave_out:
+        rows = leave_one_source_out(args.data, args.bundle, args.leave_out, recipe, cache=args.cache)
+        for adapted in (False, True):
+            chosen = [row for row in rows if row["adapted"] == adapted and (adapted or row["left_out"] != "none")]
+            title = "after `leukoedge adapt` (unlabelled training fields of the left-out device)" if adapted else "left out of the gate and the domain check"
+            print(format_table([{**row, "domain": row["domain"] + f" (threshold {row['gate_threshold']:.2f})"} for row in chosen], title) + "\n")
+        print(format_table([row for row in rows if row["left_out"] == "none"], "same-source (every source in the gate and the domain check)"))
+        return 0
+    if args.out is None:
+        print("error: --out is needed to write a bundle (or give --leave-out for the figures only)", file=sys.stderr)
+        return 2
+    if args.out.resolve() == args.bundle.resolve():
+        print("error: --out must be another folder than --bundle (write it, check it, then replace)", file=sys.stderr)
+        return 2
+    bundle = build_gated_bundle(args.data, args.bundle, args.out, recipe, cache=args.cache, checkpoint=args.checkpoint)
+    print(f"bundle with a gate (threshold {bundle.manifest['gate']['threshold']:.3f}) and a domain check written to {bundle.root}")
+    return 0
+
+
+def command_adapt(args: argparse.Namespace) -> int:
+    from .adapt import adapt_bundle
+
+    paths = image_paths(args.frames)
+    if args.out.resolve() == args.bundle.resolve():
+        print("error: --out must be another folder than --bundle", file=sys.stderr)
+        return 2
+    frames = [read_image(path) for path in paths]
+    report = adapt_bundle(args.bundle, frames, [path.name for path in paths], args.out, hold_back=args.hold_back, channel_order=args.channel_order)
+    print("\n".join(report.lines()))
+    if report.written:
+        print(f"adapted bundle written to {args.out}")
+        return 0
+    return 1
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a Detector runs its models (--backend) and its preprocessing (--preprocess)."""
     parser.add_argument(
@@ -636,6 +677,28 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--model", default=None, help="the classifier pretrained and compared: vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one)")
     pretrain.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose preprocessing and segmenter checkpoint (PBC cells) are used (default: %(default)s)")
     pretrain.set_defaults(handler=command_pretrain)
+    gate = commands.add_parser(
+        "gate", help="train the cell-or-not gate and fit the domain check into a bundle, or print leave-one-source-out figures (needs [train])"
+    )
+    gate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
+    gate.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle whose segmenter proposes the cells (default: %(default)s)")
+    gate.add_argument("--out", type=Path, default=None, help="where to write the bundle with the gate (another folder than --bundle)")
+    gate.add_argument("--leave-out", nargs="+", default=None, metavar="SOURCE", help="print figures with each of these sources/devices left out (e.g. txl-pbc/raabin bccd) instead of writing a bundle")
+    gate.add_argument("--steps", type=int, default=1500, help="gate training steps (default: %(default)s)")
+    gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")
+    gate.add_argument("--split", choices=("val", "test"), default="test", help="split of the figures (default: %(default)s)")
+    gate.add_argument("--eval-per-source", type=int, default=60, help="normal fields per source/device in the figures (default: %(default)s)")
+    gate.add_argument("--cache", type=Path, default=None, help="folder to keep the collected training crops in between runs")
+    gate.add_argument("--checkpoint", type=Path, default=None, help="also save the gate's PyTorch checkpoint here (.pt and .json)")
+    gate.set_defaults(handler=command_gate)
+
+    adapt = commands.add_parser("adapt", help="adapt a bundle's domain check to a new microscope from its unlabelled frames")
+    adapt.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle to adapt (default: %(default)s)")
+    adapt.add_argument("--frames", type=Path, required=True, help="folder of 20-500 frames of the new microscope (images)")
+    adapt.add_argument("--out", type=Path, required=True, help="where to write the adapted bundle")
+    adapt.add_argument("--hold-back", type=float, default=0.2, help="share of the frames kept out of the fit to check the result (default: %(default)s)")
+    adapt.add_argument("--channel-order", choices=("BGR", "RGB"), default="BGR", help="channel order of the frames as read (default: %(default)s)")
+    adapt.set_defaults(handler=command_adapt)
     return parser
 
 

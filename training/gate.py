@@ -165,7 +165,7 @@ def _balanced_batch(examples: GateExamples, rng: np.random.Generator, batch_size
     """Indices: half white cells, half not, each half spread evenly over the domains that have any."""
     chosen = []
     for label in (0, 1):
-        domains = sorted({d for d, l in zip(examples.domains, examples.labels) if l == label})
+        domains = sorted({domain for domain, value in zip(examples.domains, examples.labels) if value == label})
         per_domain = max(1, batch_size // (2 * max(1, len(domains))))
         for domain in domains:
             pool = np.flatnonzero((examples.labels == label) & (examples.domains == domain))
@@ -177,7 +177,7 @@ def _augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tenso
     """Flips and quarter turns: a cell has no up or down."""
     if rng.random() < 0.5:
         crops = crops.flip(3)
-    return torch.rot90(crops, int(rng.integers(4)), dims=(2, 3))
+    return torch.rot90(crops, int(rng.integers(4)), dims=(2, 3)).contiguous()
 
 
 def train_gate(examples: GateExamples, steps: int, seed: int = 0, batch_size: int = 128, learning_rate: float = 2e-3) -> torch.nn.Module:
@@ -242,17 +242,31 @@ def with_torch_gate(detector: Detector, model: torch.nn.Module, threshold: float
     return detector
 
 
-def domain_fit_frames(detector: Detector, records: Sequence[data.Record]) -> dict:
-    """The manifest's "domain" section fitted on validation frames (leukoedge/domain.fit_domain)."""
-    from leukoedge.domain import colour_features, fit_domain, segmenter_uncertainty
+@dataclass
+class FrameDomain:
+    """Domain-check inputs of a set of frames: colour features, segmenter uncertainty, source/device."""
 
-    colour, uncertainty, sources = [], [], []
-    for record in tqdm(records, desc="domain check", unit="field"):
+    colour: np.ndarray
+    uncertainty: np.ndarray
+    domains: np.ndarray
+
+    def fit(self, left_out: str | None = None) -> dict:
+        """The manifest's "domain" section fitted on these frames (less one source/device)."""
+        from leukoedge.domain import fit_domain
+
+        keep = np.ones(len(self.domains), bool) if left_out is None else np.array([not d.startswith(left_out) for d in self.domains])
+        return fit_domain(self.colour[keep], self.uncertainty[keep], list(self.domains[keep]))
+
+
+def frame_domain(detector: Detector, records: Sequence[data.Record], description: str = "domain check") -> FrameDomain:
+    from leukoedge.domain import colour_features, segmenter_uncertainty
+
+    colour, uncertainty = [], []
+    for record in tqdm(records, desc=description, unit="field"):
         found = detector.candidates(data.read_image(record))
         colour.append(colour_features(found.prepared))
         uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
-        sources.append(record.domain)
-    return fit_domain(colour, uncertainty, sources)
+    return FrameDomain(np.array(colour), np.array(uncertainty), np.array([record.domain for record in records], object))
 
 
 def _examples(detector: Detector, data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
@@ -268,24 +282,94 @@ def _examples(detector: Detector, data_root: Path, split: str, per_source: int, 
     return examples
 
 
-def leave_one_source_out(
-    data_root: Path, bundle: Path, domains: Sequence[str], steps: int, train_per_source: int, copies: int, eval_split: str, eval_per_source: int, cache: Path | None
-) -> list[dict]:
-    """For each domain: a gate trained without it, the detector's figures on its fields; then the gate
-    trained on every domain, on every domain's fields. Rows as training/detection.detection_figures."""
+@dataclass
+class GateRecipe:
+    """How the gate is trained and its figures measured; the defaults made the shipped gate (docs/training.md)."""
+
+    steps: int = 1500
+    train_per_source: int = 120  # training fields per source/device
+    augmented_copies: int = 2  # device-augmented versions of each training field
+    val_per_source: int = 40  # validation fields per source/device: the gate's threshold and the domain check
+    eval_split: str = "test"
+    eval_per_source: int = 60  # normal fields per source/device in the figures
+    seed: int = 0
+
+
+def leave_one_source_out(data_root: Path, bundle: Path, left_out: Sequence[str], recipe: GateRecipe, cache: Path | None = None) -> list[dict]:
+    """For each left-out source/device: the gate and domain check fitted without it, the detector's
+    figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields; then
+    everything fitted on every source (same-source figures). Rows as training/detection.detection_figures
+    plus "left_out" and "adapted"."""
+    from leukoedge.adapt import FrameMeasure, adapted_domain
+
     from .detection import detection_figures, normal_records
 
     detector = Detector.load(bundle)
-    train = _examples(detector, data_root, "train", train_per_source, copies, cache)
-    validation = _examples(detector, data_root, "val", 40, 0, cache)
+    train = _examples(detector, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
+    validation = _examples(detector, data_root, "val", recipe.val_per_source, 0, cache)
+    validation_frames = frame_domain(detector, gate_records(data_root, "val", recipe.val_per_source))
+    evaluated = normal_records(data_root, recipe.eval_split, limit=recipe.eval_per_source)
     rows = []
-    for left_out in [*domains, None]:
-        kept_train = train if left_out is None else train.without(left_out)
-        kept_val = validation if left_out is None else validation.without(left_out)
-        model = train_gate(kept_train, steps)
+    for source in [*left_out, None]:
+        kept_train = train if source is None else train.without(source)
+        kept_val = validation if source is None else validation.without(source)
+        model = train_gate(kept_train, recipe.steps, recipe.seed)
         threshold = choose_threshold(wbc_probabilities(model, kept_val.crops), kept_val.labels, MIN_GATE_RECALL)
         with_torch_gate(detector, model, threshold)
-        evaluated = [r for r in normal_records(data_root, eval_split, limit=eval_per_source) if left_out is None or r.domain.startswith(left_out)]
-        for row in detection_figures(detector, evaluated, f"left out {left_out or 'none'}"):
-            rows.append({**row, "left_out": left_out or "none", "gate_threshold": threshold})
+        detector.domain_spec = validation_frames.fit(source)
+        fields = [r for r in evaluated if source is None or r.domain.startswith(source)]
+        for row in detection_figures(detector, fields, f"left out {source or 'none'}"):
+            rows.append({**row, "left_out": source or "none", "adapted": False, "gate_threshold": threshold})
+        if source is None:
+            continue
+        device = frame_domain(detector, [r for r in gate_records(data_root, "train", recipe.train_per_source) if r.domain.startswith(source)], f"adapt to {source}")
+        detector.domain_spec = adapted_domain(detector.domain_spec, [FrameMeasure(c, u, False, False) for c, u in zip(device.colour, device.uncertainty)])
+        for row in detection_figures(detector, fields, f"adapted to {source}"):
+            rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})
     return rows
+
+
+def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: GateRecipe, cache: Path | None = None, checkpoint: Path | None = None):
+    """The bundle with a gate (trained on every source) and a domain check (fitted on validation frames)."""
+    import copy
+    import tempfile
+
+    from leukoedge.bundle import save_bundle
+    from leukoedge.export.onnx import export_classifier
+
+    from .flops import count_flops
+    from .train import save_checkpoint
+
+    detector = Detector.load(bundle)
+    train = _examples(detector, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
+    validation = _examples(detector, data_root, "val", recipe.val_per_source, 0, cache)
+    model = train_gate(train, recipe.steps, recipe.seed)
+    probabilities = wbc_probabilities(model, validation.crops)
+    threshold = choose_threshold(probabilities, validation.labels, MIN_GATE_RECALL)
+    with_torch_gate(detector, model, threshold)
+    domain = frame_domain(detector, gate_records(data_root, "val", recipe.val_per_source)).fit()
+    manifest = copy.deepcopy(detector.bundle.manifest)
+    size = manifest["classifier"]["input_size"]
+    manifest["gate"] = {
+        **gate_spec(manifest["classifier"], threshold),
+        "flops": count_flops(model, (1, 3, *size)),
+        "validation": {
+            "white_cells": int((validation.labels == 1).sum()),
+            "other_objects": int((validation.labels == 0).sum()),
+            "white_cells_kept": float((probabilities[validation.labels == 1] >= threshold).mean()),
+            "other_objects_rejected": float((probabilities[validation.labels == 0] < threshold).mean()),
+        },
+    }
+    manifest["domain"] = domain
+    manifest.setdefault("training", {})["gate"] = {**vars(recipe), "sources": list(GATE_SOURCES), "examples": int(len(train.labels))}
+    if "precisions" in manifest:
+        manifest["precisions"]["gate"] = {"fp32": {"file": "gate.onnx", "median_ms": None}}
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = Path(scratch) / "gate.onnx"
+        export_classifier(model, [GATE_HEAD], validation.crops[:64].astype(np.float32), onnx_path)
+        files = {name: detector.bundle.path(name) for name in manifest["files"]}
+        files["gate.onnx"] = onnx_path
+        saved = save_bundle(Path(out_dir), manifest, files)
+    if checkpoint is not None:
+        save_checkpoint(model, {"model": "gate_cnn", "heads": {GATE_HEAD: GATE_CLASSES}, "recipe": vars(recipe)}, checkpoint)
+    return saved

@@ -1,0 +1,71 @@
+"""`leukoedge adapt`: a bundle's domain check re-fitted to a new microscope's unlabelled frames."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge import Detector
+from leukoedge.adapt import AdaptationRefused, adapt_bundle
+from leukoedge.bundle import load_bundle, save_bundle
+from leukoedge.cli import main
+from leukoedge.domain import colour_features, fit_domain, segmenter_uncertainty
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE_FRAMES = 24
+
+
+def _frames(folder: Path, count: int) -> list[np.ndarray]:
+    return [cv2.imread(str(path)) for path in sorted(folder.glob("*.jpg"))[:count]]
+
+
+@pytest.fixture(scope="module")
+def pbc_only_bundle(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped models with a domain check fitted on PBC fields only: BCCD fields are a new device to it."""
+    detector = Detector.load(REPO / "models" / "default")
+    colour, uncertainty = [], []
+    for frame in _frames(data_root / "pbc" / "images" / "neutrophil", 30):
+        found = detector.candidates(frame)
+        colour.append(colour_features(found.prepared))
+        uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
+    manifest = copy.deepcopy(detector.bundle.manifest)
+    manifest["domain"] = fit_domain(colour, uncertainty, ["pbc"] * len(colour))
+    out = tmp_path_factory.mktemp("pbc-only") / "bundle"
+    save_bundle(out, manifest, {name: detector.bundle.path(name) for name in manifest["files"]})
+    return out
+
+
+def test_adapting_to_a_new_device_stops_refusing_its_frames(pbc_only_bundle: Path, data_root: Path, tmp_path: Path) -> None:
+    frames = _frames(data_root / "bccd" / "images", DEVICE_FRAMES)
+    before = Detector.load(pbc_only_bundle)
+    assert sum(before.run(frame).verdict.status == "outside_domain" for frame in frames) >= DEVICE_FRAMES // 2
+    report = adapt_bundle(pbc_only_bundle, frames, [f"bccd-{index}" for index in range(len(frames))], tmp_path / "adapted")
+    assert report.written and report.refused_after < report.refused_before
+    adapted = load_bundle(tmp_path / "adapted")
+    record = adapted.manifest["adaptation"]
+    assert record["frames"] == DEVICE_FRAMES and len(record["frame_sha256"]) == DEVICE_FRAMES
+    assert record["adapted"] == ["domain.colour_references", "domain.max_colour_distance"]
+    after = Detector.load(tmp_path / "adapted")
+    assert sum(after.run(frame).verdict.status == "outside_domain" for frame in frames) < DEVICE_FRAMES // 4
+
+
+def test_adapt_refuses_too_few_frames_and_bundles_without_a_domain_check(pbc_only_bundle: Path, data_root: Path, tmp_path: Path) -> None:
+    frames = _frames(data_root / "bccd" / "images", 5)
+    with pytest.raises(AdaptationRefused, match="at least 20 frames"):
+        adapt_bundle(pbc_only_bundle, frames, [str(i) for i in range(5)], tmp_path / "a")
+    manifest = copy.deepcopy(load_bundle(pbc_only_bundle).manifest)
+    del manifest["domain"]
+    plain = tmp_path / "plain"
+    bundle = load_bundle(pbc_only_bundle)
+    save_bundle(plain, manifest, {name: bundle.path(name) for name in manifest["files"]})
+    with pytest.raises(AdaptationRefused, match="no domain check"):
+        adapt_bundle(plain, _frames(data_root / "bccd" / "images", 20), [str(i) for i in range(20)], tmp_path / "b")
+
+
+def test_adapt_command_refuses_writing_over_its_bundle(pbc_only_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["adapt", "--bundle", str(pbc_only_bundle), "--frames", str(REPO / "samples"), "--out", str(pbc_only_bundle)]) == 2
+    assert "another folder" in capsys.readouterr().err

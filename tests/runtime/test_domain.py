@@ -1,0 +1,50 @@
+"""The domain check: frames unlike the validated ones are not judged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from leukoedge import Detector
+from leukoedge.domain import COLOUR_FEATURES, colour_distance, fit_domain, outside_domain
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
+
+
+def _fitted(seed: int = 0, frames: int = 200) -> tuple[dict, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    colour = rng.normal([70, 10, -10, 15, 5, 5], [3, 2, 2, 1, 0.5, 0.5], size=(frames, 6))
+    uncertainty = rng.uniform(0.02, 0.08, frames)
+    return fit_domain(colour, uncertainty, ["a"] * (frames // 2) + ["b"] * (frames - frames // 2)), colour
+
+
+def test_fitted_frames_are_inside_and_a_new_stain_is_outside():
+    spec, colour = _fitted()
+    assert len(spec["colour_references"][0]) == len(COLOUR_FEATURES)
+    inside = [not outside_domain(spec, {"colour_distance": colour_distance(spec, row), "uncertainty": 0.05}) for row in colour]
+    assert np.mean(inside) >= 0.99
+    new_stain = colour[0] + np.array([0, 25, 25, 0, 0, 0])
+    reason = outside_domain(spec, {"colour_distance": colour_distance(spec, new_stain), "uncertainty": 0.05})
+    assert "colours unlike" in reason and "leukoedge adapt" in reason
+    assert "unsure" in outside_domain(spec, {"colour_distance": 0.0, "uncertainty": 0.5})
+
+
+def test_fit_domain_needs_frames():
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        fit_domain([np.zeros(6)], [0.1], ["a"])
+
+
+def test_a_frame_outside_the_domain_is_not_judged_and_never_flagged():
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.imread(str(SAMPLES[0]))
+    spec, _ = _fitted()
+    spec["max_colour_distance"] = 0.0  # nothing is near enough: every frame is outside
+    detector.domain_spec = spec
+    result = detector.run(frame)
+    assert result.verdict.status == "outside_domain" and not result.verdict.flagged
+    assert result.verdict.domain["colour_distance"] > 0
+    assert result.to_dict()["verdict"]["status"] == "outside_domain"
