@@ -1,0 +1,52 @@
+"""The cell-or-not gate: how proposals are labelled, and that training separates white cells from other objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the gate is trained with the training extra (torch)")
+
+from leukoedge.training import data  # noqa: E402
+from leukoedge.training.gate import GateExamples, choose_threshold, label_proposals, train_gate, wbc_probabilities  # noqa: E402
+
+
+def _record(source: str, wbc_type: str | None = None, device: str | None = None) -> data.Record:
+    return data.Record(source, Path("x.jpg"), None, None, None, wbc_type, "train", device)
+
+
+def test_pbc_centre_proposal_is_the_labelled_cell_and_the_rest_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "wbc_boxes", lambda record: [])
+    proposals = [(150, 150, 210, 210), (0, 0, 30, 30), (300, 300, 340, 340)]
+    assert label_proposals(_record("pbc", "neutrophil"), proposals, (360, 360), 1.0) == [1, 0, 0]
+    assert label_proposals(_record("pbc", "platelet"), proposals, (360, 360), 1.0) == [0, 0, 0]
+
+
+def test_box_fields_match_white_cells_leave_fragments_out_and_reject_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "wbc_boxes", lambda record: [(100, 100, 160, 160)])
+    proposals = [(102, 98, 158, 161), (140, 140, 150, 150), (10, 10, 30, 30)]
+    assert label_proposals(_record("txl-pbc", device="raabin"), proposals, (400, 400), 1.0) == [1, None, 0]
+    # Boxes are scaled with the frame when the training copy was rescaled.
+    assert label_proposals(_record("bccd"), [(200, 200, 320, 320)], (800, 800), 2.0) == [1]
+
+
+def test_taleqani_unmatched_proposals_are_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "wbc_boxes", lambda record: [(10, 10, 60, 60)])
+    assert label_proposals(_record("all-taleqani"), [(12, 12, 58, 58), (100, 100, 140, 140)], (224, 224), 1.0) == [1, None]
+
+
+def test_training_separates_two_kinds_of_crops_and_the_threshold_keeps_the_recall() -> None:
+    rng = np.random.default_rng(0)
+    crops = rng.normal(0, 0.3, size=(160, 3, 64, 64)).astype(np.float16)
+    labels = np.repeat([0, 1], 80)
+    crops[labels == 1, :, 16:48, 16:48] -= 1.5  # a dark "nucleus" in the middle of the white cells
+    examples = GateExamples(crops, labels, np.array(["a", "b"] * 80, object))
+    model = train_gate(examples, steps=40, batch_size=32)
+    probabilities = wbc_probabilities(model, crops)
+    assert ((probabilities >= 0.5) == labels).mean() >= 0.9
+    threshold = choose_threshold(probabilities, labels, 0.95)
+    assert (probabilities[labels == 1] >= threshold).mean() >= 0.95
+    with pytest.raises(ValueError, match="white cells and of other objects"):
+        train_gate(GateExamples(crops[:10], np.zeros(10, np.int64), np.array(["a"] * 10, object)), steps=1)
