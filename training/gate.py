@@ -286,7 +286,7 @@ def _examples(detector: Detector, data_root: Path, split: str, per_source: int, 
 class GateRecipe:
     """How the gate is trained and its figures measured; the defaults made the shipped gate (docs/training.md)."""
 
-    steps: int = 1500
+    steps: int = 1000
     train_per_source: int = 120  # training fields per source/device
     augmented_copies: int = 2  # device-augmented versions of each training field
     val_per_source: int = 40  # validation fields per source/device: the gate's threshold and the domain check
