@@ -23,9 +23,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from leukoedge import Detector, LeukoedgeError
-from leukoedge.cli import default_bundle, positive_int
+from leukoedge import Detector, LeukoedgeError, default_bundle
 from leukoedge.session import ProgressDisplay, capture_session, format_review, format_summary, repair_session, review_session
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
 
 
 def record(argv: Sequence[str]) -> int:

@@ -9,10 +9,8 @@ import argparse
 import logging
 import sys
 
-from leukoedge import CaptureError, Detector, InvalidFrameError, LeukoedgeError
-from leukoedge.capture import ThreadedReader, open_source
+from leukoedge import CaptureError, Detector, InvalidFrameError, LeukoedgeError, ThreadedReader, default_bundle, open_source
 from leukoedge.result import verdict_summary
-from leukoedge.cli import default_bundle
 
 log = logging.getLogger("integrate")
 
@@ -34,7 +32,7 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        with reader:  # stops the capture thread however the loop ends
+        with detector, reader:  # however the loop ends: stops the capture thread, then releases the models
             for frame in reader:  # ends with the file; a camera runs until Ctrl-C
                 try:
                     result = detector.run(frame.image, capture_ms=frame.capture_ms)
@@ -45,6 +43,7 @@ def main() -> int:
                 # Your application goes here: display, store, alert on verdict.flagged; a frame with
                 # verdict.status other than "ok" was not judged (verdict.reason says why).
                 # verdict.subtype: the frame's B-ALL subtype, meaningful on flagged frames.
+                # result.draw(frame.image): the frame with the cells and the verdict drawn, for a display.
                 print(f"frame {frame.index}: {verdict_summary(verdict)}  ({result.timings['total']:.0f} ms)")
     except CaptureError as error:  # the camera failed and could not be re-opened
         print(f"error: {error}", file=sys.stderr)

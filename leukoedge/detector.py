@@ -104,8 +104,8 @@ def _stopwatch(timings: Timings, stage: str) -> Iterator[None]:
 class Detector:
     """Finds, segments and classifies white blood cells in camera frames.
 
-    >>> det = Detector.load("models/default")
-    >>> result = det.run(frame)      # HxWx3 uint8, BGR (or RGB with channel_order="RGB")
+    >>> with Detector.load("models/default") as det:   # close() at the end releases the models
+    ...     result = det.run(frame)   # HxWx3 uint8, BGR (or RGB with channel_order="RGB")
 
     Every model fact (input sizes, normalization, stain reference, class names, thresholds, frame
     limits) comes from the bundle manifest. Frames outside the manifest's limits are refused with
@@ -146,6 +146,7 @@ class Detector:
         # One input through every model: a bundle whose manifest and models disagree fails here, not at the first frame.
         check_models(manifest, backends, {model: source_file(bundle, model, p, backend) for model, p in self.precisions.items()})
         self.backend_name = backend
+        self.closed = False
 
     @classmethod
     def load(
@@ -172,10 +173,32 @@ class Detector:
             load_bundle(bundle_path, public_key=public_key), backend=backend, channel_order=channel_order, threads=threads, precision=precision, preprocess=preprocess
         )
 
+    def close(self) -> None:
+        """Release the models (ONNX Runtime sessions, TensorRT engines and their GPU buffers, the CUDA
+        preprocessor): the references go, so their memory is freed once no other reference holds it.
+        Call it once no thread runs this detector any more; run() afterwards raises
+        BackendUnavailableError. Closing twice is harmless."""
+        self.segmenter = self.classifier = self.refiner = self.gate = None
+        self.prepare_frame = None
+        self.closed = True
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise BackendUnavailableError(
+                f"this Detector ({self.bundle.name}) was closed and its models released: load another with Detector.load(...)"
+            )
+
     def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:
         """Validate, preprocess, segment, find cells, refine each cell's masks (bundles with a refiner),
         keep the white cells (bundles with a gate), check the domain (bundles with one), classify,
         judge; timings in ms per stage."""
+        self._require_open()
         timings = Timings(capture_ms=capture_ms)
         started = time.perf_counter()
         frame = validate_frame(frame, min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"], channel_order=self.channel_order)
@@ -203,6 +226,7 @@ class Detector:
     def candidates(self, frame: np.ndarray, timings: Timings | None = None) -> Candidates:
         """Everything the segmenter (and the refiner) found in a validated frame, before the gate: the
         cell proposals the gate and `leukoedge adapt` work on."""
+        self._require_open()
         timings = Timings() if timings is None else timings
         with _stopwatch(timings, "preprocess"):
             prepared = self.prepare_frame(frame)

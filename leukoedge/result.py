@@ -309,6 +309,12 @@ class Result:
         """json.dumps of to_dict(); json_kwargs go to json.dumps (indent=2, ...)."""
         return json.dumps(self.to_dict(include_masks), **json_kwargs)
 
+    def draw(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """The overlay of this result on the frame it came from (draw_overlay): a BGR uint8 copy with
+        cytoplasm and nucleus tinted, a labelled box per cell and the verdict, a not-judged frame's
+        status and reason included, on the top lines. InvalidFrameError for a frame of another size."""
+        return draw_overlay(frame_bgr, self)
+
 
 _TINT_ALPHA = 0.45
 _CYTOPLASM_BGR = (230, 190, 60)

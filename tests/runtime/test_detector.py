@@ -243,3 +243,38 @@ def test_idle_onnxruntime_threads_sleep(detector):
     for backend in (detector.segmenter, detector.classifier):
         options = backend.session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+# --- close() and the with-block -------------------------------------------------------------------
+
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "bccd_BloodImage_00002.jpg"
+
+
+def test_a_closed_detector_refuses_to_run_and_its_sessions_are_freed():
+    import gc
+    import weakref
+
+    from leukoedge import LeukoedgeError, default_bundle
+
+    frame = cv2.imread(str(SAMPLE), cv2.IMREAD_COLOR)
+    with Detector.load(default_bundle()) as det:
+        assert det.run(frame).verdict.status in ("ok", "no_cells")
+        sessions = [weakref.ref(backend.session) for backend in (det.segmenter, det.classifier)]
+    assert det.closed
+    gc.collect()
+    assert all(session() is None for session in sessions), "close() must drop the ONNX Runtime sessions"
+    with pytest.raises(BackendUnavailableError, match="closed") as refused:
+        det.run(frame)
+    assert isinstance(refused.value, LeukoedgeError)
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        det.candidates(frame)
+    det.close()  # a second close is harmless
+
+
+def test_the_with_block_closes_the_detector_when_the_loop_fails():
+    from leukoedge import default_bundle
+
+    with pytest.raises(RuntimeError, match="the application failed"):
+        with Detector.load(default_bundle()) as det:
+            raise RuntimeError("the application failed")
+    assert det.closed and det.segmenter is None

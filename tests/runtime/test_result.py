@@ -236,3 +236,29 @@ def test_subtype_is_shown_on_flagged_frames_only():
 def test_overlay_refuses_a_frame_of_another_size():
     with pytest.raises(InvalidFrameError, match="frame the result came from"):
         draw_overlay(np.zeros((60, 80, 3), np.uint8), _result([]))
+
+
+def test_result_draws_itself_as_draw_overlay_does():
+    result = _result([_cell(1, (20, 40, 60, 84), 0.93)])
+    frame = np.full(FRAME_SHAPE + (3,), 200, np.uint8)
+    np.testing.assert_array_equal(result.draw(frame), draw_overlay(frame, result))
+    with pytest.raises(InvalidFrameError, match="frame the result came from"):
+        result.draw(np.zeros((60, 80, 3), np.uint8))
+
+
+def test_the_overlay_of_a_frame_not_judged_shows_its_status_in_yellow_not_a_count():
+    frame = np.full(FRAME_SHAPE + (3,), 200, np.uint8)
+    refused = Verdict.not_judged("outside_domain", "colours unlike the validated stains", 0.5, 0.2)
+    judged = _result([])
+    overlay = Result(**{**judged.__dict__, "verdict": refused}).draw(frame)
+    text_rows = np.any(overlay != frame, axis=(1, 2))
+    assert np.any(np.all(overlay[text_rows] == (0, 215, 255), axis=-1))  # the status and reason lines
+    assert not np.array_equal(overlay, judged.draw(frame))
+
+
+def test_the_package_exports_what_an_integrator_uses():
+    import leukoedge
+
+    for name in ("Detector", "Result", "Verdict", "open_source", "ThreadedReader", "draw_overlay", "default_bundle", "LeukoedgeError"):
+        assert name in leukoedge.__all__ and hasattr(leukoedge, name), name
+    assert leukoedge.default_bundle().name == "default" or "LEUKOEDGE_BUNDLE" in __import__("os").environ
