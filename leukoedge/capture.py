@@ -45,6 +45,7 @@ class Frame:
     timestamp: float  # time.monotonic() when the frame was grabbed
     capture_ms: float  # grab + decode
     source: str
+    name: str = ""  # the image file's name for frames read from image files; "" for video and camera frames
 
 
 class FrameSource(ABC):
@@ -163,7 +164,7 @@ class ImageFilesSource(FrameSource):
                 self.skipped += 1
                 log.warning("skipped %s", error)
                 continue
-            frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri)
+            frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri, path.name)
             self._next_index += 1
             return frame
         return None
