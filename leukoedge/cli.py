@@ -1,6 +1,7 @@
-"""`leukoedge run | info | bench | soak | evaluate | train | study | pretrain | calibrate | export`: the command line over the same Python API.
+"""`leukoedge run | info | bench | export | soak | adapt`, the runtime's command line over the Python API.
 
-Training and evaluation import torch; they are imported only when those commands run.
+The training side (calibrate, evaluate, train, ensemble, study, pretrain, gate) registers its own
+commands (leukoedge/training/cli.py); they import PyTorch only when they run, and this module never does.
 """
 
 from __future__ import annotations
@@ -15,35 +16,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import cv2
 import numpy as np
 
 from .backends import BACKENDS
 from .bundle import MIN_SPEEDUP
 from .detector import PREPROCESSORS
-from .errors import LeukoedgeError, StorageError
+from .errors import InvalidFrameError, LeukoedgeError, StorageError
+from .shipped import default_bundle
 from .soak import MAX_GROWTH_MB, MAX_WARMUP
 
 if TYPE_CHECKING:
+    from .capture import Frame
     from .detector import Detector
     from .result import Result
 
 log = logging.getLogger("leukoedge")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-
-
-def default_bundle() -> Path:
-    """$LEUKOEDGE_BUNDLE, else the bundle shipped in the repository (models/default)."""
-    return Path(os.environ.get("LEUKOEDGE_BUNDLE", Path(__file__).resolve().parents[1] / "models" / "default"))
-
-
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-# The comparison models shipped for the report (made by the commands in the README), used by
-# `leukoedge evaluate` unless other ones are named.
-SHIPPED_BASELINE = ("CNN (base)", MODELS_DIR / "checkpoints" / "unet-lite-segmenter.pt")
-# Bundles trained without some sources: the segmenter without Taleqani and BCCD; the classifier without ALL-IDB2.
-SHIPPED_CROSS_SOURCE = (MODELS_DIR / "cross-source", MODELS_DIR / "cross-source-classifier")
+SESSION_SAVE_EVERY = 10  # a session keeps every 10th frame's images unless --save-every says otherwise
+INPUT_HELP = (
+    "what to run on, one grammar for all (see docs/integration.md): an image file, a folder of images, a video "
+    "file (clip.mp4), or a camera or stream: csi://0, v4l2:///dev/video0, rtsp://..., gst://..., folder:///path?glob=*.jpg. "
+    "A bare number (0, 1, ...) is always a camera index (V4L2 /dev/video0 on Linux), never a file: name a file called 0 as ./0"
+)
 
 
 def image_paths(target: Path) -> list[Path]:
@@ -103,57 +98,104 @@ def removed_if_left_empty(out: Path) -> Iterator[None]:
         raise
 
 
+def load_detector(args: argparse.Namespace) -> Detector:
+    """Detector.load with the command's --bundle, --backend, --threads, --precision, --preprocess (and --channel-order)."""
+    from .detector import Detector
+
+    precision = None if args.precision == "auto" else args.precision
+    return Detector.load(
+        args.bundle,
+        backend=args.backend,
+        threads=args.threads,
+        precision=precision,
+        preprocess=args.preprocess,
+        channel_order=getattr(args, "channel_order", "BGR"),
+    )
+
+
 def command_run(args: argparse.Namespace) -> int:
+    """Images, folders, videos, cameras and streams alike: open_source reads them, one result per frame."""
     if (args.input is None) == (args.source is None):
         raise LeukoedgeError(
-            "`leukoedge run` takes exactly one of: an image or folder of images (positional), "
-            "or --source URI for a live session (csi://0, v4l2:///dev/video0, rtsp://..., clip.mp4, folder://...)"
+            "`leukoedge run` takes exactly one of: INPUT (an image, folder, video, camera or stream URI), "
+            "or --source URI (the same as INPUT with --session)"
         )
     if args.source is not None:
+        args.input, args.session = args.source, True
+    if args.session:
         if args.explain:
-            raise LeukoedgeError("--explain works on an image or a folder of images, not on a live --source")
-        return command_run_live(args)
-    from .detector import Detector
-    from .result import draw_overlay, flagged_subtype, verdict_summary
-    from .session import write_file, write_png
+            raise LeukoedgeError("--explain writes a Grad-CAM image per frame; it does not work with --session (or --source)")
+        return command_run_session(args)
+    from .session import open_reader
 
     args.out = args.out or Path("leukoedge-out")
     require_out_folder(args.out)
-    paths = image_paths(args.input)
-    detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
+    detector = load_detector(args)
     explain = gradcam_explainer(args, detector) if args.explain else None
+    reader = open_reader(args.input)  # CaptureError: a missing path, a camera that is not there, a corrupt single image
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise StorageError(f"cannot create {args.out}: {error.strerror or error}") from error
-    failures = written = 0
-    for path in paths:
         try:
-            frame = read_image(path)
-            result = detector.run(frame)
-        except LeukoedgeError as error:  # one bad file must not stop a folder run
-            log.error("%s: %s", path, error)
-            failures += 1
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot create {args.out}: {error.strerror or error}") from error
+        written, refused = run_frames(args, detector, reader, explain)
+    finally:
+        reader.stop()
+    unreadable = int(reader.stats()["skipped"] or 0)
+    if unreadable or refused:
+        print(f"{unreadable} unreadable file(s) or frame(s) skipped, {refused} frame(s) refused (see the messages above)")
+    print(f"overlays and JSON of {written} frame(s) written to {args.out}")
+    return 1 if unreadable or refused else 0
+
+
+def frame_name(frame: Frame) -> str:
+    """An image file's name, or frame_000042 for a frame of a video, camera or stream."""
+    return frame.name or f"frame_{frame.index:06d}"
+
+
+def run_frames(args: argparse.Namespace, detector: Detector, reader, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> tuple[int, int]:
+    """Run the detector on every frame until the source ends or --frames; print each result and write
+    <name>_overlay.png and <name>.json of every --save-every-th frame. Returns (frames written, frames refused)."""
+    written = refused = seen = 0
+    while (args.frames is None or seen < args.frames) and (frame := reader.get()) is not None:
+        seen += 1
+        name = frame_name(frame)
+        try:
+            result = detector.run(frame.image, capture_ms=frame.capture_ms)
+        except InvalidFrameError as error:  # one odd frame must not stop a folder or a camera
+            log.error("%s: %s", name, error)
+            refused += 1
             continue
-        try:  # a full disk ends the run: every later write would fail the same way
-            write_png(args.out / f"{path.stem}_overlay.png", draw_overlay(frame, result))
-            if explain is not None:
-                write_png(args.out / f"{path.stem}_gradcam.png", explain(frame, result))
-            write_file(args.out / f"{path.stem}.json", result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
-        except StorageError as error:
-            raise StorageError(f"{error}; the results of the {written} image(s) before {path.name} are in {args.out}") from error
-        written += 1
-        verdict = result.verdict
-        subtype = flagged_subtype(verdict)
-        print(
-            f"{path.name}: {verdict_summary(verdict)}{f' ({subtype})' if subtype else ''}"
-        )
-        for cell in result.cells:
-            extra = "  ".join(f"{head}={max(s, key=s.get)}" for head, s in cell.head_scores.items() if head != detector.classifier_spec["primary_head"])
-            print(f"  cell {cell.id:2d} box={cell.box} area={cell.area_px}px {cell.label} p(blast)={cell.blast_probability:.2f}  {extra}")
-        print("  timings ms: " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in result.timings.items()))
-    print(f"overlays and JSON written to {args.out}")
-    return 1 if failures else 0
+        if (seen - 1) % (args.save_every or 1) == 0:
+            try:  # a full disk ends the run: every later write would fail the same way
+                write_frame_results(args, Path(name).stem, frame.image, result, explain)
+            except StorageError as error:
+                raise StorageError(f"{error}; the results of the {written} frame(s) before {name} are in {args.out}") from error
+            written += 1
+        print_result(name, result, detector)
+    return written, refused
+
+
+def write_frame_results(args: argparse.Namespace, stem: str, image: np.ndarray, result: Result, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> None:
+    from .session import write_file, write_png
+
+    write_png(args.out / f"{stem}_overlay.png", result.draw(image))
+    if explain is not None:
+        write_png(args.out / f"{stem}_gradcam.png", explain(image, result))
+    write_file(args.out / f"{stem}.json", result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
+
+
+def print_result(name: str, result: Result, detector: Detector) -> None:
+    """The verdict (a frame not judged: its status and why), each cell, the timings."""
+    from .result import flagged_subtype, verdict_summary
+
+    subtype = flagged_subtype(result.verdict)
+    print(f"{name}: {verdict_summary(result.verdict)}{f' ({subtype})' if subtype else ''}")
+    primary = detector.classifier_spec["primary_head"]
+    for cell in result.cells:
+        extra = "  ".join(f"{head}={max(s, key=s.get)}" for head, s in cell.head_scores.items() if head != primary)
+        print(f"  cell {cell.id:2d} box={cell.box} area={cell.area_px}px {cell.label} p(blast)={cell.blast_probability:.2f}  {extra}")
+    print("  timings ms: " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in result.timings.items()))
 
 
 def gradcam_explainer(args: argparse.Namespace, detector: Detector) -> Callable[[np.ndarray, Result], np.ndarray]:
@@ -168,19 +210,19 @@ def gradcam_explainer(args: argparse.Namespace, detector: Detector) -> Callable[
     return lambda frame, result: explain_frame(frame, result, detector, classifier).overlay
 
 
-def command_run_live(args: argparse.Namespace) -> int:
-    """Record a session from a camera, stream or recording until it ends, --frames, or Ctrl-C."""
-    from .detector import Detector
+def command_run_session(args: argparse.Namespace) -> int:
+    """Record a field-validation session folder until the source ends, --frames, or Ctrl-C."""
     from .session import RESULTS_FILE, SUMMARY_FILE, ProgressDisplay, capture_session, format_summary
 
     out = args.out or Path("leukoedge-out") / time.strftime("session-%Y%m%d-%H%M%S")
     require_out_folder(out)
-    detector = Detector.load(args.bundle, backend=args.backend, preprocess=args.preprocess)
+    detector = load_detector(args)
     # A folder that already holds a session is refused and written nothing: its summary is not this run's.
     older_session = (out / RESULTS_FILE).exists()
     progress = ProgressDisplay(show_timings=args.show_timings)
+    save_every = args.save_every or SESSION_SAVE_EVERY
     try:
-        summary = capture_session(args.source, detector, out, max_frames=args.frames, save_every=args.save_every, on_frame=progress)
+        summary = capture_session(args.input, detector, out, max_frames=args.frames, save_every=save_every, on_frame=progress)
     except KeyboardInterrupt:  # a second Ctrl-C: the summary was still written first
         progress.close()
         if not older_session and (out / SUMMARY_FILE).is_file():
@@ -206,7 +248,6 @@ def command_info(args: argparse.Namespace) -> int:
 
 def command_bench(args: argparse.Namespace) -> int:
     from .benchmark import COMPARISON_PAIRS, comparison_detectors, format_comparison, format_single, time_detectors
-    from .detector import Detector
 
     if args.data is not None:
         return bench_scaling(args)
@@ -222,8 +263,7 @@ def command_bench(args: argparse.Namespace) -> int:
             print(note)
         print(format_comparison(time_detectors(detectors, frames, args.frames, args.warmup), COMPARISON_PAIRS))
         return 0
-    precision = None if args.precision == "auto" else args.precision
-    detector = Detector.load(args.bundle, backend=args.backend, threads=args.threads, precision=precision, preprocess=args.preprocess)
+    detector = load_detector(args)
     times = time_detectors({args.backend: detector}, frames, args.frames, args.warmup)[args.backend]
     precisions = ", ".join(f"{model} {value}" for model, value in detector.precisions.items())
     print(f"{runs}, backend {args.backend} ({precisions}), preprocess {detector.preprocess_name}")
@@ -234,10 +274,8 @@ def command_bench(args: argparse.Namespace) -> int:
 def bench_scaling(args: argparse.Namespace) -> int:
     """`leukoedge bench --data`: the cost of Detector.run against cells and frame size."""
     from .benchmark import fit_scaling, format_scaling, scaling_points, time_points
-    from .detector import Detector
 
-    precision = None if args.precision == "auto" else args.precision
-    detector = Detector.load(args.bundle, backend=args.backend, threads=args.threads, precision=precision, preprocess=args.preprocess)
+    detector = load_detector(args)
     points = scaling_points(args.data)
     precisions = ", ".join(f"{model} {value}" for model, value in detector.precisions.items())
     print(
@@ -246,36 +284,6 @@ def bench_scaling(args: argparse.Namespace) -> int:
     )
     time_points(detector, points, args.frames, args.warmup)
     print(format_scaling(points, fit_scaling(points)))
-    return 0
-
-
-def command_calibrate(args: argparse.Namespace) -> int:
-    require_data_folder(args.data)
-    if args.out is not None:
-        require_out_folder(args.out)
-    from .calibration.calibrate import CalibrateConfig, calibrate_bundle, parse_keep_float
-    from .calibration.quantize import QuantizationSettings
-
-    config = CalibrateConfig(
-        args.data,
-        args.bundle,
-        args.out,
-        fields=args.fields,
-        cells=args.cells,
-        gate_split=args.gate_split,
-        gate_limit=args.gate_limit,
-        dice_tolerance=args.max_dice_drop,
-        accuracy_tolerance=args.max_accuracy_drop,
-        keep_float=parse_keep_float(args.keep_float),
-        settings=QuantizationSettings.for_target(args.target, args.method),
-        threads=args.threads,
-    )
-    report = calibrate_bundle(config)
-    print(report.format())
-    print(f"bundle written to {report.bundle.root}")
-    failures = report.failures()
-    if failures:
-        raise LeukoedgeError("\n".join(failures))
     return 0
 
 
@@ -303,158 +311,6 @@ def command_soak(args: argparse.Namespace) -> int:
     return 1 if report.leaked(args.max_growth_mb) else 0
 
 
-def command_evaluate(args: argparse.Namespace) -> int:
-    require_data_folder(args.data)
-    require_out_folder(args.out)
-    from .training.evaluate import evaluate_bundle, parse_segmenter_checkpoints, run_quick
-
-    checkpoints = parse_segmenter_checkpoints(args.segmenter_checkpoint)
-    if args.quick:
-        run_quick(args.data, args.out, args.bundle, checkpoints, args.cross_source_bundle or (), args.limit, args.split)
-    else:
-        label, baseline = SHIPPED_BASELINE
-        if not args.segmenter_checkpoint and baseline.is_file():
-            checkpoints = {label: baseline}
-        cross_source = args.cross_source_bundle or [bundle for bundle in SHIPPED_CROSS_SOURCE if bundle.is_dir()]
-        evaluate_bundle(args.bundle or default_bundle(), args.data, args.out, args.limit, checkpoints, cross_source, split=args.split)
-    print((args.out / "evaluation.md").read_text())
-    return 0
-
-
-def parse_source_weights(text: str | None, option: str = "--segmenter-source-weights") -> dict[str, float]:
-    """'wbc-seg-zheng=2,all-idb2=2' -> {source: weight}; errors name `option`."""
-    weights = {}
-    for item in (text or "").split(","):
-        if item.strip():
-            source, _, weight = item.partition("=")
-            try:
-                weights[source.strip()] = float(weight)
-            except ValueError:
-                raise LeukoedgeError(f"{option} takes SOURCE=WEIGHT,...; got {item!r}") from None
-    return weights
-
-
-def command_train(args: argparse.Namespace) -> int:
-    require_data_folder(args.data)
-    require_out_folder(args.out)
-    from .training.models import SEGMENTERS
-    from .training.pipeline import CLASSIFICATION_SOURCES, SEGMENTATION_SOURCES, PipelineConfig, run_pipeline
-
-    for model in (args.segmenter_model, args.refiner_model):
-        if model is not None and model not in SEGMENTERS:
-            print(f"error: unknown segmenter {model!r}; choose one of {', '.join(sorted(SEGMENTERS))}", file=sys.stderr)
-            return 2
-    sources = SEGMENTATION_SOURCES if args.segmentation_sources is None else tuple(s.strip() for s in args.segmentation_sources.split(",") if s.strip())
-    refiner_sources = None if args.refiner_sources is None else tuple(s.strip() for s in args.refiner_sources.split(",") if s.strip())
-    classification_sources = CLASSIFICATION_SOURCES if args.classification_sources is None else tuple(
-        s.strip() for s in args.classification_sources.split(",") if s.strip()
-    )
-    try:
-        config = PipelineConfig(
-            args.data,
-            args.out,
-            quick=args.quick,
-            segmenter_steps=args.segmenter_steps,
-            classifier_steps=args.classifier_steps,
-            segmenter_learning_rate=args.segmenter_lr,
-            segmenter_crop=args.segmenter_crop or None,
-            segmenter_model=args.segmenter_model,
-            refiner_model=args.refiner_model,
-            classifier_model=args.classifier_model or PipelineConfig.classifier_model,
-            segmenter_init=args.segmenter_init,
-            segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
-            classifier_init=args.classifier_init,
-            refiner_steps=args.refiner_steps,
-            refiner_learning_rate=args.refiner_lr,
-            refiner_source_weights=parse_source_weights(args.refiner_source_weights, "--refiner-source-weights"),
-            refiner_init=args.refiner_init,
-            refiner_teacher=args.refiner_teacher,
-            segmentation_sources=sources,
-            refiner_sources=refiner_sources,
-            classification_sources=classification_sources,
-            classifier_seed=args.classifier_seed,
-            classifier_ema_decay=PipelineConfig.classifier_ema_decay if args.classifier_ema_decay is None else args.classifier_ema_decay or None,
-        )
-    except ValueError as error:  # e.g. an unknown source name
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    with removed_if_left_empty(args.out):
-        bundle = run_pipeline(config)
-    print(f"bundle written to {bundle.root}")
-    return 0
-
-
-def command_ensemble(args: argparse.Namespace) -> int:
-    from .training.train import is_checkpoint, save_ensemble_checkpoint
-
-    missing = [str(path) for path in args.members if not is_checkpoint(path)]
-    if missing:
-        print(f"error: no checkpoint (.pt with its .json) at {', '.join(missing)}", file=sys.stderr)
-        return 2
-    try:
-        record = save_ensemble_checkpoint(args.members, args.out)
-    except ValueError as error:  # fewer than two members, or one that is not a segmenter
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    members = ", ".join(member["model"] for member in record["config"]["model_kwargs"]["members"])
-    print(f"ensemble of {len(args.members)} ({members}) written to {args.out}; build a bundle with it: leukoedge train ... --refiner-init {args.out} --refiner-steps 0")
-    return 0
-
-
-def command_study(args: argparse.Namespace) -> int:
-    require_data_folder(args.data)
-    require_out_folder(args.out)
-    from .training.classifier_study import run_study
-
-    with removed_if_left_empty(args.out):
-        run_study(args.data, args.out, quick=args.quick, folds=args.folds, bundle=args.bundle)
-    print((args.out / "study.md").read_text())
-    return 0
-
-
-def command_pretrain(args: argparse.Namespace) -> int:
-    require_data_folder(args.data)
-    require_out_folder(args.out)
-    from .training.pipeline import check_runtime_classifier
-    from .training.pretrain import CLASSIFIER_MODEL, run_pretraining
-
-    model = args.model or CLASSIFIER_MODEL
-    try:
-        check_runtime_classifier(model)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    with removed_if_left_empty(args.out):
-        run_pretraining(args.data, args.out, quick=args.quick, bundle=args.bundle, model=model)
-    print((args.out / "pretraining.md").read_text())
-    return 0
-
-
-def command_gate(args: argparse.Namespace) -> int:
-    require_data_folder(args.data)
-    from .training.detection import format_table
-    from .training.gate import GateRecipe, build_gated_bundle, leave_one_source_out
-
-    recipe = GateRecipe(steps=args.steps, train_per_source=args.train_per_source, eval_split=args.split, eval_per_source=args.eval_per_source)
-    if args.leave_out:
-        rows = leave_one_source_out(args.data, args.bundle, args.leave_out, recipe, cache=args.cache)
-        for adapted in (False, True):
-            chosen = [row for row in rows if row["adapted"] == adapted and (adapted or row["left_out"] != "none")]
-            title = "after `leukoedge adapt` (unlabelled training fields of the left-out device)" if adapted else "left out of the gate and the domain check"
-            print(format_table([{**row, "domain": row["domain"] + f" (threshold {row['gate_threshold']:.2f})"} for row in chosen], title) + "\n")
-        print(format_table([row for row in rows if row["left_out"] == "none"], "same-source (every source in the gate and the domain check)"))
-        return 0
-    if args.out is None:
-        print("error: --out is needed to write a bundle (or give --leave-out for the figures only)", file=sys.stderr)
-        return 2
-    if args.out.resolve() == args.bundle.resolve():
-        print("error: --out must be another folder than --bundle (write it, check it, then replace)", file=sys.stderr)
-        return 2
-    bundle = build_gated_bundle(args.data, args.bundle, args.out, recipe, cache=args.cache, checkpoint=args.checkpoint)
-    print(f"bundle with a gate (threshold {bundle.manifest['gate']['threshold']:.3f}) and a domain check written to {bundle.root}")
-    return 0
-
-
 def command_adapt(args: argparse.Namespace) -> int:
     from .adapt import adapt_bundle
 
@@ -469,6 +325,16 @@ def command_adapt(args: argparse.Namespace) -> int:
         print(f"adapted bundle written to {args.out}")
         return 0
     return 1
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "int8", "fp16"),
+        default="auto",
+        help=f"auto: per model INT8 where it passed its gate and measured at least {MIN_SPEEDUP * 100:.0f} %% faster at calibration, "
+        "else FP32 (default); fp16: TensorRT only",
+    )
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -491,25 +357,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
-        help="detect, segment and classify cells in an image or a folder of images, or live on --source",
-        description="Either an image or folder of images (overlays + JSON per image), or --source URI: a live "
-        "session from a camera, stream or recording, written as a session folder (see leukoedge.session); Ctrl-C stops it cleanly.",
+        help="detect, segment and classify cells in images, folders, videos, cameras and streams",
+        description="One input, any kind (INPUT below), read frame by frame through the same source layer as "
+        "leukoedge.open_source. Every frame's result is printed; --out gets <name>_overlay.png and <name>.json per "
+        "frame kept (<name>: the image file's name, or frame_000042 for a video or camera frame). Files that cannot "
+        "be decoded whole are skipped, named and counted (exit 1). --session records a field-validation session folder "
+        "instead (frames/, overlays/, results.jsonl, summary.html; see docs/integration.md). Ctrl-C stops cleanly.",
     )
-    run.add_argument("input", type=Path, nargs="?", help="an image file or a folder of images")
-    run.add_argument("--source", help="live mode: csi://0, v4l2:///dev/video0, 0, rtsp://..., gst://..., clip.mp4, folder:///path")
+    run.add_argument("input", nargs="?", metavar="INPUT", help=INPUT_HELP)
+    run.add_argument("--source", metavar="URI", help="the same as INPUT --session (the live mode of leukoedge 0.1)")
+    run.add_argument("--session", action="store_true", help="record a session folder (summary, blast fraction with its 95 %% interval, latency) instead")
     run.add_argument("--bundle", type=Path, default=default_bundle(), help="model bundle folder or archive (default: %(default)s)")
-    run.add_argument("--out", type=Path, default=None, help="where results go (default: leukoedge-out, live: leukoedge-out/session-<time>)")
-    run.add_argument("--masks", action="store_true", help="images: include run-length-encoded masks in the JSON")
-    run.add_argument("--frames", type=positive_int, default=None, help="live: stop after this many frames (default: until the source ends or Ctrl-C)")
-    run.add_argument("--save-every", type=positive_int, default=10, help="live: keep every k-th frame and its overlay as PNG (default: %(default)s)")
-    run.add_argument("--show-timings", action="store_true", help="live: median ms per stage in the progress line")
+    run.add_argument("--out", type=Path, default=None, help="where results go (default: leukoedge-out; --session: leukoedge-out/session-<time>)")
+    run.add_argument("--masks", action="store_true", help="include run-length-encoded masks in each frame's JSON")
+    run.add_argument("--frames", type=positive_int, default=None, help="stop after this many frames (default: until the source ends or Ctrl-C)")
+    run.add_argument(
+        "--save-every", type=positive_int, default=None, help=f"write every k-th frame's overlay and JSON (default: every frame; --session: every {SESSION_SAVE_EVERY}th frame and its overlay)"
+    )
+    run.add_argument("--show-timings", action="store_true", help="--session: median ms per stage in the progress line")
     run.add_argument(
         "--explain",
         action="store_true",
-        help="images: also write <image>_gradcam.png, Grad-CAM of the blast head from the training checkpoint (needs [train])",
+        help="also write <name>_gradcam.png, Grad-CAM of the blast head from the training checkpoint (needs [train])",
     )
     run.add_argument("--checkpoints", type=Path, default=None, help="--explain: folder of <bundle>-classifier.pt (default: beside the bundle)")
     add_device_arguments(run)
+    add_precision_argument(run)
+    run.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads per model (default: all cores)")
+    run.add_argument(
+        "--channel-order",
+        choices=("BGR", "RGB"),
+        default="BGR",
+        help="channel order of the frames as the source delivers them: BGR for files, cameras and streams read by OpenCV; RGB for e.g. a gst:// pipeline ending in format=RGB (default: %(default)s)",
+    )
     run.set_defaults(handler=command_run)
 
     info = commands.add_parser("info", help="describe a model bundle and verify its checksums")
@@ -526,32 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=non_negative_int, default=5)
     bench.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     add_device_arguments(bench)
-    bench.add_argument(
-        "--precision", choices=("auto", "fp32", "int8", "fp16"), default="auto", help=f"auto: per model INT8 where it passed its gate and measured at least {MIN_SPEEDUP * 100:.0f} %% faster at calibration, else FP32 (default)"
-    )
+    add_precision_argument(bench)
     bench.add_argument(
         "--compare", action="store_true", help="ONNX Runtime fp32, int8 and the bundle's mix of the two, and PyTorch eager fp32, side by side (needs [train] for PyTorch)"
     )
     bench.add_argument("--checkpoints", type=Path, default=None, help="--compare: folder of <bundle>-segmenter.pt/-classifier.pt (default: beside the bundle)")
     bench.set_defaults(handler=command_bench)
-
-    calibrate = commands.add_parser("calibrate", help="INT8 models for a bundle, written only if they pass an accuracy gate (needs [train])")
-    calibrate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    calibrate.add_argument("--bundle", type=Path, default=default_bundle())
-    calibrate.add_argument("--out", type=Path, default=None, help="write the calibrated bundle here (default: into --bundle)")
-    calibrate.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax", help="activation range calibration (default: %(default)s)")
-    calibrate.add_argument(
-        "--target", choices=("cpu", "tensorrt"), default="cpu", help="cpu: ONNX Runtime on x86; tensorrt: symmetric int8 for `export --engine --int8`"
-    )
-    calibrate.add_argument("--fields", type=positive_int, default=512, help="segmenter calibration fields from the train split (default: %(default)s)")
-    calibrate.add_argument("--cells", type=positive_int, default=512, help="classifier calibration cells from the train split (default: %(default)s)")
-    calibrate.add_argument("--gate-split", choices=("val", "test"), default="val", help="held-out data of the accuracy gate (default: %(default)s)")
-    calibrate.add_argument("--gate-limit", type=int, default=None, help="at most this many held-out images per source (default: all)")
-    calibrate.add_argument("--max-dice-drop", type=float, default=0.005, help="allowed Dice loss, nucleus and whole cell (default: %(default)s)")
-    calibrate.add_argument("--max-accuracy-drop", type=float, default=0.005, help="allowed accuracy and F1 loss per head (default: %(default)s = 0.5 pt)")
-    calibrate.add_argument("--keep-float", action="append", default=[], metavar="MODEL:NAMES", help="keep op types or nodes in float, e.g. segmenter:MatMul")
-    calibrate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    calibrate.set_defaults(handler=command_calibrate)
 
     export = commands.add_parser("export", help="TensorRT engines for a bundle, cached in <bundle>/engines (needs [jetson] and a GPU)")
     export.add_argument("--engine", action="store_true", help="build TensorRT engines from the bundle's ONNX files")
@@ -576,122 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--max-growth-mb", type=float, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
     soak.set_defaults(handler=command_soak)
 
-    evaluate = commands.add_parser("evaluate", help="held-out figures of a bundle on ../shared/data (needs [train])")
-    evaluate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    evaluate.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default: {default_bundle()}; --quick: a tiny one trained for the run)")
-    evaluate.add_argument("--out", type=Path, default=Path("reports"))
-    evaluate.add_argument("--limit", type=positive_int, default=None, help="at most this many images per source, spread over the split (--quick: 6)")
-    evaluate.add_argument(
-        "--segmenter-checkpoint",
-        action="append",
-        default=[],
-        metavar="LABEL=PATH",
-        help="also compare this segmenter checkpoint (repeatable; default: the shipped 'CNN (base)=models/checkpoints/unet-lite-segmenter.pt')",
-    )
-    evaluate.add_argument(
-        "--cross-source-bundle",
-        type=Path,
-        action="append",
-        default=None,
-        help="a bundle trained with --segmentation-sources or --classification-sources leaving some out, tested on those; "
-        "repeat for several (default: the shipped models/cross-source and models/cross-source-classifier)",
-    )
-    evaluate.add_argument("--quick", action="store_true", help="CI: tiny models, a few images; checks every table and plot is made, not accuracy")
-    evaluate.add_argument(
-        "--split",
-        choices=("test", "val"),
-        default="test",
-        help="test (default): held-out figures; val: compare candidate models without looking at the test split",
-    )
-    evaluate.set_defaults(handler=command_evaluate)
-
-    train = commands.add_parser("train", help="train segmenter + refiner + classifier, export to ONNX, write a bundle (needs [train])")
-    train.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    train.add_argument("--out", type=Path, default=Path("models/default"))
-    train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
-    train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
-    train.add_argument("--refiner-model", default=None, help="the per-cell refiner's architecture, one of --segmenter-model's (default: the segmenter's)")
-    train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
-    train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
-    train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
-    train.add_argument(
-        "--classifier-ema-decay", type=float, default=None,
-        help="the decay per step of the moving average of the classifier's weights that training keeps (default 0.999); 0: none, keep its best step's weights",
-    )
-    train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
-    train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
-    train.add_argument("--refiner-lr", type=float, default=2e-3, help="peak learning rate of the refiner's one-cycle schedule")
-    train.add_argument("--refiner-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per refiner source (default 1 each)")
-    train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
-    train.add_argument("--segmenter-crop", type=int, default=128, help="side of the segmenter's training windows in model pixels (default 128; 0: the whole 192x256 input)")
-    train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
-    train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
-    train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")
-    train.add_argument("--refiner-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-refiner.pt")
-    train.add_argument(
-        "--refiner-teacher", type=Path, default=None, help="distillation: the refiner also learns this checkpoint's class probabilities, e.g. a `leukoedge ensemble` one"
-    )
-    train.add_argument(
-        "--segmentation-sources",
-        default=None,
-        metavar="SOURCE,...",
-        help="the sources the segmenter learns from, comma separated (default: all four: wbc-seg-zheng, all-idb2, all-taleqani, bccd); "
-        "leave some out for `evaluate --cross-source-bundle`",
-    )
-    train.add_argument(
-        "--refiner-sources",
-        default=None,
-        metavar="SOURCE,...",
-        help="the sources the per-cell refiner learns from (default: wbc-seg-zheng, all-idb2, all-taleqani, those of them in --segmentation-sources)",
-    )
-    train.add_argument(
-        "--classification-sources",
-        default=None,
-        metavar="SOURCE,...",
-        help="the sources the classifier learns from (default: all-idb2, all-taleqani, pbc; the last two are required): "
-        "leave all-idb2 out for `evaluate --cross-source-bundle`",
-    )
-    train.set_defaults(handler=command_train)
-
-    ensemble = commands.add_parser(
-        "ensemble", help="one checkpoint that averages several segmentation checkpoints' class probabilities, e.g. a refiner ensemble (needs [train])"
-    )
-    ensemble.add_argument("members", type=Path, nargs="+", help="two or more segmenter or refiner checkpoints (.pt, each with its .json)")
-    ensemble.add_argument("--out", type=Path, required=True, help="the ensemble checkpoint to write (.pt and .json), e.g. for --refiner-init")
-    ensemble.set_defaults(handler=command_ensemble)
-
-    study = commands.add_parser("study", help="compare the classifiers (4 models x 2 losses) on 3 tasks by stratified k-fold (needs [train])")
-    study.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    study.add_argument("--out", type=Path, default=Path("reports/classifiers"))
-    study.add_argument("--quick", action="store_true", help="2 folds, 3 steps, 4 images per class: checks the path, not accuracy")
-    study.add_argument("--folds", type=int, default=None, help="k (default 10, 2 with --quick; fewer where a class has fewer cells)")
-    study.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose segmenter finds PBC cells and nuclei (default: %(default)s)")
-    study.set_defaults(handler=command_study)
-
-    pretrain = commands.add_parser(
-        "pretrain", help="SimCLR pretraining of the classifier on unlabelled cells, and scratch vs SimCLR init on the test split (needs [train])"
-    )
-    pretrain.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    pretrain.add_argument("--out", type=Path, default=Path("reports/pretraining"), help="report and simclr-classifier.pt (default: %(default)s)")
-    pretrain.add_argument("--quick", action="store_true", help="a few cells, 2-3 steps: checks the path, not accuracy")
-    pretrain.add_argument("--model", default=None, help="the classifier pretrained and compared: vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one)")
-    pretrain.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose preprocessing and segmenter checkpoint (PBC cells) are used (default: %(default)s)")
-    pretrain.set_defaults(handler=command_pretrain)
-    gate = commands.add_parser(
-        "gate", help="train the cell-or-not gate and fit the domain check into a bundle, or print leave-one-source-out figures (needs [train])"
-    )
-    gate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    gate.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle whose segmenter proposes the cells (default: %(default)s)")
-    gate.add_argument("--out", type=Path, default=None, help="where to write the bundle with the gate (another folder than --bundle)")
-    gate.add_argument("--leave-out", nargs="+", default=None, metavar="SOURCE", help="print figures with each of these sources/devices left out (e.g. txl-pbc/raabin bccd) instead of writing a bundle")
-    gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
-    gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")
-    gate.add_argument("--split", choices=("val", "test"), default="test", help="split of the figures (default: %(default)s)")
-    gate.add_argument("--eval-per-source", type=int, default=60, help="normal fields per source/device in the figures (default: %(default)s)")
-    gate.add_argument("--cache", type=Path, default=None, help="folder to keep the collected training crops in between runs")
-    gate.add_argument("--checkpoint", type=Path, default=None, help="also save the gate's PyTorch checkpoint here (.pt and .json)")
-    gate.set_defaults(handler=command_gate)
-
     adapt = commands.add_parser("adapt", help="adapt a bundle's domain check to a new microscope from its unlabelled frames")
     adapt.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle to adapt (default: %(default)s)")
     adapt.add_argument("--frames", type=Path, required=True, help="folder of 20-500 frames of the new microscope (images)")
@@ -699,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--hold-back", type=float, default=0.2, help="share of the frames kept out of the fit to check the result (default: %(default)s)")
     adapt.add_argument("--channel-order", choices=("BGR", "RGB"), default="BGR", help="channel order of the frames as read (default: %(default)s)")
     adapt.set_defaults(handler=command_adapt)
+
+    from .training.cli import add_training_commands  # no torch: each training command imports it when it runs
+
+    add_training_commands(commands)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The command line: info, run on an image and a folder (with a corrupt file), bench, and errors."""
+"""The command line: info, run on an image, a folder (with a corrupt file) and a video, bench, and errors."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from leukoedge import benchmark, cli, session
+from leukoedge.errors import LeukoedgeError
 from leukoedge.result import Timings
+from leukoedge.shipped import default_bundle
+from leukoedge.training.cli import parse_source_weights
 
-STAGES = tuple(Timings().as_dict())  # what Detector.run times, capture aside
+STAGES = tuple(Timings(capture_ms=0.0).as_dict())  # what Detector.run times, capture included: leukoedge read the frame
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,7 @@ def test_cuda_preprocessing_without_pycuda_exits_2_with_the_install_hint(command
     monkeypatch.setitem(sys.modules, "pycuda", None)  # as if it were not installed, on any machine
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
     extra = ["--out", str(tmp_path / "out")] if command == "run" else ["--frames", "1", "--warmup", "0"]
-    assert cli.main([command, str(bccd_image), "--bundle", str(cli.default_bundle()), "--preprocess", "cuda", *extra]) == 2
+    assert cli.main([command, str(bccd_image), "--bundle", str(default_bundle()), "--preprocess", "cuda", *extra]) == 2
     assert "error: the TensorRT backend and CUDA preprocessing need pycuda: pip install 'leukoedge[jetson]'" in capsys.readouterr().err
 
 
@@ -108,15 +112,15 @@ def test_bench_on_onnxruntime_cuda_without_the_cuda_provider_exits_2_naming_onnx
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert cli.main(["bench", str(bccd_image), "--bundle", str(cli.default_bundle()), "--backend", "onnxruntime-cuda", "--frames", "1"]) == 2
+    assert cli.main(["bench", str(bccd_image), "--bundle", str(default_bundle()), "--backend", "onnxruntime-cuda", "--frames", "1"]) == 2
     assert "onnxruntime-cuda backend needs onnxruntime-gpu" in capsys.readouterr().err
 
 
 def test_source_weights_parse_and_a_bad_one_names_its_option():
-    assert cli.parse_source_weights("wbc-seg-zheng=4, all-idb2=2") == {"wbc-seg-zheng": 4.0, "all-idb2": 2.0}
-    assert cli.parse_source_weights(None) == {}
-    with pytest.raises(cli.LeukoedgeError, match="--refiner-source-weights takes SOURCE=WEIGHT"):
-        cli.parse_source_weights("wbc-seg-zheng", "--refiner-source-weights")
+    assert parse_source_weights("wbc-seg-zheng=4, all-idb2=2") == {"wbc-seg-zheng": 4.0, "all-idb2": 2.0}
+    assert parse_source_weights(None) == {}
+    with pytest.raises(LeukoedgeError, match="--refiner-source-weights takes SOURCE=WEIGHT"):
+        parse_source_weights("wbc-seg-zheng", "--refiner-source-weights")
 
 
 def test_train_refuses_a_classifier_without_the_only_sources_of_a_head_before_training(tmp_path, capsys):
@@ -220,5 +224,65 @@ def test_run_on_images_with_a_full_disk_exits_2_and_claims_nothing(bundle_path, 
     captured = capsys.readouterr()
     assert "written to" not in captured.out
     assert f"cannot write {out / 'BloodImage_00000_overlay.png'}: No space left on device" in captured.err
-    assert "the results of the 0 image(s) before BloodImage_00000.jpg" in captured.err
+    assert "the results of the 0 frame(s) before BloodImage_00000.jpg" in captured.err
     assert list(out.iterdir()) == []
+
+
+# --- one input path, one output layout --------------------------------------------------------------
+
+
+def test_run_on_a_video_writes_the_same_layout_named_by_frame(bundle_path, smear_video, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(smear_video), "--bundle", str(bundle_path), "--out", str(out), "--save-every", "2", "--frames", "5"]) == 0
+    kept = ["frame_000000", "frame_000002", "frame_000004"]
+    assert sorted(path.name for path in out.iterdir()) == sorted([f"{name}.json" for name in kept] + [f"{name}_overlay.png" for name in kept])
+    record = json.loads((out / "frame_000002.json").read_text())
+    assert record["frame_shape"] == [240, 320] and "status" in record["verdict"]
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("frame_")] == [f"frame_{index:06d}" for index in range(5)]
+    assert f"overlays and JSON of 3 frame(s) written to {out}" in printed
+
+
+def test_run_prints_the_status_of_a_frame_it_did_not_judge(bundle_path, tmp_path, capsys):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 235, np.uint8))  # an empty slide: no white cell
+    assert cli.main(["run", str(blank), "--bundle", str(bundle_path), "--out", str(tmp_path / "out")]) == 0
+    assert re.search(r"^blank\.png: NOT JUDGED \((no_cells|outside_domain)\): \S", capsys.readouterr().out, re.MULTILINE)
+    assert json.loads((tmp_path / "out" / "blank.json").read_text())["verdict"]["status"] in ("no_cells", "outside_domain")
+
+
+def test_run_hands_every_detector_option_to_detector_load(monkeypatch, tmp_path, capsys):
+    from leukoedge.detector import Detector
+
+    received = {}
+
+    def load(bundle, **options):
+        received.update(options, bundle=bundle)
+        raise LeukoedgeError("stop here")
+
+    monkeypatch.setattr(Detector, "load", staticmethod(load))
+    arguments = ["run", "samples", "--out", str(tmp_path / "out"), "--bundle", "b", "--precision", "fp32", "--threads", "2"]
+    assert cli.main([*arguments, "--channel-order", "RGB", "--backend", "onnxruntime", "--preprocess", "cpu"]) == 2
+    assert received == {"bundle": Path("b"), "backend": "onnxruntime", "threads": 2, "precision": "fp32", "preprocess": "cpu", "channel_order": "RGB"}
+    assert cli.main(["run", "samples", "--out", str(tmp_path / "out"), "--bundle", "b"]) == 2
+    assert received["precision"] is None and received["channel_order"] == "BGR"  # auto: the bundle's gated choice
+
+
+def test_run_help_says_what_a_bare_number_means(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "A bare number (0, 1, ...) is always a camera index" in help_text and "./0" in help_text
+
+
+def test_the_runtime_command_line_never_imports_torch_and_still_offers_the_training_commands():
+    code = (
+        "import sys; from leukoedge.cli import build_parser; parser = build_parser(); "
+        "assert 'torch' not in sys.modules, 'the command line imported torch'; "
+        "print(' '.join(parser._subparsers._group_actions[0].choices))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert set(completed.stdout.split()) >= {"run", "info", "bench", "adapt", "train", "evaluate", "study", "pretrain", "ensemble", "calibrate", "gate"}
+    source = Path(cli.__file__).read_text()
+    assert "def command_train" not in source and "def command_evaluate" not in source
