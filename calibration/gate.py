@@ -196,7 +196,7 @@ def verdict_scores(bundle: Bundle, segmenter_path: Path, cases: Sequence[FieldCa
     the bundle's segmenter and the bundle's FP32 classifier."""
     detector = Detector(bundle, precision="fp32", threads=threads)
     detector.segmenter = create_backend("onnxruntime", segmenter_path, threads)
-    correct = [detector.run(case.frame).verdict["flagged"] == case.malignant for case in cases]
+    correct = [detector.run(case.frame).verdict.flagged == case.malignant for case in cases]
     return {"taleqani_verdict_accuracy": float(np.mean(correct))}
 
 
