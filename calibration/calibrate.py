@@ -110,7 +110,7 @@ class CalibrationReport:
 
     def format(self) -> str:
         lines = [f"calibration set: {self.calibration_counts['fields']} fields, {self.calibration_counts['cells']} cells (train split)"]
-        for model, outcome in self.outcomes.items():
+        for outcome in self.outcomes.values():
             lines.append(outcome.gate.table())
             if outcome.median_ms:
                 fp32_ms, int8_ms = outcome.median_ms["fp32"], outcome.median_ms["int8"]
