@@ -345,6 +345,7 @@ class SessionTally:
         self.primary_head = primary_head
         self.frames_processed = self.frames_refused = self.frames_not_judged = 0
         self.cell_count = self.blast_count = self.flagged_frames = 0
+        self.not_judged: Counter[str] = Counter()  # frames not judged, by verdict status (no_cells, outside_domain, ...)
         self.last_index = -1
         self.class_counts = {head: dict.fromkeys(classes, 0) for head, classes in self.heads.items()}
         self.stage_ms: dict[str, list[float]] = {stage: [] for stage in STAGES}
@@ -364,7 +365,10 @@ class SessionTally:
             return
         verdict, timings = record["verdict"], record["timings"]
         self.frames_processed += 1
-        self.frames_not_judged += verdict.get("status", "ok") != "ok"
+        status = verdict.get("status", "ok")
+        self.frames_not_judged += status != "ok"
+        if status != "ok":
+            self.not_judged[status] += 1
         self.cell_count += verdict["cell_count"]
         self.blast_count += verdict["blast_count"]
         self.flagged_frames += bool(verdict["flagged"])
@@ -379,7 +383,8 @@ class SessionTally:
         if record.get("overlay_file") is not None:
             labels = dict(Counter(cell["label"] for cell in record["cells"]))
             files = {"frame_file": record["frame_file"], "overlay_file": record["overlay_file"]}
-            self.saved.append({**files, "index": record["index"], "elapsed_s": record["elapsed_s"], **counts, "labels": labels})
+            verdict_text = "FLAGGED" if verdict["flagged"] else "not flagged" if status == "ok" else f"not judged: {status}"
+            self.saved.append({**files, "index": record["index"], "elapsed_s": record["elapsed_s"], **counts, "labels": labels, "verdict": verdict_text})
         self.bundle = {**record.get("bundle", {}), "blast_threshold": verdict["blast_threshold"]}
 
     def summary(self, header: Mapping[str, Any], ended_wall: float, fps: float, capture_stats: Mapping[str, Any], stopped_by: str) -> dict[str, Any]:
@@ -396,6 +401,7 @@ class SessionTally:
             "frames_processed": self.frames_processed,
             "frames_refused": self.frames_refused,
             "frames_not_judged": self.frames_not_judged,
+            "frames_not_judged_by_status": dict(sorted(self.not_judged.items())),
             "frames_saved": len(self.saved),
             "save_every": header["save_every"],
             "fps": fps,
@@ -718,6 +724,13 @@ class ProgressDisplay:
             self.stream.flush()
 
 
+def not_judged_text(summary: Mapping[str, Any]) -> str:
+    """"3 (no_cells 2, outside_domain 1)": frames the bundle did not judge, by status (never counted as negative)."""
+    by_status = summary.get("frames_not_judged_by_status", {})
+    details = ", ".join(f"{status} {count}" for status, count in by_status.items())
+    return f"{summary.get('frames_not_judged', 0)}{f' ({details})' if details else ''}"
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
     """A few lines for a terminal: frames, capture faults, cells, blast fraction with its interval, latency."""
     low, high = summary["blast_fraction_ci95"]
@@ -727,6 +740,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"frames processed {summary['frames_processed']} (refused {summary['frames_refused']}, dropped {summary['dropped_frames']}, "
         f"reconnects {summary['reconnects']}), {summary['fps']:.1f} fps, stopped by: {summary['stopped_by']}",
         f"cells {summary['cells']}, blasts {summary['blasts']}: blast fraction {fraction}",
+        f"frames flagged {summary['flagged_frames']}, not judged {not_judged_text(summary)}",
     ]
     latency = summary["latency_ms"]
     if latency:
@@ -795,6 +809,7 @@ def write_summary_html(folder: Path, summary: Mapping[str, Any], per_frame: Sequ
         ("cells / blasts", f"{summary['cells']} / {summary['blasts']}"),
         ("blast fraction", fraction),
         ("frames flagged", summary["flagged_frames"]),
+        ("frames not judged (status)", not_judged_text(summary)),
     ]
     latency_rows = [(stage, f"{v['median']:.1f}", f"{v['p95']:.1f}") for stage, v in summary["latency_ms"].items()]
     count_rows = [(head, class_name, count) for head, counts in summary["class_counts"].items() for class_name, count in counts.items()]
@@ -806,6 +821,7 @@ def write_summary_html(folder: Path, summary: Mapping[str, Any], per_frame: Sequ
             f'<br><a href="{saved_frame["frame_file"]}">frame without overlay</a>',
             saved_frame["cells"],
             saved_frame["blasts"],
+            html.escape(saved_frame.get("verdict", "")),
             html.escape(", ".join(f"{label} {n}" for label, n in sorted(saved_frame["labels"].items())) or "-"),
             "",
         )
@@ -831,7 +847,7 @@ the other heads count their most probable class.</p>
 <h2>Per frame</h2>
 {plot}
 <h2>Saved frames (one processed frame in {summary['save_every']})</h2>
-{_table(("frame", "seconds", "overlay", "cells", "blasts", "labels", "reviewer's count"), thumbnail_rows, escape=False)}
+{_table(("frame", "seconds", "overlay", "cells", "blasts", "verdict", "labels", "reviewer's count"), thumbnail_rows, escape=False)}
 </body></html>
 """
     path = folder / SUMMARY_HTML

@@ -557,3 +557,24 @@ def test_a_real_full_disk_ends_the_cli_session_with_a_summary_and_a_failed_image
     assert "No space left on device" in images_err and "Traceback" not in images_err
     assert "written to" not in Path(f"{kept}.images.out").read_text()
     assert Path(f"{kept}.images.ls").read_text().split() == []  # no truncated overlay left behind
+
+
+def test_frames_not_judged_are_counted_by_status_next_to_the_flagged_ones(tmp_path: Path) -> None:
+    from leukoedge.result import Verdict
+
+    recorder = SessionRecorder(tmp_path / "session", HEADS, "blast", save_every=1, source="hand-made")
+    image = smear_field(0)
+    flagged = hand_made_result(image, [hand_made_cell(1, (10, 20, 40, 60), 0.9, "lymphocyte")])
+    empty = hand_made_result(image, [])  # no white cell: status no_cells
+    refused = Verdict.not_judged("outside_domain", "colours unlike the validated stains", BLAST_THRESHOLD, FLAG_FRACTION)
+    outside = Result(**{**empty.__dict__, "verdict": refused})
+    for index, result in enumerate([flagged, empty, outside, empty]):
+        recorder.record(Frame(image, index, time.monotonic(), 1.0, "hand-made"), result)
+    summary = recorder.finish({}, "end of source")
+    assert (summary["flagged_frames"], summary["frames_not_judged"]) == (1, 3)
+    assert summary["frames_not_judged_by_status"] == {"no_cells": 2, "outside_domain": 1}
+    assert "frames flagged 1, not judged 3 (no_cells 2, outside_domain 1)" in session.format_summary(summary)
+    page = (tmp_path / "session" / "summary.html").read_text()
+    assert "<td>frames not judged (status)</td><td>3 (no_cells 2, outside_domain 1)</td>" in page
+    assert page.count("<td>not judged: no_cells</td>") == 2 and "<td>not judged: outside_domain</td>" in page and "<td>FLAGGED</td>" in page
+    assert repair_session(tmp_path / "session")["frames_not_judged_by_status"] == summary["frames_not_judged_by_status"]
