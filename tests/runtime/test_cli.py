@@ -218,7 +218,7 @@ def test_run_on_images_with_a_full_disk_exits_2_and_claims_nothing(bundle_path, 
     def full_disk(path, mode="r", *args, **kwargs):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(session, "open", full_disk, raising=False)
+    monkeypatch.setattr(session.files, "open", full_disk, raising=False)
     out = tmp_path / "out"
     assert cli.main(["run", str(bccd_image), "--bundle", str(bundle_path), "--out", str(out)]) == 2
     captured = capsys.readouterr()

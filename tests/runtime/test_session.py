@@ -412,7 +412,7 @@ def assert_whole_session(folder: Path) -> dict:
 def test_a_disk_that_fills_mid_line_ends_the_session_with_whole_records_and_a_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "session"
     recorder = SessionRecorder(folder, HEADS, "blast", save_every=100, source="fields")
-    monkeypatch.setattr(session, "os", FillingDisk(free=2500))  # a few frames' lines, the last cut mid-line
+    monkeypatch.setattr(session.files, "os", FillingDisk(free=2500))  # a few frames' lines, the last cut mid-line
     reader = open_reader(write_fields(tmp_path / "fields", 40))
     with pytest.raises(StorageError, match="No space left on device"):
         run_session(HandMadeDetector(), reader, recorder)
@@ -441,7 +441,7 @@ def test_a_frame_whose_overlay_cannot_be_written_leaves_no_image_and_no_record(t
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(session, "open", full_for_overlays, raising=False)
+    monkeypatch.setattr(session.files, "open", full_for_overlays, raising=False)
     with pytest.raises(StorageError, match="frame_000002.png: No space left on device"):
         run_session(HandMadeDetector(), open_reader(write_fields(tmp_path / "fields", 5)), recorder)
     monkeypatch.undo()
@@ -456,7 +456,7 @@ def test_a_session_cannot_start_without_room_for_its_summary(tmp_path: Path, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
-    monkeypatch.setattr(session, "os", FillingDisk(free=0))
+    monkeypatch.setattr(session.files, "os", FillingDisk(free=0))
     with pytest.raises(StorageError, match=f"needs at least {RESERVE_BYTES >> 10} kB free"):
         SessionRecorder(tmp_path / "session", HEADS, "blast")
     assert not (tmp_path / "session" / ".summary-reserve").exists()
@@ -499,7 +499,7 @@ def test_review_rebuilds_the_summary_of_a_killed_session(tmp_path: Path) -> None
 def test_a_second_ctrl_c_while_the_summary_is_written_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers need the main thread")
-    draw_plot = session.plot_session
+    draw_plot = session.report.plot_session
 
     def impatient_user(*args: object) -> None:
         os.kill(os.getpid(), signal.SIGINT)  # stop, please
@@ -507,7 +507,7 @@ def test_a_second_ctrl_c_while_the_summary_is_written_waits_for_it(tmp_path: Pat
         time.sleep(0.05)  # both are delivered while the plot is drawn
         draw_plot(*args)
 
-    monkeypatch.setattr(session, "plot_session", impatient_user)
+    monkeypatch.setattr(session.report, "plot_session", impatient_user)
     folder = tmp_path / "session"
     with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C still acts, once the summary is whole
         capture_session(write_fields(tmp_path / "fields", 3), HandMadeDetector(), folder, save_every=1)  # type: ignore[arg-type]
