@@ -262,3 +262,14 @@ def test_the_package_exports_what_an_integrator_uses():
     for name in ("Detector", "Result", "Verdict", "open_source", "ThreadedReader", "draw_overlay", "default_bundle", "LeukoedgeError"):
         assert name in leukoedge.__all__ and hasattr(leukoedge, name), name
     assert leukoedge.default_bundle().name == "default" or "LEUKOEDGE_BUNDLE" in __import__("os").environ
+
+
+def test_no_code_or_document_uses_the_deprecated_dict_access_of_a_result_verdict():
+    import re
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parents[2]
+    files = [*repository.glob("leukoedge/**/*.py"), *repository.glob("training/**/*.py"), *repository.glob("calibration/*.py")]
+    files += [*repository.glob("export/*.py"), *repository.glob("examples/*.py"), *repository.glob("docs/*.md"), repository / "README.md"]
+    uses = [f"{path.name}: {line.strip()}" for path in files for line in path.read_text(encoding="utf-8").splitlines() if re.search(r"\.verdict\[", line)]
+    assert not uses, uses
