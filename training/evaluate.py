@@ -36,6 +36,7 @@ from leukoedge.result import BACKGROUND, NUCLEUS, Result
 
 from . import data, plots
 from .classical import SWEEP_METRICS, choose_k, fuzzy_cmeans_segment, hsv_kmeans_segment, kmeans_segment, otsu_watershed_segment
+from .detection import detection_figures, format_table, normal_records
 from .metrics import binary_summary, classification_report, mean_std, paired_difference, roc_curve, segmentation_scores
 from .pipeline import (
     CLASSIFICATION_SOURCES,
@@ -579,6 +580,7 @@ def evaluate_bundle(
         "all_idb2": evaluate_single_cells(detector, data_root, "all-idb2", limit, split),
         "pbc": evaluate_single_cells(detector, data_root, "pbc", limit, split),
         "all_taleqani": evaluate_taleqani(detector, data_root, limit, split),
+        "white_cells_only": detection_figures(detector, normal_records(data_root, split, limit=limit), "normal fields"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = write_plots(report, comparison.examples, out_dir)
@@ -837,6 +839,20 @@ def _classification_md(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _white_cells_md(report: dict[str, Any]) -> list[str]:
+    rows = report.get("white_cells_only")
+    if not rows:
+        return []
+    return [
+        format_table(rows, "Only white cells are cells: normal fields per source/device"),
+        "",
+        "Every field here is a normal smear (no leukemia): any flag is a false flag. A found cell matches a WBC box at",
+        "IoU >= 0.5; an unmatched one over a red-cell box is a red cell called a white cell. Refused: fields not judged",
+        "(outside the validated domain, too small, unreadable). Leave-one-source-out figures: `leukoedge gate --leave-out`.",
+        "",
+    ]
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     lines = [f"# leukoedge held-out evaluation ({report['date']})", ""]
     if report["quick"]:
@@ -852,7 +868,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         + ", the bundle's default).",
         "",
     ]
-    lines += _segmentation_md(report) + _k_sweep_md(report) + _cross_source_md(report) + _classification_md(report)
+    lines += _segmentation_md(report) + _k_sweep_md(report) + _cross_source_md(report) + _classification_md(report) + _white_cells_md(report)
     lines += [
         "Caveats: Taleqani and PBC have no patient IDs and ALL-IDB2 comes from few patients, so images of one",
         "patient may sit on both sides of a split. No AML, CLL or FAB L1/L2/L3 data exists here: nothing is claimed for them.",

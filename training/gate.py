@@ -297,9 +297,10 @@ class GateRecipe:
 
 def leave_one_source_out(data_root: Path, bundle: Path, left_out: Sequence[str], recipe: GateRecipe, cache: Path | None = None) -> list[dict]:
     """For each left-out source/device: the gate and domain check fitted without it, the detector's
-    figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields; then
-    everything fitted on every source (same-source figures). Rows as training/detection.detection_figures
-    plus "left_out" and "adapted"."""
+    figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields. Rows as
+    training/detection.detection_figures plus "left_out" and "adapted". The bundle's classifier should have
+    been trained without the left-out source too (leukoedge train --classification-sources); same-source
+    figures are `leukoedge evaluate`'s."""
     from leukoedge.adapt import FrameMeasure, adapted_domain
 
     from .detection import detection_figures, normal_records
@@ -310,18 +311,15 @@ def leave_one_source_out(data_root: Path, bundle: Path, left_out: Sequence[str],
     validation_frames = frame_domain(detector, gate_records(data_root, "val", recipe.val_per_source))
     evaluated = normal_records(data_root, recipe.eval_split, limit=recipe.eval_per_source)
     rows = []
-    for source in [*left_out, None]:
-        kept_train = train if source is None else train.without(source)
-        kept_val = validation if source is None else validation.without(source)
+    for source in left_out:
+        kept_train, kept_val = train.without(source), validation.without(source)
         model = train_gate(kept_train, recipe.steps, recipe.seed)
         threshold = choose_threshold(wbc_probabilities(model, kept_val.crops), kept_val.labels, MIN_GATE_RECALL)
         with_torch_gate(detector, model, threshold)
         detector.domain_spec = validation_frames.fit(source)
-        fields = [r for r in evaluated if source is None or r.domain.startswith(source)]
-        for row in detection_figures(detector, fields, f"left out {source or 'none'}"):
-            rows.append({**row, "left_out": source or "none", "adapted": False, "gate_threshold": threshold})
-        if source is None:
-            continue
+        fields = [r for r in evaluated if r.domain.startswith(source)]
+        for row in detection_figures(detector, fields, f"left out {source}"):
+            rows.append({**row, "left_out": source, "adapted": False, "gate_threshold": threshold})
         device = frame_domain(detector, [r for r in gate_records(data_root, "train", recipe.train_per_source) if r.domain.startswith(source)], f"adapt to {source}")
         detector.domain_spec = adapted_domain(detector.domain_spec, [FrameMeasure(c, u, False, False) for c, u in zip(device.colour, device.uncertainty)])
         for row in detection_figures(detector, fields, f"adapted to {source}"):

@@ -50,7 +50,14 @@ REFINER_INPUT = (128, 128)  # a Zheng cell (~100 px) at ~1.1x, a Taleqani or BCC
 # The refiner learns from every source with cell masks: the experts' (Zheng, ALL-IDB2) and Taleqani's weak
 # masks (as for the segmenter: "some WBC pixel" plus a nucleus share), without which it fails on fields.
 REFINER_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani")
-CLASSIFICATION_SOURCES = ("all-idb2", "all-taleqani", "pbc")
+CLASSIFICATION_SOURCES = ("all-idb2", "all-taleqani", "pbc", "bccd", "txl-pbc", "wbc-seg-zheng")
+# Normal smears from more labs and devices: their white cells teach the blast head what a normal cell looks
+# like under other stains and cameras (blast 0; no subtype, no WBC type: Zheng's types are unverified).
+NORMAL_CELL_SOURCES = ("bccd", "txl-pbc", "wbc-seg-zheng")
+# Batches are balanced over sources (devices for TXL-PBC); the normal-cell devices each get less than a full
+# share, so that the B-ALL fields (Taleqani, the subtype head's only source) keep most of every batch.
+NORMAL_CELL_WEIGHTS = {"bccd": 0.4, "txl-pbc/raabin": 0.4, "txl-pbc/bcd": 0.4, "wbc-seg-zheng": 0.4}
+FINE_TUNE_LEARNING_RATE = 1e-3  # a classifier fine-tuned from a checkpoint (--classifier-init) keeps most of what it learnt
 # The only sources of the subtype head (and the frame verdict's threshold) and of the WBC-type head.
 REQUIRED_CLASSIFICATION_SOURCES = ("all-taleqani", "pbc")
 MIN_CELL_AREA_PX = 40  # model-input pixels: a Taleqani WBC is ~300, platelets and specks ~10-30
@@ -243,6 +250,10 @@ def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.M
             missed_pbc += 1
             continue
         examples.append(CellExample("pbc", image, box, {"blast": 0, "wbc_type": WBC_TYPES.index(record.wbc_type)}))
+    for source in NORMAL_CELL_SOURCES:
+        for record in tqdm(_cell_records(config, source, split), desc=f"cells {source} {split}", leave=False):
+            image = data.read_image(record)
+            examples.extend(CellExample(record.domain, image, box, {"blast": 0}) for box in data.wbc_boxes(record))
     for example in examples:
         counts[example.source] = counts.get(example.source, 0) + 1
     counts["pbc_images_without_a_cell"] = missed_pbc
@@ -374,11 +385,12 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             input_size=CLASSIFIER_INPUT,
             steps=8 if quick else config.classifier_steps,
             batch_size=8 if quick else 64,
-            learning_rate=3e-3,
+            learning_rate=3e-3 if config.classifier_init is None else FINE_TUNE_LEARNING_RATE,
             init_from=None if config.classifier_init is None else str(config.classifier_init),
             validate_every=4 if quick else 100,
             seed=config.seed if config.classifier_seed is None else config.classifier_seed,
             ema_decay=config.classifier_ema_decay,
+            source_weights=NORMAL_CELL_WEIGHTS,
         ),
         CROP_MARGIN,
     )
