@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,9 +139,10 @@ def command_run(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StorageError(f"cannot create {args.out}: {error.strerror or error}") from error
-        written, refused = run_frames(args, detector, reader, explain)
+        written, refused, verdicts = run_frames(args, detector, reader, explain)
     finally:
         reader.stop()
+    print(verdict_counts(verdicts))
     unreadable = int(reader.stats()["skipped"] or 0)
     if unreadable or refused:
         print(f"{unreadable} unreadable file(s) or frame(s) skipped, {refused} frame(s) refused (see the messages above)")
@@ -153,10 +155,20 @@ def frame_name(frame: Frame) -> str:
     return frame.name or f"frame_{frame.index:06d}"
 
 
-def run_frames(args: argparse.Namespace, detector: Detector, reader, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> tuple[int, int]:
+def verdict_counts(verdicts: Counter[str]) -> str:
+    """"4 frame(s) judged, 1 flagged; 2 not judged (no_cells 1, outside_domain 1)", as the session summary counts them."""
+    not_judged = {status: count for status, count in sorted(verdicts.items()) if status not in ("ok", "flagged")}
+    details = ", ".join(f"{status} {count}" for status, count in not_judged.items())
+    judged = verdicts["ok"] + verdicts["flagged"]
+    return f"{judged} frame(s) judged, {verdicts['flagged']} flagged; {sum(not_judged.values())} not judged" + (f" ({details})" if details else "")
+
+
+def run_frames(args: argparse.Namespace, detector: Detector, reader, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> tuple[int, int, Counter[str]]:
     """Run the detector on every frame until the source ends or --frames; print each result and write
-    <name>_overlay.png and <name>.json of every --save-every-th frame. Returns (frames written, frames refused)."""
+    <name>_overlay.png and <name>.json of every --save-every-th frame. Returns the frames written, the
+    frames refused, and the verdicts counted ("flagged", "ok" for judged and not flagged, else the status)."""
     written = refused = seen = 0
+    verdicts: Counter[str] = Counter()
     while (args.frames is None or seen < args.frames) and (frame := reader.get()) is not None:
         seen += 1
         name = frame_name(frame)
@@ -173,7 +185,8 @@ def run_frames(args: argparse.Namespace, detector: Detector, reader, explain: Ca
                 raise StorageError(f"{error}; the results of the {written} frame(s) before {name} are in {args.out}") from error
             written += 1
         print_result(name, result, detector)
-    return written, refused
+        verdicts["flagged" if result.verdict.flagged else result.verdict.status] += 1
+    return written, refused, verdicts
 
 
 def write_frame_results(args: argparse.Namespace, stem: str, image: np.ndarray, result: Result, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> None:
