@@ -27,9 +27,10 @@ from .shipped import default_bundle
 from .soak import MAX_GROWTH_MB, MAX_WARMUP
 
 if TYPE_CHECKING:
-    from .capture import Frame
+    from .capture import Frame, ThreadedReader
     from .detector import Detector
     from .result import Result
+    from .session import SequentialReader
 
 log = logging.getLogger("leukoedge")
 
@@ -163,7 +164,7 @@ def verdict_counts(verdicts: Counter[str]) -> str:
     return f"{judged} frame(s) judged, {verdicts['flagged']} flagged; {sum(not_judged.values())} not judged" + (f" ({details})" if details else "")
 
 
-def run_frames(args: argparse.Namespace, detector: Detector, reader, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> tuple[int, int, Counter[str]]:
+def run_frames(args: argparse.Namespace, detector: Detector, reader: SequentialReader | ThreadedReader, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> tuple[int, int, Counter[str]]:
     """Run the detector on every frame until the source ends or --frames; print each result and write
     <name>_overlay.png and <name>.json of every --save-every-th frame. Returns the frames written, the
     frames refused, and the verdicts counted ("flagged", "ok" for judged and not flagged, else the status)."""
