@@ -189,10 +189,10 @@ def command_gate(args: argparse.Namespace) -> int:
     if args.leave_out:
         rows = leave_one_source_out(args.data, args.bundle, args.leave_out, recipe, cache=args.cache)
         for adapted in (False, True):
-            chosen = [row for row in rows if row["adapted"] == adapted and (adapted or row["left_out"] != "none")]
-            title = "after `leukoedge adapt` (unlabelled training fields of the left-out device)" if adapted else "left out of the gate and the domain check"
-            print(format_table([{**row, "domain": row["domain"] + f" (threshold {row['gate_threshold']:.2f})"} for row in chosen], title) + "\n")
-        print(format_table([row for row in rows if row["left_out"] == "none"], "same-source (every source in the gate and the domain check)"))
+            title = "after `leukoedge adapt` with the left-out device's unlabelled training fields" if adapted else "left out of the gate and the domain check"
+            chosen = [{**row, "domain": f"{row['domain']} (gate threshold {row['gate_threshold']:.2f})"} for row in rows if row["adapted"] == adapted]
+            print(format_table(chosen, title) + "\n")
+        print("same-source figures: leukoedge evaluate (its 'Only white cells are cells' table)")
         return 0
     if args.out is None:
         print("error: --out is needed to write a bundle (or give --leave-out for the figures only)", file=sys.stderr)

@@ -10,7 +10,7 @@ import pytest
 from leukoedge.bundle import load_bundle
 from leukoedge.preprocess.cpu import PreprocessSpec
 from leukoedge.training import data
-from leukoedge.training.pipeline import SUBTYPES, PipelineConfig, load_cell_examples
+from leukoedge.training.pipeline import NORMAL_CELL_SOURCES, SUBTYPES, PipelineConfig, load_cell_examples
 from leukoedge.training.train import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,11 +49,15 @@ def test_the_classifier_can_leave_all_idb2_out_but_not_the_only_sources_of_a_hea
     spec = PreprocessSpec.from_manifest(load_bundle(REPO / "models" / "default").manifest["preprocess"])
     everything = PipelineConfig(data_root=data_root, out_dir=tmp_path, quick=True)
     without = PipelineConfig(data_root=data_root, out_dir=tmp_path, quick=True, classification_sources=("all-taleqani", "pbc"))
-    _, all_counts = load_cell_examples(everything, "test", segmenter, spec)
+    all_examples, all_counts = load_cell_examples(everything, "test", segmenter, spec)
+    normal = [example for example in all_examples if example.source.split("/")[0] in NORMAL_CELL_SOURCES]
+    # Normal smears of other labs and devices: white cells the blast head learns as normal, nothing else.
+    assert {example.source for example in normal} >= {"bccd", "txl-pbc/raabin", "txl-pbc/bcd", "wbc-seg-zheng"}
+    assert all(example.targets == {"blast": 0} for example in normal)
     examples, counts = load_cell_examples(without, "test", segmenter, spec)
     assert all_counts["all-idb2"] > 0 and "all-idb2" not in counts
     assert {example.source for example in examples} == {"all-taleqani", "pbc"}
     assert counts["all-taleqani"] == all_counts["all-taleqani"] and counts["pbc"] == all_counts["pbc"]
-    for sources in (("all-idb2", "pbc"), ("all-idb2", "all-taleqani"), ("all-taleqani", "pbc", "bccd")):
+    for sources in (("all-idb2", "pbc"), ("all-idb2", "all-taleqani"), ("all-taleqani", "pbc", "no-such-source")):
         with pytest.raises(ValueError, match="classification_sources must be some of"):
             PipelineConfig(tmp_path, tmp_path, classification_sources=sources)
