@@ -26,7 +26,7 @@ from .bundle import bundle_models, fastest_precision, load_bundle
 from .detector import Detector
 from .errors import BundleError, LeukoedgeError
 
-STAGES = ("preprocess", "segment", "postprocess", "refine", "classify", "total")
+STAGES = ("preprocess", "segment", "postprocess", "refine", "gate", "classify", "total")
 COMPARISON_PAIRS = (
     ("ort int8", "ort fp32"),
     ("ort default", "ort fp32"),

@@ -856,6 +856,19 @@ def describe_bundle(bundle: Bundle) -> str:
             f"refiner: {refiner['architecture']} ({refiner['file']}), input {refiner['input']!r} {refine_height}x{refine_width} per cell, "
             f"crop margin {refiner['crop_margin']}, output {refiner['output']!r}"
         )
+    if "gate" in manifest:
+        gate = manifest["gate"]
+        lines.append(
+            f"gate: {gate['architecture']} ({gate['file']}), white cell or not on the classifier's crops; "
+            f"a proposal is a white cell at p(wbc) >= {gate['threshold']:.3f}"
+        )
+    if "domain" in manifest:
+        domain = manifest["domain"]
+        lines.append(
+            f"domain check: {len(domain['colour_references'])} reference frames; outside at colour distance > "
+            f"{domain['max_colour_distance']:.2f} or segmenter uncertainty > {domain['max_uncertainty']:.3f}"
+            + (f"; adapted {manifest['adaptation']['date']} from {manifest['adaptation']['frames']} frames" if "adaptation" in manifest else "")
+        )
     lines += [
         f"classifier: {classifier['file']}, input {classifier['input']!r} {crop_height}x{crop_width}, "
         f"crop margin {classifier['crop_margin']}, primary head {classifier['primary_head']}",

@@ -100,6 +100,9 @@ def removed_if_left_empty(out: Path) -> Iterator[None]:
         raise
 
 
+PUBLIC_KEY_HELP = "refuse the bundle unless manifest.json.sig is a valid signature by this Ed25519 public key (PEM or OpenSSH file)"
+
+
 def load_detector(args: argparse.Namespace) -> Detector:
     """Detector.load with the command's --bundle, --backend, --threads, --precision, --preprocess (and --channel-order)."""
     from .detector import Detector
@@ -112,6 +115,7 @@ def load_detector(args: argparse.Namespace) -> Detector:
         precision=precision,
         preprocess=args.preprocess,
         channel_order=getattr(args, "channel_order", "BGR"),
+        public_key=getattr(args, "public_key", None),
     )
 
 
@@ -256,7 +260,16 @@ def command_run_session(args: argparse.Namespace) -> int:
 def command_info(args: argparse.Namespace) -> int:
     from .bundle import describe_bundle, load_bundle
 
-    print(describe_bundle(load_bundle(args.bundle)))
+    print(describe_bundle(load_bundle(args.bundle, public_key=args.public_key)))
+    if args.public_key is not None:
+        print(f"signature: manifest.json.sig verified with {args.public_key}")
+    return 0
+
+
+def command_sign(args: argparse.Namespace) -> int:
+    from .bundle import sign_bundle
+
+    print(f"signature written to {sign_bundle(args.bundle, args.private_key)}; integrators pin the public key and load with --public-key")
     return 0
 
 
@@ -397,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoints", type=Path, default=None, help="--explain: folder of <bundle>-classifier.pt (default: beside the bundle)")
     add_device_arguments(run)
     add_precision_argument(run)
+    run.add_argument("--public-key", type=Path, default=None, help=PUBLIC_KEY_HELP)
     run.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads per model (default: all cores)")
     run.add_argument(
         "--channel-order",
@@ -408,7 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a model bundle and verify its checksums")
     info.add_argument("bundle", type=Path, nargs="?", default=default_bundle())
+    info.add_argument("--public-key", type=Path, default=None, help=PUBLIC_KEY_HELP)
     info.set_defaults(handler=command_info)
+
+    sign = commands.add_parser("sign", help="sign a bundle folder's manifest with an Ed25519 private key (writes manifest.json.sig; needs [signing])")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--private-key", type=Path, required=True, help="Ed25519 private key file (PEM or OpenSSH)")
+    sign.set_defaults(handler=command_sign)
 
     bench = commands.add_parser("bench", help="per-stage latency of Detector.run on real frames (median, p95)")
     bench.add_argument("images", type=Path, nargs="?", help="an image or a folder of images (e.g. ../shared/data/bccd/images); or --data")

@@ -149,7 +149,7 @@ def test_bench_with_data_prints_every_point_and_the_fit_stage_by_stage(tiny_bund
     assert "1 runs per point" in out
     header = next(line for line in out.splitlines() if line.startswith("point"))
     assert header.split() == ["point", "frame", "MP", "cells", *STAGES]
-    rows = re.findall(r"^(.+?)\s+(\d+)x(\d+)\s+(\d+\.\d\d)\s+(\d+\.\d)((?:\s+\d+\.\d/\d+\.\d){6})$", out, re.MULTILINE)
+    rows = re.findall(rf"^(.+?)\s+(\d+)x(\d+)\s+(\d+\.\d\d)\s+(\d+\.\d)((?:\s+\d+\.\d/\d+\.\d){{{len(STAGES)}}})\s*$", out, re.MULTILINE)
     names = [row[0] for row in rows]
     assert names == [f"bccd +{n} pasted WBC" for n in PASTED_CELLS] + [f"bccd field {w}x{h}" for w, h in FIELD_SIZES] + [f"taleqani tiled {k}x{k}" for k in TALEQANI_TILES]
     for name, width, height, megapixels, _, stages in rows:
