@@ -231,6 +231,10 @@ def _gate_problems(gate: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     if "wbc" not in gate["classes"]:
         problems.append(f"gate.classes must name the white-cell class 'wbc', got {gate['classes']}")
     classifier = manifest.get("classifier", {})
+    for head, names in gate.get("not_white_cell_classes", {}).items():
+        known = classifier.get("heads", {}).get(head, {}).get("classes", [])
+        if not set(names) <= set(known) or set(names) == set(known):
+            problems.append(f"gate.not_white_cell_classes.{head} must name some (not all) classes of classifier head {head!r} {known}, got {names}")
     if (gate["input_size"], gate["crop_margin"]) != (classifier.get("input_size"), classifier.get("crop_margin")):
         problems.append(
             f"gate.input_size and gate.crop_margin must equal the classifier's ({classifier.get('input_size')}, "
@@ -369,6 +373,12 @@ SECTIONS: dict[str, Section] = {
             "classes": _names("class names (not_wbc, wbc)", 2),
             "architecture": _text("an architecture name"),
             "threshold": _number(0.0, 1.0),
+            # classifier head -> its classes that are not white cells (a gated cell is never named one)
+            "not_white_cell_classes": Key(
+                lambda value: isinstance(value, dict) and all(_is_text(head) and _is_names()(names) for head, names in value.items()),
+                "an object of classifier head -> list of class names",
+                optional=True,
+            ),
         },
         constraints=_gate_problems,
         outputs=lambda spec: [ModelOutput(spec["output"], (1, 2), "gate.output", "gate.classes")],

@@ -30,6 +30,15 @@ PRECISIONS = ("fp32", "fp16", "int8")
 PREPROCESSORS = ("cpu", "cuda")
 
 
+def without_classes(probabilities: np.ndarray, classes: Sequence[str], excluded: Sequence[str]) -> np.ndarray:
+    """N x classes probabilities with the excluded classes at 0 and the others renormalized. Behind a gate,
+    every cell that reaches the classifier is a white cell: "platelet" or "erythroblast" is not an answer
+    its WBC-type head may give."""
+    keep = np.array([name not in excluded for name in classes])
+    kept = np.where(keep, probabilities, 0.0)
+    return kept / np.maximum(kept.sum(axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class Candidates:
     """A frame's proposals before the gate: the preprocessed frame, the segmenter's class probabilities
@@ -315,6 +324,8 @@ class Detector:
             for head, head_spec in heads.items():
                 probabilities[head].append(outputs[head_spec["output"]])
         stacked = {head: np.concatenate(parts) for head, parts in probabilities.items()}
+        for head, excluded in (self.gate_spec or {}).get("not_white_cell_classes", {}).items():
+            stacked[head] = without_classes(stacked[head], heads[head]["classes"], excluded)
         primary = spec["primary_head"]
         blast_probabilities = stacked["blast"][:, heads["blast"]["classes"].index("blast")].tolist()
         if primary == "blast":  # the label agrees with the verdict's threshold, not only the argmax

@@ -228,7 +228,18 @@ MIN_GATE_RECALL = 0.98  # of the validation white cells; see choose_threshold
 
 def gate_spec(classifier_spec: dict, threshold: float) -> dict:
     """The manifest's "gate" section: crops cut as the classifier's (one crop serves both at run time)."""
-    return {**GATE_SPEC_BASE, "input_size": list(classifier_spec["input_size"]), "crop_margin": classifier_spec["crop_margin"], "threshold": float(threshold)}
+    not_white = {
+        head: [name for name in spec["classes"] if name in NOT_WBC_TYPES]
+        for head, spec in classifier_spec["heads"].items()
+        if any(name in NOT_WBC_TYPES for name in spec["classes"])
+    }
+    return {
+        **GATE_SPEC_BASE,
+        "input_size": list(classifier_spec["input_size"]),
+        "crop_margin": classifier_spec["crop_margin"],
+        "threshold": float(threshold),
+        "not_white_cell_classes": not_white,
+    }
 
 
 def with_torch_gate(detector: Detector, model: torch.nn.Module, threshold: float) -> Detector:
