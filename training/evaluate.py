@@ -473,13 +473,14 @@ def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None, sp
     per image from the frame verdict's subtype (the mean subtype probabilities of the detected cells)."""
     records = _sample(data.load_records(data_root, "all-taleqani", split), limit)
     subtype_classes = detector.classifier_spec["heads"]["subtype"]["classes"]
-    malignant, flagged, fraction, subtype_truth, subtype_predicted, no_cells = [], [], [], [], [], 0
+    malignant, flagged, fraction, subtype_truth, subtype_predicted, no_cells, not_judged = [], [], [], [], [], 0, 0
     for record in tqdm(records, desc="fields all-taleqani", leave=False):
         result = detector.run(data.read_image(record))
         malignant.append(record.blast)
         flagged.append(result.verdict.flagged)
         fraction.append(result.verdict.blast_fraction)
         no_cells += not result.cells
+        not_judged += result.verdict.status not in ("ok", "no_cells")  # refused: counted as not flagged, no subtype
         subtype_truth.append(record.subtype)
         subtype_predicted.append(result.verdict.subtype or "none")  # the runtime's frame subtype
     verdict = binary_summary(malignant, [float(f) for f in flagged], 0.5)
@@ -490,6 +491,7 @@ def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None, sp
     return {
         "images": len(records),
         "no_cell_found": no_cells,
+        "not_judged": not_judged,
         "malignant_vs_benign": verdict,
         "subtype": _class_summary(subtype),
     }
@@ -819,6 +821,9 @@ def _classification_md(report: dict[str, Any]) -> list[str]:
         f"{_number(idb['blast']['specificity'])} | {_number(idb['blast']['auc'])} | {idb['no_cell_found']} |",
         f"| Taleqani | field: frame verdict `flagged` | {verdict['n']} | {_number(verdict['accuracy'])} | {_number(verdict['sensitivity'])} | "
         f"{_number(verdict['specificity'])} | {_number(verdict['auc_from_blast_fraction'])} (blast fraction) | {taleqani['no_cell_found']} |",
+        "",
+        f"Taleqani fields not judged (outside the validated domain, too small or unreadable): {taleqani.get('not_judged', 0)}; "
+        "each counts as not flagged and without a subtype.",
         "",
     ]
     lines += _image(report, "roc_all_idb2_blast", "ROC, ALL-IDB2 blast probability")
