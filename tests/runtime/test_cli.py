@@ -264,7 +264,7 @@ def test_run_hands_every_detector_option_to_detector_load(monkeypatch, tmp_path,
     monkeypatch.setattr(Detector, "load", staticmethod(load))
     arguments = ["run", "samples", "--out", str(tmp_path / "out"), "--bundle", "b", "--precision", "fp32", "--threads", "2"]
     assert cli.main([*arguments, "--channel-order", "RGB", "--backend", "onnxruntime", "--preprocess", "cpu"]) == 2
-    assert received == {"bundle": Path("b"), "backend": "onnxruntime", "threads": 2, "precision": "fp32", "preprocess": "cpu", "channel_order": "RGB"}
+    assert received == {"bundle": Path("b"), "backend": "onnxruntime", "threads": 2, "precision": "fp32", "preprocess": "cpu", "channel_order": "RGB", "public_key": None}
     assert cli.main(["run", "samples", "--out", str(tmp_path / "out"), "--bundle", "b"]) == 2
     assert received["precision"] is None and received["channel_order"] == "BGR"  # auto: the bundle's gated choice
 
