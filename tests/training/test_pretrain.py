@@ -146,7 +146,7 @@ def test_quick_run_writes_every_row_the_plot_and_a_checkpoint(quick_run: tuple[d
     assert image is not None and min(image.shape[:2]) > 100
     recorded = json.loads((out / "simclr-classifier.json").read_text())
     assert recorded["pretraining"] == f"simclr ({out / 'simclr-classifier.pt'})" and recorded["heads_trained"] is False
-    assert set(recorded["cells_per_source"]) == {"wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd"}
+    assert set(recorded["cells_per_source"]) == {"wbc-seg-zheng", "all-idb2", "all-taleqani", "pbc", "bccd", "txl-pbc"}
     assert all(count > 0 for count in recorded["cells_per_source"].values())
 
 
