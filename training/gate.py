@@ -338,6 +338,19 @@ def leave_one_source_out(data_root: Path, bundle: Path, left_out: Sequence[str],
     return rows
 
 
+def flag_fraction_with_gate(detector: Detector, data_root: Path) -> tuple[float, dict]:
+    """The verdict's flag fraction chosen on the Taleqani validation fields with the detector as it is."""
+    from .pipeline import DEFAULT_FLAG_FRACTION
+    from .verdict import choose_flag_fraction
+
+    fractions, malignant = [], []
+    for record in tqdm(data.load_records(data_root, "all-taleqani", "val"), desc="verdict threshold (Taleqani val)", unit="field"):
+        fractions.append(detector.run(data.read_image(record)).verdict.blast_fraction)
+        malignant.append(record.blast)
+    threshold, balanced_accuracy = choose_flag_fraction(fractions, malignant, DEFAULT_FLAG_FRACTION)
+    return float(threshold), {"flag_fraction": float(threshold), "balanced_accuracy": balanced_accuracy, "fields": len(fractions)}
+
+
 def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: GateRecipe, cache: Path | None = None, checkpoint: Path | None = None):
     """The bundle with a gate (trained on every source) and a domain check (fitted on validation frames)."""
     import copy
@@ -357,7 +370,12 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
     threshold = choose_threshold(probabilities, validation.labels, MIN_GATE_RECALL)
     with_torch_gate(detector, model, threshold)
     domain = frame_domain(detector, gate_records(data_root, "val", recipe.val_per_source)).fit()
+    detector.domain_spec = domain
     manifest = copy.deepcopy(detector.bundle.manifest)
+    # The gate changes which cells a field's blast fraction counts: the flag fraction is chosen again, on
+    # the Taleqani validation fields, as the pipeline chose it (training/verdict.choose_flag_fraction).
+    manifest["verdict"]["flag_fraction"], verdict_choice = flag_fraction_with_gate(detector, data_root)
+    manifest.setdefault("training", {})["verdict_with_gate"] = verdict_choice
     size = manifest["classifier"]["input_size"]
     manifest["gate"] = {
         **gate_spec(manifest["classifier"], threshold),
