@@ -39,7 +39,7 @@ _JETSON_EXTRA = "pip install 'leukoedge[jetson]' (on Jetson: JetPack 6's TensorR
 # (min, opt, max) batch per model: one field per segmenter call; the refiner and the classifier take a
 # frame's cells at once, up to Detector's MAX_CELL_BATCH. Part of every engine's key: an engine built for
 # a smaller batch would refuse a crowded frame's cells.
-BATCH_PROFILES = {"segmenter": (1, 1, 4), "refiner": (1, 8, 64), "classifier": (1, 8, 64)}
+BATCH_PROFILES = {"segmenter": (1, 1, 4), "refiner": (1, 8, 64), "gate": (1, 8, 64), "classifier": (1, 8, 64)}
 WORKSPACE_BYTES = 1 << 30  # Jetson Orin Nano shares 8 GB between CPU and GPU: 1 GB of scratch is plenty here
 
 # The bundle manifest section `leukoedge calibrate --target tensorrt` writes: the TensorRT-target INT8 files.

@@ -163,11 +163,11 @@ def test_export_int8_builds_int8_engines_for_the_models_that_passed_and_fp16_for
 
     bundle = _with_tensorrt_int8(SHIPPED, tmp_path, failed=("segmenter",))  # the shipped segmenter failed its CPU gate too
     engines = export_engines(bundle, "int8")
-    assert [engine.name for engine in engines] == ["segmenter.fp16.engine", "refiner.int8.engine", "classifier.int8.engine"]
+    assert [engine.name for engine in engines] == ["segmenter.fp16.engine", "refiner.int8.engine", "gate.int8.engine", "classifier.int8.engine"]
     sidecar = json.loads(engine_paths(bundle / "classifier.int8-trt.onnx", "int8")[1].read_text())
     assert sidecar["source"] == "classifier.int8-trt.onnx" and sidecar["batch_profile"] == [1, 8, 64]
     detector = Detector.load(bundle, backend="tensorrt")
-    assert detector.precisions == {"segmenter": "fp16", "refiner": "int8", "classifier": "int8"}
+    assert detector.precisions == {"segmenter": "fp16", "refiner": "int8", "gate": "int8", "classifier": "int8"}
     crops = np.stack([prepare_frame(frame, PreprocessSpec.from_manifest(detector.bundle.manifest["preprocess"]), (64, 64)).tensor[0] for frame in _samples()])
     got, want = detector.classifier.run({"crop": crops}), OnnxRuntimeBackend(bundle / "classifier.int8-trt.onnx").run({"crop": crops})
     tolerance = 1e-5 if gpu_stack == "fake" else 5e-2
@@ -193,7 +193,10 @@ def test_tensorrt_refuses_a_cpu_target_int8_graph_if_it_ever_got_one(monkeypatch
     fake = fakes.install(monkeypatch)
     network = fake.trt.Builder(fake.trt.Logger()).create_network(0)
     parser = fake.trt.OnnxParser(network, fake.trt.Logger())
-    assert not parser.parse_from_file(str(SHIPPED / "classifier.int8.onnx"))
+    cpu_target = sorted(SHIPPED.glob("*.int8.onnx"))  # the shipped bundle's CPU-target QDQ files
+    if not cpu_target:
+        pytest.skip("the shipped bundle has no CPU-target INT8 file (not calibrated)")
+    assert not parser.parse_from_file(str(cpu_target[0]))
     assert "zero point" in parser.get_error(0).desc()
 
 
@@ -204,7 +207,7 @@ def test_rebuilding_reuses_the_timing_cache_of_this_tensorrt_and_gpu(monkeypatch
     bundle = Path(shutil.copytree(SHIPPED, tmp_path / "default"))
     export_engines(bundle, "fp16")
     (cache,) = (bundle / "engines").glob("timing-*.cache")
-    assert "Orin-sm8.7-8sm-7619MiB" in cache.name and len(json.loads(cache.read_text())) == 3
+    assert "Orin-sm8.7-8sm-7619MiB" in cache.name and len(json.loads(cache.read_text())) == len(bundle_models(load_bundle(bundle).manifest))
     cache.write_text(json.dumps({**json.loads(cache.read_text()), "timed earlier": "FP16"}))
     export_engines(bundle, "fp32")
     assert json.loads(cache.read_text())["timed earlier"] == "FP16"  # read back and extended, not started afresh
