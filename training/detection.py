@@ -127,8 +127,8 @@ def detection_figures(detector: Detector, records: Iterable[data.Record], descri
     return [figures[name].as_row() for name in sorted(figures)]
 
 
-def normal_records(data_root: Path, split: str, sources: Sequence[str] = NORMAL_SOURCES, limit: int | None = None) -> list[data.Record]:
-    """The normal fields of a split, at most `limit` per source/device (evenly spaced, deterministic)."""
+def records_per_domain(data_root: Path, split: str, sources: Sequence[str], limit: int | None = None) -> list[data.Record]:
+    """A split's records of the sources, at most `limit` per source/device (evenly spaced, deterministic)."""
     chosen = []
     for source in sources:
         by_domain: dict[str, list[data.Record]] = {}
@@ -139,6 +139,11 @@ def normal_records(data_root: Path, split: str, sources: Sequence[str] = NORMAL_
                 records = [records[int(i)] for i in np.linspace(0, len(records) - 1, limit)]
             chosen.extend(records)
     return chosen
+
+
+def normal_records(data_root: Path, split: str, sources: Sequence[str] = NORMAL_SOURCES, limit: int | None = None) -> list[data.Record]:
+    """The normal fields of a split, at most `limit` per source/device."""
+    return records_per_domain(data_root, split, sources, limit)
 
 
 def format_table(rows: Sequence[dict], title: str) -> str:

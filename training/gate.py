@@ -32,7 +32,7 @@ from leukoedge.detector import Detector
 from leukoedge.preprocess.cpu import prepare_crops
 
 from . import data
-from .detection import box_iou
+from .detection import box_iou, records_per_domain
 from .models.classifiers import gate_cnn
 from .stain import augment_device
 
@@ -149,16 +149,7 @@ def collect_examples(
 
 def gate_records(data_root: Path, split: str, per_source: int | None, sources: Sequence[str] = GATE_SOURCES) -> list[data.Record]:
     """A split's fields of every gate source, at most `per_source` per source/device (evenly spaced)."""
-    records = []
-    for source in sources:
-        by_domain: dict[str, list[data.Record]] = {}
-        for record in data.load_records(data_root, source, split):
-            by_domain.setdefault(record.domain, []).append(record)
-        for domain_records in by_domain.values():
-            if per_source is not None and len(domain_records) > per_source:
-                domain_records = [domain_records[int(i)] for i in np.linspace(0, len(domain_records) - 1, per_source)]
-            records.extend(domain_records)
-    return records
+    return records_per_domain(data_root, split, sources, per_source)
 
 
 def _balanced_batch(examples: GateExamples, rng: np.random.Generator, batch_size: int) -> np.ndarray:
