@@ -30,6 +30,12 @@ PRECISIONS = ("fp32", "fp16", "int8")
 PREPROCESSORS = ("cpu", "cuda")
 
 
+def _batches(crops: np.ndarray) -> Iterator[np.ndarray]:
+    """Crops MAX_CELL_BATCH at a time: the most one model call takes."""
+    for start in range(0, len(crops), MAX_CELL_BATCH):
+        yield crops[start : start + MAX_CELL_BATCH]
+
+
 def without_classes(probabilities: np.ndarray, classes: Sequence[str], excluded: Sequence[str]) -> np.ndarray:
     """N x classes probabilities with the excluded classes at 0 and the others renormalized. Behind a gate,
     every cell that reaches the classifier is a white cell: "platelet" or "erythroblast" is not an answer
@@ -214,13 +220,16 @@ class Detector:
         if too_small := too_small_reason(frame, self.min_judged_side):
             return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
         found = self.candidates(frame, timings)
-        instances, label_map, non_wbc_count = found.instances, found.label_map, 0
+        instances, label_map, non_wbc_count, crops = found.instances, found.label_map, 0, None
         if self.gate is not None and instances:
-            with _stopwatch(timings, "gate"):
-                instances, label_map, non_wbc_count = self.keep_white_cells(frame, found)
+            with _stopwatch(timings, "gate"):  # the crops are cut here once; the classifier reads the same ones
+                crops = self.cell_crops(frame, found.prepared, instances)
+                instances, label_map, non_wbc_count, crops = self.keep_white_cells(found, crops)
         domain = domain_scores(self.domain_spec, found.prepared, found.probabilities) if self.domain_spec else {}
         with _stopwatch(timings, "classify"):
-            cells = self.classify(frame, found.prepared, instances)
+            if crops is None:
+                crops = self.cell_crops(frame, found.prepared, instances)
+            cells = self.classify(instances, crops)
         timings.total_ms = (time.perf_counter() - started) * 1000.0
         return Result(
             label_map=label_map,
@@ -254,24 +263,22 @@ class Detector:
                 instances, label_map = self.refine(frame, prepared, instances)
         return Candidates(prepared, probabilities, instances, label_map)
 
-    def white_cell_probabilities(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> np.ndarray:
-        """The gate's probability that each proposal is a white cell (crops cut as the classifier's)."""
+    def white_cell_probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """The gate's probability that each proposal is a white cell, from the classifier's crops (the bundle
+        check makes the gate cut its crops the same way)."""
         spec = self.gate_spec
-        parts = [
-            self.gate.run({spec["input"]: crops})[spec["output"]][:, spec["classes"].index("wbc")]
-            for crops in self._crop_batches(frame, prepared, [instance.classifier_box for instance in instances], spec)
-        ]
-        return np.concatenate(parts)
+        wbc = spec["classes"].index("wbc")
+        return np.concatenate([self.gate.run({spec["input"]: batch})[spec["output"]][:, wbc] for batch in _batches(crops)])
 
-    def keep_white_cells(self, frame: np.ndarray, found: Candidates) -> tuple[list[CellInstance], np.ndarray, int]:
-        """The proposals the gate calls white cells, the label map without the others, and how many
-        others there were (red cells, platelets, debris: never counted, never classified)."""
-        keep = self.white_cell_probabilities(frame, found.prepared, found.instances) >= self.gate_spec["threshold"]
+    def keep_white_cells(self, found: Candidates, crops: np.ndarray) -> tuple[list[CellInstance], np.ndarray, int, np.ndarray]:
+        """The proposals the gate calls white cells, the label map without the others, how many others there
+        were (red cells, platelets, debris: never counted, never classified), and the kept cells' crops."""
+        keep = self.white_cell_probabilities(crops) >= self.gate_spec["threshold"]
         label_map = found.label_map.copy()
         for instance in (instance for instance, kept in zip(found.instances, keep) if not kept):
             x0, y0, x1, y1 = instance.box
             label_map[y0:y1, x0:x1][instance.mask] = BACKGROUND
-        return [instance for instance, kept in zip(found.instances, keep) if kept], label_map, int((~keep).sum())
+        return [instance for instance, kept in zip(found.instances, keep) if kept], label_map, int((~keep).sum()), crops[keep]
 
     def judge(self, cells: list[Cell], non_wbc_count: int, domain: dict[str, float]) -> Verdict:
         """The frame's verdict; outside the bundle's validated domain it is not judged (never flagged)."""
@@ -312,15 +319,22 @@ class Detector:
                 frame, boxes[start : start + MAX_CELL_BATCH], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order
             )
 
-    def classify(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> list[Cell]:
-        """Classify every cell crop (batched) with every head; the primary head names the label."""
+    def cell_crops(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> np.ndarray:
+        """Nx3xHxW: every cell's crop as the classifier (and the gate) take it, cut around its classifier_box."""
+        spec = self.classifier_spec
+        if not instances:
+            return np.zeros((0, 3, *spec["input_size"]), np.float32)
+        return np.concatenate(list(self._crop_batches(frame, prepared, [cell.classifier_box for cell in instances], spec)))
+
+    def classify(self, instances: list[CellInstance], crops: np.ndarray) -> list[Cell]:
+        """Classify every cell from its crop (cell_crops; batched) with every head; the primary head names the label."""
         if not instances:
             return []
         spec = self.classifier_spec
         heads = spec["heads"]
         probabilities: dict[str, list[np.ndarray]] = {head: [] for head in heads}
-        for crops in self._crop_batches(frame, prepared, [cell.classifier_box for cell in instances], spec):
-            outputs = self.classifier.run({spec["input"]: crops})
+        for batch in _batches(crops):
+            outputs = self.classifier.run({spec["input"]: batch})
             for head, head_spec in heads.items():
                 probabilities[head].append(outputs[head_spec["output"]])
         stacked = {head: np.concatenate(parts) for head, parts in probabilities.items()}
