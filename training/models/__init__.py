@@ -8,9 +8,18 @@ from torch import nn
 
 from .classifiers import custom_cnn, dual_branch, gate_cnn, resnet_s, vgg_hybrid
 from .ensemble import ProbabilityMean
+from .mobile import mobile_unet, mobile_unet_xs
 from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_lite, unet_s
 
-SEGMENTERS: dict[str, Callable[..., nn.Module]] = {"hctnet": hctnet, "hctnet_s": hctnet_s, "hctnet_lite": hctnet_lite, "unet_s": unet_s, "unet_lite": unet_lite}
+SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
+    "hctnet": hctnet,
+    "hctnet_s": hctnet_s,
+    "hctnet_lite": hctnet_lite,
+    "unet_s": unet_s,
+    "unet_lite": unet_lite,
+    "mobile_unet": mobile_unet,
+    "mobile_unet_xs": mobile_unet_xs,
+}
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "custom_cnn": custom_cnn,
     "gate_cnn": gate_cnn,

@@ -113,3 +113,38 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class DepthwiseSeparableConv(nn.Sequential):
+    """A 3x3 depthwise conv then a 1x1 pointwise conv, each with BN + ReLU (MobileNetV1): a 3x3 conv's
+    reach at about 1/9 of its multiply-adds once there are more than a few channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            ConvBNReLU(in_channels, out_channels, kernel_size=1),
+        )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion, 3x3 depthwise (stride 2 halves the map), linear 1x1 projection,
+    with a residual where the shape is kept. ReLU rather than ReLU6: the same speed, and INT8 calibration
+    (ORT static QDQ, TensorRT) then sees one activation everywhere."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, expansion: int = 4):
+        super().__init__()
+        hidden = in_channels * expansion
+        self.body = nn.Sequential(
+            ConvBNReLU(in_channels, hidden, kernel_size=1),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.residual = in_channels == out_channels and stride == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)

@@ -1,0 +1,87 @@
+"""MobileNet-style encoder-decoders: the light per-cell refiner.
+
+The refiner runs once per found cell, so its cost is paid per cell: hctnet_lite at 128x128 costs
+409 MFLOPs a crop, 80-85 % of a crowded frame's time on 2 CPU cores (docs/performance.md). A cell crop
+needs no attention over its pixels (the whole cell is in view of a few strided convolutions), so this
+family keeps the encoder-decoder shape and the full-resolution edge refinement of hctnet_lite and builds
+them from MobileNetV2 inverted-residual blocks and depthwise-separable convolutions with few channels.
+Every op is a conv, batch norm, ReLU, add, concat or bilinear resize: what ONNX Runtime's CPU kernels and
+TensorRT fuse best, and what INT8 calibration handles.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import ConvBNReLU, DepthwiseSeparableConv, InvertedResidual
+
+
+class MobileDecoderStage(nn.Module):
+    """Upsample to the skip's size, concatenate it, one depthwise-separable conv."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = DepthwiseSeparableConv(in_channels + skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=False)
+        return self.conv(torch.cat([x, skip], dim=1))
+
+
+class MobileEncoderDecoder(nn.Module):
+    """A stride-2 stem, one stage of inverted residuals per further width (each halving the map),
+    a decoder of depthwise-separable convs back to half resolution, and a full-resolution refinement
+    over the upsampled features and the input image (hctnet_lite's, depthwise-separable here).
+
+    Returns logits N x num_classes x H x W at the input resolution.
+    depths: inverted-residual blocks per encoder stage after the stem (len(widths) - 1 of them).
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...],
+        depths: tuple[int, ...],
+        num_classes: int = 3,
+        expansion: int = 4,
+        refine_channels: int = 8,
+    ):
+        super().__init__()
+        if len(depths) != len(widths) - 1:
+            raise ValueError(f"one depth per encoder stage after the stem: {len(widths) - 1} for widths {widths}; got {depths}")
+        self.stem = ConvBNReLU(3, widths[0], stride=2)
+        self.encoder = nn.ModuleList()
+        channels = widths[0]
+        for width, depth in zip(widths[1:], depths):
+            blocks = [InvertedResidual(channels, width, stride=2, expansion=expansion)]
+            blocks += [InvertedResidual(width, width, expansion=expansion) for _ in range(depth - 1)]
+            self.encoder.append(nn.Sequential(*blocks))
+            channels = width
+        self.decoder = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.decoder.append(MobileDecoderStage(channels, width, width))
+            channels = width
+        self.refine = DepthwiseSeparableConv(channels + 3, refine_channels)
+        self.head = nn.Conv2d(refine_channels, num_classes, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.stem(image)
+        skips = [x]
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        for stage, skip in zip(self.decoder, reversed(skips[:-1])):
+            x = stage(x, skip)
+        x = F.interpolate(x, size=image.shape[2:], mode="bilinear", align_corners=False)
+        return self.head(self.refine(torch.cat([x, image], dim=1)))
+
+
+def mobile_unet(num_classes: int = 3) -> MobileEncoderDecoder:
+    """The light refiner: 16/24/32/48 channels down to 1/16 of the crop, two blocks in the deeper stages."""
+    return MobileEncoderDecoder((16, 24, 32, 48), (1, 2, 2), num_classes)
+
+
+def mobile_unet_xs(num_classes: int = 3) -> MobileEncoderDecoder:
+    """mobile_unet at two thirds of the width, one block a stage: for the smallest crops and devices."""
+    return MobileEncoderDecoder((8, 16, 24, 32), (1, 1, 1), num_classes, expansion=3)
