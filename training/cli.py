@@ -110,6 +110,7 @@ def command_train(args: argparse.Namespace) -> int:
             segmenter_crop=args.segmenter_crop or None,
             segmenter_model=args.segmenter_model,
             refiner_model=args.refiner_model,
+            refiner_input_size=args.refiner_input_size,
             classifier_model=args.classifier_model or PipelineConfig.classifier_model,
             segmenter_init=args.segmenter_init,
             segmenter_source_weights=parse_source_weights(args.segmenter_source_weights),
@@ -262,7 +263,13 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
     train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
-    train.add_argument("--refiner-model", default=None, help="the per-cell refiner's architecture, one of --segmenter-model's (default: the segmenter's)")
+    train.add_argument(
+        "--refiner-model", default=None, help="the per-cell refiner's architecture, one of --segmenter-model's or mobile_unet, mobile_unet_xs (default: the segmenter's)"
+    )
+    train.add_argument(
+        "--refiner-input-size", type=int, default=None, metavar="SIDE",
+        help="side of the refiner's square crops, e.g. 64 for mobile_unet (default: the one --refiner-init was trained at, else 128)",
+    )
     train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")

@@ -37,6 +37,7 @@ from .train import (
     train_classifier,
     train_refiner,
     train_segmenter,
+    trained_input_size,
 )
 from .verdict import choose_flag_fraction
 
@@ -47,6 +48,8 @@ SEGMENTER_INPUT = (192, 256)  # H, W: a 640x480 field maps exactly, single-cell 
 CLASSIFIER_INPUT = (64, 64)
 CROP_MARGIN = 0.15  # the classifier's and the refiner's crops: a square around the cell, 15 % of its side added per edge
 REFINER_INPUT = (128, 128)  # a Zheng cell (~100 px) at ~1.1x, a Taleqani or BCCD cell enlarged to the same size
+# A light refiner at 64x64 costs a tenth of hctnet_lite at 128 per cell (docs/performance.md, "The light refiner").
+REFINER_INPUT_SIDES = (32, 256)
 # The refiner learns from every source with cell masks: the experts' (Zheng, ALL-IDB2) and Taleqani's weak
 # masks (as for the segmenter: "some WBC pixel" plus a nucleus share), without which it fails on fields.
 REFINER_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani")
@@ -83,6 +86,8 @@ class PipelineConfig:
     quick: bool = False  # a few steps on a few images: checks the whole path, not the accuracy
     segmenter_model: str = "hctnet_lite"
     refiner_model: str | None = None  # None: the segmenter's architecture
+    # Side of the refiner's square crops; None: the one --refiner-init was trained at, else REFINER_INPUT's.
+    refiner_input_size: int | None = None
     classifier_model: str = "vgg_hybrid"  # best validation score of the runtime-fed classifiers (docs/training.md)
     segmenter_steps: int = 8000
     classifier_steps: int = 1500
@@ -133,6 +138,7 @@ class PipelineConfig:
                 raise ValueError(f"{option} {checkpoint}: no checkpoint there (a .pt with its .json, as training writes them)")
         if self.refiner_teacher is not None and self.refiner_steps == 0:
             raise ValueError("--refiner-teacher needs refiner training steps: with --refiner-steps 0 the refiner is kept as it is")
+        self.refiner_input_size = refiner_input_side(self.refiner_input_size, self.refiner_init, self.refiner_steps)
         if self.refiner_sources is None:
             self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
         if not self.refiner_sources or any(source not in REFINER_SOURCES for source in self.refiner_sources):
@@ -165,6 +171,26 @@ def _checkpoint_model(checkpoint: Path | None, default: str) -> dict:
         raise FileNotFoundError(f"{config_path}: the checkpoint's config is missing (it is written beside every .pt by save_checkpoint)")
     config = json.loads(config_path.read_text())["config"]
     return {"model": config["model"], "model_kwargs": config.get("model_kwargs", {})}
+
+
+def checkpoint_input_side(checkpoint: Path) -> int | None:
+    """The crop side a refiner checkpoint was trained at (train.trained_input_size); None where its JSON names none."""
+    size = trained_input_size(json.loads(Path(checkpoint).with_suffix(".json").read_text()))
+    return None if size is None else size[0]
+
+
+def refiner_input_side(side: int | None, init: Path | None, steps: int) -> int:
+    """The refiner's crop side: `side` if given, else the one `init` was trained at, else REFINER_INPUT's.
+    A kept checkpoint (0 steps) runs only at the side it learnt: another one is refused, not silently used."""
+    trained = None if init is None else checkpoint_input_side(init)
+    if side is None:
+        return trained or REFINER_INPUT[0]
+    low, high = REFINER_INPUT_SIDES
+    if not low <= side <= high:
+        raise ValueError(f"--refiner-input-size must be {low}..{high} pixels; got {side}")
+    if steps == 0 and trained is not None and side != trained:
+        raise ValueError(f"--refiner-init {init} was trained on {trained}x{trained} crops; with --refiner-steps 0 it must run at {trained}, got --refiner-input-size {side}")
+    return side
 
 
 def _records(config: PipelineConfig, source: str, split: str) -> list[data.Record]:
@@ -281,7 +307,7 @@ def architecture_label(config: dict) -> str:
     return config["model"] if not members else f"{config['model']}({', '.join(member['model'] for member in members)})"
 
 
-def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) -> dict:
+def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int], refiner_input: tuple[int, int] = REFINER_INPUT) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "name": "leukoedge-default",
@@ -302,7 +328,7 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int]) 
             "file": "refiner.onnx",
             "input": "crop",
             "output": "probs",
-            "input_size": list(REFINER_INPUT),
+            "input_size": list(refiner_input),
             "crop_margin": CROP_MARGIN,
             "classes": ["background", "cytoplasm", "nucleus"],
             "architecture": architecture_label(training["refiner"]["config"]),
@@ -333,6 +359,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
     from .samples import classification_sample, refiner_sample, segmentation_sample
 
     torch.manual_seed(config.seed)
+    refiner_input = (config.refiner_input_size, config.refiner_input_size)
     train_examples = load_segmentation_examples(config, "train")
     val_examples = load_segmentation_examples(config, "val", per_source=VALIDATION_IMAGES_PER_SOURCE)
     spec = preprocess_spec(config, train_examples)
@@ -361,7 +388,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         spec,
         TrainConfig(
             **_checkpoint_model(config.refiner_init, config.refiner_model or config.segmenter_model),
-            input_size=REFINER_INPUT,
+            input_size=refiner_input,
             steps=8 if quick else config.refiner_steps,
             batch_size=4 if quick else 16,
             learning_rate=config.refiner_learning_rate,
@@ -400,7 +427,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         segmenter_inputs = np.stack([segmentation_sample(e.image, e.label_map, spec, SEGMENTER_INPUT, None)[0] for e in val_examples[:8]])
         crop_inputs = np.stack([classification_sample(e.image, e.box, spec, CLASSIFIER_INPUT, CROP_MARGIN, None) for e in cell_val[:32]])
         segmenter_parity = export_segmenter(segmenter, segmenter_inputs, scratch_dir / "segmenter.onnx")
-        refiner_inputs = np.stack([refiner_sample(e.image, e.label_map, e.box, spec, REFINER_INPUT, CROP_MARGIN, None)[0] for e in refiner_val[:16]])
+        refiner_inputs = np.stack([refiner_sample(e.image, e.label_map, e.box, spec, refiner_input, CROP_MARGIN, None)[0] for e in refiner_val[:16]])
         refiner_parity = export_segmenter(refiner, refiner_inputs, scratch_dir / "refiner.onnx", input_name="crop")
         classifier_parity = export_classifier(classifier, list(HEADS), crop_inputs, scratch_dir / "classifier.onnx")
         save_checkpoint(segmenter, segmenter_summary, config.out_dir.parent / "checkpoints" / f"{config.out_dir.name}-segmenter.pt")
@@ -423,10 +450,10 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
         }
         flops = {
             "segmenter": count_flops(segmenter, (1, 3, *SEGMENTER_INPUT)),
-            "refiner": count_flops(refiner, (1, 3, *REFINER_INPUT)),
+            "refiner": count_flops(refiner, (1, 3, *refiner_input)),
             "classifier": count_flops(classifier, (1, 3, *CLASSIFIER_INPUT)),
         }
-        manifest = build_manifest(spec, training, flops)
+        manifest = build_manifest(spec, training, flops, refiner_input)
         files = {name: scratch_dir / name for name in ("segmenter.onnx", "refiner.onnx", "classifier.onnx")}
         draft = save_bundle(scratch_dir / "draft", manifest, files)
         verdict = calibrate_verdict(config, draft.root)

@@ -230,6 +230,27 @@ def distillation_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.T
     return segmentation_loss(logits, labels) + soft
 
 
+def trained_input_size(record: dict) -> tuple[int, int] | None:
+    """The input size a checkpoint's model was trained at, from its JSON record: that of the training a reused
+    checkpoint records, its own, or its ensemble members' (the first's); None where the record names none."""
+    trainings = [record.get("checkpoint_training", {}), record] + [member.get("training", {}) for member in record.get("members", [])]
+    for training in trainings:
+        size = training.get("config", {}).get("input_size")
+        if size:
+            return int(size[0]), int(size[1])
+    return None
+
+
+def teacher_probabilities(teacher: torch.nn.Module, crops: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A teacher's class probabilities on its own crops, resized to the student's crop size (each pixel's
+    resized probabilities still sum to 1: every output pixel is a weighted mean of input pixels)."""
+    with torch.no_grad():
+        probabilities = teacher(crops).softmax(dim=1)
+        if tuple(probabilities.shape[2:]) != tuple(size):
+            probabilities = F.interpolate(probabilities, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return probabilities
+
+
 def _batches(indices: np.ndarray, batch_size: int):
     for start in range(0, len(indices) - batch_size + 1, batch_size):
         yield indices[start : start + batch_size]
@@ -343,12 +364,17 @@ def train_refiner(
     """Train the per-cell refiner (leukoedge/refine.py) on crops of masked cells, cut as the
     runtime cuts them; the loss and the validation score are the segmenter's. With config.teacher, the
     loss adds the teacher's class probabilities on each training crop (distillation_loss): one refiner
-    learns what an ensemble of refiners outputs, at one refiner's run-time cost."""
+    learns what an ensemble of refiners outputs, at one refiner's run-time cost. A teacher trained at another
+    crop size (a 128x128 ensemble for a 64x64 student) sees the same cell, augmented alike, cut at its own
+    size, and its probabilities are resized to the student's."""
     model = _initial_model(config)
     pretraining = pretraining_of(config.init_from)
     if config.steps == 0:
         return model, _reuse_record(config, crop_margin=crop_margin)
-    teacher = None if config.teacher is None else load_checkpoint(Path(config.teacher))[0]
+    teacher, teacher_size = None, tuple(config.input_size)
+    if config.teacher is not None:
+        teacher, teacher_record = load_checkpoint(Path(config.teacher))
+        teacher_size = trained_input_size(teacher_record) or teacher_size
     sample_indices = balanced_indices(
         [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
     )
@@ -356,13 +382,25 @@ def train_refiner(
     def sample(example: CellMaskExample, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
         return refiner_sample(example.image, example.label_map, example.box, spec, config.input_size, crop_margin, rng)
 
+    def teacher_crop(example: CellMaskExample, rng: np.random.Generator) -> np.ndarray:
+        """The teacher's crop of the cell the last sample() cut, drawing the same augmentation again."""
+        return refiner_sample(example.image, example.label_map, example.box, spec, teacher_size, crop_margin, rng)[0]
+
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
-        inputs, labels = zip(*(sample(train[index], rng) for index in indices))
+        inputs, labels, teacher_inputs = [], [], []
+        for index in indices:
+            state = rng.bit_generator.state
+            crop, crop_labels = sample(train[index], rng)
+            inputs.append(crop)
+            labels.append(crop_labels)
+            if teacher is not None and teacher_size != tuple(config.input_size):
+                rng.bit_generator.state = state
+                teacher_inputs.append(teacher_crop(train[index], rng))
         inputs, labels = torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
         if teacher is None:
             return inputs, labels
-        with torch.no_grad():
-            return inputs, (labels, teacher(inputs).softmax(dim=1))
+        teacher_batch = torch.from_numpy(np.stack(teacher_inputs)) if teacher_inputs else inputs
+        return inputs, (labels, teacher_probabilities(teacher, teacher_batch, config.input_size))
 
     validation = [sample(example, None) for example in val]
 
