@@ -125,6 +125,8 @@ def command_train(args: argparse.Namespace) -> int:
             classification_sources=classification_sources,
             classifier_seed=args.classifier_seed,
             classifier_ema_decay=PipelineConfig.classifier_ema_decay if args.classifier_ema_decay is None else args.classifier_ema_decay or None,
+            classifier_device_augment=PipelineConfig.classifier_device_augment if args.classifier_device_augment is None else args.classifier_device_augment,
+            segmenter_device_augment=PipelineConfig.segmenter_device_augment if args.segmenter_device_augment is None else args.segmenter_device_augment,
         )
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
@@ -277,11 +279,19 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--classifier-ema-decay", type=float, default=None,
         help="the decay per step of the moving average of the classifier's weights that training keeps (default 0.999); 0: none, keep its best step's weights",
     )
+    train.add_argument(
+        "--classifier-device-augment", type=float, default=None, metavar="STRENGTH",
+        help="show half the classifier's training crops as another microscope would (stain, white balance, lamp, focus, noise, JPEG, 0.6-1.6x scale) at this strength (default: the pipeline's; 0: never)",
+    )
     train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
     train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
     train.add_argument("--refiner-lr", type=float, default=2e-3, help="peak learning rate of the refiner's one-cycle schedule")
     train.add_argument("--refiner-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per refiner source (default 1 each)")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
+    train.add_argument(
+        "--segmenter-device-augment", type=float, default=None, metavar="STRENGTH",
+        help="show half the segmenter's training fields as another microscope would (stain, white balance, lamp, focus, noise, JPEG; magnification 0.6-1.6x) at this strength (default: the pipeline's; 0: never)",
+    )
     train.add_argument("--segmenter-crop", type=int, default=128, help="side of the segmenter's training windows in model pixels (default 128; 0: the whole 192x256 input)")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
     train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
@@ -295,7 +305,8 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         default=None,
         metavar="SOURCE,...",
         help="the sources the segmenter learns from, comma separated (default: all four: wbc-seg-zheng, all-idb2, all-taleqani, bccd); "
-        "leave some out for `evaluate --cross-source-bundle`",
+        "leave some out for `evaluate --cross-source-bundle`; add txl-pbc, or one of its devices (txl-pbc/bcd, txl-pbc/raabin), "
+        "for more labs' fields with boxed white cells as weak labels",
     )
     train.add_argument(
         "--refiner-sources",

@@ -393,23 +393,37 @@ def object_boxes(record: Record) -> dict[str, list[Box]]:
     return _bccd_boxes(record.label_path, shape) if record.source == "bccd" else _txl_pbc_boxes(record.label_path, shape)
 
 
+BOX_CORE = 0.7  # the ellipse inscribed in a WBC box, shrunk to this share of its axes: white cell for sure
+
+
+def box_label_map(wbc_boxes: Sequence[Box], image_shape: tuple[int, ...]) -> np.ndarray:
+    """Weak labels of a field whose white cells are boxed (every one of them): background outside the
+    boxes (red cells, platelets and plasma are negatives), LABEL_WBC on each box's core ellipse (nucleus or
+    cytoplasm, the model chooses, as on Taleqani's weak masks), no supervision on the rest of the box
+    (its corners hold red cells and plasma, its rim the cell's edge)."""
+    label_map = np.full(image_shape[:2], LABEL_BACKGROUND, np.uint8)
+    for x0, y0, x1, y1 in wbc_boxes:
+        label_map[y0:y1, x0:x1] = LABEL_IGNORE
+    for x0, y0, x1, y1 in wbc_boxes:
+        centre = (round((x0 + x1 - 1) / 2), round((y0 + y1 - 1) / 2))
+        axes = (max(1, round((x1 - x0) * BOX_CORE / 2)), max(1, round((y1 - y0) * BOX_CORE / 2)))
+        cv2.ellipse(label_map, centre, axes, 0, 0, 360, int(LABEL_WBC), thickness=-1)
+    return label_map
+
+
 def _bccd_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray | None:
     boxes = _bccd_annotated_wbc_boxes(record.label_path, image_shape)
     if not boxes:
         # Every BCCD field shows a WBC; the two XMLs without one (00133, 00228) lack its box,
         # so "everything is background" would be a wrong label.
         return None
-    label_map = np.full(image_shape[:2], LABEL_BACKGROUND, np.uint8)
-    for x0, y0, x1, y1 in boxes:
-        # A box holds RBC and background pixels too: no pixel-level supervision inside it.
-        label_map[y0:y1, x0:x1] = LABEL_IGNORE
-    return label_map
+    return box_label_map(boxes, image_shape)
 
 
 def read_label_map(record: Record) -> np.ndarray | None:
     """The record's labels: uint8 HxW (the image's size), values in {0, 1, 2, 3, 255}; None if it has none.
 
-    BCCD: inside WBC boxes 255, elsewhere 0; None without an annotation or with no WBC box in it.
+    BCCD and TXL-PBC: box_label_map of the WBC boxes; BCCD None without an annotation or with no WBC box in it.
     Taleqani: None where the authors' segmentation failed on the field.
     """
     if record.label_path is None:
@@ -424,7 +438,7 @@ def read_label_map(record: Record) -> np.ndarray | None:
     if record.source == "bccd":
         return _bccd_label_map(record, image_shape)
     if record.source == "txl-pbc":
-        return None  # boxes only (object_boxes); the segmenter's box-weak labels come from BCCD
+        return box_label_map(_txl_pbc_boxes(record.label_path, image_shape)["WBC"], image_shape)
     raise ValueError(f"{record.source} has no label maps")
 
 

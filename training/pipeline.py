@@ -44,6 +44,9 @@ from .verdict import choose_flag_fraction
 log = logging.getLogger("leukoedge.training")
 
 SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani", "bccd")
+# More fields the segmenter may learn from (--segmentation-sources), boxed white cells as weak labels
+# (data.box_label_map): TXL-PBC whole, or one of its devices (the other left out as an unseen microscope).
+BOX_SEGMENTATION_SOURCES = ("txl-pbc", "txl-pbc/raabin", "txl-pbc/bcd")
 SEGMENTER_INPUT = (192, 256)  # H, W: a 640x480 field maps exactly, single-cell crops are letterboxed
 CLASSIFIER_INPUT = (64, 64)
 CROP_MARGIN = 0.15  # the classifier's and the refiner's crops: a square around the cell, 15 % of its side added per edge
@@ -118,15 +121,19 @@ class PipelineConfig:
     # The classifier keeps a moving average of its weights (this decay per step; None: its best step's weights):
     # it lifted the validation verdict of every seed tried, most that of the worst one (docs/training.md).
     classifier_ema_decay: float | None = 0.999
+    # The classifier also sees half its crops as another microscope would show them, at this strength (0: never).
+    classifier_device_augment: float = 0.0
+    segmenter_device_augment: float = 0.0  # the same for the segmenter's training fields
 
     def __post_init__(self) -> None:
         check_runtime_classifier(self.classifier_model)
         check_ema_decay(self.classifier_ema_decay)
         if self.segmenter_crop is not None and not 16 <= self.segmenter_crop <= max(SEGMENTER_INPUT):
             raise ValueError(f"segmenter_crop must be 16..{max(SEGMENTER_INPUT)} model pixels, or None for the whole input; got {self.segmenter_crop}")
-        unknown = [source for source in self.segmentation_sources if source not in SEGMENTATION_SOURCES]
+        known = SEGMENTATION_SOURCES + BOX_SEGMENTATION_SOURCES
+        unknown = [source for source in self.segmentation_sources if source not in known]
         if unknown or not self.segmentation_sources:
-            raise ValueError(f"segmentation_sources must be some of {', '.join(SEGMENTATION_SOURCES)}; got {list(self.segmentation_sources)}")
+            raise ValueError(f"segmentation_sources must be some of {', '.join(known)}; got {list(self.segmentation_sources)}")
         # Checked here, not when each model's turn comes: a missing file must not cost minutes of training first.
         for option, checkpoint in (
             ("--segmenter-init", self.segmenter_init),
@@ -198,20 +205,26 @@ def _records(config: PipelineConfig, source: str, split: str) -> list[data.Recor
 
 
 def load_segmentation_examples(config: PipelineConfig, split: str, per_source: int | None = None) -> list[SegmentationExample]:
-    """Images with label maps; per_source caps each source (validation during training needs only a sample)."""
+    """Images with label maps; per_source caps each source (validation during training needs only a sample).
+    A device name (txl-pbc/bcd) takes that device's fields only, and names the examples (balanced sampling)."""
     examples = []
-    for source in config.segmentation_sources:
-        for record in tqdm(_records(config, source, split)[:per_source], desc=f"load {source} {split}", leave=False):
+    for name in config.segmentation_sources:
+        source = name.split("/")[0]
+        records = [record for record in _records(config, source, split) if name in (source, record.domain)]
+        for record in tqdm(records[:per_source], desc=f"load {name} {split}", leave=False):
             label_map = data.read_label_map(record)
             if label_map is not None:
-                examples.append(SegmentationExample(source, data.read_image(record), label_map))
+                examples.append(SegmentationExample(name, data.read_image(record), label_map))
     return examples
 
 
 def preprocess_spec(config: PipelineConfig, train_examples: list[SegmentationExample]) -> PreprocessSpec:
-    """Stain reference from every training image of every segmentation source (each source weighted equally)."""
+    """Stain reference from the training images of the mask sources (SEGMENTATION_SOURCES; each source weighted
+    equally). Box sources add fields for the segmenter, not to the reference: every model of a bundle reads
+    frames normalized to it, so a segmenter trained with more fields must not move it."""
     per_source: dict[str, list[np.ndarray]] = {}
-    for example in train_examples:
+    reference_examples = [e for e in train_examples if e.source in SEGMENTATION_SOURCES] or list(train_examples)
+    for example in reference_examples:
         per_source.setdefault(example.source, []).append(example.image)
     rng = np.random.default_rng(config.seed)
     images = [image for images in per_source.values() for image in (images[i] for i in rng.choice(len(images), min(60, len(images)), replace=False))]
@@ -379,6 +392,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             validate_every=4 if quick else max(50, config.segmenter_steps // 16),
             source_weights=config.segmenter_source_weights,
             seed=config.seed,
+            device_augment=config.segmenter_device_augment,
         ),
     )
     refiner_val = load_refiner_examples(config, "val", per_source=VALIDATION_IMAGES_PER_SOURCE)
@@ -418,6 +432,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             seed=config.seed if config.classifier_seed is None else config.classifier_seed,
             ema_decay=config.classifier_ema_decay,
             source_weights=NORMAL_CELL_WEIGHTS,
+            device_augment=config.classifier_device_augment,
         ),
         CROP_MARGIN,
     )

@@ -29,7 +29,11 @@ from leukoedge.preprocess.cpu import (
 )
 
 from .data import LABEL_BACKGROUND
-from .stain import augment_colour, jitter_reference
+from .stain import augment_colour, augment_device, jitter_reference
+
+
+DEVICE_VIEW_PROBABILITY = 0.5  # with device augmentation on, the share of samples seen as another microscope would show them
+DEVICE_SCALES = (0.6, 1.6)  # pixel size differs by objective and camera
 
 
 def letterbox_label_map(label_map: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
@@ -47,17 +51,24 @@ def segmentation_sample(
     spec: PreprocessSpec,
     input_size: Sequence[int],
     rng: np.random.Generator | None,
+    device_strength: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(3xHxW float32 input, HxW uint8 labels). rng None: exactly the runtime's input, no augmentation."""
+    """(3xHxW float32 input, HxW uint8 labels). rng None: exactly the runtime's input, no augmentation.
+    device_strength > 0: half the fields are seen as another microscope would show them (augment_device),
+    and magnification varies over DEVICE_SCALES instead of 0.7-1.4x."""
     if rng is None:
         return prepare_frame(image, spec, input_size).tensor[0], letterbox_label_map(label_map, input_size)
     height, width = int(input_size[0]), int(input_size[1])
     placement = fit_letterbox(image.shape[0], image.shape[1], input_size)
-    # Magnification differs by microscope: train on +-40 % around the runtime's scale.
-    scale = placement.scale * float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+    # Magnification differs by microscope: train around the runtime's scale.
+    low, high = DEVICE_SCALES if device_strength > 0 else (0.7, 1.4)
+    scale = placement.scale * float(np.exp(rng.uniform(np.log(low), np.log(high))))
     content_width = max(8, round(image.shape[1] * scale))
     content_height = max(8, round(image.shape[0] * scale))
-    rgb = to_rgb_float(resize(image, content_width, content_height))
+    resized = resize(image, content_width, content_height)
+    if device_strength > 0 and rng.random() < DEVICE_VIEW_PROBABILITY:
+        resized = augment_device(resized, rng, device_strength)
+    rgb = to_rgb_float(resized)
     labels = resize_labels(label_map, content_width, content_height)
     if spec.stain_reference is not None:
         rgb = reinhard_normalize(rgb, jitter_reference(spec.stain_reference, rng), lab_statistics(rgb))
@@ -157,6 +168,26 @@ def frame_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cached[1]
 
 
+def device_view(image: np.ndarray, box: Box, margin: float, rng: np.random.Generator, strength: float) -> tuple[np.ndarray, Box, tuple[np.ndarray, np.ndarray]]:
+    """The frame around one cell as another microscope would show it (training/stain.augment_device, and a
+    magnification in DEVICE_SCALES), the cell's box in it, and the frame statistics the runtime would
+    normalize it with. Only a window around the cell's crop is augmented (a whole field per sample is too
+    slow); the statistics come from the whole frame, downscaled, augmented with the same draws."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = square_crop_box(box, margin)
+    pad = (x1 - x0) // 4  # the crop may be jittered later; the window holds it with room
+    wx0, wy0, wx1, wy1 = max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad), min(height, y1 + pad)
+    seed = int(rng.integers(2**31))
+    window = augment_device(np.ascontiguousarray(image[wy0:wy1, wx0:wx1]), np.random.default_rng(seed), strength)
+    small = resize(image, max(1, width // 4), max(1, height // 4))
+    statistics = lab_statistics(to_rgb_float(augment_device(small, np.random.default_rng(seed), strength)))
+    scale = float(np.exp(rng.uniform(np.log(DEVICE_SCALES[0]), np.log(DEVICE_SCALES[1]))))
+    window = resize(window, max(1, round(window.shape[1] * scale)), max(1, round(window.shape[0] * scale)))
+    bx0, by0, bx1, by1 = box
+    moved = (round((bx0 - wx0) * scale), round((by0 - wy0) * scale), round((bx1 - wx0) * scale), round((by1 - wy0) * scale))
+    return window, moved, statistics
+
+
 def classification_sample(
     image: np.ndarray,
     box: Box,
@@ -164,11 +195,16 @@ def classification_sample(
     input_size: Sequence[int],
     margin: float,
     rng: np.random.Generator | None,
+    device_strength: float = 0.0,
 ) -> np.ndarray:
-    """3xHxW crop of one cell. rng None: exactly the runtime's crop; otherwise jittered box, stain, flips."""
+    """3xHxW crop of one cell. rng None: exactly the runtime's crop; otherwise jittered box, stain, flips,
+    and with device_strength > 0, half the crops from device_view (another microscope's view of the cell)."""
     statistics = frame_statistics(image) if spec.stain_reference is not None else None
     if rng is None:
         return prepare_crops(image, [box], spec, input_size, margin, statistics)[0]
+    if device_strength > 0 and rng.random() < DEVICE_VIEW_PROBABILITY:
+        image, box, device_statistics = device_view(image, box, margin, rng, device_strength)
+        statistics = device_statistics if spec.stain_reference is not None else None
     crop = prepare_crops(image, [jitter_box(box, rng)], jittered_stain(spec, rng), input_size, margin, statistics)[0]
     crop = np.rot90(crop, int(rng.integers(4)), axes=(1, 2))
     if rng.random() < 0.5:

@@ -98,6 +98,8 @@ class TrainConfig:
     # Validate and keep an exponential moving average of the weights (this decay per step) instead of the
     # weights as they are at each validation: a run's result then depends less on one noisy step.
     ema_decay: float | None = None
+    # Segmenter and classifier: strength of the other-microscope view (samples: augment_device, device_view) given to half the samples; 0: none.
+    device_augment: float = 0.0
 
     def __post_init__(self) -> None:
         if self.teacher is not None and self.steps == 0:
@@ -331,7 +333,7 @@ def train_segmenter(
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
         inputs, labels = [], []
         for index in indices:
-            tensor, label_map = segmentation_sample(train[index].image, train[index].label_map, spec, config.input_size, rng)
+            tensor, label_map = segmentation_sample(train[index].image, train[index].label_map, spec, config.input_size, rng, config.device_augment)
             if config.crop:
                 tensor, label_map = random_crop(tensor, label_map, config.crop, rng)
             inputs.append(tensor)
@@ -472,7 +474,7 @@ def train_classifier(
         return model, _reuse_record(config, heads=heads, loss=loss)
 
     def runtime_crop(example: CellExample, rng: np.random.Generator | None) -> np.ndarray:
-        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng)
+        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng, config.device_augment)
 
     sample = sample or runtime_crop
     sample_indices = balanced_indices(

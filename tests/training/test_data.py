@@ -23,6 +23,7 @@ from leukoedge.training.data import (
     SPLITS_DIR,
     ZHENG_WBC_TYPES,
     load_records,
+    object_boxes,
     make_splits,
     read_image,
     read_label_map,
@@ -72,7 +73,7 @@ def test_label_maps_have_the_image_shape_and_allowed_values(data_root: Path, sou
         image = read_image(record)
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         label_map = read_label_map(record)
-        if source in ("pbc", "txl-pbc"):  # no masks: PBC has labels per image, TXL-PBC boxes (object_boxes)
+        if source == "pbc":  # no masks: PBC has labels per image
             assert label_map is None
             continue
         if source == "all-taleqani" and label_map is None:
@@ -148,9 +149,11 @@ def test_bccd_boxes_come_from_the_voc_xml(data_root: Path) -> None:
     # XML: WBC xmin 260, ymin 177, xmax 491, ymax 376 (1-based, inclusive).
     assert wbc_boxes(first) == [(259, 176, 491, 376)]
     label_map = read_label_map(first)
-    assert np.all(label_map[176:376, 259:491] == LABEL_IGNORE)
-    assert (label_map == LABEL_IGNORE).sum() == (376 - 176) * (491 - 259)
-    assert set(np.unique(label_map).tolist()) == {LABEL_BACKGROUND, LABEL_IGNORE}
+    inside = label_map[176:376, 259:491]
+    # Weak labels: the box's core ellipse is white cell, its corners and rim unsupervised, the rest background.
+    assert inside[100, 116] == LABEL_WBC and inside[0, 0] == inside[-1, -1] == LABEL_IGNORE
+    assert set(np.unique(inside).tolist()) == {LABEL_WBC, LABEL_IGNORE}
+    assert (label_map == LABEL_BACKGROUND).sum() == label_map.size - (376 - 176) * (491 - 259)
     assert sum(len(wbc_boxes(record)) for record in records) == 301  # WBC objects in all the XMLs
 
 
@@ -285,3 +288,27 @@ def test_a_malformed_yolo_line_names_the_file_and_line(data_root: Path, tmp_path
     labels.write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\n")
     with pytest.raises(ValueError, match=r"labels.txt:2"):
         data._txl_pbc_boxes(labels, (100, 100, 3))
+
+
+def test_box_label_map_marks_each_boxed_cell_core_and_leaves_its_rim_unsupervised() -> None:
+    label_map = data.box_label_map([(10, 20, 50, 80), (60, 0, 100, 40)], (100, 120, 3))
+    assert label_map.shape == (100, 120)
+    for x0, y0, x1, y1 in ((10, 20, 50, 80), (60, 0, 100, 40)):
+        box = label_map[y0:y1, x0:x1]
+        assert box[(y1 - y0) // 2, (x1 - x0) // 2] == LABEL_WBC
+        assert box[0, 0] == box[0, -1] == box[-1, 0] == box[-1, -1] == LABEL_IGNORE
+        core = (box == LABEL_WBC).sum() / box.size
+        assert 0.3 < core < 0.45  # pi/4 x BOX_CORE**2 of the box: 0.38
+    assert (label_map == LABEL_BACKGROUND).sum() == 100 * 120 - 40 * 60 - 40 * 40
+
+
+def test_txl_pbc_fields_give_box_label_maps_whose_cores_sit_in_the_wbc_boxes(data_root: Path) -> None:
+    for record in load_records(data_root, "txl-pbc")[::97]:
+        label_map = read_label_map(record)
+        boxes = object_boxes(record)["WBC"]
+        assert label_map is not None and label_map.shape == read_image(record).shape[:2]
+        outside = np.ones(label_map.shape, bool)
+        for x0, y0, x1, y1 in boxes:
+            outside[y0:y1, x0:x1] = False
+        assert np.all(label_map[outside] == LABEL_BACKGROUND)
+        assert (label_map == LABEL_WBC).any() == bool(boxes)

@@ -61,3 +61,17 @@ def test_the_classifier_can_leave_all_idb2_out_but_not_the_only_sources_of_a_hea
     for sources in (("all-idb2", "pbc"), ("all-idb2", "all-taleqani"), ("all-taleqani", "pbc", "no-such-source")):
         with pytest.raises(ValueError, match="classification_sources must be some of"):
             PipelineConfig(tmp_path, tmp_path, classification_sources=sources)
+
+
+def test_the_segmenter_can_learn_one_txl_pbc_device_without_moving_the_stain_reference(data_root: Path, tmp_path: Path) -> None:
+    from leukoedge.training.pipeline import load_segmentation_examples, preprocess_spec
+
+    with pytest.raises(ValueError, match="segmentation_sources must be some of"):
+        PipelineConfig(tmp_path, tmp_path, segmentation_sources=("bccd", "txl-pbc/unknown"))
+    masks = PipelineConfig(data_root, tmp_path, quick=True, segmentation_sources=("wbc-seg-zheng", "bccd"))
+    boxes = PipelineConfig(data_root, tmp_path, quick=True, segmentation_sources=("wbc-seg-zheng", "bccd", "txl-pbc/bcd"))
+    mask_examples, box_examples = load_segmentation_examples(masks, "train"), load_segmentation_examples(boxes, "train")
+    bcd = [example for example in box_examples if example.source == "txl-pbc/bcd"]
+    assert bcd and len(box_examples) == len(mask_examples) + len(bcd)  # raabin's fields stay out
+    # Every model of a bundle reads frames normalized to the reference: more segmenter fields must not move it.
+    assert preprocess_spec(boxes, box_examples).stain_reference == preprocess_spec(masks, mask_examples).stain_reference

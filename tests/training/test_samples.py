@@ -5,7 +5,7 @@ import pytest
 
 from leukoedge.preprocess.cpu import PreprocessSpec, StainReference, lab_statistics, prepare_crops, to_rgb_float
 from leukoedge.training.data import LABEL_BACKGROUND, LABEL_NUCLEUS
-from leukoedge.training.samples import refiner_sample, segmentation_sample
+from leukoedge.training.samples import classification_sample, device_view, refiner_sample, segmentation_sample
 
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference(lab_mean=(70.0, 5.0, 2.0), lab_std=(14.0, 12.0, 15.0)))
 
@@ -59,3 +59,43 @@ def test_refiner_crops_and_their_labels_cover_the_same_pixels(augment):
     if not augment:
         runtime = prepare_crops(image, [box], SPEC, (128, 128), 0.15, lab_statistics(to_rgb_float(image)))[0]
         assert np.array_equal(crop, runtime)
+
+
+def _cell_field() -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A pale field with a dark purple disk (a nucleus) and its box."""
+    ys, xs = np.mgrid[:240, :320]
+    image = np.full((240, 320, 3), (225, 215, 230), np.uint8)
+    image[(ys - 110) ** 2 + (xs - 170) ** 2 <= 28**2] = (150, 40, 90)
+    return image, (142, 82, 199, 139)
+
+
+def test_another_microscopes_view_keeps_the_cell_in_its_box() -> None:
+    # device_view augments a window around the cell and rescales it: the box must follow the cell.
+    image, box = _cell_field()
+    for seed in range(6):
+        window, moved, (lab_mean, lab_std) = device_view(image, box, 0.15, np.random.default_rng(seed), 1.0)
+        x0, y0, x1, y1 = moved
+        assert 0 <= x0 < x1 <= window.shape[1] and 0 <= y0 < y1 <= window.shape[0]
+        grey = window.astype(np.float32).mean(axis=2)
+        dark = grey < (np.median(grey[y0:y1, x0:x1]) + np.median(grey)) / 2
+        ys, xs = np.nonzero(dark)
+        centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+        assert np.abs(np.array([xs.mean(), ys.mean()]) - centre).max() < 0.1 * (x1 - x0)
+        assert lab_mean.shape == lab_std.shape == (3,)
+
+
+def test_device_augmentation_changes_training_crops_only() -> None:
+    image, box = _cell_field()
+    runtime = classification_sample(image, box, SPEC, (64, 64), 0.15, None, device_strength=1.0)
+    assert np.array_equal(runtime, classification_sample(image, box, SPEC, (64, 64), 0.15, None))
+    plain = [classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s)) for s in range(40)]
+    device = [classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s), device_strength=1.0) for s in range(40)]
+    assert all(crop.shape == (3, 64, 64) and crop.dtype == np.float32 for crop in device)
+    # Another microscope's view (white balance, lamp, stain left after normalization) spreads the cells'
+    # colour balance wider than the plain augmentation does.
+    def balance_spread(crops):
+        return np.std([crop[0].mean() - crop[2].mean() for crop in crops])
+
+    assert balance_spread(device) > 1.2 * balance_spread(plain)
+    tensor, labels = segmentation_sample(image, np.zeros(image.shape[:2], np.uint8), SPEC, (192, 256), np.random.default_rng(0), 1.0)
+    assert tensor.shape == (3, 192, 256) and labels.shape == (192, 256)
