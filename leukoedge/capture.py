@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
-from leukoedge.decode import decode_checked, read_image
+from leukoedge.decode import block_seam, decode_checked, read_image
 from leukoedge.errors import CaptureError, UnreadableImageError
 
 log = logging.getLogger("leukoedge.capture")
@@ -82,7 +82,8 @@ class VideoCaptureSource(FrameSource):
     """Anything cv2.VideoCapture opens: cameras, streams, GStreamer pipelines, video files.
 
     From a file, each frame is decoded with the decoder's fault messages collected (FFmpeg reports a
-    frame cut or damaged only there, then conceals it): such a frame is skipped and counted, and a
+    frame cut or damaged only there, then conceals it) and checked for the block seam damaged data
+    leaves (leukoedge.decode.block_seam): such a frame is skipped and counted, and a
     file that ends before the frame count its header declares raises CaptureError, since a cut
     recording must not read as one that ended.
     """
@@ -106,6 +107,9 @@ class VideoCaptureSource(FrameSource):
                 self._check_complete()
                 return None
             grabbed_at, image = decoded
+            if not self.live and not faults:
+                seam = block_seam(image)  # damage FFmpeg decodes without a message: MJPG frames carry no checksum
+                faults = [seam] if seam else []
             if faults:
                 self.skipped += 1
                 log.warning("skipped frame %d of %s: the decoder reported damage (%s)", self._position, self.uri, "; ".join(faults[:3]))

@@ -13,8 +13,19 @@ is the worst answer the runtime can give, so every image and recorded frame is r
 - BMP: the file must be as long as its header says.
 - Other formats (TIFF, WebP, ...) and video frames: the decoder must not report a fault.
 
-What no decoder can see is not checked: a JPEG whose damaged bytes still decode as valid codes and
-end on the right byte (JPEG has no checksum) gives slightly wrong pixels without any message.
+JPEG has no checksum, so damaged entropy-coded data can still decode as valid codes that end on the
+right byte, without any message. Two more checks see what such damage leaves:
+
+- Huffman tables: no symbol may be listed twice in one table (a flipped table byte that libjpeg
+  accepts, after which every code using it decodes to the wrong coefficients).
+- Block seams (`block_seam`): each block's mean (its DC coefficient) is coded as a difference from
+  the previous block's, so a wrong code shifts the brightness or colour of every block after it. In
+  the decoded pixels that is a step lying exactly on an 8-px block row boundary and running along
+  the rest of the block row, with no such step in the rows beside it. Natural edges cross block
+  boundaries at any angle and rarely run along one.
+
+Damage that leaves no such trace (a single wrong block, a quantization table entry changed) is not
+seen: it gives slightly wrong pixels.
 """
 
 from __future__ import annotations
@@ -43,6 +54,17 @@ _JPEG_EOI, _JPEG_SOS, _JPEG_TEM = 0xD9, 0xDA, 0x01
 _JPEG_RST = range(0xD0, 0xD8)
 # SOF0..SOF15 without DHT (C4), JPG (C8) and DAC (CC): the markers that start a frame header.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_DHT = 0xC4
+
+# Block seams, measured on every intact JPEG and TIFF/PNG/BMP of ../shared/data (9,171 images, six
+# sources) and samples/: the longest run of bins stepping >= SEAM_STEP along one block row boundary is
+# 4 bins (one PBC image; 3 in 65 more). Damaged JPEGs of the fuzz run give 8 to 13 bins
+# (tests/runtime/test_decode_seams.py prints both; docs in SECURITY.md).
+SEAM_BLOCK = 8  # px: JPEG's (and MJPG's) DCT block; an MCU row of 4:2:0 chroma is two of them
+SEAM_BIN = 16  # px of a boundary averaged into one step, so that noise and single edges average out
+SEAM_STEP = 8.0  # grey levels per channel, mean over a bin
+SEAM_RATIO = 2.0  # the step across the boundary against the largest one between the 3 rows either side
+SEAM_RUN = 6  # bins in a row (96 px) on one boundary, one sign, one channel
 
 # Lines a native decoder writes on a fault: libjpeg's warnings and errors, libpng's errors, libtiff's,
 # FFmpeg's log lines ("[mjpeg @ 0x55d0...] overread 8"), OpenCV's own codec warnings. Anything else
@@ -106,6 +128,9 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
         raise UnreadableImageError(f"cannot read {name}: the decoder reported a damaged file ({'; '.join(faults[:3])})")
     if image is None or image.size == 0:
         raise UnreadableImageError(f"cannot read {name}: not an image file OpenCV can decode")
+    seam = block_seam(image) if encoded.startswith(_JPEG_SOI) else ""
+    if seam:
+        raise UnreadableImageError(f"cannot read {name}: {seam}, the mark of damaged JPEG data (JPEG has no checksum)")
     return image
 
 
@@ -159,6 +184,10 @@ def jpeg_problem(data: bytes) -> str:
             return "the JPEG ends inside a segment (truncated file)"
         if marker in _JPEG_SOF:
             frame_header = True
+        if marker == _JPEG_DHT:
+            problem = _huffman_problem(data[position + 2 : end], position - 2)
+            if problem:
+                return problem
         if marker == _JPEG_SOS:
             if not frame_header:
                 return "the JPEG has a scan before its frame header (corrupt file)"
@@ -189,6 +218,54 @@ def _skip_entropy_coded_data(data: bytes, position: int) -> tuple[int, str]:
             position += 2
             continue
         return position, ""
+
+
+def _huffman_problem(segment: bytes, offset: int) -> str:
+    """A DHT segment's tables (class/id byte, 16 code counts, the symbols): "" unless one lists a symbol twice.
+
+    libjpeg checks the counts (they must fill the segment and fit the code space) but not the symbols:
+    a flipped symbol byte decodes every code of both symbols to one of them, silently.
+    """
+    position = 0
+    while position + 17 <= len(segment):
+        count = sum(segment[position + 1 : position + 17])
+        symbols = segment[position + 17 : position + 17 + count]
+        if len(set(symbols)) != len(symbols):
+            return f"the JPEG's Huffman table at offset {offset} lists a symbol twice (corrupt file)"
+        position += 17 + count
+    return ""
+
+
+def block_seam(image: np.ndarray) -> str:
+    """Where a decoded JPEG or MJPG frame shows a damaged-data step along a block row boundary ("" where none).
+
+    Per channel, the mean step between the rows either side of each 8-px block boundary is taken over
+    bins of SEAM_BIN columns; a bin steps where that mean is at least SEAM_STEP and SEAM_RATIO times
+    every step between the 3 rows above and below it. SEAM_RUN stepping bins in a row, of one sign, is
+    a seam. About 2 ms for a 640x480 frame.
+    """
+    height, width = image.shape[:2]
+    bins = width // SEAM_BIN
+    boundaries = np.arange(SEAM_BLOCK, height - 3, SEAM_BLOCK)
+    if bins < SEAM_RUN or len(boundaries) == 0:
+        return ""
+    pixels = image[:, : bins * SEAM_BIN].astype(np.int16)
+    # steps[r]: mean change from row r to row r + 1 in each bin and channel
+    steps = (pixels[1:] - pixels[:-1]).reshape(height - 1, bins, SEAM_BIN, -1).sum(axis=2, dtype=np.int32) / SEAM_BIN
+    across = steps[boundaries - 1]
+    beside = np.max([np.abs(steps[boundaries - 1 + offset]) for offset in (-3, -2, -1, 1, 2, 3)], axis=0)
+    stepping = (np.abs(across) >= SEAM_STEP) & (np.abs(across) >= SEAM_RATIO * beside)
+    for sign in (1, -1):
+        marked = stepping & (np.sign(across) == sign)
+        in_a_row = np.cumsum(marked, axis=1)
+        runs = (in_a_row[:, SEAM_RUN - 1 :] - np.pad(in_a_row, ((0, 0), (1, 0), (0, 0)))[:, : bins - SEAM_RUN + 1]) == SEAM_RUN
+        if runs.any():
+            row, first_bin, _ = np.argwhere(runs)[0]
+            return (
+                f"a step along the block boundary at row {boundaries[row]} from column {first_bin * SEAM_BIN} "
+                f"over {SEAM_RUN * SEAM_BIN} px or more"
+            )
+    return ""
 
 
 def png_problem(data: bytes) -> str:
