@@ -11,7 +11,8 @@ the GPU it was built on (name, compute capability, number of multiprocessors and
 Orin module calls itself "Orin") and the settings it was built with (batch profile, workspace). Engines
 are cached next to the model in `<bundle>/engines/`, each with a JSON sidecar holding that key; an
 engine whose key does not match this model, TensorRT, GPU and settings is refused with the command
-that rebuilds it, never run.
+that rebuilds it, never run. An engine file that TensorRT cannot deserialize (cut, overwritten, built
+by another TensorRT) is a BundleError naming the file and TensorRT's reason, raised at load.
 
 tensorrt and pycuda are imported only inside the functions that need them, so this module (and the
 cache-key logic in it) imports on any machine.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ import numpy as np
 
 from ..bundle import sha256_file
 from ..errors import BackendUnavailableError, BundleError
+
+log = logging.getLogger("leukoedge.backends")
 
 ENGINE_DIR = "engines"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
@@ -218,6 +222,48 @@ def engine_source(manifest: dict[str, Any], model: str, precision: str, bundle_p
     return entry["file"]
 
 
+def _recording_logger(trt: Any) -> Any:
+    """A TensorRT logger that passes warnings and errors to leukoedge's log, as trt.Logger(WARNING) prints
+    them, and keeps the errors so that a refused engine can say why."""
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+            if severity <= trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+
+    return RecordingLogger()
+
+
+def _deserialize(trt: Any, logger: Any, engine_path: Path, rebuild: str) -> Any:
+    """The engine in `engine_path`; BundleError naming the file where it cannot be read or TensorRT refuses it.
+
+    A sidecar that matches does not make the engine file whole: it may be cut, overwritten or built by
+    another TensorRT. TensorRT then returns None and logs why (a wrong magic tag, an incompatible plan),
+    or raises; either becomes a BundleError here, at load, never at the first frame.
+    """
+    try:
+        serialized = engine_path.read_bytes()
+    except OSError as error:
+        raise BundleError(f"TensorRT engine {engine_path} cannot be read: {error.strerror or error}") from error
+    try:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    except Exception as error:  # TensorRT's bindings raise RuntimeError, TypeError, ... on a damaged plan
+        raise BundleError(f"TensorRT engine {engine_path} is damaged or not an engine ({error}); rebuild it: {rebuild}") from error
+    if engine is None:
+        reason = "; ".join(logger.errors[-3:]) or "TensorRT gave no reason"
+        raise BundleError(
+            f"TensorRT engine {engine_path} cannot be deserialized ({reason}): the file is damaged, or was built by another "
+            f"TensorRT or for another GPU; rebuild it: {rebuild}"
+        )
+    return engine
+
+
 class TensorRTBackend:
     """One engine, one execution context, one CUDA stream; device buffers sized for the profile's
     largest batch, page-locked host buffers so copies overlap nothing and never page-fault.
@@ -228,7 +274,7 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: Path):
+    def __init__(self, engine_path: Path, rebuild: str = "leukoedge export --engine --bundle BUNDLE"):
         trt = import_tensorrt()
         cuda = import_pycuda()
         self._cuda = cuda
@@ -237,10 +283,8 @@ class TensorRTBackend:
         self._one_call_at_a_time = threading.Lock()
         self._gpu_context.push()
         try:
-            self._logger = trt.Logger(trt.Logger.WARNING)
-            self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(engine_path.read_bytes())
-            if self.engine is None:
-                raise BackendUnavailableError(f"TensorRT could not deserialize {engine_path}; rebuild it for this TensorRT and GPU")
+            self._logger = _recording_logger(trt)
+            self.engine = _deserialize(trt, self._logger, engine_path, rebuild)
             self.context = self.engine.create_execution_context()
             self.stream = cuda.Stream()
             names = [self.engine.get_tensor_name(index) for index in range(self.engine.num_io_tensors)]
@@ -290,8 +334,9 @@ class TensorRTBackend:
 def open_engine(model_path: Path, precision: str) -> TensorRTBackend:
     """The cached engine for a bundle's model file at `precision`, after checking its key against this machine."""
     engine, sidecar = engine_paths(model_path, precision)
-    check_engine(engine, sidecar, current_key(model_path, precision), rebuild_command(model_path, precision))
-    return TensorRTBackend(engine)
+    rebuild = rebuild_command(model_path, precision)
+    check_engine(engine, sidecar, current_key(model_path, precision), rebuild)
+    return TensorRTBackend(engine, rebuild)
 
 
 def has_valid_engine(model_path: Path, precision: str) -> bool:

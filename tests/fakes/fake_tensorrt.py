@@ -30,7 +30,9 @@ __version__ = "10.3.0"
 _MAGIC = b"FAKETRT1"
 
 
-class Logger:
+class ILogger:
+    """The logger interface: TensorRT calls log() of a subclass (trt.Logger is TensorRT's own)."""
+
     class Severity(enum.IntEnum):
         INTERNAL_ERROR = 0
         ERROR = 1
@@ -40,7 +42,12 @@ class Logger:
 
     INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = Severity
 
-    def __init__(self, min_severity: "Logger.Severity" = Severity.WARNING):
+    def log(self, severity: "ILogger.Severity", msg: str) -> None:
+        raise NotImplementedError
+
+
+class Logger(ILogger):
+    def __init__(self, min_severity: "ILogger.Severity" = ILogger.Severity.WARNING):
         self.min_severity = min_severity
         self.messages: list[tuple[Logger.Severity, str]] = []
 

@@ -215,3 +215,45 @@ def test_an_int8_engine_is_never_built_from_a_cpu_target_file(monkeypatch: pytes
     fakes.install(monkeypatch)
     with pytest.raises(BundleError, match=r"never quantized for TensorRT.*classifier\.int8\.onnx.*UINT8.*--target tensorrt"):
         Detector.load(shipped_copy, backend="tensorrt", precision="int8")
+
+
+def _damage(engine: Path, how: str) -> None:
+    data = engine.read_bytes()
+    if how == "garbage":
+        engine.write_bytes(b"\x00" * 64 + data[64:])
+    elif how == "cut":
+        engine.write_bytes(data[:20])
+    else:  # "another-tensorrt": a whole engine, built by a TensorRT other than this one
+        engine.write_bytes(data.replace(b'"tensorrt": "10.3.0"', b'"tensorrt": "10.0.1"', 1))
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [("garbage", "Magic tag does not match"), ("cut", "damaged or not an engine"), ("another-tensorrt", "not compatible with this version")],
+)
+def test_a_damaged_or_incompatible_engine_file_behind_a_matching_sidecar_is_a_bundle_error_at_load(
+    monkeypatch: pytest.MonkeyPatch, shipped_copy: Path, how: str, says: str
+):
+    from leukoedge import Detector
+    from leukoedge.bundle import bundle_models, load_bundle
+    from leukoedge.export.tensorrt import build_engine
+
+    fakes.install(monkeypatch)
+    for model in bundle_models(load_bundle(shipped_copy).manifest):
+        build_engine(shipped_copy / f"{model}.onnx", "fp32")
+    Detector.load(shipped_copy, backend="tensorrt", precision="fp32").close()  # intact engines load
+    engine, _ = engine_paths(shipped_copy / "segmenter.onnx", "fp32")
+    _damage(engine, how)
+    with pytest.raises(BundleError, match=says) as refusal:
+        Detector.load(shipped_copy, backend="tensorrt", precision="fp32")
+    assert str(engine) in str(refusal.value) and "leukoedge export --engine" in str(refusal.value)
+
+
+def test_an_engine_file_that_cannot_be_read_is_a_bundle_error_naming_it(monkeypatch: pytest.MonkeyPatch, shipped_copy: Path):
+    from leukoedge.backends.tensorrt import TensorRTBackend
+
+    fakes.install(monkeypatch)
+    folder_not_file = shipped_copy / "engines" / "segmenter.fp32.engine"
+    folder_not_file.mkdir(parents=True)
+    with pytest.raises(BundleError, match=f"TensorRT engine {folder_not_file} cannot be read"):
+        TensorRTBackend(folder_not_file)
