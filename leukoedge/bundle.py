@@ -75,6 +75,10 @@ MAX_FILE_BYTES = 1 << 30  # any one file of a bundle; ONNX Runtime cannot parse 
 MAX_FILES = 100  # files one manifest lists
 MAX_ARCHIVE_BYTES = 2 << 30  # everything a bundle archive unpacks to, as its members declare it
 MAX_ARCHIVE_MEMBERS = 1000
+# Free space an archive's extraction must leave on its disk: a bundle unpacked onto the disk a device
+# records its sessions to must not fill it (session records, overlays and logs need room too).
+EXTRACTION_MARGIN_BYTES = 64 << 20
+_FILE_BLOCK = 4096  # what one extracted file may take beyond its bytes (its last, partly filled block)
 MAX_SIGNATURE_BYTES = 1024
 
 # Ranges of manifest values: wide for any bundle meant for a microscope camera, narrow enough that no value
@@ -690,6 +694,19 @@ def _check_member(archive: Path, name: str, size: int, totals: list[int]) -> Non
         )
 
 
+def _check_free_space(archive: Path, destination: Path, totals: list[int]) -> None:
+    """Refuse to extract `totals` ([members, bytes] as declared) where the destination's disk would keep
+    less than EXTRACTION_MARGIN_BYTES free: a full disk mid-extraction fails later and less clearly."""
+    needed = totals[1] + totals[0] * _FILE_BLOCK + EXTRACTION_MARGIN_BYTES
+    free = shutil.disk_usage(destination).free
+    if free < needed:
+        raise BundleError(
+            f"archive {archive} is refused: it unpacks to {totals[1] / 2**20:.1f} MiB, and the disk holding {destination.parent} "
+            f"has {free / 2**20:.1f} MiB free, less than that plus the {EXTRACTION_MARGIN_BYTES >> 20} MiB it must keep free; "
+            "free some space, set TMPDIR to a folder on a larger disk, or unpack the archive yourself and load the folder"
+        )
+
+
 _UNIX_FILE_TYPE = 0o170000
 _UNIX_REGULAR, _UNIX_FOLDER = 0o100000, 0o040000
 
@@ -706,6 +723,7 @@ def _extract_zip(archive: Path, destination: Path) -> None:
             if file_type not in (0, _UNIX_REGULAR, _UNIX_FOLDER):
                 raise BundleError(f"archive {archive} is refused: member {member.filename!r} is a link or special file")
         # zipfile stops each member at its declared size, so the sizes checked above bound what is written.
+        _check_free_space(archive, destination, totals)
         bundle_zip.extractall(destination)
 
 
@@ -719,6 +737,7 @@ def _extract_tar(archive: Path, destination: Path) -> None:
             members.append(member)
         # The "data" filter (Python >= 3.10.12 / 3.11.4) repeats these checks inside tarfile itself.
         safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        _check_free_space(archive, destination, totals)
         bundle_tar.extractall(destination, members=members, **safety)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import zipfile
@@ -392,6 +393,27 @@ def _archive(bundle_dir: Path, archive: Path, kind: str) -> None:
     else:
         with tarfile.open(archive, f"w:{kind}" if kind != "tar" else "w") as bundle_tar:
             bundle_tar.add(bundle_dir, arcname="leukoedge-test")
+
+
+@pytest.mark.parametrize("kind", ["zip", "gz"])
+def test_an_archive_that_would_not_fit_on_the_disk_with_a_margin_is_refused_before_extraction(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+):
+    from leukoedge.bundle import EXTRACTION_MARGIN_BYTES
+
+    archive = tmp_path / f"bundle.{kind}"
+    _archive(bundle_dir, archive, kind)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    disk = shutil.disk_usage(scratch)
+    free = {"bytes": EXTRACTION_MARGIN_BYTES}  # the margin alone: the bundle's own bytes do not fit beside it
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk._replace(free=free["bytes"]))
+    with pytest.raises(BundleError, match=r"unpacks to 0\.\d MiB.*has 64\.0 MiB free.*64 MiB it must keep free.*TMPDIR"):
+        load_bundle(archive)
+    assert list(scratch.iterdir()) == [], "nothing is extracted from a refused archive"
+    free["bytes"] = EXTRACTION_MARGIN_BYTES + (1 << 20)
+    assert load_bundle(archive).manifest == load_bundle(bundle_dir).manifest
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bit-flips"])
