@@ -188,6 +188,13 @@ def device_view(image: np.ndarray, box: Box, margin: float, rng: np.random.Gener
     return window, moved, statistics
 
 
+def device_view_crop(image: np.ndarray, box: Box, spec: PreprocessSpec, input_size: Sequence[int], margin: float, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """3xHxW crop of one cell as another microscope would show it (device_view), cut as the runtime cuts
+    it, without the other augmentations: a validation input for "does it still work on a new device"."""
+    window, moved, statistics = device_view(image, box, margin, rng, strength)
+    return prepare_crops(window, [moved], spec, input_size, margin, statistics if spec.stain_reference is not None else None)[0]
+
+
 def classification_sample(
     image: np.ndarray,
     box: Box,

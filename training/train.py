@@ -23,7 +23,7 @@ from leukoedge.preprocess.cpu import PreprocessSpec
 
 from .data import LABEL_IGNORE, LABEL_WBC
 from .models import create_model
-from .samples import classification_sample, random_crop, refiner_sample, segmentation_sample
+from .samples import classification_sample, device_view_crop, random_crop, refiner_sample, segmentation_sample
 
 log = logging.getLogger("leukoedge.training")
 
@@ -490,10 +490,21 @@ def train_classifier(
         losses = [head_loss(outputs[h], targets[h]) for h in heads if (targets[h] >= 0).any()]
         return torch.stack(losses).sum()
 
-    validation_inputs = torch.from_numpy(np.stack([sample(e, None) for e in val]))
+    validation_sets = [torch.from_numpy(np.stack([sample(e, None) for e in val]))]
+    if config.device_augment > 0 and sample is runtime_crop:
+        # Trained for other microscopes, selected for them too: the score is the mean over the validation
+        # cells as they are and as another microscope would show them (fixed draws, the same every validation).
+        validation_sets.append(
+            torch.from_numpy(
+                np.stack([
+                    device_view_crop(e.image, e.box, spec, config.input_size, crop_margin, np.random.default_rng(config.seed + i), config.device_augment)
+                    for i, e in enumerate(val)
+                ])
+            )
+        )
 
-    def validate(model: torch.nn.Module) -> float:
-        chunks = [model(validation_inputs[s : s + 256]) for s in range(0, len(val), 256)]  # one pass serves every head
+    def balanced_accuracy(evaluated: torch.nn.Module, inputs: torch.Tensor) -> float:
+        chunks = [evaluated(inputs[s : s + 256]) for s in range(0, len(val), 256)]  # one pass serves every head
         outputs = {h: torch.cat([chunk[h] for chunk in chunks]) for h in heads}
         scores = []
         for head in heads:
@@ -503,6 +514,9 @@ def train_classifier(
             if recalls:
                 scores.append(float(np.mean(recalls)))
         return float(np.mean(scores))
+
+    def validate(evaluated: torch.nn.Module) -> float:
+        return float(np.mean([balanced_accuracy(evaluated, inputs) for inputs in validation_sets]))
 
     summary = train_loop(model, config, make_batch, loss_of, validate, sample_indices, f"train {config.model}")
     return model, {"config": asdict(config), "heads": heads, "loss": loss, "pretraining": pretraining, **summary}
