@@ -111,3 +111,13 @@ def test_the_pipeline_trains_exports_and_the_runtime_refines_with_a_light_refine
     assert shapes and all(shape[1:] == (3, 64, 64) for shape in shapes)
     assert sum(shape[0] for shape in shapes) >= len(result.cells) > 0
     assert all(np.any(cell.mask) for cell in result.cells)
+
+
+def test_the_light_refiner_checkpoint_loads_as_a_64_pixel_mobile_unet() -> None:
+    from leukoedge.training.train import load_checkpoint
+
+    model, record = load_checkpoint(REPO / "models" / "checkpoints" / "light-refiner.pt")
+    assert record["config"]["model"] == "mobile_unet" and trained_input_size(record) == (64, 64)
+    assert (REPO / "models" / "checkpoints" / "light-refiner.pt").stat().st_size < 1_000_000
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
