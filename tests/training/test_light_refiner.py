@@ -121,3 +121,26 @@ def test_the_light_refiner_checkpoint_loads_as_a_64_pixel_mobile_unet() -> None:
     assert (REPO / "models" / "checkpoints" / "light-refiner.pt").stat().st_size < 1_000_000
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_a_teacher_trained_at_128_sees_its_own_crops_of_the_cells_a_64_pixel_student_learns(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from leukoedge.preprocess.cpu import PreprocessSpec
+    from leukoedge.training import data, train
+    from leukoedge.training.train import CellMaskExample, TrainConfig, train_refiner
+
+    records = data.load_records(data_root, "wbc-seg-zheng", "train")[:2]
+    examples = [CellMaskExample("wbc-seg-zheng", data.read_image(r), data.read_label_map(r), data.wbc_boxes(r)[0]) for r in records]
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(create_model("mobile_unet_xs"), {"config": {"model": "mobile_unet_xs", "input_size": [128, 128]}}, teacher)
+    seen = []
+    original = train.teacher_probabilities
+
+    def recording(model, crops, size):
+        seen.append((tuple(crops.shape[2:]), tuple(size)))
+        return original(model, crops, size)
+
+    monkeypatch.setattr(train, "teacher_probabilities", recording)
+    spec = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
+    config = TrainConfig("mobile_unet_xs", (64, 64), steps=2, batch_size=2, validate_every=2, teacher=str(teacher))
+    train_refiner(examples, examples, spec, config, 0.15)
+    assert seen == [((128, 128), (64, 64))] * 2
