@@ -363,6 +363,9 @@ SECTIONS: dict[str, Section] = {
             "classes": _names("class names (background, cytoplasm, nucleus)", SEGMENTATION_CLASSES),
             "architecture": _text("an architecture name"),
             "flops": _FLOPS,
+            # refine.cells_to_refine: cells whose field-mask uncertainty is below this keep the segmenter's masks;
+            # absent: every cell is refined (docs/performance.md, "Refining only uncertain cells")
+            "skip_below_uncertainty": _number(0.0, 1.0, optional=True),
         },
         outputs=_label_map_outputs("refiner", same_size=False),
         optional=True,

@@ -17,7 +17,7 @@ from .errors import BackendUnavailableError, LeukoedgeError
 from .frame import min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, label_map_from_probabilities
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, prepare_crops, prepare_frame
-from .refine import refine_cells
+from .refine import cells_to_refine, refine_cells
 from .domain import domain_scores, outside_domain
 from .result import BACKGROUND, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, Cell, Result, Timings, Verdict, make_verdict
 
@@ -260,7 +260,7 @@ class Detector:
             )
         if self.refiner is not None and instances:
             with _stopwatch(timings, "refine"):
-                instances, label_map = self.refine(frame, prepared, instances)
+                instances, label_map = self.refine(frame, prepared, instances, probabilities)
         return Candidates(prepared, probabilities, instances, label_map)
 
     def white_cell_probabilities(self, crops: np.ndarray) -> np.ndarray:
@@ -302,15 +302,21 @@ class Detector:
             model_version=self.bundle.model_version,
         )
 
-    def refine(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> tuple[list[CellInstance], np.ndarray]:
-        """Each cell (at least one) segmented again by the refiner from its crop (leukoedge/refine.py);
-        the cells and the frame label map painted from them."""
+    def refine(
+        self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance], probabilities: np.ndarray
+    ) -> tuple[list[CellInstance], np.ndarray]:
+        """Each cell (at least one) segmented again by the refiner from its crop (leukoedge/refine.py), or
+        only those the field segmenter's probabilities leave uncertain where the bundle says so
+        (refiner.skip_below_uncertainty; the others keep the segmenter's masks); the cells and the frame
+        label map painted from them."""
         spec = self.refiner_spec
+        chosen = cells_to_refine(probabilities, prepared.letterbox, instances, spec.get("skip_below_uncertainty"))
         crop_probabilities = [
             self.refiner.run({spec["input"]: crops})[spec["output"]]
-            for crops in self._crop_batches(frame, prepared, [cell.box for cell in instances], spec)
+            for crops in self._crop_batches(frame, prepared, [instances[index].box for index in chosen], spec)
         ]
-        return refine_cells(instances, np.concatenate(crop_probabilities), spec["crop_margin"], frame.shape[:2])
+        no_crops = np.zeros((0, len(spec["classes"]), *spec["input_size"]), np.float32)
+        return refine_cells(instances, np.concatenate(crop_probabilities) if crop_probabilities else no_crops, spec["crop_margin"], frame.shape[:2], chosen)
 
     def _crop_batches(self, frame: np.ndarray, prepared: PreparedFrame, boxes: list[Box], spec: dict) -> Iterator[np.ndarray]:
         """The cells' crops for a model of the bundle (its input size and crop margin), MAX_CELL_BATCH at a time."""

@@ -9,6 +9,9 @@ and it learns from the cells' masks alone (expert Zheng and ALL-IDB2 masks, Tale
 Its mask replaces the field segmenter's for that cell; the cells found, and their order, do not change,
 and the classifier still crops around the box the field segmenter found (CellInstance.found_box): that
 is how its training crops were cut, and crops around the tighter refined boxes cost frame verdicts.
+
+A bundle may refine only the cells the field segmenter is unsure of (manifest refiner.skip_below_uncertainty,
+cell_uncertainty below): the others keep the field segmenter's masks, as in a bundle without a refiner.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import cv2
 import numpy as np
 
 from .postprocess import CellInstance
-from .preprocess.cpu import resize, square_crop_box
+from .preprocess.cpu import Letterbox, resize, square_crop_box
 from .result import BACKGROUND, CYTOPLASM, NUCLEUS
 
 
@@ -38,6 +41,34 @@ def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, heig
     np.maximum(background, cytoplasm, out=background)
     labels[nucleus > background] = NUCLEUS
     return labels
+
+
+def cell_uncertainty(probabilities: np.ndarray, letterbox: Letterbox, instances: Sequence[CellInstance]) -> np.ndarray:
+    """Each cell's uncertainty in the field segmenter's eyes: the mean of 1 - its top class probability over
+    the cell's box at model resolution (3xHxW probabilities, the letterboxed input). Read over the box, not the
+    mask: the outline, where the segmenter hesitates, is the box's rim, and a cell only a few model pixels
+    wide is mostly rim, so small cells (which the segmenter cannot outline well) score high by themselves."""
+    hesitation = 1.0 - probabilities.max(axis=0)
+    height, width = hesitation.shape
+    uncertainty = np.empty(len(instances), np.float32)
+    for index, instance in enumerate(instances):
+        x0, y0, x1, y1 = instance.box
+        mx0 = min(max(int(np.floor(x0 * letterbox.scale)) + letterbox.pad_x, 0), width - 1)
+        my0 = min(max(int(np.floor(y0 * letterbox.scale)) + letterbox.pad_y, 0), height - 1)
+        mx1 = max(min(int(np.ceil(x1 * letterbox.scale)) + letterbox.pad_x, width), mx0 + 1)
+        my1 = max(min(int(np.ceil(y1 * letterbox.scale)) + letterbox.pad_y, height), my0 + 1)
+        uncertainty[index] = hesitation[my0:my1, mx0:mx1].mean()
+    return uncertainty
+
+
+def cells_to_refine(
+    probabilities: np.ndarray, letterbox: Letterbox, instances: Sequence[CellInstance], skip_below_uncertainty: float | None
+) -> np.ndarray:
+    """Indices of the cells the refiner segments again: every cell when skip_below_uncertainty is None (the
+    default), else those whose cell_uncertainty is at least that."""
+    if skip_below_uncertainty is None:
+        return np.arange(len(instances))
+    return np.flatnonzero(cell_uncertainty(probabilities, letterbox, instances) >= skip_below_uncertainty)
 
 
 def crop_windows(instances: Sequence[CellInstance], crop_margin: float, frame_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -94,25 +125,32 @@ def refine_instance(
 
 
 def refine_cells(
-    instances: Sequence[CellInstance], crop_probabilities: np.ndarray, crop_margin: float, frame_shape: tuple[int, int]
+    instances: Sequence[CellInstance],
+    crop_probabilities: np.ndarray,
+    crop_margin: float,
+    frame_shape: tuple[int, int],
+    chosen: np.ndarray | None = None,
 ) -> tuple[list[CellInstance], np.ndarray]:
-    """The refined cells (one per instance, same order) and the frame label map painted from them.
+    """The cells (one per instance, same order; the chosen ones refined) and the frame label map painted from them.
 
-    crop_probabilities: Nx3xSxS, the refiner's class probabilities for the instances' crops, cut with
-    prepare_crops(frame, [instance.box ...], ..., crop_margin). All work is per cell box: nothing here
-    grows with the frame but the label map it returns.
+    chosen: indices of the instances the refiner saw (cells_to_refine; None: all of them), in order; the
+    others keep the field segmenter's masks. crop_probabilities: len(chosen)x3xSxS, the refiner's class
+    probabilities for the chosen instances' crops, cut with prepare_crops(frame, [instance.box ...], ...,
+    crop_margin). A refined cell still gives up the pixels of every other cell found, refined or not. All
+    work is per cell box: nothing here grows with the frame but the label map it returns.
     """
-    if len(crop_probabilities) != len(instances):
-        raise ValueError(f"{len(crop_probabilities)} refined crops for {len(instances)} cells")
-    squares, windows = crop_windows(instances, crop_margin, frame_shape)
+    chosen = np.arange(len(instances)) if chosen is None else np.asarray(chosen, np.int64)
+    if len(crop_probabilities) != len(chosen):
+        raise ValueError(f"{len(crop_probabilities)} refined crops for {len(chosen)} cells to refine")
+    squares, windows = crop_windows([instances[index] for index in chosen], crop_margin, frame_shape)
     boxes = np.array([instance.box for instance in instances], np.int64).reshape(-1, 4)
-    # reaches[i, j]: instance j's box overlaps instance i's window, so its pixels can be in i's crop
+    # reaches[i, j]: instance j's box overlaps the window of the i-th chosen instance, so its pixels can be in that crop
     reaches = (boxes[None, :, 0] < windows[:, None, 2]) & (boxes[None, :, 2] > windows[:, None, 0])
     reaches &= (boxes[None, :, 1] < windows[:, None, 3]) & (boxes[None, :, 3] > windows[:, None, 1])
-    refined = [
-        refine_instance(index, instance, probabilities, squares[index], windows[index], window_ids(instances, np.flatnonzero(reaches[index]), windows[index]))
-        for index, (instance, probabilities) in enumerate(zip(instances, crop_probabilities))
-    ]
+    refined = list(instances)
+    for row, (index, probabilities) in enumerate(zip(chosen.tolist(), crop_probabilities)):
+        ids = window_ids(instances, np.flatnonzero(reaches[row]), windows[row])
+        refined[index] = refine_instance(index, instances[index], probabilities, squares[row], windows[row], ids)
     label_map = np.zeros(frame_shape, np.uint8)
     for cell in refined:
         x0, y0, x1, y1 = cell.box

@@ -1,15 +1,21 @@
 """Per-cell refinement (leukoedge/refine.py): the refiner's crop labels become each cell's mask, box and
-nucleus in frame pixels; neighbours are not swallowed; a cell the refiner misses keeps its field mask."""
+nucleus in frame pixels; neighbours are not swallowed; a cell the refiner misses keeps its field mask; a
+bundle may refine only the cells the field segmenter is unsure of (refiner.skip_below_uncertainty)."""
 
 from __future__ import annotations
+
+import copy
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from leukoedge import Detector
+from leukoedge.bundle import load_bundle, save_bundle
 from leukoedge.postprocess import CellInstance
-from leukoedge.preprocess.cpu import cut_padded, resize, resize_labels, square_crop_box
-from leukoedge.refine import crop_labels_in_frame_pixels, refine_cells
+from leukoedge.preprocess.cpu import cut_padded, fit_letterbox, resize, resize_labels, square_crop_box
+from leukoedge.refine import cell_uncertainty, cells_to_refine, crop_labels_in_frame_pixels, refine_cells
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
 MARGIN = 0.15
@@ -175,3 +181,84 @@ def test_a_crowded_field_refines_as_if_each_crop_saw_the_whole_frames_cells():
     reversed_cells, reversed_map = refine_cells(fields[::-1], crops[::-1], MARGIN, FRAME)
     assert [cell.box for cell in reversed_cells[::-1]] == [cell.box for cell in refined]
     assert _dice(label_map > 0, truth > 0) > 0.97
+
+
+# --- refining only the cells the field segmenter is unsure of -------------------------------------
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+def test_a_confident_cell_is_left_to_the_segmenter_and_an_uncertain_one_refined():
+    letterbox = fit_letterbox(FRAME[0], FRAME[1], (60, 80))  # model pixels are 2x2 frame pixels
+    sure, unsure = _instance(_disk_cell((40, 60), 20, 8) > 0), _instance(_disk_cell((120, 60), 20, 8) > 0)
+    probabilities = np.zeros((3, 60, 80), np.float32)
+    probabilities[0] = 1.0  # certain background everywhere ...
+    probabilities[:, 15:45, 50:70] = 1.0 / 3  # ... but over the second cell, where every class is as likely
+
+    uncertainty = cell_uncertainty(probabilities, letterbox, [sure, unsure])
+
+    assert uncertainty[0] == 0.0 and uncertainty[1] > 0.6
+    assert cells_to_refine(probabilities, letterbox, [sure, unsure], None).tolist() == [0, 1]  # absent: every cell
+    assert cells_to_refine(probabilities, letterbox, [sure, unsure], 0.5).tolist() == [1]
+    assert cells_to_refine(probabilities, letterbox, [sure, unsure], 0.0).tolist() == [0, 1]
+
+
+def test_a_cell_not_chosen_keeps_its_field_mask_and_a_refined_neighbour_keeps_off_it():
+    left, right = _disk_cell((60, 60), 22, 9), _disk_cell((100, 60), 22, 9)
+    both = np.maximum(left, right)
+    field_left, field_right = _instance(left > 0), _instance((right > 0) & (left == 0))
+
+    (kept_left, refined_right), label_map = refine_cells(
+        [field_left, field_right], _crop_probabilities(both, field_right.box)[None], MARGIN, FRAME, chosen=np.array([1])
+    )
+
+    assert kept_left is field_left  # the segmenter's instance, untouched (its classifier box too)
+    assert refined_right.found_box == field_right.box
+    assert not (_in_frame(refined_right) & _in_frame(field_left)).any()
+    assert _dice(_in_frame(refined_right), right > 0) > 0.95
+    assert np.array_equal(label_map > 0, _in_frame(kept_left) | _in_frame(refined_right))
+
+
+def _bundle_skipping_below(tmp_path: Path, threshold: float) -> Path:
+    """A copy of the shipped bundle with refiner.skip_below_uncertainty set, as docs/performance.md makes them."""
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["refiner"]["skip_below_uncertainty"] = threshold
+    out = tmp_path / f"skip-{threshold}"
+    save_bundle(out, manifest, {name: bundle.root / name for name in manifest["files"]})
+    return out
+
+
+def _sample_frame() -> np.ndarray:
+    frame = cv2.imread(str(SAMPLES / "bccd_BloodImage_00024.jpg"))
+    assert frame is not None
+    return frame
+
+
+def test_a_threshold_of_zero_refines_every_cell_exactly_as_the_shipped_bundle(tmp_path: Path):
+    frame = _sample_frame()
+    with Detector.load(DEFAULT_BUNDLE, threads=1) as shipped, Detector.load(_bundle_skipping_below(tmp_path, 0.0), threads=1) as every_cell:
+        expected, found = shipped.run(frame), every_cell.run(frame)
+    assert len(found.cells) == len(expected.cells) > 0
+    assert np.array_equal(found.label_map, expected.label_map)
+    for cell, reference in zip(found.cells, expected.cells):
+        assert cell.box == reference.box and cell.found_box == reference.found_box
+        assert np.array_equal(cell.mask, reference.mask) and np.array_equal(cell.nucleus_mask, reference.nucleus_mask)
+        assert cell.blast_probability == reference.blast_probability
+
+
+def test_confident_cells_skip_the_refiner_and_keep_the_segmenters_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    frame = _sample_frame()
+    with Detector.load(_bundle_skipping_below(tmp_path, 1.0), threads=1) as detector:  # every cell is surer than that
+        refined_batches = []
+        run_refiner = detector.refiner.run
+        monkeypatch.setattr(detector.refiner, "run", lambda inputs: refined_batches.append(inputs) or run_refiner(inputs))
+        found = detector.candidates(frame)
+        assert found.instances and not refined_batches  # the refiner never ran
+        detector.refiner_spec = {key: value for key, value in detector.refiner_spec.items() if key != "skip_below_uncertainty"}
+        every_cell = detector.candidates(frame)
+        assert len(refined_batches) == 1  # without the option it runs, on every cell
+    assert all(cell.found_box is None for cell in found.instances)  # no cell moved: the segmenter's masks
+    assert [cell.classifier_box for cell in found.instances] == [cell.classifier_box for cell in every_cell.instances]
+    assert not all(np.array_equal(a.mask, b.mask) for a, b in zip(found.instances, every_cell.instances))
