@@ -887,6 +887,7 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(
             f"refiner: {refiner['architecture']} ({refiner['file']}), input {refiner['input']!r} {refine_height}x{refine_width} per cell, "
             f"crop margin {refiner['crop_margin']}, output {refiner['output']!r}"
+            + (f"; only cells with field-mask uncertainty >= {refiner['skip_below_uncertainty']}" if "skip_below_uncertainty" in refiner else "")
         )
     if "gate" in manifest:
         gate = manifest["gate"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
-from leukoedge.bundle import load_bundle, save_bundle
+from leukoedge.bundle import describe_bundle, load_bundle, save_bundle
 from leukoedge.postprocess import CellInstance
 from leukoedge.preprocess.cpu import cut_padded, fit_letterbox, resize, resize_labels, square_crop_box
 from leukoedge.refine import cell_uncertainty, cells_to_refine, crop_labels_in_frame_pixels, refine_cells
@@ -251,6 +251,7 @@ def test_a_threshold_of_zero_refines_every_cell_exactly_as_the_shipped_bundle(tm
 def test_confident_cells_skip_the_refiner_and_keep_the_segmenters_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     frame = _sample_frame()
     with Detector.load(_bundle_skipping_below(tmp_path, 1.0), threads=1) as detector:  # every cell is surer than that
+        assert "only cells with field-mask uncertainty >= 1.0" in describe_bundle(detector.bundle)  # `leukoedge info` says so
         refined_batches = []
         run_refiner = detector.refiner.run
         monkeypatch.setattr(detector.refiner, "run", lambda inputs: refined_batches.append(inputs) or run_refiner(inputs))
