@@ -312,7 +312,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--refiner-sources",
         default=None,
         metavar="SOURCE,...",
-        help="the sources the per-cell refiner learns from (default: wbc-seg-zheng, all-idb2, all-taleqani, those of them in --segmentation-sources)",
+        help="the sources the per-cell refiner learns from (default: wbc-seg-zheng, all-idb2, all-taleqani, those of them in --segmentation-sources); bccd, txl-pbc or one of its devices (txl-pbc/bcd) add boxed cells as weak labels",
     )
     train.add_argument(
         "--classification-sources",

@@ -56,6 +56,8 @@ REFINER_INPUT_SIDES = (32, 256)
 # The refiner learns from every source with cell masks: the experts' (Zheng, ALL-IDB2) and Taleqani's weak
 # masks (as for the segmenter: "some WBC pixel" plus a nucleus share), without which it fails on fields.
 REFINER_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani")
+# Boxed white cells (data.box_label_map) the refiner may also learn from (--refiner-sources): how far a cell reaches.
+REFINER_BOX_SOURCES = ("bccd",) + BOX_SEGMENTATION_SOURCES
 CLASSIFICATION_SOURCES = ("all-idb2", "all-taleqani", "pbc", "bccd", "txl-pbc", "wbc-seg-zheng")
 # Normal smears from more labs and devices: their white cells teach the blast head what a normal cell looks
 # like under other stains and cameras (blast 0; no subtype, no WBC type: Zheng's types are unverified).
@@ -148,8 +150,9 @@ class PipelineConfig:
         self.refiner_input_size = refiner_input_side(self.refiner_input_size, self.refiner_init, self.refiner_steps)
         if self.refiner_sources is None:
             self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
-        if not self.refiner_sources or any(source not in REFINER_SOURCES for source in self.refiner_sources):
-            raise ValueError(f"the refiner learns from cell masks: refiner_sources must be some of {', '.join(REFINER_SOURCES)}; got {list(self.refiner_sources)}")
+        known = REFINER_SOURCES + REFINER_BOX_SOURCES
+        if not self.refiner_sources or any(source not in known for source in self.refiner_sources):
+            raise ValueError(f"the refiner learns from cell masks or boxed cells: refiner_sources must be some of {', '.join(known)}; got {list(self.refiner_sources)}")
         if any(source not in CLASSIFICATION_SOURCES for source in self.classification_sources) or any(
             source not in self.classification_sources for source in REQUIRED_CLASSIFICATION_SOURCES
         ):
@@ -244,13 +247,18 @@ def segmenter_label_map(
 
 
 def load_refiner_examples(config: PipelineConfig, split: str, per_source: int | None = None) -> list[CellMaskExample]:
-    """Every masked cell of the refiner's sources (expert masks, Taleqani's weak ones): image, label map, the cell's box."""
+    """Every masked or boxed cell of the refiner's sources (expert masks, Taleqani's weak ones, box labels):
+    image, label map, the cell's box. A device name (txl-pbc/bcd) takes that device's fields only."""
     examples = []
-    for source in config.refiner_sources:
-        for record in tqdm(_records(config, source, split)[:per_source], desc=f"load {source} {split} cells", leave=False):
+    for name in config.refiner_sources:
+        source = name.split("/")[0]
+        records = [record for record in _records(config, source, split) if name in (source, record.domain)]
+        for record in tqdm(records[:per_source], desc=f"load {name} {split} cells", leave=False):
             label_map = data.read_label_map(record)
+            if label_map is None:
+                continue
             image = data.read_image(record)
-            examples += [CellMaskExample(source, image, label_map, box) for box in data.wbc_boxes(record)]
+            examples += [CellMaskExample(name, image, label_map, box) for box in data.wbc_boxes(record)]
     return examples
 
 

@@ -39,7 +39,9 @@ def test_the_refiner_learns_from_the_mask_sources_the_segmenter_learns_from_unle
     assert experts.refiner_sources == ("wbc-seg-zheng", "all-idb2")
     assert PipelineConfig(tmp_path, tmp_path, refiner_sources=("all-idb2",)).refiner_sources == ("all-idb2",)
     with pytest.raises(ValueError, match="refiner_sources must be some of"):
-        PipelineConfig(tmp_path, tmp_path, refiner_sources=("bccd",))  # boxes only: no cell mask to learn
+        PipelineConfig(tmp_path, tmp_path, refiner_sources=("pbc",))  # labels per image: no cell mask or box to learn
+    boxed = PipelineConfig(tmp_path, tmp_path, refiner_sources=("wbc-seg-zheng", "bccd", "txl-pbc/bcd"))  # boxed cells: how far a cell reaches
+    assert boxed.refiner_sources == ("wbc-seg-zheng", "bccd", "txl-pbc/bcd")
     with pytest.raises(ValueError, match="refiner_sources must be some of"):
         PipelineConfig(tmp_path, tmp_path, segmentation_sources=("bccd",))
 
@@ -75,3 +77,15 @@ def test_the_segmenter_can_learn_one_txl_pbc_device_without_moving_the_stain_ref
     assert bcd and len(box_examples) == len(mask_examples) + len(bcd)  # raabin's fields stay out
     # Every model of a bundle reads frames normalized to the reference: more segmenter fields must not move it.
     assert preprocess_spec(boxes, box_examples).stain_reference == preprocess_spec(masks, mask_examples).stain_reference
+
+
+def test_the_refiner_learns_boxed_cells_of_one_device_with_their_box_labels(data_root: Path, tmp_path: Path) -> None:
+    from leukoedge.training.pipeline import load_refiner_examples
+
+    config = PipelineConfig(data_root, tmp_path, quick=True, refiner_sources=("wbc-seg-zheng", "txl-pbc/bcd"))
+    examples = load_refiner_examples(config, "train")
+    bcd = [example for example in examples if example.source == "txl-pbc/bcd"]
+    assert bcd and {example.source for example in examples} == {"wbc-seg-zheng", "txl-pbc/bcd"}
+    for example in bcd:
+        x0, y0, x1, y1 = example.box
+        assert example.label_map[(y0 + y1) // 2, (x0 + x1) // 2] == data.LABEL_WBC  # the box's core: white cell
