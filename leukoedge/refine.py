@@ -52,11 +52,7 @@ def cell_uncertainty(probabilities: np.ndarray, letterbox: Letterbox, instances:
     height, width = hesitation.shape
     uncertainty = np.empty(len(instances), np.float32)
     for index, instance in enumerate(instances):
-        x0, y0, x1, y1 = instance.box
-        mx0 = min(max(int(np.floor(x0 * letterbox.scale)) + letterbox.pad_x, 0), width - 1)
-        my0 = min(max(int(np.floor(y0 * letterbox.scale)) + letterbox.pad_y, 0), height - 1)
-        mx1 = max(min(int(np.ceil(x1 * letterbox.scale)) + letterbox.pad_x, width), mx0 + 1)
-        my1 = max(min(int(np.ceil(y1 * letterbox.scale)) + letterbox.pad_y, height), my0 + 1)
+        mx0, my0, mx1, my1 = letterbox.box_to_model(instance.box, width, height)
         uncertainty[index] = hesitation[my0:my1, mx0:mx1].mean()
     return uncertainty
 

@@ -207,14 +207,18 @@ def _records(config: PipelineConfig, source: str, split: str) -> list[data.Recor
     return config.limit(data.load_records(config.data_root, source, split))
 
 
+def _named_records(config: PipelineConfig, name: str, split: str) -> list[data.Record]:
+    """The records a source name stands for: the whole source, or one device of it (txl-pbc/bcd)."""
+    source = name.split("/")[0]
+    return [record for record in _records(config, source, split) if name in (source, record.domain)]
+
+
 def load_segmentation_examples(config: PipelineConfig, split: str, per_source: int | None = None) -> list[SegmentationExample]:
     """Images with label maps; per_source caps each source (validation during training needs only a sample).
     A device name (txl-pbc/bcd) takes that device's fields only, and names the examples (balanced sampling)."""
     examples = []
     for name in config.segmentation_sources:
-        source = name.split("/")[0]
-        records = [record for record in _records(config, source, split) if name in (source, record.domain)]
-        for record in tqdm(records[:per_source], desc=f"load {name} {split}", leave=False):
+        for record in tqdm(_named_records(config, name, split)[:per_source], desc=f"load {name} {split}", leave=False):
             label_map = data.read_label_map(record)
             if label_map is not None:
                 examples.append(SegmentationExample(name, data.read_image(record), label_map))
@@ -251,9 +255,7 @@ def load_refiner_examples(config: PipelineConfig, split: str, per_source: int | 
     image, label map, the cell's box. A device name (txl-pbc/bcd) takes that device's fields only."""
     examples = []
     for name in config.refiner_sources:
-        source = name.split("/")[0]
-        records = [record for record in _records(config, source, split) if name in (source, record.domain)]
-        for record in tqdm(records[:per_source], desc=f"load {name} {split} cells", leave=False):
+        for record in tqdm(_named_records(config, name, split)[:per_source], desc=f"load {name} {split} cells", leave=False):
             label_map = data.read_label_map(record)
             if label_map is None:
                 continue

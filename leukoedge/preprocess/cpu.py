@@ -92,6 +92,16 @@ class Letterbox:
             min(self.frame_height, fy1),
         )
 
+    def box_to_model(self, box: Box, model_width: int, model_height: int) -> Box:
+        """Map an (x0, y0, x1, y1) box from frame pixels to model input pixels (box_to_frame's inverse), clipped
+        to the model input and at least one pixel wide and high."""
+        x0, y0, x1, y1 = box
+        mx0 = min(max(int(np.floor(x0 * self.scale)) + self.pad_x, 0), model_width - 1)
+        my0 = min(max(int(np.floor(y0 * self.scale)) + self.pad_y, 0), model_height - 1)
+        mx1 = max(min(int(np.ceil(x1 * self.scale)) + self.pad_x, model_width), mx0 + 1)
+        my1 = max(min(int(np.ceil(y1 * self.scale)) + self.pad_y, model_height), my0 + 1)
+        return mx0, my0, mx1, my1
+
 
 def fit_letterbox(frame_height: int, frame_width: int, input_size: Sequence[int]) -> Letterbox:
     """The largest aspect-preserving placement of a frame inside input_size (H, W), centred."""
