@@ -6,8 +6,9 @@ validated domain". What is NOT changed, and why:
 - the stain reference: every frame is already normalized to it with its own statistics (Reinhard), which
   is what maps a new stain onto what the models learned; moving the reference would move every model's input;
 - the uncertainty threshold: a segmenter that is unsure of a device's fields stays unsure after adaptation;
-  only labelled fine-tuning (not available yet) can change that, so such frames stay refused;
-- the models' weights (no labels).
+  without labels nothing shows that its answers there are right, so such frames stay refused;
+- the models' weights (no labels). With a few dozen labelled frames, `leukoedge adapt --labels` fine-tunes the
+  gate and the classifier and widens the uncertainty threshold (training/adapt.py).
 A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
 of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
 prints how many held-back frames each bundle flags, for a person to look at (a field kit session's review).
@@ -79,9 +80,12 @@ def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
     )
 
 
-def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed: int = 0) -> dict[str, Any]:
+def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed: int = 0, labelled: bool = False) -> dict[str, Any]:
     """The domain section with the device's frames among the colour references (the spread is kept, so
-    distances stay comparable) and the colour threshold raised to cover the device's own spread if needed."""
+    distances stay comparable) and the colour threshold raised to cover the device's own spread if needed.
+    labelled: the frames' boxes were learnt and the result checked on held-back labelled frames
+    (training/adapt.py), so the uncertainty threshold is raised to cover the device's frames too, by the rule
+    it was fitted with (domain.fit_domain)."""
     adapted = copy.deepcopy(domain)
     device = np.array([measure.colour for measure in fitted])
     rng = np.random.default_rng(seed)
@@ -94,13 +98,20 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
     np.fill_diagonal(distances, np.inf)
     own = float(np.quantile(distances.min(axis=1), THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
     adapted["max_colour_distance"] = max(float(domain["max_colour_distance"]), own)
+    if labelled:
+        uncertainty = np.array([measure.uncertainty for measure in fitted])
+        adapted["max_uncertainty"] = max(float(domain["max_uncertainty"]), float(np.quantile(uncertainty, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN))
     return adapted
 
 
-def _split(names: Sequence[str], hold_back: float) -> np.ndarray:
-    """True for held-back frames: chosen by a hash of the name, so reruns hold back the same frames."""
+def held_back(names: Sequence[str], share: float = DEFAULT_HOLD_BACK) -> np.ndarray:
+    """True for held-back frames: chosen by a hash of the name, so reruns hold back the same frames; every fifth
+    frame where the hash holds back none or all of them (too few frames)."""
     scores = np.array([int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for name in names])
-    return scores < hold_back
+    held = scores < share
+    if held.all() or not held.any():
+        held = np.arange(len(names)) % 5 == 0
+    return held
 
 
 def adapt_bundle(
@@ -121,9 +132,7 @@ def adapt_bundle(
     if domain is None:
         raise AdaptationRefused(f"bundle {detector.bundle.name} has no domain check to adapt (made before 0.2.0); retrain it")
     measures = [measure(detector, frame) for frame in frames]
-    held = _split(names, hold_back)
-    if held.all() or not held.any():
-        held = np.arange(len(frames)) % 5 == 0  # too few frames for the hash to split: every fifth
+    held = held_back(names, hold_back)
     adapted = adapted_domain(domain, [m for m, h in zip(measures, held) if not h])
     after = [
         bool(outside_domain(adapted, {"colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty}))

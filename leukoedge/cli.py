@@ -345,11 +345,31 @@ def command_adapt(args: argparse.Namespace) -> int:
     if args.out.resolve() == args.bundle.resolve():
         print("error: --out must be another folder than --bundle", file=sys.stderr)
         return 2
+    if args.labels is not None:
+        return adapt_with_labels(args, paths)
     frames = [read_image(path) for path in paths]
     report = adapt_bundle(args.bundle, frames, [path.name for path in paths], args.out, hold_back=args.hold_back, channel_order=args.channel_order)
     print("\n".join(report.lines()))
     if report.written:
         print(f"adapted bundle written to {args.out}")
+        return 0
+    return 1
+
+
+def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
+    """`leukoedge adapt --labels`: fine-tune the gate and classifier on the device's boxed frames (needs [train])."""
+    if args.data is None:
+        print("error: --labels needs --data: the training data replayed beside the device's frames, so the models do not forget it", file=sys.stderr)
+        return 2
+    from .training.adapt import LabelledRecipe, adapt_bundle_with_labels, read_labelled_frames
+
+    frames = read_labelled_frames(paths, args.labels, read_image)
+    print(f"{len(frames)} of {len(paths)} frames have a box file in {args.labels}")
+    recipe = LabelledRecipe(gate_steps=args.steps, classifier_steps=args.steps)
+    report = adapt_bundle_with_labels(args.bundle, frames, args.out, args.data, recipe, args.checkpoints, args.channel_order)
+    print("\n".join(report.lines()))
+    if report.written:
+        print(f"adapted bundle written to {args.out} (FP32: rerun `leukoedge calibrate` for INT8)")
         return 0
     return 1
 
@@ -470,12 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--max-growth-mb", type=float, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
     soak.set_defaults(handler=command_soak)
 
-    adapt = commands.add_parser("adapt", help="adapt a bundle's domain check to a new microscope from its unlabelled frames")
+    adapt = commands.add_parser("adapt", help="adapt a bundle to a new microscope: its domain check from unlabelled frames; with --labels, its gate and classifier too")
     adapt.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle to adapt (default: %(default)s)")
     adapt.add_argument("--frames", type=Path, required=True, help="folder of 20-500 frames of the new microscope (images)")
     adapt.add_argument("--out", type=Path, required=True, help="where to write the adapted bundle")
     adapt.add_argument("--hold-back", type=float, default=0.2, help="share of the frames kept out of the fit to check the result (default: %(default)s)")
     adapt.add_argument("--channel-order", choices=("BGR", "RGB"), default="BGR", help="channel order of the frames as read (default: %(default)s)")
+    adapt.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="folder of box files for some frames of NORMAL smears (<frame stem>.xml Pascal VOC or .txt YOLO: WBC, RBC, Platelets): "
+        "fine-tune the gate and classifier on them (needs [train], --data and the training checkpoints)",
+    )
+    adapt.add_argument("--data", type=Path, default=None, help="--labels: the training data folder, replayed so the models keep what they learnt")
+    adapt.add_argument("--checkpoints", type=Path, default=None, help="--labels: folder of <bundle>-classifier.pt and <bundle>-gate.pt (default: beside the bundle)")
+    adapt.add_argument("--steps", type=positive_int, default=300, help="--labels: fine-tuning steps of each model (default: %(default)s)")
     adapt.set_defaults(handler=command_adapt)
 
     from .training.cli import add_training_commands  # no torch: each training command imports it when it runs

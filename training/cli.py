@@ -190,11 +190,19 @@ def command_gate(args: argparse.Namespace) -> int:
 
     recipe = GateRecipe(steps=args.steps, train_per_source=args.train_per_source, eval_split=args.split, eval_per_source=args.eval_per_source)
     if args.leave_out:
-        rows = leave_one_source_out(args.data, args.bundle, args.leave_out, recipe, cache=args.cache)
-        for adapted in (False, True):
-            title = "after `leukoedge adapt` with the left-out device's unlabelled training fields" if adapted else "left out of the gate and the domain check"
+        rows = leave_one_source_out(args.data, args.bundle, args.leave_out, recipe, cache=args.cache, labelled_frames=args.labelled_frames)
+        titles = {
+            False: "left out of the gate and the domain check",
+            True: "after `leukoedge adapt` with the left-out device's unlabelled training fields",
+            "labelled": f"after `leukoedge adapt --labels` with {args.labelled_frames} of the left-out device's boxed training fields",
+        }
+        for adapted, title in titles.items():
             chosen = [{**row, "domain": f"{row['domain']} (gate threshold {row['gate_threshold']:.2f})"} for row in rows if row["adapted"] == adapted]
-            print(format_table(chosen, title) + "\n")
+            if chosen:
+                print(format_table(chosen, title) + "\n")
+        for row in rows:
+            if row["adapted"] == "labelled":
+                print(f"labelled adaptation to {row['left_out']} (its own held-back check):\n  " + "\n  ".join(row["report"].lines()) + "\n")
         print("same-source figures: leukoedge evaluate (its 'Only white cells are cells' table)")
         return 0
     if args.out is None:
@@ -354,6 +362,9 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     gate.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle whose segmenter proposes the cells (default: %(default)s)")
     gate.add_argument("--out", type=Path, default=None, help="where to write the bundle with the gate (another folder than --bundle)")
     gate.add_argument("--leave-out", nargs="+", default=None, metavar="SOURCE", help="print figures with each of these sources/devices left out (e.g. txl-pbc/raabin bccd) instead of writing a bundle")
+    gate.add_argument(
+        "--labelled-frames", type=int, default=0, metavar="N", help="with --leave-out: also the figures after `leukoedge adapt --labels` with N boxed training fields of each left-out device (default: %(default)s, none)"
+    )
     gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
     gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")
     gate.add_argument("--split", choices=("val", "test"), default="test", help="split of the figures (default: %(default)s)")

@@ -384,13 +384,23 @@ def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, 
     return boxes
 
 
+def read_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
+    """Boxes per object class (BOX_CLASSES) from a labelling tool's file: Pascal VOC XML (`.xml`, object names
+    WBC, RBC, Platelets, as BCCD's) or YOLO text (`.txt`, classes 0 WBC, 1 RBC, 2 Platelets, as TXL-PBC's)."""
+    label_path = Path(label_path)
+    if label_path.suffix.lower() == ".xml":
+        return _bccd_boxes(label_path, image_shape)
+    if label_path.suffix.lower() == ".txt":
+        return _txl_pbc_boxes(label_path, image_shape)
+    raise ValueError(f"{label_path}: expected a Pascal VOC .xml or a YOLO .txt box file")
+
+
 def object_boxes(record: Record) -> dict[str, list[Box]]:
     """Boxes per object class (BOX_CLASSES: WBC, RBC, Platelets) of a BCCD or TXL-PBC field; {} for
     other sources and unannotated fields."""
     if record.label_path is None or record.source not in BOX_SOURCES:
         return {}
-    shape = read_image(record).shape
-    return _bccd_boxes(record.label_path, shape) if record.source == "bccd" else _txl_pbc_boxes(record.label_path, shape)
+    return read_boxes(record.label_path, read_image(record).shape)
 
 
 BOX_CORE = 0.7  # the ellipse inscribed in a WBC box, shrunk to this share of its axes: white cell for sure

@@ -82,6 +82,14 @@ def label_proposals(record: data.Record, proposals: Sequence[data.Box], frame_sh
         return [central_label if index == centre_index else 0 for index in range(len(proposals))]
     if record.source == "all-taleqani":
         return [1 if value >= WEAK_POSITIVE_IOU else None for value in best]
+    return labels_from_boxes(proposals, truth)
+
+
+def labels_from_boxes(proposals: Sequence[data.Box], truth: Sequence[data.Box]) -> list[int | None]:
+    """For a field whose white cells are all boxed: 1 for a proposal matching a box, None for a fragment of
+    one (its centre inside a box), 0 for the rest."""
+    iou = box_iou(proposals, truth)
+    best = iou.max(axis=1) if len(truth) else np.zeros(len(proposals))
     labels: list[int | None] = []
     for index, box in enumerate(proposals):
         if best[index] >= POSITIVE_IOU:
@@ -112,21 +120,42 @@ def _proposal_at(proposals: Sequence[data.Box], point: tuple[float, float]) -> i
 def field_examples(detector: Detector, record: data.Record, frame: np.ndarray, scale: float, rng: np.random.Generator) -> GateExamples:
     """The gate's examples from one (possibly augmented and rescaled) field."""
     found = detector.candidates(frame)
-    prepared = found.prepared
-    boxes = [instance.classifier_box for instance in found.instances]
-    labels = label_proposals(record, boxes, frame.shape[:2], scale)
-    chosen = [(box, label) for box, label in zip(boxes, labels) if label is not None]
-    annotated = data.object_boxes(record)
+    proposals = [instance.classifier_box for instance in found.instances]
+    labels = label_proposals(record, proposals, frame.shape[:2], scale)
+    annotated = {name: [tuple(int(round(v * scale)) for v in box) for box in boxes] for name, boxes in data.object_boxes(record).items()}
+    return _examples_of(detector, frame, found.prepared, proposals, labels, annotated, record.domain, rng)
+
+
+def boxed_field_examples(detector: Detector, frame: np.ndarray, boxes: dict[str, list[data.Box]], domain: str, rng: np.random.Generator) -> GateExamples:
+    """The gate's examples from a field of any microscope whose objects are boxed (data.read_boxes)."""
+    found = detector.candidates(frame)
+    proposals = [instance.classifier_box for instance in found.instances]
+    return _examples_of(detector, frame, found.prepared, proposals, labels_from_boxes(proposals, boxes.get("WBC", [])), boxes, domain, rng)
+
+
+def _examples_of(
+    detector: Detector,
+    frame: np.ndarray,
+    prepared,
+    proposals: Sequence[data.Box],
+    labels: Sequence[int | None],
+    annotated: dict[str, list[data.Box]],
+    domain: str,
+    rng: np.random.Generator,
+) -> GateExamples:
+    """Crops of the labelled proposals, plus the annotated white cells and up to MAX_BOX_NEGATIVES_PER_FIELD
+    annotated red cells and platelets, cut as the classifier's crops."""
+    chosen = [(box, label) for box, label in zip(proposals, labels) if label is not None]
     if annotated:
-        chosen += [(tuple(int(round(v * scale)) for v in box), 1) for box in annotated["WBC"]]
-        others = annotated["RBC"] + annotated["Platelets"]
+        chosen += [(box, 1) for box in annotated.get("WBC", [])]
+        others = annotated.get("RBC", []) + annotated.get("Platelets", [])
         for index in rng.permutation(len(others))[:MAX_BOX_NEGATIVES_PER_FIELD]:
-            chosen.append((tuple(int(round(v * scale)) for v in others[index]), 0))
+            chosen.append((others[index], 0))
     if not chosen:
         return GateExamples.concatenate([])
     spec = detector.classifier_spec
     crops = prepare_crops(frame, [box for box, _ in chosen], detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order)
-    return GateExamples(crops.astype(np.float16), np.array([label for _, label in chosen], np.int64), np.array([record.domain] * len(chosen), object))
+    return GateExamples(crops.astype(np.float16), np.array([label for _, label in chosen], np.int64), np.array([domain] * len(chosen), object))
 
 
 def collect_examples(
@@ -297,12 +326,16 @@ class GateRecipe:
     seed: int = 0
 
 
-def leave_one_source_out(data_root: Path, bundle: Path, left_out: Sequence[str], recipe: GateRecipe, cache: Path | None = None) -> list[dict]:
+def leave_one_source_out(
+    data_root: Path, bundle: Path, left_out: Sequence[str], recipe: GateRecipe, cache: Path | None = None, labelled_frames: int = 0
+) -> list[dict]:
     """For each left-out source/device: the gate and domain check fitted without it, the detector's
-    figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields. Rows as
-    training/detection.detection_figures plus "left_out" and "adapted". The bundle's classifier should have
-    been trained without the left-out source too (leukoedge train --classification-sources); same-source
-    figures are `leukoedge evaluate`'s."""
+    figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields, and with
+    labelled_frames > 0 after `leukoedge adapt --labels` with that many of its boxed training fields (the bundle's
+    classifier checkpoint beside it, training/torch_backend.checkpoint_paths). Rows as
+    training/detection.detection_figures plus "left_out" and "adapted" (False, True or "labelled"). The bundle's
+    classifier should have been trained without the left-out source too (leukoedge train
+    --classification-sources); same-source figures are `leukoedge evaluate`'s."""
     from leukoedge.adapt import FrameMeasure, adapted_domain
 
     from .detection import detection_figures, normal_records
@@ -326,7 +359,30 @@ def leave_one_source_out(data_root: Path, bundle: Path, left_out: Sequence[str],
         detector.domain_spec = adapted_domain(detector.domain_spec, [FrameMeasure(c, u, False, False) for c, u in zip(device.colour, device.uncertainty)])
         for row in detection_figures(detector, fields, f"adapted to {source}"):
             rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})
+        if labelled_frames:
+            rows += _labelled_rows(detector, model, data_root, bundle, source, kept_train, kept_val, fields, labelled_frames, recipe)
     return rows
+
+
+def _labelled_rows(detector, gate, data_root, bundle, source, kept_train, kept_val, fields, count, recipe) -> list[dict]:
+    """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source`."""
+    from .adapt import LabelledFrame, LabelledRecipe, Replay, adapt_models, apply, replay_cells
+    from .detection import detection_figures
+    from .torch_backend import checkpoint_paths, verified_model
+
+    adapt_recipe = LabelledRecipe(seed=recipe.seed)
+    records = [r for r in records_per_domain(data_root, "train", [source.split("/")[0]]) if r.domain.startswith(source) and r.label_path is not None][:count]
+    frames = [LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
+    classifier = verified_model(detector.bundle, "classifier", checkpoint_paths(bundle, models=("classifier",))["classifier"])
+    replay = Replay(kept_train, kept_val, replay_cells(detector, data_root, adapt_recipe.replay_per_source, leave_out=source))
+    original = (detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec)
+    adapted = adapt_models(detector, classifier, gate, frames, replay, data_root, adapt_recipe, domain_name=source)
+    log.info("labelled adaptation to %s:\n%s", source, "\n".join(adapted.report.lines()))
+    try:
+        rows = detection_figures(apply(detector, adapted), fields, f"adapted with labels to {source}")
+    finally:
+        detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec = original
+    return [{**row, "left_out": source, "adapted": "labelled", "gate_threshold": adapted.gate_threshold, "report": adapted.report} for row in rows]
 
 
 def flag_fraction_with_gate(detector: Detector, data_root: Path) -> tuple[float, dict]:

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,30 +278,38 @@ def _cell_records(config: PipelineConfig, source: str, split: str) -> list[data.
 
 
 def load_cell_examples(config: PipelineConfig, split: str, segmenter: torch.nn.Module, spec: PreprocessSpec) -> tuple[list[CellExample], dict]:
-    """Cells with their targets, from config.classification_sources. Boxes: ALL-IDB2 from the expert mask;
-    Taleqani and PBC from the segmenter, as at run time (data.MARKED_CELL_SOURCES). Every cell of a
+    """Cells with their targets, from config.classification_sources (see cell_examples)."""
+    return cell_examples(lambda source: _cell_records(config, source, split), lambda image: segmenter_boxes(segmenter, image, spec), split)
+
+
+def cell_examples(
+    records_of: Callable[[str], list[data.Record]], boxes_of: Callable[[np.ndarray], list[tuple[int, int, int, int]]], split: str
+) -> tuple[list[CellExample], dict]:
+    """Cells with their targets from each classification source's records (`records_of(source)`). Boxes: ALL-IDB2
+    from the expert mask; Taleqani and PBC from the field segmenter (`boxes_of(image)`), as at run time
+    (data.MARKED_CELL_SOURCES); the normal-cell sources from their annotated WBC boxes. Every cell of a
     Taleqani field takes the field's labels. Returns the examples and per-source counts."""
     examples: list[CellExample] = []
     counts: dict[str, int] = {}
     missed_pbc = 0
-    for record in tqdm(_cell_records(config, "all-idb2", split), desc=f"cells all-idb2 {split}", leave=False):
+    for record in tqdm(records_of("all-idb2"), desc=f"cells all-idb2 {split}", leave=False):
         image = data.read_image(record)
         box = central_box(data.wbc_boxes(record), image.shape)
         if box is not None:
             examples.append(CellExample("all-idb2", image, box, {"blast": record.blast}))
-    for record in tqdm(_cell_records(config, "all-taleqani", split), desc=f"cells all-taleqani {split}", leave=False):
+    for record in tqdm(records_of("all-taleqani"), desc=f"cells all-taleqani {split}", leave=False):
         image = data.read_image(record)
-        for box in segmenter_boxes(segmenter, image, spec):
+        for box in boxes_of(image):
             examples.append(CellExample("all-taleqani", image, box, {"blast": record.blast, "subtype": SUBTYPES.index(record.subtype)}))
-    for record in tqdm(_cell_records(config, "pbc", split), desc=f"cells pbc {split}", leave=False):
+    for record in tqdm(records_of("pbc"), desc=f"cells pbc {split}", leave=False):
         image = data.read_image(record)
-        box = central_box(segmenter_boxes(segmenter, image, spec), image.shape)
+        box = central_box(boxes_of(image), image.shape)
         if box is None:
             missed_pbc += 1
             continue
         examples.append(CellExample("pbc", image, box, {"blast": 0, "wbc_type": WBC_TYPES.index(record.wbc_type)}))
     for source in NORMAL_CELL_SOURCES:
-        for record in tqdm(_cell_records(config, source, split), desc=f"cells {source} {split}", leave=False):
+        for record in tqdm(records_of(source), desc=f"cells {source} {split}", leave=False):
             image = data.read_image(record)
             examples.extend(CellExample(record.domain, image, box, {"blast": 0}) for box in data.wbc_boxes(record))
     for example in examples:

@@ -61,17 +61,24 @@ def _as_backend(bundle: Bundle, model: str, module: torch.nn.Module) -> TorchBac
     spec = bundle.manifest[model]
     if model in ("segmenter", "refiner"):
         return TorchBackend(SegmenterWithSoftmax(module), spec["input"], [spec["output"]])
+    if model == "gate":
+        from .gate import GATE_HEAD
+
+        return TorchBackend(ClassifierWithSoftmax(module, [GATE_HEAD]), spec["input"], [spec["output"]])
     return TorchBackend(ClassifierWithSoftmax(module, list(spec["heads"])), spec["input"], [head["output"] for head in spec["heads"].values()])
 
 
 def verified_model(bundle: Bundle, model: str, checkpoint: Path) -> torch.nn.Module:
-    """The `model` ("segmenter", "refiner" or "classifier") of `bundle` rebuilt from its training checkpoint, in eval
-    mode; LeukoedgeError when the checkpoint is missing or its outputs differ from the bundle's ONNX file."""
+    """The `model` ("segmenter", "refiner", "classifier" or "gate") of `bundle` rebuilt from its training checkpoint, in
+    eval mode; LeukoedgeError when the checkpoint is missing or its outputs differ from the bundle's ONNX file."""
     _require_files([checkpoint])
-    model_kwargs = {}
-    if model == "classifier":
-        model_kwargs["head_classes"] = {name: len(spec["classes"]) for name, spec in bundle.manifest["classifier"]["heads"].items()}
-    module, _ = load_checkpoint(checkpoint, **model_kwargs)
+    if model == "gate":
+        module = _gate_module(bundle, checkpoint)
+    else:
+        model_kwargs = {}
+        if model == "classifier":
+            model_kwargs["head_classes"] = {name: len(spec["classes"]) for name, spec in bundle.manifest["classifier"]["heads"].items()}
+        module, _ = load_checkpoint(checkpoint, **model_kwargs)
     backend = _as_backend(bundle, model, module)
     height, width = bundle.manifest[model]["input_size"]
     probe = {backend.input_names[0]: np.random.default_rng(0).normal(0.0, 1.0, (1, 3, height, width)).astype(np.float32)}
@@ -82,6 +89,16 @@ def verified_model(bundle: Bundle, model: str, checkpoint: Path) -> torch.nn.Mod
             f"checkpoint {checkpoint} is not the {model} of bundle {bundle.name}: its outputs differ from the ONNX file's by {difference:.3g}"
         )
     return module
+
+
+def _gate_module(bundle: Bundle, checkpoint: Path) -> torch.nn.Module:
+    """The gate as training/gate.build_gated_bundle saved it: gate_cnn's weights, its one head named in the JSON."""
+    from .gate import GATE_HEAD
+    from .models.classifiers import gate_cnn
+
+    module = gate_cnn({GATE_HEAD: len(bundle.manifest["gate"]["classes"])})
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return module.eval()
 
 
 def torch_backends(bundle: Bundle, checkpoints: dict[str, Path], threads: int | None = None) -> dict[str, TorchBackend]:

@@ -1,0 +1,133 @@
+"""`leukoedge adapt --labels`: the gate and classifier fine-tuned on a new microscope's boxed frames of normal smears."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="labelled adaptation fine-tunes PyTorch models (training extra)")
+
+from leukoedge import Detector  # noqa: E402
+from leukoedge.adapt import AdaptationRefused, FrameMeasure, adapted_domain  # noqa: E402
+from leukoedge.bundle import load_bundle  # noqa: E402
+from leukoedge.cli import main  # noqa: E402
+from leukoedge.training import adapt as labelled  # noqa: E402
+from leukoedge.training import data  # noqa: E402
+from leukoedge.training.detection import records_per_domain  # noqa: E402
+from leukoedge.training.gate import GateExamples, train_gate, wbc_probabilities  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = labelled.LabelledRecipe(gate_steps=4, classifier_steps=4, batch_size=8, replay_per_source=2, val_per_source=2, verdict_fields=8)
+
+
+def _row(flagged: int = 0, refused: float = 0.0, recall: float = 0.8, precision: float = 0.8) -> dict:
+    return {"flagged": flagged, "refused_rate": refused, "box_recall": recall, "box_precision": precision}
+
+
+def test_a_bundle_is_worse_if_it_flags_refuses_or_misses_more_or_loses_taleqani() -> None:
+    assert labelled.problems_of(_row(), _row(), 0.97, 0.965) == []
+    assert labelled.problems_of(_row(flagged=2), _row(flagged=1, recall=0.805), 0.97, 0.97) == []
+    assert "flags 1" in labelled.problems_of(_row(), _row(flagged=1), 0.97, 0.97)[0]
+    assert "refuses" in labelled.problems_of(_row(refused=0.1), _row(refused=0.2), 0.97, 0.97)[0]
+    assert "box F1" in labelled.problems_of(_row(), _row(recall=0.7), 0.97, 0.97)[0]
+    assert "Taleqani" in labelled.problems_of(_row(), _row(), 0.97, 0.95)[0]
+
+
+def test_labelled_adaptation_widens_the_uncertainty_threshold_unlabelled_does_not() -> None:
+    domain = {"colour_references": [[70.0, 5, 0, 8, 8, 10]] * 4, "colour_spread": [1.0] * 6, "max_colour_distance": 2.0, "max_uncertainty": 0.1}
+    frames = [FrameMeasure(np.array([60.0 + i, 5, 0, 8, 8, 10]), 0.2 + 0.01 * i, False, False) for i in range(10)]
+    assert adapted_domain(domain, frames)["max_uncertainty"] == 0.1
+    widened = adapted_domain(domain, frames, labelled=True)["max_uncertainty"]
+    assert widened > 0.29  # covers every fitted frame's uncertainty
+    calm = [FrameMeasure(f.colour, 0.01, False, False) for f in frames]
+    assert adapted_domain(domain, calm, labelled=True)["max_uncertainty"] == 0.1  # never narrowed
+
+
+def test_frames_pair_with_box_files_by_stem_and_frames_without_one_are_left_out(tmp_path: Path) -> None:
+    frames_dir, labels_dir = tmp_path / "frames", tmp_path / "labels"
+    frames_dir.mkdir()
+    labels_dir.mkdir()
+    for name in ("a", "b", "c"):
+        cv2.imwrite(str(frames_dir / f"{name}.png"), np.full((100, 200, 3), 200, np.uint8))
+    (labels_dir / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.1 0.1\n")
+    (labels_dir / "b.xml").write_text(
+        "<annotation><object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>"
+    )
+    frames = labelled.read_labelled_frames(sorted(frames_dir.iterdir()), labels_dir, lambda path: cv2.imread(str(path)))
+    assert [frame.name for frame in frames] == ["a.png", "b.png"]
+    assert frames[0].boxes["WBC"] == [(80, 30, 120, 70)] and len(frames[0].boxes["RBC"]) == 1
+    assert frames[1].boxes["WBC"] == [(10, 20, 40, 50)]
+    with pytest.raises(ValueError, match="VOC .xml or a YOLO .txt"):
+        data.read_boxes(tmp_path / "a.json", (10, 10, 3))
+
+
+def _crops(rng: np.random.Generator, count: int, centre: float, tint: float = 0.0) -> np.ndarray:
+    crops = rng.normal(0, 0.3, size=(count, 3, 64, 64)).astype(np.float32)
+    crops[:, :, 16:48, 16:48] += centre
+    crops[:, 0] += tint  # a colour cast: redder, less blue
+    crops[:, 2] -= tint
+    return crops.astype(np.float16)
+
+
+def test_fine_tuning_the_gate_learns_the_device_and_keeps_the_training_sources() -> None:
+    rng = np.random.default_rng(0)
+    replay = GateExamples(np.concatenate([_crops(rng, 80, 0.0), _crops(rng, 80, -1.5)]), np.repeat([0, 1], 80), np.array(["a", "b"] * 80, object))
+    gate = train_gate(replay, steps=40, batch_size=32)
+    # The device's red cells look like the training sources' white cells (a dark centre) but are tinted.
+    device = GateExamples(np.concatenate([_crops(rng, 40, -1.5, tint=1.0), _crops(rng, 40, -1.5)]), np.repeat([0, 1], 40), np.array(["device"] * 80, object))
+    device_red = device.crops[device.labels == 0]
+    assert wbc_probabilities(gate, device_red).mean() > 0.5
+    tuned = labelled.fine_tune_gate(gate, device, replay, labelled.LabelledRecipe(gate_steps=60, batch_size=32, learning_rate=2e-3))
+    assert wbc_probabilities(tuned, device_red).mean() < 0.5
+    assert ((wbc_probabilities(tuned, replay.crops) >= 0.5) == replay.labels).mean() >= 0.9
+
+
+@pytest.fixture(scope="module")
+def raabin_frames(data_root: Path) -> list[labelled.LabelledFrame]:
+    records = [r for r in records_per_domain(data_root, "train", ["txl-pbc"]) if r.domain == "txl-pbc/raabin"][:12]
+    return [labelled.LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
+
+
+def test_an_adapted_bundle_carries_its_record_fp32_models_and_matching_checkpoints(
+    raabin_frames: list, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leukoedge.training.torch_backend import checkpoint_paths, verified_model
+
+    monkeypatch.setattr(labelled, "problems_of", lambda *args: [])  # this test is about what is written, not whether
+    original = load_bundle(REPO / "models" / "default")
+    report = labelled.adapt_bundle_with_labels(REPO / "models" / "default", raabin_frames, tmp_path / "default", data_root, TINY, REPO / "models" / "checkpoints")
+    assert report.written and report.frames == 12 and 1 <= report.held_back < 12
+    adapted = load_bundle(tmp_path / "default")
+    record = adapted.manifest["adaptation"]
+    assert record["labelled"] and record["frames"] == 12 and len(record["frame_sha256"]) == 12
+    assert {"classifier.onnx", "gate.onnx", "verdict.flag_fraction", "domain.max_uncertainty"} <= set(record["adapted"])
+    assert adapted.manifest["files"]["classifier.onnx"] != original.manifest["files"]["classifier.onnx"]
+    assert "classifier.int8.onnx" not in adapted.manifest["files"] and "int8" not in adapted.manifest["precisions"]["classifier"]
+    assert adapted.manifest["gate"]["threshold"] == pytest.approx(report.gate_threshold)
+    for model in ("classifier", "gate"):  # a second adaptation or a calibration can start from them
+        verified_model(adapted, model, checkpoint_paths(tmp_path / "default", models=(model,))[model])
+    result = Detector.load(tmp_path / "default").run(raabin_frames[0].image)
+    assert result.verdict.status in ("ok", "no_cells", "outside_domain")
+
+
+def test_a_worse_adaptation_writes_nothing_and_too_few_frames_are_refused(
+    raabin_frames: list, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(labelled, "problems_of", lambda *args: ["flags 3 held-back frames of normal smears, the original 0"])
+    report = labelled.adapt_bundle_with_labels(REPO / "models" / "default", raabin_frames, tmp_path / "out", data_root, TINY, REPO / "models" / "checkpoints")
+    assert not report.written and not (tmp_path / "out").exists()
+    assert "worse: flags 3" in "\n".join(report.lines())
+    with pytest.raises(AdaptationRefused, match="at least 10 labelled frames"):
+        labelled.adapt_bundle_with_labels(REPO / "models" / "default", raabin_frames[:5], tmp_path / "out", data_root, TINY, REPO / "models" / "checkpoints")
+
+
+def test_cli_labels_need_the_training_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), np.full((100, 100, 3), 200, np.uint8))
+    code = main(["adapt", "--frames", str(frames), "--labels", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert code == 2 and "--labels needs --data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,411 @@
+"""`leukoedge adapt --labels`: tune a bundle's gate and classifier to a new microscope from a few dozen frames whose
+objects are boxed.
+
+Unlabelled adaptation (leukoedge/adapt.py) can only move the domain check. What goes wrong on a microscope the
+models never saw is in the models: its red cells pass the gate (cell or not) and its normal white cells look like
+blasts to the classifier; a classifier trained without a device calls about half of its normal white cells blasts,
+one that learnt the device a few percent (docs/training.md). The device's own labelled cells are what fixes that.
+From frames of NORMAL smears of the device, its white cells boxed (its red cells and platelets too, ideally):
+- the gate is fine-tuned on the device's proposals labelled by the boxes (white cell or not), with examples of the
+  training sources replayed beside them so it does not forget those; its threshold is chosen again on the training
+  sources' validation examples by the rule it was chosen by (training/gate.choose_threshold);
+- the classifier is fine-tuned with the device's boxed white cells as normal cells, beside replayed training cells
+  of every head, so that blasts stay blasts;
+- the verdict's flag fraction is chosen again on the Taleqani validation fields plus the device's frames (normal);
+- the domain check takes the device's colours and, because these frames are labelled and checked, the segmenter
+  uncertainty of its frames (leukoedge/adapt.adapted_domain).
+The frames held back from all of this decide (the same hash split as unlabelled adaptation): the bundle is written
+only if on them it flags and refuses no more frames than before and finds white cells as well (box F1 at most
+MAX_DROP lower), and if its Taleqani validation verdict's balanced accuracy is at most MAX_DROP lower. The new models
+are FP32 only: INT8 versions of the fine-tuned models are dropped (rerun `leukoedge calibrate`).
+Replay needs the training data (`--data`) and the models' training checkpoints, checked against the bundle's ONNX files.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from leukoedge.adapt import AdaptationRefused, FrameMeasure, adapted_domain, held_back
+from leukoedge.bundle import save_bundle
+from leukoedge.detector import Detector
+from leukoedge.domain import colour_features, segmenter_uncertainty
+from leukoedge.export.onnx import ClassifierWithSoftmax, export_classifier
+
+from . import data
+from .detection import DeviceFigures, count_field, records_per_domain
+from .gate import (
+    GATE_HEAD,
+    GATE_SOURCES,
+    MIN_GATE_RECALL,
+    GateExamples,
+    _augment_crops,
+    _balanced_batch,
+    boxed_field_examples,
+    choose_threshold,
+    collect_examples,
+    wbc_probabilities,
+    with_torch_gate,
+)
+from .pipeline import HEADS, NORMAL_CELL_WEIGHTS, cell_examples
+from .samples import classification_sample
+from .torch_backend import TorchBackend, checkpoint_paths, verified_model
+from .train import CLASSIFIER_LOSSES, CellExample, balanced_indices, save_checkpoint
+from .verdict import choose_flag_fraction
+
+log = logging.getLogger("leukoedge.adapt")
+
+MIN_LABELLED_FRAMES = 10  # fewer say too little about a device to fine-tune on, and leave too few to hold back
+MAX_DROP = 0.01  # the issue's rule: no figure may get worse by more than this
+LABEL_SUFFIXES = (".xml", ".txt")
+
+
+@dataclass
+class LabelledFrame:
+    """One frame of the device (BGR, as read) and its boxes per object class (data.BOX_CLASSES)."""
+
+    name: str
+    image: np.ndarray
+    boxes: dict[str, list[data.Box]]
+
+
+@dataclass
+class LabelledRecipe:
+    """How the models are fine-tuned; the defaults are the ones measured in docs/training.md."""
+
+    gate_steps: int = 300
+    classifier_steps: int = 300
+    learning_rate: float = 5e-4  # low: the models keep what they learnt and move towards the device
+    batch_size: int = 64  # half the device's examples, half replayed ones
+    replay_per_source: int = 40  # training fields replayed per source/device
+    val_per_source: int = 20  # validation fields per source/device for the gate's threshold
+    verdict_fields: int | None = None  # Taleqani validation fields for the verdict (evenly spaced); None: all of them
+    seed: int = 0
+
+
+@dataclass
+class Replay:
+    """What the training sources bring to fine-tuning: the gate's examples (training and validation) and cells
+    with their classifier targets, none from the device being adapted to."""
+
+    gate_train: GateExamples
+    gate_val: GateExamples
+    cells: list[CellExample]
+
+
+@dataclass
+class LabelledReport:
+    frames: int
+    held_back: int
+    before: dict  # training/detection.DeviceFigures.as_row of the held-back frames
+    after: dict
+    taleqani_before: float  # Taleqani validation verdict balanced accuracy
+    taleqani_after: float
+    gate_threshold: float
+    flag_fraction: float
+    problems: list[str]
+    written: bool = False
+
+    def lines(self) -> list[str]:
+        def number(value: float | None, digits: int = 3) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        rows = [
+            ("white-cell box recall (IoU 0.5)", "box_recall", 3),
+            ("white-cell box precision", "box_precision", 3),
+            ("red cells called white per 1000", "rbc_called_wbc_per_1000", 1),
+            ("frames refused (outside the domain)", "refused_rate", 3),
+            ("false flags among judged frames", "false_flag_rate", 3),
+        ]
+        lines = [f"frames: {self.frames} labelled ({self.frames - self.held_back} fitted, {self.held_back} held back)", "held-back frames: before -> after"]
+        lines += [f"  {label}: {number(self.before[key], digits)} -> {number(self.after[key], digits)}" for label, key, digits in rows]
+        lines.append(f"Taleqani validation verdict balanced accuracy: {self.taleqani_before:.3f} -> {self.taleqani_after:.3f}")
+        lines.append(f"gate threshold {self.gate_threshold:.3f}, flag fraction {self.flag_fraction:.3f}")
+        lines += [f"worse: {problem}" for problem in self.problems]
+        lines.append("bundle written" if self.written else "bundle NOT written: it did worse (above)")
+        return lines
+
+
+def read_labelled_frames(paths: Sequence[Path], labels_dir: Path, read: Callable[[Path], np.ndarray]) -> list[LabelledFrame]:
+    """The frames among `paths` with a box file of the same stem in labels_dir (data.read_boxes: VOC .xml or YOLO
+    .txt); frames without one are left out (they can still serve unlabelled adaptation)."""
+    frames = []
+    for path in paths:
+        label = next((Path(labels_dir) / f"{path.stem}{suffix}" for suffix in LABEL_SUFFIXES if (Path(labels_dir) / f"{path.stem}{suffix}").is_file()), None)
+        if label is not None:
+            image = read(path)
+            frames.append(LabelledFrame(path.name, image, data.read_boxes(label, image.shape)))
+    return frames
+
+
+def replay_from_data(detector: Detector, data_root: Path, recipe: LabelledRecipe, leave_out: str | None = None) -> Replay:
+    """Replayed examples of the training sources' training split (validation split for the gate's threshold),
+    `leave_out` (a source or source/device) excluded."""
+    gate_train = collect_examples(detector, _kept(records_per_domain(data_root, "train", GATE_SOURCES, recipe.replay_per_source), leave_out), 1, recipe.seed, "replay: gate examples")
+    gate_val = collect_examples(detector, _kept(records_per_domain(data_root, "val", GATE_SOURCES, recipe.val_per_source), leave_out), 0, recipe.seed + 1, "replay: gate validation")
+    return Replay(gate_train, gate_val, replay_cells(detector, data_root, recipe.replay_per_source, leave_out))
+
+
+def replay_cells(detector: Detector, data_root: Path, per_source: int, leave_out: str | None = None) -> list[CellExample]:
+    """Training cells of every classification source as training.pipeline takes them, boxes from the detector."""
+
+    def records_of(source: str) -> list[data.Record]:
+        return _kept(records_per_domain(data_root, "train", [source], per_source), leave_out)
+
+    return cell_examples(records_of, lambda image: [cell.classifier_box for cell in detector.candidates(image).instances], "train")[0]
+
+
+def _kept(records: list[data.Record], leave_out: str | None) -> list[data.Record]:
+    return [record for record in records if leave_out is None or not record.domain.startswith(leave_out)]
+
+
+def device_cells(frames: Sequence[LabelledFrame], domain: str) -> list[CellExample]:
+    """The device's boxed white cells, normal (the frames are of normal smears)."""
+    return [CellExample(domain, frame.image, box, {"blast": 0}) for frame in frames for box in frame.boxes.get("WBC", [])]
+
+
+def _fine_tune(model: torch.nn.Module, steps: int, learning_rate: float, next_batch: Callable[[], tuple], loss_of: Callable, description: str) -> torch.nn.Module:
+    """AdamW with a one-cycle rate for a fixed number of steps: no selection on the device's frames, which are
+    kept for the held-back check."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(2, steps), pct_start=0.15)
+    model.train()
+    for _ in tqdm(range(steps), desc=description, unit="step"):
+        inputs, targets = next_batch()
+        loss = loss_of(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def fine_tune_gate(gate: torch.nn.Module, device: GateExamples, replay: GateExamples, recipe: LabelledRecipe) -> torch.nn.Module:
+    """Half of each batch the device's examples, half replayed ones; each half balanced over white cells / not."""
+    rng = np.random.default_rng(recipe.seed)
+    half = recipe.batch_size // 2
+
+    def next_batch() -> tuple:
+        parts = [(examples, _balanced_batch(examples, rng, half)) for examples in (device, replay)]
+        crops = np.concatenate([examples.crops[indices] for examples, indices in parts]).astype(np.float32)
+        labels = np.concatenate([examples.labels[indices] for examples, indices in parts])
+        return _augment_crops(torch.from_numpy(crops), rng), torch.from_numpy(labels)
+
+    def loss_of(outputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(outputs[GATE_HEAD], labels)
+
+    return _fine_tune(gate, recipe.gate_steps, recipe.learning_rate, next_batch, loss_of, "adapt: gate")
+
+
+def fine_tune_classifier(
+    classifier: torch.nn.Module, device: Sequence[CellExample], replay: Sequence[CellExample], detector: Detector, loss: str, recipe: LabelledRecipe
+) -> torch.nn.Module:
+    """Half of each batch the device's white cells (normal), half replayed cells (balanced over sources as in
+    training); crops augmented as in training (samples.classification_sample)."""
+    rng = np.random.default_rng(recipe.seed + 1)
+    half = recipe.batch_size // 2
+    replay_order = iter(balanced_indices([cell.source for cell in replay], recipe.classifier_steps * half, rng, NORMAL_CELL_WEIGHTS))
+    spec = detector.classifier_spec
+    head_loss = CLASSIFIER_LOSSES[loss]
+
+    def next_batch() -> tuple:
+        cells = [device[index] for index in rng.integers(len(device), size=half)] + [replay[next(replay_order)] for _ in range(half)]
+        crops = [classification_sample(cell.image, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], rng) for cell in cells]
+        targets = {head: torch.tensor([cell.targets.get(head, -1) for cell in cells]) for head in HEADS}
+        return torch.from_numpy(np.stack(crops)), targets
+
+    def loss_of(outputs: dict, targets: dict) -> torch.Tensor:
+        return torch.stack([head_loss(outputs[head], targets[head]) for head in HEADS if (targets[head] >= 0).any()]).sum()
+
+    return _fine_tune(classifier, recipe.classifier_steps, recipe.learning_rate, next_batch, loss_of, "adapt: classifier")
+
+
+def labelled_figures(detector: Detector, frames: Sequence[LabelledFrame], domain: str) -> dict:
+    """training/detection's device figures of labelled frames (every frame a normal field)."""
+    figures = DeviceFigures(domain)
+    for frame in tqdm(frames, desc=f"figures ({domain})", unit="frame", leave=False):
+        result = detector.run(frame.image)
+        figures.add(count_field([cell.box for cell in result.cells], frame.boxes), result.verdict.status, result.verdict.flagged)
+    return figures.as_row()
+
+
+def taleqani_verdicts(detector: Detector, data_root: Path, limit: int | None = None) -> tuple[list[float], list[int]]:
+    """Blast fraction and truth (1 malignant) of the Taleqani validation fields (at most `limit`, evenly spaced)."""
+    fractions, malignant = [], []
+    for record in tqdm(records_per_domain(data_root, "val", ["all-taleqani"], limit), desc="verdicts (Taleqani val)", unit="field", leave=False):
+        fractions.append(detector.run(data.read_image(record)).verdict.blast_fraction)
+        malignant.append(int(record.blast))
+    return fractions, malignant
+
+
+def balanced_accuracy(fractions: Sequence[float], malignant: Sequence[int], flag_fraction: float) -> float:
+    flagged, truth = np.asarray(fractions) >= flag_fraction, np.asarray(malignant, bool)
+    return float((flagged[truth].mean() + (~flagged[~truth]).mean()) / 2)
+
+
+def _box_f1(row: dict) -> float:
+    recall, precision = row["box_recall"] or 0.0, row["box_precision"] or 0.0
+    return 0.0 if recall + precision == 0 else 2 * recall * precision / (recall + precision)
+
+
+def problems_of(before: dict, after: dict, taleqani_before: float, taleqani_after: float) -> list[str]:
+    """Why the adapted models are worse than the original ones, for a person; [] when they are not."""
+    problems = []
+    if after["flagged"] > before["flagged"]:
+        problems.append(f"flags {after['flagged']} held-back frames of normal smears, the original {before['flagged']}")
+    refused_before, refused_after = before["refused_rate"] or 0.0, after["refused_rate"] or 0.0
+    if refused_after > refused_before:
+        problems.append(f"refuses {refused_after:.3f} of the held-back frames, the original {refused_before:.3f}")
+    if _box_f1(after) < _box_f1(before) - MAX_DROP:
+        problems.append(f"white-cell box F1 {_box_f1(after):.3f} on the held-back frames, the original {_box_f1(before):.3f}")
+    if taleqani_after < taleqani_before - MAX_DROP:
+        problems.append(f"Taleqani validation verdict balanced accuracy {taleqani_after:.3f}, the original {taleqani_before:.3f}")
+    return problems
+
+
+def check_frames(frames: Sequence[LabelledFrame]) -> None:
+    """AdaptationRefused where the frames cannot teach or check anything."""
+    if len(frames) < MIN_LABELLED_FRAMES:
+        raise AdaptationRefused(f"labelled adaptation needs at least {MIN_LABELLED_FRAMES} labelled frames of the device, got {len(frames)}")
+    if not any(frame.boxes.get("WBC") for frame in frames):
+        raise AdaptationRefused("no white cell is boxed in the labelled frames: box every white cell (WBC) of each frame")
+
+
+@dataclass
+class Adapted:
+    """The fine-tuned models and what the manifest needs of them."""
+
+    classifier: torch.nn.Module
+    gate: torch.nn.Module
+    gate_threshold: float
+    flag_fraction: float
+    domain: dict
+    report: LabelledReport | None  # None until measured
+
+
+def adapt_models(
+    detector: Detector,
+    classifier: torch.nn.Module,
+    gate: torch.nn.Module,
+    frames: Sequence[LabelledFrame],
+    replay: Replay,
+    data_root: Path,
+    recipe: LabelledRecipe,
+    domain_name: str = "device",
+    classifier_loss: str = "ce",
+) -> Adapted:
+    """Fine-tune `classifier` and `gate` (the detector's, in PyTorch) to the device's fitted frames and measure the
+    held-back ones before and after (see the module doc). `detector` is left as it was."""
+    check_frames(frames)
+    held = held_back([frame.name for frame in frames])
+    fitted, checked = [f for f, h in zip(frames, held) if not h], [f for f, h in zip(frames, held) if h]
+    original = (detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec)
+    before = labelled_figures(detector, checked, domain_name)
+    taleqani_fractions, malignant = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
+    taleqani_before = balanced_accuracy(taleqani_fractions, malignant, detector.verdict_spec["flag_fraction"])
+
+    rng = np.random.default_rng(recipe.seed)
+    device_examples = GateExamples.concatenate([boxed_field_examples(detector, frame.image, frame.boxes, domain_name, rng) for frame in fitted])
+    measures = []
+    for frame in fitted:
+        found = detector.candidates(frame.image)
+        measures.append(FrameMeasure(colour_features(found.prepared), segmenter_uncertainty(found.prepared, found.probabilities), False, False))
+    gate = fine_tune_gate(copy.deepcopy(gate), device_examples, replay.gate_train, recipe)
+    threshold = choose_threshold(wbc_probabilities(gate, replay.gate_val.crops), replay.gate_val.labels, MIN_GATE_RECALL)
+    classifier = fine_tune_classifier(copy.deepcopy(classifier), device_cells(fitted, domain_name), replay.cells, detector, classifier_loss, recipe)
+    domain = adapted_domain(detector.domain_spec, measures, labelled=True)
+    adapted = Adapted(classifier, gate, threshold, detector.verdict_spec["flag_fraction"], domain, None)
+    try:
+        apply(detector, adapted)
+        fractions, malignant_after = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
+        device_fractions = [detector.run(frame.image).verdict.blast_fraction for frame in fitted]
+        adapted.flag_fraction, _ = choose_flag_fraction(fractions + device_fractions, malignant_after + [0] * len(fitted), adapted.flag_fraction)
+        apply(detector, adapted)
+        after = labelled_figures(detector, checked, domain_name)
+    finally:
+        detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec = original
+    taleqani_after = balanced_accuracy(fractions, malignant_after, adapted.flag_fraction)
+    problems = problems_of(before, after, taleqani_before, taleqani_after)
+    adapted.report = LabelledReport(len(frames), len(checked), before, after, taleqani_before, taleqani_after, threshold, adapted.flag_fraction, problems)
+    return adapted
+
+
+def apply(detector: Detector, adapted: Adapted) -> Detector:
+    """The detector with the adapted models (PyTorch), gate threshold, domain check and flag fraction."""
+    with_torch_gate(detector, adapted.gate, adapted.gate_threshold)
+    heads = detector.classifier_spec["heads"]
+    detector.classifier = TorchBackend(ClassifierWithSoftmax(adapted.classifier, list(heads)), "crop", [head["output"] for head in heads.values()])
+    detector.domain_spec = adapted.domain
+    detector.verdict_spec = {**detector.verdict_spec, "flag_fraction": adapted.flag_fraction}
+    return detector
+
+
+def adapt_bundle_with_labels(
+    bundle_path: Path,
+    frames: Sequence[LabelledFrame],
+    out_dir: Path,
+    data_root: Path,
+    recipe: LabelledRecipe | None = None,
+    checkpoints: Path | None = None,
+    channel_order: str = "BGR",
+) -> LabelledReport:
+    """Labelled adaptation of a bundle (see the module doc); writes out_dir only if nothing got worse."""
+    recipe = recipe or LabelledRecipe()
+    check_frames(frames)
+    detector = Detector.load(bundle_path, channel_order=channel_order)
+    if detector.gate_spec is None or detector.domain_spec is None:
+        raise AdaptationRefused(f"bundle {detector.bundle.name} has no gate or domain check to adapt (made before 0.2.0); retrain it")
+    heads = {name: head["classes"] for name, head in detector.classifier_spec["heads"].items()}
+    if heads != HEADS:
+        raise AdaptationRefused(f"bundle {detector.bundle.name}'s classifier heads {heads} are not the ones the training cells are labelled for ({HEADS})")
+    paths = checkpoint_paths(bundle_path, checkpoints, ("classifier", "gate"))
+    classifier = verified_model(detector.bundle, "classifier", paths["classifier"])
+    gate = verified_model(detector.bundle, "gate", paths["gate"])
+    loss = detector.bundle.manifest.get("training", {}).get("classifier", {}).get("loss", "ce")
+    replay = replay_from_data(detector, data_root, recipe)
+    adapted = adapt_models(detector, classifier, gate, frames, replay, data_root, recipe, classifier_loss=loss)
+    if adapted.report.problems:
+        return adapted.report
+    manifest = copy.deepcopy(detector.bundle.manifest)
+    manifest["gate"]["threshold"] = adapted.gate_threshold
+    manifest["verdict"]["flag_fraction"] = adapted.flag_fraction
+    manifest["domain"] = adapted.domain
+    for model in ("classifier", "gate"):
+        dropped = manifest.get("precisions", {}).get(model, {}).pop("int8", None)
+        if dropped:
+            manifest["files"].pop(dropped["file"], None)
+    manifest["adaptation"] = {
+        "date": dt.date.today().isoformat(),
+        "labelled": True,
+        "adapted": ["gate.onnx", "gate.threshold", "classifier.onnx", "verdict.flag_fraction", "domain.colour_references", "domain.max_colour_distance", "domain.max_uncertainty"],
+        "frames": len(frames),
+        "held_back": adapted.report.held_back,
+        "frame_sha256": [hashlib.sha256(np.ascontiguousarray(frame.image).tobytes()).hexdigest() for frame in frames],
+        "recipe": asdict(recipe),
+        "gate": {"held_back_before": adapted.report.before, "held_back_after": adapted.report.after, "taleqani_val_balanced_accuracy": [adapted.report.taleqani_before, adapted.report.taleqani_after]},
+    }
+    files = {name: detector.bundle.path(name) for name in manifest["files"]}
+    real_crops = replay.gate_val.crops[:32].astype(np.float32)
+    with tempfile.TemporaryDirectory() as scratch:
+        files["classifier.onnx"] = Path(scratch) / "classifier.onnx"
+        files["gate.onnx"] = Path(scratch) / "gate.onnx"
+        export_classifier(adapted.classifier, list(HEADS), real_crops, files["classifier.onnx"])
+        export_classifier(adapted.gate, [GATE_HEAD], real_crops, files["gate.onnx"])
+        save_bundle(Path(out_dir), manifest, files)
+    # Beside the bundle, as `leukoedge train` leaves them: what a second adaptation or a calibration starts from.
+    for model, module in (("classifier", adapted.classifier), ("gate", adapted.gate)):
+        record = json.loads(paths[model].with_suffix(".json").read_text())
+        save_checkpoint(module, {**record, "adaptation": manifest["adaptation"]["date"]}, checkpoint_paths(out_dir, models=(model,))[model])
+    adapted.report.written = True
+    return adapted.report
