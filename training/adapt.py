@@ -11,7 +11,8 @@ From frames of NORMAL smears of the device, its white cells boxed (its red cells
   sources' validation examples by the rule it was chosen by (training/gate.choose_threshold);
 - the classifier is fine-tuned with the device's boxed white cells as normal cells, beside replayed training cells
   of every head, so that blasts stay blasts;
-- the verdict's flag fraction is chosen again on the Taleqani validation fields plus the device's frames (normal);
+- the verdict's flag fraction is chosen again on the Taleqani validation fields plus the device's frames (normal),
+  never below the bundle's own (normal frames can only argue for a stricter verdict);
 - the domain check takes the device's colours and, because these frames are labelled and checked, the segmenter
   uncertainty of its frames (leukoedge/adapt.adapted_domain).
 The frames held back from all of this decide (the same hash split as unlabelled adaptation): the bundle is written
@@ -86,8 +87,10 @@ class LabelledRecipe:
 
     gate_steps: int = 300
     classifier_steps: int = 300
-    learning_rate: float = 5e-4  # low: the models keep what they learnt and move towards the device
-    batch_size: int = 64  # half the device's examples, half replayed ones
+    learning_rate: float = 2e-4  # low: the models keep what they learnt and move towards the device
+    batch_size: int = 64
+    device_share: float = 0.25  # of each batch, the device's examples; the rest replayed ones
+    classifier_trunk_frozen: bool = False  # fine-tune only the classifier's dense layers and heads
     replay_per_source: int = 40  # training fields replayed per source/device
     val_per_source: int = 20  # validation fields per source/device for the gate's threshold
     verdict_fields: int | None = None  # Taleqani validation fields for the verdict (evenly spaced); None: all of them
@@ -133,7 +136,10 @@ class LabelledReport:
         lines.append(f"Taleqani validation verdict balanced accuracy: {self.taleqani_before:.3f} -> {self.taleqani_after:.3f}")
         lines.append(f"gate threshold {self.gate_threshold:.3f}, flag fraction {self.flag_fraction:.3f}")
         lines += [f"worse: {problem}" for problem in self.problems]
-        lines.append("bundle written" if self.written else "bundle NOT written: it did worse (above)")
+        if self.problems:
+            lines.append("bundle NOT written: it did worse (above)")
+        else:
+            lines.append("bundle written" if self.written else "no worse on the held-back frames")
         return lines
 
 
@@ -175,12 +181,18 @@ def device_cells(frames: Sequence[LabelledFrame], domain: str) -> list[CellExamp
     return [CellExample(domain, frame.image, box, {"blast": 0}) for frame in frames for box in frame.boxes.get("WBC", [])]
 
 
-def _fine_tune(model: torch.nn.Module, steps: int, learning_rate: float, next_batch: Callable[[], tuple], loss_of: Callable, description: str) -> torch.nn.Module:
+def _fine_tune(
+    model: torch.nn.Module, steps: int, learning_rate: float, next_batch: Callable[[], tuple], loss_of: Callable, description: str, frozen: torch.nn.Module | None = None
+) -> torch.nn.Module:
     """AdamW with a one-cycle rate for a fixed number of steps: no selection on the device's frames, which are
-    kept for the held-back check."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    kept for the held-back check. `frozen`: a part of the model kept as it is (weights and batch-norm statistics)."""
+    if frozen is not None:
+        frozen.requires_grad_(False)
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(2, steps), pct_start=0.15)
     model.train()
+    if frozen is not None:
+        frozen.eval()
     for _ in tqdm(range(steps), desc=description, unit="step"):
         inputs, targets = next_batch()
         loss = loss_of(model(inputs), targets)
@@ -192,12 +204,13 @@ def _fine_tune(model: torch.nn.Module, steps: int, learning_rate: float, next_ba
 
 
 def fine_tune_gate(gate: torch.nn.Module, device: GateExamples, replay: GateExamples, recipe: LabelledRecipe) -> torch.nn.Module:
-    """Half of each batch the device's examples, half replayed ones; each half balanced over white cells / not."""
+    """recipe.device_share of each batch the device's examples, the rest replayed ones; each part balanced over
+    white cells / not."""
     rng = np.random.default_rng(recipe.seed)
-    half = recipe.batch_size // 2
+    own = max(2, int(round(recipe.batch_size * recipe.device_share)))
 
     def next_batch() -> tuple:
-        parts = [(examples, _balanced_batch(examples, rng, half)) for examples in (device, replay)]
+        parts = [(device, _balanced_batch(device, rng, own)), (replay, _balanced_batch(replay, rng, recipe.batch_size - own))]
         crops = np.concatenate([examples.crops[indices] for examples, indices in parts]).astype(np.float32)
         labels = np.concatenate([examples.labels[indices] for examples, indices in parts])
         return _augment_crops(torch.from_numpy(crops), rng), torch.from_numpy(labels)
@@ -211,16 +224,22 @@ def fine_tune_gate(gate: torch.nn.Module, device: GateExamples, replay: GateExam
 def fine_tune_classifier(
     classifier: torch.nn.Module, device: Sequence[CellExample], replay: Sequence[CellExample], detector: Detector, loss: str, recipe: LabelledRecipe
 ) -> torch.nn.Module:
-    """Half of each batch the device's white cells (normal), half replayed cells (balanced over sources as in
-    training); crops augmented as in training (samples.classification_sample)."""
+    """Batches of replayed cells (balanced over sources as in training) in which up to recipe.device_share of the
+    batch, taken from the normal cells, is replaced by the device's white cells: the device's cells take the place of
+    other normal cells, so the share of blasts the classifier sees stays as in training and its blast probabilities
+    do not drift lower on the sources it learnt (which would cost the verdict's sensitivity). Crops augmented as in
+    training (samples.classification_sample)."""
     rng = np.random.default_rng(recipe.seed + 1)
-    half = recipe.batch_size // 2
-    replay_order = iter(balanced_indices([cell.source for cell in replay], recipe.classifier_steps * half, rng, NORMAL_CELL_WEIGHTS))
+    own = max(1, int(round(recipe.batch_size * recipe.device_share)))
+    replay_order = iter(balanced_indices([cell.source for cell in replay], recipe.classifier_steps * recipe.batch_size, rng, NORMAL_CELL_WEIGHTS))
     spec = detector.classifier_spec
     head_loss = CLASSIFIER_LOSSES[loss]
 
     def next_batch() -> tuple:
-        cells = [device[index] for index in rng.integers(len(device), size=half)] + [replay[next(replay_order)] for _ in range(half)]
+        cells = [replay[next(replay_order)] for _ in range(recipe.batch_size)]
+        normal = [index for index, cell in enumerate(cells) if cell.targets.get("blast") == 0]
+        for index in normal[:own]:
+            cells[index] = device[int(rng.integers(len(device)))]
         crops = [classification_sample(cell.image, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], rng) for cell in cells]
         targets = {head: torch.tensor([cell.targets.get(head, -1) for cell in cells]) for head in HEADS}
         return torch.from_numpy(np.stack(crops)), targets
@@ -228,7 +247,8 @@ def fine_tune_classifier(
     def loss_of(outputs: dict, targets: dict) -> torch.Tensor:
         return torch.stack([head_loss(outputs[head], targets[head]) for head in HEADS if (targets[head] >= 0).any()]).sum()
 
-    return _fine_tune(classifier, recipe.classifier_steps, recipe.learning_rate, next_batch, loss_of, "adapt: classifier")
+    frozen = classifier.trunk if recipe.classifier_trunk_frozen else None
+    return _fine_tune(classifier, recipe.classifier_steps, recipe.learning_rate, next_batch, loss_of, "adapt: classifier", frozen)
 
 
 def labelled_figures(detector: Detector, frames: Sequence[LabelledFrame], domain: str) -> dict:
@@ -330,7 +350,9 @@ def adapt_models(
         apply(detector, adapted)
         fractions, malignant_after = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
         device_fractions = [detector.run(frame.image).verdict.blast_fraction for frame in fitted]
-        adapted.flag_fraction, _ = choose_flag_fraction(fractions + device_fractions, malignant_after + [0] * len(fitted), adapted.flag_fraction)
+        chosen, _ = choose_flag_fraction(fractions + device_fractions, malignant_after + [0] * len(fitted), adapted.flag_fraction)
+        # The device's frames are all normal: they can argue for a stricter verdict, never for a more eager one.
+        adapted.flag_fraction = max(chosen, adapted.flag_fraction)
         apply(detector, adapted)
         after = labelled_figures(detector, checked, domain_name)
     finally:
