@@ -90,7 +90,7 @@ class LabelledRecipe:
     learning_rate: float = 2e-4  # low: the models keep what they learnt and move towards the device
     batch_size: int = 64
     device_share: float = 0.25  # of each batch, the device's examples; the rest replayed ones
-    classifier_trunk_frozen: bool = False  # fine-tune only the classifier's dense layers and heads
+    keep_weight: float = 1.0  # weight of the replayed cells' distillation to the original classifier (0: none)
     replay_per_source: int = 40  # training fields replayed per source/device
     val_per_source: int = 20  # validation fields per source/device for the gate's threshold
     verdict_fields: int | None = None  # Taleqani validation fields for the verdict (evenly spaced); None: all of them
@@ -181,18 +181,13 @@ def device_cells(frames: Sequence[LabelledFrame], domain: str) -> list[CellExamp
     return [CellExample(domain, frame.image, box, {"blast": 0}) for frame in frames for box in frame.boxes.get("WBC", [])]
 
 
-def _fine_tune(
-    model: torch.nn.Module, steps: int, learning_rate: float, next_batch: Callable[[], tuple], loss_of: Callable, description: str, frozen: torch.nn.Module | None = None
-) -> torch.nn.Module:
+def _fine_tune(model: torch.nn.Module, steps: int, learning_rate: float, next_batch: Callable[[], tuple], loss_of: Callable, description: str, seed: int) -> torch.nn.Module:
     """AdamW with a one-cycle rate for a fixed number of steps: no selection on the device's frames, which are
-    kept for the held-back check. `frozen`: a part of the model kept as it is (weights and batch-norm statistics)."""
-    if frozen is not None:
-        frozen.requires_grad_(False)
-    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=learning_rate, weight_decay=1e-4)
+    kept for the held-back check."""
+    torch.manual_seed(seed)  # dropout: reruns give the same models
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(2, steps), pct_start=0.15)
     model.train()
-    if frozen is not None:
-        frozen.eval()
     for _ in tqdm(range(steps), desc=description, unit="step"):
         inputs, targets = next_batch()
         loss = loss_of(model(inputs), targets)
@@ -218,7 +213,7 @@ def fine_tune_gate(gate: torch.nn.Module, device: GateExamples, replay: GateExam
     def loss_of(outputs: dict, labels: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(outputs[GATE_HEAD], labels)
 
-    return _fine_tune(gate, recipe.gate_steps, recipe.learning_rate, next_batch, loss_of, "adapt: gate")
+    return _fine_tune(gate, recipe.gate_steps, recipe.learning_rate, next_batch, loss_of, "adapt: gate", recipe.seed)
 
 
 def fine_tune_classifier(
@@ -226,29 +221,40 @@ def fine_tune_classifier(
 ) -> torch.nn.Module:
     """Batches of replayed cells (balanced over sources as in training) in which up to recipe.device_share of the
     batch, taken from the normal cells, is replaced by the device's white cells: the device's cells take the place of
-    other normal cells, so the share of blasts the classifier sees stays as in training and its blast probabilities
-    do not drift lower on the sources it learnt (which would cost the verdict's sensitivity). Crops augmented as in
-    training (samples.classification_sample)."""
+    other normal cells, so the share of blasts the classifier sees stays as in training. On the replayed cells the
+    classifier also keeps the original's answers (distillation, weight recipe.keep_weight: learning without
+    forgetting), so its blast probabilities on the sources it learnt do not drift, which would cost the verdict's
+    sensitivity. Crops augmented as in training (samples.classification_sample)."""
     rng = np.random.default_rng(recipe.seed + 1)
     own = max(1, int(round(recipe.batch_size * recipe.device_share)))
     replay_order = iter(balanced_indices([cell.source for cell in replay], recipe.classifier_steps * recipe.batch_size, rng, NORMAL_CELL_WEIGHTS))
     spec = detector.classifier_spec
     head_loss = CLASSIFIER_LOSSES[loss]
+    original = copy.deepcopy(classifier).eval()
 
     def next_batch() -> tuple:
         cells = [replay[next(replay_order)] for _ in range(recipe.batch_size)]
         normal = [index for index, cell in enumerate(cells) if cell.targets.get("blast") == 0]
+        replayed = torch.ones(len(cells), dtype=torch.bool)
         for index in normal[:own]:
             cells[index] = device[int(rng.integers(len(device)))]
-        crops = [classification_sample(cell.image, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], rng) for cell in cells]
+            replayed[index] = False
+        crops = torch.from_numpy(np.stack([classification_sample(cell.image, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], rng) for cell in cells]))
         targets = {head: torch.tensor([cell.targets.get(head, -1) for cell in cells]) for head in HEADS}
-        return torch.from_numpy(np.stack(crops)), targets
+        with torch.no_grad():
+            kept = {head: logits.softmax(dim=1) for head, logits in original(crops).items()}
+        return crops, (targets, kept, replayed)
 
-    def loss_of(outputs: dict, targets: dict) -> torch.Tensor:
-        return torch.stack([head_loss(outputs[head], targets[head]) for head in HEADS if (targets[head] >= 0).any()]).sum()
+    def loss_of(outputs: dict, batch: tuple) -> torch.Tensor:
+        targets, kept, replayed = batch
+        losses = [head_loss(outputs[head], targets[head]) for head in HEADS if (targets[head] >= 0).any()]
+        if recipe.keep_weight > 0:
+            for head in HEADS:
+                log_probabilities = outputs[head][replayed].log_softmax(dim=1)
+                losses.append(recipe.keep_weight * torch.nn.functional.kl_div(log_probabilities, kept[head][replayed], reduction="batchmean"))
+        return torch.stack(losses).sum()
 
-    frozen = classifier.trunk if recipe.classifier_trunk_frozen else None
-    return _fine_tune(classifier, recipe.classifier_steps, recipe.learning_rate, next_batch, loss_of, "adapt: classifier", frozen)
+    return _fine_tune(classifier, recipe.classifier_steps, recipe.learning_rate, next_batch, loss_of, "adapt: classifier", recipe.seed)
 
 
 def labelled_figures(detector: Detector, frames: Sequence[LabelledFrame], domain: str) -> dict:
