@@ -54,6 +54,7 @@ class Candidates:
     probabilities: np.ndarray
     instances: list[CellInstance]
     label_map: np.ndarray
+    crops: np.ndarray | None = None  # the instances' classifier crops, where refinement already cut them (shared_crops)
 
 
 def choose_precision(bundle: Bundle, model: str, precision: str | None, backend: str) -> str:
@@ -149,6 +150,11 @@ class Detector:
         self.prepare_frame = make_preprocessor(preprocess, self.spec, self.segmenter_spec["input_size"], channel_order)
         self.preprocess_name = preprocess
         self.refiner_spec = manifest.get("refiner")  # None: the field segmenter's masks are final
+        # The refiner cuts its crops around the field segmenter's boxes, the classifier around the same boxes
+        # (CellInstance.classifier_box): where size and margin agree too, one crop per cell serves both.
+        self.shared_crops = self.refiner_spec is not None and all(
+            self.refiner_spec[key] == self.classifier_spec[key] for key in ("input_size", "crop_margin")
+        )
         self.gate_spec = manifest.get("gate")  # None: every proposal is a white cell (bundles before 0.2.0)
         self.domain_spec = manifest.get("domain")  # None: every frame is judged (bundles before 0.2.0)
         self.precisions = {model: choose_precision(bundle, model, precision, backend) for model in bundle_models(manifest)}
@@ -220,10 +226,11 @@ class Detector:
         if too_small := too_small_reason(frame, self.min_judged_side):
             return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
         found = self.candidates(frame, timings)
-        instances, label_map, non_wbc_count, crops = found.instances, found.label_map, 0, None
+        instances, label_map, non_wbc_count, crops = found.instances, found.label_map, 0, found.crops
         if self.gate is not None and instances:
-            with _stopwatch(timings, "gate"):  # the crops are cut here once; the classifier reads the same ones
-                crops = self.cell_crops(frame, found.prepared, instances)
+            with _stopwatch(timings, "gate"):  # the crops are cut once (here, or by the refiner); the classifier reads the same ones
+                if crops is None:
+                    crops = self.cell_crops(frame, found.prepared, instances)
                 instances, label_map, non_wbc_count, crops = self.keep_white_cells(found, crops)
         domain = domain_scores(self.domain_spec, found.prepared, found.probabilities) if self.domain_spec else {}
         with _stopwatch(timings, "classify"):
@@ -258,10 +265,13 @@ class Detector:
                 self.postprocess_spec["split_touching"],
                 self.postprocess_spec.get("min_nucleus_area_px", 0),  # absent in bundles made before 0.1.0's fix
             )
+        crops = None
         if self.refiner is not None and instances:
             with _stopwatch(timings, "refine"):
-                instances, label_map = self.refine(frame, prepared, instances, probabilities)
-        return Candidates(prepared, probabilities, instances, label_map)
+                if self.shared_crops:
+                    crops = self.cell_crops(frame, prepared, instances)  # every cell's: the classifier needs them all
+                instances, label_map = self.refine(frame, prepared, instances, probabilities, crops)
+        return Candidates(prepared, probabilities, instances, label_map, crops)
 
     def white_cell_probabilities(self, crops: np.ndarray) -> np.ndarray:
         """The gate's probability that each proposal is a white cell, from the classifier's crops (the bundle
@@ -303,18 +313,16 @@ class Detector:
         )
 
     def refine(
-        self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance], probabilities: np.ndarray
+        self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance], probabilities: np.ndarray, crops: np.ndarray | None = None
     ) -> tuple[list[CellInstance], np.ndarray]:
         """Each cell (at least one) segmented again by the refiner from its crop (leukoedge/refine.py), or
         only those the field segmenter's probabilities leave uncertain where the bundle says so
         (refiner.skip_below_uncertainty; the others keep the segmenter's masks); the cells and the frame
-        label map painted from them."""
+        label map painted from them. crops: every instance's crop, already cut (shared_crops), or None."""
         spec = self.refiner_spec
         chosen = cells_to_refine(probabilities, prepared.letterbox, instances, spec.get("skip_below_uncertainty"))
-        crop_probabilities = [
-            self.refiner.run({spec["input"]: crops})[spec["output"]]
-            for crops in self._crop_batches(frame, prepared, [instances[index].box for index in chosen], spec)
-        ]
+        batches = _batches(crops[chosen]) if crops is not None else self._crop_batches(frame, prepared, [instances[index].box for index in chosen], spec)
+        crop_probabilities = [self.refiner.run({spec["input"]: batch})[spec["output"]] for batch in batches]
         no_crops = np.zeros((0, len(spec["classes"]), *spec["input_size"]), np.float32)
         return refine_cells(instances, np.concatenate(crop_probabilities) if crop_probabilities else no_crops, spec["crop_margin"], frame.shape[:2], chosen)
 

@@ -263,3 +263,23 @@ def test_confident_cells_skip_the_refiner_and_keep_the_segmenters_masks(tmp_path
     assert all(cell.found_box is None for cell in found.instances)  # no cell moved: the segmenter's masks
     assert [cell.classifier_box for cell in found.instances] == [cell.classifier_box for cell in every_cell.instances]
     assert not all(np.array_equal(a.mask, b.mask) for a, b in zip(found.instances, every_cell.instances))
+
+
+def test_refiner_and_classifier_share_one_crop_per_cell_with_the_same_results() -> None:
+    """The shipped refiner cuts its crops as the classifier does (64x64, the same margin, the field segmenter's
+    boxes): cut once, the results are the ones cutting them twice gives."""
+    repo = Path(__file__).resolve().parents[2]
+    detector = Detector.load(repo / "models" / "default")
+    assert detector.shared_crops
+    # Four sample fields side by side: many cells, some refined, some skipped.
+    frames = [cv2.resize(cv2.imread(str(path)), (320, 240)) for path in sorted((repo / "samples").glob("*.jpg"))]
+    frame = np.ascontiguousarray(np.vstack([np.hstack(frames[:2]), np.hstack(frames[2:4])]))
+    shared = detector.run(frame)
+    assert detector.candidates(frame).crops is not None
+    detector.shared_crops = False
+    separate = detector.run(frame)
+    assert detector.candidates(frame).crops is None
+    assert len(shared.cells) == len(separate.cells) >= 3
+    for a, b in zip(shared.cells, separate.cells):
+        assert a.box == b.box and a.label == b.label and a.blast_probability == pytest.approx(b.blast_probability, abs=1e-6)
+    assert np.array_equal(shared.label_map, separate.label_map)
