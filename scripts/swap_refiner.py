@@ -6,8 +6,8 @@ time with the same segmenter, gate, classifier and domain check (docs/performanc
 The refiner checkpoint is exported as the pipeline exports one (export/onnx.py, parity-checked), at the crop
 size it was trained at; the manifest's refiner section takes that size, the architecture, the FLOPs and
 the checkpoint's training record. The old refiner's INT8 file is left out (`leukoedge calibrate` makes one
-for the new refiner), so the copy runs its refiner in FP32. A bundle to ship is built by `leukoedge train
-... --refiner-init CHECKPOINT --refiner-steps 0`, not by this script.
+for the new refiner), so the copy runs its refiner in FP32. Bundle 0.4.0 was such a copy, given its version,
+changelog and calibration afterwards (docs/training.md, "Bundle 0.4.0").
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def swap_refiner(bundle_dir: Path, checkpoint: Path, out_dir: Path) -> Path:
             input_size=list(size), architecture=architecture_label(record["config"]), flops=count_flops(refiner, (1, 3, *size))
         )
         manifest["training"]["refiner"] = {**record, "onnx_parity_max_abs": parity, "checkpoint": str(checkpoint)}
+        if "refiner_sources" in record:  # what the new refiner learnt from, not the old one's
+            manifest["refiner"]["sources"] = manifest["training"]["refiner_sources"] = list(record["refiner_sources"])
         if "precisions" in manifest:
             manifest["precisions"]["refiner"] = {"fp32": {"file": manifest["refiner"]["file"], "median_ms": None}}
         files = {name: bundle.root / name for name in manifest["files"] if name not in int8_files}
