@@ -496,9 +496,18 @@ def test_review_rebuilds_the_summary_of_a_killed_session(tmp_path: Path) -> None
     assert json.loads((folder / "summary.json").read_text())["stopped_by"] == STOPPED_UNRECORDED
 
 
-def test_a_second_ctrl_c_while_the_summary_is_written_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler, as in a terminal: a job started in the background inherits SIGINT ignored,
+    and the session rightly hands a second Ctrl-C to whatever handler it found."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers need the main thread")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_ctrl_c_while_the_summary_is_written_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_ctrl_c) -> None:
     draw_plot = session.report.plot_session
 
     def impatient_user(*args: object) -> None:
