@@ -902,6 +902,8 @@ def describe_bundle(bundle: Bundle) -> str:
             f"{domain['max_colour_distance']:.2f} or segmenter uncertainty > {domain['max_uncertainty']:.3f}"
             + (f"; adapted {manifest['adaptation']['date']} from {manifest['adaptation']['frames']} frames" if "adaptation" in manifest else "")
         )
+    if manifest.get("adaptation", {}).get("labelled"):
+        lines.append(f"adapted with labels (leukoedge adapt --labels): {', '.join(manifest['adaptation']['adapted'])}")
     lines += [
         f"classifier: {classifier['file']}, input {classifier['input']!r} {crop_height}x{crop_width}, "
         f"crop margin {classifier['crop_margin']}, primary head {classifier['primary_head']}",

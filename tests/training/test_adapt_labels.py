@@ -12,7 +12,7 @@ pytest.importorskip("torch", reason="labelled adaptation fine-tunes PyTorch mode
 
 from leukoedge import Detector  # noqa: E402
 from leukoedge.adapt import AdaptationRefused, FrameMeasure, adapted_domain  # noqa: E402
-from leukoedge.bundle import load_bundle  # noqa: E402
+from leukoedge.bundle import describe_bundle, load_bundle  # noqa: E402
 from leukoedge.cli import main  # noqa: E402
 from leukoedge.training import adapt as labelled  # noqa: E402
 from leukoedge.training import data  # noqa: E402
@@ -109,6 +109,7 @@ def test_an_adapted_bundle_carries_its_record_fp32_models_and_matching_checkpoin
     assert adapted.manifest["gate"]["threshold"] == pytest.approx(report.gate_threshold)
     for model in ("classifier", "gate"):  # a second adaptation or a calibration can start from them
         verified_model(adapted, model, checkpoint_paths(tmp_path / "default", models=(model,))[model])
+    assert "adapted with labels (leukoedge adapt --labels): gate.onnx" in describe_bundle(adapted)  # `leukoedge info`
     result = Detector.load(tmp_path / "default").run(raabin_frames[0].image)
     assert result.verdict.status in ("ok", "no_cells", "outside_domain")
 
