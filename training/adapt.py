@@ -24,6 +24,7 @@ Replay needs the training data (`--data`) and the models' training checkpoints, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import hashlib
@@ -32,7 +33,7 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ def read_labelled_frames(paths: Sequence[Path], labels_dir: Path, read: Callable
     .txt); frames without one are left out (they can still serve unlabelled adaptation)."""
     frames = []
     for path in paths:
-        label = next((Path(labels_dir) / f"{path.stem}{suffix}" for suffix in LABEL_SUFFIXES if (Path(labels_dir) / f"{path.stem}{suffix}").is_file()), None)
+        label = next((candidate for candidate in (Path(labels_dir) / f"{path.stem}{suffix}" for suffix in LABEL_SUFFIXES) if candidate.is_file()), None)
         if label is not None:
             image = read(path)
             frames.append(LabelledFrame(path.name, image, data.read_boxes(label, image.shape)))
@@ -336,47 +337,50 @@ def adapt_models(
     check_frames(frames)
     held = held_back([frame.name for frame in frames])
     fitted, checked = [f for f, h in zip(frames, held) if not h], [f for f, h in zip(frames, held) if h]
-    original = (detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec)
     before = labelled_figures(detector, checked, domain_name)
     taleqani_fractions, malignant = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
     taleqani_before = balanced_accuracy(taleqani_fractions, malignant, detector.verdict_spec["flag_fraction"])
 
     rng = np.random.default_rng(recipe.seed)
-    device_examples = GateExamples.concatenate([boxed_field_examples(detector, frame.image, frame.boxes, domain_name, rng) for frame in fitted])
-    measures = []
+    examples, measures = [], []
     for frame in fitted:
-        found = detector.candidates(frame.image)
+        found = detector.candidates(frame.image)  # once a frame: the gate's examples and the domain check's measures
+        examples.append(boxed_field_examples(detector, frame.image, found, frame.boxes, domain_name, rng))
         measures.append(FrameMeasure(colour_features(found.prepared), segmenter_uncertainty(found.prepared, found.probabilities), False, False))
+    device_examples = GateExamples.concatenate(examples)
     gate = fine_tune_gate(copy.deepcopy(gate), device_examples, replay.gate_train, recipe)
     threshold = choose_threshold(wbc_probabilities(gate, replay.gate_val.crops), replay.gate_val.labels, MIN_GATE_RECALL)
     classifier = fine_tune_classifier(copy.deepcopy(classifier), device_cells(fitted, domain_name), replay.cells, detector, classifier_loss, recipe)
     domain = adapted_domain(detector.domain_spec, measures, labelled=True)
     adapted = Adapted(classifier, gate, threshold, detector.verdict_spec["flag_fraction"], domain, None)
-    try:
-        apply(detector, adapted)
+    with applied(detector, adapted):
         fractions, malignant_after = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
         device_fractions = [detector.run(frame.image).verdict.blast_fraction for frame in fitted]
         chosen, _ = choose_flag_fraction(fractions + device_fractions, malignant_after + [0] * len(fitted), adapted.flag_fraction)
         # The device's frames are all normal: they can argue for a stricter verdict, never for a more eager one.
         adapted.flag_fraction = max(chosen, adapted.flag_fraction)
-        apply(detector, adapted)
+        detector.verdict_spec = {**detector.verdict_spec, "flag_fraction": adapted.flag_fraction}
         after = labelled_figures(detector, checked, domain_name)
-    finally:
-        detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec = original
     taleqani_after = balanced_accuracy(fractions, malignant_after, adapted.flag_fraction)
     problems = problems_of(before, after, taleqani_before, taleqani_after)
     adapted.report = LabelledReport(len(frames), len(checked), before, after, taleqani_before, taleqani_after, threshold, adapted.flag_fraction, problems)
     return adapted
 
 
-def apply(detector: Detector, adapted: Adapted) -> Detector:
-    """The detector with the adapted models (PyTorch), gate threshold, domain check and flag fraction."""
-    with_torch_gate(detector, adapted.gate, adapted.gate_threshold)
-    heads = detector.classifier_spec["heads"]
-    detector.classifier = TorchBackend(ClassifierWithSoftmax(adapted.classifier, list(heads)), "crop", [head["output"] for head in heads.values()])
-    detector.domain_spec = adapted.domain
-    detector.verdict_spec = {**detector.verdict_spec, "flag_fraction": adapted.flag_fraction}
-    return detector
+@contextlib.contextmanager
+def applied(detector: Detector, adapted: Adapted) -> Iterator[Detector]:
+    """The detector with the adapted models (PyTorch), gate threshold, domain check and flag fraction, put back
+    as it was on leaving."""
+    original = (detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec)
+    try:
+        with_torch_gate(detector, adapted.gate, adapted.gate_threshold)
+        heads = detector.classifier_spec["heads"]
+        detector.classifier = TorchBackend(ClassifierWithSoftmax(adapted.classifier, list(heads)), "crop", [head["output"] for head in heads.values()])
+        detector.domain_spec = adapted.domain
+        detector.verdict_spec = {**detector.verdict_spec, "flag_fraction": adapted.flag_fraction}
+        yield detector
+    finally:
+        detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec = original
 
 
 def adapt_bundle_with_labels(

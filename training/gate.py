@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leukoedge.detector import Detector
+from leukoedge.detector import Candidates, Detector
 from leukoedge.preprocess.cpu import prepare_crops
 
 from . import data
@@ -72,8 +72,6 @@ class GateExamples:
 def label_proposals(record: data.Record, proposals: Sequence[data.Box], frame_shape: tuple[int, int], scale: float) -> list[int | None]:
     """1 white cell, 0 not, None left out, for each proposal box of a field (boxes in the scaled frame)."""
     truth = [tuple(int(round(v * scale)) for v in box) for box in data.wbc_boxes(record)]
-    iou = box_iou(proposals, truth)
-    best = iou.max(axis=1) if truth else np.zeros(len(proposals))
     if record.source == "pbc":
         height, width = frame_shape
         centre = (width / 2, height / 2)
@@ -81,6 +79,7 @@ def label_proposals(record: data.Record, proposals: Sequence[data.Box], frame_sh
         central_label = 0 if record.wbc_type in NOT_WBC_TYPES else 1
         return [central_label if index == centre_index else 0 for index in range(len(proposals))]
     if record.source == "all-taleqani":
+        best = box_iou(proposals, truth).max(axis=1) if truth else np.zeros(len(proposals))
         return [1 if value >= WEAK_POSITIVE_IOU else None for value in best]
     return labels_from_boxes(proposals, truth)
 
@@ -126,9 +125,11 @@ def field_examples(detector: Detector, record: data.Record, frame: np.ndarray, s
     return _examples_of(detector, frame, found.prepared, proposals, labels, annotated, record.domain, rng)
 
 
-def boxed_field_examples(detector: Detector, frame: np.ndarray, boxes: dict[str, list[data.Box]], domain: str, rng: np.random.Generator) -> GateExamples:
-    """The gate's examples from a field of any microscope whose objects are boxed (data.read_boxes)."""
-    found = detector.candidates(frame)
+def boxed_field_examples(
+    detector: Detector, frame: np.ndarray, found: Candidates, boxes: dict[str, list[data.Box]], domain: str, rng: np.random.Generator
+) -> GateExamples:
+    """The gate's examples from a field of any microscope whose objects are boxed (data.read_boxes); `found`: the
+    detector's candidates of the frame."""
     proposals = [instance.classifier_box for instance in found.instances]
     return _examples_of(detector, frame, found.prepared, proposals, labels_from_boxes(proposals, boxes.get("WBC", [])), boxes, domain, rng)
 
@@ -364,9 +365,20 @@ def leave_one_source_out(
     return rows
 
 
-def _labelled_rows(detector, gate, data_root, bundle, source, kept_train, kept_val, fields, count, recipe) -> list[dict]:
+def _labelled_rows(
+    detector: Detector,
+    gate: torch.nn.Module,
+    data_root: Path,
+    bundle: Path,
+    source: str,
+    kept_train: GateExamples,
+    kept_val: GateExamples,
+    fields: Sequence[data.Record],
+    count: int,
+    recipe: GateRecipe,
+) -> list[dict]:
     """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source`."""
-    from .adapt import LabelledFrame, LabelledRecipe, Replay, adapt_models, apply, replay_cells
+    from .adapt import LabelledFrame, LabelledRecipe, Replay, adapt_models, applied, replay_cells
     from .detection import detection_figures
     from .torch_backend import checkpoint_paths, verified_model
 
@@ -375,13 +387,10 @@ def _labelled_rows(detector, gate, data_root, bundle, source, kept_train, kept_v
     frames = [LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
     classifier = verified_model(detector.bundle, "classifier", checkpoint_paths(bundle, models=("classifier",))["classifier"])
     replay = Replay(kept_train, kept_val, replay_cells(detector, data_root, adapt_recipe.replay_per_source, leave_out=source))
-    original = (detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec)
     adapted = adapt_models(detector, classifier, gate, frames, replay, data_root, adapt_recipe, domain_name=source)
     log.info("labelled adaptation to %s:\n%s", source, "\n".join(adapted.report.lines()))
-    try:
-        rows = detection_figures(apply(detector, adapted), fields, f"adapted with labels to {source}")
-    finally:
-        detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec = original
+    with applied(detector, adapted):
+        rows = detection_figures(detector, fields, f"adapted with labels to {source}")
     return [{**row, "left_out": source, "adapted": "labelled", "gate_threshold": adapted.gate_threshold, "report": adapted.report} for row in rows]
 
 
