@@ -93,7 +93,8 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint to start from (fine-tuning); with steps=0 it is used as it is
     source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source (default 1 each)
-    # Refiner only: a checkpoint (e.g. a refiner ensemble) whose class probabilities the model learns too (distillation).
+    # Refiner or classifier: a checkpoint (e.g. a refiner ensemble, a larger classifier) whose class probabilities
+    # the model learns too (distillation).
     teacher: str | None = None
     # Validate and keep an exponential moving average of the weights (this decay per step) instead of the
     # weights as they are at each validation: a run's result then depends less on one noisy step.
@@ -461,8 +462,9 @@ def train_classifier(
 ) -> tuple[torch.nn.Module, dict]:
     """Train a multi-head cell classifier. A head's loss counts only cells labelled for it.
     loss: a CLASSIFIER_LOSSES name. sample: how a cell becomes the model's input (given the rng:
-    augmented; given None: the runtime's crop); by default classification_sample of its box.
-    Validation score: mean over heads of balanced accuracy."""
+    augmented; given None: the runtime's crop); by default classification_sample of its box. With config.teacher
+    (a classifier checkpoint with the same heads), the loss adds each head's cross-entropy against the teacher's
+    probabilities on the same crops (distillation). Validation score: mean over heads of balanced accuracy."""
     if loss not in CLASSIFIER_LOSSES:
         raise ValueError(f"unknown classifier loss {loss!r}; expected one of {', '.join(CLASSIFIER_LOSSES)}")
     head_loss = CLASSIFIER_LOSSES[loss]
@@ -480,14 +482,24 @@ def train_classifier(
     sample_indices = balanced_indices(
         [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
     )
+    teacher = None if config.teacher is None else load_checkpoint(Path(config.teacher), head_classes={h: len(c) for h, c in heads.items()})[0]
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
-        inputs = [sample(train[i], rng) for i in indices]
+        inputs = torch.from_numpy(np.stack([sample(train[i], rng) for i in indices]))
         targets = {head: torch.tensor([train[i].targets.get(head, -1) for i in indices]) for head in heads}
-        return torch.from_numpy(np.stack(inputs)), targets
+        if teacher is None:
+            return inputs, (targets, None)
+        with torch.no_grad():
+            taught = {head: logits.softmax(dim=1) for head, logits in teacher(inputs).items()}
+        return inputs, (targets, taught)
 
-    def loss_of(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_of(outputs: dict[str, torch.Tensor], batch: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]) -> torch.Tensor:
+        targets, taught = batch
         losses = [head_loss(outputs[h], targets[h]) for h in heads if (targets[h] >= 0).any()]
+        # The teacher answers every head on every cell: the student learns its subtype opinion on a PBC cell too,
+        # which the frame's subtype (the mean over its cells) reads.
+        if taught is not None:
+            losses += [-(taught[h] * F.log_softmax(outputs[h], dim=1)).sum(dim=1).mean() for h in heads]
         return torch.stack(losses).sum()
 
     validation_sets = [torch.from_numpy(np.stack([sample(e, None) for e in val]))]

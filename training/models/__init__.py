@@ -8,7 +8,7 @@ from torch import nn
 
 from .classifiers import custom_cnn, dual_branch, gate_cnn, resnet_s, vgg_hybrid
 from .ensemble import ProbabilityMean
-from .mobile import mobile_unet, mobile_unet_xs
+from .mobile import mobile_cnn, mobile_unet, mobile_unet_xs
 from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_lite, unet_s
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
@@ -26,6 +26,7 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "vgg_hybrid": vgg_hybrid,
     "resnet_s": resnet_s,
     "dual_branch": dual_branch,
+    "mobile_cnn": mobile_cnn,
 }
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ConvBNReLU, DepthwiseSeparableConv, InvertedResidual
+from .blocks import ChannelAttention, ConvBNReLU, DepthwiseSeparableConv, InvertedResidual
+from .classifiers import MultiHeadClassifier
 
 
 class MobileDecoderStage(nn.Module):
@@ -85,3 +86,31 @@ def mobile_unet(num_classes: int = 3) -> MobileEncoderDecoder:
 def mobile_unet_xs(num_classes: int = 3) -> MobileEncoderDecoder:
     """mobile_unet at two thirds of the width, one block a stage: for the smallest crops and devices."""
     return MobileEncoderDecoder((8, 16, 24, 32), (1, 1, 1), num_classes, expansion=3)
+
+
+class MobileClassifierTrunk(nn.Sequential):
+    """A stride-2 stem, MobileNetV2 inverted-residual stages (the first block of each after the first halves
+    the map), a 1x1 conv widening the last map, CBAM's channel attention over it, and a global pool.
+
+    stages: (width, blocks) per stage; the first stage keeps the stem's resolution.
+    """
+
+    def __init__(self, stem: int, stages: tuple[tuple[int, int], ...], head_width: int, expansion: int):
+        layers: list[nn.Module] = [ConvBNReLU(3, stem, stride=2)]
+        channels = stem
+        for index, (width, blocks) in enumerate(stages):
+            for block in range(blocks):
+                stride = 2 if index > 0 and block == 0 else 1
+                layers.append(InvertedResidual(channels, width, stride=stride, expansion=expansion))
+                channels = width
+        layers += [ConvBNReLU(channels, head_width, kernel_size=1), ChannelAttention(head_width), nn.AdaptiveAvgPool2d(1)]
+        super().__init__(*layers)
+        self.out_channels = head_width
+
+
+def mobile_cnn(head_classes: dict[str, int], dropout: float = 0.3, expansion: int = 4) -> MultiHeadClassifier:
+    """The light cell classifier: vgg_hybrid's three heads and dense layer on a MobileNetV2-style trunk,
+    64x64 crop down to 4x4 (16/24/32/64/96 channels), about a fifth of vgg_hybrid's FLOPs. The same crop as
+    the light refiner (size and margin), so the two share each cell's crop at run time."""
+    trunk = MobileClassifierTrunk(16, ((16, 1), (24, 2), (32, 2), (64, 2), (96, 1)), head_width=192, expansion=expansion)
+    return MultiHeadClassifier(trunk, trunk.out_channels, head_classes, dense=(128,), dropout=dropout)
