@@ -90,6 +90,17 @@ def frame_sampling(letterbox: Letterbox) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def cell_labels_in_frame(model_label_map: np.ndarray, instances: np.ndarray, instance: int, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """One instance's labels (BACKGROUND outside it) at the frame pixels whose model rows and columns are
+    given (frame_sampling over its box). Masked at model resolution, then sampled columns first (a few
+    model rows wide) and rows second (whole rows copied): the same pixels as sampling the model maps at
+    every frame pixel of the box, a fraction of the time on a large cell."""
+    row0, row1, column0, column1 = int(rows.min()), int(rows.max()) + 1, int(columns.min()), int(columns.max()) + 1
+    window = np.s_[row0:row1, column0:column1]
+    cell_labels = np.where(instances[window] == instance, model_label_map[window], BACKGROUND).astype(np.uint8, copy=False)
+    return cell_labels.take(columns - column0, axis=1).take(rows - row0, axis=0)
+
+
 def _model_boxes(instances: np.ndarray, count: int) -> np.ndarray:
     """(count + 1) x 4 boxes (x0, y0, x1, y1, ends exclusive) of instances 1..count in one pass; row 0 unused."""
     ys, xs = np.nonzero(instances)
@@ -141,13 +152,13 @@ def find_cells(
         x0, y0, x1, y1 = box
         if x1 <= x0 or y1 <= y0:
             continue
-        rows, columns = frame_rows[y0:y1, None], frame_columns[None, x0:x1]
-        mask = instances[rows, columns] == instance
+        labels = cell_labels_in_frame(model_label_map, instances, instance, frame_rows[y0:y1], frame_columns[x0:x1])
+        mask = labels != BACKGROUND
         if not mask.any():
             continue
-        labels = model_label_map[rows, columns]
-        cells.append(CellInstance(box, mask, mask & (labels == NUCLEUS)))
-        frame_label_map[y0:y1, x0:x1][mask] = labels[mask]
+        cells.append(CellInstance(box, mask, labels == NUCLEUS))
+        # The cells' masks are disjoint (one model pixel, one instance), so the order of painting does not matter.
+        np.copyto(frame_label_map[y0:y1, x0:x1], labels, where=mask)
     cells.sort(key=lambda cell: (cell.box[1], cell.box[0]))
     return cells, frame_label_map
 

@@ -39,7 +39,7 @@ def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, heig
     background, cytoplasm, nucleus = (resize(np.asarray(plane, np.float32), width, height) for plane in crop_probabilities)
     labels = (cytoplasm > background).view(np.uint8)  # 1 = CYTOPLASM
     np.maximum(background, cytoplasm, out=background)
-    labels[nucleus > background] = NUCLEUS
+    np.copyto(labels, np.uint8(NUCLEUS), where=nucleus > background)
     return labels
 
 
@@ -77,44 +77,66 @@ def crop_windows(instances: Sequence[CellInstance], crop_margin: float, frame_sh
     return squares, windows
 
 
-def window_ids(instances: Sequence[CellInstance], neighbours: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """The instance map (i + 1 where instance i's mask is, 0 elsewhere, the first instance winning an
-    overlap) inside one window of the frame, painted only from the instances whose boxes reach into it."""
+# What window_claims marks in a crop's window: nobody's pixel, the refined cell's, another cell's.
+FREE, OWN, OTHER = 0, 1, 2
+
+
+def window_claims(instances: Sequence[CellInstance], neighbours: np.ndarray, index: int, window: np.ndarray) -> np.ndarray:
+    """Inside one window of the frame (uint8, window-sized): OWN where instance `index`'s mask is, OTHER where
+    another instance's is, FREE elsewhere; the first instance wins an overlap. Painted only from the
+    instances whose boxes reach into the window (neighbours, in order), each inside its own box."""
     wx0, wy0, wx1, wy1 = (int(side) for side in window)
-    ids = np.zeros((wy1 - wy0, wx1 - wx0), np.int32)
-    for index in neighbours:
-        instance = instances[index]
+    claims = np.zeros((wy1 - wy0, wx1 - wx0), np.uint8)
+    for neighbour in neighbours:
+        instance = instances[neighbour]
         x0, y0, x1, y1 = instance.box
         cx0, cy0, cx1, cy1 = max(x0, wx0), max(y0, wy0), min(x1, wx1), min(y1, wy1)
-        target = ids[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
-        target[instance.mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] & (target == 0)] = index + 1
-    return ids
+        target = claims[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
+        mask = instance.mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] & (target == FREE)
+        np.copyto(target, np.uint8(OWN if neighbour == index else OTHER), where=mask)
+    return claims
+
+
+def best_overlap(components: np.ndarray, count: int, own: np.ndarray) -> int:
+    """The component (1..count - 1) holding most of the `own` pixels, ties to the lowest, as the argmax of
+    their counts; 0 where no component holds any. Where only one component holds them (a cell's crop
+    nearly always), its number is found by a min and a max, without counting every pixel's component."""
+    touching = own & (components > 0)
+    if not touching.any():
+        return 0
+    first = int(components.min(where=touching, initial=count))
+    if first == int(components.max(where=touching, initial=0)):
+        return first
+    return 1 + int(np.bincount(components[touching], minlength=count)[1:].argmax())
 
 
 def refine_instance(
-    index: int, instance: CellInstance, crop_probabilities: np.ndarray, square: np.ndarray, window: np.ndarray, ids: np.ndarray
+    index: int, instance: CellInstance, crop_probabilities: np.ndarray, square: np.ndarray, window: np.ndarray, claims: np.ndarray
 ) -> CellInstance:
     """One cell's refined instance from the refiner's class probabilities of its crop (3xSxS).
 
-    square: the crop's square in the frame; window: its part inside the frame, ids the instance map there.
-    Kept: the refined cell component that overlaps this cell's field mask most, less the pixels of
-    the other cells found (a crop of a crowded field holds neighbours too). Where the refiner finds
-    nothing there, the field segmenter's instance stays: a found cell is never dropped here.
+    square: the crop's square in the frame; window: its part inside the frame, claims who holds which
+    pixel there (window_claims). Kept: the refined cell component that overlaps this cell's field mask
+    most, less the pixels of the other cells found (a crop of a crowded field holds neighbours too).
+    Where the refiner finds nothing there, the field segmenter's instance stays: a found cell is never
+    dropped here. Every step runs over the window (the crop's size in the frame) at most once or twice
+    per pixel, and the field mask's overlap only over the cell's box.
     """
     x0, y0, x1, y1 = (int(side) for side in square)
     wx0, wy0, wx1, wy1 = (int(side) for side in window)
     labels = crop_labels_in_frame_pixels(crop_probabilities, x1 - x0, y1 - y0)[wy0 - y0 : wy1 - y0, wx0 - x0 : wx1 - x0]
-    own = ids == index + 1
-    foreground = (labels != BACKGROUND) & ((ids == 0) | own)
+    foreground = (labels != BACKGROUND) & (claims != OTHER)
     count, components = cv2.connectedComponents(foreground.view(np.uint8), connectivity=8)
     if count < 2:
         return instance
-    overlap = np.bincount(components[own], minlength=count)[1:]
-    if overlap.max() == 0:
+    fx0, fy0, fx1, fy1 = instance.box  # inside the window: the crop's square is grown around it
+    in_box = np.s_[max(fy0 - wy0, 0) : fy1 - wy0, max(fx0 - wx0, 0) : fx1 - wx0]
+    best = best_overlap(components[in_box], count, claims[in_box] == OWN)
+    if best == 0:
         return instance
-    mask = components == 1 + int(overlap.argmax())
-    ys, xs = np.nonzero(mask)
-    bx0, by0, bx1, by1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    mask = components == best
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    bx0, by0, bx1, by1 = int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1
     mask = mask[by0:by1, bx0:bx1]
     nucleus = mask & (labels[by0:by1, bx0:bx1] == NUCLEUS)
     return CellInstance((wx0 + bx0, wy0 + by0, wx0 + bx1, wy0 + by1), mask, nucleus, found_box=instance.box)
@@ -145,12 +167,12 @@ def refine_cells(
     reaches &= (boxes[None, :, 1] < windows[:, None, 3]) & (boxes[None, :, 3] > windows[:, None, 1])
     refined = list(instances)
     for row, (index, probabilities) in enumerate(zip(chosen.tolist(), crop_probabilities)):
-        ids = window_ids(instances, np.flatnonzero(reaches[row]), windows[row])
-        refined[index] = refine_instance(index, instances[index], probabilities, squares[row], windows[row], ids)
+        claims = window_claims(instances, np.flatnonzero(reaches[row]), index, windows[row])
+        refined[index] = refine_instance(index, instances[index], probabilities, squares[row], windows[row], claims)
     label_map = np.zeros(frame_shape, np.uint8)
     for cell in refined:
         x0, y0, x1, y1 = cell.box
         window = label_map[y0:y1, x0:x1]
         free = cell.mask & (window == BACKGROUND)  # first cell wins a pixel two refined masks claim
-        window[free] = np.where(cell.nucleus_mask[free], NUCLEUS, CYTOPLASM)
+        np.copyto(window, np.where(cell.nucleus_mask, np.uint8(NUCLEUS), np.uint8(CYTOPLASM)), where=free)
     return refined, label_map

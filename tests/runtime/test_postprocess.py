@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge.postprocess import find_cells, frame_sampling, label_map_from_probabilities, split_touching
+from leukoedge.postprocess import cell_labels_in_frame, find_cells, frame_sampling, label_map_from_probabilities, split_touching
 from leukoedge.preprocess.cpu import fit_letterbox
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
@@ -197,6 +197,24 @@ def test_frame_sampling_is_the_frame_wide_nearest_resize(frame_shape):
     placement = fit_letterbox(frame_shape[0], frame_shape[1], MODEL_SIZE)
     rows, columns = frame_sampling(placement)
     np.testing.assert_array_equal(model_map[rows[:, None], columns[None, :]], placement.label_map_to_frame(model_map))
+
+
+@pytest.mark.parametrize("frame_shape", [(480, 640), (1920, 2560), (150, 200), (17, 4000), (4000, 30)])
+def test_a_cells_labels_sampled_columns_first_are_those_of_every_frame_pixel(frame_shape):
+    """cell_labels_in_frame (model columns sampled first, then whole rows) gives every frame pixel of a box
+    the label of the model pixel frame_sampling names for it where the instance is there, BACKGROUND where
+    another instance or none is: boxes anywhere in the frame, enlarged and shrunk."""
+    rng = np.random.default_rng(frame_shape[0])
+    model_labels = rng.integers(1, 3, MODEL_SIZE).astype(np.uint8)
+    instances = rng.integers(0, 4, MODEL_SIZE).astype(np.int32)
+    placement = fit_letterbox(frame_shape[0], frame_shape[1], MODEL_SIZE)
+    rows, columns = frame_sampling(placement)
+    for _ in range(20):
+        y0, y1 = np.sort(rng.choice(frame_shape[0] + 1, 2, replace=False))
+        x0, x1 = np.sort(rng.choice(frame_shape[1] + 1, 2, replace=False))
+        sampled = np.s_[rows[y0:y1, None], columns[None, x0:x1]]
+        expected = np.where(instances[sampled] == 2, model_labels[sampled], BACKGROUND)
+        np.testing.assert_array_equal(cell_labels_in_frame(model_labels, instances, 2, rows[y0:y1], columns[x0:x1]), expected)
 
 
 def _frame_wide_reference(model_label_map: np.ndarray, placement, cells) -> np.ndarray:

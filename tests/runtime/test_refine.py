@@ -183,6 +183,67 @@ def test_a_crowded_field_refines_as_if_each_crop_saw_the_whole_frames_cells():
     assert _dice(label_map > 0, truth > 0) > 0.97
 
 
+def _frame_wide_refine(instances: list[CellInstance], crop_probabilities: np.ndarray, frame_shape: tuple[int, int]) -> tuple[list[CellInstance], np.ndarray]:
+    """refine_cells as first written, over whole frames: the instance map of the frame (first instance wins
+    an overlap), each crop's labels by np.argmax over the interleaved resize, the component of the refined
+    foreground holding most of the cell's field mask by counting every pixel's component."""
+    ids = np.zeros(frame_shape, np.int32)
+    for index, instance in enumerate(instances):
+        x0, y0, x1, y1 = instance.box
+        ids[y0:y1, x0:x1][instance.mask & (ids[y0:y1, x0:x1] == 0)] = index + 1
+    refined = []
+    for index, (instance, probabilities) in enumerate(zip(instances, crop_probabilities)):
+        sx0, sy0, sx1, sy1 = square_crop_box(instance.box, MARGIN)
+        interleaved = resize(np.ascontiguousarray(np.moveaxis(probabilities, 0, -1)), sx1 - sx0, sy1 - sy0)
+        labels = np.zeros(frame_shape, np.int64)
+        in_frame = np.s_[max(sy0, 0) : sy1, max(sx0, 0) : sx1]
+        labels[in_frame] = np.argmax(interleaved, axis=-1)[max(sy0, 0) - sy0 :, max(sx0, 0) - sx0 :][: labels[in_frame].shape[0], : labels[in_frame].shape[1]]
+        own = ids == index + 1
+        foreground = (labels != BACKGROUND) & ((ids == 0) | own)
+        count, components = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=8)
+        overlap = np.bincount(components[own], minlength=count)[1:]
+        if count < 2 or overlap.max() == 0:
+            refined.append(instance)
+            continue
+        mask = components == 1 + int(overlap.argmax())
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        nucleus = mask[y0:y1, x0:x1] & (labels[y0:y1, x0:x1] == NUCLEUS)
+        refined.append(CellInstance((x0, y0, x1, y1), mask[y0:y1, x0:x1], nucleus, found_box=instance.box))
+    label_map = np.zeros(frame_shape, np.uint8)
+    for cell in refined:
+        x0, y0, x1, y1 = cell.box
+        free = cell.mask & (label_map[y0:y1, x0:x1] == BACKGROUND)
+        label_map[y0:y1, x0:x1][free] = np.where(cell.nucleus_mask[free], NUCLEUS, CYTOPLASM)
+    return refined, label_map
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_refining_window_by_window_gives_the_frame_wide_result(seed):
+    """refine_cells works inside each crop's window and counts the field mask's overlap only where it can
+    be: the same cells, boxes, masks and label map as the frame-wide version, on random crowded fields whose
+    field masks overlap (the first instance wins), reach past the frame's edges, and whose refined
+    foreground falls apart into many pieces, several touching the field mask (ties included)."""
+    rng = np.random.default_rng(seed)
+    instances = []
+    for _ in range(int(rng.integers(3, 12))):
+        centre = (int(rng.integers(-5, FRAME[1] + 5)), int(rng.integers(-5, FRAME[0] + 5)))
+        disc = _disk_cell(centre, int(rng.integers(3, 30)), 2) > 0
+        if disc.any():
+            instances.append(_instance(disc))
+    coarse = rng.random((len(instances), 3, 6, 6)).astype(np.float32)
+    crops = np.stack([np.stack([resize(plane, SIZE, SIZE) for plane in planes]) for planes in coarse])
+    crops[:, 2] *= 0.9  # fewer nucleus wins: more of every class on the outlines
+    crops[0, 1] = crops[0, 0]  # exact ties, to the lower class
+    refined, label_map = refine_cells(instances, crops, MARGIN, FRAME)
+    expected, expected_map = _frame_wide_refine(instances, crops, FRAME)
+    for cell, reference in zip(refined, expected):
+        assert (cell.box, cell.found_box) == (reference.box, reference.found_box)
+        np.testing.assert_array_equal(cell.mask, reference.mask)
+        np.testing.assert_array_equal(cell.nucleus_mask, reference.nucleus_mask)
+    np.testing.assert_array_equal(label_map, expected_map)
+
+
 # --- refining only the cells the field segmenter is unsure of -------------------------------------
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
