@@ -45,6 +45,15 @@ def without_classes(probabilities: np.ndarray, classes: Sequence[str], excluded:
     return kept / np.maximum(kept.sum(axis=1, keepdims=True), 1e-12)
 
 
+def copy_within_boxes(label_map: np.ndarray, boxes: Sequence[Box]) -> np.ndarray:
+    """A copy of a frame label map that is BACKGROUND outside the boxes (find_cells and refine_cells paint only
+    inside their cells' boxes), made box by box: a large frame's few cells are copied, not its every pixel."""
+    copy = np.zeros(label_map.shape, label_map.dtype)
+    for x0, y0, x1, y1 in boxes:
+        copy[y0:y1, x0:x1] = label_map[y0:y1, x0:x1]
+    return copy
+
+
 @dataclass
 class Candidates:
     """A frame's proposals before the gate: the preprocessed frame, the segmenter's class probabilities
@@ -284,7 +293,7 @@ class Detector:
         """The proposals the gate calls white cells, the label map without the others, how many others there
         were (red cells, platelets, debris: never counted, never classified), and the kept cells' crops."""
         keep = self.white_cell_probabilities(crops) >= self.gate_spec["threshold"]
-        label_map = found.label_map.copy()
+        label_map = copy_within_boxes(found.label_map, [instance.box for instance in found.instances])
         for instance in (instance for instance, kept in zip(found.instances, keep) if not kept):
             x0, y0, x1, y1 = instance.box
             label_map[y0:y1, x0:x1][instance.mask] = BACKGROUND

@@ -278,3 +278,34 @@ def test_the_with_block_closes_the_detector_when_the_loop_fails():
         with Detector.load(default_bundle()) as det:
             raise RuntimeError("the application failed")
     assert det.closed and det.segmenter is None
+
+
+def test_the_gated_label_map_is_copied_box_by_box_as_a_whole_copy_would_be(data_root: Path) -> None:
+    """keep_white_cells copies the candidates' label map only inside the cells' boxes (copy_within_boxes): it
+    must be BACKGROUND everywhere else, on fields refined or not, enlarged or tiled; then the gated map is the
+    whole copy with the rejected proposals cleared."""
+    shipped = Detector.load(Path(__file__).resolve().parents[2] / "models" / "default")
+    assert shipped.gate is not None and shipped.refiner is not None
+    field = cv2.imread(str(data_root / "bccd" / "images" / "BloodImage_00001.jpg"))
+    taleqani = sorted((data_root / "all-taleqani" / "images").glob("*/*.jpg"))[:4]
+    tiles = [cv2.imread(str(path)) for path in taleqani]
+    frames = [field, cv2.resize(field, (1280, 960)), np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:])])]
+    refiner = shipped.refiner
+    rejected = 0
+    for frame in frames:
+        for shipped.refiner in (refiner, None):  # refined masks, then the field segmenter's
+            found = shipped.candidates(frame)
+            assert found.instances
+            in_boxes = np.zeros(found.label_map.shape, bool)
+            for x0, y0, x1, y1 in (instance.box for instance in found.instances):
+                in_boxes[y0:y1, x0:x1] = True
+            assert not found.label_map[~in_boxes].any()
+            crops = shipped.cell_crops(frame, found.prepared, found.instances)
+            keep = shipped.white_cell_probabilities(crops) >= shipped.gate_spec["threshold"]
+            expected = found.label_map.copy()
+            for instance in (instance for instance, kept in zip(found.instances, keep) if not kept):
+                x0, y0, x1, y1 = instance.box
+                expected[y0:y1, x0:x1][instance.mask] = BACKGROUND
+            np.testing.assert_array_equal(shipped.keep_white_cells(found, crops)[1], expected)
+            rejected += int((~keep).sum())
+    assert rejected  # some proposals were cleared
