@@ -10,7 +10,15 @@ one BCCD field at four sizes, Taleqani fields tiled). Frame by frame both implem
 in turn, the order of the two and of the points rotating, so whatever else loads the machine loads both
 alike. Printed: each one's `leukoedge bench --data` table and fit (ms = base + per cell x cells + per MP x
 megapixels, over every point); the per-MP slope over the BCCD field alone at 320x240 to 2560x1920 (one cell,
-the cell growing with the frame), stage by stage; and per point the ratio of the median totals.
+the cell growing with the frame), stage by stage; per point the ratio of the median totals; and the
+preprocessing of frames of camera sizes (the frame's INTER_AREA resize into the segmenter's input costs
+several times more per pixel where the ratio is not a whole number, as for most sensors, than at the
+bench's 1280x960 and 2560x1920).
+
+With --shrink-check it also measures, without changing the runtime, what a cheaper shrink would change: a
+bilinear shrink to 4x the target size before the INTER_AREA resize (the same call at every ratio below 4),
+for the cell crops alone and for the frame too, on large frames (BCCD fields at camera sizes, Taleqani fields
+tiled 4x4 and enlarged 2x): the ms saved and how the cells, labels, verdicts and probabilities move.
 """
 
 from __future__ import annotations
@@ -18,18 +26,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
+import cv2
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import leukoedge.preprocess.cpu as preprocess_cpu  # noqa: E402
 from leukoedge import Detector  # noqa: E402
 from leukoedge.benchmark import STAGES, ScalingPoint, fit_scaling, format_scaling, scaling_points  # noqa: E402
 
 BASELINE_PACKAGE = "leukoedge_baseline"
+CAMERA_SIZES = ((640, 480), (1280, 960), (1920, 1080), (2560, 1920), (2592, 1944), (3264, 2448), (4056, 3040))
 
 
 def import_baseline(root: Path) -> ModuleType:
@@ -61,6 +74,106 @@ def field_slopes(points: list[ScalingPoint]) -> dict[str, float]:
     return {stage: float(np.polyfit(megapixels, [point.times.median(stage) for point in fields], 1)[0]) for stage in STAGES}
 
 
+def preprocess_costs(detector: Detector, field: np.ndarray, rounds: int) -> None:
+    """Median and p95 ms of the detector's preprocessing of one field resized to each camera size, and the ms
+    per megapixel beyond the first size (640x480)."""
+    print("\npreprocessing (frame resize into the segmenter's input, stain statistics, normalization) at camera sizes")
+    print("| frame | MP | ratio to the input | median / p95 ms | ms per MP beyond 640x480 |")
+    print("|---|---|---|---|---|")
+    input_height, input_width = detector.segmenter_spec["input_size"]
+    first = None
+    for width, height in CAMERA_SIZES:
+        frame = cv2.resize(field, (width, height), interpolation=cv2.INTER_LINEAR)
+        times = []
+        for _ in range(rounds + 1):
+            started = time.perf_counter()
+            detector.prepare_frame(frame)
+            times.append((time.perf_counter() - started) * 1000.0)
+        median, p95, megapixels = np.median(times[1:]), np.percentile(times[1:], 95), width * height / 1e6
+        first = first or (median, megapixels)
+        slope = "-" if megapixels == first[1] else f"{(median - first[0]) / (megapixels - first[1]):.2f}"
+        print(f"| {width}x{height} | {megapixels:.2f} | {max(width / input_width, height / input_height):.3g} | {median:.1f} / {p95:.1f} | {slope} |")
+
+
+def shrink_first(crop_size: tuple[int, int] | None) -> Callable[[np.ndarray, int, int], np.ndarray]:
+    """preprocess_cpu.resize with a bilinear shrink to 4x the target first, where the image is more than 4x larger
+    on both sides (crop_size, the crops' (height, width): only for resizes to it, the cell crops; None: the frame too)."""
+    exact = preprocess_cpu.resize
+
+    def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+        if (crop_size is None or (height, width) == crop_size) and image.shape[1] > 4 * width and image.shape[0] > 4 * height:
+            image = cv2.resize(image, (4 * width, 4 * height), interpolation=cv2.INTER_LINEAR)
+        return exact(image, width, height)
+
+    return resize
+
+
+def large_frames(data_root: Path) -> list[np.ndarray]:
+    fields = sorted((data_root / "bccd" / "images").glob("*.jpg"))[:40:2]
+    frames = [cv2.resize(cv2.imread(str(path)), CAMERA_SIZES[1 + index % (len(CAMERA_SIZES) - 1)]) for index, path in enumerate(fields)]
+    taleqani = sorted((data_root / "all-taleqani" / "images").glob("*/*.jpg"))
+    for start in range(6):
+        tiles = [cv2.imread(str(taleqani[(start * 16 + index) * 7 % len(taleqani)])) for index in range(16)]
+        tiled = np.vstack([np.hstack(tiles[row * 4 : row * 4 + 4]) for row in range(4)])
+        frames.append(cv2.resize(tiled, (tiled.shape[1] * 2, tiled.shape[0] * 2)))
+    return frames
+
+
+def _box_iou(one: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> float:
+    width = min(one[2], other[2]) - max(one[0], other[0])
+    height = min(one[3], other[3]) - max(one[1], other[1])
+    inter = max(width, 0) * max(height, 0)
+    area = (one[2] - one[0]) * (one[3] - one[1]) + (other[2] - other[0]) * (other[3] - other[1]) - inter
+    return inter / area if area else 0.0
+
+
+def matched_cells(before: list, after: list) -> list[tuple]:
+    """Pairs of cells of two results of one frame whose classifier boxes overlap at IoU >= 0.5, greedily."""
+    pairs, free = [], list(after)
+    for cell in before:
+        best = max(free, key=lambda other: _box_iou(cell.classifier_box, other.classifier_box), default=None)
+        if best is not None and _box_iou(cell.classifier_box, best.classifier_box) >= 0.5:
+            pairs.append((cell, best))
+            free.remove(best)
+    return pairs
+
+
+def shrink_check(detector: Detector, data_root: Path) -> None:
+    """The exact runtime against shrink_first on the same large frames, one after the other frame by frame:
+    cells found by one only (no box of the other at IoU >= 0.5: the field segmenter's boxes or the gate's
+    decisions moved), boxes moved, and over the cells both found, labels and probabilities."""
+    exact = preprocess_cpu.resize
+    frames = large_frames(data_root)
+    print("\nbilinear shrink to 4x the target before INTER_AREA, against the runtime's INTER_AREA alone (not shipped)")
+    print("| shrunk first | frames | cells (exact) | found by one only | boxes moved | verdicts changed | labels changed | probability change max / p95 | median ms exact -> shrunk |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    crop_size = tuple(detector.classifier_spec["input_size"])
+    for crops_only in (True, False):
+        cells = one_only = moved = verdicts = labels = 0
+        changes, exact_ms, shrunk_ms = [], [], []
+        for frame in frames:
+            results = []
+            for resize, times in ((exact, exact_ms), (shrink_first(crop_size if crops_only else None), shrunk_ms)):
+                preprocess_cpu.resize = resize
+                started = time.perf_counter()
+                results.append(detector.run(frame))
+                times.append((time.perf_counter() - started) * 1000.0)
+            preprocess_cpu.resize = exact
+            before, after = results
+            pairs = matched_cells(before.cells, after.cells)
+            cells += len(before.cells)
+            one_only += len(before.cells) + len(after.cells) - 2 * len(pairs)
+            verdicts += (before.verdict.flagged, before.verdict.status) != (after.verdict.flagged, after.verdict.status)
+            for one, other in pairs:
+                moved += one.classifier_box != other.classifier_box
+                labels += one.label != other.label
+                changes += [abs(one.head_scores[head][name] - other.head_scores[head][name]) for head in one.head_scores for name in one.head_scores[head]]
+        print(
+            f"| {'cell crops' if crops_only else 'frame and cell crops'} | {len(frames)} | {cells} | {one_only} | {moved} | {verdicts} | {labels} | "
+            f"{max(changes):.3f} / {np.percentile(changes, 95):.4f} | {np.median(exact_ms):.1f} -> {np.median(shrunk_ms):.1f} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="the data folder (../shared/data)")
@@ -69,6 +182,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=12, help="timed runs per point and implementation (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
+    parser.add_argument("--shrink-check", action="store_true", help="also measure a cheaper shrink of large frames and crops (not shipped)")
     args = parser.parse_args()
     baseline = import_baseline(args.baseline)
     detectors = {
@@ -108,6 +222,9 @@ def main() -> int:
             f"| {after.name} | {width}x{height} | {after.cells:g} | {before.times.median('total'):.1f} / {before.times.p95('total'):.1f} | "
             f"{after.times.median('total'):.1f} / {after.times.p95('total'):.1f} | {after.times.median('total') / before.times.median('total'):.2f} |"
         )
+    preprocess_costs(detectors["after"], frames[0].frames[0], 3 * args.frames)
+    if args.shrink_check:
+        shrink_check(detectors["after"], args.data)
     return 0
 
 
