@@ -357,7 +357,7 @@ def command_adapt(args: argparse.Namespace) -> int:
 
 
 def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
-    """`leukoedge adapt --labels`: fine-tune the gate and classifier on the device's boxed frames (needs [train])."""
+    """`leukoedge adapt --labels`: fine-tune the segmenter, refiner, gate and classifier on the device's boxed frames (needs [train])."""
     if args.data is None:
         print("error: --labels needs --data: the training data replayed beside the device's frames, so the models do not forget it", file=sys.stderr)
         return 2
@@ -365,7 +365,8 @@ def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
 
     frames = read_labelled_frames(paths, args.labels, read_image)
     print(f"{len(frames)} of {len(paths)} frames have a box file in {args.labels}")
-    recipe = LabelledRecipe(gate_steps=args.steps, classifier_steps=args.steps)
+    steps = args.steps
+    recipe = LabelledRecipe(segmenter_steps=steps, refiner_steps=steps, gate_steps=steps, classifier_steps=steps, hold_back=args.hold_back)
     report = adapt_bundle_with_labels(args.bundle, frames, args.out, args.data, recipe, args.checkpoints, args.channel_order)
     print("\n".join(report.lines()))
     if report.written:
@@ -490,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--max-growth-mb", type=float, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
     soak.set_defaults(handler=command_soak)
 
-    adapt = commands.add_parser("adapt", help="adapt a bundle to a new microscope: its domain check from unlabelled frames; with --labels, its gate and classifier too")
+    adapt = commands.add_parser("adapt", help="adapt a bundle to a new microscope: its domain check from unlabelled frames; with --labels, its models too")
     adapt.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle to adapt (default: %(default)s)")
     adapt.add_argument("--frames", type=Path, required=True, help="folder of 20-500 frames of the new microscope (images)")
     adapt.add_argument("--out", type=Path, required=True, help="where to write the adapted bundle")
@@ -501,10 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="folder of box files for some frames of NORMAL smears (<frame stem>.xml Pascal VOC or .txt YOLO: WBC, RBC, Platelets): "
-        "fine-tune the gate and classifier on them (needs [train], --data and the training checkpoints)",
+        "fine-tune the segmenter, refiner, gate and classifier on them (needs [train], --data and the training checkpoints)",
     )
     adapt.add_argument("--data", type=Path, default=None, help="--labels: the training data folder, replayed so the models keep what they learnt")
-    adapt.add_argument("--checkpoints", type=Path, default=None, help="--labels: folder of <bundle>-classifier.pt and <bundle>-gate.pt (default: beside the bundle)")
+    adapt.add_argument("--checkpoints", type=Path, default=None, help="--labels: folder of <bundle>-segmenter.pt, -refiner.pt, -classifier.pt and -gate.pt (default: beside the bundle)")
     adapt.add_argument("--steps", type=positive_int, default=300, help="--labels: fine-tuning steps of each model (default: %(default)s)")
     adapt.set_defaults(handler=command_adapt)
 

@@ -1,12 +1,16 @@
-"""`leukoedge adapt --labels`: tune a bundle's gate and classifier to a new microscope from a few dozen frames whose
-objects are boxed.
+"""`leukoedge adapt --labels`: tune a bundle's segmenter, refiner, gate and classifier to a new microscope from a few
+dozen frames whose objects are boxed.
 
 Unlabelled adaptation (leukoedge/adapt.py) can only move the domain check. What goes wrong on a microscope the
 models never saw is in the models: its red cells pass the gate (cell or not) and its normal white cells look like
 blasts to the classifier; a classifier trained without a device calls about half of its normal white cells blasts,
 one that learnt the device a few percent (docs/training.md). The device's own labelled cells are what fixes that.
 From frames of NORMAL smears of the device, its white cells boxed (its red cells and platelets too, ideally):
-- the gate is fine-tuned on the device's proposals labelled by the boxes (white cell or not), with examples of the
+- the segmenter and the refiner are fine-tuned on the device's fields labelled by the boxes
+  (data.boxed_field_label_map: outside the white cells' boxes and on the red cells pressed against them,
+  background), beside replayed fields and cells of the mask sources: a white cell's mask otherwise spreads into the
+  device's red cells and its box misses the white cell's (docs/training.md);
+- then, with the new masks, the gate is fine-tuned on the device's proposals labelled by the boxes (white cell or not), with examples of the
   training sources replayed beside them so it does not forget those; its threshold is chosen again on the training
   sources' validation examples by the rule it was chosen by (training/gate.choose_threshold);
 - the classifier is fine-tuned with the device's boxed white cells as normal cells, beside replayed training cells
@@ -17,7 +21,8 @@ From frames of NORMAL smears of the device, its white cells boxed (its red cells
   uncertainty of its frames (leukoedge/adapt.adapted_domain).
 The frames held back from all of this decide (the same hash split as unlabelled adaptation): the bundle is written
 only if on them it flags and refuses no more frames than before and finds white cells as well (box F1 at most
-MAX_DROP lower), and if its Taleqani validation verdict's balanced accuracy is at most MAX_DROP lower. The new models
+MAX_DROP lower), if its Taleqani validation verdict's balanced accuracy is at most MAX_DROP lower, and if its nucleus
+and whole-cell Dice on the masked validation fields (MASK_CHECK_SOURCES) are at most MAX_DROP lower. The new models
 are FP32 only: INT8 versions of the fine-tuned models are dropped (rerun `leukoedge calibrate`).
 Replay needs the training data (`--data`) and the models' training checkpoints, checked against the bundle's ONNX files.
 """
@@ -39,11 +44,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leukoedge.adapt import AdaptationRefused, FrameMeasure, adapted_domain, held_back
+from leukoedge.adapt import DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
 from leukoedge.bundle import save_bundle
 from leukoedge.detector import Detector
 from leukoedge.domain import colour_features, segmenter_uncertainty
-from leukoedge.export.onnx import ClassifierWithSoftmax, export_classifier
+from leukoedge.export.onnx import ClassifierWithSoftmax, export_classifier, export_segmenter
 
 from . import data
 from .detection import DeviceFigures, count_field, records_per_domain
@@ -60,10 +65,11 @@ from .gate import (
     wbc_probabilities,
     with_torch_gate,
 )
-from .pipeline import HEADS, NORMAL_CELL_WEIGHTS, cell_examples
-from .samples import classification_sample
-from .torch_backend import TorchBackend, checkpoint_paths, verified_model
-from .train import CLASSIFIER_LOSSES, CellExample, balanced_indices, save_checkpoint
+from .metrics import dice
+from .pipeline import HEADS, NORMAL_CELL_WEIGHTS, SEGMENTATION_SOURCES, cell_examples
+from .samples import classification_sample, random_crop, refiner_sample, segmentation_sample
+from .torch_backend import TorchBackend, as_backend, checkpoint_paths, verified_model
+from .train import CLASSIFIER_LOSSES, CellExample, CellMaskExample, SegmentationExample, balanced_indices, save_checkpoint, segmentation_loss
 from .verdict import choose_flag_fraction
 
 log = logging.getLogger("leukoedge.adapt")
@@ -71,6 +77,9 @@ log = logging.getLogger("leukoedge.adapt")
 MIN_LABELLED_FRAMES = 10  # fewer say too little about a device to fine-tune on, and leave too few to hold back
 MAX_DROP = 0.01  # the issue's rule: no figure may get worse by more than this
 LABEL_SUFFIXES = (".xml", ".txt")
+# Masked cells a fine-tuned segmenter or refiner must still outline: the experts' nucleus and cytoplasm, Taleqani's
+# weak whole-cell masks (its B-ALL fields are the verdict's).
+MASK_CHECK_SOURCES = ("wbc-seg-zheng", "all-idb2", "all-taleqani")
 
 
 @dataclass
@@ -86,26 +95,36 @@ class LabelledFrame:
 class LabelledRecipe:
     """How the models are fine-tuned; the defaults are the ones measured in docs/training.md."""
 
+    segmenter_steps: int = 300
+    refiner_steps: int = 300
     gate_steps: int = 300
     classifier_steps: int = 300
     learning_rate: float = 2e-4  # low: the models keep what they learnt and move towards the device
-    batch_size: int = 64
+    batch_size: int = 64  # gate and classifier crops
+    segmenter_batch_size: int = 8  # fields, each a segmenter_crop window of the segmenter's input
+    segmenter_crop: int = 128
+    refiner_batch_size: int = 32  # cells
     device_share: float = 0.25  # of each batch, the device's examples; the rest replayed ones
     keep_weight: float = 1.0  # weight of the replayed cells' distillation to the original classifier (0: none)
     replay_per_source: int = 40  # training fields replayed per source/device
-    val_per_source: int = 20  # validation fields per source/device for the gate's threshold
+    val_per_source: int = 20  # validation fields per source/device for the gate's threshold and the masks' check
     verdict_fields: int | None = None  # Taleqani validation fields for the verdict (evenly spaced); None: all of them
+    hold_back: float = DEFAULT_HOLD_BACK  # share of the labelled frames kept out of fine-tuning, to check the result
     seed: int = 0
 
 
 @dataclass
 class Replay:
-    """What the training sources bring to fine-tuning: the gate's examples (training and validation) and cells
-    with their classifier targets, none from the device being adapted to."""
+    """What the training sources bring to fine-tuning, none of it from the device being adapted to: the gate's
+    examples (training and validation), cells with their classifier targets, fields with label maps for the
+    segmenter, masked cells for the refiner, and masked validation fields for the masks' check."""
 
     gate_train: GateExamples
     gate_val: GateExamples
     cells: list[CellExample]
+    fields: list[SegmentationExample]
+    masked_cells: list[CellMaskExample]
+    mask_check: list[SegmentationExample]
 
 
 @dataclass
@@ -116,6 +135,8 @@ class LabelledReport:
     after: dict
     taleqani_before: float  # Taleqani validation verdict balanced accuracy
     taleqani_after: float
+    masks_before: dict[str, float]  # mask_dice: whole-cell (and nucleus) Dice per masked source
+    masks_after: dict[str, float]
     gate_threshold: float
     flag_fraction: float
     problems: list[str]
@@ -135,6 +156,7 @@ class LabelledReport:
         lines = [f"frames: {self.frames} labelled ({self.frames - self.held_back} fitted, {self.held_back} held back)", "held-back frames: before -> after"]
         lines += [f"  {label}: {number(self.before[key], digits)} -> {number(self.after[key], digits)}" for label, key, digits in rows]
         lines.append(f"Taleqani validation verdict balanced accuracy: {self.taleqani_before:.3f} -> {self.taleqani_after:.3f}")
+        lines += [f"{name} (validation): {self.masks_before[name]:.3f} -> {self.masks_after[name]:.3f}" for name in self.masks_before]
         lines.append(f"gate threshold {self.gate_threshold:.3f}, flag fraction {self.flag_fraction:.3f}")
         lines += [f"worse: {problem}" for problem in self.problems]
         if self.problems:
@@ -157,11 +179,34 @@ def read_labelled_frames(paths: Sequence[Path], labels_dir: Path, read: Callable
 
 
 def replay_from_data(detector: Detector, data_root: Path, recipe: LabelledRecipe, leave_out: str | None = None) -> Replay:
-    """Replayed examples of the training sources' training split (validation split for the gate's threshold),
-    `leave_out` (a source or source/device) excluded."""
+    """Replayed examples of the training sources' training split (validation split for the gate's threshold and
+    the masks' check), `leave_out` (a source or source/device) excluded."""
     gate_train = collect_examples(detector, _kept(records_per_domain(data_root, "train", GATE_SOURCES, recipe.replay_per_source), leave_out), 1, recipe.seed, "replay: gate examples")
     gate_val = collect_examples(detector, _kept(records_per_domain(data_root, "val", GATE_SOURCES, recipe.val_per_source), leave_out), 0, recipe.seed + 1, "replay: gate validation")
-    return Replay(gate_train, gate_val, replay_cells(detector, data_root, recipe.replay_per_source, leave_out))
+    return replay_with_masks(gate_train, gate_val, replay_cells(detector, data_root, recipe.replay_per_source, leave_out), data_root, recipe, leave_out)
+
+
+def replay_with_masks(
+    gate_train: GateExamples, gate_val: GateExamples, cells: list[CellExample], data_root: Path, recipe: LabelledRecipe, leave_out: str | None = None
+) -> Replay:
+    """The replay of the gate's and classifier's examples given, with the segmenter's, refiner's and masks' check's
+    read from the data (the segmentation sources' label maps, as training.pipeline reads them)."""
+    fields, masked_cells = masked_fields(_kept(records_per_domain(data_root, "train", SEGMENTATION_SOURCES, recipe.replay_per_source), leave_out))
+    mask_check, _ = masked_fields(_kept(records_per_domain(data_root, "val", MASK_CHECK_SOURCES, recipe.val_per_source), leave_out))
+    return Replay(gate_train, gate_val, cells, fields, masked_cells, mask_check)
+
+
+def masked_fields(records: Sequence[data.Record]) -> tuple[list[SegmentationExample], list[CellMaskExample]]:
+    """The records that have a label map (data.read_label_map) with it, and their white cells (data.wbc_boxes)."""
+    fields, cells = [], []
+    for record in tqdm(records, desc="replay: label maps", unit="field", leave=False):
+        label_map = data.read_label_map(record)
+        if label_map is None:
+            continue
+        field = SegmentationExample(record.source, data.read_image(record), label_map)
+        fields.append(field)
+        cells += [CellMaskExample(record.source, field.image, label_map, box) for box in data.wbc_boxes(record)]
+    return fields, cells
 
 
 def replay_cells(detector: Detector, data_root: Path, per_source: int, leave_out: str | None = None) -> list[CellExample]:
@@ -180,6 +225,16 @@ def _kept(records: list[data.Record], leave_out: str | None) -> list[data.Record
 def device_cells(frames: Sequence[LabelledFrame], domain: str) -> list[CellExample]:
     """The device's boxed white cells, normal (the frames are of normal smears)."""
     return [CellExample(domain, frame.image, box, {"blast": 0}) for frame in frames for box in frame.boxes.get("WBC", [])]
+
+
+def device_fields(frames: Sequence[LabelledFrame], domain: str) -> list[SegmentationExample]:
+    """The device's frames labelled by their boxes (data.boxed_field_label_map)."""
+    return [SegmentationExample(domain, frame.image, data.boxed_field_label_map(frame.boxes, frame.image.shape)) for frame in frames]
+
+
+def device_masked_cells(fields: Sequence[SegmentationExample], frames: Sequence[LabelledFrame]) -> list[CellMaskExample]:
+    """The device's boxed white cells with their fields' box labels, for the refiner."""
+    return [CellMaskExample(field.source, field.image, field.label_map, box) for field, frame in zip(fields, frames) for box in frame.boxes.get("WBC", [])]
 
 
 def _fine_tune(model: torch.nn.Module, steps: int, learning_rate: float, next_batch: Callable[[], tuple], loss_of: Callable, description: str, seed: int) -> torch.nn.Module:
@@ -258,6 +313,69 @@ def fine_tune_classifier(
     return _fine_tune(classifier, recipe.classifier_steps, recipe.learning_rate, next_batch, loss_of, "adapt: classifier", recipe.seed)
 
 
+def fine_tune_masks(
+    model: torch.nn.Module,
+    device: Sequence[SegmentationExample | CellMaskExample],
+    replay: Sequence[SegmentationExample | CellMaskExample],
+    sample: Callable[[SegmentationExample | CellMaskExample, np.random.Generator], tuple[np.ndarray, np.ndarray]],
+    steps: int,
+    batch_size: int,
+    recipe: LabelledRecipe,
+    description: str,
+) -> torch.nn.Module:
+    """A segmenter or refiner on batches whose recipe.device_share are the device's examples (fields or cells) and
+    the rest replayed ones balanced over sources, with training's segmentation loss (train.segmentation_loss)."""
+    rng = np.random.default_rng(recipe.seed + 2)
+    own = max(1, int(round(batch_size * recipe.device_share)))
+    replay_order = iter(balanced_indices([example.source for example in replay], steps * (batch_size - own), rng))
+
+    def next_batch() -> tuple:
+        examples = [device[int(rng.integers(len(device)))] for _ in range(own)] + [replay[next(replay_order)] for _ in range(batch_size - own)]
+        inputs, labels = zip(*(sample(example, rng) for example in examples))
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
+
+    return _fine_tune(model, steps, recipe.learning_rate, next_batch, segmentation_loss, description, recipe.seed)
+
+
+def fine_tune_segmenter(
+    segmenter: torch.nn.Module, device: Sequence[SegmentationExample], replay: Sequence[SegmentationExample], detector: Detector, recipe: LabelledRecipe
+) -> torch.nn.Module:
+    """Fields augmented as in training (samples.segmentation_sample), a recipe.segmenter_crop window of each."""
+    size = detector.segmenter_spec["input_size"]
+
+    def sample(field: SegmentationExample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return random_crop(*segmentation_sample(field.image, field.label_map, detector.spec, size, rng), recipe.segmenter_crop, rng)
+
+    return fine_tune_masks(segmenter, device, replay, sample, recipe.segmenter_steps, recipe.segmenter_batch_size, recipe, "adapt: segmenter")
+
+
+def fine_tune_refiner(
+    refiner: torch.nn.Module, device: Sequence[CellMaskExample], replay: Sequence[CellMaskExample], detector: Detector, recipe: LabelledRecipe
+) -> torch.nn.Module:
+    """Cells cut and augmented as in training (samples.refiner_sample)."""
+    spec = detector.refiner_spec
+
+    def sample(cell: CellMaskExample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return refiner_sample(cell.image, cell.label_map, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], rng)
+
+    return fine_tune_masks(refiner, device, replay, sample, recipe.refiner_steps, recipe.refiner_batch_size, recipe, "adapt: refiner")
+
+
+def mask_dice(detector: Detector, fields: Sequence[SegmentationExample]) -> dict[str, float]:
+    """The detector's mean whole-cell Dice per source on masked fields, and nucleus Dice where the masks split
+    nucleus from cytoplasm (ignored pixels left out; training/metrics.segmentation_scores' rules)."""
+    scores: dict[str, list[float]] = {}
+    for field in tqdm(fields, desc="masks (validation)", unit="field", leave=False):
+        predicted, truth = detector.run(field.image).label_map, field.label_map
+        valid = truth != data.LABEL_IGNORE
+        whole = np.isin(truth, (data.LABEL_CYTOPLASM, data.LABEL_NUCLEUS, data.LABEL_WBC))
+        scores.setdefault(f"{field.source} whole-cell Dice", []).append(dice((predicted != data.LABEL_BACKGROUND)[valid], whole[valid]))
+        if not (truth == data.LABEL_WBC).any():
+            nucleus = dice((predicted == data.LABEL_NUCLEUS)[valid], (truth == data.LABEL_NUCLEUS)[valid])
+            scores.setdefault(f"{field.source} nucleus Dice", []).append(nucleus)
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
 def labelled_figures(detector: Detector, frames: Sequence[LabelledFrame], domain: str) -> dict:
     """training/detection's device figures of labelled frames (every frame a normal field)."""
     figures = DeviceFigures(domain)
@@ -286,7 +404,9 @@ def _box_f1(row: dict) -> float:
     return 0.0 if recall + precision == 0 else 2 * recall * precision / (recall + precision)
 
 
-def problems_of(before: dict, after: dict, taleqani_before: float, taleqani_after: float) -> list[str]:
+def problems_of(
+    before: dict, after: dict, taleqani_before: float, taleqani_after: float, masks_before: dict[str, float], masks_after: dict[str, float]
+) -> list[str]:
     """Why the adapted models are worse than the original ones, for a person; [] when they are not."""
     problems = []
     if after["flagged"] > before["flagged"]:
@@ -298,6 +418,9 @@ def problems_of(before: dict, after: dict, taleqani_before: float, taleqani_afte
         problems.append(f"white-cell box F1 {_box_f1(after):.3f} on the held-back frames, the original {_box_f1(before):.3f}")
     if taleqani_after < taleqani_before - MAX_DROP:
         problems.append(f"Taleqani validation verdict balanced accuracy {taleqani_after:.3f}, the original {taleqani_before:.3f}")
+    for name, score in masks_before.items():
+        if masks_after[name] < score - MAX_DROP:
+            problems.append(f"{name} {masks_after[name]:.3f} on the validation fields, the original {score:.3f}")
     return problems
 
 
@@ -313,6 +436,8 @@ def check_frames(frames: Sequence[LabelledFrame]) -> None:
 class Adapted:
     """The fine-tuned models and what the manifest needs of them."""
 
+    segmenter: torch.nn.Module
+    refiner: torch.nn.Module | None  # None: the bundle has no refiner
     classifier: torch.nn.Module
     gate: torch.nn.Module
     gate_threshold: float
@@ -323,8 +448,7 @@ class Adapted:
 
 def adapt_models(
     detector: Detector,
-    classifier: torch.nn.Module,
-    gate: torch.nn.Module,
+    models: dict[str, torch.nn.Module],
     frames: Sequence[LabelledFrame],
     replay: Replay,
     data_root: Path,
@@ -332,27 +456,38 @@ def adapt_models(
     domain_name: str = "device",
     classifier_loss: str = "ce",
 ) -> Adapted:
-    """Fine-tune `classifier` and `gate` (the detector's, in PyTorch) to the device's fitted frames and measure the
-    held-back ones before and after (see the module doc). `detector` is left as it was."""
+    """Fine-tune the detector's models (`models`: its segmenter, refiner where it has one, classifier and gate, in
+    PyTorch) to the device's fitted frames and measure the held-back ones before and after (see the module doc).
+    `detector` is left as it was."""
     check_frames(frames)
-    held = held_back([frame.name for frame in frames])
+    held = held_back([frame.name for frame in frames], recipe.hold_back)
     fitted, checked = [f for f, h in zip(frames, held) if not h], [f for f, h in zip(frames, held) if h]
     before = labelled_figures(detector, checked, domain_name)
     taleqani_fractions, malignant = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
     taleqani_before = balanced_accuracy(taleqani_fractions, malignant, detector.verdict_spec["flag_fraction"])
+    masks_before = mask_dice(detector, replay.mask_check)
 
+    fields = device_fields(fitted, domain_name)
+    segmenter = fine_tune_segmenter(copy.deepcopy(models["segmenter"]), fields, replay.fields, detector, recipe)
+    refiner = models.get("refiner")
+    if refiner is not None:
+        refiner = fine_tune_refiner(copy.deepcopy(refiner), device_masked_cells(fields, fitted), replay.masked_cells, detector, recipe)
+    # The gate learns the proposals and the domain check the uncertainty of the new masks: the original gate and
+    # classifier stand in meanwhile.
+    masks_only = Adapted(segmenter, refiner, models["classifier"], models["gate"], detector.gate_spec["threshold"], detector.verdict_spec["flag_fraction"], detector.domain_spec, None)
     rng = np.random.default_rng(recipe.seed)
     examples, measures = [], []
-    for frame in fitted:
-        found = detector.candidates(frame.image)  # once a frame: the gate's examples and the domain check's measures
-        examples.append(boxed_field_examples(detector, frame.image, found, frame.boxes, domain_name, rng))
-        measures.append(FrameMeasure(colour_features(found.prepared), segmenter_uncertainty(found.prepared, found.probabilities), False, False))
+    with applied(detector, masks_only):
+        for frame in fitted:
+            found = detector.candidates(frame.image)  # once a frame: the gate's examples and the domain check's measures
+            examples.append(boxed_field_examples(detector, frame.image, found, frame.boxes, domain_name, rng))
+            measures.append(FrameMeasure(colour_features(found.prepared), segmenter_uncertainty(found.prepared, found.probabilities), False, False))
     device_examples = GateExamples.concatenate(examples)
-    gate = fine_tune_gate(copy.deepcopy(gate), device_examples, replay.gate_train, recipe)
+    gate = fine_tune_gate(copy.deepcopy(models["gate"]), device_examples, replay.gate_train, recipe)
     threshold = choose_threshold(wbc_probabilities(gate, replay.gate_val.crops), replay.gate_val.labels, MIN_GATE_RECALL)
-    classifier = fine_tune_classifier(copy.deepcopy(classifier), device_cells(fitted, domain_name), replay.cells, detector, classifier_loss, recipe)
+    classifier = fine_tune_classifier(copy.deepcopy(models["classifier"]), device_cells(fitted, domain_name), replay.cells, detector, classifier_loss, recipe)
     domain = adapted_domain(detector.domain_spec, measures, labelled=True)
-    adapted = Adapted(classifier, gate, threshold, detector.verdict_spec["flag_fraction"], domain, None)
+    adapted = Adapted(segmenter, refiner, classifier, gate, threshold, detector.verdict_spec["flag_fraction"], domain, None)
     with applied(detector, adapted):
         fractions, malignant_after = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
         device_fractions = [detector.run(frame.image).verdict.blast_fraction for frame in fitted]
@@ -361,9 +496,12 @@ def adapt_models(
         adapted.flag_fraction = max(chosen, adapted.flag_fraction)
         detector.verdict_spec = {**detector.verdict_spec, "flag_fraction": adapted.flag_fraction}
         after = labelled_figures(detector, checked, domain_name)
+        masks_after = mask_dice(detector, replay.mask_check)
     taleqani_after = balanced_accuracy(fractions, malignant_after, adapted.flag_fraction)
-    problems = problems_of(before, after, taleqani_before, taleqani_after)
-    adapted.report = LabelledReport(len(frames), len(checked), before, after, taleqani_before, taleqani_after, threshold, adapted.flag_fraction, problems)
+    problems = problems_of(before, after, taleqani_before, taleqani_after, masks_before, masks_after)
+    adapted.report = LabelledReport(
+        len(frames), len(checked), before, after, taleqani_before, taleqani_after, masks_before, masks_after, threshold, adapted.flag_fraction, problems
+    )
     return adapted
 
 
@@ -371,8 +509,11 @@ def adapt_models(
 def applied(detector: Detector, adapted: Adapted) -> Iterator[Detector]:
     """The detector with the adapted models (PyTorch), gate threshold, domain check and flag fraction, put back
     as it was on leaving."""
-    original = (detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec)
+    original = (detector.segmenter, detector.refiner, detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec)
     try:
+        detector.segmenter = as_backend(detector.bundle, "segmenter", adapted.segmenter)
+        if adapted.refiner is not None:
+            detector.refiner = as_backend(detector.bundle, "refiner", adapted.refiner)
         with_torch_gate(detector, adapted.gate, adapted.gate_threshold)
         heads = detector.classifier_spec["heads"]
         detector.classifier = TorchBackend(ClassifierWithSoftmax(adapted.classifier, list(heads)), "crop", [head["output"] for head in heads.values()])
@@ -380,7 +521,7 @@ def applied(detector: Detector, adapted: Adapted) -> Iterator[Detector]:
         detector.verdict_spec = {**detector.verdict_spec, "flag_fraction": adapted.flag_fraction}
         yield detector
     finally:
-        detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec = original
+        detector.segmenter, detector.refiner, detector.classifier, detector.gate, detector.gate_spec, detector.domain_spec, detector.verdict_spec = original
 
 
 def adapt_bundle_with_labels(
@@ -401,43 +542,71 @@ def adapt_bundle_with_labels(
     heads = {name: head["classes"] for name, head in detector.classifier_spec["heads"].items()}
     if heads != HEADS:
         raise AdaptationRefused(f"bundle {detector.bundle.name}'s classifier heads {heads} are not the ones the training cells are labelled for ({HEADS})")
-    paths = checkpoint_paths(bundle_path, checkpoints, ("classifier", "gate"))
-    classifier = verified_model(detector.bundle, "classifier", paths["classifier"])
-    gate = verified_model(detector.bundle, "gate", paths["gate"])
+    names = ("segmenter", "refiner", "classifier", "gate") if detector.refiner_spec else ("segmenter", "classifier", "gate")
+    paths = checkpoint_paths(bundle_path, checkpoints, names)
+    models = {name: verified_model(detector.bundle, name, paths[name]) for name in names}
     loss = detector.bundle.manifest.get("training", {}).get("classifier", {}).get("loss", "ce")
     replay = replay_from_data(detector, data_root, recipe)
-    adapted = adapt_models(detector, classifier, gate, frames, replay, data_root, recipe, classifier_loss=loss)
+    adapted = adapt_models(detector, models, frames, replay, data_root, recipe, classifier_loss=loss)
     if adapted.report.problems:
         return adapted.report
+    modules = {name: getattr(adapted, name) for name in names}
     manifest = copy.deepcopy(detector.bundle.manifest)
     manifest["gate"]["threshold"] = adapted.gate_threshold
     manifest["verdict"]["flag_fraction"] = adapted.flag_fraction
     manifest["domain"] = adapted.domain
-    for model in ("classifier", "gate"):
-        dropped = manifest.get("precisions", {}).get(model, {}).pop("int8", None)
+    for name in names:
+        dropped = manifest.get("precisions", {}).get(name, {}).pop("int8", None)
         if dropped:
             manifest["files"].pop(dropped["file"], None)
     manifest["adaptation"] = {
         "date": dt.date.today().isoformat(),
         "labelled": True,
-        "adapted": ["gate.onnx", "gate.threshold", "classifier.onnx", "verdict.flag_fraction", "domain.colour_references", "domain.max_colour_distance", "domain.max_uncertainty"],
+        "adapted": [manifest[name]["file"] for name in names]
+        + ["gate.threshold", "verdict.flag_fraction", "domain.colour_references", "domain.max_colour_distance", "domain.max_uncertainty"],
         "frames": len(frames),
         "held_back": adapted.report.held_back,
         "frame_sha256": [hashlib.sha256(np.ascontiguousarray(frame.image).tobytes()).hexdigest() for frame in frames],
         "recipe": asdict(recipe),
-        "gate": {"held_back_before": adapted.report.before, "held_back_after": adapted.report.after, "taleqani_val_balanced_accuracy": [adapted.report.taleqani_before, adapted.report.taleqani_after]},
+        "gate": {
+            "held_back_before": adapted.report.before,
+            "held_back_after": adapted.report.after,
+            "taleqani_val_balanced_accuracy": [adapted.report.taleqani_before, adapted.report.taleqani_after],
+            "masks_val": [adapted.report.masks_before, adapted.report.masks_after],
+        },
     }
     files = {name: detector.bundle.path(name) for name in manifest["files"]}
-    real_crops = replay.gate_val.crops[:32].astype(np.float32)
     with tempfile.TemporaryDirectory() as scratch:
-        files["classifier.onnx"] = Path(scratch) / "classifier.onnx"
-        files["gate.onnx"] = Path(scratch) / "gate.onnx"
-        export_classifier(adapted.classifier, list(HEADS), real_crops, files["classifier.onnx"])
-        export_classifier(adapted.gate, [GATE_HEAD], real_crops, files["gate.onnx"])
+        for name, module in modules.items():
+            files[manifest[name]["file"]] = Path(scratch) / manifest[name]["file"]
+            export_model(name, module, manifest[name], real_inputs(name, replay, detector), files[manifest[name]["file"]])
         save_bundle(Path(out_dir), manifest, files)
     # Beside the bundle, as `leukoedge train` leaves them: what a second adaptation or a calibration starts from.
-    for model, module in (("classifier", adapted.classifier), ("gate", adapted.gate)):
-        record = json.loads(paths[model].with_suffix(".json").read_text())
-        save_checkpoint(module, {**record, "adaptation": manifest["adaptation"]["date"]}, checkpoint_paths(out_dir, models=(model,))[model])
+    for name, module in modules.items():
+        record = json.loads(paths[name].with_suffix(".json").read_text())
+        save_checkpoint(module, {**record, "adaptation": manifest["adaptation"]["date"]}, checkpoint_paths(out_dir, models=(name,))[name])
     adapted.report.written = True
     return adapted.report
+
+
+def real_inputs(model: str, replay: Replay, detector: Detector, count: int = 16) -> np.ndarray:
+    """Inputs the exported model is checked on against PyTorch: replayed fields for the segmenter, replayed cells'
+    crops for the refiner, the gate's replayed crops for the gate and the classifier."""
+    if model == "segmenter":
+        size = detector.segmenter_spec["input_size"]
+        return np.stack([segmentation_sample(field.image, field.label_map, detector.spec, size, None)[0] for field in replay.fields[:count]])
+    if model == "refiner":
+        spec = detector.refiner_spec
+        cells = replay.masked_cells[:count]
+        return np.stack([refiner_sample(cell.image, cell.label_map, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], None)[0] for cell in cells])
+    return replay.gate_val.crops[: 2 * count].astype(np.float32)
+
+
+def export_model(model: str, module: torch.nn.Module, spec: dict, inputs: np.ndarray, path: Path) -> None:
+    """`module` to ONNX as the pipeline exports that model (export/onnx.py, parity-checked against PyTorch)."""
+    if model in ("segmenter", "refiner"):
+        export_segmenter(module, inputs, path, input_name=spec["input"])
+    elif model == "gate":
+        export_classifier(module, [GATE_HEAD], inputs, path)
+    else:
+        export_classifier(module, list(HEADS), inputs, path)

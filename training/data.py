@@ -421,6 +421,20 @@ def box_label_map(wbc_boxes: Sequence[Box], image_shape: tuple[int, ...]) -> np.
     return label_map
 
 
+def boxed_field_label_map(boxes: dict[str, list[Box]], image_shape: tuple[int, ...]) -> np.ndarray:
+    """box_label_map of a field's WBC boxes, and where a red cell's or platelet's box core (its inscribed ellipse
+    shrunk to BOX_CORE) reaches into a WBC box's unsupervised rim, background there: the red cells pressed against
+    a white cell are what its mask must not spread into."""
+    label_map = box_label_map(boxes.get("WBC", []), image_shape)
+    others = np.zeros(image_shape[:2], np.uint8)
+    for x0, y0, x1, y1 in boxes.get("RBC", []) + boxes.get("Platelets", []):
+        centre = (round((x0 + x1 - 1) / 2), round((y0 + y1 - 1) / 2))
+        axes = (max(1, round((x1 - x0) * BOX_CORE / 2)), max(1, round((y1 - y0) * BOX_CORE / 2)))
+        cv2.ellipse(others, centre, axes, 0, 0, 360, 1, thickness=-1)
+    label_map[(others == 1) & (label_map == LABEL_IGNORE)] = LABEL_BACKGROUND
+    return label_map
+
+
 def _bccd_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray | None:
     boxes = _bccd_annotated_wbc_boxes(record.label_path, image_shape)
     if not boxes:

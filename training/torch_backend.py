@@ -56,7 +56,7 @@ def _require_files(paths: list[Path]) -> None:
         raise LeukoedgeError(f"no training checkpoints {', '.join(missing)}")
 
 
-def _as_backend(bundle: Bundle, model: str, module: torch.nn.Module) -> TorchBackend:
+def as_backend(bundle: Bundle, model: str, module: torch.nn.Module) -> TorchBackend:
     """`module` wrapped exactly as export/onnx.py wrapped it for export (softmax included)."""
     spec = bundle.manifest[model]
     if model in ("segmenter", "refiner"):
@@ -79,7 +79,7 @@ def verified_model(bundle: Bundle, model: str, checkpoint: Path) -> torch.nn.Mod
         if model == "classifier":
             model_kwargs["head_classes"] = {name: len(spec["classes"]) for name, spec in bundle.manifest["classifier"]["heads"].items()}
         module, _ = load_checkpoint(checkpoint, **model_kwargs)
-    backend = _as_backend(bundle, model, module)
+    backend = as_backend(bundle, model, module)
     height, width = bundle.manifest[model]["input_size"]
     probe = {backend.input_names[0]: np.random.default_rng(0).normal(0.0, 1.0, (1, 3, height, width)).astype(np.float32)}
     reference = OnnxRuntimeBackend(bundle.path(bundle.manifest[model]["file"])).run(probe)
@@ -106,4 +106,4 @@ def torch_backends(bundle: Bundle, checkpoints: dict[str, Path], threads: int | 
     _require_files(list(checkpoints.values()))
     if threads:
         torch.set_num_threads(threads)
-    return {model: _as_backend(bundle, model, verified_model(bundle, model, checkpoint)) for model, checkpoint in checkpoints.items()}
+    return {model: as_backend(bundle, model, verified_model(bundle, model, checkpoint)) for model, checkpoint in checkpoints.items()}

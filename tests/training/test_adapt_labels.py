@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="labelled adaptation fine-tunes PyTorch models (training extra)")
+torch = pytest.importorskip("torch", reason="labelled adaptation fine-tunes PyTorch models (training extra)")
 
 from leukoedge import Detector  # noqa: E402
 from leukoedge.adapt import AdaptationRefused, FrameMeasure, adapted_domain  # noqa: E402
@@ -20,20 +20,74 @@ from leukoedge.training.detection import records_per_domain  # noqa: E402
 from leukoedge.training.gate import GateExamples, train_gate, wbc_probabilities  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = labelled.LabelledRecipe(gate_steps=4, classifier_steps=4, batch_size=8, replay_per_source=2, val_per_source=2, verdict_fields=8)
+TINY = labelled.LabelledRecipe(
+    segmenter_steps=2, refiner_steps=2, gate_steps=4, classifier_steps=4, batch_size=8, segmenter_batch_size=4, refiner_batch_size=4,
+    replay_per_source=2, val_per_source=2, verdict_fields=8,
+)
 
 
 def _row(flagged: int = 0, refused: float = 0.0, recall: float = 0.8, precision: float = 0.8) -> dict:
     return {"flagged": flagged, "refused_rate": refused, "box_recall": recall, "box_precision": precision}
 
 
-def test_a_bundle_is_worse_if_it_flags_refuses_or_misses_more_or_loses_taleqani() -> None:
-    assert labelled.problems_of(_row(), _row(), 0.97, 0.965) == []
-    assert labelled.problems_of(_row(flagged=2), _row(flagged=1, recall=0.805), 0.97, 0.97) == []
-    assert "flags 1" in labelled.problems_of(_row(), _row(flagged=1), 0.97, 0.97)[0]
-    assert "refuses" in labelled.problems_of(_row(refused=0.1), _row(refused=0.2), 0.97, 0.97)[0]
-    assert "box F1" in labelled.problems_of(_row(), _row(recall=0.7), 0.97, 0.97)[0]
-    assert "Taleqani" in labelled.problems_of(_row(), _row(), 0.97, 0.95)[0]
+def test_a_bundle_is_worse_if_it_flags_refuses_or_misses_more_or_loses_taleqani_or_the_expert_masks() -> None:
+    masks = {"wbc-seg-zheng nucleus Dice": 0.95}
+    assert labelled.problems_of(_row(), _row(), 0.97, 0.965, masks, {"wbc-seg-zheng nucleus Dice": 0.945}) == []
+    assert labelled.problems_of(_row(flagged=2), _row(flagged=1, recall=0.805), 0.97, 0.97, masks, masks) == []
+    assert "flags 1" in labelled.problems_of(_row(), _row(flagged=1), 0.97, 0.97, masks, masks)[0]
+    assert "refuses" in labelled.problems_of(_row(refused=0.1), _row(refused=0.2), 0.97, 0.97, masks, masks)[0]
+    assert "box F1" in labelled.problems_of(_row(), _row(recall=0.7), 0.97, 0.97, masks, masks)[0]
+    assert "Taleqani" in labelled.problems_of(_row(), _row(), 0.97, 0.95, masks, masks)[0]
+    worse = labelled.problems_of(_row(), _row(), 0.97, 0.97, masks, {"wbc-seg-zheng nucleus Dice": 0.93})
+    assert worse == ["wbc-seg-zheng nucleus Dice 0.930 on the validation fields, the original 0.950"]
+
+
+def test_a_boxed_field_teaches_background_around_and_on_the_red_cells_pressed_against_a_white_cell() -> None:
+    boxes = {"WBC": [(20, 20, 60, 60)], "RBC": [(50, 30, 80, 50), (0, 80, 20, 100)], "Platelets": []}
+    label_map = data.boxed_field_label_map(boxes, (100, 100, 3))
+    assert label_map[40, 40] == data.LABEL_WBC  # the white cell's core
+    assert label_map[5, 5] == data.LABEL_BACKGROUND and label_map[90, 10] == data.LABEL_BACKGROUND  # outside its box
+    assert label_map[40, 57] == data.LABEL_BACKGROUND  # its box's rim, on the red cell's core: the mask must stop
+    assert label_map[22, 22] == data.LABEL_IGNORE  # its box's corner, no object there: unsupervised
+    only_white = data.boxed_field_label_map({"WBC": boxes["WBC"]}, (100, 100, 3))
+    assert np.array_equal(only_white, data.box_label_map(boxes["WBC"], (100, 100, 3)))
+
+
+def test_fine_tuning_a_segmenter_on_a_device_learns_its_fields_and_keeps_the_replayed_ones() -> None:
+    from leukoedge.training.train import SegmentationExample
+
+    rng = np.random.default_rng(0)
+
+    def field(tint: float, cell: bool) -> tuple[np.ndarray, np.ndarray]:
+        image = rng.normal(0, 0.2, (3, 16, 16)).astype(np.float32) + tint
+        labels = np.zeros((16, 16), np.uint8)
+        if cell:
+            image[:, 4:12, 4:12] -= 1.5
+            labels[4:12, 4:12] = data.LABEL_NUCLEUS
+        return image, labels
+
+    # The device's red cells look like the replayed sources' nuclei, but tinted: the device labels them background.
+    replay = [SegmentationExample("a", *field(0.0, True)) for _ in range(20)]
+    device = []
+    for _ in range(20):
+        image, labels = field(1.0, True)
+        device.append(SegmentationExample("device", image, np.zeros_like(labels)))
+    model = torch.nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([0.0, -3.0, 0.0]))
+        model.weight.zero_()
+        model.weight[2, :, 0, 0] = -1.0  # dark: nucleus, whatever the tint
+
+    def nucleus_share(examples: list) -> float:  # of the dark squares' pixels, called nucleus
+        with torch.no_grad():
+            called = model(torch.from_numpy(np.stack([e.image for e in examples]))).argmax(dim=1)
+        return float((called[:, 4:12, 4:12] == data.LABEL_NUCLEUS).float().mean())
+
+    assert nucleus_share(device) == 1.0 and nucleus_share(replay) == 1.0
+    recipe = labelled.LabelledRecipe(learning_rate=0.05)
+    model = labelled.fine_tune_masks(model, device, replay, lambda example, rng: (example.image, example.label_map), 150, 8, recipe, "test")
+    assert nucleus_share(device) < 0.1
+    assert nucleus_share(replay) > 0.9
 
 
 def test_labelled_adaptation_widens_the_uncertainty_threshold_unlabelled_does_not() -> None:
@@ -103,13 +157,15 @@ def test_an_adapted_bundle_carries_its_record_fp32_models_and_matching_checkpoin
     adapted = load_bundle(tmp_path / "default")
     record = adapted.manifest["adaptation"]
     assert record["labelled"] and record["frames"] == 12 and len(record["frame_sha256"]) == 12
-    assert {"classifier.onnx", "gate.onnx", "verdict.flag_fraction", "domain.max_uncertainty"} <= set(record["adapted"])
-    assert adapted.manifest["files"]["classifier.onnx"] != original.manifest["files"]["classifier.onnx"]
-    assert "classifier.int8.onnx" not in adapted.manifest["files"] and "int8" not in adapted.manifest["precisions"]["classifier"]
+    assert {"segmenter.onnx", "refiner.onnx", "classifier.onnx", "gate.onnx", "verdict.flag_fraction", "domain.max_uncertainty"} <= set(record["adapted"])
+    for model in ("segmenter", "refiner", "classifier"):
+        assert adapted.manifest["files"][f"{model}.onnx"] != original.manifest["files"][f"{model}.onnx"]
+        assert f"{model}.int8.onnx" not in adapted.manifest["files"] and "int8" not in adapted.manifest["precisions"][model]
     assert adapted.manifest["gate"]["threshold"] == pytest.approx(report.gate_threshold)
-    for model in ("classifier", "gate"):  # a second adaptation or a calibration can start from them
+    assert {"wbc-seg-zheng nucleus Dice", "all-idb2 whole-cell Dice", "all-taleqani whole-cell Dice"} <= set(record["gate"]["masks_val"][0])
+    for model in ("segmenter", "refiner", "classifier", "gate"):  # a second adaptation or a calibration can start from them
         verified_model(adapted, model, checkpoint_paths(tmp_path / "default", models=(model,))[model])
-    assert "adapted with labels (leukoedge adapt --labels): gate.onnx" in describe_bundle(adapted)  # `leukoedge info`
+    assert "adapted with labels (leukoedge adapt --labels): segmenter.onnx, refiner.onnx, classifier.onnx, gate.onnx" in describe_bundle(adapted)  # `leukoedge info`
     result = Detector.load(tmp_path / "default").run(raabin_frames[0].image)
     assert result.verdict.status in ("ok", "no_cells", "outside_domain")
 
