@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -58,12 +58,26 @@ def import_baseline(root: Path) -> ModuleType:
     return module
 
 
-def record(point: ScalingPoint, detector: Detector, frame_index: int) -> None:
+def record(point: ScalingPoint, detector: Any, frame_index: int) -> Any:
+    """Run the point's frame, keep its timings and cell count; the Result (of either package)."""
     result = detector.run(point.frames[frame_index % len(point.frames)])
     point.cell_counts.append(len(result.cells))
     for stage, ms in result.timings.items():
         if ms is not None:
             point.times.ms.setdefault(stage, []).append(ms)
+    return result
+
+
+def same_results(one: Any, other: Any) -> bool:
+    """Bit for bit: the label map, every cell's boxes, masks, label and probabilities, the verdict."""
+    if not np.array_equal(one.label_map, other.label_map) or one.verdict.to_dict() != other.verdict.to_dict() or len(one.cells) != len(other.cells):
+        return False
+    return all(
+        (a.box, a.classifier_box, a.label, a.head_scores) == (b.box, b.classifier_box, b.label, b.head_scores)
+        and np.array_equal(a.mask, b.mask)
+        and np.array_equal(a.nucleus_mask, b.nucleus_mask)
+        for a, b in zip(one.cells, other.cells)
+    )
 
 
 def field_slopes(points: list[ScalingPoint]) -> dict[str, float]:
@@ -196,10 +210,13 @@ def main() -> int:
         for name in names:
             for point in points[name]:
                 detectors[name].run(point.frames[index % len(point.frames)])
+    compared = differing = 0
     for index in range(args.frames):
         for point_index in [(index + offset) % len(frames) for offset in range(len(frames))]:
-            for name in names[index % len(names) :] + names[: index % len(names)]:
-                record(points[name][point_index], detectors[name], index)
+            results = [record(points[name][point_index], detectors[name], index) for name in names[index % len(names) :] + names[: index % len(names)]]
+            compared += 1
+            differing += not same_results(*results)
+    print(f"results (label map, cells' boxes, masks, labels, probabilities, verdict) differ bit for bit on {differing} of {compared} frames")
     slopes = {}
     for name in names:
         print(f"\n## {name} ({args.baseline if name == 'before' else REPO_ROOT})\n")
