@@ -69,16 +69,7 @@ from .metrics import dice
 from .pipeline import HEADS, NORMAL_CELL_WEIGHTS, SEGMENTATION_SOURCES, cell_examples
 from .samples import classification_sample, random_crop, refiner_sample, segmentation_sample
 from .torch_backend import TorchBackend, as_backend, checkpoint_paths, verified_model
-from .train import (
-    CLASSIFIER_LOSSES,
-    CellExample,
-    CellMaskExample,
-    SegmentationExample,
-    balanced_indices,
-    save_checkpoint,
-    segmentation_loss,
-    trained_source_weights,
-)
+from .train import CLASSIFIER_LOSSES, CellExample, CellMaskExample, SegmentationExample, balanced_indices, save_checkpoint, segmentation_loss
 from .verdict import choose_flag_fraction
 
 log = logging.getLogger("leukoedge.adapt")
@@ -114,7 +105,7 @@ class LabelledRecipe:
     segmenter_crop: int = 128
     refiner_batch_size: int = 32  # cells
     device_share: float = 0.25  # of each batch, the device's examples; the rest replayed ones
-    keep_weight: float = 1.0  # weight of the replayed examples' distillation to the original models (0: none)
+    keep_weight: float = 1.0  # weight of the replayed cells' distillation to the original classifier (0: none)
     replay_per_source: int = 40  # training fields replayed per source/device
     val_per_source: int = 20  # validation fields per source/device for the gate's threshold and the masks' check
     verdict_fields: int | None = None  # Taleqani validation fields for the verdict (evenly spaced); None: all of them
@@ -331,43 +322,23 @@ def fine_tune_masks(
     batch_size: int,
     recipe: LabelledRecipe,
     description: str,
-    source_weights: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """A segmenter or refiner on batches whose recipe.device_share are the device's examples (fields or cells) and
-    the rest replayed ones, drawn over sources as the model was trained (`source_weights`), with training's
-    segmentation loss (train.segmentation_loss). On the replayed examples the model also keeps the original's
-    probabilities (distillation, weight recipe.keep_weight): many frames of one device with loose boxes otherwise
-    teach it to trim the pale cytoplasm of the expert-masked cells."""
+    the rest replayed ones balanced over sources, with training's segmentation loss (train.segmentation_loss)."""
     rng = np.random.default_rng(recipe.seed + 2)
     own = max(1, int(round(batch_size * recipe.device_share)))
-    replay_order = iter(balanced_indices([example.source for example in replay], steps * (batch_size - own), rng, source_weights))
-    original = copy.deepcopy(model).eval()
+    replay_order = iter(balanced_indices([example.source for example in replay], steps * (batch_size - own), rng))
 
     def next_batch() -> tuple:
         examples = [device[int(rng.integers(len(device)))] for _ in range(own)] + [replay[next(replay_order)] for _ in range(batch_size - own)]
         inputs, labels = zip(*(sample(example, rng) for example in examples))
-        inputs = torch.from_numpy(np.stack(inputs))
-        with torch.no_grad():
-            kept = original(inputs[own:]).softmax(dim=1)
-        return inputs, (torch.from_numpy(np.stack(labels).astype(np.int64)), kept)
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
 
-    def loss_of(logits: torch.Tensor, targets: tuple) -> torch.Tensor:
-        labels, kept = targets
-        loss = segmentation_loss(logits, labels)
-        if recipe.keep_weight > 0:
-            loss = loss - recipe.keep_weight * (kept * logits[own:].log_softmax(dim=1)).sum(dim=1).mean()
-        return loss
-
-    return _fine_tune(model, steps, recipe.learning_rate, next_batch, loss_of, description, recipe.seed)
+    return _fine_tune(model, steps, recipe.learning_rate, next_batch, segmentation_loss, description, recipe.seed)
 
 
 def fine_tune_segmenter(
-    segmenter: torch.nn.Module,
-    device: Sequence[SegmentationExample],
-    replay: Sequence[SegmentationExample],
-    detector: Detector,
-    recipe: LabelledRecipe,
-    source_weights: dict[str, float] | None = None,
+    segmenter: torch.nn.Module, device: Sequence[SegmentationExample], replay: Sequence[SegmentationExample], detector: Detector, recipe: LabelledRecipe
 ) -> torch.nn.Module:
     """Fields augmented as in training (samples.segmentation_sample), a recipe.segmenter_crop window of each."""
     size = detector.segmenter_spec["input_size"]
@@ -375,16 +346,11 @@ def fine_tune_segmenter(
     def sample(field: SegmentationExample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return random_crop(*segmentation_sample(field.image, field.label_map, detector.spec, size, rng), recipe.segmenter_crop, rng)
 
-    return fine_tune_masks(segmenter, device, replay, sample, recipe.segmenter_steps, recipe.segmenter_batch_size, recipe, "adapt: segmenter", source_weights)
+    return fine_tune_masks(segmenter, device, replay, sample, recipe.segmenter_steps, recipe.segmenter_batch_size, recipe, "adapt: segmenter")
 
 
 def fine_tune_refiner(
-    refiner: torch.nn.Module,
-    device: Sequence[CellMaskExample],
-    replay: Sequence[CellMaskExample],
-    detector: Detector,
-    recipe: LabelledRecipe,
-    source_weights: dict[str, float] | None = None,
+    refiner: torch.nn.Module, device: Sequence[CellMaskExample], replay: Sequence[CellMaskExample], detector: Detector, recipe: LabelledRecipe
 ) -> torch.nn.Module:
     """Cells cut and augmented as in training (samples.refiner_sample)."""
     spec = detector.refiner_spec
@@ -392,7 +358,7 @@ def fine_tune_refiner(
     def sample(cell: CellMaskExample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return refiner_sample(cell.image, cell.label_map, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], rng)
 
-    return fine_tune_masks(refiner, device, replay, sample, recipe.refiner_steps, recipe.refiner_batch_size, recipe, "adapt: refiner", source_weights)
+    return fine_tune_masks(refiner, device, replay, sample, recipe.refiner_steps, recipe.refiner_batch_size, recipe, "adapt: refiner")
 
 
 def mask_dice(detector: Detector, fields: Sequence[SegmentationExample]) -> dict[str, float]:
@@ -489,13 +455,10 @@ def adapt_models(
     recipe: LabelledRecipe,
     domain_name: str = "device",
     classifier_loss: str = "ce",
-    source_weights: dict[str, dict[str, float]] | None = None,
 ) -> Adapted:
     """Fine-tune the detector's models (`models`: its segmenter, refiner where it has one, classifier and gate, in
     PyTorch) to the device's fitted frames and measure the held-back ones before and after (see the module doc).
-    `source_weights`: per model, how its training drew the sources (checkpoint_source_weights). `detector` is left
-    as it was."""
-    source_weights = source_weights or {}
+    `detector` is left as it was."""
     check_frames(frames)
     held = held_back([frame.name for frame in frames], recipe.hold_back)
     fitted, checked = [f for f, h in zip(frames, held) if not h], [f for f, h in zip(frames, held) if h]
@@ -505,10 +468,10 @@ def adapt_models(
     masks_before = mask_dice(detector, replay.mask_check)
 
     fields = device_fields(fitted, domain_name)
-    segmenter = fine_tune_segmenter(copy.deepcopy(models["segmenter"]), fields, replay.fields, detector, recipe, source_weights.get("segmenter"))
+    segmenter = fine_tune_segmenter(copy.deepcopy(models["segmenter"]), fields, replay.fields, detector, recipe)
     refiner = models.get("refiner")
     if refiner is not None:
-        refiner = fine_tune_refiner(copy.deepcopy(refiner), device_masked_cells(fields, fitted), replay.masked_cells, detector, recipe, source_weights.get("refiner"))
+        refiner = fine_tune_refiner(copy.deepcopy(refiner), device_masked_cells(fields, fitted), replay.masked_cells, detector, recipe)
     # The gate learns the proposals and the domain check the uncertainty of the new masks: the original gate and
     # classifier stand in meanwhile.
     masks_only = Adapted(segmenter, refiner, models["classifier"], models["gate"], detector.gate_spec["threshold"], detector.verdict_spec["flag_fraction"], detector.domain_spec, None)
@@ -540,11 +503,6 @@ def adapt_models(
         len(frames), len(checked), before, after, taleqani_before, taleqani_after, masks_before, masks_after, threshold, adapted.flag_fraction, problems
     )
     return adapted
-
-
-def checkpoint_source_weights(paths: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Per model, the source weights its training checkpoint's record names (train.trained_source_weights)."""
-    return {name: trained_source_weights(json.loads(path.with_suffix(".json").read_text())) for name, path in paths.items()}
 
 
 @contextlib.contextmanager
@@ -589,7 +547,7 @@ def adapt_bundle_with_labels(
     models = {name: verified_model(detector.bundle, name, paths[name]) for name in names}
     loss = detector.bundle.manifest.get("training", {}).get("classifier", {}).get("loss", "ce")
     replay = replay_from_data(detector, data_root, recipe)
-    adapted = adapt_models(detector, models, frames, replay, data_root, recipe, classifier_loss=loss, source_weights=checkpoint_source_weights(paths))
+    adapted = adapt_models(detector, models, frames, replay, data_root, recipe, classifier_loss=loss)
     if adapted.report.problems:
         return adapted.report
     modules = {name: getattr(adapted, name) for name in names}

@@ -378,7 +378,7 @@ def _labelled_rows(
     recipe: GateRecipe,
 ) -> list[dict]:
     """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source`."""
-    from .adapt import LabelledFrame, LabelledRecipe, adapt_models, applied, checkpoint_source_weights, replay_cells, replay_with_masks
+    from .adapt import LabelledFrame, LabelledRecipe, adapt_models, applied, replay_cells, replay_with_masks
     from .detection import detection_figures
     from .torch_backend import checkpoint_paths, verified_model
 
@@ -386,12 +386,10 @@ def _labelled_rows(
     records = [r for r in records_per_domain(data_root, "train", [source.split("/")[0]]) if r.domain.startswith(source) and r.label_path is not None][:count]
     frames = [LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
     names = ("segmenter", "refiner", "classifier") if detector.refiner_spec else ("segmenter", "classifier")
-    paths = checkpoint_paths(bundle, models=names)
-    models = {name: verified_model(detector.bundle, name, path) for name, path in paths.items()}
+    models = {name: verified_model(detector.bundle, name, path) for name, path in checkpoint_paths(bundle, models=names).items()}
     cells = replay_cells(detector, data_root, adapt_recipe.replay_per_source, leave_out=source)
     replay = replay_with_masks(kept_train, kept_val, cells, data_root, adapt_recipe, leave_out=source)
-    weights = checkpoint_source_weights(paths)
-    adapted = adapt_models(detector, {**models, "gate": gate}, frames, replay, data_root, adapt_recipe, domain_name=source, source_weights=weights)
+    adapted = adapt_models(detector, {**models, "gate": gate}, frames, replay, data_root, adapt_recipe, domain_name=source)
     log.info("labelled adaptation to %s:\n%s", source, "\n".join(adapted.report.lines()))
     with applied(detector, adapted):
         rows = detection_figures(detector, fields, f"adapted with labels to {source}")

@@ -244,13 +244,6 @@ def trained_input_size(record: dict) -> tuple[int, int] | None:
     return None
 
 
-def trained_source_weights(record: dict) -> dict[str, float]:
-    """The source weights a checkpoint's model was trained with, from its JSON record: those of the training a
-    reused checkpoint records, or its own; {} (every source alike) where it names none."""
-    training = record.get("checkpoint_training") or record
-    return dict(training.get("config", {}).get("source_weights") or {})
-
-
 def teacher_probabilities(teacher: torch.nn.Module, crops: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """A teacher's class probabilities on its own crops, resized to the student's crop size (each pixel's
     resized probabilities still sum to 1: every output pixel is a weighted mean of input pixels)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import cv2
@@ -73,32 +72,22 @@ def test_fine_tuning_a_segmenter_on_a_device_learns_its_fields_and_keeps_the_rep
     for _ in range(20):
         image, labels = field(1.0, True)
         device.append(SegmentationExample("device", image, np.zeros_like(labels)))
-    original = torch.nn.Conv2d(3, 3, 1)
+    model = torch.nn.Conv2d(3, 3, 1)
     with torch.no_grad():
-        original.bias.copy_(torch.tensor([0.0, -3.0, 0.0]))
-        original.weight.zero_()
-        original.weight[2, :, 0, 0] = -1.0  # dark: nucleus, whatever the tint
+        model.bias.copy_(torch.tensor([0.0, -3.0, 0.0]))
+        model.weight.zero_()
+        model.weight[2, :, 0, 0] = -1.0  # dark: nucleus, whatever the tint
 
-    def nucleus_share(model: torch.nn.Module, examples: list) -> float:  # of the dark squares' pixels, called nucleus
+    def nucleus_share(examples: list) -> float:  # of the dark squares' pixels, called nucleus
         with torch.no_grad():
             called = model(torch.from_numpy(np.stack([e.image for e in examples]))).argmax(dim=1)
         return float((called[:, 4:12, 4:12] == data.LABEL_NUCLEUS).float().mean())
 
-    def drift(model: torch.nn.Module) -> float:  # how far the replayed fields' probabilities moved
-        with torch.no_grad():
-            inputs = torch.from_numpy(np.stack([e.image for e in replay]))
-            return float((model(inputs).softmax(dim=1) - original(inputs).softmax(dim=1)).abs().mean())
-
-    def tuned(keep_weight: float) -> torch.nn.Module:
-        recipe = labelled.LabelledRecipe(learning_rate=0.05, keep_weight=keep_weight)
-        model = labelled.fine_tune_masks(copy.deepcopy(original), device, replay, lambda example, rng: (example.image, example.label_map), 150, 8, recipe, "test")
-        return model
-
-    assert nucleus_share(original, device) == 1.0 and nucleus_share(original, replay) == 1.0
-    free, kept = tuned(0.0), tuned(1.0)
-    assert nucleus_share(free, device) < 0.1 and nucleus_share(kept, device) < 0.9
-    assert nucleus_share(free, replay) > 0.9 and nucleus_share(kept, replay) > 0.9
-    assert drift(kept) < drift(free)  # distillation keeps the replayed fields' answers closer to the original's
+    assert nucleus_share(device) == 1.0 and nucleus_share(replay) == 1.0
+    recipe = labelled.LabelledRecipe(learning_rate=0.05)
+    model = labelled.fine_tune_masks(model, device, replay, lambda example, rng: (example.image, example.label_map), 150, 8, recipe, "test")
+    assert nucleus_share(device) < 0.1
+    assert nucleus_share(replay) > 0.9
 
 
 def test_labelled_adaptation_widens_the_uncertainty_threshold_unlabelled_does_not() -> None:
@@ -199,14 +188,3 @@ def test_cli_labels_need_the_training_data(tmp_path: Path, capsys: pytest.Captur
     code = main(["adapt", "--frames", str(frames), "--labels", str(tmp_path), "--out", str(tmp_path / "out")])
     assert code == 2 and "--labels needs --data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_replay_draws_the_sources_as_each_model_was_trained() -> None:
-    from leukoedge.training.train import trained_source_weights
-
-    reused = {"config": {"source_weights": {}, "steps": 0}, "checkpoint_training": {"config": {"source_weights": {"wbc-seg-zheng": 8.0}}}}
-    assert trained_source_weights(reused) == {"wbc-seg-zheng": 8.0}
-    assert trained_source_weights({"config": {"source_weights": {"all-idb2": 4.0}}}) == {"all-idb2": 4.0}
-    assert trained_source_weights({"config": {}}) == {}
-    weights = labelled.checkpoint_source_weights({"segmenter": REPO / "models" / "checkpoints" / "default-segmenter.pt"})
-    assert weights["segmenter"]["wbc-seg-zheng"] > 1  # the shipped segmenter drew Zheng's expert masks more often
