@@ -35,6 +35,8 @@ log = logging.getLogger("leukoedge.adapt")
 
 MIN_FRAMES = 20  # fewer frames say too little about a device to move the domain check
 DEFAULT_HOLD_BACK = 0.2
+# What labelled adaptation (`leukoedge adapt --labels`, training/adapt.py) can fine-tune.
+ADAPTABLE_MODELS = ("segmenter", "refiner", "gate", "classifier")
 
 
 class AdaptationRefused(LeukoedgeError):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from .adapt import ADAPTABLE_MODELS
 from .backends import BACKENDS
 from .bundle import MIN_SPEEDUP
 from .detector import PREPROCESSORS
@@ -68,6 +69,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
     return value
+
+
+def model_names(text: str) -> tuple[str, ...]:
+    """argparse type of --fine-tune: comma-separated names among ADAPTABLE_MODELS."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in ADAPTABLE_MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(ADAPTABLE_MODELS)}, got {text!r}")
+    return names
 
 
 def non_negative_int(text: str) -> int:
@@ -366,7 +376,9 @@ def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
     frames = read_labelled_frames(paths, args.labels, read_image)
     print(f"{len(frames)} of {len(paths)} frames have a box file in {args.labels}")
     steps = args.steps
-    recipe = LabelledRecipe(segmenter_steps=steps, refiner_steps=steps, gate_steps=steps, classifier_steps=steps, hold_back=args.hold_back)
+    recipe = LabelledRecipe(
+        models=args.fine_tune, segmenter_steps=steps, refiner_steps=steps, gate_steps=steps, classifier_steps=steps, hold_back=args.hold_back
+    )
     report = adapt_bundle_with_labels(args.bundle, frames, args.out, args.data, recipe, args.checkpoints, args.channel_order)
     print("\n".join(report.lines()))
     if report.written:
@@ -507,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--data", type=Path, default=None, help="--labels: the training data folder, replayed so the models keep what they learnt")
     adapt.add_argument("--checkpoints", type=Path, default=None, help="--labels: folder of <bundle>-segmenter.pt, -refiner.pt, -classifier.pt and -gate.pt (default: beside the bundle)")
     adapt.add_argument("--steps", type=positive_int, default=300, help="--labels: fine-tuning steps of each model (default: %(default)s)")
+    adapt.add_argument(
+        "--fine-tune",
+        type=model_names,
+        default=ADAPTABLE_MODELS,
+        help=f"--labels: the models fine-tuned, comma-separated (default: {','.join(ADAPTABLE_MODELS)}); the others are kept as they are",
+    )
     adapt.set_defaults(handler=command_adapt)
 
     from .training.cli import add_training_commands  # no torch: each training command imports it when it runs

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leukoedge.adapt import DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
+from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
 from leukoedge.bundle import save_bundle
 from leukoedge.detector import Detector
 from leukoedge.domain import colour_features, segmenter_uncertainty
@@ -95,6 +95,7 @@ class LabelledFrame:
 class LabelledRecipe:
     """How the models are fine-tuned; the defaults are the ones measured in docs/training.md."""
 
+    models: tuple[str, ...] = ADAPTABLE_MODELS  # which are fine-tuned; the others are kept as they are
     segmenter_steps: int = 300
     refiner_steps: int = 300
     gate_steps: int = 300
@@ -111,6 +112,11 @@ class LabelledRecipe:
     verdict_fields: int | None = None  # Taleqani validation fields for the verdict (evenly spaced); None: all of them
     hold_back: float = DEFAULT_HOLD_BACK  # share of the labelled frames kept out of fine-tuning, to check the result
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.models if name not in ADAPTABLE_MODELS]
+        if unknown or not self.models:
+            raise ValueError(f"models to fine-tune must be some of {', '.join(ADAPTABLE_MODELS)}; got {', '.join(self.models) or 'none'}")
 
 
 @dataclass
@@ -468,9 +474,10 @@ def adapt_models(
     masks_before = mask_dice(detector, replay.mask_check)
 
     fields = device_fields(fitted, domain_name)
-    segmenter = fine_tune_segmenter(copy.deepcopy(models["segmenter"]), fields, replay.fields, detector, recipe)
-    refiner = models.get("refiner")
-    if refiner is not None:
+    segmenter, refiner = models["segmenter"], models.get("refiner")
+    if "segmenter" in recipe.models:
+        segmenter = fine_tune_segmenter(copy.deepcopy(segmenter), fields, replay.fields, detector, recipe)
+    if refiner is not None and "refiner" in recipe.models:
         refiner = fine_tune_refiner(copy.deepcopy(refiner), device_masked_cells(fields, fitted), replay.masked_cells, detector, recipe)
     # The gate learns the proposals and the domain check the uncertainty of the new masks: the original gate and
     # classifier stand in meanwhile.
@@ -482,10 +489,12 @@ def adapt_models(
             found = detector.candidates(frame.image)  # once a frame: the gate's examples and the domain check's measures
             examples.append(boxed_field_examples(detector, frame.image, found, frame.boxes, domain_name, rng))
             measures.append(FrameMeasure(colour_features(found.prepared), segmenter_uncertainty(found.prepared, found.probabilities), False, False))
-    device_examples = GateExamples.concatenate(examples)
-    gate = fine_tune_gate(copy.deepcopy(models["gate"]), device_examples, replay.gate_train, recipe)
-    threshold = choose_threshold(wbc_probabilities(gate, replay.gate_val.crops), replay.gate_val.labels, MIN_GATE_RECALL)
-    classifier = fine_tune_classifier(copy.deepcopy(models["classifier"]), device_cells(fitted, domain_name), replay.cells, detector, classifier_loss, recipe)
+    gate, threshold, classifier = models["gate"], detector.gate_spec["threshold"], models["classifier"]
+    if "gate" in recipe.models:
+        gate = fine_tune_gate(copy.deepcopy(gate), GateExamples.concatenate(examples), replay.gate_train, recipe)
+        threshold = choose_threshold(wbc_probabilities(gate, replay.gate_val.crops), replay.gate_val.labels, MIN_GATE_RECALL)
+    if "classifier" in recipe.models:
+        classifier = fine_tune_classifier(copy.deepcopy(classifier), device_cells(fitted, domain_name), replay.cells, detector, classifier_loss, recipe)
     domain = adapted_domain(detector.domain_spec, measures, labelled=True)
     adapted = Adapted(segmenter, refiner, classifier, gate, threshold, detector.verdict_spec["flag_fraction"], domain, None)
     with applied(detector, adapted):
@@ -550,20 +559,21 @@ def adapt_bundle_with_labels(
     adapted = adapt_models(detector, models, frames, replay, data_root, recipe, classifier_loss=loss)
     if adapted.report.problems:
         return adapted.report
-    modules = {name: getattr(adapted, name) for name in names}
+    modules = {name: getattr(adapted, name) for name in names if name in recipe.models}
     manifest = copy.deepcopy(detector.bundle.manifest)
     manifest["gate"]["threshold"] = adapted.gate_threshold
     manifest["verdict"]["flag_fraction"] = adapted.flag_fraction
     manifest["domain"] = adapted.domain
-    for name in names:
+    for name in modules:
         dropped = manifest.get("precisions", {}).get(name, {}).pop("int8", None)
         if dropped:
             manifest["files"].pop(dropped["file"], None)
     manifest["adaptation"] = {
         "date": dt.date.today().isoformat(),
         "labelled": True,
-        "adapted": [manifest[name]["file"] for name in names]
-        + ["gate.threshold", "verdict.flag_fraction", "domain.colour_references", "domain.max_colour_distance", "domain.max_uncertainty"],
+        "adapted": [manifest[name]["file"] for name in modules]
+        + ["gate.threshold"] * ("gate" in modules)
+        + ["verdict.flag_fraction", "domain.colour_references", "domain.max_colour_distance", "domain.max_uncertainty"],
         "frames": len(frames),
         "held_back": adapted.report.held_back,
         "frame_sha256": [hashlib.sha256(np.ascontiguousarray(frame.image).tobytes()).hexdigest() for frame in frames],

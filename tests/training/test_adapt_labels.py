@@ -170,6 +170,20 @@ def test_an_adapted_bundle_carries_its_record_fp32_models_and_matching_checkpoin
     assert result.verdict.status in ("ok", "no_cells", "outside_domain")
 
 
+def test_only_the_models_named_are_fine_tuned_and_replaced(raabin_frames: list, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(labelled, "problems_of", lambda *args: [])
+    recipe = labelled.LabelledRecipe(**{**vars(TINY), "models": ("segmenter",)})
+    labelled.adapt_bundle_with_labels(REPO / "models" / "default", raabin_frames, tmp_path / "default", data_root, recipe, REPO / "models" / "checkpoints")
+    original, adapted = load_bundle(REPO / "models" / "default"), load_bundle(tmp_path / "default")
+    assert adapted.manifest["adaptation"]["adapted"][0] == "segmenter.onnx" and "gate.onnx" not in adapted.manifest["adaptation"]["adapted"]
+    assert adapted.manifest["files"]["segmenter.onnx"] != original.manifest["files"]["segmenter.onnx"]
+    for kept in ("refiner.onnx", "refiner.int8.onnx", "gate.onnx", "classifier.onnx", "classifier.int8.onnx"):
+        assert adapted.manifest["files"][kept] == original.manifest["files"][kept]
+    assert adapted.manifest["gate"]["threshold"] == original.manifest["gate"]["threshold"]
+    with pytest.raises(ValueError, match="some of segmenter, refiner, gate, classifier"):
+        labelled.LabelledRecipe(models=("segmenter", "detector"))
+
+
 def test_a_worse_adaptation_writes_nothing_and_too_few_frames_are_refused(
     raabin_frames: list, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
