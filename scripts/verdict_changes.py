@@ -1,0 +1,52 @@
+"""The fields of a source whose frame verdict differs between two bundles: which fields a candidate bundle flags
+that the shipped one does not (and the other way round), with each field's blast fraction and its cells' blast
+probabilities under both, so a changed figure in `leukoedge evaluate` can be traced to the fields behind it.
+
+    python scripts/verdict_changes.py --data ../shared/data --before models/default --after CANDIDATE \\
+        [--source all-taleqani] [--split test] [--min-change 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from leukoedge.detector import Detector  # noqa: E402
+from leukoedge.result import Result  # noqa: E402
+from leukoedge.training import data  # noqa: E402
+
+
+def describe(result: Result) -> str:
+    blast = ", ".join(f"{cell.blast_probability:.2f}" for cell in result.cells)
+    return f"{result.verdict.status}, flagged {result.verdict.flagged}, blast fraction {result.verdict.blast_fraction:.3f}, cells [{blast}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--before", type=Path, required=True, help="the bundle compared against (e.g. models/default)")
+    parser.add_argument("--after", type=Path, required=True, help="the candidate bundle")
+    parser.add_argument("--source", default="all-taleqani", help="data source (default: %(default)s)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--min-change", type=float, default=0.2, help="also list fields whose blast fraction moved this much (default: %(default)s)")
+    args = parser.parse_args()
+    before, after = Detector.load(args.before), Detector.load(args.after)
+    changed = 0
+    records = data.load_records(args.data, args.source, args.split)
+    for record in records:
+        image = data.read_image(record)
+        old, new = before.run(image), after.run(image)
+        moved = abs(new.verdict.blast_fraction - old.verdict.blast_fraction) >= args.min_change
+        if old.verdict.flagged != new.verdict.flagged or old.verdict.status != new.verdict.status or moved:
+            changed += 1
+            truth = "" if record.blast is None else f" (truth: {'blast' if record.blast else 'no blast'})"
+            print(f"{record.image_path.name}{truth}\n  before: {describe(old)}\n  after:  {describe(new)}")
+    print(f"{changed} of {len(records)} {args.source} {args.split} fields changed")
+
+
+if __name__ == "__main__":
+    main()
