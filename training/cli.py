@@ -196,8 +196,13 @@ def command_gate(args: argparse.Namespace) -> int:
             True: "after `leukoedge adapt` with the left-out device's unlabelled training fields",
             "labelled": f"after `leukoedge adapt --labels` with {args.labelled_frames} of the left-out device's boxed training fields",
         }
+        def label(row: dict) -> str:
+            # A labelled adaptation its own check refused is shown, marked: a device maker would have kept the original.
+            refused = "; refused by its check, not written" if row.get("report") is not None and row["report"].problems else ""
+            return f"{row['domain']} (gate threshold {row['gate_threshold']:.2f}{refused})"
+
         for adapted, title in titles.items():
-            chosen = [{**row, "domain": f"{row['domain']} (gate threshold {row['gate_threshold']:.2f})"} for row in rows if row["adapted"] == adapted]
+            chosen = [{**row, "domain": label(row)} for row in rows if row["adapted"] == adapted]
             if chosen:
                 print(format_table(chosen, title) + "\n")
         for row in rows:

@@ -50,3 +50,23 @@ def test_training_separates_two_kinds_of_crops_and_the_threshold_keeps_the_recal
     assert (probabilities[labels == 1] >= threshold).mean() >= 0.95
     with pytest.raises(ValueError, match="white cells and of other objects"):
         train_gate(GateExamples(crops[:10], np.zeros(10, np.int64), np.array(["a"] * 10, object)), steps=1)
+
+
+def test_leave_one_out_table_marks_a_labelled_adaptation_its_check_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from leukoedge.cli import main
+    from leukoedge.training import gate
+
+    def row(domain: str, adapted: object, problems: list[str] | None = None) -> dict:
+        report = None if problems is None else SimpleNamespace(problems=problems, lines=lambda: ["held-back frames: ..."])
+        figures = {"fields": 10, "box_recall": 0.9, "box_precision": 0.9, "rbc_called_wbc_per_1000": 1.0, "refused_rate": 0.0, "false_flag_rate": 0.0, "flagged": 0, "judged": 10}
+        return {**figures, "domain": domain, "left_out": domain, "adapted": adapted, "gate_threshold": 0.5, "report": report}
+
+    rows = [row("txl-pbc/raabin", "labelled", []), row("txl-pbc/bcd", "labelled", ["all-taleqani whole-cell Dice 0.869 ..."])]
+    monkeypatch.setattr(gate, "leave_one_source_out", lambda *args, **kwargs: rows)
+    (tmp_path / "data").mkdir()
+    assert main(["gate", "--data", str(tmp_path / "data"), "--leave-out", "txl-pbc/raabin", "txl-pbc/bcd", "--labelled-frames", "40"]) == 0
+    table = capsys.readouterr().out
+    assert "| txl-pbc/bcd (gate threshold 0.50; refused by its check, not written) |" in table
+    assert "| txl-pbc/raabin (gate threshold 0.50) |" in table
