@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from leukoedge.cli import positive_int, removed_if_left_empty, require_data_folder, require_out_folder
+from leukoedge.cli import model_names, positive_int, removed_if_left_empty, require_data_folder, require_out_folder
 from leukoedge.errors import LeukoedgeError
 from leukoedge.shipped import MODELS_DIR, default_bundle
 
@@ -190,7 +190,9 @@ def command_gate(args: argparse.Namespace) -> int:
 
     recipe = GateRecipe(steps=args.steps, train_per_source=args.train_per_source, eval_split=args.split, eval_per_source=args.eval_per_source)
     if args.leave_out:
-        rows = leave_one_source_out(args.data, args.bundle, args.leave_out, recipe, cache=args.cache, labelled_frames=args.labelled_frames)
+        rows = leave_one_source_out(
+            args.data, args.bundle, args.leave_out, recipe, cache=args.cache, labelled_frames=args.labelled_frames, labelled_models=args.fine_tune
+        )
         titles = {
             False: "left out of the gate and the domain check",
             True: "after `leukoedge adapt` with the left-out device's unlabelled training fields",
@@ -369,6 +371,9 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     gate.add_argument("--leave-out", nargs="+", default=None, metavar="SOURCE", help="print figures with each of these sources/devices left out (e.g. txl-pbc/raabin bccd) instead of writing a bundle")
     gate.add_argument(
         "--labelled-frames", type=int, default=0, metavar="N", help="with --leave-out: also the figures after `leukoedge adapt --labels` with N boxed training fields of each left-out device (default: %(default)s, none)"
+    )
+    gate.add_argument(
+        "--fine-tune", type=model_names, default=None, help="with --labelled-frames: the models labelled adaptation fine-tunes, comma-separated (default: all, as `leukoedge adapt --labels`)"
     )
     gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
     gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")

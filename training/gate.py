@@ -328,7 +328,13 @@ class GateRecipe:
 
 
 def leave_one_source_out(
-    data_root: Path, bundle: Path, left_out: Sequence[str], recipe: GateRecipe, cache: Path | None = None, labelled_frames: int = 0
+    data_root: Path,
+    bundle: Path,
+    left_out: Sequence[str],
+    recipe: GateRecipe,
+    cache: Path | None = None,
+    labelled_frames: int = 0,
+    labelled_models: Sequence[str] | None = None,
 ) -> list[dict]:
     """For each left-out source/device: the gate and domain check fitted without it, the detector's
     figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields, and with
@@ -361,7 +367,7 @@ def leave_one_source_out(
         for row in detection_figures(detector, fields, f"adapted to {source}"):
             rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})
         if labelled_frames:
-            rows += _labelled_rows(detector, model, data_root, bundle, source, kept_train, kept_val, fields, labelled_frames, recipe)
+            rows += _labelled_rows(detector, model, data_root, bundle, source, kept_train, kept_val, fields, labelled_frames, recipe, labelled_models)
     return rows
 
 
@@ -376,13 +382,14 @@ def _labelled_rows(
     fields: Sequence[data.Record],
     count: int,
     recipe: GateRecipe,
+    models: Sequence[str] | None = None,
 ) -> list[dict]:
     """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source`."""
     from .adapt import LabelledFrame, LabelledRecipe, adapt_models, applied, replay_cells, replay_with_masks
     from .detection import detection_figures
     from .torch_backend import checkpoint_paths, verified_model
 
-    adapt_recipe = LabelledRecipe(seed=recipe.seed)
+    adapt_recipe = LabelledRecipe(seed=recipe.seed) if models is None else LabelledRecipe(seed=recipe.seed, models=tuple(models))
     records = [r for r in records_per_domain(data_root, "train", [source.split("/")[0]]) if r.domain.startswith(source) and r.label_path is not None][:count]
     frames = [LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
     names = ("segmenter", "refiner", "classifier") if detector.refiner_spec else ("segmenter", "classifier")
