@@ -37,6 +37,9 @@ MIN_FRAMES = 20  # fewer frames say too little about a device to move the domain
 DEFAULT_HOLD_BACK = 0.2
 # What labelled adaptation (`leukoedge adapt --labels`, training/adapt.py) can fine-tune.
 ADAPTABLE_MODELS = ("segmenter", "refiner", "gate", "classifier")
+# Fine-tuned unless told otherwise: the refiner is left as it is by default; once the segmenter knows the device most
+# cells skip it (refiner.skip_below_uncertainty), and left out of a device it measured the same (docs/training.md).
+DEFAULT_ADAPTED_MODELS = ("segmenter", "gate", "classifier")
 
 
 class AdaptationRefused(LeukoedgeError):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .adapt import ADAPTABLE_MODELS
+from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS
 from .backends import BACKENDS
 from .bundle import MIN_SPEEDUP
 from .detector import PREPROCESSORS
@@ -367,7 +367,7 @@ def command_adapt(args: argparse.Namespace) -> int:
 
 
 def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
-    """`leukoedge adapt --labels`: fine-tune the segmenter, refiner, gate and classifier on the device's boxed frames (needs [train])."""
+    """`leukoedge adapt --labels`: fine-tune the segmenter, gate and classifier (--fine-tune) on the device's boxed frames (needs [train])."""
     if args.data is None:
         print("error: --labels needs --data: the training data replayed beside the device's frames, so the models do not forget it", file=sys.stderr)
         return 2
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="folder of box files for some frames of NORMAL smears (<frame stem>.xml Pascal VOC or .txt YOLO: WBC, RBC, Platelets): "
-        "fine-tune the segmenter, refiner, gate and classifier on them (needs [train], --data and the training checkpoints)",
+        "fine-tune the segmenter, gate and classifier on them (needs [train], --data and the training checkpoints)",
     )
     adapt.add_argument("--data", type=Path, default=None, help="--labels: the training data folder, replayed so the models keep what they learnt")
     adapt.add_argument("--checkpoints", type=Path, default=None, help="--labels: folder of <bundle>-segmenter.pt, -refiner.pt, -classifier.pt and -gate.pt (default: beside the bundle)")
@@ -522,8 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument(
         "--fine-tune",
         type=model_names,
-        default=ADAPTABLE_MODELS,
-        help=f"--labels: the models fine-tuned, comma-separated (default: {','.join(ADAPTABLE_MODELS)}); the others are kept as they are",
+        default=DEFAULT_ADAPTED_MODELS,
+        help=f"--labels: the models fine-tuned, comma-separated, among {','.join(ADAPTABLE_MODELS)} "
+        f"(default: {','.join(DEFAULT_ADAPTED_MODELS)}); the others are kept as they are",
     )
     adapt.set_defaults(handler=command_adapt)
 

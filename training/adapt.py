@@ -1,12 +1,12 @@
-"""`leukoedge adapt --labels`: tune a bundle's segmenter, refiner, gate and classifier to a new microscope from a few
-dozen frames whose objects are boxed.
+"""`leukoedge adapt --labels`: tune a bundle's segmenter, gate and classifier (and, asked, its refiner) to a new
+microscope from a few dozen frames whose objects are boxed.
 
 Unlabelled adaptation (leukoedge/adapt.py) can only move the domain check. What goes wrong on a microscope the
 models never saw is in the models: its red cells pass the gate (cell or not) and its normal white cells look like
 blasts to the classifier; a classifier trained without a device calls about half of its normal white cells blasts,
 one that learnt the device a few percent (docs/training.md). The device's own labelled cells are what fixes that.
 From frames of NORMAL smears of the device, its white cells boxed (its red cells and platelets too, ideally):
-- the segmenter and the refiner are fine-tuned on the device's fields labelled by the boxes
+- the segmenter (and the refiner, when LabelledRecipe.models names it) is fine-tuned on the device's fields labelled by the boxes
   (data.boxed_field_label_map: outside the white cells' boxes and on the red cells pressed against them,
   background), beside replayed fields and cells of the mask sources: a white cell's mask otherwise spreads into the
   device's red cells and its box misses the white cell's (docs/training.md);
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
+from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
 from leukoedge.bundle import save_bundle
 from leukoedge.detector import Detector
 from leukoedge.domain import colour_features, segmenter_uncertainty
@@ -95,7 +95,7 @@ class LabelledFrame:
 class LabelledRecipe:
     """How the models are fine-tuned; the defaults are the ones measured in docs/training.md."""
 
-    models: tuple[str, ...] = ADAPTABLE_MODELS  # which are fine-tuned; the others are kept as they are
+    models: tuple[str, ...] = DEFAULT_ADAPTED_MODELS  # which are fine-tuned (some of ADAPTABLE_MODELS); the others are kept
     segmenter_steps: int = 300
     refiner_steps: int = 300
     gate_steps: int = 300
@@ -462,8 +462,8 @@ def adapt_models(
     domain_name: str = "device",
     classifier_loss: str = "ce",
 ) -> Adapted:
-    """Fine-tune the detector's models (`models`: its segmenter, refiner where it has one, classifier and gate, in
-    PyTorch) to the device's fitted frames and measure the held-back ones before and after (see the module doc).
+    """Fine-tune the detector's models named in recipe.models (`models`: its segmenter, classifier and gate, and its
+    refiner where it has one and it is fine-tuned, in PyTorch) to the device's fitted frames and measure the held-back ones before and after (see the module doc).
     `detector` is left as it was."""
     check_frames(frames)
     held = held_back([frame.name for frame in frames], recipe.hold_back)
@@ -551,7 +551,7 @@ def adapt_bundle_with_labels(
     heads = {name: head["classes"] for name, head in detector.classifier_spec["heads"].items()}
     if heads != HEADS:
         raise AdaptationRefused(f"bundle {detector.bundle.name}'s classifier heads {heads} are not the ones the training cells are labelled for ({HEADS})")
-    names = ("segmenter", "refiner", "classifier", "gate") if detector.refiner_spec else ("segmenter", "classifier", "gate")
+    names = ("segmenter", "classifier", "gate") + (("refiner",) if detector.refiner_spec and "refiner" in recipe.models else ())
     paths = checkpoint_paths(bundle_path, checkpoints, names)
     models = {name: verified_model(detector.bundle, name, paths[name]) for name in names}
     loss = detector.bundle.manifest.get("training", {}).get("classifier", {}).get("loss", "ce")

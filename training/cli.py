@@ -373,7 +373,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--labelled-frames", type=int, default=0, metavar="N", help="with --leave-out: also the figures after `leukoedge adapt --labels` with N boxed training fields of each left-out device (default: %(default)s, none)"
     )
     gate.add_argument(
-        "--fine-tune", type=model_names, default=None, help="with --labelled-frames: the models labelled adaptation fine-tunes, comma-separated (default: all, as `leukoedge adapt --labels`)"
+        "--fine-tune", type=model_names, default=None, help="with --labelled-frames: the models labelled adaptation fine-tunes, comma-separated (default: as `leukoedge adapt --labels`)"
     )
     gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
     gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")

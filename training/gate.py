@@ -392,7 +392,7 @@ def _labelled_rows(
     adapt_recipe = LabelledRecipe(seed=recipe.seed) if models is None else LabelledRecipe(seed=recipe.seed, models=tuple(models))
     records = [r for r in records_per_domain(data_root, "train", [source.split("/")[0]]) if r.domain.startswith(source) and r.label_path is not None][:count]
     frames = [LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
-    names = ("segmenter", "refiner", "classifier") if detector.refiner_spec else ("segmenter", "classifier")
+    names = ("segmenter", "classifier") + (("refiner",) if detector.refiner_spec and "refiner" in adapt_recipe.models else ())
     models = {name: verified_model(detector.bundle, name, path) for name, path in checkpoint_paths(bundle, models=names).items()}
     cells = replay_cells(detector, data_root, adapt_recipe.replay_per_source, leave_out=source)
     replay = replay_with_masks(kept_train, kept_val, cells, data_root, adapt_recipe, leave_out=source)

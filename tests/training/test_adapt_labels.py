@@ -157,15 +157,17 @@ def test_an_adapted_bundle_carries_its_record_fp32_models_and_matching_checkpoin
     adapted = load_bundle(tmp_path / "default")
     record = adapted.manifest["adaptation"]
     assert record["labelled"] and record["frames"] == 12 and len(record["frame_sha256"]) == 12
-    assert {"segmenter.onnx", "refiner.onnx", "classifier.onnx", "gate.onnx", "verdict.flag_fraction", "domain.max_uncertainty"} <= set(record["adapted"])
-    for model in ("segmenter", "refiner", "classifier"):
+    assert {"segmenter.onnx", "classifier.onnx", "gate.onnx", "verdict.flag_fraction", "domain.max_uncertainty"} <= set(record["adapted"])
+    for model in ("segmenter", "classifier"):
         assert adapted.manifest["files"][f"{model}.onnx"] != original.manifest["files"][f"{model}.onnx"]
         assert f"{model}.int8.onnx" not in adapted.manifest["files"] and "int8" not in adapted.manifest["precisions"][model]
+    assert "refiner.onnx" not in record["adapted"]  # by default the refiner is kept, INT8 file included
+    assert adapted.manifest["files"]["refiner.int8.onnx"] == original.manifest["files"]["refiner.int8.onnx"]
     assert adapted.manifest["gate"]["threshold"] == pytest.approx(report.gate_threshold)
     assert {"wbc-seg-zheng nucleus Dice", "all-idb2 whole-cell Dice", "all-taleqani whole-cell Dice"} <= set(record["gate"]["masks_val"][0])
-    for model in ("segmenter", "refiner", "classifier", "gate"):  # a second adaptation or a calibration can start from them
+    for model in ("segmenter", "classifier", "gate"):  # a second adaptation or a calibration can start from them
         verified_model(adapted, model, checkpoint_paths(tmp_path / "default", models=(model,))[model])
-    assert "adapted with labels (leukoedge adapt --labels): segmenter.onnx, refiner.onnx, classifier.onnx, gate.onnx" in describe_bundle(adapted)  # `leukoedge info`
+    assert "adapted with labels (leukoedge adapt --labels): segmenter.onnx, classifier.onnx, gate.onnx" in describe_bundle(adapted)  # `leukoedge info`
     result = Detector.load(tmp_path / "default").run(raabin_frames[0].image)
     assert result.verdict.status in ("ok", "no_cells", "outside_domain")
 
