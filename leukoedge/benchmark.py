@@ -25,6 +25,7 @@ import numpy as np
 from .bundle import bundle_models, fastest_precision, load_bundle
 from .detector import Detector
 from .errors import BundleError, LeukoedgeError
+from .result import Result
 
 STAGES = ("preprocess", "segment", "postprocess", "refine", "gate", "classify", "total")
 COMPARISON_PAIRS = (
@@ -166,6 +167,15 @@ class ScalingPoint:
         """The median number of cells the detector found in the point's frames."""
         return float(np.median(self.cell_counts))
 
+    def run(self, detector: Detector, frame_index: int) -> Result:
+        """Frame frame_index % len(frames) through the detector, its stage times and cell count kept; its Result."""
+        result = detector.run(self.frames[frame_index % len(self.frames)])
+        self.cell_counts.append(len(result.cells))
+        for stage, ms in result.timings.items():
+            if ms is not None:
+                self.times.ms.setdefault(stage, []).append(ms)
+        return result
+
 
 def _read(path: Path) -> np.ndarray:
     image = cv2.imread(str(path))
@@ -250,11 +260,7 @@ def time_points(detector: Detector, points: Sequence[ScalingPoint], runs: int, w
     for index in range(runs):
         shift = index % len(points)
         for point in list(points[shift:]) + list(points[:shift]):
-            result = detector.run(point.frames[index % len(point.frames)])
-            point.cell_counts.append(len(result.cells))
-            for stage, ms in result.timings.items():
-                if ms is not None:
-                    point.times.ms.setdefault(stage, []).append(ms)
+            point.run(detector, index)
 
 
 @dataclass(frozen=True)

@@ -58,16 +58,6 @@ def import_baseline(root: Path) -> ModuleType:
     return module
 
 
-def record(point: ScalingPoint, detector: Any, frame_index: int) -> Any:
-    """Run the point's frame, keep its timings and cell count; the Result (of either package)."""
-    result = detector.run(point.frames[frame_index % len(point.frames)])
-    point.cell_counts.append(len(result.cells))
-    for stage, ms in result.timings.items():
-        if ms is not None:
-            point.times.ms.setdefault(stage, []).append(ms)
-    return result
-
-
 def same_results(one: Any, other: Any) -> bool:
     """Bit for bit: the label map, every cell's boxes, masks, label and probabilities, the verdict."""
     if not np.array_equal(one.label_map, other.label_map) or one.verdict.to_dict() != other.verdict.to_dict() or len(one.cells) != len(other.cells):
@@ -213,7 +203,7 @@ def main() -> int:
     compared = differing = 0
     for index in range(args.frames):
         for point_index in [(index + offset) % len(frames) for offset in range(len(frames))]:
-            results = [record(points[name][point_index], detectors[name], index) for name in names[index % len(names) :] + names[: index % len(names)]]
+            results = [points[name][point_index].run(detectors[name], index) for name in names[index % len(names) :] + names[: index % len(names)]]
             compared += 1
             differing += not same_results(*results)
     print(f"results (label map, cells' boxes, masks, labels, probabilities, verdict) differ bit for bit on {differing} of {compared} frames")

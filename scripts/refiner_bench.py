@@ -23,14 +23,6 @@ from leukoedge import Detector  # noqa: E402
 from leukoedge.benchmark import ScalingPoint, fit_scaling, format_scaling, scaling_points  # noqa: E402
 
 
-def record(point: ScalingPoint, detector: Detector, frame_index: int) -> None:
-    result = detector.run(point.frames[frame_index % len(point.frames)])
-    point.cell_counts.append(len(result.cells))
-    for stage, ms in result.timings.items():
-        if ms is not None:
-            point.times.ms.setdefault(stage, []).append(ms)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="the data folder (../shared/data)")
@@ -51,7 +43,7 @@ def main() -> int:
         order = [(index + offset) % len(frames) for offset in range(len(frames))]
         for point_index in order:
             for name in names[index % len(names) :] + names[: index % len(names)]:
-                record(points[name][point_index], detectors[name], index)
+                points[name][point_index].run(detectors[name], index)
     for name in names:
         print(f"\n## {name}: {detectors[name].bundle.root}\n")
         print(format_scaling(points[name], fit_scaling(points[name])))
