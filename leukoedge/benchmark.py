@@ -17,7 +17,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -254,13 +254,31 @@ def time_points(detector: Detector, points: Sequence[ScalingPoint], runs: int, w
     """Every point's frame i % len(frames) for i in range(runs), the points in turn (their order rotating
     from run to run, so that each follows every other alike), after `warmup` untimed rounds; fills each
     point's times and cell counts."""
+    time_points_interleaved({"": detector}, {"": list(points)}, runs, warmup)
+
+
+def time_points_interleaved(
+    detectors: dict[str, Detector],
+    points: dict[str, list[ScalingPoint]],
+    runs: int,
+    warmup: int,
+    compare: Callable[[list[Result]], None] | None = None,
+) -> None:
+    """time_points for several detectors in one run, each with its own copy of the same points (`points[name]`):
+    at every point of every round the detectors take turns, their order rotating too, so whatever else loads
+    the machine loads each alike. `compare`, if given, sees each frame's Results of all the detectors."""
+    names = list(detectors)
+    count = len(points[names[0]])
     for index in range(warmup):
-        for point in points:
-            detector.run(point.frames[index % len(point.frames)])
+        for name in names:
+            for point in points[name]:
+                detectors[name].run(point.frames[index % len(point.frames)])
     for index in range(runs):
-        shift = index % len(points)
-        for point in list(points[shift:]) + list(points[:shift]):
-            point.run(detector, index)
+        for point_index in [(index + offset) % count for offset in range(count)]:
+            turn = names[index % len(names) :] + names[: index % len(names)]
+            results = [points[name][point_index].run(detectors[name], index) for name in turn]
+            if compare is not None:
+                compare(results)
 
 
 @dataclass(frozen=True)

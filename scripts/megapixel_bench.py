@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import leukoedge.preprocess.cpu as preprocess_cpu  # noqa: E402
 from leukoedge import Detector  # noqa: E402
-from leukoedge.benchmark import STAGES, ScalingPoint, fit_scaling, format_scaling, scaling_points  # noqa: E402
+from leukoedge.benchmark import STAGES, ScalingPoint, fit_scaling, format_scaling, scaling_points, time_points_interleaved  # noqa: E402
 
 BASELINE_PACKAGE = "leukoedge_baseline"
 CAMERA_SIZES = ((640, 480), (1280, 960), (1920, 1080), (2560, 1920), (2592, 1944), (3264, 2448), (4056, 3040))
@@ -196,16 +196,9 @@ def main() -> int:
     names = list(detectors)
     frames = scaling_points(args.data)
     points = {name: [ScalingPoint(point.name, point.frames) for point in frames] for name in names}
-    for index in range(args.warmup):
-        for name in names:
-            for point in points[name]:
-                detectors[name].run(point.frames[index % len(point.frames)])
-    compared = differing = 0
-    for index in range(args.frames):
-        for point_index in [(index + offset) % len(frames) for offset in range(len(frames))]:
-            results = [points[name][point_index].run(detectors[name], index) for name in names[index % len(names) :] + names[: index % len(names)]]
-            compared += 1
-            differing += not same_results(*results)
+    outcomes: list[bool] = []
+    time_points_interleaved(detectors, points, args.frames, args.warmup, lambda results: outcomes.append(same_results(*results)))
+    compared, differing = len(outcomes), outcomes.count(False)
     print(f"results (label map, cells' boxes, masks, labels, probabilities, verdict) differ bit for bit on {differing} of {compared} frames")
     slopes = {}
     for name in names:

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge import Detector  # noqa: E402
-from leukoedge.benchmark import ScalingPoint, fit_scaling, format_scaling, scaling_points  # noqa: E402
+from leukoedge.benchmark import ScalingPoint, fit_scaling, format_scaling, scaling_points, time_points_interleaved  # noqa: E402
 
 
 def main() -> int:
@@ -35,15 +35,7 @@ def main() -> int:
     detectors = {name: Detector.load(entry.split("=", 1)[1], threads=args.threads) for name, entry in zip(names, args.bundles)}
     frames = scaling_points(args.data)
     points = {name: [ScalingPoint(point.name, point.frames) for point in frames] for name in names}
-    for index in range(args.warmup):
-        for name in names:
-            for point in points[name]:
-                detectors[name].run(point.frames[index % len(point.frames)])
-    for index in range(args.frames):
-        order = [(index + offset) % len(frames) for offset in range(len(frames))]
-        for point_index in order:
-            for name in names[index % len(names) :] + names[: index % len(names)]:
-                points[name][point_index].run(detectors[name], index)
+    time_points_interleaved(detectors, points, args.frames, args.warmup)
     for name in names:
         print(f"\n## {name}: {detectors[name].bundle.root}\n")
         print(format_scaling(points[name], fit_scaling(points[name])))
