@@ -126,6 +126,8 @@ class PipelineConfig:
     classifier_ema_decay: float | None = 0.999
     # The classifier also sees half its crops as another microscope would show them, at this strength (0: never).
     classifier_device_augment: float = 0.0
+    # The classifier's crops with their hue turned and saturation scaled at this strength (0: never; stain.augment_chroma).
+    classifier_chroma_augment: float = 0.0
     segmenter_device_augment: float = 0.0  # the same for the segmenter's training fields
 
     def __post_init__(self) -> None:
@@ -452,6 +454,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             ema_decay=config.classifier_ema_decay,
             source_weights=NORMAL_CELL_WEIGHTS,
             device_augment=config.classifier_device_augment,
+            chroma_augment=config.classifier_chroma_augment,
         ),
         CROP_MARGIN,
     )

@@ -29,7 +29,7 @@ from leukoedge.preprocess.cpu import (
 )
 
 from .data import LABEL_BACKGROUND
-from .stain import augment_colour, augment_device, jitter_reference
+from .stain import augment_chroma, augment_colour, augment_device, jitter_reference
 
 
 DEVICE_VIEW_PROBABILITY = 0.5  # with device augmentation on, the share of samples seen as another microscope would show them
@@ -195,6 +195,12 @@ def device_view_crop(image: np.ndarray, box: Box, spec: PreprocessSpec, input_si
     return prepare_crops(window, [moved], spec, input_size, margin, statistics if spec.stain_reference is not None else None)[0]
 
 
+def chroma_turned(crop: np.ndarray, spec: PreprocessSpec, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """A model-ready 3xHxW crop with its colours turned (stain.augment_chroma): undone to RGB first, where grey is grey."""
+    mean, std = np.asarray(spec.mean, np.float32)[:, None, None], np.asarray(spec.std, np.float32)[:, None, None]
+    return ((augment_chroma(crop * std + mean, rng, strength) - mean) / std).astype(np.float32)
+
+
 def classification_sample(
     image: np.ndarray,
     box: Box,
@@ -203,9 +209,11 @@ def classification_sample(
     margin: float,
     rng: np.random.Generator | None,
     device_strength: float = 0.0,
+    chroma_strength: float = 0.0,
 ) -> np.ndarray:
     """3xHxW crop of one cell. rng None: exactly the runtime's crop; otherwise jittered box, stain, flips,
-    and with device_strength > 0, half the crops from device_view (another microscope's view of the cell)."""
+    with device_strength > 0, half the crops from device_view (another microscope's view of the cell), and
+    with chroma_strength > 0, the crop's hue turned and saturation scaled (stain.augment_chroma)."""
     statistics = frame_statistics(image) if spec.stain_reference is not None else None
     if rng is None:
         return prepare_crops(image, [box], spec, input_size, margin, statistics)[0]
@@ -216,5 +224,7 @@ def classification_sample(
     crop = np.rot90(crop, int(rng.integers(4)), axes=(1, 2))
     if rng.random() < 0.5:
         crop = crop[:, :, ::-1]
+    if chroma_strength > 0:
+        crop = chroma_turned(crop, spec, rng, chroma_strength)
     gain = rng.uniform(0.85, 1.15)
     return np.ascontiguousarray(crop * gain + rng.normal(0.0, 0.1), dtype=np.float32)

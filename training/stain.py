@@ -65,6 +65,31 @@ def augment_colour(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
+# The classifier's colour augmentation (strength 1): hue turned up to this many degrees either way, saturation
+# scaled by a factor drawn log-uniformly from this range. Wide enough that the sources' palettes overlap: the blasts
+# here come from two labs' stains, and a classifier that may read the stain calls another lab's normal cells blasts.
+CHROMA_TURN_DEGREES = 45.0
+CHROMA_SATURATION = (0.5, 1.6)
+
+
+def turn_chroma(rgb: np.ndarray, degrees: float, saturation: float) -> np.ndarray:
+    """An RGB image (channels first, any scale shared by the channels) with its colour turned about the grey axis
+    by `degrees` (a hue rotation) and its distance from grey scaled by `saturation`; each pixel's grey level kept."""
+    grey = rgb.mean(axis=0, keepdims=True)
+    axis = np.full(3, 1.0 / np.sqrt(3.0))
+    cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    angle = np.deg2rad(degrees)
+    rotation = np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross  # Rodrigues' formula
+    chroma = np.einsum("ij,jhw->ihw", rotation * saturation, rgb - grey)
+    return (grey + chroma).astype(rgb.dtype)
+
+
+def augment_chroma(rgb: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """turn_chroma with a random turn and saturation (CHROMA_TURN_DEGREES, CHROMA_SATURATION, scaled by strength)."""
+    low, high = np.log(CHROMA_SATURATION[0]) * strength, np.log(CHROMA_SATURATION[1]) * strength
+    return turn_chroma(rgb, rng.uniform(-CHROMA_TURN_DEGREES, CHROMA_TURN_DEGREES) * strength, float(np.exp(rng.uniform(low, high))))
+
+
 def normalize_with_jitter(rgb: np.ndarray, reference: StainReference, rng: np.random.Generator | None) -> np.ndarray:
     """Reinhard to the reference (a jittered one when rng is given), with the image's own statistics."""
     target = reference if rng is None else jitter_reference(reference, rng)

@@ -23,7 +23,7 @@ from leukoedge.preprocess.cpu import PreprocessSpec
 
 from .data import LABEL_IGNORE, LABEL_WBC
 from .models import create_model
-from .samples import classification_sample, device_view_crop, random_crop, refiner_sample, segmentation_sample
+from .samples import chroma_turned, classification_sample, device_view_crop, random_crop, refiner_sample, segmentation_sample
 
 log = logging.getLogger("leukoedge.training")
 
@@ -101,6 +101,8 @@ class TrainConfig:
     ema_decay: float | None = None
     # Segmenter and classifier: strength of the other-microscope view (samples: augment_device, device_view) given to half the samples; 0: none.
     device_augment: float = 0.0
+    # Classifier: strength of the colour augmentation (samples.classification_sample, stain.augment_chroma); 0: none.
+    chroma_augment: float = 0.0
 
     def __post_init__(self) -> None:
         if self.teacher is not None and self.steps == 0:
@@ -476,7 +478,7 @@ def train_classifier(
         return model, _reuse_record(config, heads=heads, loss=loss)
 
     def runtime_crop(example: CellExample, rng: np.random.Generator | None) -> np.ndarray:
-        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng, config.device_augment)
+        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng, config.device_augment, config.chroma_augment)
 
     sample = sample or runtime_crop
     sample_indices = balanced_indices(
@@ -514,6 +516,10 @@ def train_classifier(
                 ])
             )
         )
+    if config.chroma_augment > 0 and sample is runtime_crop:
+        # Trained for other stains, selected for them too: the validation cells also with their colours turned (fixed draws).
+        turned = [chroma_turned(crop, spec, np.random.default_rng(config.seed + i), config.chroma_augment) for i, crop in enumerate(validation_sets[0].numpy())]
+        validation_sets.append(torch.from_numpy(np.stack(turned)))
 
     def balanced_accuracy(evaluated: torch.nn.Module, inputs: torch.Tensor) -> float:
         chunks = [evaluated(inputs[s : s + 256]) for s in range(0, len(val), 256)]  # one pass serves every head

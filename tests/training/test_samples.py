@@ -6,6 +6,7 @@ import pytest
 from leukoedge.preprocess.cpu import PreprocessSpec, StainReference, lab_statistics, prepare_crops, to_rgb_float
 from leukoedge.training.data import LABEL_BACKGROUND, LABEL_NUCLEUS
 from leukoedge.training.samples import classification_sample, device_view, refiner_sample, segmentation_sample
+from leukoedge.training.stain import turn_chroma
 
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference(lab_mean=(70.0, 5.0, 2.0), lab_std=(14.0, 12.0, 15.0)))
 
@@ -99,3 +100,30 @@ def test_device_augmentation_changes_training_crops_only() -> None:
     assert balance_spread(device) > 1.2 * balance_spread(plain)
     tensor, labels = segmentation_sample(image, np.zeros(image.shape[:2], np.uint8), SPEC, (192, 256), np.random.default_rng(0), 1.0)
     assert tensor.shape == (3, 192, 256) and labels.shape == (192, 256)
+
+
+def test_turning_the_chroma_keeps_each_pixels_grey_level() -> None:
+    rgb = np.random.default_rng(0).random((3, 8, 8))
+    turned = turn_chroma(rgb, 40.0, 1.3)
+    assert np.allclose(turned.mean(axis=0), rgb.mean(axis=0))  # only the colour moves
+    assert not np.allclose(turned, rgb)
+    assert np.allclose(turn_chroma(turned, -40.0, 1 / 1.3), rgb)  # a turn and a scale, undone by their inverse
+    assert np.allclose(turn_chroma(rgb, 0.0, 0.0), np.repeat(rgb.mean(axis=0, keepdims=True), 3, axis=0))  # no saturation: grey
+
+
+def test_chroma_augmentation_spreads_the_hue_of_training_crops_only() -> None:
+    image, box = _cell_field()
+    runtime = classification_sample(image, box, SPEC, (64, 64), 0.15, None, chroma_strength=1.0)
+    assert np.array_equal(runtime, classification_sample(image, box, SPEC, (64, 64), 0.15, None))
+
+    def hue_spread(crops):  # the spread (degrees) of the hue of the cell's mean colour (the crop's centre)
+        hues = []
+        for crop in crops:
+            r, g, b = crop[:, 24:40, 24:40].mean(axis=(1, 2))
+            hues.append(np.degrees(np.arctan2(np.sqrt(3.0) * (g - b), 2 * r - g - b)))
+        return np.std(hues)
+
+    plain = [classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s)) for s in range(40)]
+    turned = [classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s), chroma_strength=1.0) for s in range(40)]
+    assert all(crop.shape == (3, 64, 64) and crop.dtype == np.float32 for crop in turned)
+    assert hue_spread(turned) > 1.5 * hue_spread(plain)
