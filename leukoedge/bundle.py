@@ -411,7 +411,13 @@ SECTIONS: dict[str, Section] = {
             "split_touching": Key(_is_bool, "true or false"),
         }
     ),
-    "verdict": Section({"blast_threshold": _number(0.0, 1.0), "flag_fraction": _number(0.0, 1.0)}),
+    "verdict": Section(
+        {
+            "blast_threshold": _number(0.0, 1.0),
+            "flag_fraction": _number(0.0, 1.0),
+            "min_blast_count": _integer(1, 1000, optional=True),  # absent before 0.5.0: one blast flags a frame
+        }
+    ),
     "limits": Section(
         {"min_frame_side": _integer(1, MAX_FRAME_SIDE), "max_frame_side": _integer(1, MAX_FRAME_SIDE)},
         constraints=_limit_problems,
@@ -918,7 +924,8 @@ def describe_bundle(bundle: Bundle) -> str:
         )
     lines += [
         f"postprocess: min cell area {postprocess['min_cell_area_px']} px, split touching cells {'yes' if postprocess['split_touching'] else 'no'}",
-        f"verdict: a cell is a blast at p >= {verdict['blast_threshold']}; a frame is flagged at blast fraction >= {verdict['flag_fraction']}",
+        f"verdict: a cell is a blast at p >= {verdict['blast_threshold']}; a frame is flagged at blast fraction >= {verdict['flag_fraction']}"
+        f" with at least {verdict.get('min_blast_count', 1)} blast(s)",
         f"limits: frame sides {limits['min_frame_side']}..{limits['max_frame_side']} px",
     ]
     if "precisions" in manifest:

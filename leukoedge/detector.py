@@ -301,20 +301,25 @@ class Detector:
 
     def judge(self, cells: list[Cell], non_wbc_count: int, domain: dict[str, float]) -> Verdict:
         """The frame's verdict; outside the bundle's validated domain it is not judged (never flagged)."""
-        threshold, fraction = self.verdict_spec["blast_threshold"], self.verdict_spec["flag_fraction"]
+        threshold, fraction, count = self.verdict_terms()
         outside = outside_domain(self.domain_spec, domain) if self.domain_spec else ""
         if outside:
-            return Verdict.not_judged(STATUS_OUTSIDE_DOMAIN, outside, threshold, fraction, non_wbc_count=non_wbc_count, domain=domain)
-        return make_verdict(cells, threshold, fraction, non_wbc_count=non_wbc_count, domain=domain)
+            return Verdict.not_judged(STATUS_OUTSIDE_DOMAIN, outside, threshold, fraction, non_wbc_count=non_wbc_count, domain=domain, min_blast_count=count)
+        return make_verdict(cells, threshold, fraction, non_wbc_count=non_wbc_count, domain=domain, min_blast_count=count)
+
+    def verdict_terms(self) -> tuple[float, float, int]:
+        """(blast threshold, flag fraction, min blast count) of the bundle's verdict; bundles before 0.5.0 flag from one blast."""
+        spec = self.verdict_spec
+        return spec["blast_threshold"], spec["flag_fraction"], spec.get("min_blast_count", 1)
 
     def not_judged(self, frame: np.ndarray, status: str, reason: str, timings: Timings, started: float) -> Result:
         """The Result of a frame no model ran on: no cells, an all-background label map, a refusal verdict."""
         timings.total_ms = (time.perf_counter() - started) * 1000.0
-        threshold, fraction = self.verdict_spec["blast_threshold"], self.verdict_spec["flag_fraction"]
+        threshold, fraction, count = self.verdict_terms()
         return Result(
             label_map=np.zeros(frame.shape[:2], np.uint8),
             cells=[],
-            verdict=Verdict.not_judged(status, reason, threshold, fraction),
+            verdict=Verdict.not_judged(status, reason, threshold, fraction, min_blast_count=count),
             timings=timings.as_dict(),
             frame_shape=(frame.shape[0], frame.shape[1]),
             bundle_name=self.bundle.name,

@@ -162,7 +162,10 @@ class Verdict:
     leukemia flag. cell_count and the blast fraction count white cells only; objects the cell-or-not
     gate rejected (red cells, platelets, debris) are in non_wbc_count and nowhere else. subtype: the
     frame's B-ALL subtype (the mean of its cells' subtype probabilities; None without cells or without
-    a subtype head).
+    a subtype head). A judged frame is flagged when its blast fraction reaches flag_fraction and it holds
+    at least min_blast_count blasts: one blast-like cell alone (a lone white cell called a blast, the
+    commonest false flag on a normal smear) is counted, in the frame and in a session's tally, but does
+    not flag the frame.
     """
 
     cell_count: int
@@ -177,6 +180,7 @@ class Verdict:
     reason: str = ""
     non_wbc_count: int = 0
     domain: dict[str, float] = field(default_factory=dict)  # the domain check's scores (bundles with one)
+    min_blast_count: int = 1  # bundles before 0.5.0 flag from one blast
 
     def __post_init__(self) -> None:
         if self.status not in VERDICT_STATUSES:
@@ -187,6 +191,12 @@ class Verdict:
     @property
     def judged(self) -> bool:
         return self.status == STATUS_OK
+
+    @property
+    def flagging_fraction(self) -> float:
+        """The blast fraction as the flag reads it: 0 where the frame holds fewer than min_blast_count blasts
+        (a judged frame is flagged exactly when this reaches flag_fraction; the flag fraction is chosen on it)."""
+        return self.blast_fraction if self.blast_count >= self.min_blast_count else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -244,6 +254,8 @@ def verdict_summary(verdict: Verdict) -> str:
     text = f"{verdict.cell_count} cells, {verdict.blast_count} blast ({100 * verdict.blast_fraction:.0f} %)"
     if verdict.flagged:
         text += "  FLAGGED"
+    elif verdict.blast_count and verdict.blast_fraction >= verdict.flag_fraction:
+        text += f"  (not flagged: a frame is flagged from {verdict.min_blast_count} blasts)"
     return text
 
 
@@ -253,10 +265,11 @@ def make_verdict(
     flag_fraction: float,
     non_wbc_count: int = 0,
     domain: dict[str, float] | None = None,
+    min_blast_count: int = 1,
 ) -> Verdict:
     """A cell is a blast when blast_probability >= blast_threshold; the frame is flagged when it has
-    cells and the blast fraction reaches flag_fraction; the subtype from frame_subtype. A frame
-    without cells gets status "no_cells" (not judged, not flagged)."""
+    cells, the blast fraction reaches flag_fraction and at least min_blast_count cells are blasts; the
+    subtype from frame_subtype. A frame without cells gets status "no_cells" (not judged, not flagged)."""
     cell_count = len(cells)
     blast_count = sum(1 for cell in cells if cell.blast_probability >= blast_threshold)
     blast_fraction = blast_count / cell_count if cell_count else 0.0
@@ -265,7 +278,7 @@ def make_verdict(
         cell_count=cell_count,
         blast_count=blast_count,
         blast_fraction=blast_fraction,
-        flagged=cell_count > 0 and blast_fraction >= flag_fraction,
+        flagged=cell_count > 0 and blast_fraction >= flag_fraction and blast_count >= min_blast_count,
         blast_threshold=float(blast_threshold),
         flag_fraction=float(flag_fraction),
         subtype=subtype,
@@ -274,6 +287,7 @@ def make_verdict(
         reason="" if cell_count else "no white cell found in the frame",
         non_wbc_count=int(non_wbc_count),
         domain=dict(domain or {}),
+        min_blast_count=int(min_blast_count),
     )
 
 

@@ -70,7 +70,7 @@ from .pipeline import HEADS, NORMAL_CELL_WEIGHTS, SEGMENTATION_SOURCES, cell_exa
 from .samples import classification_sample, random_crop, refiner_sample, segmentation_sample
 from .torch_backend import TorchBackend, as_backend, checkpoint_paths, verified_model
 from .train import CLASSIFIER_LOSSES, CellExample, CellMaskExample, SegmentationExample, balanced_indices, save_checkpoint, segmentation_loss
-from .verdict import choose_flag_fraction
+from .verdict import choose_flag_fraction, taleqani_verdicts
 
 log = logging.getLogger("leukoedge.adapt")
 
@@ -391,15 +391,6 @@ def labelled_figures(detector: Detector, frames: Sequence[LabelledFrame], domain
     return figures.as_row()
 
 
-def taleqani_verdicts(detector: Detector, data_root: Path, limit: int | None = None) -> tuple[list[float], list[int]]:
-    """Blast fraction and truth (1 malignant) of the Taleqani validation fields (at most `limit`, evenly spaced)."""
-    fractions, malignant = [], []
-    for record in tqdm(records_per_domain(data_root, "val", ["all-taleqani"], limit), desc="verdicts (Taleqani val)", unit="field", leave=False):
-        fractions.append(detector.run(data.read_image(record)).verdict.blast_fraction)
-        malignant.append(int(record.blast))
-    return fractions, malignant
-
-
 def balanced_accuracy(fractions: Sequence[float], malignant: Sequence[int], flag_fraction: float) -> float:
     flagged, truth = np.asarray(fractions) >= flag_fraction, np.asarray(malignant, bool)
     return float((flagged[truth].mean() + (~flagged[~truth]).mean()) / 2)
@@ -469,7 +460,8 @@ def adapt_models(
     held = held_back([frame.name for frame in frames], recipe.hold_back)
     fitted, checked = [f for f, h in zip(frames, held) if not h], [f for f, h in zip(frames, held) if h]
     before = labelled_figures(detector, checked, domain_name)
-    taleqani_fractions, malignant = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
+    taleqani_fields = records_per_domain(data_root, "val", ["all-taleqani"], recipe.verdict_fields)
+    taleqani_fractions, malignant = taleqani_verdicts(detector, taleqani_fields)
     taleqani_before = balanced_accuracy(taleqani_fractions, malignant, detector.verdict_spec["flag_fraction"])
     masks_before = mask_dice(detector, replay.mask_check)
 
@@ -498,8 +490,8 @@ def adapt_models(
     domain = adapted_domain(detector.domain_spec, measures, labelled=True)
     adapted = Adapted(segmenter, refiner, classifier, gate, threshold, detector.verdict_spec["flag_fraction"], domain, None)
     with applied(detector, adapted):
-        fractions, malignant_after = taleqani_verdicts(detector, data_root, recipe.verdict_fields)
-        device_fractions = [detector.run(frame.image).verdict.blast_fraction for frame in fitted]
+        fractions, malignant_after = taleqani_verdicts(detector, taleqani_fields)
+        device_fractions = [detector.run(frame.image).verdict.flagging_fraction for frame in fitted]
         chosen, _ = choose_flag_fraction(fractions + device_fractions, malignant_after + [0] * len(fitted), adapted.flag_fraction)
         # The device's frames are all normal: they can argue for a stricter verdict, never for a more eager one.
         adapted.flag_fraction = max(chosen, adapted.flag_fraction)

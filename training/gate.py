@@ -35,6 +35,7 @@ from . import data
 from .detection import box_iou, records_per_domain
 from .models.classifiers import gate_cnn
 from .stain import augment_device
+from .verdict import flag_fraction_on
 
 log = logging.getLogger("leukoedge.training")
 
@@ -403,19 +404,6 @@ def _labelled_rows(
     return [{**row, "left_out": source, "adapted": "labelled", "gate_threshold": adapted.gate_threshold, "report": adapted.report} for row in rows]
 
 
-def flag_fraction_with_gate(detector: Detector, data_root: Path) -> tuple[float, dict]:
-    """The verdict's flag fraction chosen on the Taleqani validation fields with the detector as it is."""
-    from .pipeline import DEFAULT_FLAG_FRACTION
-    from .verdict import choose_flag_fraction
-
-    fractions, malignant = [], []
-    for record in tqdm(data.load_records(data_root, "all-taleqani", "val"), desc="verdict threshold (Taleqani val)", unit="field"):
-        fractions.append(detector.run(data.read_image(record)).verdict.blast_fraction)
-        malignant.append(record.blast)
-    threshold, balanced_accuracy = choose_flag_fraction(fractions, malignant, DEFAULT_FLAG_FRACTION)
-    return float(threshold), {"flag_fraction": float(threshold), "balanced_accuracy": balanced_accuracy, "fields": len(fractions)}
-
-
 def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: GateRecipe, cache: Path | None = None, checkpoint: Path | None = None):
     """The bundle with a gate (trained on every source) and a domain check (fitted on validation frames)."""
     import copy
@@ -438,8 +426,8 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
     detector.domain_spec = domain
     manifest = copy.deepcopy(detector.bundle.manifest)
     # The gate changes which cells a field's blast fraction counts: the flag fraction is chosen again, on
-    # the Taleqani validation fields, as the pipeline chose it (training/verdict.choose_flag_fraction).
-    manifest["verdict"]["flag_fraction"], verdict_choice = flag_fraction_with_gate(detector, data_root)
+    # the Taleqani validation fields, as the pipeline chose it (training/verdict.flag_fraction_on).
+    manifest["verdict"]["flag_fraction"], verdict_choice = flag_fraction_on(detector, data.load_records(data_root, "all-taleqani", "val"))
     manifest.setdefault("training", {})["verdict_with_gate"] = verdict_choice
     size = manifest["classifier"]["input_size"]
     manifest["gate"] = {

@@ -40,7 +40,7 @@ from .train import (
     train_segmenter,
     trained_input_size,
 )
-from .verdict import choose_flag_fraction
+from .verdict import DEFAULT_FLAG_FRACTION, MIN_BLAST_COUNT, flag_fraction_on
 
 log = logging.getLogger("leukoedge.training")
 
@@ -76,7 +76,6 @@ SUBTYPES = ["Benign", "Early", "Pre", "Pro"]
 WBC_TYPES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 VALIDATION_IMAGES_PER_SOURCE = 60  # model selection during training; the test split is evaluated in full
 HEADS = {"blast": ["normal", "blast"], "subtype": SUBTYPES, "wbc_type": WBC_TYPES}
-DEFAULT_FLAG_FRACTION = 0.2  # used only where the validation fields cannot choose one (e.g. --quick)
 
 
 def check_runtime_classifier(model: str) -> None:
@@ -324,14 +323,9 @@ def calibrate_verdict(config: PipelineConfig, bundle_dir: Path) -> dict:
     """Run the written bundle over the Taleqani validation fields and choose the frame verdict's flag_fraction."""
     from leukoedge.detector import Detector
 
-    detector = Detector.load(bundle_dir)
-    fractions, malignant = [], []
-    for record in tqdm(_records(config, "all-taleqani", "val"), desc="verdict threshold (Taleqani val)", leave=False):
-        fractions.append(detector.run(data.read_image(record)).verdict.blast_fraction)
-        malignant.append(record.blast)
-    threshold, balanced_accuracy = choose_flag_fraction(fractions, malignant, DEFAULT_FLAG_FRACTION)
-    log.info("verdict flag_fraction %.3f (balanced accuracy %s on %d Taleqani val fields)", threshold, balanced_accuracy, len(fractions))
-    return {"flag_fraction": threshold, "balanced_accuracy": balanced_accuracy, "fields": len(fractions)}
+    threshold, choice = flag_fraction_on(Detector.load(bundle_dir), _records(config, "all-taleqani", "val"))
+    log.info("verdict flag_fraction %.3f (balanced accuracy %s on %d Taleqani val fields)", threshold, choice["balanced_accuracy"], choice["fields"])
+    return choice
 
 
 def architecture_label(config: dict) -> str:
@@ -380,7 +374,7 @@ def build_manifest(spec: PreprocessSpec, training: dict, flops: dict[str, int], 
             "heads": {head: {"output": f"{head}_probs", "classes": classes} for head, classes in HEADS.items()},
         },
         "postprocess": {"min_cell_area_px": MIN_CELL_AREA_PX, "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "split_touching": True},
-        "verdict": {"blast_threshold": 0.5, "flag_fraction": DEFAULT_FLAG_FRACTION},
+        "verdict": {"blast_threshold": 0.5, "flag_fraction": DEFAULT_FLAG_FRACTION, "min_blast_count": MIN_BLAST_COUNT},
         "limits": {"min_frame_side": 16, "min_judged_side": DEFAULT_MIN_JUDGED_SIDE, "max_frame_side": 4096},
         "training": training,
     }

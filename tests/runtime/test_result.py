@@ -136,6 +136,7 @@ def test_verdict_with_no_cells_is_not_flagged_even_at_zero_flag_fraction():
         "reason": "no white cell found in the frame",
         "non_wbc_count": 0,
         "domain": {},
+        "min_blast_count": 1,
     }
     assert not verdict.judged
 
@@ -164,6 +165,21 @@ def test_verdict_counts_blasts_at_the_threshold_and_flags_at_the_fraction():
     assert verdict.flagged is True
     assert make_verdict(cells, blast_threshold=0.5, flag_fraction=0.21).flagged is False
     assert make_verdict(cells, blast_threshold=0.05, flag_fraction=0.5).blast_count == 5
+
+
+def test_a_lone_blast_does_not_flag_a_frame_where_the_bundle_asks_for_more():
+    # One white cell, called a blast: 100 % blasts, but one cell is not enough evidence at min_blast_count 2.
+    lone = [_cell(1, (0, 0, 10, 10), 0.9)]
+    verdict = make_verdict(lone, blast_threshold=0.5, flag_fraction=0.7, min_blast_count=2)
+    assert (verdict.blast_count, verdict.blast_fraction, verdict.flagged) == (1, 1.0, False)
+    assert verdict.flagging_fraction == 0.0  # what the flag reads, and what the flag fraction is chosen on
+    assert "not flagged: a frame is flagged from 2 blasts" in verdict_summary(verdict)
+    assert make_verdict(lone, blast_threshold=0.5, flag_fraction=0.7).flagged is True  # bundles before 0.5.0: one is enough
+    pair = lone + [_cell(2, (20, 0, 30, 10), 0.8)]
+    flagged = make_verdict(pair, blast_threshold=0.5, flag_fraction=0.7, min_blast_count=2)
+    assert flagged.flagged is True and flagged.flagging_fraction == 1.0
+    assert verdict_summary(flagged).endswith("FLAGGED")
+    assert json.loads(json.dumps(flagged.to_dict()))["min_blast_count"] == 2
 
 
 def _with_subtype(cell: Cell, scores: dict[str, float]) -> Cell:

@@ -31,3 +31,28 @@ def test_one_class_only_keeps_the_default():
 
 def test_no_threshold_better_than_chance_keeps_the_default():
     assert choose_flag_fraction([0.0, 0.0, 0.0, 0.0], [0, 1, 0, 1], default=0.2) == (0.2, None)
+
+
+def test_a_trained_bundle_flags_from_two_blasts_and_a_copy_can_ask_for_another_count(tiny_bundle, data_root, tmp_path):
+    # leukoedge train writes the rule; scripts/verdict_rule.py writes a copy with another count, its flag fraction
+    # chosen again on the flagging fractions, every model file the same.
+    import sys
+    from pathlib import Path
+
+    from leukoedge import Detector
+    from leukoedge.bundle import load_bundle
+    from leukoedge.training.verdict import MIN_BLAST_COUNT
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from verdict_rule import with_verdict_rule
+
+    original = load_bundle(tiny_bundle).manifest
+    assert original["verdict"]["min_blast_count"] == MIN_BLAST_COUNT == 2
+    choice = with_verdict_rule(tiny_bundle, data_root, 3, tmp_path / "copy")
+    copied = load_bundle(tmp_path / "copy").manifest
+    assert copied["verdict"]["min_blast_count"] == 3
+    assert copied["verdict"]["flag_fraction"] == choice["flag_fraction"]
+    assert copied["training"]["verdict_rule"]["min_blast_count"] == 3
+    assert {name: digest for name, digest in copied["files"].items()} == original["files"]
+    with Detector.load(tmp_path / "copy") as detector:
+        assert detector.verdict_terms()[2] == 3
