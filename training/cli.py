@@ -120,6 +120,7 @@ def command_train(args: argparse.Namespace) -> int:
             refiner_source_weights=parse_source_weights(args.refiner_source_weights, "--refiner-source-weights"),
             refiner_init=args.refiner_init,
             refiner_teacher=args.refiner_teacher,
+            segmenter_teacher=args.segmenter_teacher,
             segmentation_sources=sources,
             refiner_sources=refiner_sources,
             classification_sources=classification_sources,
@@ -315,6 +316,10 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--segmenter-crop", type=int, default=128, help="side of the segmenter's training windows in model pixels (default 128; 0: the whole 192x256 input)")
     train.add_argument("--segmenter-lr", type=float, default=2e-3, help="peak learning rate of the segmenter's one-cycle schedule")
     train.add_argument("--segmenter-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-segmenter.pt")
+    train.add_argument(
+        "--segmenter-teacher", type=Path, default=None,
+        help="distillation: the segmenter also learns this segmenter checkpoint's class probabilities, e.g. models/checkpoints/default-segmenter.pt for a lighter one",
+    )
     train.add_argument("--classifier-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-classifier.pt")
     train.add_argument("--refiner-init", type=Path, default=None, help="fine-tune from this checkpoint, e.g. models/checkpoints/default-refiner.pt")
     train.add_argument(

@@ -108,6 +108,8 @@ class PipelineConfig:
     refiner_init: Path | None = None
     # Distillation: the refiner also learns this checkpoint's class probabilities (e.g. a refiner ensemble's).
     refiner_teacher: Path | None = None
+    # Distillation: the segmenter also learns this segmenter checkpoint's class probabilities (a light one the shipped one's).
+    segmenter_teacher: Path | None = None
     # The sources the segmenter (and the stain reference) learn from; leave some out to test across sources.
     segmentation_sources: tuple[str, ...] = SEGMENTATION_SOURCES
     segmenter_source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source
@@ -144,11 +146,14 @@ class PipelineConfig:
             ("--refiner-init", self.refiner_init),
             ("--classifier-init", self.classifier_init),
             ("--refiner-teacher", self.refiner_teacher),
+            ("--segmenter-teacher", self.segmenter_teacher),
         ):
             if checkpoint is not None and not is_checkpoint(checkpoint):
                 raise ValueError(f"{option} {checkpoint}: no checkpoint there (a .pt with its .json, as training writes them)")
         if self.refiner_teacher is not None and self.refiner_steps == 0:
             raise ValueError("--refiner-teacher needs refiner training steps: with --refiner-steps 0 the refiner is kept as it is")
+        if self.segmenter_teacher is not None and self.segmenter_steps == 0:
+            raise ValueError("--segmenter-teacher needs segmenter training steps: with --segmenter-steps 0 the segmenter is kept as it is")
         self.refiner_input_size = refiner_input_side(self.refiner_input_size, self.refiner_init, self.refiner_steps)
         if self.refiner_sources is None:
             self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
@@ -408,6 +413,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             source_weights=config.segmenter_source_weights,
             seed=config.seed,
             device_augment=config.segmenter_device_augment,
+            teacher=None if config.segmenter_teacher is None else str(config.segmenter_teacher),
         ),
     )
     refiner_val = load_refiner_examples(config, "val", per_source=VALIDATION_IMAGES_PER_SOURCE)

@@ -93,8 +93,8 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint to start from (fine-tuning); with steps=0 it is used as it is
     source_weights: dict[str, float] = field(default_factory=dict)  # relative sampling weight per source (default 1 each)
-    # Refiner or classifier: a checkpoint (e.g. a refiner ensemble, a larger classifier) whose class probabilities
-    # the model learns too (distillation).
+    # A checkpoint (e.g. a refiner ensemble, a larger classifier, the shipped segmenter for a lighter one)
+    # whose class probabilities the model learns too (distillation).
     teacher: str | None = None
     # Validate and keep an exponential moving average of the weights (this decay per step) instead of the
     # weights as they are at each validation: a run's result then depends less on one noisy step.
@@ -324,11 +324,15 @@ def train_segmenter(
     config: TrainConfig,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a segmenter; the validation score is the mean of nucleus and whole-cell Dice, averaged per
-    source and then over sources."""
+    source and then over sources. With config.teacher (a segmenter checkpoint), the loss adds the teacher's
+    class probabilities on each training window (distillation_loss): a light student learns what a trained
+    segmenter outputs on every pixel, also where the labels are weak or absent, and converges far faster than
+    on the labels alone."""
     model = _initial_model(config)
     pretraining = pretraining_of(config.init_from)
     if config.steps == 0:
         return model, _reuse_record(config)
+    teacher = None if config.teacher is None else load_checkpoint(Path(config.teacher))[0]
     sample_indices = balanced_indices(
         [e.source for e in train], config.steps * config.batch_size, np.random.default_rng(config.seed + 1), config.source_weights
     )
@@ -341,7 +345,10 @@ def train_segmenter(
                 tensor, label_map = random_crop(tensor, label_map, config.crop, rng)
             inputs.append(tensor)
             labels.append(label_map)
-        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
+        inputs, labels = torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels).astype(np.int64))
+        if teacher is None:
+            return inputs, labels
+        return inputs, (labels, teacher_probabilities(teacher, inputs, inputs.shape[2:]))
 
     validation = [segmentation_sample(e.image, e.label_map, spec, config.input_size, None) for e in val]
     validation_sources = [e.source for e in val]
@@ -355,7 +362,8 @@ def train_segmenter(
                 scores.append(_mean_dice(prediction, truth))
         return per_source_mean(scores, validation_sources)
 
-    summary = train_loop(model, config, make_batch, segmentation_loss, validate, sample_indices, f"train {config.model}")
+    loss = segmentation_loss if teacher is None else distillation_loss
+    summary = train_loop(model, config, make_batch, loss, validate, sample_indices, f"train {config.model}")
     return model, {"config": asdict(config), "pretraining": pretraining, **summary}
 
 

@@ -1,4 +1,4 @@
-"""MobileNet-style encoder-decoders: the light per-cell refiner.
+"""MobileNet-style encoder-decoders: the light per-cell refiner and a light field segmenter.
 
 The refiner runs once per found cell, so its cost is paid per cell: hctnet_lite at 128x128 costs
 409 MFLOPs a crop, 80-85 % of a crowded frame's time on 2 CPU cores (docs/performance.md). A cell crop
@@ -86,6 +86,14 @@ def mobile_unet(num_classes: int = 3) -> MobileEncoderDecoder:
 def mobile_unet_xs(num_classes: int = 3) -> MobileEncoderDecoder:
     """mobile_unet at two thirds of the width, one block a stage: for the smallest crops and devices."""
     return MobileEncoderDecoder((8, 16, 24, 32), (1, 1, 1), num_classes, expansion=3)
+
+
+def mobile_unet_field(num_classes: int = 3) -> MobileEncoderDecoder:
+    """A light field segmenter: mobile_unet one stage deeper (down to 1/32 of the field, a 6x8 map at the
+    192x256 segmenter input) and wider at depth (64, 96 channels), for context across a whole field and
+    the sources' variety that hctnet_lite's transformer gave; about a sixth of hctnet_lite's FLOPs
+    (docs/performance.md, "A lighter field segmenter")."""
+    return MobileEncoderDecoder((16, 24, 32, 64, 96), (1, 2, 3, 2), num_classes)
 
 
 class MobileClassifierTrunk(nn.Sequential):
