@@ -13,17 +13,11 @@ ratio of each one's median per crop to the first's.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from leukoedge.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from onnx_speed import exported_segmenter, median_p95, time_interleaved
 
 DEFAULT_MODELS = ("hctnet_lite@128", "hctnet_lite@64", "mobile_unet@128", "mobile_unet@96", "mobile_unet@64", "mobile_unet_xs@64")
 
@@ -32,14 +26,10 @@ def exported(name: str, size: int, folder: Path) -> tuple[Path, float]:
     """The ONNX file of a fresh `name` refiner at size x size crops, and its MFLOPs per crop."""
     import torch
 
-    from leukoedge.export.onnx import SegmenterWithSoftmax, export_onnx
-    from leukoedge.training.flops import count_flops
     from leukoedge.training.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(name).eval()
-    path = export_onnx(SegmenterWithSoftmax(model), torch.zeros(2, 3, size, size), folder / f"{name}-{size}.onnx", "crop", ["probs"])
-    return path, count_flops(model, (1, 3, size, size)) / 1e6
+    return exported_segmenter(create_model(name), (2, 3, size, size), folder / f"{name}-{size}.onnx", "crop")
 
 
 def main() -> int:
@@ -53,21 +43,14 @@ def main() -> int:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as scratch:
         built = [(name, size, *exported(name, size, Path(scratch))) for name, size in candidates]
-        backends = [OnnxRuntimeBackend(path, threads=args.threads) for _, _, path, _ in built]
-        batches = [rng.normal(0.0, 1.0, (args.batch, 3, size, size)).astype(np.float32) for _, size, _, _ in built]
-        times: list[list[float]] = [[] for _ in built]
-        for run in range(args.runs + 3):
-            for index in np.roll(np.arange(len(built)), run):  # the order rotates from run to run
-                started = time.perf_counter()
-                backends[index].run({"crop": batches[index]})
-                if run >= 3:
-                    times[index].append((time.perf_counter() - started) * 1000.0)
+        feeds = [{"crop": rng.normal(0.0, 1.0, (args.batch, 3, size, size)).astype(np.float32)} for _, size, _, _ in built]
+        times = time_interleaved([path for _, _, path, _ in built], feeds, args.runs, args.threads)
     first = None
     print(f"batch {args.batch}, {args.threads} ONNX Runtime threads, {args.runs} calls each, interleaved")
     print("| refiner | crop | MFLOPs per crop | ms per call, median / p95 | ms per crop | x the first |")
     print("|---|---|---|---|---|---|")
     for (name, size, _, mflops), measured in zip(built, times):
-        median, p95 = float(np.median(measured)), float(np.percentile(measured, 95))
+        median, p95 = median_p95(measured)
         per_crop = median / args.batch
         first = per_crop if first is None else first
         print(f"| {name} | {size}x{size} | {mflops:.1f} | {median:.1f} / {p95:.1f} | {per_crop:.2f} | {per_crop / first:.3f} |")
