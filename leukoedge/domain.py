@@ -57,15 +57,29 @@ def domain_scores(spec: dict[str, Any], prepared: PreparedFrame, probabilities: 
     }
 
 
+DOMAIN_CHECKS = ("colour", "uncertainty")
+
+
+def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
+    """Which of DOMAIN_CHECKS the frame's scores fail; [] inside the domain."""
+    failed = []
+    if scores["colour_distance"] > spec["max_colour_distance"]:
+        failed.append("colour")
+    if scores["uncertainty"] > spec["max_uncertainty"]:
+        failed.append("uncertainty")
+    return failed
+
+
 def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
     """Why the frame is outside the validated domain, for a person; "" when it is inside."""
+    failed = failed_checks(spec, scores)
     reasons = []
-    if scores["colour_distance"] > spec["max_colour_distance"]:
+    if "colour" in failed:
         reasons.append(
             f"colours unlike every validated source (distance {scores['colour_distance']:.2f} > {spec['max_colour_distance']:.2f}): "
             "a new stain, camera or white balance; adapt the bundle to this microscope with `leukoedge adapt`"
         )
-    if scores["uncertainty"] > spec["max_uncertainty"]:
+    if "uncertainty" in failed:
         reasons.append(f"the segmenter is unsure of this field (uncertainty {scores['uncertainty']:.3f} > {spec['max_uncertainty']:.3f})")
     return "; ".join(reasons)
 

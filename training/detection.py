@@ -16,6 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from leukoedge.detector import Detector
+from leukoedge.domain import DOMAIN_CHECKS, failed_checks
+from leukoedge.result import STATUS_OUTSIDE_DOMAIN
 
 from . import data
 
@@ -87,8 +89,9 @@ class DeviceFigures:
     judged: int = 0
     flagged: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    failed_checks: dict[str, int] = field(default_factory=dict)  # outside the domain: fields per check failed (a field may fail both)
 
-    def add(self, counts: FieldCounts | None, status: str, flagged: bool) -> None:
+    def add(self, counts: FieldCounts | None, status: str, flagged: bool, failed_checks: Sequence[str] = ()) -> None:
         self.fields += 1
         if counts is not None:
             for name in vars(counts):
@@ -98,6 +101,8 @@ class DeviceFigures:
             self.flagged += int(flagged)
         elif status != "no_cells":
             self.refused[status] = self.refused.get(status, 0) + 1
+        for check in failed_checks:
+            self.failed_checks[check] = self.failed_checks.get(check, 0) + 1
 
     def as_row(self) -> dict[str, float | int | str | None]:
         counts = self.counts
@@ -109,6 +114,7 @@ class DeviceFigures:
             "box_precision": counts.matched / counts.found if counts.wbc_boxes and counts.found else None,
             "rbc_called_wbc_per_1000": 1000.0 * counts.rbc_called_wbc / counts.rbc_boxes if counts.rbc_boxes else None,
             "refused_rate": refused / self.fields if self.fields else None,
+            **{f"refused_{check}_rate": self.failed_checks.get(check, 0) / self.fields if self.fields else None for check in DOMAIN_CHECKS},
             "false_flag_rate": self.flagged / self.judged if self.judged else None,
             "flagged": self.flagged,
             "judged": self.judged,
@@ -117,13 +123,15 @@ class DeviceFigures:
 
 def detection_figures(detector: Detector, records: Iterable[data.Record], description: str = "fields") -> list[dict]:
     """Per device: box recall/precision at IoU 0.5 and red cells called white per 1000 (fields with
-    boxes), refusal rate, and the false-flag rate among judged fields (every record is a normal field)."""
+    boxes), refusal rate (and the share of fields outside the domain by each check), and the false-flag
+    rate among judged fields (every record is a normal field)."""
     figures: dict[str, DeviceFigures] = {}
     for record in tqdm(list(records), desc=description, unit="field", leave=False):
         result = detector.run(data.read_image(record))
         boxes = data.object_boxes(record)
         counts = count_field([cell.box for cell in result.cells], boxes) if boxes else None
-        figures.setdefault(record.domain, DeviceFigures(record.domain)).add(counts, result.verdict.status, result.verdict.flagged)
+        failed = failed_checks(detector.domain_spec, result.verdict.domain) if result.verdict.status == STATUS_OUTSIDE_DOMAIN else []
+        figures.setdefault(record.domain, DeviceFigures(record.domain)).add(counts, result.verdict.status, result.verdict.flagged, failed)
     return [figures[name].as_row() for name in sorted(figures)]
 
 
@@ -158,9 +166,11 @@ def format_table(rows: Sequence[dict], title: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        by_check = ", ".join(f"{check} {row[f'refused_{check}_rate']:.3f}" for check in DOMAIN_CHECKS if row.get(f"refused_{check}_rate"))
+        refused = number(row["refused_rate"]) + (f" ({by_check})" if by_check else "")
         lines.append(
             f"| {row['domain']} | {row['fields']} | {number(row['box_recall'])} | {number(row['box_precision'])} | "
-            f"{number(row['rbc_called_wbc_per_1000'], 1)} | {number(row['refused_rate'])} | "
+            f"{number(row['rbc_called_wbc_per_1000'], 1)} | {refused} | "
             f"{number(row['false_flag_rate'])} ({row['flagged']} of {row['judged']}) |"
         )
     return "\n".join(lines)

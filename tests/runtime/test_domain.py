@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
-from leukoedge.domain import COLOUR_FEATURES, colour_distance, fit_domain, outside_domain
+from leukoedge.domain import COLOUR_FEATURES, colour_distance, failed_checks, fit_domain, outside_domain
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
@@ -31,6 +31,10 @@ def test_fitted_frames_are_inside_and_a_new_stain_is_outside():
     reason = outside_domain(spec, {"colour_distance": colour_distance(spec, new_stain), "uncertainty": 0.05})
     assert "colours unlike" in reason and "leukoedge adapt" in reason
     assert "unsure" in outside_domain(spec, {"colour_distance": 0.0, "uncertainty": 0.5})
+    far = colour_distance(spec, new_stain)
+    assert failed_checks(spec, {"colour_distance": far, "uncertainty": 0.5}) == ["colour", "uncertainty"]
+    assert failed_checks(spec, {"colour_distance": far, "uncertainty": 0.05}) == ["colour"]
+    assert failed_checks(spec, {"colour_distance": 0.0, "uncertainty": 0.05}) == []
 
 
 def test_fit_domain_needs_frames():

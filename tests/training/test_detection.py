@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leukoedge.training.detection import DeviceFigures, box_iou, count_field, greedy_matches
+from leukoedge.training.detection import DeviceFigures, box_iou, count_field, format_table, greedy_matches
 
 
 def test_box_iou_of_identical_disjoint_and_half_overlapping_boxes():
@@ -38,3 +38,15 @@ def test_device_figures_rates_and_refusals():
     assert row["rbc_called_wbc_per_1000"] == pytest.approx(500.0)
     assert row["refused_rate"] == pytest.approx(1 / 4)
     assert row["false_flag_rate"] == pytest.approx(1 / 2) and row["judged"] == 2
+
+
+def test_refusals_say_which_domain_check_failed():
+    figures = DeviceFigures("raabin")
+    figures.add(None, "outside_domain", False, ["colour"])
+    figures.add(None, "outside_domain", False, ["colour", "uncertainty"])
+    figures.add(None, "ok", False)
+    figures.add(None, "ok", False)
+    row = figures.as_row()
+    assert row["refused_rate"] == pytest.approx(2 / 4)
+    assert (row["refused_colour_rate"], row["refused_uncertainty_rate"]) == (pytest.approx(2 / 4), pytest.approx(1 / 4))
+    assert "| 0.500 (colour 0.500, uncertainty 0.250) |" in format_table([row], "left out")
