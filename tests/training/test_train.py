@@ -125,9 +125,12 @@ def test_fresh_weights_follow_the_models_own_seed_not_what_was_drawn_before():
     assert not all(torch.equal(a, b) for a, b in zip(first, weights(2)))
 
 
-def test_a_classifier_trained_for_other_microscopes_is_also_selected_on_their_view(monkeypatch):
-    # With device augmentation, validation scores the cells as they are and as another microscope shows
-    # them (drawn once, the same crops at every validation): mean of the two balanced accuracies.
+@pytest.mark.parametrize(
+    ("augmented_view", "augmentation"), [("device_view_crop", "device_augment"), ("chroma_turned", "chroma_augment")], ids=["device", "chroma"]
+)
+def test_a_classifier_trained_on_augmented_crops_is_also_selected_on_them(monkeypatch, augmented_view, augmentation):
+    # With device or colour augmentation, validation scores the cells as they are and as the augmentation shows
+    # them (drawn once per cell, the same crops at every validation): mean of the two balanced accuracies.
     from leukoedge.preprocess.cpu import PreprocessSpec
     from leukoedge.training import train as train_module
     from leukoedge.training.train import CellExample, train_classifier
@@ -137,50 +140,20 @@ def test_a_classifier_trained_for_other_microscopes_is_also_selected_on_their_vi
     cells = [CellExample("pbc", image, (60, 40, 100, 80), {"blast": index % 2}) for index in range(4)]
     drawn = []
 
-    def black_view(image, box, spec, input_size, margin, rng, strength):
-        drawn.append(strength)
-        return np.zeros((3, *input_size), np.float32)
+    def black(*args):  # every augmented validation crop black; the strength is the last argument of both
+        drawn.append(args[-1])
+        return np.zeros((3, 64, 64), np.float32)
 
-    monkeypatch.setattr(train_module, "device_view_crop", black_view)
+    monkeypatch.setattr(train_module, augmented_view, black)
     plain_sample = train_module.classification_sample  # both runs train on the same crops: only validation differs
     monkeypatch.setattr(train_module, "classification_sample", lambda *args: plain_sample(*args[:6]))
     spec = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
     scores = {}
     for strength in (0.0, 0.7):
-        config = TrainConfig(model="custom_cnn", input_size=(64, 64), steps=2, batch_size=2, validate_every=1, device_augment=strength)
+        config = TrainConfig(model="custom_cnn", input_size=(64, 64), steps=2, batch_size=2, validate_every=1, **{augmentation: strength})
         _, summary = train_classifier(cells, cells, {"blast": ["normal", "blast"]}, spec, config, 0.15)
         scores[strength] = [h["val_score"] for h in summary["history"]]
-    assert drawn == [0.7] * len(cells)  # one view per validation cell, drawn once
-    # A constant input is classified one way: balanced accuracy 0.5 on the device view, averaged in.
-    for plain, with_device in zip(scores[0.0], scores[0.7]):
-        assert with_device == pytest.approx((plain + 0.5) / 2)
-
-
-def test_classifier_trained_with_turned_colours_is_selected_on_them_too(monkeypatch):
-    # With chroma_augment the validation score is the mean over the validation cells as they are and with their
-    # colours turned (fixed draws, one per cell, the same at every validation).
-    from leukoedge.preprocess.cpu import PreprocessSpec
-    from leukoedge.training import train as train_module
-    from leukoedge.training.train import CellExample, train_classifier
-
-    image = np.full((120, 160, 3), 220, np.uint8)
-    image[40:80, 60:100] = (150, 40, 90)
-    cells = [CellExample("pbc", image, (60, 40, 100, 80), {"blast": index % 2}) for index in range(4)]
-    drawn = []
-
-    def black_turn(crop, spec, rng, strength):
-        drawn.append(strength)
-        return np.zeros_like(crop)
-
-    monkeypatch.setattr(train_module, "chroma_turned", black_turn)
-    plain_sample = train_module.classification_sample  # both runs train on the same crops: only validation differs
-    monkeypatch.setattr(train_module, "classification_sample", lambda *args: plain_sample(*args[:6]))
-    spec = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
-    scores = {}
-    for strength in (0.0, 0.8):
-        config = TrainConfig(model="custom_cnn", input_size=(64, 64), steps=2, batch_size=2, validate_every=1, chroma_augment=strength)
-        _, summary = train_classifier(cells, cells, {"blast": ["normal", "blast"]}, spec, config, 0.15)
-        scores[strength] = [h["val_score"] for h in summary["history"]]
-    assert drawn == [0.8] * len(cells)
-    for plain, with_turned in zip(scores[0.0], scores[0.8]):
-        assert with_turned == pytest.approx((plain + 0.5) / 2)
+    assert drawn == [0.7] * len(cells)  # one augmented view per validation cell, drawn once
+    # A constant input is classified one way: balanced accuracy 0.5 on the augmented view, averaged in.
+    for plain, augmented in zip(scores[0.0], scores[0.7]):
+        assert augmented == pytest.approx((plain + 0.5) / 2)
