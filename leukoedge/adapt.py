@@ -40,6 +40,9 @@ ADAPTABLE_MODELS = ("segmenter", "refiner", "gate", "classifier")
 # Fine-tuned unless told otherwise: the refiner is left as it is by default; once the segmenter knows the device most
 # cells skip it (refiner.skip_below_uncertainty), and left out of a device it measured the same (docs/training.md).
 DEFAULT_ADAPTED_MODELS = ("segmenter", "gate", "classifier")
+# Of each fine-tuning batch, the device's examples; the rest are the training sources' (replayed, so the models keep
+# what they learnt). A refused adaptation may pass at a lower share: bcd's did at 0.125 (docs/training.md).
+DEFAULT_DEVICE_SHARE = 0.25
 
 
 class AdaptationRefused(LeukoedgeError):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS
+from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE
 from .backends import BACKENDS
 from .bundle import MIN_SPEEDUP
 from .detector import PREPROCESSORS
@@ -68,6 +68,17 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+MIN_SUGGESTED_SHARE = 0.1  # below it a batch holds about one device example: not worth suggesting
+
+
+def share(text: str) -> float:
+    """argparse type of a share strictly between 0 and 1 (--device-share)."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text}")
     return value
 
 
@@ -377,13 +388,16 @@ def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
     print(f"{len(frames)} of {len(paths)} frames have a box file in {args.labels}")
     steps = args.steps
     recipe = LabelledRecipe(
-        models=args.fine_tune, segmenter_steps=steps, refiner_steps=steps, gate_steps=steps, classifier_steps=steps, hold_back=args.hold_back
+        models=args.fine_tune, segmenter_steps=steps, refiner_steps=steps, gate_steps=steps, classifier_steps=steps, hold_back=args.hold_back,
+        device_share=args.device_share,
     )
     report = adapt_bundle_with_labels(args.bundle, frames, args.out, args.data, recipe, args.checkpoints, args.channel_order)
     print("\n".join(report.lines()))
     if report.written:
         print(f"adapted bundle written to {args.out} (FP32: rerun `leukoedge calibrate` for INT8)")
         return 0
+    if report.problems and args.device_share > MIN_SUGGESTED_SHARE:
+        print(f"a lower share of the device's frames in each batch keeps more of what the models learnt and may pass: --device-share {args.device_share / 2:g}")
     return 1
 
 
@@ -525,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ADAPTED_MODELS,
         help=f"--labels: the models fine-tuned, comma-separated, among {','.join(ADAPTABLE_MODELS)} "
         f"(default: {','.join(DEFAULT_ADAPTED_MODELS)}); the others are kept as they are",
+    )
+    adapt.add_argument(
+        "--device-share",
+        type=share,
+        default=DEFAULT_DEVICE_SHARE,
+        help="--labels: share of each fine-tuning batch taken from the device's frames, the rest replayed training examples "
+        "(default: %(default)s); when the adaptation is refused for what the training sources lost, a lower share may pass",
     )
     adapt.set_defaults(handler=command_adapt)
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
+from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
 from leukoedge.bundle import save_bundle
 from leukoedge.detector import Detector
 from leukoedge.domain import colour_features, segmenter_uncertainty
@@ -105,7 +105,7 @@ class LabelledRecipe:
     segmenter_batch_size: int = 8  # fields, each a segmenter_crop window of the segmenter's input
     segmenter_crop: int = 128
     refiner_batch_size: int = 32  # cells
-    device_share: float = 0.25  # of each batch, the device's examples; the rest replayed ones
+    device_share: float = DEFAULT_DEVICE_SHARE  # of each batch, the device's examples; the rest replayed ones
     keep_weight: float = 1.0  # weight of the replayed cells' distillation to the original classifier (0: none)
     replay_per_source: int = 40  # training fields replayed per source/device
     val_per_source: int = 20  # validation fields per source/device for the gate's threshold and the masks' check
@@ -117,6 +117,8 @@ class LabelledRecipe:
         unknown = [name for name in self.models if name not in ADAPTABLE_MODELS]
         if unknown or not self.models:
             raise ValueError(f"models to fine-tune must be some of {', '.join(ADAPTABLE_MODELS)}; got {', '.join(self.models) or 'none'}")
+        if not 0.0 < self.device_share < 1.0:
+            raise ValueError(f"the device's share of each batch must be between 0 and 1 (exclusive); got {self.device_share}")
 
 
 @dataclass

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from leukoedge.cli import model_names, positive_int, removed_if_left_empty, require_data_folder, require_out_folder
+from leukoedge.adapt import DEFAULT_DEVICE_SHARE
+from leukoedge.cli import model_names, positive_int, removed_if_left_empty, require_data_folder, require_out_folder, share
 from leukoedge.errors import LeukoedgeError
 from leukoedge.shipped import MODELS_DIR, default_bundle
 
@@ -193,7 +194,8 @@ def command_gate(args: argparse.Namespace) -> int:
     recipe = GateRecipe(steps=args.steps, train_per_source=args.train_per_source, eval_split=args.split, eval_per_source=args.eval_per_source)
     if args.leave_out:
         rows = leave_one_source_out(
-            args.data, args.bundle, args.leave_out, recipe, cache=args.cache, labelled_frames=args.labelled_frames, labelled_models=args.fine_tune
+            args.data, args.bundle, args.leave_out, recipe, cache=args.cache, labelled_frames=args.labelled_frames,
+            labelled_models=args.fine_tune, labelled_share=args.device_share
         )
         titles = {
             False: "left out of the gate and the domain check",
@@ -384,6 +386,10 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     )
     gate.add_argument(
         "--fine-tune", type=model_names, default=None, help="with --labelled-frames: the models labelled adaptation fine-tunes, comma-separated (default: as `leukoedge adapt --labels`)"
+    )
+    gate.add_argument(
+        "--device-share", type=share, default=DEFAULT_DEVICE_SHARE,
+        help="with --labelled-frames: the device's share of each fine-tuning batch (default: %(default)s, as `leukoedge adapt --labels`)",
     )
     gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
     gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")

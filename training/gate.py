@@ -336,6 +336,7 @@ def leave_one_source_out(
     cache: Path | None = None,
     labelled_frames: int = 0,
     labelled_models: Sequence[str] | None = None,
+    labelled_share: float | None = None,
 ) -> list[dict]:
     """For each left-out source/device: the gate and domain check fitted without it, the detector's
     figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields, and with
@@ -368,7 +369,7 @@ def leave_one_source_out(
         for row in detection_figures(detector, fields, f"adapted to {source}"):
             rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})
         if labelled_frames:
-            rows += _labelled_rows(detector, model, data_root, bundle, source, kept_train, kept_val, fields, labelled_frames, recipe, labelled_models)
+            rows += _labelled_rows(detector, model, data_root, bundle, source, kept_train, kept_val, fields, labelled_frames, recipe, labelled_models, labelled_share)
     return rows
 
 
@@ -384,13 +385,16 @@ def _labelled_rows(
     count: int,
     recipe: GateRecipe,
     models: Sequence[str] | None = None,
+    device_share: float | None = None,
 ) -> list[dict]:
-    """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source`."""
+    """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source` (models and
+    device_share: as LabelledRecipe's where None)."""
     from .adapt import LabelledFrame, LabelledRecipe, adapt_models, applied, replay_cells, replay_with_masks
     from .detection import detection_figures
     from .torch_backend import checkpoint_paths, verified_model
 
-    adapt_recipe = LabelledRecipe(seed=recipe.seed) if models is None else LabelledRecipe(seed=recipe.seed, models=tuple(models))
+    options = {"models": None if models is None else tuple(models), "device_share": device_share}
+    adapt_recipe = LabelledRecipe(seed=recipe.seed, **{name: value for name, value in options.items() if value is not None})
     records = [r for r in records_per_domain(data_root, "train", [source.split("/")[0]]) if r.domain.startswith(source) and r.label_path is not None][:count]
     frames = [LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
     names = ("segmenter", "classifier") + (("refiner",) if detector.refiner_spec and "refiner" in adapt_recipe.models else ())

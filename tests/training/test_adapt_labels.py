@@ -184,6 +184,8 @@ def test_only_the_models_named_are_fine_tuned_and_replaced(raabin_frames: list, 
     assert adapted.manifest["gate"]["threshold"] == original.manifest["gate"]["threshold"]
     with pytest.raises(ValueError, match="some of segmenter, refiner, gate, classifier"):
         labelled.LabelledRecipe(models=("segmenter", "detector"))
+    with pytest.raises(ValueError, match="share of each batch must be between 0 and 1"):
+        labelled.LabelledRecipe(device_share=1.0)
 
 
 def test_a_worse_adaptation_writes_nothing_and_too_few_frames_are_refused(
@@ -204,3 +206,32 @@ def test_cli_labels_need_the_training_data(tmp_path: Path, capsys: pytest.Captur
     code = main(["adapt", "--frames", str(frames), "--labels", str(tmp_path), "--out", str(tmp_path / "out")])
     assert code == 2 and "--labels needs --data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_device_share_reaches_the_recipe_and_a_refusal_suggests_a_lower_one(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), np.full((100, 100, 3), 200, np.uint8))
+    used = []
+
+    class Refused:
+        written = False
+        problems = ["all-taleqani whole-cell Dice 0.868 on the validation fields, the original 0.894"]
+
+        def lines(self):
+            return ["bundle NOT written: it did worse (above)"]
+
+    def adapt_with_labels(bundle, frames, out, data, recipe, checkpoints, channel_order):
+        used.append(recipe)
+        return Refused()
+
+    monkeypatch.setattr(labelled, "read_labelled_frames", lambda paths, labels, read: [])
+    monkeypatch.setattr(labelled, "adapt_bundle_with_labels", adapt_with_labels)
+    arguments = ["adapt", "--frames", str(frames), "--labels", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main(arguments) == 1
+    assert used[-1].device_share == 0.25
+    assert "--device-share 0.125" in capsys.readouterr().out  # the refusal says what may pass
+    assert main(arguments + ["--device-share", "0.125"]) == 1
+    assert used[-1].device_share == 0.125
+    with pytest.raises(SystemExit):
+        main(arguments + ["--device-share", "1"])
