@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from leukoedge.adapt import DEFAULT_DEVICE_SHARE
+from leukoedge.adapt import DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE
 from leukoedge.cli import model_names, positive_int, removed_if_left_empty, require_data_folder, require_out_folder, share
 from leukoedge.errors import LeukoedgeError
 from leukoedge.shipped import MODELS_DIR, default_bundle
@@ -385,7 +385,8 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--labelled-frames", type=int, default=0, metavar="N", help="with --leave-out: also the figures after `leukoedge adapt --labels` with N boxed training fields of each left-out device (default: %(default)s, none)"
     )
     gate.add_argument(
-        "--fine-tune", type=model_names, default=None, help="with --labelled-frames: the models labelled adaptation fine-tunes, comma-separated (default: as `leukoedge adapt --labels`)"
+        "--fine-tune", type=model_names, default=DEFAULT_ADAPTED_MODELS,
+        help="with --labelled-frames: the models labelled adaptation fine-tunes, comma-separated (default: as `leukoedge adapt --labels`)",
     )
     gate.add_argument(
         "--device-share", type=share, default=DEFAULT_DEVICE_SHARE,

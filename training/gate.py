@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from leukoedge.adapt import DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE
 from leukoedge.detector import Candidates, Detector
 from leukoedge.preprocess.cpu import prepare_crops
 
@@ -335,8 +336,8 @@ def leave_one_source_out(
     recipe: GateRecipe,
     cache: Path | None = None,
     labelled_frames: int = 0,
-    labelled_models: Sequence[str] | None = None,
-    labelled_share: float | None = None,
+    labelled_models: Sequence[str] = DEFAULT_ADAPTED_MODELS,
+    labelled_share: float = DEFAULT_DEVICE_SHARE,
 ) -> list[dict]:
     """For each left-out source/device: the gate and domain check fitted without it, the detector's
     figures on its fields, before and after `leukoedge adapt` with its unlabelled training fields, and with
@@ -384,17 +385,15 @@ def _labelled_rows(
     fields: Sequence[data.Record],
     count: int,
     recipe: GateRecipe,
-    models: Sequence[str] | None = None,
-    device_share: float | None = None,
+    models: Sequence[str] = DEFAULT_ADAPTED_MODELS,
+    device_share: float = DEFAULT_DEVICE_SHARE,
 ) -> list[dict]:
-    """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source` (models and
-    device_share: as LabelledRecipe's where None)."""
+    """The figures on `fields` after labelled adaptation to `count` boxed training fields of `source`."""
     from .adapt import LabelledFrame, LabelledRecipe, adapt_models, applied, replay_cells, replay_with_masks
     from .detection import detection_figures
     from .torch_backend import checkpoint_paths, verified_model
 
-    options = {"models": None if models is None else tuple(models), "device_share": device_share}
-    adapt_recipe = LabelledRecipe(seed=recipe.seed, **{name: value for name, value in options.items() if value is not None})
+    adapt_recipe = LabelledRecipe(seed=recipe.seed, models=tuple(models), device_share=device_share)
     records = [r for r in records_per_domain(data_root, "train", [source.split("/")[0]]) if r.domain.startswith(source) and r.label_path is not None][:count]
     frames = [LabelledFrame(r.image_path.name, data.read_image(r), data.object_boxes(r)) for r in records]
     names = ("segmenter", "classifier") + (("refiner",) if detector.refiner_spec and "refiner" in adapt_recipe.models else ())
