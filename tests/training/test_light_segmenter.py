@@ -16,10 +16,35 @@ from leukoedge.training.pipeline import SEGMENTER_INPUT, PipelineConfig
 from leukoedge.training.train import SegmentationExample, TrainConfig, load_checkpoint, save_checkpoint, train_segmenter
 
 
-def test_the_light_field_segmenter_is_registered_at_a_fifth_of_the_shipped_segmenters_compute() -> None:
-    assert "mobile_unet_field" in SEGMENTERS
+@pytest.mark.parametrize(("name", "share_of_shipped"), [("mobile_unet_field", 0.2), ("mobile_unet_field_dense", 0.4)])
+def test_the_light_field_segmenters_are_registered_at_a_share_of_the_shipped_segmenters_compute(name: str, share_of_shipped: float) -> None:
+    assert name in SEGMENTERS
     shipped = count_flops(create_model("hctnet_lite"), (1, 3, *SEGMENTER_INPUT))
-    assert count_flops(create_model("mobile_unet_field"), (1, 3, *SEGMENTER_INPUT)) < shipped / 5
+    assert count_flops(create_model(name), (1, 3, *SEGMENTER_INPUT)) < shipped * share_of_shipped
+
+
+def test_the_dense_variant_differs_only_in_its_full_resolution_end(tmp_path: Path) -> None:
+    """Everything but the refinement and the head carries over from a mobile_unet_field checkpoint
+    (scripts/warm_start.py), and the dense end is a full 3x3 conv over 16 channels."""
+    import importlib.util
+
+    torch.manual_seed(2)
+    source = create_model("mobile_unet_field").eval()
+    save_checkpoint(source, {"config": {"model": "mobile_unet_field", "model_kwargs": {}}}, tmp_path / "field.pt")
+    spec = importlib.util.spec_from_file_location("warm_start", Path(__file__).resolve().parents[2] / "scripts" / "warm_start.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    copied, fresh = module.warm_start(tmp_path / "field.pt", "mobile_unet_field_dense", tmp_path / "dense.pt", fresh_layers=("refine", "head"))
+    assert {name.split(".")[0] for name in fresh} == {"refine", "head"}
+    started, record = load_checkpoint(tmp_path / "dense.pt")
+    assert record["config"]["model"] == "mobile_unet_field_dense" and record["warm_start"]["copied"] == len(copied)
+    for name, value in started.state_dict().items():
+        if name in copied:
+            assert torch.equal(value, source.state_dict()[name])
+    assert started.refine[0].groups == 1 and started.refine[0].out_channels == 16
+    with torch.no_grad():
+        image = torch.randn(1, 3, 64, 96)
+        assert torch.equal(started.stem(image), source.stem(image))
 
 
 def test_the_light_field_segmenter_sees_the_whole_field_and_the_light_refiner_does_not() -> None:
@@ -36,6 +61,7 @@ def test_the_light_field_segmenter_sees_the_whole_field_and_the_light_refiner_do
     for rows in corners:
         for cols in corners:
             assert reach("mobile_unet_field")[rows, cols].any()
+            assert reach("mobile_unet_field_dense")[rows, cols].any()
             assert not reach("mobile_unet")[rows, cols].any()
 
 
@@ -97,3 +123,37 @@ def test_the_train_command_refuses_a_missing_segmenter_teacher_before_any_traini
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--segmenter-teacher", str(absent)]) == 2
     assert f"--segmenter-teacher {absent}: no checkpoint there" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_swapped_segmenter_runs_in_fp32_in_a_copy_that_keeps_every_other_file(tmp_path: Path) -> None:
+    """scripts/swap_mask_model.py --model segmenter: the copy's segmenter.onnx is the checkpoint's network at the
+    bundle's input size, its INT8 file is gone, and every other model file is the bundle's, byte for byte."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    from leukoedge import Detector
+    from leukoedge.bundle import load_bundle
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("swap_mask_model", repo / "scripts" / "swap_mask_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    network = create_model("mobile_unet_field_dense").eval()
+    save_checkpoint(network, {"config": {"model": "mobile_unet_field_dense", "model_kwargs": {}, "crop": 128}}, tmp_path / "field.pt")
+    shipped = load_bundle(repo / "models" / "default")
+    out = module.swap_mask_model(shipped.root, "segmenter", tmp_path / "field.pt", tmp_path / "swapped")
+    copy = load_bundle(out)
+    section = copy.manifest["segmenter"]
+    assert section["architecture"] == "mobile_unet_field_dense" and section["input_size"] == shipped.manifest["segmenter"]["input_size"]
+    assert set(copy.manifest["precisions"]["segmenter"]) == {"fp32"}
+    image = np.random.default_rng(1).normal(0.0, 1.0, (1, 3, *section["input_size"])).astype(np.float32)
+    onnx = ort.InferenceSession(str(copy.path(section["file"])), providers=["CPUExecutionProvider"]).run(None, {section["input"]: image})[0]
+    with torch.no_grad():
+        expected = network(torch.from_numpy(image)).softmax(dim=1).numpy()
+    np.testing.assert_allclose(onnx, expected, atol=1e-4)
+    for name in copy.manifest["files"]:
+        if name != section["file"] and name != "README.md":
+            assert copy.path(name).read_bytes() == shipped.path(name).read_bytes(), name
+    assert Detector.load(out).run(np.full((96, 128, 3), 200, np.uint8)).verdict.status in ("ok", "no_cells", "outside_domain")

@@ -47,6 +47,7 @@ class MobileEncoderDecoder(nn.Module):
         num_classes: int = 3,
         expansion: int = 4,
         refine_channels: int = 8,
+        dense_refine: bool = False,
     ):
         super().__init__()
         if len(depths) != len(widths) - 1:
@@ -63,7 +64,11 @@ class MobileEncoderDecoder(nn.Module):
         for width in reversed(widths[:-1]):
             self.decoder.append(MobileDecoderStage(channels, width, width))
             channels = width
-        self.refine = DepthwiseSeparableConv(channels + 3, refine_channels)
+        # dense_refine: a dense 3x3 conv at full resolution (hctnet_lite's) instead of a depthwise-separable one. Where
+        # cells are ~17 pixels across (Taleqani at the segmenter's input) a pixel at the edge is a tenth of the cell's
+        # area, and the separable end drew them a pixel too wide (docs/performance.md, "A lighter field segmenter").
+        refine = ConvBNReLU if dense_refine else DepthwiseSeparableConv
+        self.refine = refine(channels + 3, refine_channels)
         self.head = nn.Conv2d(refine_channels, num_classes, 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -94,6 +99,12 @@ def mobile_unet_field(num_classes: int = 3) -> MobileEncoderDecoder:
     the sources' variety that hctnet_lite's transformer gave; about a sixth of hctnet_lite's FLOPs
     (docs/performance.md, "A lighter field segmenter")."""
     return MobileEncoderDecoder((16, 24, 32, 64, 96), (1, 2, 3, 2), num_classes)
+
+
+def mobile_unet_field_dense(num_classes: int = 3) -> MobileEncoderDecoder:
+    """mobile_unet_field with hctnet_lite's full-resolution end: a dense 3x3 conv to 16 channels instead of a
+    depthwise-separable one to 8, for cell edges to the pixel on small cells (0.46 GFLOPs, 0.37 of hctnet_lite's)."""
+    return MobileEncoderDecoder((16, 24, 32, 64, 96), (1, 2, 3, 2), num_classes, refine_channels=16, dense_refine=True)
 
 
 class MobileClassifierTrunk(nn.Sequential):
