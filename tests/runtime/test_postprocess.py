@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge.postprocess import cell_labels_in_frame, find_cells, frame_sampling, label_map_from_probabilities, split_touching
+from leukoedge.postprocess import cell_labels_in_frame, find_cells, frame_sampling, label_map_from_probabilities, merge_nested, split_touching
 from leukoedge.preprocess.cpu import fit_letterbox
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
@@ -65,6 +65,36 @@ def test_a_cell_cut_by_the_input_edge_keeps_its_edge_pixels():
     mask = _disc(np.zeros(MODEL_SIZE, np.uint8), (120, 0), 15).astype(bool)
     instances = split_touching(mask, MIN_AREA)
     np.testing.assert_array_equal(instances > 0, mask)
+
+
+def _nested_pieces() -> tuple[np.ndarray, np.ndarray]:
+    """An instance map as watershed leaves a large lobed cell: piece 1 an L around piece 2, which lies inside
+    piece 1's box and touches it (one component); piece 3 a separate disc inside piece 1's box too."""
+    instances = np.zeros(MODEL_SIZE, np.int32)
+    instances[40:120, 40:60] = 1
+    instances[100:120, 40:140] = 1
+    instances[60:100, 60:100] = 2
+    _disc(instances, (120, 64), 8, 3)  # x 112-128, y 56-72: clear of the L and of piece 2
+    components = cv2.connectedComponents((instances > 0).astype(np.uint8), connectivity=8)[1]
+    return instances, components
+
+
+def test_a_piece_inside_a_larger_piece_of_the_same_cell_is_merged_into_it():
+    instances, components = _nested_pieces()
+    assert components[80, 80] == components[110, 50] != components[64, 120]
+    merged = merge_nested(instances, components)
+    np.testing.assert_array_equal(merged > 0, instances > 0)
+    assert merged[80, 80] == merged[110, 50] == 1  # the nested piece became part of the L
+    assert merged[64, 120] == 3  # another component inside the same box is another cell
+
+
+def test_touching_discs_side_by_side_are_not_merged():
+    mask = np.zeros(MODEL_SIZE, np.uint8)
+    _disc(mask, (100, 96), 20)
+    _disc(mask, (135, 96), 20)
+    components = cv2.connectedComponents(mask, connectivity=8)[1]
+    pieces = split_touching(mask.astype(bool), MIN_AREA)
+    np.testing.assert_array_equal(merge_nested(pieces, components), pieces)
 
 
 def test_split_touching_ignores_components_below_the_minimum_area():
