@@ -65,8 +65,8 @@ class MobileEncoderDecoder(nn.Module):
             self.decoder.append(MobileDecoderStage(channels, width, width))
             channels = width
         # dense_refine: a dense 3x3 conv at full resolution (hctnet_lite's) instead of a depthwise-separable one. Where
-        # cells are ~17 pixels across (Taleqani at the segmenter's input) a pixel at the edge is a tenth of the cell's
-        # area, and the separable end drew them a pixel too wide (docs/performance.md, "A lighter field segmenter").
+        # cells are ~17 pixels across (Taleqani at the segmenter's input) one pixel at the edge is a fifth of the cell's
+        # area; the separable end drew them too wide (docs/performance.md, "A lighter field segmenter").
         refine = ConvBNReLU if dense_refine else DepthwiseSeparableConv
         self.refine = refine(channels + 3, refine_channels)
         self.head = nn.Conv2d(refine_channels, num_classes, 1)
