@@ -1,0 +1,52 @@
+"""A copy of a bundle with its domain check fitted again on the validation fields, everything else kept (the gate,
+its threshold, the flag fraction): for a bundle whose segmenter was swapped (scripts/swap_mask_model.py), whose
+uncertainty the check reads. `leukoedge gate --bundle B --out O` does this too, and trains a new gate and chooses the
+flag fraction again beside it (docs/performance.md, "A lighter field segmenter").
+
+    python scripts/refit_domain.py --bundle DIR --data ../shared/data --out DIR2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from leukoedge import Detector  # noqa: E402
+from leukoedge.bundle import save_bundle  # noqa: E402
+
+
+def refit_domain(bundle_dir: Path, data_root: Path, out_dir: Path, per_source: int | None = None) -> dict:
+    """Write the copy to out_dir; returns its domain section, fitted as `leukoedge gate` fits it (on per_source
+    validation fields of every source/device; default: the gate recipe's)."""
+    from leukoedge.training.gate import GateRecipe, frame_domain, gate_records
+
+    detector = Detector.load(bundle_dir)
+    records = gate_records(data_root, "val", per_source or GateRecipe().val_per_source)
+    domain = frame_domain(detector, records).fit()
+    manifest = copy.deepcopy(detector.bundle.manifest)
+    manifest["domain"] = domain
+    save_bundle(out_dir, manifest, {name: detector.bundle.path(name) for name in manifest["files"]})
+    return domain
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, required=True, help="the bundle to copy")
+    parser.add_argument("--data", type=Path, required=True, help="the data folder (../shared/data)")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write the copy to")
+    args = parser.parse_args()
+    domain = refit_domain(args.bundle, args.data, args.out)
+    print(
+        f"{args.out}: domain check fitted on {domain['fitted_on']['frames']} validation fields: "
+        f"colour distance <= {domain['max_colour_distance']:.2f}, segmenter uncertainty <= {domain['max_uncertainty']:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
