@@ -78,16 +78,21 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
     return merge_nested(markers, components)
 
 
-# A piece of a split component whose box lies this much inside another piece's box is part of that cell: white
-# cells in a smear lie side by side, they do not wrap around each other. An irregular cell (a large, lobed one of a
-# device no model learnt from) can have two distance cores; without this its pieces counted as two cells, both
-# called blasts, and flagged a normal field (docs/performance.md, "A lighter field segmenter").
+# A piece of a split component that lies inside another piece, its box within that piece's box and most of its
+# border on that piece, is part of that cell: white cells in a smear lie side by side, they do not wrap around each
+# other. An irregular cell (a large, lobed one of a device no model learnt from) can have two distance cores; without
+# this its pieces counted as two cells, both called blasts, and flagged a normal field (docs/performance.md, "A
+# lighter field segmenter"). The lobes of one cell are of a size; a piece far smaller than the piece around it is a
+# cell of its own in a clump (or in a field a barely trained segmenter paints as one sea of "cell").
 NESTED_BOX_SHARE = 0.9
+NESTED_BORDER_SHARE = 0.5
+NESTED_AREA_SHARE = 0.2
 
 
 def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """The instance map with every piece whose box lies NESTED_BOX_SHARE inside the box of a larger piece of the same
-    connected component (`components`, the mask's component map) merged into that piece."""
+    """The instance map with every piece nested in a larger piece of the same connected component (`components`, the
+    mask's component map) merged into it: its box NESTED_BOX_SHARE inside that piece's box, NESTED_BORDER_SHARE of the
+    pixels around it that piece's, and its area at least NESTED_AREA_SHARE of that piece's."""
     count = int(instances.max())
     if count < 2:
         return instances
@@ -103,14 +108,23 @@ def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
     inside = (width * height >= NESTED_BOX_SHARE * np.maximum(areas[:, None], 1)) & present[:, None] & present[None, :]
     inside &= component_of[1:, None] == component_of[None, 1:]
     larger = (areas[None, :] > areas[:, None]) | ((areas[None, :] == areas[:, None]) & (np.arange(count)[None, :] < np.arange(count)[:, None]))
-    inside &= larger
+    pixels = np.bincount(instances.ravel(), minlength=count + 1)[1:]
+    inside &= larger & (pixels[:, None] >= NESTED_AREA_SHARE * pixels[None, :])
     if not inside.any():
         return instances
     target = np.arange(count + 1)
+    height_px, width_px = instances.shape
     for piece in np.argsort(-areas):  # largest first, so a chain of nested pieces ends in the outermost
         hosts = np.flatnonzero(inside[piece])
-        if hosts.size:
-            target[piece + 1] = target[hosts[np.argmax(areas[hosts])] + 1]
+        if not hosts.size:
+            continue
+        x0, y0, x1, y1 = boxes[piece]
+        window = instances[max(y0 - 1, 0) : min(y1 + 1, height_px), max(x0 - 1, 0) : min(x1 + 1, width_px)]
+        own = (window == piece + 1).astype(np.uint8)
+        around = window[(cv2.dilate(own, np.ones((3, 3), np.uint8)) > 0) & (own == 0)]
+        host = hosts[np.argmax(areas[hosts])]
+        if around.size and np.mean(around == host + 1) >= NESTED_BORDER_SHARE:
+            target[piece + 1] = target[host + 1]
     return target[instances].astype(instances.dtype)
 
 

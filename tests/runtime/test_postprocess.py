@@ -68,24 +68,27 @@ def test_a_cell_cut_by_the_input_edge_keeps_its_edge_pixels():
 
 
 def _nested_pieces() -> tuple[np.ndarray, np.ndarray]:
-    """An instance map as watershed leaves a large lobed cell: piece 1 an L around piece 2, which lies inside
-    piece 1's box and touches it (one component); piece 3 a separate disc inside piece 1's box too."""
+    """An instance map as watershed leaves a large lobed cell: piece 1 a U around piece 2, which lies inside piece 1's
+    box, is most of its size and borders it on three sides (one component); piece 3 a separate speck above piece 2;
+    piece 4 a small piece cut from the U's floor (bordering the U all round but a fifteenth of its area: a clump's
+    cell, not a lobe)."""
     instances = np.zeros(MODEL_SIZE, np.int32)
-    instances[40:120, 40:60] = 1
-    instances[100:120, 40:140] = 1
-    instances[60:100, 60:100] = 2
-    _disc(instances, (120, 64), 8, 3)  # x 112-128, y 56-72: clear of the L and of piece 2
+    instances[40:120, 40:60] = instances[100:120, 40:140] = instances[40:120, 120:140] = 1
+    instances[50:100, 60:120] = 2
+    _disc(instances, (90, 44), 3, 3)
+    instances[102:114, 80:92] = 4
     components = cv2.connectedComponents((instances > 0).astype(np.uint8), connectivity=8)[1]
     return instances, components
 
 
 def test_a_piece_inside_a_larger_piece_of_the_same_cell_is_merged_into_it():
     instances, components = _nested_pieces()
-    assert components[80, 80] == components[110, 50] != components[64, 120]
+    assert components[80, 80] == components[110, 50] == components[108, 86] != components[44, 90]
     merged = merge_nested(instances, components)
     np.testing.assert_array_equal(merged > 0, instances > 0)
-    assert merged[80, 80] == merged[110, 50] == 1  # the nested piece became part of the L
-    assert merged[64, 120] == 3  # another component inside the same box is another cell
+    assert merged[80, 80] == merged[110, 50] == 1  # the nested piece became part of the U
+    assert merged[44, 90] == 3  # another component inside the same box is another cell
+    assert merged[108, 86] == 4  # far smaller than the U: a cell of its own, not a lobe
 
 
 def test_touching_discs_side_by_side_are_not_merged():
