@@ -16,7 +16,7 @@ from leukoedge.training.pipeline import SEGMENTER_INPUT, PipelineConfig
 from leukoedge.training.train import SegmentationExample, TrainConfig, load_checkpoint, save_checkpoint, train_segmenter
 
 
-@pytest.mark.parametrize(("name", "share_of_shipped"), [("mobile_unet_field", 0.2), ("mobile_unet_field_dense", 0.4)])
+@pytest.mark.parametrize(("name", "share_of_shipped"), [("mobile_unet_field", 0.2), ("mobile_unet_field_dense", 0.4), ("mobile_unet_field_fine", 0.45)])
 def test_the_light_field_segmenters_are_registered_at_a_share_of_the_shipped_segmenters_compute(name: str, share_of_shipped: float) -> None:
     assert name in SEGMENTERS
     shipped = count_flops(create_model("hctnet_lite"), (1, 3, *SEGMENTER_INPUT))
@@ -42,6 +42,7 @@ def test_the_dense_variant_differs_only_in_its_full_resolution_end(tmp_path: Pat
         if name in copied:
             assert torch.equal(value, source.state_dict()[name])
     assert started.refine[0].groups == 1 and started.refine[0].out_channels == 16
+    assert len(started.half_resolution) == 0 and len(create_model("mobile_unet_field_fine").half_resolution) == 1
     with torch.no_grad():
         image = torch.randn(1, 3, 64, 96)
         assert torch.equal(started.stem(image), source.stem(image))
@@ -62,6 +63,7 @@ def test_the_light_field_segmenter_sees_the_whole_field_and_the_light_refiner_do
         for cols in corners:
             assert reach("mobile_unet_field")[rows, cols].any()
             assert reach("mobile_unet_field_dense")[rows, cols].any()
+            assert reach("mobile_unet_field_fine")[rows, cols].any()
             assert not reach("mobile_unet")[rows, cols].any()
 
 

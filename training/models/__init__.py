@@ -8,7 +8,7 @@ from torch import nn
 
 from .classifiers import custom_cnn, dual_branch, gate_cnn, resnet_s, vgg_hybrid
 from .ensemble import ProbabilityMean
-from .mobile import mobile_cnn, mobile_unet, mobile_unet_field, mobile_unet_field_dense, mobile_unet_xs
+from .mobile import mobile_cnn, mobile_unet, mobile_unet_field, mobile_unet_field_dense, mobile_unet_field_fine, mobile_unet_xs
 from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_lite, unet_s
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
@@ -21,6 +21,7 @@ SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
     "mobile_unet_xs": mobile_unet_xs,
     "mobile_unet_field": mobile_unet_field,
     "mobile_unet_field_dense": mobile_unet_field_dense,
+    "mobile_unet_field_fine": mobile_unet_field_fine,
 }
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "custom_cnn": custom_cnn,
