@@ -96,9 +96,6 @@ def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
     count = int(instances.max())
     if count < 2:
         return instances
-    ys, xs = np.nonzero(instances)
-    component_of = np.zeros(count + 1, np.int64)
-    component_of[instances[ys, xs]] = components[ys, xs]
     boxes = _model_boxes(instances, count)[1:]
     present = boxes[:, 2] > boxes[:, 0]
     areas = np.where(present, (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 0)
@@ -106,12 +103,15 @@ def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
     height = np.clip(np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1]), 0, None)
     # inside[i, j]: piece i's box lies inside piece j's, and j is the larger (ties: the lower id keeps the cell)
     inside = (width * height >= NESTED_BOX_SHARE * np.maximum(areas[:, None], 1)) & present[:, None] & present[None, :]
-    inside &= component_of[1:, None] == component_of[None, 1:]
     larger = (areas[None, :] > areas[:, None]) | ((areas[None, :] == areas[:, None]) & (np.arange(count)[None, :] < np.arange(count)[:, None]))
-    pixels = np.bincount(instances.ravel(), minlength=count + 1)[1:]
-    inside &= larger & (pixels[:, None] >= NESTED_AREA_SHARE * pixels[None, :])
-    if not inside.any():
+    inside &= larger
+    if not inside.any():  # most frames: no box inside another, and nothing more to compute on every frame
         return instances
+    ys, xs = np.nonzero(instances)
+    component_of = np.zeros(count + 1, np.int64)
+    component_of[instances[ys, xs]] = components[ys, xs]
+    pixels = np.bincount(instances.ravel(), minlength=count + 1)[1:]
+    inside &= (component_of[1:, None] == component_of[None, 1:]) & (pixels[:, None] >= NESTED_AREA_SHARE * pixels[None, :])
     target = np.arange(count + 1)
     height_px, width_px = instances.shape
     for piece in np.argsort(-areas):  # largest first, so a chain of nested pieces ends in the outermost

@@ -23,11 +23,10 @@ from leukoedge.bundle import save_bundle  # noqa: E402
 def refit_domain(bundle_dir: Path, data_root: Path, out_dir: Path, per_source: int | None = None) -> dict:
     """Write the copy to out_dir; returns its domain section, fitted as `leukoedge gate` fits it (on per_source
     validation fields of every source/device; default: the gate recipe's)."""
-    from leukoedge.training.gate import GateRecipe, frame_domain, gate_records
+    from leukoedge.training.gate import GateRecipe, validation_domain
 
     detector = Detector.load(bundle_dir)
-    records = gate_records(data_root, "val", per_source or GateRecipe().val_per_source)
-    domain = frame_domain(detector, records).fit()
+    domain = validation_domain(detector, data_root, per_source or GateRecipe().val_per_source)
     manifest = copy.deepcopy(detector.bundle.manifest)
     manifest["domain"] = domain
     save_bundle(out_dir, manifest, {name: detector.bundle.path(name) for name in manifest["files"]})

@@ -303,6 +303,12 @@ def frame_domain(detector: Detector, records: Sequence[data.Record], description
     return FrameDomain(np.array(colour), np.array(uncertainty), np.array([record.domain for record in records], object))
 
 
+def validation_domain(detector: Detector, data_root: Path, per_source: int) -> dict:
+    """The manifest's "domain" section fitted on per_source validation fields of every source/device, through the
+    detector's own segmenter (the bundle a gate build writes; scripts/refit_domain.py for a swapped segmenter)."""
+    return frame_domain(detector, gate_records(data_root, "val", per_source)).fit()
+
+
 def _examples(detector: Detector, data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
     """Collected examples of a split, read from / written to `cache` (an .npz per split and setting) if given."""
     path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}.npz"
@@ -425,7 +431,7 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
     probabilities = wbc_probabilities(model, validation.crops)
     threshold = choose_threshold(probabilities, validation.labels, MIN_GATE_RECALL)
     with_torch_gate(detector, model, threshold)
-    domain = frame_domain(detector, gate_records(data_root, "val", recipe.val_per_source)).fit()
+    domain = validation_domain(detector, data_root, recipe.val_per_source)
     detector.domain_spec = domain
     manifest = copy.deepcopy(detector.bundle.manifest)
     # The gate changes which cells a field's blast fraction counts: the flag fraction is chosen again, on
