@@ -128,6 +128,32 @@ def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
     return target[instances].astype(instances.dtype)
 
 
+# A piece the watershed cut from a larger component is a white cell only if enough of it is nucleus: the piece a
+# touching red cell (or a clump of them) leaves is cytoplasm-coloured with a sliver of the neighbour's nucleus. On
+# the validation fields every white-cell piece of a split component held at least a third nucleus, the red-cell
+# pieces as little as 0.01 (`python scripts/piece_nucleus_share.py`, docs/performance.md). The piece holding most of
+# its component's nucleus is always kept, as a whole component is: a white cell the segmenter painted together with
+# the red cells around it, or a neutrophil with a faint nucleus, can be mostly cytoplasm.
+MIN_PIECE_NUCLEUS_SHARE = 0.2
+
+
+def pieces_with_nucleus(instances: np.ndarray, model_label_map: np.ndarray, areas: np.ndarray, nucleus_areas: np.ndarray) -> np.ndarray:
+    """Per instance (index 0 unused): False for a piece of a split component that holds less than
+    MIN_PIECE_NUCLEUS_SHARE nucleus and less nucleus than another piece of it, True for every other instance."""
+    keep = np.ones(len(areas), bool)
+    low = np.flatnonzero(nucleus_areas[1:] < MIN_PIECE_NUCLEUS_SHARE * areas[1:]) + 1
+    if not low.size:  # most frames: every piece is mostly nucleus, and nothing more to compute
+        return keep
+    _, components = cv2.connectedComponents((model_label_map > BACKGROUND).astype(np.uint8), connectivity=8)
+    ys, xs = np.nonzero(instances)
+    component_of = np.zeros(len(areas), np.int64)
+    component_of[instances[ys, xs]] = components[ys, xs]
+    most_nucleus = np.zeros(int(components.max()) + 1, np.int64)
+    np.maximum.at(most_nucleus, component_of[1:], nucleus_areas[1:])
+    keep[low] = nucleus_areas[low] >= most_nucleus[component_of[low]]
+    return keep
+
+
 def frame_sampling(letterbox: Letterbox) -> tuple[np.ndarray, np.ndarray]:
     """For every frame row and column, the model-input row and column whose label it takes: exactly
     Letterbox.label_map_to_frame's nearest-neighbour mapping (OpenCV computes it, on one row and one
@@ -176,7 +202,9 @@ def find_cells(
     Returns the cells (sorted top-to-bottom, left-to-right) and the frame-resolution label map.
     Components smaller than min_cell_area_px model pixels are dropped (platelets, debris, noise), and
     so are those with fewer than min_nucleus_area_px nucleus pixels: every white cell has a nucleus,
-    while bluish rims of red cells look like cytoplasm alone. The label map keeps the pixels of the
+    while bluish rims of red cells look like cytoplasm alone. For the same reason a piece split off a larger
+    component with under MIN_PIECE_NUCLEUS_SHARE nucleus, and less than another piece of it, is dropped
+    (pieces_with_nucleus). The label map keeps the pixels of the
     cells returned and nothing else, so that it and the cells always agree.
 
     Masks are mapped to the frame box by box (frame_sampling): the cost grows with the cells' area in
@@ -190,8 +218,11 @@ def find_cells(
     count = int(instances.max())
     areas = np.bincount(instances.ravel(), minlength=count + 1)
     nucleus_areas = np.bincount(instances[model_label_map == NUCLEUS], minlength=count + 1)
+    with_nucleus = pieces_with_nucleus(instances, model_label_map, areas, nucleus_areas) if split else np.ones(count + 1, bool)
     candidates = [
-        instance for instance in range(1, count + 1) if areas[instance] >= min_cell_area_px and nucleus_areas[instance] >= min_nucleus_area_px
+        instance
+        for instance in range(1, count + 1)
+        if areas[instance] >= min_cell_area_px and nucleus_areas[instance] >= min_nucleus_area_px and with_nucleus[instance]
     ]
     model_boxes = _model_boxes(instances, count)
     frame_rows, frame_columns = frame_sampling(letterbox)

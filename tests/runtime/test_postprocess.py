@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge.postprocess import cell_labels_in_frame, find_cells, frame_sampling, label_map_from_probabilities, merge_nested, split_touching
+from leukoedge.postprocess import MIN_PIECE_NUCLEUS_SHARE, cell_labels_in_frame, find_cells, frame_sampling, label_map_from_probabilities, merge_nested, split_touching
 from leukoedge.preprocess.cpu import fit_letterbox
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
@@ -203,6 +203,56 @@ def test_a_component_without_nucleus_is_not_a_cell():
     assert [cell.box[0] < 128 for cell in kept] == [True]
     everything, _ = find_cells(label_map, placement, MIN_AREA, False, min_nucleus_area_px=0)
     assert len(everything) == 2
+
+
+def _cell_touching_a_red_cell(nucleus_radius: int) -> np.ndarray:
+    """A white cell (nucleus half its radius) touching a red-cell-sized disc of cytoplasm whose own nucleus disc,
+    centred on it, has the given radius (0: none): one component, which the watershed cuts in two."""
+    label_map = np.zeros(MODEL_SIZE, np.uint8)
+    _cell(label_map, (100, 96), 20)
+    _disc(label_map, (135, 96), 20, CYTOPLASM)
+    if nucleus_radius:
+        _disc(label_map, (135, 96), nucleus_radius, NUCLEUS)
+    return label_map
+
+
+def test_a_piece_cut_from_a_cell_with_little_nucleus_is_not_a_cell():
+    """The piece a touching red cell leaves when the watershed cuts it from a white cell is cytoplasm with a sliver
+    of nucleus: dropped, where a touching white cell with a proper nucleus stays a cell of its own."""
+    placement = fit_letterbox(MODEL_SIZE[0], MODEL_SIZE[1], MODEL_SIZE)
+    red_piece = _cell_touching_a_red_cell(nucleus_radius=5)  # (5/20)^2 = 0.06 of the piece: below MIN_PIECE_NUCLEUS_SHARE
+    assert 0.04 < np.mean(red_piece[76:117, 116:156][red_piece[76:117, 116:156] > 0] == NUCLEUS) < MIN_PIECE_NUCLEUS_SHARE
+    cells, frame_labels = find_cells(red_piece, placement, MIN_AREA, split=True, min_nucleus_area_px=20)
+    assert len(cells) == 1 and cells[0].box[0] < 100 < cells[0].box[2]
+    assert not frame_labels[96, 140]  # the dropped piece is not left in the label map
+    white_neighbour = _cell_touching_a_red_cell(nucleus_radius=12)  # 0.36 of it: a white cell
+    assert len(find_cells(white_neighbour, placement, MIN_AREA, split=True, min_nucleus_area_px=20)[0]) == 2
+    # Not split, the same component is one cell: a whole component is not held to the share
+    assert len(find_cells(red_piece, placement, MIN_AREA, split=False, min_nucleus_area_px=20)[0]) == 1
+
+
+def test_the_piece_holding_most_of_a_components_nucleus_is_kept_whatever_its_share():
+    """A white cell painted together with the red cells around it is mostly cytoplasm: its piece holds the most
+    nucleus of the component and stays a cell; the red-cell piece cut from it, with less, goes."""
+    label_map = np.zeros(MODEL_SIZE, np.uint8)
+    _disc(label_map, (100, 96), 30, CYTOPLASM)
+    _disc(label_map, (100, 96), 7, NUCLEUS)  # 0.05 of the piece
+    _disc(label_map, (153, 96), 26, CYTOPLASM)
+    _disc(label_map, (156, 96), 3, NUCLEUS)  # ~29 px: above the minimum nucleus area, under 0.02 of the piece
+    placement = fit_letterbox(MODEL_SIZE[0], MODEL_SIZE[1], MODEL_SIZE)
+    assert split_touching(label_map > BACKGROUND, MIN_AREA).max() == 2
+    cells, _ = find_cells(label_map, placement, MIN_AREA, split=True, min_nucleus_area_px=20)
+    assert len(cells) == 1 and cells[0].box[0] < 100 < cells[0].box[2]
+
+
+def test_a_whole_cell_with_little_nucleus_is_kept():
+    """A neutrophil with a faint nucleus can be mostly cytoplasm: a component cut from nothing is a cell if its
+    nucleus reaches the minimum area, whatever its share."""
+    label_map = np.zeros(MODEL_SIZE, np.uint8)
+    _disc(label_map, (100, 96), 30, CYTOPLASM)
+    _disc(label_map, (100, 96), 6, NUCLEUS)  # 0.04 of the cell
+    placement = fit_letterbox(MODEL_SIZE[0], MODEL_SIZE[1], MODEL_SIZE)
+    assert len(find_cells(label_map, placement, MIN_AREA, split=True, min_nucleus_area_px=20)[0]) == 1
 
 
 @pytest.mark.parametrize("split", [True, False])
