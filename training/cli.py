@@ -283,7 +283,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     train.add_argument("--out", type=Path, default=Path("models/default"))
     train.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path, not accuracy")
-    train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite or unet_s")
+    train.add_argument("--segmenter-model", default="hctnet_lite", help="hctnet_lite (default), hctnet_s, hctnet, unet_lite, unet_s, or the light mobile_unet_field, mobile_unet_field_dense, mobile_unet_field_fine (docs/performance.md)")
     train.add_argument(
         "--refiner-model", default=None, help="the per-cell refiner's architecture, one of --segmenter-model's or mobile_unet, mobile_unet_xs (default: the segmenter's)"
     )
@@ -291,7 +291,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--refiner-input-size", type=int, default=None, metavar="SIDE",
         help="side of the refiner's square crops, e.g. 64 for mobile_unet (default: the one --refiner-init was trained at, else 128)",
     )
-    train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn or resnet_s (default: the pipeline's, the shipped one; see `leukoedge study`)")
+    train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn, resnet_s or mobile_cnn (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument(

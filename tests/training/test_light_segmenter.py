@@ -182,3 +182,16 @@ def test_refit_domain_changes_only_the_domain_check(data_root: Path, tmp_path: P
     for name in copy.manifest["files"]:
         if name not in ("manifest.json", "README.md"):
             assert copy.path(name).read_bytes() == shipped.path(name).read_bytes(), name
+
+
+def test_train_help_names_every_registered_segmenter_and_classifier() -> None:
+    """The CLI is built without PyTorch, so its help lists the architectures by hand: it must not fall behind the registry."""
+    from leukoedge.cli import build_parser
+    from leukoedge.training.models import CLASSIFIERS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {action.dest: action.help for action in train._actions}
+    for name in set(SEGMENTERS) - {"mobile_unet", "mobile_unet_xs"}:  # the two refiner-only ones are --refiner-model's
+        assert name in helps["segmenter_model"], name
+    for name in set(CLASSIFIERS) - {"gate_cnn", "dual_branch"}:  # the gate's and the study's own
+        assert name in helps["classifier_model"], name
