@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from leukoedge import Detector
-from leukoedge.postprocess import MIN_PIECE_NUCLEUS_SHARE, _model_boxes, label_map_from_probabilities, split_touching
+from leukoedge.postprocess import MIN_PIECE_NUCLEUS_SHARE, _model_boxes, label_map_from_probabilities, pieces_with_nucleus, split_touching
 from leukoedge.result import BACKGROUND, NUCLEUS
 from leukoedge.training import data
 from leukoedge.training.gate import gate_records, label_proposals
@@ -27,8 +27,8 @@ LABEL_NAMES = {1: "white cell", 0: "not a white cell", None: "fragment of a whit
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3)
 
 
-def piece_rows(detector: Detector, record: data.Record) -> list[tuple[str, int | None, float, bool]]:
-    """(source, gate label, nucleus share, cut from a larger component) of every proposal of one field."""
+def piece_rows(detector: Detector, record: data.Record) -> list[tuple[str, int | None, float, bool, bool]]:
+    """(source, gate label, nucleus share, cut from a larger component, dropped by the rule) of every proposal of one field."""
     frame = data.read_image(record)
     prepared = detector.prepare_frame(frame)
     spec = detector.segmenter_spec
@@ -45,11 +45,12 @@ def piece_rows(detector: Detector, record: data.Record) -> list[tuple[str, int |
     component_of = np.zeros(count + 1, np.int64)
     component_of[instances[ys, xs]] = components[ys, xs]
     pieces = np.bincount(component_of[1:])
+    kept_by_rule = pieces_with_nucleus(instances, label_map, areas, nucleus)
     kept = [i for i in range(1, count + 1) if areas[i] >= min_area and nucleus[i] >= detector.postprocess_spec.get("min_nucleus_area_px", 0)]
     boxes = _model_boxes(instances, count)
     frame_boxes = [prepared.letterbox.box_to_frame(tuple(int(side) for side in boxes[i])) for i in kept]
     labels = label_proposals(record, frame_boxes, frame.shape[:2], 1.0)
-    return [(record.source, label, nucleus[i] / areas[i], bool(pieces[component_of[i]] > 1)) for i, label in zip(kept, labels)]
+    return [(record.source, label, nucleus[i] / areas[i], bool(pieces[component_of[i]] > 1), not kept_by_rule[i]) for i, label in zip(kept, labels)]
 
 
 def main() -> None:
@@ -68,15 +69,15 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(THRESHOLDS))
     for label, name in LABEL_NAMES.items():
         for cut_only in (False, True):
-            shares = np.array([share for _, lab, share, cut in rows if lab == label and (cut or not cut_only)])
+            shares = np.array([share for _, lab, share, cut, _ in rows if lab == label and (cut or not cut_only)])
             if not shares.size:
                 continue
             low = np.quantile(shares, [0.0, 0.01, 0.05])
             below = " | ".join(str(int((shares < t).sum())) for t in THRESHOLDS)
             kind = "cut from a larger component" if cut_only else "all"
             print(f"| {name}, {kind} | {shares.size} | {low[0]:.3f} / {low[1]:.3f} / {low[2]:.3f} | {below} |")
-    dropped = Counter((source, LABEL_NAMES[label]) for source, label, share, cut in rows if cut and share < MIN_PIECE_NUCLEUS_SHARE)
-    print("cut pieces the rule drops, per source and label:", dict(dropped) or "none")
+    dropped = Counter((source, LABEL_NAMES[label]) for source, label, _, _, gone in rows if gone)
+    print("pieces the rule drops (a piece holding its component's most nucleus is kept), per source and label:", dict(dropped) or "none")
 
 
 if __name__ == "__main__":
