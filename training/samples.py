@@ -71,7 +71,7 @@ def segmentation_sample(
     rgb = to_rgb_float(resized)
     labels = resize_labels(label_map, content_width, content_height)
     if spec.stain_reference is not None:
-        rgb = reinhard_normalize(rgb, jitter_reference(spec.stain_reference, rng), lab_statistics(rgb))
+        rgb = reinhard_normalize(rgb, jitter_reference(spec.stain_reference, rng))  # with the image's own statistics
     rgb = augment_colour(rgb, rng)
     if rng.random() < 0.5:
         rgb, labels = rgb[:, ::-1], labels[:, ::-1]

@@ -145,8 +145,32 @@ def to_rgb_float(image: np.ndarray, channel_order: str = "BGR") -> np.ndarray:
 
 def lab_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel L*a*b* mean and std of a float RGB image; std floored so flat images do not explode."""
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab).reshape(-1, 3)
-    return lab.mean(axis=0), np.maximum(lab.std(axis=0), 1.0)
+    return _lab_mean_std(cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab))
+
+
+def _lab_mean_std(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pixels = lab.reshape(-1, 3)
+    return pixels.mean(axis=0), np.maximum(pixels.std(axis=0), 1.0)
+
+
+def reinhard_with_statistics(
+    rgb: np.ndarray,
+    reference: StainReference,
+    image_statistics: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Reinhard et al. (2001) colour transfer: match the image's L*a*b* mean/std to the reference; returns the
+    normalized image and the statistics it was normalized with (image_statistics, or the image's own).
+
+    image_statistics lets a crop be normalized with its whole frame's statistics. The image goes into L*a*b*
+    once: its own statistics are read from the same conversion the transfer runs on.
+    """
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)
+    mean, std = image_statistics if image_statistics is not None else _lab_mean_std(lab)
+    lab -= np.asarray(mean, np.float32)  # in place, the same float32 steps as (lab - mean) * gain + reference
+    lab *= np.asarray(reference.lab_std, np.float32) / np.asarray(std, np.float32)
+    lab += np.asarray(reference.lab_mean, np.float32)
+    normalized = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB, dst=lab)
+    return np.clip(normalized, 0.0, 1.0, out=normalized), (mean, std)
 
 
 def reinhard_normalize(
@@ -154,17 +178,8 @@ def reinhard_normalize(
     reference: StainReference,
     image_statistics: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Reinhard et al. (2001) colour transfer: match the image's L*a*b* mean/std to the reference.
-
-    image_statistics lets a crop be normalized with its whole frame's statistics.
-    """
-    mean, std = image_statistics if image_statistics is not None else lab_statistics(rgb)
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)
-    lab -= np.asarray(mean, np.float32)  # in place, the same float32 steps as (lab - mean) * gain + reference
-    lab *= np.asarray(reference.lab_std, np.float32) / np.asarray(std, np.float32)
-    lab += np.asarray(reference.lab_mean, np.float32)
-    normalized = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB, dst=lab)
-    return np.clip(normalized, 0.0, 1.0, out=normalized)
+    """The image colour-transferred to the reference (reinhard_with_statistics), without the statistics."""
+    return reinhard_with_statistics(rgb, reference, image_statistics)[0]
 
 
 def to_chw_normalized(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -195,8 +210,7 @@ def prepare_frame(frame: np.ndarray, spec: PreprocessSpec, input_size: Sequence[
     statistics = None
     if spec.stain_reference is not None:
         # Statistics on the resized content: the same numbers as on the full frame to ~0.1 %, far cheaper.
-        statistics = lab_statistics(content)
-        content = reinhard_normalize(content, spec.stain_reference, statistics)
+        content, statistics = reinhard_with_statistics(content, spec.stain_reference)
     tensor = np.zeros((3, int(input_size[0]), int(input_size[1])), np.float32)
     tensor[:, placement.pad_y : placement.pad_y + placement.content_height, placement.pad_x : placement.pad_x + placement.content_width] = (
         to_chw_normalized(content, spec)

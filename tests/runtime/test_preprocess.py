@@ -16,6 +16,7 @@ from leukoedge.preprocess.cpu import (
     prepare_crops,
     prepare_frame,
     reinhard_normalize,
+    reinhard_with_statistics,
     resize,
     resize_labels,
     square_crop_box,
@@ -147,6 +148,20 @@ def test_reinhard_normalize_matches_the_reference_statistics_on_a_real_field(dat
     # on the mean and 0.2 % on the std for BCCD fields.
     np.testing.assert_allclose(mean, REFERENCE.lab_mean, atol=0.5)
     np.testing.assert_allclose(std, REFERENCE.lab_std, rtol=0.02)
+
+
+def test_one_lab_conversion_gives_the_statistics_and_the_normalization_of_two(data_root):
+    """reinhard_with_statistics reads the image's statistics from the conversion it transfers: bit for bit what
+    lab_statistics and then reinhard_normalize with them give (prepare_frame's path before)."""
+    rgb = to_rgb_float(_bccd_frame(data_root))
+    normalized, (mean, std) = reinhard_with_statistics(rgb, REFERENCE)
+    expected_mean, expected_std = lab_statistics(rgb)
+    np.testing.assert_array_equal(mean, expected_mean)
+    np.testing.assert_array_equal(std, expected_std)
+    np.testing.assert_array_equal(normalized, reinhard_normalize(rgb, REFERENCE, (expected_mean, expected_std)))
+    given = (expected_mean + 3.0, expected_std)
+    returned = reinhard_with_statistics(rgb, REFERENCE, given)[1]
+    assert returned[0] is given[0] and returned[1] is given[1]
 
 
 def test_reinhard_normalize_uses_given_statistics_instead_of_its_own(data_root):
