@@ -78,6 +78,15 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
     return merge_nested(markers, components)
 
 
+def piece_components(instances: np.ndarray, components: np.ndarray, count: int) -> np.ndarray:
+    """For instances 0..count, the connected component (of `components`, the mask's component map) each lies in; 0 for
+    background and for ids no pixel carries."""
+    ys, xs = np.nonzero(instances)
+    component_of = np.zeros(count + 1, np.int64)
+    component_of[instances[ys, xs]] = components[ys, xs]
+    return component_of
+
+
 # A piece of a split component that lies inside another piece, its box within that piece's box and most of its
 # border on that piece, is part of that cell: white cells in a smear lie side by side, they do not wrap around each
 # other. An irregular cell (a large, lobed one of a device no model learnt from) can have two distance cores; without
@@ -107,9 +116,7 @@ def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
     inside &= larger
     if not inside.any():  # most frames: no box inside another, and nothing more to compute on every frame
         return instances
-    ys, xs = np.nonzero(instances)
-    component_of = np.zeros(count + 1, np.int64)
-    component_of[instances[ys, xs]] = components[ys, xs]
+    component_of = piece_components(instances, components, count)
     pixels = np.bincount(instances.ravel(), minlength=count + 1)[1:]
     inside &= (component_of[1:, None] == component_of[None, 1:]) & (pixels[:, None] >= NESTED_AREA_SHARE * pixels[None, :])
     target = np.arange(count + 1)
@@ -145,9 +152,7 @@ def pieces_with_nucleus(instances: np.ndarray, model_label_map: np.ndarray, area
     if not low.size:  # most frames: every piece is mostly nucleus, and nothing more to compute
         return keep
     _, components = cv2.connectedComponents((model_label_map > BACKGROUND).astype(np.uint8), connectivity=8)
-    ys, xs = np.nonzero(instances)
-    component_of = np.zeros(len(areas), np.int64)
-    component_of[instances[ys, xs]] = components[ys, xs]
+    component_of = piece_components(instances, components, len(areas) - 1)
     most_nucleus = np.zeros(int(components.max()) + 1, np.int64)
     np.maximum.at(most_nucleus, component_of[1:], nucleus_areas[1:])
     keep[low] = nucleus_areas[low] >= most_nucleus[component_of[low]]

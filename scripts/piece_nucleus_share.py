@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from leukoedge import Detector
-from leukoedge.postprocess import MIN_PIECE_NUCLEUS_SHARE, _model_boxes, label_map_from_probabilities, pieces_with_nucleus, split_touching
+from leukoedge.postprocess import MIN_PIECE_NUCLEUS_SHARE, _model_boxes, label_map_from_probabilities, piece_components, pieces_with_nucleus, split_touching
 from leukoedge.result import BACKGROUND, NUCLEUS
 from leukoedge.training import data
 from leukoedge.training.gate import gate_records, label_proposals
@@ -41,9 +41,7 @@ def piece_rows(detector: Detector, record: data.Record) -> list[tuple[str, int |
     _, components = cv2.connectedComponents((label_map > BACKGROUND).astype(np.uint8), connectivity=8)
     areas = np.bincount(instances.ravel(), minlength=count + 1)
     nucleus = np.bincount(instances[label_map == NUCLEUS], minlength=count + 1)
-    ys, xs = np.nonzero(instances)
-    component_of = np.zeros(count + 1, np.int64)
-    component_of[instances[ys, xs]] = components[ys, xs]
+    component_of = piece_components(instances, components, count)
     pieces = np.bincount(component_of[1:])
     kept_by_rule = pieces_with_nucleus(instances, label_map, areas, nucleus)
     kept = [i for i in range(1, count + 1) if areas[i] >= min_area and nucleus[i] >= detector.postprocess_spec.get("min_nucleus_area_px", 0)]
