@@ -129,6 +129,9 @@ def command_train(args: argparse.Namespace) -> int:
             classifier_ema_decay=PipelineConfig.classifier_ema_decay if args.classifier_ema_decay is None else args.classifier_ema_decay or None,
             classifier_device_augment=PipelineConfig.classifier_device_augment if args.classifier_device_augment is None else args.classifier_device_augment,
             classifier_chroma_augment=PipelineConfig.classifier_chroma_augment if args.classifier_chroma_augment is None else args.classifier_chroma_augment,
+            classifier_resolution_augment=(
+                PipelineConfig.classifier_resolution_augment if args.classifier_resolution_augment is None else args.classifier_resolution_augment
+            ),
             segmenter_device_augment=PipelineConfig.segmenter_device_augment if args.segmenter_device_augment is None else args.segmenter_device_augment,
         )
     except ValueError as error:  # e.g. an unknown source name
@@ -305,6 +308,10 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--classifier-chroma-augment", type=float, default=None, metavar="STRENGTH",
         help="turn the hue (up to 45 degrees) and scale the saturation (0.5-1.6x) of the classifier's training crops at this strength (default: the pipeline's; 0: never)",
+    )
+    train.add_argument(
+        "--classifier-resolution-augment", type=float, default=None, metavar="SHARE",
+        help="show this share of the classifier's training crops at lower resolution (shrunk to 0.25-0.75 of their side, enlarged back), as a coarser camera would (default: the pipeline's; 0: never)",
     )
     train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
     train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")

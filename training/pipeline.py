@@ -129,6 +129,8 @@ class PipelineConfig:
     classifier_device_augment: float = 0.0
     # The classifier's crops with their hue turned and saturation scaled at this strength (0: never; stain.augment_chroma).
     classifier_chroma_augment: float = 0.0
+    # The share of the classifier's crops seen at lower resolution (0: never; samples.resolution_lowered).
+    classifier_resolution_augment: float = 0.0
     segmenter_device_augment: float = 0.0  # the same for the segmenter's training fields
 
     def __post_init__(self) -> None:
@@ -455,6 +457,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             source_weights=NORMAL_CELL_WEIGHTS,
             device_augment=config.classifier_device_augment,
             chroma_augment=config.classifier_chroma_augment,
+            resolution_augment=config.classifier_resolution_augment,
         ),
         CROP_MARGIN,
     )

@@ -34,6 +34,10 @@ from .stain import augment_chroma, augment_colour, augment_device, jitter_refere
 
 DEVICE_VIEW_PROBABILITY = 0.5  # with device augmentation on, the share of samples seen as another microscope would show them
 DEVICE_SCALES = (0.6, 1.6)  # pixel size differs by objective and camera
+# A cell's crop as a camera with fewer pixels across the cell would give it (lower magnification, a coarser
+# sensor, defocus): its side shrunk to this share of the model's input, then enlarged back. At frame scale
+# (augment_device's blur) a large cell hardly changes once cut down to 64x64; here it does.
+RESOLUTION_SHARES = (0.25, 0.75)
 
 
 def letterbox_label_map(label_map: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
@@ -201,6 +205,16 @@ def chroma_turned(crop: np.ndarray, spec: PreprocessSpec, rng: np.random.Generat
     return ((augment_chroma(crop * std + mean, rng, strength) - mean) / std).astype(np.float32)
 
 
+def resolution_lowered(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A model-ready 3xHxW crop seen at lower resolution: shrunk (area averaging) to a side drawn log-uniformly
+    from RESOLUTION_SHARES of its own, then enlarged back (bilinear), as the runtime enlarges a small cell's crop."""
+    height, width = crop.shape[1:]
+    share = float(np.exp(rng.uniform(np.log(RESOLUTION_SHARES[0]), np.log(RESOLUTION_SHARES[1]))))
+    image = np.ascontiguousarray(crop.transpose(1, 2, 0))
+    small = resize(image, max(2, round(width * share)), max(2, round(height * share)))
+    return np.ascontiguousarray(resize(small, width, height).transpose(2, 0, 1), dtype=np.float32)
+
+
 def classification_sample(
     image: np.ndarray,
     box: Box,
@@ -210,10 +224,12 @@ def classification_sample(
     rng: np.random.Generator | None,
     device_strength: float = 0.0,
     chroma_strength: float = 0.0,
+    resolution_share: float = 0.0,
 ) -> np.ndarray:
     """3xHxW crop of one cell. rng None: exactly the runtime's crop; otherwise jittered box, stain, flips,
-    with device_strength > 0, half the crops from device_view (another microscope's view of the cell), and
-    with chroma_strength > 0, the crop's hue turned and saturation scaled (stain.augment_chroma)."""
+    with device_strength > 0, half the crops from device_view (another microscope's view of the cell),
+    with chroma_strength > 0, the crop's hue turned and saturation scaled (stain.augment_chroma), and
+    that share of the crops seen at lower resolution (resolution_lowered)."""
     statistics = frame_statistics(image) if spec.stain_reference is not None else None
     if rng is None:
         return prepare_crops(image, [box], spec, input_size, margin, statistics)[0]
@@ -226,5 +242,7 @@ def classification_sample(
         crop = crop[:, :, ::-1]
     if chroma_strength > 0:
         crop = chroma_turned(crop, spec, rng, chroma_strength)
+    if resolution_share > 0 and rng.random() < resolution_share:
+        crop = resolution_lowered(crop, rng)
     gain = rng.uniform(0.85, 1.15)
     return np.ascontiguousarray(crop * gain + rng.normal(0.0, 0.1), dtype=np.float32)

@@ -23,7 +23,7 @@ from leukoedge.preprocess.cpu import PreprocessSpec
 
 from .data import LABEL_IGNORE, LABEL_WBC
 from .models import create_model
-from .samples import chroma_turned, classification_sample, device_view_crop, random_crop, refiner_sample, segmentation_sample
+from .samples import chroma_turned, classification_sample, resolution_lowered, device_view_crop, random_crop, refiner_sample, segmentation_sample
 
 log = logging.getLogger("leukoedge.training")
 
@@ -103,6 +103,8 @@ class TrainConfig:
     device_augment: float = 0.0
     # Classifier: strength of the colour augmentation (samples.classification_sample, stain.augment_chroma); 0: none.
     chroma_augment: float = 0.0
+    # Classifier: the share of crops seen at lower resolution (samples.resolution_lowered); 0: none.
+    resolution_augment: float = 0.0
 
     def __post_init__(self) -> None:
         if self.teacher is not None and self.steps == 0:
@@ -486,7 +488,7 @@ def train_classifier(
         return model, _reuse_record(config, heads=heads, loss=loss)
 
     def runtime_crop(example: CellExample, rng: np.random.Generator | None) -> np.ndarray:
-        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng, config.device_augment, config.chroma_augment)
+        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng, config.device_augment, config.chroma_augment, config.resolution_augment)
 
     sample = sample or runtime_crop
     sample_indices = balanced_indices(
@@ -528,6 +530,10 @@ def train_classifier(
         # Trained for other stains, selected for them too: the validation cells also with their colours turned (fixed draws).
         turned = [chroma_turned(crop, spec, np.random.default_rng(config.seed + i), config.chroma_augment) for i, crop in enumerate(validation_sets[0].numpy())]
         validation_sets.append(torch.from_numpy(np.stack(turned)))
+    if config.resolution_augment > 0 and sample is runtime_crop:
+        # Trained for coarser cameras, selected for them too: the validation cells also at lower resolution (fixed draws).
+        lowered = [resolution_lowered(crop, np.random.default_rng(config.seed + i)) for i, crop in enumerate(validation_sets[0].numpy())]
+        validation_sets.append(torch.from_numpy(np.stack(lowered)))
 
     def balanced_accuracy(evaluated: torch.nn.Module, inputs: torch.Tensor) -> float:
         chunks = [evaluated(inputs[s : s + 256]) for s in range(0, len(val), 256)]  # one pass serves every head

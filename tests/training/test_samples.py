@@ -5,7 +5,7 @@ import pytest
 
 from leukoedge.preprocess.cpu import PreprocessSpec, StainReference, lab_statistics, prepare_crops, to_rgb_float
 from leukoedge.training.data import LABEL_BACKGROUND, LABEL_NUCLEUS
-from leukoedge.training.samples import classification_sample, device_view, refiner_sample, segmentation_sample
+from leukoedge.training.samples import classification_sample, device_view, refiner_sample, resolution_lowered, segmentation_sample
 from leukoedge.training.stain import turn_chroma
 
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference(lab_mean=(70.0, 5.0, 2.0), lab_std=(14.0, 12.0, 15.0)))
@@ -127,3 +127,27 @@ def test_chroma_augmentation_spreads_the_hue_of_training_crops_only() -> None:
     turned = [classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s), chroma_strength=1.0) for s in range(40)]
     assert all(crop.shape == (3, 64, 64) and crop.dtype == np.float32 for crop in turned)
     assert hue_spread(turned) > 1.5 * hue_spread(plain)
+
+
+def _detail(crop: np.ndarray) -> float:
+    """The mean squared difference between neighbouring pixels (sharp edges and fine texture): what a coarser camera loses."""
+    return float((np.diff(crop, axis=2) ** 2).mean() + (np.diff(crop, axis=1) ** 2).mean())
+
+
+def test_a_crop_at_lower_resolution_keeps_its_size_and_colour_and_loses_detail() -> None:
+    rng = np.random.default_rng(0)
+    crop = rng.normal(0.0, 1.0, (3, 64, 64)).astype(np.float32)  # pixel-level texture, as fine chromatin
+    crop[0, 16:48, 16:48] += 2.0  # and a cell-sized blob
+    lowered = resolution_lowered(crop, np.random.default_rng(1))
+    assert lowered.shape == crop.shape and lowered.dtype == np.float32
+    assert _detail(lowered) < 0.6 * _detail(crop)
+    assert abs(float(lowered[0, 20:44, 20:44].mean()) - float(crop[0, 20:44, 20:44].mean())) < 0.3  # the blob stays where it was
+
+
+def test_resolution_augmentation_lowers_that_share_of_training_crops_only() -> None:
+    image, box = _cell_field()
+    runtime = classification_sample(image, box, SPEC, (64, 64), 0.15, None, resolution_share=1.0)
+    assert np.array_equal(runtime, classification_sample(image, box, SPEC, (64, 64), 0.15, None))
+    plain = [_detail(classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s))) for s in range(20)]
+    lowered = [_detail(classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s), resolution_share=1.0)) for s in range(20)]
+    assert np.mean(lowered) < 0.8 * np.mean(plain)

@@ -1,0 +1,43 @@
+"""scripts/coarser_camera.py: each frame seen with the detail of a coarser camera, at its own size, by the same detector."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("coarser_camera", Path(__file__).resolve().parents[2] / "scripts" / "coarser_camera.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_coarser_frame_keeps_its_size_and_colours_and_loses_its_detail() -> None:
+    coarser = _script().coarser
+    rng = np.random.default_rng(0)
+    frame = np.clip(rng.normal(150, 40, (120, 160, 3)), 0, 255).astype(np.uint8)
+    assert coarser(frame, 1.0) is frame
+    seen = coarser(frame, 0.5)
+    assert seen.shape == frame.shape and seen.dtype == np.uint8
+    assert abs(float(seen.mean()) - float(frame.mean())) < 2.0
+    detail = lambda image: float(np.abs(np.diff(image.astype(float), axis=1)).mean())  # noqa: E731
+    assert detail(seen) < 0.7 * detail(frame)
+    assert detail(coarser(frame, 0.35)) < detail(seen)
+
+
+def test_the_camera_runs_the_detector_on_the_coarser_frame_and_lends_it_everything_else() -> None:
+    module = _script()
+
+    class Detector:
+        verdict_spec = {"blast_threshold": 0.5}
+
+        def run(self, frame):
+            return frame
+
+    frame = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    camera = module.CoarserCamera(Detector(), 0.5)
+    assert np.array_equal(camera.run(frame), module.coarser(frame, 0.5))
+    assert camera.verdict_spec == {"blast_threshold": 0.5}
