@@ -470,7 +470,8 @@ def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limi
         report["non_white_cells"] = {"images": non_white, "counted_as_white_cells": non_white_counted}
         report["wbc_type"] = {"accuracy": None, "macro_f1": None, "n": 0}
         if wbc_truth:  # images where a cell was found
-            classes = [name for name in detector.classifier_spec["heads"]["wbc_type"]["classes"] if name not in NOT_WHITE_CELL_TYPES]
+            # A bundle without a gate may still name a white cell "platelet" or "erythroblast": a wrong answer, in its own column.
+            classes = [name for name in detector.classifier_spec["heads"]["wbc_type"]["classes"] if name not in NOT_WHITE_CELL_TYPES or name in wbc_predicted]
             report["wbc_type"] = _class_summary(classification_report(wbc_truth, wbc_predicted, classes=classes))
     else:
         report["blast"] = binary_summary(truth, probability, threshold)

@@ -252,3 +252,32 @@ def test_val_split_compares_candidates_without_touching_the_test_split(
     assert "VALIDATION split" in markdown and "(val split, mean" in markdown
     with pytest.raises(ValueError, match="split must be one of test, val"):
         evaluate.evaluate_bundle(tiny_bundle, data_root, tmp_path, limit=1, split="train")
+
+
+def test_a_white_cell_named_erythroblast_by_a_bundle_without_a_gate_counts_as_wrong(data_root: Path) -> None:
+    # Only a gate takes "platelet" and "erythroblast" out of the WBC-type head; a bundle without one may still name a
+    # PBC white cell so. The evaluation must score that as a wrong answer in its own column, not stop.
+    from types import SimpleNamespace
+
+    from leukoedge.training.evaluate import evaluate_single_cells
+
+    classes = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+
+    class Detector:
+        verdict_spec = {"blast_threshold": 0.5}
+        classifier_spec = {"heads": {"wbc_type": {"classes": classes}}}
+
+        def run(self, image):
+            height, width = image.shape[:2]
+            cell = SimpleNamespace(
+                box=(width // 4, height // 4, 3 * width // 4, 3 * height // 4),
+                blast_probability=0.1,
+                head_scores={"wbc_type": {name: 0.9 if name == "erythroblast" else 0.1 / 7 for name in classes}},
+            )
+            return SimpleNamespace(cells=[cell], frame_shape=(height, width))
+
+    report = evaluate_single_cells(Detector(), data_root, "pbc", 12)
+    assert "erythroblast" in report["wbc_type"]["classes"] and "platelet" not in report["wbc_type"]["classes"]
+    white_cells = report["images"] - report["non_white_cells"]["images"]
+    assert white_cells > 0 and report["wbc_type"]["n"] == white_cells
+    assert report["wbc_type"]["accuracy"] == 0.0
