@@ -432,6 +432,7 @@ SECTIONS: dict[str, Section] = {
             "colour_spread": Key(lambda value: isinstance(value, list) and len(value) == 6 and all(_is_number(v) and v > 0 for v in value), "6 numbers > 0"),
             "max_colour_distance": _number(0.0, 1e6),
             "max_uncertainty": _number(0.0, 1.0),
+            "min_cell_side_px": _number(0.0, 1e4, optional=True),  # bundles fitted before the cell-size check have none
         },
         optional=True,
     ),
@@ -906,6 +907,7 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(
             f"domain check: {len(domain['colour_references'])} reference frames; outside at colour distance > "
             f"{domain['max_colour_distance']:.2f} or segmenter uncertainty > {domain['max_uncertainty']:.3f}"
+            + (f" or white cells under {domain['min_cell_side_px']:.1f} px across" if "min_cell_side_px" in domain else "")
             + (f"; adapted {manifest['adaptation']['date']} from {manifest['adaptation']['frames']} frames" if "adaptation" in manifest else "")
         )
     if manifest.get("adaptation", {}).get("labelled"):

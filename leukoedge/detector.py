@@ -241,7 +241,7 @@ class Detector:
                 if crops is None:
                     crops = self.cell_crops(frame, found.prepared, instances)
                 instances, label_map, non_wbc_count, crops = self.keep_white_cells(found, crops)
-        domain = domain_scores(self.domain_spec, found.prepared, found.probabilities) if self.domain_spec else {}
+        domain = domain_scores(self.domain_spec, found.prepared, found.probabilities, [cell.box for cell in instances]) if self.domain_spec else {}
         with _stopwatch(timings, "classify"):
             if crops is None:
                 crops = self.cell_crops(frame, found.prepared, instances)

@@ -42,7 +42,8 @@ def main() -> int:
     domain = refit_domain(args.bundle, args.data, args.out)
     print(
         f"{args.out}: domain check fitted on {domain['fitted_on']['frames']} validation fields: "
-        f"colour distance <= {domain['max_colour_distance']:.2f}, segmenter uncertainty <= {domain['max_uncertainty']:.3f}"
+        f"colour distance <= {domain['max_colour_distance']:.2f}, segmenter uncertainty <= {domain['max_uncertainty']:.3f}, "
+        f"white cells at least {domain.get('min_cell_side_px', 0):.1f} px across"
     )
     return 0
 

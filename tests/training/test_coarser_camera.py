@@ -26,6 +26,8 @@ def test_a_coarser_frame_keeps_its_size_and_colours_and_loses_its_detail() -> No
     detail = lambda image: float(np.abs(np.diff(image.astype(float), axis=1)).mean())  # noqa: E731
     assert detail(seen) < 0.7 * detail(frame)
     assert detail(coarser(frame, 0.35)) < detail(seen)
+    smaller = coarser(frame, 0.5, keep_size=False)  # a lower magnification: every cell half the pixels across
+    assert smaller.shape == (60, 80, 3) and abs(float(smaller.mean()) - float(frame.mean())) < 2.0
 
 
 def test_the_camera_runs_the_detector_on_the_coarser_frame_and_lends_it_everything_else() -> None:
