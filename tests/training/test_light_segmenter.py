@@ -177,6 +177,8 @@ def test_refit_domain_changes_only_the_domain_check(data_root: Path, tmp_path: P
     copy = load_bundle(tmp_path / "refit")
     assert copy.manifest["domain"] == domain and domain["fitted_on"]["frames"] == sum(domain["fitted_on"]["sources"].values())
     assert 2 <= domain["fitted_on"]["frames"] < shipped.manifest["domain"]["fitted_on"]["frames"]
+    # the smallest white cells judged: fitted on the same fields' cells, as the gate keeps them (frame pixels)
+    assert 5 < domain["min_cell_side_px"] < 200
     for key in ("gate", "verdict", "segmenter", "classifier"):
         assert copy.manifest[key] == shipped.manifest[key]
     for name in copy.manifest["files"]:
