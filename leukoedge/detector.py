@@ -237,10 +237,8 @@ class Detector:
         found = self.candidates(frame, timings)
         instances, label_map, non_wbc_count, crops = found.instances, found.label_map, 0, found.crops
         if self.gate is not None and instances:
-            with _stopwatch(timings, "gate"):  # the crops are cut once (here, or by the refiner); the classifier reads the same ones
-                if crops is None:
-                    crops = self.cell_crops(frame, found.prepared, instances)
-                instances, label_map, non_wbc_count, crops = self.keep_white_cells(found, crops)
+            with _stopwatch(timings, "gate"):
+                instances, label_map, non_wbc_count, crops = self.white_cells(frame, found)
         domain = domain_scores(self.domain_spec, found.prepared, found.probabilities, [cell.box for cell in instances]) if self.domain_spec else {}
         with _stopwatch(timings, "classify"):
             if crops is None:
@@ -288,6 +286,14 @@ class Detector:
         spec = self.gate_spec
         wbc = spec["classes"].index("wbc")
         return np.concatenate([self.gate.run({spec["input"]: batch})[spec["output"]][:, wbc] for batch in _batches(crops)])
+
+    def white_cells(self, frame: np.ndarray, found: Candidates) -> tuple[list[CellInstance], np.ndarray, int, np.ndarray | None]:
+        """keep_white_cells of the candidates (all of them, without a gate): the crops are cut once, here or by the
+        refiner, and the classifier reads the same ones (None where none were cut)."""
+        if self.gate is None or not found.instances:
+            return found.instances, found.label_map, 0, found.crops
+        crops = found.crops if found.crops is not None else self.cell_crops(frame, found.prepared, found.instances)
+        return self.keep_white_cells(found, crops)
 
     def keep_white_cells(self, found: Candidates, crops: np.ndarray) -> tuple[list[CellInstance], np.ndarray, int, np.ndarray]:
         """The proposals the gate calls white cells, the label map without the others, how many others there

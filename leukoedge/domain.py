@@ -9,8 +9,8 @@ Three signals the runtime already computes, so the check costs almost nothing:
   cannot tell cell from background is guessing.
 - cell size: the median side of the frame's white cells in frame pixels. Under a lower-power objective or a
   coarser camera the cells carry less detail than any the classifier learnt from, and it answers anyway: at half
-  the magnification of Taleqani's fields it flagged 3 of 60 benign fields (docs/training.md, "The classifier at
-  lower resolution"). Bundles fitted before this check have no "min_cell_side_px" and skip it.
+  the magnification of Taleqani's fields it flagged 3 of 60 benign fields (docs/training.md, "Bundle 0.6.0").
+  Bundles fitted before this check have no "min_cell_side_px" and skip it.
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
 thresholds live in the manifest's "domain" section; `leukoedge train` fits them on validation frames and
 `leukoedge adapt` refits them on a new microscope's frames (fit_domain). Numpy only: the runtime can adapt.

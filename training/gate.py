@@ -305,11 +305,7 @@ def frame_domain(detector: Detector, records: Sequence[data.Record], description
         found = detector.candidates(image)
         colour.append(colour_features(found.prepared))
         uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
-        cells = found.instances
-        if detector.gate is not None and cells:
-            crops = found.crops if found.crops is not None else detector.cell_crops(image, found.prepared, cells)
-            cells = detector.keep_white_cells(found, crops)[0]
-        side = median_cell_side([cell.box for cell in cells])
+        side = median_cell_side([cell.box for cell in detector.white_cells(image, found)[0]])
         cell_side.append(np.nan if side is None else side)
     domains = np.array([record.domain for record in records], object)
     return FrameDomain(np.array(colour), np.array(uncertainty), domains, np.array(cell_side, np.float64))
