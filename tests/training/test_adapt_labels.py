@@ -235,3 +235,12 @@ def test_cli_device_share_reaches_the_recipe_and_a_refusal_suggests_a_lower_one(
     assert used[-1].device_share == 0.125
     with pytest.raises(SystemExit):
         main(arguments + ["--device-share", "1"])
+
+
+def test_adaptation_keeps_the_smallest_cell_size_judged() -> None:
+    # A device's frames say nothing about how small a cell the classifier can judge: labelled or not, the
+    # threshold stays the bundle's (docs/integration.md).
+    domain = {"colour_references": [[70.0, 5, 0, 8, 8, 10]] * 4, "colour_spread": [1.0] * 6, "max_colour_distance": 2.0, "max_uncertainty": 0.1, "min_cell_side_px": 13.9}
+    frames = [FrameMeasure(np.array([60.0 + i, 5, 0, 8, 8, 10]), 0.2, False, False) for i in range(10)]
+    for with_labels in (False, True):
+        assert adapted_domain(domain, frames, labelled=with_labels)["min_cell_side_px"] == 13.9
