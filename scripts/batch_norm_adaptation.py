@@ -43,8 +43,8 @@ SHOWN = ("fields", "box_recall", "box_precision", "rbc_called_wbc_per_1000", "re
 
 
 def with_device_statistics(segmenter: torch.nn.Module, tensors: list[np.ndarray], share: float, batch: int = 8) -> torch.nn.Module:
-    """A copy of the segmenter whose batch-norm running statistics are `share` x the device's (measured on `tensors`,
-    prepared frames) + (1 - share) x its own."""
+    """A copy of the model (the segmenter; scripts/classifier_batch_norm.py: the classifier) whose batch-norm running
+    statistics are `share` x the device's (measured on `tensors`, its prepared inputs) + (1 - share) x its own."""
     adapted = copy.deepcopy(segmenter).eval()
     if share == 0:
         return adapted

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from batch_norm_adaptation import with_device_statistics  # this folder's sibling script
+from batch_norm_adaptation import with_device_statistics  # this folder's sibling scripts
+from device_blast_calls import annotated_crops
 
 from leukoedge import Detector
-from leukoedge.preprocess.cpu import prepare_crops
+from leukoedge.postprocess import central_box
 from leukoedge.training import data
 from leukoedge.training.metrics import roc_auc
 from leukoedge.training.torch_backend import as_backend, verified_model
@@ -36,25 +37,13 @@ def nearest_centre_crops(detector: Detector, records: list[data.Record]) -> tupl
     for record in records:
         image = data.read_image(record)
         found = detector.candidates(image)
-        if not found.instances:
+        box = central_box([cell.box for cell in found.instances], image.shape)
+        if box is None:
             continue
-        height, width = image.shape[:2]
-        nearest = min(found.instances, key=lambda c: ((c.box[0] + c.box[2]) / 2 - width / 2) ** 2 + ((c.box[1] + c.box[3]) / 2 - height / 2) ** 2)
+        nearest = next(cell for cell in found.instances if cell.box == box)
         crops.append(detector.cell_crops(image, found.prepared, [nearest]))
         labels.append(record.blast)
     return crops, np.array(labels)
-
-
-def boxed_crops(detector: Detector, records: list[data.Record]) -> list[np.ndarray]:
-    """The crops of each field's annotated white cells, cut as the runtime cuts them."""
-    spec, crops = detector.classifier_spec, []
-    for record in records:
-        image = data.read_image(record)
-        boxes = data.object_boxes(record).get("WBC", [])
-        if boxes:
-            prepared = detector.prepare_frame(image)
-            crops.append(prepare_crops(image, boxes, detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order))
-    return crops
 
 
 def main() -> None:
@@ -86,8 +75,8 @@ def main() -> None:
     idb2_test_crops, idb2_y = nearest_centre_crops(detector, [r for r in idb2 if r.split == "test"])
     idb2_test = np.concatenate(idb2_test_crops)
     raabin = [r for r in data.load_records(args.data, "txl-pbc") if r.device == "raabin"]
-    raabin_train = boxed_crops(detector, [r for r in raabin if r.split == "train"][:120])
-    raabin_val = np.concatenate(boxed_crops(detector, [r for r in raabin if r.split == "val"][:60]))
+    raabin_train = annotated_crops(detector, [r for r in raabin if r.split == "train"][:120])
+    raabin_val = np.concatenate(annotated_crops(detector, [r for r in raabin if r.split == "val"][:60]))
     print(f"blast threshold {threshold}; ALL-IDB2 test cells {len(idb2_y)} ({int(idb2_y.sum())} blasts); raabin validation cells {len(raabin_val)}")
     print("| lab | device's share of the statistics | sensitivity | specificity | AUC |")
     print("|---|---|---|---|---|")

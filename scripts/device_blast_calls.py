@@ -17,18 +17,23 @@ from leukoedge.preprocess.cpu import prepare_crops
 from leukoedge.training import data
 
 
-def blast_probabilities(detector: Detector, records: list[data.Record]) -> np.ndarray:
-    """The classifier's blast probability of each annotated white cell, cut as the runtime cuts crops."""
-    spec = detector.classifier_spec
-    blast = spec["heads"]["blast"]
-    found = []
+def annotated_crops(detector: Detector, records: list[data.Record]) -> list[np.ndarray]:
+    """Per field with annotated white cells, their classifier crops (Nx3xHxW), cut as the runtime cuts crops."""
+    spec, crops = detector.classifier_spec, []
     for record in records:
         image = data.read_image(record)
         boxes = data.object_boxes(record).get("WBC", [])
         if boxes:
             prepared = detector.prepare_frame(image)
-            crops = prepare_crops(image, boxes, detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order)
-            found.append(detector.classifier.run({spec["input"]: crops})[blast["output"]][:, blast["classes"].index("blast")])
+            crops.append(prepare_crops(image, boxes, detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order))
+    return crops
+
+
+def blast_probabilities(detector: Detector, records: list[data.Record]) -> np.ndarray:
+    """The classifier's blast probability of each annotated white cell."""
+    spec = detector.classifier_spec
+    blast = spec["heads"]["blast"]
+    found = [detector.classifier.run({spec["input"]: crops})[blast["output"]][:, blast["classes"].index("blast")] for crops in annotated_crops(detector, records)]
     return np.concatenate(found) if found else np.zeros(0)
 
 

@@ -1,7 +1,10 @@
 """Shared fixtures: where the real blood-smear data lives."""
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import cv2
 import pytest
@@ -18,6 +21,19 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data folder not found at {root} (set LEUKOEDGE_DATA)")
     return root
+
+
+@pytest.fixture(scope="session")
+def script() -> Callable[[str], ModuleType]:
+    """scripts/<name>.py imported as a module (the scripts are not a package): script("coarser_camera")."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

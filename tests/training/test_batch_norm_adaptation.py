@@ -3,22 +3,12 @@ weights and the original model left as they were."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("batch_norm_adaptation", Path(__file__).resolve().parents[2] / "scripts" / "batch_norm_adaptation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_device_share_mixes_the_running_statistics_and_nothing_else() -> None:
+def test_the_device_share_mixes_the_running_statistics_and_nothing_else(script) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).eval()
     model[1].running_mean.fill_(0.5)
@@ -29,7 +19,7 @@ def test_the_device_share_mixes_the_running_statistics_and_nothing_else() -> Non
         features = model[0](torch.from_numpy(np.concatenate(frames)))
     device_mean = features.mean(dim=(0, 2, 3))
     device_var = features.var(dim=(0, 2, 3), unbiased=True)
-    adapt = _script().with_device_statistics
+    adapt = script("batch_norm_adaptation").with_device_statistics
 
     kept = adapt(model, frames, 0.0)
     assert torch.equal(kept[1].running_mean, model[1].running_mean)

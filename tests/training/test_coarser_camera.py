@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("coarser_camera", Path(__file__).resolve().parents[2] / "scripts" / "coarser_camera.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_coarser_frame_keeps_its_size_and_colours_and_loses_its_detail() -> None:
-    coarser = _script().coarser
+def test_a_coarser_frame_keeps_its_size_and_colours_and_loses_its_detail(script) -> None:
+    coarser = script("coarser_camera").coarser
     rng = np.random.default_rng(0)
     frame = np.clip(rng.normal(150, 40, (120, 160, 3)), 0, 255).astype(np.uint8)
     assert coarser(frame, 1.0) is frame
@@ -30,8 +20,8 @@ def test_a_coarser_frame_keeps_its_size_and_colours_and_loses_its_detail() -> No
     assert smaller.shape == (60, 80, 3) and abs(float(smaller.mean()) - float(frame.mean())) < 2.0
 
 
-def test_the_camera_runs_the_detector_on_the_coarser_frame_and_lends_it_everything_else() -> None:
-    module = _script()
+def test_the_camera_runs_the_detector_on_the_coarser_frame_and_lends_it_everything_else(script) -> None:
+    module = script("coarser_camera")
 
     class Detector:
         verdict_spec = {"blast_threshold": 0.5}

@@ -161,17 +161,13 @@ def test_a_swapped_segmenter_runs_in_fp32_in_a_copy_that_keeps_every_other_file(
     assert Detector.load(out).run(np.full((96, 128, 3), 200, np.uint8)).verdict.status in ("ok", "no_cells", "outside_domain")
 
 
-def test_refit_domain_changes_only_the_domain_check(data_root: Path, tmp_path: Path) -> None:
+def test_refit_domain_changes_only_the_domain_check(data_root: Path, tmp_path: Path, script) -> None:
     """scripts/refit_domain.py: the copy's domain check is fitted on the validation fields through the bundle's own
     segmenter; the gate, its threshold, the verdict and every model file stay the bundle's."""
-    import importlib.util
-
     from leukoedge.bundle import load_bundle
 
     repo = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("refit_domain", repo / "scripts" / "refit_domain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("refit_domain")
     shipped = load_bundle(repo / "models" / "default")
     domain = module.refit_domain(shipped.root, data_root, tmp_path / "refit", per_source=2)
     copy = load_bundle(tmp_path / "refit")
