@@ -84,6 +84,12 @@ def _run_under_asan(library: Path, mode: str, frames: list[Path]) -> subprocess.
 
 @pytest.fixture(scope="module")
 def asan_library(request: pytest.FixtureRequest) -> Path:
+    from leukoedge.preprocess.nvrtc import load_nvrtc
+
+    try:  # the sanitized run compiles its kernels through NVRTC too
+        load_nvrtc()
+    except BackendUnavailableError as error:
+        cuda_emulator.missing(f"the sanitized run compiles through NVRTC: {error}")
     return cuda_emulator.build(cuda_emulator.library_folder(request), sanitize=True)
 
 
