@@ -31,8 +31,10 @@ SUBTYPES = ("Benign", "Early", "Pre", "Pro")
 # outline); measured 0 px with the vectorized path on this machine.
 MIN_MASK_IOU = 0.98
 # Probabilities: the same models on the same crops up to float summation order.
-DOMAIN_SCORE_TOLERANCE = 1e-4  # colour distance, uncertainty, cell side (px)
 PROBABILITY_TOLERANCE = 2e-3
+# The verdict's domain scores (colour distance, uncertainty, cell side in px): means over model outputs, whose last
+# bits differ between CPUs.
+DOMAIN_SCORE_TOLERANCE = 1e-4
 
 
 def _tile(images: list[np.ndarray], columns: int) -> np.ndarray:
@@ -88,7 +90,6 @@ def _assert_close_probabilities(got: dict, want: dict, where: str) -> None:
 def assert_same_outputs(got: dict, want: dict, name: str) -> None:
     verdict, golden_verdict = dict(got["verdict"]), dict(want["verdict"])
     _assert_close_probabilities({"subtype": verdict.pop("subtype_scores")}, {"subtype": golden_verdict.pop("subtype_scores")}, name)
-    # the domain scores are means over model outputs: ONNX Runtime's kernels differ in the last bits between CPUs
     domain, golden_domain = verdict.pop("domain", None) or {}, golden_verdict.pop("domain", None) or {}
     assert domain.keys() == golden_domain.keys(), name
     for score, value in golden_domain.items():
