@@ -28,7 +28,7 @@ import numpy as np
 
 from .bundle import save_bundle
 from .detector import Detector
-from .domain import MAX_REFERENCES, THRESHOLD_MARGIN, THRESHOLD_QUANTILE, colour_distance, colour_features, outside_domain, segmenter_uncertainty
+from .domain import MAX_REFERENCES, THRESHOLD_MARGIN, THRESHOLD_QUANTILE, colour_distance, colour_features, feature_names, outside_domain, segmenter_uncertainty
 from .errors import LeukoedgeError
 
 log = logging.getLogger("leukoedge.adapt")
@@ -81,7 +81,7 @@ def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
     result = detector.run(frame)
     found = detector.candidates(frame)
     return FrameMeasure(
-        colour_features(found.prepared),
+        colour_features(found.prepared, detector.spec, feature_names(detector.domain_spec)),
         segmenter_uncertainty(found.prepared, found.probabilities),
         result.verdict.status == "outside_domain",
         result.verdict.flagged,

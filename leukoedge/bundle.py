@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from leukoedge.domain import COLOUR_FEATURES, MEAN_SPREAD_FEATURES, feature_names
 from leukoedge.errors import BundleError, LeukoedgeError
 from leukoedge.signing import SIGNATURE_NAME, KeyLike, signature_text, verify_signature
 
@@ -247,6 +248,19 @@ def _gate_problems(gate: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _domain_problems(domain: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """Each reference frame and the spread hold one number per colour feature the check was fitted on."""
+    names = feature_names(domain)
+    if tuple(names) not in (COLOUR_FEATURES, MEAN_SPREAD_FEATURES):
+        return [f"domain.colour_features must be {list(COLOUR_FEATURES)} or {list(MEAN_SPREAD_FEATURES)}, got {names}"]
+    problems = []
+    if any(len(row) != len(names) for row in domain["colour_references"]):
+        problems.append(f"domain.colour_references rows must hold {len(names)} numbers, one per colour feature {list(names)}")
+    if len(domain["colour_spread"]) != len(names):
+        problems.append(f"domain.colour_spread must hold {len(names)} numbers, one per colour feature {list(names)}")
+    return problems
+
+
 def _limit_problems(limits: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     if limits["min_frame_side"] > limits["max_frame_side"]:
         return [f"limits.min_frame_side {limits['min_frame_side']} exceeds limits.max_frame_side {limits['max_frame_side']}"]
@@ -424,16 +438,19 @@ SECTIONS: dict[str, Section] = {
     ),
     "domain": Section(  # leukoedge/domain.py: the domain check; bundles made before 0.2.0 have none
         {
+            # the features the check compares (leukoedge/domain.py); bundles that do not name them compare L*a*b* means and spreads
+            "colour_features": Key(_is_names(), "a list of colour feature names", optional=True),
             "colour_references": Key(
                 lambda value: isinstance(value, list) and 0 < len(value) <= MAX_DOMAIN_REFERENCES
-                and all(isinstance(row, list) and len(row) == 6 and all(_is_number(v) for v in row) for row in value),
-                f"a list of 1 to {MAX_DOMAIN_REFERENCES} rows of 6 numbers (L*a*b* mean and std of a reference frame)",
+                and all(isinstance(row, list) and all(_is_number(v) for v in row) for row in value),
+                f"a list of 1 to {MAX_DOMAIN_REFERENCES} rows of numbers (a reference frame's colour features)",
             ),
-            "colour_spread": Key(lambda value: isinstance(value, list) and len(value) == 6 and all(_is_number(v) and v > 0 for v in value), "6 numbers > 0"),
+            "colour_spread": Key(lambda value: isinstance(value, list) and all(_is_number(v) and v > 0 for v in value), "numbers > 0"),
             "max_colour_distance": _number(0.0, 1e6),
             "max_uncertainty": _number(0.0, 1.0),
             "min_cell_side_px": _number(0.0, 1e4, optional=True),  # bundles fitted before the cell-size check have none
         },
+        constraints=_domain_problems,
         optional=True,
     ),
     "training": Section({}),  # free-form: how the bundle was made, for people and `leukoedge info`

@@ -239,7 +239,7 @@ class Detector:
         if self.gate is not None and instances:
             with _stopwatch(timings, "gate"):
                 instances, label_map, non_wbc_count, crops = self.white_cells(frame, found)
-        domain = domain_scores(self.domain_spec, found.prepared, found.probabilities, [cell.box for cell in instances]) if self.domain_spec else {}
+        domain = domain_scores(self.domain_spec, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances]) if self.domain_spec else {}
         with _stopwatch(timings, "classify"):
             if crops is None:
                 crops = self.cell_crops(frame, found.prepared, instances)

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
 from leukoedge.bundle import save_bundle
 from leukoedge.detector import Detector
-from leukoedge.domain import colour_features, segmenter_uncertainty
+from leukoedge.domain import colour_features, feature_names, segmenter_uncertainty
 from leukoedge.export.onnx import ClassifierWithSoftmax, export_classifier, export_segmenter
 
 from . import data
@@ -482,7 +482,7 @@ def adapt_models(
         for frame in fitted:
             found = detector.candidates(frame.image)  # once a frame: the gate's examples and the domain check's measures
             examples.append(boxed_field_examples(detector, frame.image, found, frame.boxes, domain_name, rng))
-            measures.append(FrameMeasure(colour_features(found.prepared), segmenter_uncertainty(found.prepared, found.probabilities), False, False))
+            measures.append(FrameMeasure(colour_features(found.prepared, detector.spec, feature_names(detector.domain_spec)), segmenter_uncertainty(found.prepared, found.probabilities), False, False))
     gate, threshold, classifier = models["gate"], detector.gate_spec["threshold"], models["classifier"]
     if "gate" in recipe.models:
         gate = fine_tune_gate(copy.deepcopy(gate), GateExamples.concatenate(examples), replay.gate_train, recipe)

@@ -303,7 +303,7 @@ def frame_domain(detector: Detector, records: Sequence[data.Record], description
     for record in tqdm(records, desc=description, unit="field"):
         image = data.read_image(record)
         found = detector.candidates(image)
-        colour.append(colour_features(found.prepared))
+        colour.append(colour_features(found.prepared, detector.spec))
         uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
         side = median_cell_side([cell.box for cell in detector.white_cells(image, found)[0]])
         cell_side.append(np.nan if side is None else side)

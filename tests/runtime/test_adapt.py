@@ -30,7 +30,7 @@ def pbc_only_bundle(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     colour, uncertainty = [], []
     for frame in _frames(data_root / "pbc" / "images" / "neutrophil", 30):
         found = detector.candidates(frame)
-        colour.append(colour_features(found.prepared))
+        colour.append(colour_features(found.prepared, detector.spec))
         uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
     manifest = copy.deepcopy(detector.bundle.manifest)
     manifest["domain"] = fit_domain(colour, uncertainty, ["pbc"] * len(colour))

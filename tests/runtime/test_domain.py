@@ -9,15 +9,30 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
-from leukoedge.domain import COLOUR_FEATURES, THRESHOLD_MARGIN, colour_distance, failed_checks, fit_domain, median_cell_side, outside_domain
+from leukoedge.domain import (
+    COLOUR_FEATURES,
+    MEAN_SPREAD_FEATURES,
+    THRESHOLD_MARGIN,
+    colour_distance,
+    colour_features,
+    failed_checks,
+    fit_domain,
+    median_cell_side,
+    outside_domain,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
 
 
+def _correlations(rng: np.random.Generator, frames: int) -> np.ndarray:
+    """L*-a*, L*-b*, a*-b* correlations as stained smears give them (docs/training.md)."""
+    return rng.normal([-0.9, 0.8, -0.85], [0.03, 0.05, 0.04], size=(frames, len(COLOUR_FEATURES)))
+
+
 def _fitted(seed: int = 0, frames: int = 200) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(seed)
-    colour = rng.normal([70, 10, -10, 15, 5, 5], [3, 2, 2, 1, 0.5, 0.5], size=(frames, 6))
+    colour = _correlations(rng, frames)
     uncertainty = rng.uniform(0.02, 0.08, frames)
     return fit_domain(colour, uncertainty, ["a"] * (frames // 2) + ["b"] * (frames - frames // 2)), colour
 
@@ -27,7 +42,7 @@ def test_fitted_frames_are_inside_and_a_new_stain_is_outside():
     assert len(spec["colour_references"][0]) == len(COLOUR_FEATURES)
     inside = [not outside_domain(spec, {"colour_distance": colour_distance(spec, row), "uncertainty": 0.05}) for row in colour]
     assert np.mean(inside) >= 0.99
-    new_stain = colour[0] + np.array([0, 25, 25, 0, 0, 0])
+    new_stain = colour[0] + np.array([0.0, -0.6, 0.5])  # hues turned: a* and b* no longer vary with L* as they did
     reason = outside_domain(spec, {"colour_distance": colour_distance(spec, new_stain), "uncertainty": 0.05})
     assert "colours unlike" in reason and "leukoedge adapt" in reason
     assert "unsure" in outside_domain(spec, {"colour_distance": 0.0, "uncertainty": 0.5})
@@ -39,7 +54,57 @@ def test_fitted_frames_are_inside_and_a_new_stain_is_outside():
 
 def test_fit_domain_needs_frames():
     with pytest.raises(ValueError, match="at least 2 frames"):
-        fit_domain([np.zeros(6)], [0.1], ["a"])
+        fit_domain([np.zeros(3)], [0.1], ["a"])
+    with pytest.raises(ValueError, match="3 features"):
+        fit_domain(np.zeros((4, 6)), [0.1] * 4, ["a"] * 4)  # means and spreads fitted as correlations
+
+
+def test_a_bundle_fitted_on_means_and_spreads_is_still_read():
+    """Bundles before 0.7.0 name the L*a*b* means and spreads in their manifest; the check reads those for them."""
+    detector = Detector.load(REPO / "models" / "default")
+    frames = [cv2.imread(str(path)) for path in SAMPLES]
+    prepared = [detector.prepare_frame(frame) for frame in frames]
+    legacy = [colour_features(frame, detector.spec, MEAN_SPREAD_FEATURES) for frame in prepared]
+    assert legacy[0][:3] == pytest.approx(prepared[0].lab_statistics[0])
+    spec = fit_domain(legacy, [0.05] * len(legacy), ["a"] * len(legacy), features=MEAN_SPREAD_FEATURES)
+    assert spec["colour_features"] == list(MEAN_SPREAD_FEATURES)
+    detector.domain_spec = spec
+    result = detector.run(frames[0])  # one of the references: at distance ~0 from itself
+    assert result.verdict.status == "ok" and result.verdict.domain["colour_distance"] < 0.01
+    far = _lab_changed(frames[0], (1.0, 1.0, 1.0), (0.0, 40.0, 0.0))  # a* means far from every reference's
+    assert "colours unlike" in detector.run(far).verdict.reason
+    with pytest.raises(ValueError, match="unknown colour features"):
+        colour_features(prepared[0], detector.spec, ["L_mean"])
+
+
+def _lab_changed(frame: np.ndarray, gain: tuple[float, float, float], shift: tuple[float, float, float]) -> np.ndarray:
+    lab = cv2.cvtColor(frame.astype(np.float32) / 255.0, cv2.COLOR_BGR2LAB)
+    lab = lab * np.float32(gain) + np.float32(shift)
+    return np.clip(cv2.cvtColor(lab, cv2.COLOR_LAB2BGR) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _hues_turned(frame: np.ndarray, degrees: float) -> np.ndarray:
+    lab = cv2.cvtColor(frame.astype(np.float32) / 255.0, cv2.COLOR_BGR2LAB)
+    angle = np.deg2rad(degrees)
+    a, b = lab[..., 1].copy(), lab[..., 2].copy()
+    lab[..., 1], lab[..., 2] = a * np.cos(angle) - b * np.sin(angle), a * np.sin(angle) + b * np.cos(angle)
+    return np.clip(cv2.cvtColor(lab, cv2.COLOR_LAB2BGR) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_the_colour_features_ignore_what_stain_normalization_undoes_and_see_turned_hues_and_swapped_channels():
+    """A frame whose L*a*b* channels are each shifted and scaled (a paler or bluer stain: the normalization undoes it)
+    keeps its features; one whose hues are turned, or whose channels come in the other order, does not."""
+    detector = Detector.load(REPO / "models" / "default")
+    for path in SAMPLES:
+        frame = cv2.imread(str(path))
+        features = colour_features(detector.prepare_frame(frame), detector.spec)
+        assert features.shape == (len(COLOUR_FEATURES),) and np.all(np.abs(features) <= 1.0)
+        paler = colour_features(detector.prepare_frame(_lab_changed(frame, (0.9, 1.2, 0.8), (8.0, 6.0, -5.0))), detector.spec)
+        turned = colour_features(detector.prepare_frame(_hues_turned(frame, 90.0)), detector.spec)
+        swapped = colour_features(detector.prepare_frame(np.ascontiguousarray(frame[..., ::-1])), detector.spec)
+        assert np.abs(paler - features).max() < 0.05, path.name
+        assert np.abs(turned - features).max() > 0.3, path.name
+        assert np.abs(swapped - features).max() > 0.3, path.name
 
 
 def test_a_frame_outside_the_domain_is_not_judged_and_never_flagged():
@@ -56,7 +121,7 @@ def test_a_frame_outside_the_domain_is_not_judged_and_never_flagged():
 
 def test_the_smallest_cell_side_is_fitted_below_the_fitting_frames_and_frames_without_cells_are_left_out():
     rng = np.random.default_rng(0)
-    colour = rng.normal([70, 10, -10, 15, 5, 5], [3, 2, 2, 1, 0.5, 0.5], size=(200, 6))
+    colour = _correlations(rng, 200)
     sides = np.concatenate([rng.uniform(20, 200, 190), np.full(10, np.nan)])  # ten frames without a white cell
     spec = fit_domain(colour, rng.uniform(0.02, 0.08, 200), ["a"] * 200, cell_sides=sides)
     assert spec["min_cell_side_px"] == pytest.approx(sides[:190].min() / THRESHOLD_MARGIN)
