@@ -6,9 +6,9 @@ Three signals the runtime already computes, so the check costs almost nothing:
   its spread over the references). The stain normalization gives every frame the reference's channel means
   and spreads, so those say little about what the models will see; it cannot change the channels'
   correlations: a stain whose hues are turned (another dye, another protocol) or swapped channels move them,
-  and those are the changes that made the models flag normal fields (docs/training.md, "The colour check
-  reads what the normalization leaves"). Bundles fitted before 0.7.0 compare the frame's L*a*b* means and
-  spreads before normalization (MEAN_SPREAD_FEATURES); the manifest names the features it was fitted on.
+  and those are the changes that made the models flag normal fields (docs/training.md, "Bundle 0.7.0").
+  Bundles fitted before 0.7.0 compare the frame's L*a*b* means and spreads before normalization
+  (MEAN_SPREAD_FEATURES); the manifest names the features it was fitted on.
 - uncertainty: the segmenter's mean (1 - max class probability) over the frame's content. A model that
   cannot tell cell from background is guessing.
 - cell size: the median side of the frame's white cells in frame pixels. Under a lower-power objective or a

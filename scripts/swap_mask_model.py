@@ -3,6 +3,7 @@ accuracy and time with the same other models (docs/performance.md, "The light re
 
     python scripts/swap_mask_model.py --model refiner --bundle models/default --checkpoint models/checkpoints/light-refiner.pt --out DIR
     python scripts/swap_mask_model.py --model segmenter --bundle models/default --checkpoint CKPT --out DIR
+    python scripts/swap_mask_model.py --model refiner --bundle DIR --drop --out DIR2    # no refiner at all
 
 The checkpoint is exported as the pipeline exports one (export/onnx.py, softmax included, parity-checked). The
 refiner takes the crop size it was trained at; the segmenter keeps the bundle's input size (its input is the
@@ -11,7 +12,9 @@ and `training.<model>` the checkpoint's training record. The old model's INT8 fi
 calibrate` makes one for the new model), so the copy runs it in FP32. Bundle 0.4.0 was such a copy with another
 refiner, given its version, changelog and calibration afterwards (docs/training.md, "Bundle 0.4.0").
 A new segmenter changes the proposals the gate was trained on and the uncertainty the domain check reads: refit
-both on the copy (`leukoedge gate --bundle DIR --out GATED`) before its figures mean anything.
+both on the copy (`leukoedge gate --bundle DIR --out GATED`) before its figures mean anything. Without a refiner
+(--drop) the field segmenter's masks and boxes are final: the domain check's smallest cell side reads those boxes,
+so refit it (`scripts/refit_domain.py`).
 """
 
 from __future__ import annotations
@@ -66,13 +69,35 @@ def swap_mask_model(bundle_dir: Path, model: str, checkpoint: Path, out_dir: Pat
     return out_dir
 
 
+def drop_refiner(bundle_dir: Path, out_dir: Path) -> Path:
+    """Write the copy of bundle_dir without its refiner (its files, precisions and training record) to out_dir."""
+    bundle = load_bundle(bundle_dir)
+    manifest = copy.deepcopy(bundle.manifest)
+    if "refiner" not in manifest:
+        raise ValueError(f"bundle {bundle_dir} has no refiner to drop")
+    refiner = manifest.pop("refiner")
+    dropped = {refiner["file"]} | {variant.get("file") for variant in manifest.get("precisions", {}).pop("refiner", {}).values()}
+    manifest["training"]["refiner"] = "dropped by scripts/swap_mask_model.py --drop: the field segmenter's masks are final"
+    manifest["files"] = {name: digest for name, digest in manifest["files"].items() if name not in dropped}
+    save_bundle(out_dir, manifest, {name: bundle.root / name for name in manifest["files"]})
+    return out_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MASK_MODELS, default="refiner", help="which model to swap (default: %(default)s)")
     parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "models" / "default", help="the bundle to copy (default: %(default)s)")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint (.pt with its .json)")
+    parser.add_argument("--checkpoint", type=Path, help="the checkpoint (.pt with its .json)")
+    parser.add_argument("--drop", action="store_true", help="no refiner: write the copy without one (--model refiner only)")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write the copy to")
     args = parser.parse_args()
+    if args.drop:
+        if args.model != "refiner" or args.checkpoint is not None:
+            parser.error("--drop takes --model refiner and no --checkpoint")
+        print(f"bundle without a refiner written to {drop_refiner(args.bundle, args.out)}; refit its domain check: scripts/refit_domain.py")
+        return 0
+    if args.checkpoint is None:
+        parser.error("--checkpoint is required (or --drop)")
     written = swap_mask_model(args.bundle, args.model, args.checkpoint, args.out)
     print(f"bundle with the {args.model} of {args.checkpoint} written to {written}")
     if args.model == "segmenter":

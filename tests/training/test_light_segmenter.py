@@ -161,6 +161,31 @@ def test_a_swapped_segmenter_runs_in_fp32_in_a_copy_that_keeps_every_other_file(
     assert Detector.load(out).run(np.full((96, 128, 3), 200, np.uint8)).verdict.status in ("ok", "no_cells", "outside_domain")
 
 
+def test_a_copy_without_a_refiner_keeps_the_field_segmenters_masks_and_every_other_file(tmp_path: Path, script) -> None:
+    """scripts/swap_mask_model.py --drop: the copy has no refiner, runs, and its cells are the field segmenter's (the
+    shipped bundle's cells before refinement); every other model file is the bundle's."""
+    import cv2
+
+    from leukoedge import Detector
+    from leukoedge.bundle import load_bundle
+
+    repo = Path(__file__).resolve().parents[2]
+    shipped = load_bundle(repo / "models" / "default")
+    out = script("swap_mask_model").drop_refiner(shipped.root, tmp_path / "no-refiner")
+    copy = load_bundle(out)
+    assert "refiner" not in copy.manifest and "refiner" not in copy.manifest.get("precisions", {})
+    assert not any(name.startswith("refiner") for name in copy.manifest["files"])
+    for name in copy.manifest["files"]:
+        if name not in ("manifest.json", "README.md"):
+            assert copy.path(name).read_bytes() == shipped.path(name).read_bytes(), name
+    frame = cv2.imread(str(repo / "samples" / "bccd_BloodImage_00002.jpg"))
+    unrefined = Detector.load(out).run(frame)
+    refining = Detector.load(shipped.root)
+    refined = refining.white_cells(frame, refining.candidates(frame))[0]  # the shipped bundle's white cells, refined
+    assert unrefined.cells and unrefined.timings["refine"] == 0.0
+    assert [cell.box for cell in unrefined.cells] == [instance.found_box or instance.box for instance in refined]
+
+
 def test_refit_domain_changes_only_the_domain_check(data_root: Path, tmp_path: Path, script) -> None:
     """scripts/refit_domain.py: the copy's domain check is fitted on the validation fields through the bundle's own
     segmenter; the gate, its threshold, the verdict and every model file stay the bundle's."""
