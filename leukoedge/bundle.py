@@ -380,6 +380,7 @@ SECTIONS: dict[str, Section] = {
             # refine.cells_to_refine: cells whose field-mask uncertainty is below this keep the segmenter's masks;
             # absent: every cell is refined (docs/performance.md, "Refining only uncertain cells")
             "skip_below_uncertainty": _number(0.0, 1.0, optional=True),
+            "min_cell_side_px": _number(0.0, MAX_FRAME_SIDE, optional=True),  # absent before 0.8.0: cells of any size refined
         },
         outputs=_label_map_outputs("refiner", same_size=False),
         optional=True,
@@ -912,6 +913,7 @@ def describe_bundle(bundle: Bundle) -> str:
             f"refiner: {refiner['architecture']} ({refiner['file']}), input {refiner['input']!r} {refine_height}x{refine_width} per cell, "
             f"crop margin {refiner['crop_margin']}, output {refiner['output']!r}"
             + (f"; only cells with field-mask uncertainty >= {refiner['skip_below_uncertainty']}" if "skip_below_uncertainty" in refiner else "")
+            + (f"; only cells at least {refiner['min_cell_side_px']:g} px across" if "min_cell_side_px" in refiner else "")
         )
     if "gate" in manifest:
         gate = manifest["gate"]

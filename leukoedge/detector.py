@@ -337,10 +337,11 @@ class Detector:
     ) -> tuple[list[CellInstance], np.ndarray]:
         """Each cell (at least one) segmented again by the refiner from its crop (leukoedge/refine.py), or
         only those the field segmenter's probabilities leave uncertain where the bundle says so
-        (refiner.skip_below_uncertainty; the others keep the segmenter's masks); the cells and the frame
+        (refiner.skip_below_uncertainty), or those large enough (refiner.min_cell_side_px), where the bundle says
+        so (the others keep the segmenter's masks); the cells and the frame
         label map painted from them. crops: every instance's crop, already cut (shared_crops), or None."""
         spec = self.refiner_spec
-        chosen = cells_to_refine(probabilities, prepared.letterbox, instances, spec.get("skip_below_uncertainty"))
+        chosen = cells_to_refine(probabilities, prepared.letterbox, instances, spec.get("skip_below_uncertainty"), spec.get("min_cell_side_px"))
         batches = _batches(crops[chosen]) if crops is not None else self._crop_batches(frame, prepared, [instances[index].box for index in chosen], spec)
         crop_probabilities = [self.refiner.run({spec["input"]: batch})[spec["output"]] for batch in batches]
         no_crops = np.zeros((0, len(spec["classes"]), *spec["input_size"]), np.float32)

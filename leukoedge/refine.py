@@ -11,7 +11,11 @@ and the classifier still crops around the box the field segmenter found (CellIns
 is how its training crops were cut, and crops around the tighter refined boxes cost frame verdicts.
 
 A bundle may refine only the cells the field segmenter is unsure of (manifest refiner.skip_below_uncertainty,
-cell_uncertainty below): the others keep the field segmenter's masks, as in a bundle without a refiner.
+cell_uncertainty below), and only cells at least refiner.min_cell_side_px across in the frame: the others keep the
+field segmenter's masks, as in a bundle without a refiner. A cell smaller than the refiner's input is enlarged to
+it, with no detail the field segmenter did not see, and on Taleqani's small cells the refined outlines matched the
+masks less well than the field segmenter's (docs/training.md, "Bundle 0.8.0"); these are the crowded, leukemic
+fields, so skipping them is also where the refiner cost most.
 """
 
 from __future__ import annotations
@@ -65,14 +69,27 @@ def cell_uncertainty(probabilities: np.ndarray, letterbox: Letterbox, instances:
     return uncertainty
 
 
+def cell_sides(instances: Sequence[CellInstance]) -> np.ndarray:
+    """Each cell's side in frame pixels: the square root of its box's area (domain.median_cell_side's measure)."""
+    boxes = np.array([instance.box for instance in instances], np.float64).reshape(-1, 4)
+    return np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+
+
 def cells_to_refine(
-    probabilities: np.ndarray, letterbox: Letterbox, instances: Sequence[CellInstance], skip_below_uncertainty: float | None
+    probabilities: np.ndarray,
+    letterbox: Letterbox,
+    instances: Sequence[CellInstance],
+    skip_below_uncertainty: float | None,
+    min_cell_side_px: float | None = None,
 ) -> np.ndarray:
-    """Indices of the cells the refiner segments again: every cell when skip_below_uncertainty is None (the
-    default), else those whose cell_uncertainty is at least that."""
-    if skip_below_uncertainty is None:
-        return np.arange(len(instances))
-    return np.flatnonzero(cell_uncertainty(probabilities, letterbox, instances) >= skip_below_uncertainty)
+    """Indices of the cells the refiner segments again: those whose cell_uncertainty is at least
+    skip_below_uncertainty and whose side (cell_sides) is at least min_cell_side_px; None: no such condition."""
+    chosen = np.ones(len(instances), bool)
+    if min_cell_side_px is not None:
+        chosen &= cell_sides(instances) >= min_cell_side_px
+    if skip_below_uncertainty is not None and chosen.any():
+        chosen[chosen] = cell_uncertainty(probabilities, letterbox, [instances[index] for index in np.flatnonzero(chosen)]) >= skip_below_uncertainty
+    return np.flatnonzero(chosen)
 
 
 def crop_windows(instances: Sequence[CellInstance], crop_margin: float, frame_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -82,8 +82,9 @@ def test_absurd_numbers_in_the_manifest_text_are_refused_by_name(tmp_path: Path,
         (lambda m: m["classifier"]["heads"]["blast"].update(classes=["blast", "blast"]), "classifier.heads.blast must be"),
         (lambda m: m["refiner"].update(skip_below_uncertainty="0.1"), "refiner.skip_below_uncertainty must be a number in [0, 1]"),
         (lambda m: m["refiner"].update(skip_below_uncertainty=1.5), "refiner.skip_below_uncertainty must be a number in [0, 1]"),
+        (lambda m: m["refiner"].update(min_cell_side_px=-4), "refiner.min_cell_side_px must be a number in [0, 16384]"),
     ],
-    ids=["crop-margin", "nul-byte", "files-list", "no-blast-head", "giant-input", "zero-std", "repeated-class", "skip-text", "skip-above-1"],
+    ids=["crop-margin", "nul-byte", "files-list", "no-blast-head", "giant-input", "zero-std", "repeated-class", "skip-text", "skip-above-1", "negative-side"],
 )
 def test_malformed_manifests_are_refused_at_load_naming_the_key(tmp_path: Path, change, words: str):
     bundle = _copy_of_default(tmp_path)

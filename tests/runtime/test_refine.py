@@ -265,6 +265,18 @@ def test_a_confident_cell_is_left_to_the_segmenter_and_an_uncertain_one_refined(
     assert cells_to_refine(probabilities, letterbox, [sure, unsure], 0.0).tolist() == [0, 1]
 
 
+def test_a_cell_smaller_than_the_bundles_smallest_side_is_left_to_the_segmenter():
+    letterbox = fit_letterbox(FRAME[0], FRAME[1], (60, 80))
+    small, large = _instance(_disk_cell((30, 30), 8, 3) > 0), _instance(_disk_cell((110, 60), 30, 10) > 0)  # 17 and 61 px across
+    probabilities = np.full((3, 60, 80), 1.0 / 3, np.float32)  # every cell as uncertain as can be
+
+    assert cells_to_refine(probabilities, letterbox, [small, large], None, None).tolist() == [0, 1]
+    assert cells_to_refine(probabilities, letterbox, [small, large], None, 48.0).tolist() == [1]
+    assert cells_to_refine(probabilities, letterbox, [small, large], 0.5, 48.0).tolist() == [1]  # both conditions
+    assert cells_to_refine(probabilities, letterbox, [small, large], 0.9, 48.0).tolist() == []  # not unsure enough
+    assert cells_to_refine(probabilities, letterbox, [small, large], None, 100.0).tolist() == []
+
+
 def test_a_cell_not_chosen_keeps_its_field_mask_and_a_refined_neighbour_keeps_off_it():
     left, right = _disk_cell((60, 60), 22, 9), _disk_cell((100, 60), 22, 9)
     both = np.maximum(left, right)
@@ -289,6 +301,21 @@ def _bundle_skipping_below(tmp_path: Path, threshold: float) -> Path:
     out = tmp_path / f"skip-{threshold}"
     save_bundle(out, manifest, {name: bundle.root / name for name in manifest["files"]})
     return out
+
+
+def test_cells_smaller_than_the_smallest_side_skip_the_refiner_and_leukoedge_info_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["refiner"]["min_cell_side_px"] = float(max(_sample_frame().shape))  # larger than any cell of the frame
+    out = tmp_path / "large-cells-only"
+    save_bundle(out, manifest, {name: bundle.root / name for name in manifest["files"]})
+    with Detector.load(out, threads=1) as detector:
+        assert f"only cells at least {manifest['refiner']['min_cell_side_px']:g} px across" in describe_bundle(detector.bundle)
+        refined_batches = []
+        run_refiner = detector.refiner.run
+        monkeypatch.setattr(detector.refiner, "run", lambda inputs: refined_batches.append(inputs) or run_refiner(inputs))
+        found = detector.candidates(_sample_frame())
+    assert found.instances and not refined_batches and all(cell.found_box is None for cell in found.instances)
 
 
 def _sample_frame() -> np.ndarray:
