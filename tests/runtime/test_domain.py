@@ -153,3 +153,15 @@ def test_a_frame_whose_cells_are_too_small_is_not_judged():
     result = detector.run(frame)
     assert result.verdict.status == "outside_domain" and not result.verdict.flagged
     assert "white cells smaller" in result.verdict.reason
+
+
+def test_a_monochrome_camera_and_a_blank_frame_are_outside_the_domain_for_their_colours():
+    """A grey frame (a monochrome camera: a* and b* do not vary) and a blank one have no stain structure to judge."""
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.imread(str(SAMPLES[0]))
+    grey = cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    for unjudgeable in (grey, np.full_like(frame, 180)):
+        verdict = detector.run(unjudgeable).verdict
+        assert verdict.status == "outside_domain" and not verdict.flagged
+        assert "colours unlike" in verdict.reason
+    assert detector.run(frame).verdict.status == "ok"
