@@ -26,13 +26,17 @@ import cv2
 import numpy as np
 
 from .postprocess import CellInstance
-from .preprocess.cpu import Letterbox, resize, square_crop_box
+from .preprocess.cpu import Letterbox, resize, resize_labels, square_crop_box
 from .result import BACKGROUND, NUCLEUS
 
 
 # Rows of a crop's labels compared at a time: the three planes of a large cell's crop in a large frame are
 # megabytes each; a band of them stays in the cache from one comparison to the next (a fifth less time).
 LABEL_BAND_ROWS = 64
+# The largest side a crop's labels are computed at; a larger crop (a large cell in a large frame: ~940 px at
+# 2560x1920) gets them at this side, enlarged. 8x the refiner's 64-px grid: an outline step of at most 2 frame
+# pixels there, against 3.3 -> 1.0 ms for one such cell on this CPU (docs/performance.md, "Cost per megapixel").
+MAX_LABEL_SIDE = 512
 
 
 def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -43,8 +47,13 @@ def crop_labels_in_frame_pixels(crop_probabilities: np.ndarray, width: int, heig
     nucleus Dice 0.957 -> 0.960 with the shipped refiner in FP32, README). Each class plane is resized
     on its own and the argmax of the three taken by two comparisons (ties to the lower class, as
     np.argmax), band by band: the same labels, a quarter of the time of argmax over interleaved
-    channels on a large cell in a large frame.
+    channels on a large cell in a large frame. Beyond MAX_LABEL_SIDE the labels are computed at that side and
+    enlarged (nearest, pixel centres aligned).
     """
+    if max(width, height) > MAX_LABEL_SIDE:
+        scale = MAX_LABEL_SIDE / max(width, height)
+        small = crop_labels_in_frame_pixels(crop_probabilities, max(1, round(width * scale)), max(1, round(height * scale)))
+        return resize_labels(small, width, height)
     background, cytoplasm, nucleus = (resize(np.asarray(plane, np.float32), width, height) for plane in crop_probabilities)
     labels = np.empty((height, width), np.uint8)
     for start in range(0, height, LABEL_BAND_ROWS):

@@ -156,6 +156,32 @@ def test_crop_labels_are_the_argmax_of_the_resized_probabilities_ties_to_the_low
     np.testing.assert_array_equal(crop_labels_in_frame_pixels(probabilities, side, side), np.argmax(interleaved, axis=-1))
 
 
+def test_a_crop_larger_than_the_label_cap_gets_the_capped_labels_enlarged(monkeypatch: pytest.MonkeyPatch):
+    """A large cell in a large frame: its labels are computed at MAX_LABEL_SIDE and enlarged, and differ from the
+    full-size computation only along the outline."""
+    import leukoedge.refine as refine
+
+    frame_shape, centre, radius = (1100, 1100), (550, 550), 380
+    truth = np.zeros(frame_shape, np.uint8)
+    cv2.circle(truth, centre, radius, CYTOPLASM, -1)
+    cv2.circle(truth, centre, radius // 2, NUCLEUS, -1)
+    field = _instance(truth > 0)
+    x0, y0, x1, y1 = square_crop_box(field.box, MARGIN)
+    labels, _ = cut_padded(truth, (x0, y0, x1, y1))
+    probabilities = cv2.GaussianBlur(np.moveaxis(_one_hot(resize_labels(labels, SIZE, SIZE)), 0, -1), (0, 0), 1.5)
+    probabilities = np.ascontiguousarray(np.moveaxis(probabilities, -1, 0))
+    side = x1 - x0
+    assert side > refine.MAX_LABEL_SIDE
+
+    capped = crop_labels_in_frame_pixels(probabilities, side, side)
+    scaled = round(side * refine.MAX_LABEL_SIDE / side)
+    np.testing.assert_array_equal(capped, resize_labels(crop_labels_in_frame_pixels(probabilities, scaled, scaled), side, side))
+    monkeypatch.setattr(refine, "MAX_LABEL_SIDE", 10_000)
+    full = crop_labels_in_frame_pixels(probabilities, side, side)
+    assert 0 < np.mean(capped != full) < 0.01
+    assert _dice(capped > 0, full > 0) > 0.995 and _dice(capped == NUCLEUS, full == NUCLEUS) > 0.99
+
+
 def test_a_crowded_field_refines_as_if_each_crop_saw_the_whole_frames_cells():
     """Neighbours are found box by box: a cell whose crop reaches a neighbour's box keeps off that
     neighbour's pixels, and one far away plays no part, in any order of the cells."""
