@@ -924,7 +924,7 @@ def describe_bundle(bundle: Bundle) -> str:
     if "domain" in manifest:
         domain = manifest["domain"]
         lines.append(
-            f"domain check: {len(domain['colour_references'])} reference frames; outside at colour distance > "
+            f"domain check: {len(domain['colour_references'])} reference frames of {', '.join(feature_names(domain))}; outside at colour distance > "
             f"{domain['max_colour_distance']:.2f} or segmenter uncertainty > {domain['max_uncertainty']:.3f}"
             + (f" or white cells under {domain['min_cell_side_px']:.1f} px across" if "min_cell_side_px" in domain else "")
             + (f"; adapted {manifest['adaptation']['date']} from {manifest['adaptation']['frames']} frames" if "adaptation" in manifest else "")
