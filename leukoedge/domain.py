@@ -94,11 +94,18 @@ def colour_distance(spec: dict[str, Any], features: np.ndarray) -> float:
     return float(np.sqrt((((references - features) / spread) ** 2).mean(axis=1)).min())
 
 
+def box_sides(boxes: Sequence[Box]) -> np.ndarray:
+    """Each box's side in frame pixels: the square root of its area (the size both this check and the refiner's
+    refiner.min_cell_side_px read)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+
+
 def median_cell_side(boxes: Sequence[Box]) -> float | None:
-    """The median side (square root of the box's area, frame pixels) of the frame's white cells; None without any."""
-    if not boxes:
+    """The median side (box_sides) of the frame's white cells; None without any."""
+    if not len(boxes):
         return None
-    return float(np.median([np.sqrt((x1 - x0) * (y1 - y0)) for x0, y0, x1, y1 in boxes]))
+    return float(np.median(box_sides(boxes)))
 
 
 def domain_scores(

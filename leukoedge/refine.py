@@ -25,6 +25,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .domain import box_sides
 from .postprocess import CellInstance
 from .preprocess.cpu import Letterbox, resize, resize_labels, square_crop_box
 from .result import BACKGROUND, NUCLEUS
@@ -78,12 +79,6 @@ def cell_uncertainty(probabilities: np.ndarray, letterbox: Letterbox, instances:
     return uncertainty
 
 
-def cell_sides(instances: Sequence[CellInstance]) -> np.ndarray:
-    """Each cell's side in frame pixels: the square root of its box's area (domain.median_cell_side's measure)."""
-    boxes = np.array([instance.box for instance in instances], np.float64).reshape(-1, 4)
-    return np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-
-
 def cells_to_refine(
     probabilities: np.ndarray,
     letterbox: Letterbox,
@@ -92,10 +87,10 @@ def cells_to_refine(
     min_cell_side_px: float | None = None,
 ) -> np.ndarray:
     """Indices of the cells the refiner segments again: those whose cell_uncertainty is at least
-    skip_below_uncertainty and whose side (cell_sides) is at least min_cell_side_px; None: no such condition."""
+    skip_below_uncertainty and whose side (domain.box_sides) is at least min_cell_side_px; None: no such condition."""
     chosen = np.ones(len(instances), bool)
     if min_cell_side_px is not None:
-        chosen &= cell_sides(instances) >= min_cell_side_px
+        chosen &= box_sides([instance.box for instance in instances]) >= min_cell_side_px
     if skip_below_uncertainty is not None and chosen.any():
         chosen[chosen] = cell_uncertainty(probabilities, letterbox, [instances[index] for index in np.flatnonzero(chosen)]) >= skip_below_uncertainty
     return np.flatnonzero(chosen)
