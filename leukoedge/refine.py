@@ -36,7 +36,7 @@ from .result import BACKGROUND, NUCLEUS
 LABEL_BAND_ROWS = 64
 # The largest side a crop's labels are computed at; a larger crop (a large cell in a large frame: ~940 px at
 # 2560x1920) gets them at this side, enlarged. 8x the refiner's 64-px grid: an outline step of at most 2 frame
-# pixels there, against 3.3 -> 1.0 ms for one such cell on this CPU (docs/performance.md, "Cost per megapixel").
+# pixels there, against 3.5 -> 1.0 ms for one such cell on a 2-core x86 CPU (timed by hand) (docs/performance.md, "Cost per megapixel").
 MAX_LABEL_SIDE = 512
 
 
