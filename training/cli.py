@@ -85,6 +85,18 @@ def parse_source_weights(text: str | None, option: str = "--segmenter-source-wei
     return weights
 
 
+def parse_box_jitter(text: str) -> tuple[float, float]:
+    """'0.1,0.2' -> (0.1, 0.2): the centre shift's and log size change's standard deviations, shares of the box's side."""
+    parts = text.split(",")
+    try:
+        shift, size = (float(part) for part in parts)
+    except ValueError:
+        raise LeukoedgeError(f"--classifier-box-jitter takes SHIFT,SIZE (e.g. 0.05,0.1); got {text!r}") from None
+    if not (0.0 <= shift <= 0.5 and 0.0 <= size <= 0.5):
+        raise LeukoedgeError(f"--classifier-box-jitter: each standard deviation must be 0..0.5 of the box's side; got {text!r}")
+    return shift, size
+
+
 def command_train(args: argparse.Namespace) -> int:
     require_data_folder(args.data)
     require_out_folder(args.out)
@@ -133,6 +145,7 @@ def command_train(args: argparse.Namespace) -> int:
                 PipelineConfig.classifier_resolution_augment if args.classifier_resolution_augment is None else args.classifier_resolution_augment
             ),
             segmenter_device_augment=PipelineConfig.segmenter_device_augment if args.segmenter_device_augment is None else args.segmenter_device_augment,
+            classifier_box_jitter=PipelineConfig.classifier_box_jitter if args.classifier_box_jitter is None else parse_box_jitter(args.classifier_box_jitter),
         )
     except ValueError as error:  # e.g. an unknown source name
         print(f"error: {error}", file=sys.stderr)
@@ -312,6 +325,10 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--classifier-resolution-augment", type=float, default=None, metavar="SHARE",
         help="show this share of the classifier's training crops at lower resolution (shrunk to 0.25-0.75 of their side, enlarged back), as a coarser camera would (default: the pipeline's; 0: never)",
+    )
+    train.add_argument(
+        "--classifier-box-jitter", default=None, metavar="SHIFT,SIZE",
+        help="standard deviations of the classifier's training box's centre shift and log size change, as shares of its side (default: the pipeline's, 0.05,0.1)",
     )
     train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
     train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")

@@ -118,6 +118,8 @@ class DeviceFigures:
             "false_flag_rate": self.flagged / self.judged if self.judged else None,
             "flagged": self.flagged,
             "judged": self.judged,
+            "wbc_boxes": counts.wbc_boxes,  # what one box is worth in recall (scripts/compare_evaluations.py)
+            "found": counts.found,
         }
 
 

@@ -26,6 +26,7 @@ from leukoedge.preprocess.cpu import Letterbox, PreprocessSpec, prepare_frame
 
 from . import data
 from .flops import count_flops
+from .samples import BOX_JITTER
 from .stain import estimate_reference
 from .train import (
     CellExample,
@@ -131,6 +132,8 @@ class PipelineConfig:
     classifier_chroma_augment: float = 0.0
     # The share of the classifier's crops seen at lower resolution (0: never; samples.resolution_lowered).
     classifier_resolution_augment: float = 0.0
+    # The classifier's training boxes jittered by (centre shift, log size) standard deviations, shares of the side.
+    classifier_box_jitter: tuple[float, float] = BOX_JITTER
     segmenter_device_augment: float = 0.0  # the same for the segmenter's training fields
 
     def __post_init__(self) -> None:
@@ -458,6 +461,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             device_augment=config.classifier_device_augment,
             chroma_augment=config.classifier_chroma_augment,
             resolution_augment=config.classifier_resolution_augment,
+            box_jitter=config.classifier_box_jitter,
         ),
         CROP_MARGIN,
     )

@@ -108,12 +108,15 @@ def random_crop(tensor: np.ndarray, labels: np.ndarray, size: int, rng: np.rando
     return tensor[:, y : y + size, x : x + size], labels[y : y + size, x : x + size]
 
 
-def jitter_box(box: Box, rng: np.random.Generator) -> Box:
-    """The box as a found cell's box may come out: centre shifted ~5 % of its side, size ~10 % off."""
+BOX_JITTER = (0.05, 0.1)  # (centre shift, log size change): standard deviations, as shares of the box's side
+
+
+def jitter_box(box: Box, rng: np.random.Generator, jitter: tuple[float, float] = BOX_JITTER) -> Box:
+    """The box as a found cell's box may come out: centre shifted ~jitter[0] of its side, size ~jitter[1] off."""
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0)
-    shift = rng.normal(0.0, 0.05 * side, 2)
-    grow = float(np.exp(rng.normal(0.0, 0.1)))
+    shift = rng.normal(0.0, jitter[0] * side, 2)
+    grow = float(np.exp(rng.normal(0.0, jitter[1])))
     cx, cy = (x0 + x1) / 2 + shift[0], (y0 + y1) / 2 + shift[1]
     half_w, half_h = (x1 - x0) * grow / 2, (y1 - y0) * grow / 2
     return (int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h)))
@@ -225,18 +228,19 @@ def classification_sample(
     device_strength: float = 0.0,
     chroma_strength: float = 0.0,
     resolution_share: float = 0.0,
+    box_jitter: tuple[float, float] = BOX_JITTER,
 ) -> np.ndarray:
     """3xHxW crop of one cell. rng None: exactly the runtime's crop; otherwise jittered box, stain, flips,
     with device_strength > 0, half the crops from device_view (another microscope's view of the cell),
     with chroma_strength > 0, the crop's hue turned and saturation scaled (stain.augment_chroma), and
-    that share of the crops seen at lower resolution (resolution_lowered)."""
+    that share of the crops seen at lower resolution (resolution_lowered); the box jittered by box_jitter (jitter_box)."""
     statistics = frame_statistics(image) if spec.stain_reference is not None else None
     if rng is None:
         return prepare_crops(image, [box], spec, input_size, margin, statistics)[0]
     if device_strength > 0 and rng.random() < DEVICE_VIEW_PROBABILITY:
         image, box, device_statistics = device_view(image, box, margin, rng, device_strength)
         statistics = device_statistics if spec.stain_reference is not None else None
-    crop = prepare_crops(image, [jitter_box(box, rng)], jittered_stain(spec, rng), input_size, margin, statistics)[0]
+    crop = prepare_crops(image, [jitter_box(box, rng, box_jitter)], jittered_stain(spec, rng), input_size, margin, statistics)[0]
     crop = np.rot90(crop, int(rng.integers(4)), axes=(1, 2))
     if rng.random() < 0.5:
         crop = crop[:, :, ::-1]

@@ -23,7 +23,7 @@ from leukoedge.preprocess.cpu import PreprocessSpec
 
 from .data import LABEL_IGNORE, LABEL_WBC
 from .models import create_model
-from .samples import chroma_turned, classification_sample, resolution_lowered, device_view_crop, random_crop, refiner_sample, segmentation_sample
+from .samples import BOX_JITTER, chroma_turned, classification_sample, resolution_lowered, device_view_crop, random_crop, refiner_sample, segmentation_sample
 
 log = logging.getLogger("leukoedge.training")
 
@@ -105,6 +105,9 @@ class TrainConfig:
     chroma_augment: float = 0.0
     # Classifier: the share of crops seen at lower resolution (samples.resolution_lowered); 0: none.
     resolution_augment: float = 0.0
+    # Classifier: how far its training boxes move and change size (samples.jitter_box): a segmenter's boxes differ
+    # from the expert's, and from another segmenter's, by a few pixels (scripts/framing_sensitivity.py).
+    box_jitter: tuple[float, float] = BOX_JITTER
 
     def __post_init__(self) -> None:
         if self.teacher is not None and self.steps == 0:
@@ -488,7 +491,7 @@ def train_classifier(
         return model, _reuse_record(config, heads=heads, loss=loss)
 
     def runtime_crop(example: CellExample, rng: np.random.Generator | None) -> np.ndarray:
-        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng, config.device_augment, config.chroma_augment, config.resolution_augment)
+        return classification_sample(example.image, example.box, spec, config.input_size, crop_margin, rng, config.device_augment, config.chroma_augment, config.resolution_augment, config.box_jitter)
 
     sample = sample or runtime_crop
     sample_indices = balanced_indices(

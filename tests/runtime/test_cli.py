@@ -17,7 +17,7 @@ from leukoedge import benchmark, cli, session
 from leukoedge.errors import LeukoedgeError
 from leukoedge.result import Timings
 from leukoedge.shipped import default_bundle
-from leukoedge.training.cli import parse_source_weights
+from leukoedge.training.cli import parse_box_jitter, parse_source_weights
 
 STAGES = tuple(Timings(capture_ms=0.0).as_dict())  # what Detector.run times, capture included: leukoedge read the frame
 
@@ -120,6 +120,13 @@ def test_source_weights_parse_and_a_bad_one_names_its_option():
     assert parse_source_weights(None) == {}
     with pytest.raises(LeukoedgeError, match="--refiner-source-weights takes SOURCE=WEIGHT"):
         parse_source_weights("wbc-seg-zheng", "--refiner-source-weights")
+
+
+def test_box_jitter_parses_two_shares_and_refuses_others():
+    assert parse_box_jitter("0.1,0.2") == (0.1, 0.2)
+    for bad in ("0.1", "a,b", "0.1,0.9"):
+        with pytest.raises(LeukoedgeError, match="--classifier-box-jitter"):
+            parse_box_jitter(bad)
 
 
 def test_train_refuses_a_classifier_without_the_only_sources_of_a_head_before_training(tmp_path, capsys):

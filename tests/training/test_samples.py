@@ -5,7 +5,7 @@ import pytest
 
 from leukoedge.preprocess.cpu import PreprocessSpec, StainReference, lab_statistics, prepare_crops, to_rgb_float
 from leukoedge.training.data import LABEL_BACKGROUND, LABEL_NUCLEUS
-from leukoedge.training.samples import classification_sample, device_view, refiner_sample, resolution_lowered, segmentation_sample
+from leukoedge.training.samples import BOX_JITTER, classification_sample, device_view, jitter_box, refiner_sample, resolution_lowered, segmentation_sample
 from leukoedge.training.stain import turn_chroma
 
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference(lab_mean=(70.0, 5.0, 2.0), lab_std=(14.0, 12.0, 15.0)))
@@ -151,3 +151,20 @@ def test_resolution_augmentation_lowers_that_share_of_training_crops_only() -> N
     plain = [_detail(classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s))) for s in range(20)]
     lowered = [_detail(classification_sample(image, box, SPEC, (64, 64), 0.15, np.random.default_rng(s), resolution_share=1.0)) for s in range(20)]
     assert np.mean(lowered) < 0.8 * np.mean(plain)
+
+
+def test_box_jitter_moves_boxes_as_far_as_asked_and_none_keeps_them():
+    box = (100, 100, 200, 200)
+
+    def spread(jitter: tuple[float, float]) -> tuple[float, float]:
+        rng = np.random.default_rng(0)
+        boxes = np.array([jitter_box(box, rng, jitter) for _ in range(400)], float)
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        return float(centres.std(axis=0).mean()), float(np.log(boxes[:, 2] - boxes[:, 0]).std())
+
+    shift, size = spread(BOX_JITTER)
+    wider_shift, wider_size = spread((2 * BOX_JITTER[0], 2 * BOX_JITTER[1]))
+    assert 3.5 < shift < 6.5 and 0.07 < size < 0.13  # ~5 px and ~10 % on a 100 px box
+    assert 1.7 < wider_shift / shift < 2.3 and 1.7 < wider_size / size < 2.3
+    rng = np.random.default_rng(0)
+    assert {jitter_box(box, rng, (0.0, 0.0)) for _ in range(20)} == {box}
