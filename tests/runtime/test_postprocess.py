@@ -335,3 +335,15 @@ def test_split_touching_of_a_strip_the_split_lines_swallow_finds_no_cell():
     mask = np.zeros((40, 40), np.uint8)
     mask[38:40, 5:30] = 1
     assert split_touching(mask, MIN_AREA).max() == 0
+
+
+def test_the_label_map_is_the_argmax_ties_to_the_lower_class():
+    rng = np.random.default_rng(3)
+    probabilities = rng.random((3, 40, 50)).astype(np.float32)
+    probabilities[:, :4, :4] = 0.25  # three-way ties: background
+    probabilities[1, 10, :] = probabilities[0, 10, :]  # cytoplasm ties background
+    probabilities[2, 20, :] = np.maximum(probabilities[0, 20, :], probabilities[1, 20, :])  # nucleus ties the larger
+    label_map = label_map_from_probabilities(probabilities)
+    assert label_map.dtype == np.uint8
+    np.testing.assert_array_equal(label_map, np.argmax(probabilities, axis=0))
+    assert set(np.unique(label_map)) == {0, 1, 2}
