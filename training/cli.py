@@ -205,9 +205,22 @@ def command_pretrain(args: argparse.Namespace) -> int:
 def command_gate(args: argparse.Namespace) -> int:
     require_data_folder(args.data)
     from leukoedge.training.detection import format_table
-    from leukoedge.training.gate import GateRecipe, build_gated_bundle, leave_one_source_out
+    from leukoedge.bundle import load_bundle
+    from leukoedge.training.gate import GateRecipe, build_gated_bundle, check_same_crops, leave_one_source_out
 
-    recipe = GateRecipe(steps=args.steps, train_per_source=args.train_per_source, eval_split=args.split, eval_per_source=args.eval_per_source)
+    try:
+        for other in args.proposals_from:
+            check_same_crops(load_bundle(args.bundle), load_bundle(other))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    recipe = GateRecipe(
+        steps=args.steps,
+        train_per_source=args.train_per_source,
+        eval_split=args.split,
+        eval_per_source=args.eval_per_source,
+        proposals_from=tuple(str(path) for path in args.proposals_from),
+    )
     if args.leave_out:
         rows = leave_one_source_out(
             args.data, args.bundle, args.leave_out, recipe, cache=args.cache, labelled_frames=args.labelled_frames,
@@ -421,6 +434,10 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     gate.add_argument("--split", choices=("val", "test"), default="test", help="split of the figures (default: %(default)s)")
     gate.add_argument("--eval-per-source", type=int, default=60, help="normal fields per source/device in the figures (default: %(default)s)")
     gate.add_argument("--cache", type=Path, default=None, help="folder to keep the collected training crops in between runs")
+    gate.add_argument(
+        "--proposals-from", type=Path, nargs="+", default=[], metavar="BUNDLE",
+        help="also learn from the cells these bundles' field segmenters propose (same preprocessing and crops as --bundle): a gate that knows more than one segmenter's habits",
+    )
     gate.add_argument("--checkpoint", type=Path, default=None, help="also save the gate's PyTorch checkpoint here (.pt and .json)")
     gate.set_defaults(handler=command_gate)
 

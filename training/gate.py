@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from leukoedge.adapt import DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE
+from leukoedge.bundle import Bundle
 from leukoedge.detector import Candidates, Detector
 from leukoedge.preprocess.cpu import prepare_crops
 
@@ -317,9 +318,41 @@ def validation_domain(detector: Detector, data_root: Path, per_source: int) -> d
     return frame_domain(detector, gate_records(data_root, "val", per_source)).fit()
 
 
-def _examples(detector: Detector, data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
-    """Collected examples of a split, read from / written to `cache` (an .npz per split and setting) if given."""
-    path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}.npz"
+def check_same_crops(bundle: Bundle, other: Bundle) -> None:
+    """ValueError unless `other` prepares frames and cuts cell crops as `bundle` does: its proposals' crops then
+    are what `bundle`'s gate will see at run time."""
+    manifest, theirs = bundle.manifest, other.manifest
+    differing = ["preprocess"] if manifest["preprocess"] != theirs["preprocess"] else []
+    differing += [f"classifier.{key}" for key in ("input_size", "crop_margin") if manifest["classifier"][key] != theirs["classifier"][key]]
+    if differing:
+        raise ValueError(f"{other.root} prepares its cells otherwise than {bundle.root} ({', '.join(differing)} differ): its proposals cannot teach this bundle's gate")
+
+
+def proposing_detectors(bundle: Path, proposals_from: Sequence[Path]) -> list[Detector]:
+    """The bundle's detector, then those of the bundles whose segmenters also propose the gate's examples."""
+    detectors = [Detector.load(path) for path in (bundle, *proposals_from)]
+    for other in detectors[1:]:
+        check_same_crops(detectors[0].bundle, other.bundle)
+    return detectors
+
+
+def proposer(detector: Detector) -> dict[str, str]:
+    """How a manifest names a bundle whose segmenter proposed gate examples: its segmenter's architecture and file hash."""
+    manifest = detector.bundle.manifest
+    return {"segmenter": manifest["segmenter"].get("architecture", "?"), "sha256": manifest["files"][manifest["segmenter"]["file"]]}
+
+
+def _examples(detectors: Sequence[Detector], data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
+    """Collected examples of a split, through each detector's segmenter in turn (GateRecipe.proposals_from)."""
+    return GateExamples.concatenate([_examples_of(detector, data_root, split, per_source, copies, cache) for detector in detectors])
+
+
+def _examples_of(detector: Detector, data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
+    """Collected examples of a split through one detector, read from / written to `cache` (an .npz per split,
+    setting and segmenter file) if given."""
+    manifest = detector.bundle.manifest
+    segmenter = manifest["files"][manifest["segmenter"]["file"]][:12]  # another segmenter proposes other cells
+    path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}-{segmenter}.npz"
     if path is not None and path.is_file():
         stored = np.load(path, allow_pickle=False)
         return GateExamples(stored["crops"], stored["labels"], stored["domains"].astype(object))
@@ -341,6 +374,9 @@ class GateRecipe:
     eval_split: str = "test"
     eval_per_source: int = 60  # normal fields per source/device in the figures
     seed: int = 0
+    # Bundles whose field segmenters also propose the training and validation cells (the same preprocessing and
+    # crops): the gate then learns what a white cell is, not one segmenter's habits.
+    proposals_from: tuple[str, ...] = ()
 
 
 def leave_one_source_out(
@@ -364,9 +400,10 @@ def leave_one_source_out(
 
     from .detection import detection_figures, normal_records
 
-    detector = Detector.load(bundle)
-    train = _examples(detector, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
-    validation = _examples(detector, data_root, "val", recipe.val_per_source, 0, cache)
+    detectors = proposing_detectors(bundle, [Path(path) for path in recipe.proposals_from])
+    detector = detectors[0]
+    train = _examples(detectors, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
+    validation = _examples(detectors, data_root, "val", recipe.val_per_source, 0, cache)
     validation_frames = frame_domain(detector, gate_records(data_root, "val", recipe.val_per_source))
     evaluated = normal_records(data_root, recipe.eval_split, limit=recipe.eval_per_source)
     rows = []
@@ -432,9 +469,10 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
     from .flops import count_flops
     from .train import save_checkpoint
 
-    detector = Detector.load(bundle)
-    train = _examples(detector, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
-    validation = _examples(detector, data_root, "val", recipe.val_per_source, 0, cache)
+    detectors = proposing_detectors(bundle, [Path(path) for path in recipe.proposals_from])
+    detector = detectors[0]
+    train = _examples(detectors, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
+    validation = _examples(detectors, data_root, "val", recipe.val_per_source, 0, cache)
     model = train_gate(train, recipe.steps, recipe.seed)
     probabilities = wbc_probabilities(model, validation.crops)
     threshold = choose_threshold(probabilities, validation.labels, MIN_GATE_RECALL)
@@ -458,7 +496,12 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
         },
     }
     manifest["domain"] = domain
-    manifest.setdefault("training", {})["gate"] = {**vars(recipe), "sources": list(GATE_SOURCES), "examples": int(len(train.labels))}
+    manifest.setdefault("training", {})["gate"] = {
+        **vars(recipe),
+        "proposals_from": [proposer(other) for other in detectors[1:]],  # what proposed, not where it lay on disk
+        "sources": list(GATE_SOURCES),
+        "examples": int(len(train.labels)),
+    }
     if "precisions" in manifest:
         manifest["precisions"]["gate"] = {"fp32": {"file": "gate.onnx", "median_ms": None}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -468,5 +511,6 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
         files["gate.onnx"] = onnx_path
         saved = save_bundle(Path(out_dir), manifest, files)
     if checkpoint is not None:
-        save_checkpoint(model, {"model": "gate_cnn", "heads": {GATE_HEAD: GATE_CLASSES}, "recipe": vars(recipe)}, checkpoint)
+        recorded = {**vars(recipe), "proposals_from": [proposer(other) for other in detectors[1:]]}
+        save_checkpoint(model, {"model": "gate_cnn", "heads": {GATE_HEAD: GATE_CLASSES}, "recipe": recorded}, checkpoint)
     return saved

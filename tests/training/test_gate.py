@@ -70,3 +70,58 @@ def test_leave_one_out_table_marks_a_labelled_adaptation_its_check_refused(tmp_p
     table = capsys.readouterr().out
     assert "| txl-pbc/bcd (gate threshold 0.50; refused by its check, not written) |" in table
     assert "| txl-pbc/raabin (gate threshold 0.50) |" in table
+
+
+def test_a_gate_learns_from_several_segmenters_proposals_each_cached_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from leukoedge.training import gate
+
+    def detector(name: str, segmenter_sha: str):
+        manifest = {"segmenter": {"file": "segmenter.onnx", "architecture": name}, "files": {"segmenter.onnx": segmenter_sha}}
+        return SimpleNamespace(name=name, bundle=SimpleNamespace(manifest=manifest))
+
+    collected = []
+
+    def collect(detector, records, copies, seed, description=""):
+        collected.append(detector.name)
+        return GateExamples(np.zeros((2, 3, 4, 4), np.float16), np.array([0, 1]), np.array([detector.name] * 2, object))
+
+    monkeypatch.setattr(gate, "gate_records", lambda data_root, split, per_source: [])
+    monkeypatch.setattr(gate, "collect_examples", collect)
+    detectors = [detector("hctnet_lite", "a" * 64), detector("mobile_unet_field_dense", "b" * 64)]
+    examples = gate._examples(detectors, Path("data"), "train", 10, 2, tmp_path)
+    assert list(examples.domains) == ["hctnet_lite"] * 2 + ["mobile_unet_field_dense"] * 2
+    assert len(list(tmp_path.glob("gate-train-10-2-*.npz"))) == 2  # one cache file per segmenter
+    gate._examples(detectors, Path("data"), "train", 10, 2, tmp_path)
+    assert collected == ["hctnet_lite", "mobile_unet_field_dense"]  # the second time, both from the cache
+    assert gate.proposer(detectors[1]) == {"segmenter": "mobile_unet_field_dense", "sha256": "b" * 64}
+
+
+def test_only_a_bundle_that_cuts_the_same_crops_may_propose_cells() -> None:
+    from types import SimpleNamespace
+
+    from leukoedge.bundle import load_bundle
+    from leukoedge.shipped import default_bundle
+    from leukoedge.training.gate import check_same_crops
+
+    shipped = load_bundle(default_bundle())
+    check_same_crops(shipped, shipped)
+    other = {**shipped.manifest, "classifier": {**shipped.manifest["classifier"], "crop_margin": 0.3}}
+    with pytest.raises(ValueError, match="classifier.crop_margin"):
+        check_same_crops(shipped, SimpleNamespace(manifest=other, root=Path("other")))
+
+
+def test_gate_refuses_proposals_from_a_bundle_with_other_crops_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from leukoedge.bundle import load_bundle, save_bundle
+    from leukoedge.cli import main
+    from leukoedge.shipped import default_bundle
+
+    shipped = load_bundle(default_bundle())
+    manifest = {**shipped.manifest, **{key: {**shipped.manifest[key], "crop_margin": 0.3} for key in ("classifier", "gate")}}
+    save_bundle(tmp_path / "other", manifest, {name: shipped.path(name) for name in manifest["files"]})
+    (tmp_path / "data").mkdir()
+    code = main(["gate", "--data", str(tmp_path / "data"), "--bundle", str(default_bundle()), "--out", str(tmp_path / "out"), "--proposals-from", str(tmp_path / "other")])
+    assert code == 2
+    assert "classifier.crop_margin" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
