@@ -125,3 +125,17 @@ def test_gate_refuses_proposals_from_a_bundle_with_other_crops_before_any_work(t
     assert code == 2
     assert "classifier.crop_margin" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_examples_are_collected_from_a_real_field_through_the_shipped_detector(data_root: Path) -> None:
+    from leukoedge.detector import Detector
+    from leukoedge.shipped import default_bundle
+    from leukoedge.training import gate
+
+    record = data.load_records(data_root, "bccd", "val")[0]
+    with Detector.load(default_bundle()) as detector:
+        examples = gate.collect_examples(detector, [record], augmented_copies=0, seed=0)
+    size = tuple(detector.classifier_spec["input_size"])
+    assert examples.crops.shape[1:] == (3, *size) and examples.crops.dtype == np.float16
+    assert set(examples.labels.tolist()) <= {0, 1} and (examples.labels == 1).any()  # its boxed white cell
+    assert set(examples.domains.tolist()) == {record.domain}
