@@ -496,12 +496,8 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
         },
     }
     manifest["domain"] = domain
-    manifest.setdefault("training", {})["gate"] = {
-        **vars(recipe),
-        "proposals_from": [proposer(other) for other in detectors[1:]],  # what proposed, not where it lay on disk
-        "sources": list(GATE_SOURCES),
-        "examples": int(len(train.labels)),
-    }
+    recorded = {**vars(recipe), "proposals_from": [proposer(other) for other in detectors[1:]]}  # what proposed, not where it lay
+    manifest.setdefault("training", {})["gate"] = {**recorded, "sources": list(GATE_SOURCES), "examples": int(len(train.labels))}
     if "precisions" in manifest:
         manifest["precisions"]["gate"] = {"fp32": {"file": "gate.onnx", "median_ms": None}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -511,6 +507,5 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
         files["gate.onnx"] = onnx_path
         saved = save_bundle(Path(out_dir), manifest, files)
     if checkpoint is not None:
-        recorded = {**vars(recipe), "proposals_from": [proposer(other) for other in detectors[1:]]}
         save_checkpoint(model, {"model": "gate_cnn", "heads": {GATE_HEAD: GATE_CLASSES}, "recipe": recorded}, checkpoint)
     return saved
