@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,19 @@ def test_examples_are_collected_from_a_real_field_through_the_shipped_detector(d
     assert examples.crops.shape[1:] == (3, *size) and examples.crops.dtype == np.float16
     assert set(examples.labels.tolist()) <= {0, 1} and (examples.labels == 1).any()  # its boxed white cell
     assert set(examples.domains.tolist()) == {record.domain}
+
+
+def test_a_gated_bundle_built_from_two_segmenters_proposals_names_them_without_paths(data_root: Path, tmp_path: Path) -> None:
+    from leukoedge.bundle import load_bundle
+    from leukoedge.shipped import default_bundle
+    from leukoedge.training.gate import GateRecipe, build_gated_bundle
+
+    recipe = GateRecipe(steps=2, train_per_source=2, augmented_copies=0, val_per_source=2, proposals_from=(str(default_bundle()),))
+    saved = build_gated_bundle(data_root, default_bundle(), tmp_path / "gated", recipe, cache=tmp_path / "cache", checkpoint=tmp_path / "gate.pt")
+    bundle = load_bundle(saved.root)
+    recorded = bundle.manifest["training"]["gate"]
+    shipped = load_bundle(default_bundle()).manifest
+    assert recorded["proposals_from"] == [{"segmenter": shipped["segmenter"]["architecture"], "sha256": shipped["files"]["segmenter.onnx"]}]
+    assert str(tmp_path) not in json.dumps(bundle.manifest) and str(default_bundle()) not in json.dumps(recorded)
+    assert 0.0 <= bundle.manifest["gate"]["threshold"] <= 1.0
+    assert len(list((tmp_path / "cache").glob("gate-*.npz"))) == 2  # train and val, one segmenter file (the same bundle twice)
