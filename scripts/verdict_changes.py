@@ -3,7 +3,10 @@ that the shipped one does not (and the other way round), with each field's blast
 probabilities under both, so a changed figure in `leukoedge evaluate` can be traced to the fields behind it.
 
     python scripts/verdict_changes.py --data ../shared/data --before models/default --after CANDIDATE \\
-        [--source all-taleqani] [--split test] [--min-change 0.2]
+        [--source all-taleqani] [--split test] [--min-change 0.2] [--draw DIR]
+
+--draw writes, per changed field, the two bundles' overlays side by side (Result.draw: masks, boxes, blast
+probabilities, verdict), before on the left: what a person would rather look at than read.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import cv2
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -33,7 +39,10 @@ def main() -> None:
     parser.add_argument("--source", default="all-taleqani", help="data source (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--min-change", type=float, default=0.2, help="also list fields whose blast fraction moved this much (default: %(default)s)")
+    parser.add_argument("--draw", type=Path, default=None, help="write each changed field's before | after overlays here (PNG)")
     args = parser.parse_args()
+    if args.draw is not None:
+        args.draw.mkdir(parents=True, exist_ok=True)
     before, after = Detector.load(args.before), Detector.load(args.after)
     changed = 0
     records = data.load_records(args.data, args.source, args.split)
@@ -45,6 +54,9 @@ def main() -> None:
             changed += 1
             truth = "" if record.blast is None else f" (truth: {'blast' if record.blast else 'no blast'})"
             print(f"{record.image_path.name}{truth}\n  before: {describe(old)}\n  after:  {describe(new)}")
+            if args.draw is not None:
+                side_by_side = np.hstack([old.draw(image), np.full((image.shape[0], 8, 3), 255, np.uint8), new.draw(image)])
+                cv2.imwrite(str(args.draw / f"{record.image_path.stem}.png"), side_by_side)
     print(f"{changed} of {len(records)} {args.source} {args.split} fields changed")
 
 
