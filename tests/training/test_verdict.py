@@ -56,3 +56,18 @@ def test_a_trained_bundle_flags_from_two_blasts_and_a_copy_can_ask_for_another_c
     assert {name: digest for name, digest in copied["files"].items()} == original["files"]
     with Detector.load(tmp_path / "copy") as detector:
         assert detector.verdict_terms()[2] == 3
+
+
+def test_the_flag_fraction_curve_counts_a_field_at_two_thirds_as_flagged_at_0_667():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from flag_fraction_curve import curve
+
+    fractions = np.array([2 / 3, 0.5, 1.0, 0.0, 2 / 3])
+    malignant = np.array([True, True, True, False, False])
+    rows = {threshold: (sensitivity, specificity, flagged) for threshold, sensitivity, specificity, flagged in curve(fractions, malignant, [0.5, 0.667, 0.7])}
+    assert rows[0.667] == (2 / 3, 0.5, 1)  # 2 of 3 blasts flags at 0.667
+    assert rows[0.7] == (1 / 3, 1.0, 0)
+    assert rows[0.5] == (1.0, 0.5, 1)

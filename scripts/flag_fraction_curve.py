@@ -1,0 +1,61 @@
+"""The Taleqani verdict of a bundle at every flag fraction: sensitivity, specificity and benign fields flagged per
+threshold, on the validation and test splits, next to the fraction the bundle carries and the one its validation
+fields would choose (training/verdict.choose_flag_fraction). Shows how flat the choice is: where the 60 benign
+validation fields flag the same few over a range, balanced accuracy chooses on sensitivity alone.
+
+    python scripts/flag_fraction_curve.py --data ../shared/data --bundles shipped=models/default [other=DIR ...] \\
+        [--thresholds 0.5 0.6 0.667 0.7 0.75 0.8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from leukoedge.detector import Detector  # noqa: E402
+from leukoedge.training import data  # noqa: E402
+from leukoedge.training.verdict import choose_flag_fraction, taleqani_verdicts  # noqa: E402
+
+
+def curve(fractions: np.ndarray, malignant: np.ndarray, thresholds: list[float]) -> list[tuple[float, float, float, int]]:
+    """(threshold, sensitivity, specificity, benign fields flagged) at each threshold; a field flags at fraction >= threshold."""
+    rows = []
+    for threshold in thresholds:
+        flagged = fractions >= threshold - 5e-4  # thresholds are given to 3 decimals: 2 of 3 blasts flags at 0.667
+        rows.append((threshold, float(flagged[malignant].mean()), float((~flagged[~malignant]).mean()), int(flagged[~malignant].sum())))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--bundles", nargs="+", required=True, metavar="NAME=DIR")
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.6, 0.667, 0.7, 0.75, 0.8])
+    args = parser.parse_args()
+    for name, path in (item.split("=", 1) for item in args.bundles):
+        detector = Detector.load(path)
+        carried = detector.verdict_terms()[1]
+        print(f"## {name}: flag fraction {carried:.3f}, from {detector.verdict_terms()[2]} blasts")
+        for split in ("val", "test"):
+            fractions, malignant = taleqani_verdicts(detector, data.load_records(args.data, "all-taleqani", split))
+            fractions, malignant = np.asarray(fractions), np.asarray(malignant, bool)
+            chosen = ""
+            if split == "val":
+                threshold, balanced = choose_flag_fraction(fractions, malignant.astype(int), carried)
+                chosen = f"; these fields would choose {threshold:.3f} (balanced accuracy {balanced:.3f})" if balanced is not None else ""
+            print(f"{split}: {int(malignant.sum())} malignant, {int((~malignant).sum())} benign fields{chosen}")
+            print("| flag fraction | sensitivity | specificity | benign fields flagged |\n|---|---|---|---|")
+            for threshold, sensitivity, specificity, flagged in curve(fractions, malignant, sorted({*args.thresholds, carried})):
+                mark = " (carried)" if abs(threshold - carried) < 1e-9 else ""
+                print(f"| {threshold:.3f}{mark} | {sensitivity:.3f} | {specificity:.3f} | {flagged} |")
+            print()
+
+
+if __name__ == "__main__":
+    main()
