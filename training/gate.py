@@ -342,6 +342,15 @@ def proposer(detector: Detector) -> dict[str, str]:
     return {"segmenter": manifest["segmenter"].get("architecture", "?"), "sha256": manifest["files"][manifest["segmenter"]["file"]]}
 
 
+def collected_examples(data_root: Path, bundle: Path, recipe: "GateRecipe", cache: Path | None) -> tuple[list[Detector], GateExamples, GateExamples]:
+    """The proposing detectors (the bundle's first, then recipe.proposals_from's) and the training and validation
+    examples collected through them."""
+    detectors = proposing_detectors(bundle, [Path(path) for path in recipe.proposals_from])
+    train = _examples(detectors, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
+    validation = _examples(detectors, data_root, "val", recipe.val_per_source, 0, cache)
+    return detectors, train, validation
+
+
 def _examples(detectors: Sequence[Detector], data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
     """Collected examples of a split, through each detector's segmenter in turn (GateRecipe.proposals_from)."""
     return GateExamples.concatenate([_split_examples(detector, data_root, split, per_source, copies, cache) for detector in detectors])
@@ -400,10 +409,8 @@ def leave_one_source_out(
 
     from .detection import detection_figures, normal_records
 
-    detectors = proposing_detectors(bundle, [Path(path) for path in recipe.proposals_from])
+    detectors, train, validation = collected_examples(data_root, bundle, recipe, cache)
     detector = detectors[0]
-    train = _examples(detectors, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
-    validation = _examples(detectors, data_root, "val", recipe.val_per_source, 0, cache)
     validation_frames = frame_domain(detector, gate_records(data_root, "val", recipe.val_per_source))
     evaluated = normal_records(data_root, recipe.eval_split, limit=recipe.eval_per_source)
     rows = []
@@ -469,10 +476,8 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
     from .flops import count_flops
     from .train import save_checkpoint
 
-    detectors = proposing_detectors(bundle, [Path(path) for path in recipe.proposals_from])
+    detectors, train, validation = collected_examples(data_root, bundle, recipe, cache)
     detector = detectors[0]
-    train = _examples(detectors, data_root, "train", recipe.train_per_source, recipe.augmented_copies, cache)
-    validation = _examples(detectors, data_root, "val", recipe.val_per_source, 0, cache)
     model = train_gate(train, recipe.steps, recipe.seed)
     probabilities = wbc_probabilities(model, validation.crops)
     threshold = choose_threshold(probabilities, validation.labels, MIN_GATE_RECALL)
