@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge.detector import Detector  # noqa: E402
+from leukoedge.preprocess.cpu import prepare_crops  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 from leukoedge.training.evaluate import NOT_WHITE_CELL_TYPES, _central_cell  # noqa: E402
 
@@ -36,9 +37,9 @@ def framings(box: tuple[int, int, int, int], shift: int) -> list[tuple[int, int,
 
 def blast_probabilities(detector: Detector, image: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
     """The classifier's blast probability for a crop around each box, cut as the runtime cuts it."""
-    found = detector.candidates(image)
-    crops = np.concatenate(list(detector._crop_batches(image, found.prepared, boxes, detector.classifier_spec)))
+    prepared = detector.prepare_frame(image)
     spec = detector.classifier_spec
+    crops = prepare_crops(image, boxes, detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order)
     head = spec["heads"]["blast"]
     outputs = detector.classifier.run({spec["input"]: crops})
     return outputs[head["output"]][:, list(head["classes"]).index("blast")]
