@@ -4,7 +4,8 @@ that picks a lighter field segmenter (docs/performance.md, "A lighter field segm
     python scripts/segmenter_speed.py [SEGMENTER ...] [--threads 2] [--runs 30]
 
 Each SEGMENTER is a registered name (built with fresh weights: speed depends on the architecture, not the weights)
-or a checkpoint .pt with its .json (e.g. models/checkpoints/default-segmenter.pt, the shipped one). Each is exported
+or a checkpoint .pt with its .json (e.g. models/checkpoints/default-segmenter.pt, the shipped one), or a peer
+(scripts/peer_segmenters.py: lraspp_mobilenet_v3_large, torchvision's architecture written out). Each is exported
 as the pipeline exports the field segmenter (export/onnx.py, softmax included) and run by leukoedge's ONNX Runtime
 backend on one frame at a time, the segmenters taking turns call by call (scripts/onnx_speed.py). Printed: GFLOPs
 and parameters per frame, median and p95 ms per frame, and the ratio of each one's median to the first's.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from onnx_speed import exported_segmenter, median_p95, time_interleaved
+from peer_segmenters import PEERS, create_peer
 
 DEFAULT_SEGMENTERS = ("models/checkpoints/default-segmenter.pt", "mobile_unet", "mobile_unet_field")
 
@@ -33,6 +35,8 @@ def loaded(segmenter: str):
         model, record = load_checkpoint(Path(segmenter))
         return model, f"{record['config']['model']} ({segmenter})"
     torch.manual_seed(0)
+    if segmenter in PEERS:
+        return create_peer(segmenter), f"{segmenter} (peer, fresh weights)"
     return create_model(segmenter), f"{segmenter} (fresh weights)"
 
 
