@@ -177,18 +177,23 @@ def refine_cells(
     crop_margin: float,
     frame_shape: tuple[int, int],
     chosen: np.ndarray | None = None,
+    kept: np.ndarray | None = None,
 ) -> tuple[list[CellInstance], np.ndarray]:
-    """The cells (one per instance, same order; the chosen ones refined) and the frame label map painted from them.
+    """The kept cells (one per kept instance, same order; the chosen ones refined) and the frame label map painted
+    from them.
 
     chosen: indices of the instances the refiner saw (cells_to_refine; None: all of them), in order; the
-    others keep the field segmenter's masks. crop_probabilities: len(chosen)x3xSxS, the refiner's class
-    probabilities for the chosen instances' crops, cut with prepare_crops(frame, [instance.box ...], ...,
-    crop_margin). A refined cell still gives up the pixels of every other cell found, refined or not. All
+    others keep the field segmenter's masks. kept: indices of the instances returned (the gate's white cells;
+    None: all of them), in order; chosen must be among them. crop_probabilities: len(chosen)x3xSxS, the refiner's
+    class probabilities for the chosen instances' crops, cut with prepare_crops(frame, [instance.box ...], ...,
+    crop_margin). A refined cell still gives up the pixels of every other instance found, refined, kept or not. All
     work is per cell box: nothing here grows with the frame but the label map it returns.
     """
     chosen = np.arange(len(instances)) if chosen is None else np.asarray(chosen, np.int64)
     if len(crop_probabilities) != len(chosen):
         raise ValueError(f"{len(crop_probabilities)} refined crops for {len(chosen)} cells to refine")
+    if kept is not None and not np.isin(chosen, kept).all():
+        raise ValueError("the refiner may only segment kept instances")
     squares, windows = crop_windows([instances[index] for index in chosen], crop_margin, frame_shape)
     boxes = np.array([instance.box for instance in instances], np.int64).reshape(-1, 4)
     # reaches[i, j]: instance j's box overlaps the window of the i-th chosen instance, so its pixels can be in that crop
@@ -198,7 +203,8 @@ def refine_cells(
     for row, (index, probabilities) in enumerate(zip(chosen.tolist(), crop_probabilities)):
         claims = window_claims(instances, np.flatnonzero(reaches[row]), index, windows[row])
         refined[index] = refine_instance(index, instances[index], probabilities, squares[row], windows[row], claims)
-    return refined, paint_label_map(refined, frame_shape)
+    cells = refined if kept is None else [refined[index] for index in np.asarray(kept, np.int64).tolist()]
+    return cells, paint_label_map(cells, frame_shape)
 
 
 def paint_label_map(cells: Sequence[CellInstance], frame_shape: tuple[int, int]) -> np.ndarray:

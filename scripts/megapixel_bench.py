@@ -2,7 +2,7 @@
 extra megapixel and per extra cell (docs/performance.md, "Cost per megapixel").
 
     git worktree add ../before <commit>      # or: mkdir ../before && git archive <commit> leukoedge | tar -x -C ../before
-    python scripts/megapixel_bench.py --data ../shared/data --baseline ../before [--frames 12] [--threads 2]
+    python scripts/megapixel_bench.py --data ../shared/data --baseline ../before [--frames 12] [--threads 2] [--unseen-fields 20]
 
 The baseline's `leukoedge` package is imported under another name (leukoedge_baseline), so both run in this
 process on the same frames: leukoedge.benchmark's scaling points (real BCCD white cells pasted on BCCD fields,
@@ -24,6 +24,7 @@ tiled 4x4 and enlarged 2x): the ms saved and how the cells, labels, verdicts and
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import sys
 import time
@@ -68,6 +69,17 @@ def same_results(one: Any, other: Any) -> bool:
         and np.array_equal(a.nucleus_mask, b.nucleus_mask)
         for a, b in zip(one.cells, other.cells)
     )
+
+
+def unseen_device_points(data_root: Path, per_lab: int) -> list[ScalingPoint]:
+    """One point per TXL-PBC lab: its first `per_lab` test fields (one size per lab: raabin 575x575, bcd 416x416)."""
+    with open(data_root / "txl-pbc" / "labels.csv", newline="") as table:
+        rows = [row for row in csv.DictReader(table) if row["txl_split"] == "test"]
+    points = []
+    for lab in ("raabin", "bcd"):
+        frames = [cv2.imread(str(data_root / "txl-pbc" / row["image"])) for row in rows if row["subset"] == lab][:per_lab]
+        points.append(ScalingPoint(f"txl-pbc {lab} field", frames))
+    return points
 
 
 def field_slopes(points: list[ScalingPoint]) -> dict[str, float]:
@@ -187,6 +199,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
     parser.add_argument("--shrink-check", action="store_true", help="also measure a cheaper shrink of large frames and crops (not shipped)")
+    parser.add_argument(
+        "--unseen-fields", type=int, default=0, metavar="N",
+        help="also time N test fields of each TXL-PBC lab (raabin, bcd): microscopes the bench points do not come from, with many red cells and platelets proposed",
+    )
     args = parser.parse_args()
     baseline = import_baseline(args.baseline)
     detectors = {
@@ -195,6 +211,8 @@ def main() -> int:
     }
     names = list(detectors)
     frames = scaling_points(args.data)
+    fitted = len(frames)  # the fits are over the bench's own points; the unseen-device fields are shown beside them
+    frames += unseen_device_points(args.data, args.unseen_fields) if args.unseen_fields else []
     points = {name: [ScalingPoint(point.name, point.frames) for point in frames] for name in names}
     outcomes: list[bool] = []
     time_points_interleaved(detectors, points, args.frames, args.warmup, lambda results: outcomes.append(same_results(*results)))
@@ -203,9 +221,9 @@ def main() -> int:
     slopes = {}
     for name in names:
         print(f"\n## {name} ({args.baseline if name == 'before' else REPO_ROOT})\n")
-        print(format_scaling(points[name], fit_scaling(points[name])))
+        print(format_scaling(points[name], fit_scaling(points[name][:fitted])))
         slopes[name] = field_slopes(points[name])
-    fits = {name: fit_scaling(points[name]) for name in names}
+    fits = {name: fit_scaling(points[name][:fitted]) for name in names}
     print("\nms per extra megapixel, before -> after: over every point (the fit above) | over the BCCD field's sizes alone")
     print("| stage | every point | BCCD field alone |")
     print("|---|---|---|")
@@ -213,14 +231,15 @@ def main() -> int:
         before, after = fits["before"].per_megapixel[stage], fits["after"].per_megapixel[stage]
         joint = "-" if before is None or after is None else f"{before:.2f} -> {after:.2f}"
         print(f"| {stage} | {joint} | {slopes['before'][stage]:.2f} -> {slopes['after'][stage]:.2f} |")
-    print("\nmedian / p95 ms of the total per point, before -> after, and the ratio of the medians")
-    print("| point | frame | cells | before | after | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("\nmedian / p95 ms of the total (and of the gate + refine stages) per point, before -> after, and the ratio of the medians")
+    print("| point | frame | cells | before | after | ratio | gate + refine, before -> after |")
+    print("|---|---|---|---|---|---|---|")
     for before, after in zip(points["before"], points["after"]):
         height, width = after.frames[0].shape[:2]
+        per_cell = " -> ".join(f"{point.times.median('gate') + point.times.median('refine'):.1f}" for point in (before, after))
         print(
             f"| {after.name} | {width}x{height} | {after.cells:g} | {before.times.median('total'):.1f} / {before.times.p95('total'):.1f} | "
-            f"{after.times.median('total'):.1f} / {after.times.p95('total'):.1f} | {after.times.median('total') / before.times.median('total'):.2f} |"
+            f"{after.times.median('total'):.1f} / {after.times.p95('total'):.1f} | {after.times.median('total') / before.times.median('total'):.2f} | {per_cell} |"
         )
     preprocess_costs(detectors["after"], frames[0].frames[0], 3 * args.frames)
     if args.shrink_check:

@@ -280,10 +280,12 @@ def test_the_with_block_closes_the_detector_when_the_loop_fails():
     assert det.closed and det.segmenter is None
 
 
-def test_the_gated_label_map_is_copied_box_by_box_as_a_whole_copy_would_be(data_root: Path) -> None:
-    """keep_white_cells copies the candidates' label map only inside the cells' boxes (copy_within_boxes): it
-    must be BACKGROUND everywhere else, on fields refined or not, enlarged or tiled; then the gated map is the
-    whole copy with the rejected proposals cleared."""
+def test_the_gated_label_map_holds_the_kept_cells_and_nothing_else(data_root: Path) -> None:
+    """white_cells' label map, on fields refined or not, enlarged or tiled: without a refiner, the candidates' map
+    (BACKGROUND outside the proposals' boxes) with the rejected proposals cleared, copied box by box as a whole copy
+    would be; with one, exactly the kept cells' masks painted (a rejected proposal takes no pixel of a kept cell)."""
+    from leukoedge.refine import paint_label_map
+
     shipped = Detector.load(Path(__file__).resolve().parents[2] / "models" / "default")
     assert shipped.gate is not None and shipped.refiner is not None
     field = cv2.imread(str(data_root / "bccd" / "images" / "BloodImage_00001.jpg"))
@@ -302,10 +304,16 @@ def test_the_gated_label_map_is_copied_box_by_box_as_a_whole_copy_would_be(data_
             assert not found.label_map[~in_boxes].any()
             crops = shipped.cell_crops(frame, found.prepared, found.instances)
             keep = shipped.white_cell_probabilities(crops) >= shipped.gate_spec["threshold"]
-            expected = found.label_map.copy()
-            for instance in (instance for instance, kept in zip(found.instances, keep) if not kept):
-                x0, y0, x1, y1 = instance.box
-                expected[y0:y1, x0:x1][instance.mask] = BACKGROUND
-            np.testing.assert_array_equal(shipped.keep_white_cells(found, crops)[1], expected)
-            rejected += int((~keep).sum())
+            cells, label_map, rejected_count, kept_crops = shipped.white_cells(frame, found)
+            assert rejected_count == int((~keep).sum()) and len(cells) == len(kept_crops) == int(keep.sum())
+            np.testing.assert_array_equal(kept_crops, crops[keep])
+            if shipped.refiner is None:
+                expected = found.label_map.copy()
+                for instance in (instance for instance, kept in zip(found.instances, keep) if not kept):
+                    x0, y0, x1, y1 = instance.box
+                    expected[y0:y1, x0:x1][instance.mask] = BACKGROUND
+            else:
+                expected = paint_label_map(cells, frame.shape[:2])
+            np.testing.assert_array_equal(label_map, expected)
+            rejected += rejected_count
     assert rejected  # some proposals were cleared

@@ -340,8 +340,9 @@ def test_cells_smaller_than_the_smallest_side_skip_the_refiner_and_leukoedge_inf
         refined_batches = []
         run_refiner = detector.refiner.run
         monkeypatch.setattr(detector.refiner, "run", lambda inputs: refined_batches.append(inputs) or run_refiner(inputs))
-        found = detector.candidates(_sample_frame())
-    assert found.instances and not refined_batches and all(cell.found_box is None for cell in found.instances)
+        frame = _sample_frame()
+        cells = detector.white_cells(frame, detector.candidates(frame))[0]
+    assert cells and not refined_batches and all(cell.found_box is None for cell in cells)
 
 
 def _sample_frame() -> np.ndarray:
@@ -369,14 +370,14 @@ def test_confident_cells_skip_the_refiner_and_keep_the_segmenters_masks(tmp_path
         refined_batches = []
         run_refiner = detector.refiner.run
         monkeypatch.setattr(detector.refiner, "run", lambda inputs: refined_batches.append(inputs) or run_refiner(inputs))
-        found = detector.candidates(frame)
-        assert found.instances and not refined_batches  # the refiner never ran
+        found = detector.white_cells(frame, detector.candidates(frame))[0]
+        assert found and not refined_batches  # the refiner never ran
         detector.refiner_spec = {key: value for key, value in detector.refiner_spec.items() if key != "skip_below_uncertainty"}
-        every_cell = detector.candidates(frame)
+        every_cell = detector.white_cells(frame, detector.candidates(frame))[0]
         assert len(refined_batches) == 1  # without the option it runs, on every cell
-    assert all(cell.found_box is None for cell in found.instances)  # no cell moved: the segmenter's masks
-    assert [cell.classifier_box for cell in found.instances] == [cell.classifier_box for cell in every_cell.instances]
-    assert not all(np.array_equal(a.mask, b.mask) for a, b in zip(found.instances, every_cell.instances))
+    assert all(cell.found_box is None for cell in found)  # no cell moved: the segmenter's masks
+    assert [cell.classifier_box for cell in found] == [cell.classifier_box for cell in every_cell]
+    assert not all(np.array_equal(a.mask, b.mask) for a, b in zip(found, every_cell))
 
 
 def test_refiner_and_classifier_share_one_crop_per_cell_with_the_same_results() -> None:
@@ -388,12 +389,43 @@ def test_refiner_and_classifier_share_one_crop_per_cell_with_the_same_results() 
     # Four sample fields side by side: many cells, some refined, some skipped.
     frames = [cv2.resize(cv2.imread(str(path)), (320, 240)) for path in sorted((repo / "samples").glob("*.jpg"))]
     frame = np.ascontiguousarray(np.vstack([np.hstack(frames[:2]), np.hstack(frames[2:4])]))
+    refiner_cuts = []  # the refiner cuts crops of its own only where it cannot share the classifier's
+    cut_for_refiner = detector._crop_batches
+    detector._crop_batches = lambda frame, prepared, boxes, spec: (refiner_cuts.append(1) if spec is detector.refiner_spec else None) or cut_for_refiner(frame, prepared, boxes, spec)
     shared = detector.run(frame)
-    assert detector.candidates(frame).crops is not None
+    assert not refiner_cuts
     detector.shared_crops = False
     separate = detector.run(frame)
-    assert detector.candidates(frame).crops is None
+    assert refiner_cuts
     assert len(shared.cells) == len(separate.cells) >= 3
     for a, b in zip(shared.cells, separate.cells):
         assert a.box == b.box and a.label == b.label and a.blast_probability == pytest.approx(b.blast_probability, abs=1e-6)
     assert np.array_equal(shared.label_map, separate.label_map)
+
+
+def test_the_refiner_segments_only_the_proposals_the_gate_keeps_and_they_come_out_as_refining_all_would_give(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate runs before the refiner: a rejected proposal is never refined, and a kept cell's refined mask is the
+    one refining every proposal gives (every proposal still claims its pixels, kept or not)."""
+    detector = Detector.load(DEFAULT_BUNDLE, threads=1)
+    refined_crops = []
+    run_refiner = detector.refiner.run
+    monkeypatch.setattr(detector.refiner, "run", lambda inputs: refined_crops.append(len(next(iter(inputs.values())))) or run_refiner(inputs))
+    rejected_somewhere = False
+    for path in sorted((data_root / "txl-pbc" / "images").glob("*.jpg"))[:12]:
+        frame = cv2.imread(str(path))
+        found = detector.candidates(frame)
+        if not found.instances:
+            continue
+        crops = detector.cell_crops(frame, found.prepared, found.instances)
+        keep = detector.white_cell_probabilities(crops) >= detector.gate_spec["threshold"]
+        spec = detector.refiner_spec
+        chosen = cells_to_refine(found.probabilities, found.prepared.letterbox, found.instances, spec.get("skip_below_uncertainty"), spec.get("min_cell_side_px"))
+        refined_crops.clear()
+        cells = detector.white_cells(frame, found)[0]
+        assert sum(refined_crops) == int(keep[chosen].sum())
+        everyone = detector.refine(frame, found.prepared, found.instances, found.probabilities, np.arange(len(found.instances)), crops)[0]
+        expected = [cell for cell, kept in zip(everyone, keep) if kept]
+        assert [cell.box for cell in cells] == [cell.box for cell in expected]
+        assert all(np.array_equal(a.mask, b.mask) and np.array_equal(a.nucleus_mask, b.nucleus_mask) for a, b in zip(cells, expected))
+        rejected_somewhere |= bool((~keep[chosen]).any())
+    assert rejected_somewhere  # some proposal the refiner would have segmented was rejected first
