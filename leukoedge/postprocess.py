@@ -88,6 +88,31 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
     return merge_nested(markers, components)
 
 
+# A white cell the gate keeps whose box lies inside another kept cell's box, with a tenth of its area or less, is a
+# fragment of that cell (an edge the segmenter cut off, a lobe beside a red cell it touches), not a cell: two white
+# cells lie side by side, and a round cell's box cannot sit inside another's unless that one is several times wider.
+# Fragments sit on blast-like nuclei and are called blasts (69 dropped on Taleqani's validation fields), and
+# one flagged a normal TXL-PBC field as a second blast beside a large lymphocyte (docs/training.md, "Bundle 0.10.0").
+FRAGMENT_AREA_SHARE = 0.1
+
+
+def fragments(cells: list[CellInstance]) -> np.ndarray:
+    """Whether each cell is a fragment of another: its box NESTED_BOX_SHARE inside that cell's box and its mask's
+    area under FRAGMENT_AREA_SHARE of that cell's."""
+    if len(cells) < 2:
+        return np.zeros(len(cells), bool)
+    boxes = np.array([cell.box for cell in cells], np.int64)
+    box_areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    width = np.clip(np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0]), 0, None)
+    height = np.clip(np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1]), 0, None)
+    inside = width * height >= NESTED_BOX_SHARE * np.maximum(box_areas[:, None], 1)  # inside[i, j]: i's box inside j's
+    np.fill_diagonal(inside, False)
+    if not inside.any():  # most frames
+        return np.zeros(len(cells), bool)
+    areas = np.array([int(cell.mask.sum()) for cell in cells])
+    return (inside & (areas[:, None] < FRAGMENT_AREA_SHARE * areas[None, :])).any(axis=1)
+
+
 def piece_components(instances: np.ndarray, components: np.ndarray, count: int) -> np.ndarray:
     """For instances 0..count, the connected component (of `components`, the mask's component map) each lies in; 0 for
     background and for ids no pixel carries."""

@@ -160,7 +160,8 @@ class Verdict:
     status says whether the frame was judged at all (VERDICT_STATUSES); `reason` says why not, for a
     person. Only a judged frame ("ok") can be flagged: a frame the bundle cannot judge is never a
     leukemia flag. cell_count and the blast fraction count white cells only; objects the cell-or-not
-    gate rejected (red cells, platelets, debris) are in non_wbc_count and nowhere else. subtype: the
+    gate rejected (red cells, platelets, debris) and fragments of a white cell (postprocess.fragments) are in
+    non_wbc_count and nowhere else. subtype: the
     frame's B-ALL subtype (the mean of its cells' subtype probabilities; None without cells or without
     a subtype head). A judged frame is flagged when its blast fraction reaches flag_fraction and it holds
     at least min_blast_count blasts: one blast-like cell alone (a lone white cell called a blast, the

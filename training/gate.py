@@ -9,7 +9,8 @@ one head, trained on what the segmenter actually proposes, cut exactly as the cl
 - single-cell sources with expert masks (Zheng, ALL-IDB2): the proposal matching the expert cell is a
   white cell, the others are not;
 - PBC: the proposal at the centre is the labelled cell (a white cell unless the label is platelet or
-  erythroblast), the others (red cells around it) are not;
+  erythroblast), the others (red cells around it) are not; beside the evenly spaced sample, PBC's platelet and
+  erythroblast images (look_alike_records) are a domain of their own, so every batch holds its share of them;
 - Taleqani: proposals matching the weak blast masks are white cells; the others are left out (the weak
   masks miss cells, so "unmatched" does not mean "not a white cell").
 Every training field is also seen as another device would show it (training/stain.augment_device, scale
@@ -183,6 +184,24 @@ def collect_examples(
 def gate_records(data_root: Path, split: str, per_source: int | None, sources: Sequence[str] = GATE_SOURCES) -> list[data.Record]:
     """A split's fields of every gate source, at most `per_source` per source/device (evenly spaced)."""
     return records_per_domain(data_root, split, sources, per_source)
+
+
+LOOK_ALIKE_DOMAIN = "pbc/look-alike"  # the domain of look_alike_records' examples: a share of every batch of its own
+
+
+LOOK_ALIKES_PER_FIELD = 3  # look-alike images per field of each source: 360 for the shipped 120, all of PBC's 348
+
+
+def look_alike_records(data_root: Path, split: str, per_source: int | None) -> list[data.Record]:
+    """PBC platelet and erythroblast images of the split that gate_records leaves out, at most LOOK_ALIKES_PER_FIELD x
+    per_source (evenly spaced). They are what a gate confuses with white cells (an erythroblast's round dense
+    nucleus is a small lymphocyte's), and the evenly spaced sample of PBC holds 15 of each among its 120 fields."""
+    sampled = {record.image_path for record in gate_records(data_root, split, per_source, ("pbc",))}
+    records = [record for record in data.load_records(data_root, "pbc", split) if record.wbc_type in NOT_WBC_TYPES and record.image_path not in sampled]
+    limit = None if per_source is None else LOOK_ALIKES_PER_FIELD * per_source
+    if limit is not None and len(records) > limit:
+        records = [records[int(index)] for index in np.linspace(0, len(records) - 1, limit)]
+    return records
 
 
 def _balanced_batch(examples: GateExamples, rng: np.random.Generator, batch_size: int) -> np.ndarray:
@@ -361,11 +380,15 @@ def _split_examples(detector: Detector, data_root: Path, split: str, per_source:
     setting and segmenter file) if given."""
     manifest = detector.bundle.manifest
     segmenter = manifest["files"][manifest["segmenter"]["file"]][:12]  # another segmenter proposes other cells
-    path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}-{segmenter}.npz"
+    path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}-look-alikes-{segmenter}.npz"
     if path is not None and path.is_file():
         stored = np.load(path, allow_pickle=False)
         return GateExamples(stored["crops"], stored["labels"], stored["domains"].astype(object))
-    examples = collect_examples(detector, gate_records(data_root, split, per_source), copies, seed=0 if split == "train" else 1, description=f"gate examples ({split})")
+    seed = 0 if split == "train" else 1
+    examples = collect_examples(detector, gate_records(data_root, split, per_source), copies, seed, description=f"gate examples ({split})")
+    look_alikes = collect_examples(detector, look_alike_records(data_root, split, per_source), copies, seed + 2, description=f"platelets and erythroblasts ({split})")
+    look_alikes.domains[:] = LOOK_ALIKE_DOMAIN
+    examples = GateExamples.concatenate([examples, look_alikes])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, crops=examples.crops, labels=examples.labels, domains=examples.domains.astype(str))

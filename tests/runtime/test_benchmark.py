@@ -141,10 +141,11 @@ def test_points_that_cannot_separate_cells_from_size_give_no_slope():
     assert fit.per_cell["total"] is None and fit.per_megapixel["total"] is None
 
 
-def test_bench_with_data_prints_every_point_and_the_fit_stage_by_stage(tiny_bundle, data_root, capsys):
+def test_bench_with_data_prints_every_point_and_the_fit_stage_by_stage(data_root, capsys):
     from leukoedge.benchmark import FIELD_SIZES, PASTED_CELLS, TALEQANI_TILES
 
-    assert cli.main(["bench", "--data", str(data_root), "--bundle", str(tiny_bundle), "--frames", "1", "--warmup", "0"]) == 0
+    # the shipped bundle: a barely trained one finds one cell (and its fragments) in every frame, so no fit
+    assert cli.main(["bench", "--data", str(data_root), "--frames", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert "1 runs per point" in out
     header = next(line for line in out.splitlines() if line.startswith("point"))

@@ -284,6 +284,7 @@ def test_the_gated_label_map_holds_the_kept_cells_and_nothing_else(data_root: Pa
     """white_cells' label map, on fields refined or not, enlarged or tiled: without a refiner, the candidates' map
     (BACKGROUND outside the proposals' boxes) with the rejected proposals cleared, copied box by box as a whole copy
     would be; with one, exactly the kept cells' masks painted (a rejected proposal takes no pixel of a kept cell)."""
+    from leukoedge.postprocess import fragments
     from leukoedge.refine import paint_label_map
 
     shipped = Detector.load(Path(__file__).resolve().parents[2] / "models" / "default")
@@ -304,6 +305,8 @@ def test_the_gated_label_map_holds_the_kept_cells_and_nothing_else(data_root: Pa
             assert not found.label_map[~in_boxes].any()
             crops = shipped.cell_crops(frame, found.prepared, found.instances)
             keep = shipped.white_cell_probabilities(crops) >= shipped.gate_spec["threshold"]
+            kept = np.flatnonzero(keep)
+            keep[kept[fragments([found.instances[index] for index in kept])]] = False  # pieces of a kept cell go too
             cells, label_map, rejected_count, kept_crops = shipped.white_cells(frame, found)
             assert rejected_count == int((~keep).sum()) and len(cells) == len(kept_crops) == int(keep.sum())
             np.testing.assert_array_equal(kept_crops, crops[keep])
@@ -317,3 +320,23 @@ def test_the_gated_label_map_holds_the_kept_cells_and_nothing_else(data_root: Pa
             np.testing.assert_array_equal(label_map, expected)
             rejected += rejected_count
     assert rejected  # some proposals were cleared
+
+
+def test_a_fragment_of_a_white_cell_is_left_out_like_a_rejected_proposal() -> None:
+    from leukoedge import default_bundle
+    from leukoedge.detector import Candidates
+    from leukoedge.postprocess import CellInstance
+
+    def cell(box: tuple[int, int, int, int]) -> CellInstance:
+        x0, y0, x1, y1 = box
+        mask = np.ones((y1 - y0, x1 - x0), bool)
+        return CellInstance(box, mask, np.zeros_like(mask))
+
+    large, sliver = cell((10, 10, 90, 90)), cell((70, 40, 80, 50))  # 100 px inside a 6400 px cell's box
+    label_map = np.zeros((100, 100), np.uint8)
+    label_map[10:90, 10:90] = 1
+    detector = Detector.load(default_bundle())
+    detector.gate = detector.refiner = None  # the field segmenter's proposals as they are
+    cells, gated_map, left_out, crops = detector.white_cells(np.zeros((100, 100, 3), np.uint8), Candidates(None, None, [large, sliver], label_map))
+    assert cells == [large] and left_out == 1 and crops is None
+    assert not gated_map[40:50, 70:80].any() and gated_map[10:40, 10:90].all()

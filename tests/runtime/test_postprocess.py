@@ -347,3 +347,20 @@ def test_the_label_map_is_the_argmax_ties_to_the_lower_class():
     assert label_map.dtype == np.uint8
     np.testing.assert_array_equal(label_map, np.argmax(probabilities, axis=0))
     assert set(np.unique(label_map)) == {0, 1, 2}
+
+
+def test_a_small_piece_inside_a_white_cells_box_is_a_fragment_and_a_neighbour_is_not() -> None:
+    from leukoedge.postprocess import FRAGMENT_AREA_SHARE, CellInstance, fragments
+
+    def cell(box: tuple[int, int, int, int], area: int) -> CellInstance:
+        x0, y0, x1, y1 = box
+        mask = np.zeros((y1 - y0, x1 - x0), bool)
+        mask.flat[:area] = True
+        return CellInstance(box, mask, np.zeros_like(mask))
+
+    large = cell((0, 0, 100, 100), 8000)
+    sliver = cell((70, 40, 90, 60), int(FRAGMENT_AREA_SHARE * 8000) - 1)  # inside the large cell's box
+    neighbour = cell((95, 0, 160, 60), 3000)  # beside it, its box mostly outside
+    lobe = cell((60, 30, 95, 70), int(FRAGMENT_AREA_SHARE * 8000) + 1)  # inside, but not far smaller: kept
+    assert list(fragments([large, sliver, neighbour, lobe])) == [False, True, False, False]
+    assert not fragments([sliver]).any() and fragments([]).shape == (0,)

@@ -13,7 +13,7 @@ import pytest
 
 from leukoedge import Detector
 from leukoedge.bundle import describe_bundle, load_bundle, save_bundle
-from leukoedge.postprocess import CellInstance
+from leukoedge.postprocess import CellInstance, fragments
 from leukoedge.preprocess.cpu import cut_padded, fit_letterbox, resize, resize_labels, square_crop_box
 from leukoedge.refine import cell_uncertainty, cells_to_refine, crop_labels_in_frame_pixels, refine_cells
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
@@ -418,6 +418,8 @@ def test_the_refiner_segments_only_the_proposals_the_gate_keeps_and_they_come_ou
             continue
         crops = detector.cell_crops(frame, found.prepared, found.instances)
         keep = detector.white_cell_probabilities(crops) >= detector.gate_spec["threshold"]
+        kept = np.flatnonzero(keep)
+        keep[kept[fragments([found.instances[index] for index in kept])]] = False
         spec = detector.refiner_spec
         chosen = cells_to_refine(found.probabilities, found.prepared.letterbox, found.instances, spec.get("skip_below_uncertainty"), spec.get("min_cell_side_px"))
         refined_crops.clear()

@@ -86,16 +86,19 @@ def test_a_gate_learns_from_several_segmenters_proposals_each_cached_apart(tmp_p
 
     def collect(detector, records, copies, seed, description=""):
         collected.append(detector.name)
-        return GateExamples(np.zeros((2, 3, 4, 4), np.float16), np.array([0, 1]), np.array([detector.name] * 2, object))
+        count = len(records)  # the fields' examples: 2, the look-alikes': 1
+        return GateExamples(np.zeros((count, 3, 4, 4), np.float16), np.zeros(count, np.int64), np.array([detector.name] * count, object))
 
-    monkeypatch.setattr(gate, "gate_records", lambda data_root, split, per_source: [])
+    monkeypatch.setattr(gate, "gate_records", lambda data_root, split, per_source: ["field", "field"])
+    monkeypatch.setattr(gate, "look_alike_records", lambda data_root, split, per_source: ["erythroblast"])
     monkeypatch.setattr(gate, "collect_examples", collect)
     detectors = [detector("hctnet_lite", "a" * 64), detector("mobile_unet_field_dense", "b" * 64)]
     examples = gate._examples(detectors, Path("data"), "train", 10, 2, tmp_path)
-    assert list(examples.domains) == ["hctnet_lite"] * 2 + ["mobile_unet_field_dense"] * 2
+    look_alike = gate.LOOK_ALIKE_DOMAIN  # the look-alikes get a share of each batch of their own
+    assert list(examples.domains) == ["hctnet_lite"] * 2 + [look_alike] + ["mobile_unet_field_dense"] * 2 + [look_alike]
     assert len(list(tmp_path.glob("gate-train-10-2-*.npz"))) == 2  # one cache file per segmenter
     gate._examples(detectors, Path("data"), "train", 10, 2, tmp_path)
-    assert collected == ["hctnet_lite", "mobile_unet_field_dense"]  # the second time, both from the cache
+    assert collected == ["hctnet_lite"] * 2 + ["mobile_unet_field_dense"] * 2  # the second time, both from the cache
     assert gate.proposer(detectors[1]) == {"segmenter": "mobile_unet_field_dense", "sha256": "b" * 64}
 
 
@@ -156,3 +159,13 @@ def test_a_gated_bundle_built_from_two_segmenters_proposals_names_them_without_p
     assert str(tmp_path) not in json.dumps(bundle.manifest) and str(default_bundle()) not in json.dumps(recorded)
     assert 0.0 <= bundle.manifest["gate"]["threshold"] <= 1.0
     assert len(list((tmp_path / "cache").glob("gate-*.npz"))) == 2  # train and val, one segmenter file (the same bundle twice)
+
+
+def test_the_look_alikes_are_pbc_platelets_and_erythroblasts_beyond_the_evenly_spaced_sample(data_root: Path) -> None:
+    from leukoedge.training.gate import LOOK_ALIKES_PER_FIELD, NOT_WBC_TYPES, gate_records, look_alike_records
+
+    look_alikes = look_alike_records(data_root, "val", 4)
+    sampled = {record.image_path for record in gate_records(data_root, "val", 4)}
+    assert len(look_alikes) == LOOK_ALIKES_PER_FIELD * 4
+    assert {record.wbc_type for record in look_alikes} == set(NOT_WBC_TYPES) and {record.source for record in look_alikes} == {"pbc"}
+    assert not sampled & {record.image_path for record in look_alikes}
