@@ -4,7 +4,11 @@ fields would choose (training/verdict.choose_flag_fraction). Shows how flat the 
 validation fields flag the same few over a range, balanced accuracy chooses on sensitivity alone.
 
     python scripts/flag_fraction_curve.py --data ../shared/data --bundles shipped=models/default [other=DIR ...] \\
-        [--thresholds 0.5 0.6 0.667 0.7 0.75 0.8]
+        [--thresholds 0.5 0.6 0.667 0.7 0.75 0.8] [--splits train val test]
+
+`--splits train` adds the training split's fields (283 benign against validation's 60): the classifier learnt their
+cells, so each bundle's figures there are optimistic, but bundles that share the classifier can be compared on them
+where 60 benign fields cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--bundles", nargs="+", required=True, metavar="NAME=DIR")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.6, 0.667, 0.7, 0.75, 0.8])
+    parser.add_argument("--splits", nargs="+", choices=("train", "val", "test"), default=["val", "test"])
     args = parser.parse_args()
     for name, path in (item.split("=", 1) for item in args.bundles):
         detector = Detector.load(path)
         carried = detector.verdict_terms()[1]
         print(f"## {name}: flag fraction {carried:.3f}, from {detector.verdict_terms()[2]} blasts")
-        for split in ("val", "test"):
+        for split in args.splits:
             fractions, malignant = taleqani_verdicts(detector, data.load_records(args.data, "all-taleqani", split))
             fractions, malignant = np.asarray(fractions), np.asarray(malignant, bool)
             chosen = ""
