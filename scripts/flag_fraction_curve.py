@@ -4,7 +4,7 @@ fields would choose (training/verdict.choose_flag_fraction). Shows how flat the 
 validation fields flag the same few over a range, balanced accuracy chooses on sensitivity alone.
 
     python scripts/flag_fraction_curve.py --data ../shared/data --bundles shipped=models/default [other=DIR ...] \\
-        [--thresholds 0.5 0.6 0.667 0.7 0.75 0.8] [--splits train val test]
+        [--thresholds 0.5 0.6 0.667 0.7 0.75 0.8] [--splits train val test] [--bootstrap 1000]
 
 `--splits train` adds the training split's fields (283 benign against validation's 60): the classifier learnt their
 cells, so each bundle's figures there are optimistic, but bundles that share the classifier can be compared on them
@@ -36,12 +36,26 @@ def curve(fractions: np.ndarray, malignant: np.ndarray, thresholds: list[float])
     return rows
 
 
+def bootstrap_choices(fractions: np.ndarray, malignant: np.ndarray, resamples: int, seed: int = 0) -> dict[float, float]:
+    """How often choose_flag_fraction picks each threshold on fields resampled with replacement (malignant and benign
+    apart, so each resample keeps the split's counts): how firmly these fields choose. Thresholds to 3 decimals."""
+    rng = np.random.default_rng(seed)
+    malignant_index, benign_index = np.flatnonzero(malignant), np.flatnonzero(~malignant)
+    counts: dict[float, int] = {}
+    for _ in range(resamples):
+        index = np.concatenate([rng.choice(malignant_index, malignant_index.size), rng.choice(benign_index, benign_index.size)])
+        threshold, _ = choose_flag_fraction(fractions[index], malignant[index].astype(int), float("nan"))
+        counts[round(threshold, 3)] = counts.get(round(threshold, 3), 0) + 1
+    return {threshold: count / resamples for threshold, count in sorted(counts.items())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--bundles", nargs="+", required=True, metavar="NAME=DIR")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.6, 0.667, 0.7, 0.75, 0.8])
     parser.add_argument("--splits", nargs="+", choices=("train", "val", "test"), default=["val", "test"])
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="also: how often N resamples of the validation fields choose each flag fraction")
     args = parser.parse_args()
     for name, path in (item.split("=", 1) for item in args.bundles):
         detector = Detector.load(path)
@@ -54,6 +68,9 @@ def main() -> None:
             if split == "val":
                 threshold, balanced = choose_flag_fraction(fractions, malignant.astype(int), carried)
                 chosen = f"; these fields would choose {threshold:.3f} (balanced accuracy {balanced:.3f})" if balanced is not None else ""
+                if args.bootstrap:
+                    shares = bootstrap_choices(fractions, malignant, args.bootstrap)
+                    chosen += f"; {args.bootstrap} resamples choose " + ", ".join(f"{value:.3f} ({share:.0%})" for value, share in shares.items() if share >= 0.01)
             print(f"{split}: {int(malignant.sum())} malignant, {int((~malignant).sum())} benign fields{chosen}")
             print("| flag fraction | sensitivity | specificity | benign fields flagged |\n|---|---|---|---|")
             for threshold, sensitivity, specificity, flagged in curve(fractions, malignant, sorted({*args.thresholds, carried})):

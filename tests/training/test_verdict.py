@@ -71,3 +71,19 @@ def test_the_flag_fraction_curve_counts_a_field_at_two_thirds_as_flagged_at_0_66
     assert rows[0.667] == (2 / 3, 0.5, 1)  # 2 of 3 blasts flags at 0.667
     assert rows[0.7] == (1 / 3, 1.0, 0)
     assert rows[0.5] == (1.0, 0.5, 1)
+
+
+def test_resampled_fields_choose_one_threshold_when_the_fields_are_clear_and_several_when_not():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from flag_fraction_curve import bootstrap_choices
+
+    malignant = np.array([True] * 40 + [False] * 20)
+    clear = np.concatenate([np.full(40, 0.9), np.full(20, 0.1)])  # every malignant field above every benign one
+    assert bootstrap_choices(clear, malignant, 50) == {0.9: 1.0}
+    rng = np.random.default_rng(1)
+    overlapping = np.concatenate([rng.uniform(0.5, 1.0, 40), rng.uniform(0.0, 0.8, 20)])
+    shares = bootstrap_choices(overlapping, malignant, 200)
+    assert len(shares) > 1 and abs(sum(shares.values()) - 1.0) < 1e-9
