@@ -101,11 +101,7 @@ def fragments(cells: list[CellInstance]) -> np.ndarray:
     area under FRAGMENT_AREA_SHARE of that cell's."""
     if len(cells) < 2:
         return np.zeros(len(cells), bool)
-    boxes = np.array([cell.box for cell in cells], np.int64)
-    box_areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    width = np.clip(np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0]), 0, None)
-    height = np.clip(np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1]), 0, None)
-    inside = width * height >= NESTED_BOX_SHARE * np.maximum(box_areas[:, None], 1)  # inside[i, j]: i's box inside j's
+    inside = boxes_inside(np.array([cell.box for cell in cells], np.int64))
     np.fill_diagonal(inside, False)
     if not inside.any():  # most frames
         return np.zeros(len(cells), bool)
@@ -133,6 +129,14 @@ NESTED_BORDER_SHARE = 0.5
 NESTED_AREA_SHARE = 0.2
 
 
+def boxes_inside(boxes: np.ndarray) -> np.ndarray:
+    """inside[i, j]: NESTED_BOX_SHARE of box i's area lies inside box j (Nx4 x0, y0, x1, y1; every box inside itself)."""
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    width = np.clip(np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0]), 0, None)
+    height = np.clip(np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1]), 0, None)
+    return width * height >= NESTED_BOX_SHARE * np.maximum(areas[:, None], 1)
+
+
 def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
     """The instance map with every piece nested in a larger piece of the same connected component (`components`, the
     mask's component map) merged into it: its box NESTED_BOX_SHARE inside that piece's box, NESTED_BORDER_SHARE of the
@@ -143,10 +147,8 @@ def merge_nested(instances: np.ndarray, components: np.ndarray) -> np.ndarray:
     boxes = _model_boxes(instances, count)[1:]
     present = boxes[:, 2] > boxes[:, 0]
     areas = np.where(present, (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 0)
-    width = np.clip(np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0]), 0, None)
-    height = np.clip(np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1]), 0, None)
     # inside[i, j]: piece i's box lies inside piece j's, and j is the larger (ties: the lower id keeps the cell)
-    inside = (width * height >= NESTED_BOX_SHARE * np.maximum(areas[:, None], 1)) & present[:, None] & present[None, :]
+    inside = boxes_inside(boxes) & present[:, None] & present[None, :]
     larger = (areas[None, :] > areas[:, None]) | ((areas[None, :] == areas[:, None]) & (np.arange(count)[None, :] < np.arange(count)[:, None]))
     inside &= larger
     if not inside.any():  # most frames: no box inside another, and nothing more to compute on every frame

@@ -137,6 +137,13 @@ def detection_figures(detector: Detector, records: Iterable[data.Record], descri
     return [figures[name].as_row() for name in sorted(figures)]
 
 
+def evenly_spaced(records: list[data.Record], limit: int | None) -> list[data.Record]:
+    """At most `limit` of the records, evenly spaced over the list (deterministic); all of them for None."""
+    if limit is None or len(records) <= limit:
+        return records
+    return [records[int(i)] for i in np.linspace(0, len(records) - 1, limit)]
+
+
 def records_per_domain(data_root: Path, split: str, sources: Sequence[str], limit: int | None = None) -> list[data.Record]:
     """A split's records of the sources, at most `limit` per source/device (evenly spaced, deterministic)."""
     chosen = []
@@ -145,9 +152,7 @@ def records_per_domain(data_root: Path, split: str, sources: Sequence[str], limi
         for record in data.load_records(data_root, source, split):
             by_domain.setdefault(record.domain, []).append(record)
         for records in by_domain.values():
-            if limit is not None and len(records) > limit:
-                records = [records[int(i)] for i in np.linspace(0, len(records) - 1, limit)]
-            chosen.extend(records)
+            chosen.extend(evenly_spaced(records, limit))
     return chosen
 
 

@@ -35,7 +35,7 @@ from leukoedge.detector import Candidates, Detector
 from leukoedge.preprocess.cpu import prepare_crops
 
 from . import data
-from .detection import box_iou, records_per_domain
+from .detection import box_iou, evenly_spaced, records_per_domain
 from .models.classifiers import gate_cnn
 from .stain import augment_device
 from .verdict import flag_fraction_on
@@ -187,8 +187,6 @@ def gate_records(data_root: Path, split: str, per_source: int | None, sources: S
 
 
 LOOK_ALIKE_DOMAIN = "pbc/look-alike"  # the domain of look_alike_records' examples: a share of every batch of its own
-
-
 LOOK_ALIKES_PER_FIELD = 3  # look-alike images per field of each source: 360 for the shipped 120, all of PBC's 348
 
 
@@ -198,10 +196,7 @@ def look_alike_records(data_root: Path, split: str, per_source: int | None) -> l
     nucleus is a small lymphocyte's), and the evenly spaced sample of PBC holds 15 of each among its 120 fields."""
     sampled = {record.image_path for record in gate_records(data_root, split, per_source, ("pbc",))}
     records = [record for record in data.load_records(data_root, "pbc", split) if record.wbc_type in NOT_WBC_TYPES and record.image_path not in sampled]
-    limit = None if per_source is None else LOOK_ALIKES_PER_FIELD * per_source
-    if limit is not None and len(records) > limit:
-        records = [records[int(index)] for index in np.linspace(0, len(records) - 1, limit)]
-    return records
+    return evenly_spaced(records, None if per_source is None else LOOK_ALIKES_PER_FIELD * per_source)
 
 
 def _balanced_batch(examples: GateExamples, rng: np.random.Generator, batch_size: int) -> np.ndarray:
