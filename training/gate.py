@@ -520,6 +520,8 @@ def build_gated_bundle(data_root: Path, bundle: Path, out_dir: Path, recipe: Gat
     }
     manifest["domain"] = domain
     recorded = {**vars(recipe), "proposals_from": [proposer(other) for other in detectors[1:]]}  # what proposed, not where it lay
+    recorded["look_alikes_per_field"] = LOOK_ALIKES_PER_FIELD
+    recorded["look_alike_examples"] = int((train.domains == LOOK_ALIKE_DOMAIN).sum())
     manifest.setdefault("training", {})["gate"] = {**recorded, "sources": list(GATE_SOURCES), "examples": int(len(train.labels))}
     if "precisions" in manifest:
         manifest["precisions"]["gate"] = {"fp32": {"file": "gate.onnx", "median_ms": None}}

@@ -158,6 +158,7 @@ def test_a_gated_bundle_built_from_two_segmenters_proposals_names_them_without_p
     assert recorded["proposals_from"] == [{"segmenter": shipped["segmenter"]["architecture"], "sha256": shipped["files"]["segmenter.onnx"]}]
     assert str(tmp_path) not in json.dumps(bundle.manifest) and str(default_bundle()) not in json.dumps(recorded)
     assert 0.0 <= bundle.manifest["gate"]["threshold"] <= 1.0
+    assert recorded["look_alikes_per_field"] == 3 and 0 < recorded["look_alike_examples"] < recorded["examples"]
     assert len(list((tmp_path / "cache").glob("gate-*.npz"))) == 2  # train and val, one segmenter file (the same bundle twice)
 
 
