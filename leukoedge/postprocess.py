@@ -91,7 +91,7 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
 # A white cell the gate keeps whose box lies inside another kept cell's box, with a tenth of its area or less, is a
 # fragment of that cell (an edge the segmenter cut off, a lobe beside a red cell it touches), not a cell: two white
 # cells lie side by side, and a round cell's box cannot sit inside another's unless that one is several times wider.
-# Fragments sit on blast-like nuclei and are called blasts (69 dropped on Taleqani's validation fields), and
+# Fragments sit on blast-like nuclei (69 dropped beside Taleqani's validation cells, scripts/proposal_counts.py), and
 # one flagged a normal TXL-PBC field as a second blast beside a large lymphocyte (docs/training.md, "Bundle 0.10.0").
 FRAGMENT_AREA_SHARE = 0.1
 

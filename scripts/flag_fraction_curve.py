@@ -1,5 +1,5 @@
 """The Taleqani verdict of a bundle at every flag fraction: sensitivity, specificity and benign fields flagged per
-threshold, on the validation and test splits, next to the fraction the bundle carries and the one its validation
+threshold (and the frame subtype's accuracy), on the validation and test splits, next to the fraction the bundle carries and the one its validation
 fields would choose (training/verdict.choose_flag_fraction). Shows how flat the choice is: where the 60 benign
 validation fields flag the same few over a range, balanced accuracy chooses on sensitivity alone.
 
@@ -18,13 +18,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge.detector import Detector  # noqa: E402
 from leukoedge.training import data  # noqa: E402
-from leukoedge.training.verdict import choose_flag_fraction, taleqani_verdicts  # noqa: E402
+from leukoedge.training.verdict import choose_flag_fraction  # noqa: E402
 
 
 def curve(fractions: np.ndarray, malignant: np.ndarray, thresholds: list[float]) -> list[tuple[float, float, float, int]]:
@@ -62,8 +63,11 @@ def main() -> None:
         carried = detector.verdict_terms()[1]
         print(f"## {name}: flag fraction {carried:.3f}, from {detector.verdict_terms()[2]} blasts")
         for split in args.splits:
-            fractions, malignant = taleqani_verdicts(detector, data.load_records(args.data, "all-taleqani", split))
-            fractions, malignant = np.asarray(fractions), np.asarray(malignant, bool)
+            records = data.load_records(args.data, "all-taleqani", split)
+            verdicts = [detector.run(data.read_image(record)).verdict for record in tqdm(records, desc=f"Taleqani {split}", unit="field", leave=False)]
+            fractions = np.array([verdict.flagging_fraction for verdict in verdicts])  # what the flag reads (as training/verdict.py)
+            malignant = np.array([bool(record.blast) for record in records])
+            subtype = np.mean([verdict.subtype == record.subtype for verdict, record in zip(verdicts, records)])
             chosen = ""
             if split == "val":
                 threshold, balanced = choose_flag_fraction(fractions, malignant.astype(int), carried)
@@ -71,7 +75,7 @@ def main() -> None:
                 if args.bootstrap:
                     shares = bootstrap_choices(fractions, malignant, args.bootstrap)
                     chosen += f"; {args.bootstrap} resamples choose " + ", ".join(f"{value:.3f} ({share:.0%})" for value, share in shares.items() if share >= 0.01)
-            print(f"{split}: {int(malignant.sum())} malignant, {int((~malignant).sum())} benign fields{chosen}")
+            print(f"{split}: {int(malignant.sum())} malignant, {int((~malignant).sum())} benign fields, subtype accuracy {subtype:.3f}{chosen}")
             print("| flag fraction | sensitivity | specificity | benign fields flagged |\n|---|---|---|---|")
             for threshold, sensitivity, specificity, flagged in curve(fractions, malignant, sorted({*args.thresholds, carried})):
                 mark = " (carried)" if abs(threshold - carried) < 1e-9 else ""
