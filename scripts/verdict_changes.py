@@ -5,6 +5,10 @@ probabilities under both, so a changed figure in `leukoedge evaluate` can be tra
     python scripts/verdict_changes.py --data ../shared/data --before models/default --after CANDIDATE \\
         [--source all-taleqani] [--split test] [--min-change 0.2] [--draw DIR]
 
+It ends with the flag's changes counted per truth (fields only one bundle flags) and, for the malignant fields,
+the exact two-sided McNemar p-value of the two bundles flagging them alike: whether a sensitivity drop on a small
+test split is more than the fields one bundle happens to catch (p near 1) or a real loss (p below 0.05).
+
 --draw writes, per changed field, the two bundles' overlays side by side (Result.draw: masks, boxes, blast
 probabilities, verdict), before on the left: what a person would rather look at than read.
 """
@@ -12,6 +16,7 @@ probabilities, verdict), before on the left: what a person would rather look at 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +36,16 @@ def describe(result: Result) -> str:
     return f"{result.verdict.status}, flagged {result.verdict.flagged}, blast fraction {result.verdict.blast_fraction:.3f}, cells [{blast}]"
 
 
+def mcnemar_p(only_before: int, only_after: int) -> float:
+    """Exact two-sided McNemar p-value: the chance of a split of the discordant fields at least this uneven if
+    either bundle were as likely to flag each of them (a binomial test at one half)."""
+    discordant = only_before + only_after
+    if discordant == 0:
+        return 1.0
+    tail = sum(math.comb(discordant, k) for k in range(min(only_before, only_after) + 1)) / 2**discordant
+    return min(1.0, 2 * tail)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -45,10 +60,13 @@ def main() -> None:
         args.draw.mkdir(parents=True, exist_ok=True)
     before, after = Detector.load(args.before), Detector.load(args.after)
     changed = 0
+    only = {(truth, side): 0 for truth in (True, False) for side in ("before", "after")}  # flagged by one bundle only
     records = data.load_records(args.data, args.source, args.split)
     for record in records:
         image = data.read_image(record)
         old, new = before.run(image), after.run(image)
+        if old.verdict.flagged != new.verdict.flagged and record.blast is not None:
+            only[(bool(record.blast), "before" if old.verdict.flagged else "after")] += 1
         moved = abs(new.verdict.blast_fraction - old.verdict.blast_fraction) >= args.min_change
         if old.verdict.flagged != new.verdict.flagged or old.verdict.status != new.verdict.status or moved:
             changed += 1
@@ -58,6 +76,12 @@ def main() -> None:
                 side_by_side = np.hstack([old.draw(image), np.full((image.shape[0], 8, 3), 255, np.uint8), new.draw(image)])
                 cv2.imwrite(str(args.draw / f"{record.image_path.stem}.png"), side_by_side)
     print(f"{changed} of {len(records)} {args.source} {args.split} fields changed")
+    if any(record.blast is not None for record in records):
+        print(
+            f"malignant fields flagged by before only {only[(True, 'before')]}, after only {only[(True, 'after')]} "
+            f"(McNemar p = {mcnemar_p(only[(True, 'before')], only[(True, 'after')]):.3f}); "
+            f"benign fields flagged by before only {only[(False, 'before')]}, after only {only[(False, 'after')]}"
+        )
 
 
 if __name__ == "__main__":
