@@ -11,10 +11,8 @@ one head, trained on what the segmenter actually proposes, cut exactly as the cl
 - PBC: the proposal at the centre is the labelled cell (a white cell unless the label is platelet or
   erythroblast), the others (red cells around it) are not; beside the evenly spaced sample, PBC's platelet and
   erythroblast images (look_alike_records) are a domain of their own, so every batch holds its share of them;
-- Taleqani: proposals matching the weak blast masks are white cells; a proposal whose box is almost all
-  background of the weak label map (no mask, no stained pixel near: red cells, often cut by the frame's edge)
-  is not; the others are left out (the weak masks miss cells, so "unmatched" alone does not mean "not a
-  white cell").
+- Taleqani: proposals matching the weak blast masks are white cells; the others are left out (the weak
+  masks miss cells, so "unmatched" does not mean "not a white cell").
 Every training field is also seen as another device would show it (training/stain.augment_device, scale
 0.6-1.6x). Proposals inside a WBC box that match it poorly (fragments) are left out: neither answer is right.
 """
@@ -48,14 +46,6 @@ GATE_HEAD = "wbc"
 GATE_CLASSES = ["not_wbc", "wbc"]
 POSITIVE_IOU = 0.4
 WEAK_POSITIVE_IOU = 0.3  # Taleqani's weak masks run larger than the cells
-# An unmatched Taleqani proposal is a red cell when this share of its box is background of the weak label map
-# (data.read_label_map: not the mask, not within a few pixels of a stained pixel). Such proposals of the light
-# segmenter were red cells, looked at on 150 training fields; one, a clump of red cells at the edge of a benign
-# validation field called a blast, flagged the field (docs/performance.md, "Taleqani's red cells as negatives").
-WEAK_NEGATIVE_BACKGROUND_SHARE = 0.9
-# In the cache files' names: moves whenever the examples are collected or labelled otherwise, so that a cache of
-# another recipe is never read back (2: PBC's look-alikes added; 3: Taleqani's red cells as negatives).
-EXAMPLE_LABELS = 3
 NOT_WBC_TYPES = ("platelet", "erythroblast")  # PBC classes that are not white cells
 MAX_BOX_NEGATIVES_PER_FIELD = 8  # annotated red cells per field taken as negatives (raabin fields hold ~30)
 SCALE_RANGE = (0.6, 1.6)  # pixel size differs by objective and camera
@@ -94,24 +84,8 @@ def label_proposals(record: data.Record, proposals: Sequence[data.Box], frame_sh
         return [central_label if index == centre_index else 0 for index in range(len(proposals))]
     if record.source == "all-taleqani":
         best = box_iou(proposals, truth).max(axis=1) if truth else np.zeros(len(proposals))
-        background = _background_shares(data.read_label_map(record), proposals, frame_shape)
-        return [1 if value >= WEAK_POSITIVE_IOU else 0 if share >= WEAK_NEGATIVE_BACKGROUND_SHARE else None for value, share in zip(best, background)]
+        return [1 if value >= WEAK_POSITIVE_IOU else None for value in best]
     return labels_from_boxes(proposals, truth)
-
-
-def _background_shares(label_map: np.ndarray | None, proposals: Sequence[data.Box], frame_shape: tuple[int, int]) -> list[float]:
-    """The share of each proposal's box (in the possibly rescaled frame) that is background of the label map;
-    0 for every proposal where there is no label map (nothing is known to be background)."""
-    if label_map is None:
-        return [0.0] * len(proposals)
-    height, width = frame_shape
-    background = cv2.resize((label_map == data.LABEL_BACKGROUND).astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-    shares = []
-    for box in proposals:
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        window = background[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)]
-        shares.append(float(window.mean()) if window.size else 0.0)
-    return shares
 
 
 def labels_from_boxes(proposals: Sequence[data.Box], truth: Sequence[data.Box]) -> list[int | None]:
@@ -401,7 +375,7 @@ def _split_examples(detector: Detector, data_root: Path, split: str, per_source:
     setting and segmenter file) if given."""
     manifest = detector.bundle.manifest
     segmenter = manifest["files"][manifest["segmenter"]["file"]][:12]  # another segmenter proposes other cells
-    path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}-labels{EXAMPLE_LABELS}-{segmenter}.npz"
+    path = None if cache is None else Path(cache) / f"gate-{split}-{per_source}-{copies}-look-alikes-{segmenter}.npz"
     if path is not None and path.is_file():
         stored = np.load(path, allow_pickle=False)
         return GateExamples(stored["crops"], stored["labels"], stored["domains"].astype(object))
