@@ -25,6 +25,8 @@ DEFAULT_FLAG_FRACTION = 0.2  # used only where the validation fields cannot choo
 # blast count and in a session's tally, where a smear's blasts add up over its fields.
 MIN_BLAST_COUNT = 2
 BOOTSTRAP_RESAMPLES = 1000  # the flag fraction's standard error (choose_flag_fraction)
+# How the flag fraction was chosen, as the manifest's training records name it (bundles before it: the best alone).
+FLAG_FRACTION_RULE = "fewest benign flagged within one bootstrap standard error of the best balanced accuracy"
 
 
 def choose_flag_fraction(blast_fractions: Sequence[float], malignant: Sequence[int], default: float) -> tuple[float, float | None]:
@@ -91,4 +93,4 @@ def flag_fraction_on(detector: Detector, records: Sequence[data.Record]) -> tupl
     for the manifest's training section."""
     fractions, malignant = taleqani_verdicts(detector, records)
     threshold, balanced_accuracy = choose_flag_fraction(fractions, malignant, DEFAULT_FLAG_FRACTION)
-    return float(threshold), {"flag_fraction": float(threshold), "balanced_accuracy": balanced_accuracy, "fields": len(fractions)}
+    return float(threshold), {"flag_fraction": float(threshold), "balanced_accuracy": balanced_accuracy, "fields": len(fractions), "rule": FLAG_FRACTION_RULE}

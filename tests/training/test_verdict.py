@@ -64,7 +64,7 @@ def test_a_trained_bundle_flags_from_two_blasts_and_a_copy_can_ask_for_another_c
 
     from leukoedge import Detector
     from leukoedge.bundle import load_bundle
-    from leukoedge.training.verdict import MIN_BLAST_COUNT
+    from leukoedge.training.verdict import FLAG_FRACTION_RULE, MIN_BLAST_COUNT
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     from verdict_rule import with_verdict_rule
@@ -76,6 +76,7 @@ def test_a_trained_bundle_flags_from_two_blasts_and_a_copy_can_ask_for_another_c
     assert copied["verdict"]["min_blast_count"] == 3
     assert copied["verdict"]["flag_fraction"] == choice["flag_fraction"]
     assert copied["training"]["verdict_rule"]["min_blast_count"] == 3
+    assert copied["training"]["verdict_rule"]["rule"] == FLAG_FRACTION_RULE  # the manifest says how it was chosen
     assert {name: digest for name, digest in copied["files"].items()} == original["files"]
     with Detector.load(tmp_path / "copy") as detector:
         assert detector.verdict_terms()[2] == 3
