@@ -325,14 +325,17 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
         "segmenter": (
             lambda path: {
                 **gate.segmenter_scores(path, segmentation_cases, config.threads),
-                **(gate.verdict_scores(bundle, path, field_cases, config.threads) if field_cases else {}),
+                **(gate.verdict_scores(bundle, "segmenter", path, field_cases, config.threads) if field_cases else {}),
             },
             len(segmentation_cases) + len(field_cases),
         ),
         "refiner": (lambda path: gate.refiner_scores(path, refiner_cases, config.threads), len(refiner_cases)),
         "classifier": (
-            lambda path: gate.classifier_scores(path, cell_cases, manifest["classifier"], manifest["verdict"]["blast_threshold"], config.threads),
-            len(cell_cases),
+            lambda path: {
+                **gate.classifier_scores(path, cell_cases, manifest["classifier"], manifest["verdict"]["blast_threshold"], config.threads),
+                **(gate.verdict_scores(bundle, "classifier", path, field_cases, config.threads) if field_cases else {}),
+            },
+            len(cell_cases) + len(field_cases),
         ),
     }
     tag = config.settings.file_tag

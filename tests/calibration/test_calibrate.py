@@ -33,9 +33,10 @@ def test_calibrated_bundle_lists_int8_models_gate_table_and_calibration_files(ca
         assert int8["file"] == f"{model}.int8.onnx" and int8["gate"]["passed"]
         assert int8["median_ms"] > 0 and precisions[model]["fp32"]["median_ms"] > 0
         assert {metric["name"] for metric in int8["gate"]["metrics"]}
-    assert {m["name"] for m in precisions["segmenter"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice", "taleqani_verdict_accuracy"}
+    verdict_metrics = {"taleqani_verdict_accuracy", "taleqani_benign_accuracy"}  # the frame verdict with the INT8 model in place
+    assert {m["name"] for m in precisions["segmenter"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice", *verdict_metrics}
     assert {m["name"] for m in precisions["refiner"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice"}
-    assert "blast_accuracy" in {m["name"] for m in precisions["classifier"]["int8"]["gate"]["metrics"]}
+    assert {"blast_accuracy", *verdict_metrics} <= {m["name"] for m in precisions["classifier"]["int8"]["gate"]["metrics"]}
     with bundle.path("calibration_set.csv").open(newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert sum(row["model"] == "segmenter" for row in rows) == precisions["calibration"]["fields"] == 8
@@ -140,5 +141,14 @@ def test_the_verdict_metric_scores_the_detectors_verdict_against_each_fields_lab
     bundle = load_bundle(tiny_bundle)
     empty = np.full((480, 640, 3), 245, np.uint8)  # no cell, so never flagged
     cases = [gate.FieldCase(empty, malignant=False), gate.FieldCase(empty, malignant=False), gate.FieldCase(empty, malignant=True)]
-    scores = gate.verdict_scores(bundle, bundle.path("segmenter.onnx"), cases)
-    assert scores == {"taleqani_verdict_accuracy": pytest.approx(2 / 3)}
+    scores = gate.verdict_scores(bundle, "segmenter", bundle.path("segmenter.onnx"), cases)
+    assert scores == {"taleqani_verdict_accuracy": pytest.approx(2 / 3), "taleqani_benign_accuracy": 1.0}
+    assert gate.verdict_scores(bundle, "classifier", bundle.path("classifier.onnx"), cases) == scores
+    assert gate.verdict_scores(bundle, "segmenter", bundle.path("segmenter.onnx"), cases[2:]) == {"taleqani_verdict_accuracy": 0.0}
+
+
+def test_a_quantized_model_that_flags_one_more_benign_field_fails_its_gate():
+    fp32 = {"taleqani_verdict_accuracy": 0.970, "taleqani_benign_accuracy": 1.0}
+    int8 = {"taleqani_verdict_accuracy": 0.9675, "taleqani_benign_accuracy": 59 / 60}  # one benign field flagged of 60
+    result = gate.compare("classifier", fp32, int8, {"accuracy": 0.005, "dice": 0.005, "f1": 0.005}, 386)
+    assert not result.passed and [metric.name for metric in result.failures()] == ["taleqani_benign_accuracy"]
