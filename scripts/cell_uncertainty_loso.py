@@ -27,17 +27,7 @@ from leukoedge.domain import THRESHOLD_MARGIN, THRESHOLD_QUANTILE, segmenter_unc
 from leukoedge.refine import cell_uncertainty  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 from leukoedge.training.detection import normal_records  # noqa: E402
-from leukoedge.training.gate import (  # noqa: E402
-    MIN_GATE_RECALL,
-    GateRecipe,
-    choose_threshold,
-    collected_examples,
-    frame_domain,
-    gate_records,
-    train_gate,
-    wbc_probabilities,
-    with_torch_gate,
-)
+from leukoedge.training.gate import GateRecipe, apply_left_out, collected_examples, frame_domain, gate_records  # noqa: E402
 
 
 def measures(detector, records, description: str) -> list[dict]:
@@ -48,9 +38,8 @@ def measures(detector, records, description: str) -> list[dict]:
     for record in tqdm(records, desc=description, unit="field"):
         image = data.read_image(record)
         found = detector.candidates(image)
-        cells = detector.white_cells(image, found)[0]
-        found_boxes = [type("Found", (), {"box": cell.classifier_box})() for cell in cells]
-        per_cell = cell_uncertainty(found.probabilities, found.prepared.letterbox, found_boxes)
+        kept_boxes = {cell.classifier_box for cell in detector.white_cells(image, found)[0]}  # where the segmenter found them
+        per_cell = cell_uncertainty(found.probabilities, found.prepared.letterbox, [p for p in found.instances if p.box in kept_boxes])
         status = detector.run(image).verdict.status
         detector.domain_spec = {**checked, "max_uncertainty": 1.0}
         flagged_off = detector.run(image).verdict.flagged
@@ -76,12 +65,9 @@ def main() -> None:
     recipe = GateRecipe()
     detectors, train, validation = collected_examples(args.data, args.bundle, recipe, args.cache)
     detector = detectors[0]
-    kept = validation.without(args.leave_out)
-    gate = train_gate(train.without(args.leave_out), recipe.steps, recipe.seed)
-    with_torch_gate(detector, gate, choose_threshold(wbc_probabilities(gate, kept.crops), kept.labels, MIN_GATE_RECALL))
-    validation_records = [r for r in gate_records(args.data, "val", recipe.val_per_source) if not r.domain.startswith(args.leave_out)]
-    detector.domain_spec = frame_domain(detector, validation_records).fit()
-    fitted = measures(detector, validation_records, "validation frames")
+    validation_records = gate_records(args.data, "val", recipe.val_per_source)
+    apply_left_out(detector, train, validation, frame_domain(detector, validation_records), args.leave_out, recipe)  # as leukoedge gate --leave-out
+    fitted = measures(detector, [r for r in validation_records if not r.domain.startswith(args.leave_out)], "validation frames")
     thresholds = {name: float(np.nanquantile([row[name] for row in fitted], THRESHOLD_QUANTILE) * THRESHOLD_MARGIN) for name in ("frame", "cell_mean", "cell_max")}
     left_out = [r for r in normal_records(args.data, recipe.eval_split, limit=recipe.eval_per_source) if r.domain.startswith(args.leave_out)]
     rows = measures(detector, left_out, f"{args.leave_out} {recipe.eval_split}")

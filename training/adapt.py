@@ -70,7 +70,7 @@ from .pipeline import HEADS, NORMAL_CELL_WEIGHTS, SEGMENTATION_SOURCES, cell_exa
 from .samples import classification_sample, random_crop, refiner_sample, segmentation_sample
 from .torch_backend import TorchBackend, as_backend, checkpoint_paths, verified_model
 from .train import CLASSIFIER_LOSSES, CellExample, CellMaskExample, SegmentationExample, balanced_indices, save_checkpoint, segmentation_loss
-from .verdict import choose_flag_fraction, taleqani_verdicts
+from .verdict import balanced_accuracies, choose_flag_fraction, taleqani_verdicts
 
 log = logging.getLogger("leukoedge.adapt")
 
@@ -394,8 +394,7 @@ def labelled_figures(detector: Detector, frames: Sequence[LabelledFrame], domain
 
 
 def balanced_accuracy(fractions: Sequence[float], malignant: Sequence[int], flag_fraction: float) -> float:
-    flagged, truth = np.asarray(fractions) >= flag_fraction, np.asarray(malignant, bool)
-    return float((flagged[truth].mean() + (~flagged[~truth]).mean()) / 2)
+    return float(balanced_accuracies(np.asarray(fractions, float), np.asarray(malignant, int), np.array([flag_fraction]))[0])
 
 
 def _box_f1(row: dict) -> float:

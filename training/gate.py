@@ -433,11 +433,7 @@ def leave_one_source_out(
     evaluated = normal_records(data_root, recipe.eval_split, limit=recipe.eval_per_source)
     rows = []
     for source in left_out:
-        kept_train, kept_val = train.without(source), validation.without(source)
-        model = train_gate(kept_train, recipe.steps, recipe.seed)
-        threshold = choose_threshold(wbc_probabilities(model, kept_val.crops), kept_val.labels, MIN_GATE_RECALL)
-        with_torch_gate(detector, model, threshold)
-        detector.domain_spec = validation_frames.fit(source)
+        model, threshold = apply_left_out(detector, train, validation, validation_frames, source, recipe)
         fields = [r for r in evaluated if r.domain.startswith(source)]
         for row in detection_figures(detector, fields, f"left out {source}"):
             rows.append({**row, "left_out": source, "adapted": False, "gate_threshold": threshold})
@@ -446,8 +442,22 @@ def leave_one_source_out(
         for row in detection_figures(detector, fields, f"adapted to {source}"):
             rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})
         if labelled_frames:
+            kept_train, kept_val = train.without(source), validation.without(source)
             rows += _labelled_rows(detector, model, data_root, bundle, source, kept_train, kept_val, fields, labelled_frames, recipe, labelled_models, labelled_share)
     return rows
+
+
+def apply_left_out(
+    detector: Detector, train: GateExamples, validation: GateExamples, validation_frames: FrameDomain, source: str, recipe: GateRecipe
+) -> tuple[torch.nn.Module, float]:
+    """Put on the detector a gate trained, and a domain check fitted, without `source` (a source/device); returns the
+    gate and its threshold."""
+    kept_train, kept_val = train.without(source), validation.without(source)
+    model = train_gate(kept_train, recipe.steps, recipe.seed)
+    threshold = choose_threshold(wbc_probabilities(model, kept_val.crops), kept_val.labels, MIN_GATE_RECALL)
+    with_torch_gate(detector, model, threshold)
+    detector.domain_spec = validation_frames.fit(source)
+    return model, threshold
 
 
 def _labelled_rows(
