@@ -939,8 +939,9 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(f"  head {head} (output {spec['output']!r}): {', '.join(spec['classes'])}")
     if "flops" in segmenter and "flops" in classifier:  # bundles before 2026-11-24 do not record them
         refiner_text = f", refiner {manifest['refiner']['flops'] / 1e6:.0f} MFLOPs per cell" if "flops" in manifest.get("refiner", {}) else ""
+        gate_text = f", gate {manifest['gate']['flops'] / 1e6:.1f} MFLOPs per cell" if "flops" in (manifest.get("gate") or {}) else ""
         lines.append(
-            f"compute (multiply-add = 2 FLOPs): segmenter {segmenter['flops'] / 1e9:.2f} GFLOPs per frame{refiner_text}, "
+            f"compute (multiply-add = 2 FLOPs): segmenter {segmenter['flops'] / 1e9:.2f} GFLOPs per frame{refiner_text}{gate_text}, "
             f"classifier {classifier['flops'] / 1e6:.1f} MFLOPs per cell"
         )
     lines += [

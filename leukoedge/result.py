@@ -149,8 +149,7 @@ STATUS_OK = "ok"  # judged: flagged or not
 STATUS_NO_CELLS = "no_cells"  # no white cell found: nothing to judge
 STATUS_OUTSIDE_DOMAIN = "outside_domain"  # colours or model confidence unlike anything the bundle was validated on
 STATUS_TOO_SMALL = "too_small"  # the frame cannot hold a white cell at the bundle's scale
-STATUS_UNREADABLE = "unreadable"  # the frame was not fully decoded (truncated or corrupt file, broken stream)
-VERDICT_STATUSES = (STATUS_OK, STATUS_NO_CELLS, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, STATUS_UNREADABLE)
+VERDICT_STATUSES = (STATUS_OK, STATUS_NO_CELLS, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL)
 
 
 @dataclass

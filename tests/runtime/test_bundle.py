@@ -513,3 +513,10 @@ def test_an_optional_section_is_one_table_entry_checked_only_where_present(monke
     del manifest["grader"]["input"]
     with pytest.raises(BundleError, match="missing required keys: grader.input"):
         validate_manifest(manifest)
+
+
+def test_describe_bundle_names_every_models_compute_the_manifest_records():
+    bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / "default")
+    text = describe_bundle(bundle)
+    assert f"gate {bundle.manifest['gate']['flops'] / 1e6:.1f} MFLOPs per cell" in text
+    assert f"classifier {bundle.manifest['classifier']['flops'] / 1e6:.1f} MFLOPs per cell" in text

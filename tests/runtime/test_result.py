@@ -144,9 +144,9 @@ def test_verdict_with_no_cells_is_not_flagged_even_at_zero_flag_fraction():
 def test_verdict_refuses_a_flag_on_a_frame_it_did_not_judge():
     with pytest.raises(ValueError, match="cannot be flagged"):
         Verdict(1, 1, 1.0, True, 0.5, 0.2, None, {}, status="outside_domain")
-    refused = Verdict.not_judged("unreadable", "truncated JPEG", blast_threshold=0.5, flag_fraction=0.2)
+    refused = Verdict.not_judged("too_small", "12x9 px frame", blast_threshold=0.5, flag_fraction=0.2)
     assert (refused.flagged, refused.cell_count, refused.judged) == (False, 0, False)
-    assert "NOT JUDGED (unreadable)" in verdict_summary(refused)
+    assert "NOT JUDGED (too_small)" in verdict_summary(refused)
     with pytest.raises(ValueError, match="status"):
         Verdict.not_judged("maybe", "", 0.5, 0.2)
 
