@@ -9,6 +9,10 @@ validated domain". What is NOT changed, and why:
   without labels nothing shows that its answers there are right, so such frames stay refused;
 - the models' weights (no labels). With a few dozen labelled frames, `leukoedge adapt --labels` fine-tunes the
   gate and the classifier and widens the uncertainty threshold (training/adapt.py).
+Frames that do not belong to the device's colours are left out of the fit and named: a frame without stain colour
+(a greyscale image, an empty field: domain.MIN_CHROMA_SPREAD) and a frame unlike every other frame of the device
+(UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope). One such frame would otherwise become a reference and widen the threshold until the
+colour check refused nothing.
 A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
 of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
 prints how many held-back frames each bundle flags, for a person to look at (a field kit session's review).
@@ -20,7 +24,7 @@ import copy
 import datetime as dt
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +32,18 @@ import numpy as np
 
 from .bundle import save_bundle
 from .detector import Detector
-from .domain import MAX_REFERENCES, THRESHOLD_MARGIN, THRESHOLD_QUANTILE, colour_distance, colour_features, feature_names, outside_domain, segmenter_uncertainty
+from .domain import (
+    MAX_REFERENCES,
+    MIN_CHROMA_SPREAD,
+    THRESHOLD_MARGIN,
+    THRESHOLD_QUANTILE,
+    chroma_spread,
+    colour_distance,
+    colour_features,
+    feature_names,
+    outside_domain,
+    segmenter_uncertainty,
+)
 from .errors import LeukoedgeError
 
 log = logging.getLogger("leukoedge.adapt")
@@ -55,6 +70,7 @@ class FrameMeasure:
     uncertainty: float
     refused: bool
     flagged: bool
+    chroma: float | None = None  # domain.chroma_spread (None: the bundle has no stain step)
 
 
 @dataclass
@@ -66,14 +82,22 @@ class AdaptReport:
     flagged_before: int
     flagged_after: int
     written: bool
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # why -> names of the frames left out of the fit
+    out: str = ""  # where the bundle was written
 
     def lines(self) -> list[str]:
+        fitted = self.frames - self.held_back - sum(len(names) for names in self.left_out.values())
         return [
-            f"frames: {self.frames} ({self.frames - self.held_back} fitted, {self.held_back} held back)",
+            f"frames: {self.frames} ({fitted} fitted, {self.held_back} held back)",
+            *(f"left out of the fit, {why}: {len(names)} ({_some(names)})" for why, names in self.left_out.items() if names),
             f"held-back frames refused (outside the domain): {self.refused_before} before, {self.refused_after} after",
             f"held-back frames flagged: {self.flagged_before} before, {self.flagged_after} after",
-            "bundle written" if self.written else "bundle NOT written: it did worse on the held-back frames",
+            f"adapted bundle written to {self.out}" if self.written else "bundle NOT written: it did worse on the held-back frames",
         ]
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
@@ -85,16 +109,49 @@ def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
         segmenter_uncertainty(found.prepared, found.probabilities),
         result.verdict.status == "outside_domain",
         result.verdict.flagged,
+        chroma_spread(found.prepared),
     )
+
+
+NO_COLOUR = "without stain colour"
+UNLIKE_THE_OTHERS = "unlike the device's other frames"
+# A frame is unlike the device's others when its nearest other frame is further than both the bundle's colour threshold
+# and this many times the device's median such distance: one device's frames lie within a few medians of their
+# nearest, a frame of another stain or with its channels swapped far beyond (tests/runtime/test_adapt.py).
+UNLIKE_FACTOR = 5.0
+
+
+def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> dict[str, np.ndarray]:
+    """Which of the device's frames must not shape its colour references (see the module doc), by reason: boolean
+    masks over `measures`. Distances between frames with colour, in units of the references' spread."""
+    no_colour = np.array([m.chroma is not None and m.chroma < MIN_CHROMA_SPREAD for m in measures], bool)
+    unlike = np.zeros(len(measures), bool)
+    coloured = np.flatnonzero(~no_colour)
+    if len(coloured) >= 2:
+        device = np.array([measures[index].colour for index in coloured])
+        spread = np.asarray(domain["colour_spread"], np.float64)
+        distances = np.sqrt((((device[:, None, :] - device[None, :, :]) / spread) ** 2).mean(axis=2))
+        np.fill_diagonal(distances, np.inf)
+        nearest = distances.min(axis=1)
+        unlike[coloured] = nearest > max(float(domain["max_colour_distance"]), UNLIKE_FACTOR * float(np.median(nearest)))
+    return {NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike}
 
 
 def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed: int = 0, labelled: bool = False) -> dict[str, Any]:
     """The domain section with the device's frames among the colour references (the spread is kept, so
-    distances stay comparable) and the colour threshold raised to cover the device's own spread if needed.
+    distances stay comparable) and the colour threshold raised to cover the device's own spread if needed; the
+    frames of unfit_frames left out.
     labelled: the frames' boxes were learnt and the result checked on held-back labelled frames
     (training/adapt.py), so the uncertainty threshold is raised to cover the device's frames too, by the rule
     it was fitted with (domain.fit_domain)."""
     adapted = copy.deepcopy(domain)
+    unfit = np.logical_or.reduce(list(unfit_frames(domain, fitted).values()))
+    fitted = [measure for measure, left_out in zip(fitted, unfit) if not left_out]
+    if len(fitted) < 2:
+        raise AdaptationRefused(
+            f"only {len(fitted)} of the device's frames have stain colour and are alike: check that the folder holds colour "
+            "frames of stained smears from one microscope"
+        )
     device = np.array([measure.colour for measure in fitted])
     rng = np.random.default_rng(seed)
     keep_device = rng.permutation(len(device))[: MAX_REFERENCES // 2]
@@ -139,9 +196,11 @@ def adapt_bundle(
     domain = detector.domain_spec
     if domain is None:
         raise AdaptationRefused(f"bundle {detector.bundle.name} has no domain check to adapt (made before 0.2.0); retrain it")
-    measures = [measure(detector, frame) for frame in frames]
+    measures = [measure(detector, frame) for frame in _progress(frames, "measuring the device's frames")]
     held = held_back(names, hold_back)
-    adapted = adapted_domain(domain, [m for m, h in zip(measures, held) if not h])
+    fitting = np.flatnonzero(~held)
+    left_out = {why: [names[fitting[index]] for index in np.flatnonzero(mask)] for why, mask in unfit_frames(domain, [measures[index] for index in fitting]).items()}
+    adapted = adapted_domain(domain, [measures[index] for index in fitting])
     after = [
         bool(outside_domain(adapted, {"colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty}))
         for m, h in zip(measures, held)
@@ -157,6 +216,7 @@ def adapt_bundle(
         flagged_before=sum(m.flagged for m in held_measures),
         flagged_after=int(flagged_after),
         written=False,
+        left_out=left_out,
     )
     if report.refused_after > report.refused_before:
         return report
@@ -167,13 +227,23 @@ def adapt_bundle(
         "adapted": ["domain.colour_references", "domain.max_colour_distance"],
         "frames": len(frames),
         "held_back": report.held_back,
+        "left_out_of_the_fit": left_out,
         "frame_sha256": [hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest() for frame in frames],
         "gate": {key: getattr(report, key) for key in ("refused_before", "refused_after", "flagged_before", "flagged_after")},
     }
     files = {name: detector.bundle.path(name) for name in manifest["files"]}
     save_bundle(Path(out_dir), manifest, files)
-    report.written = True
+    report.written, report.out = True, str(out_dir)
     return report
+
+
+def _progress(frames: Sequence[np.ndarray], description: str) -> Sequence[np.ndarray]:
+    """The frames, with a progress bar on a terminal where tqdm is installed (the runtime does not need it)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return frames
+    return tqdm(frames, desc=description, unit="frame", leave=False)
 
 
 def _judged_flag(detector: Detector, frame: np.ndarray, domain: dict[str, Any]) -> bool:

@@ -21,9 +21,9 @@ import numpy as np
 
 from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE
 from .backends import BACKENDS
-from .bundle import MIN_SPEEDUP
+from .bundle import MIN_SPEEDUP, load_bundle
 from .detector import PREPROCESSORS
-from .errors import InvalidFrameError, LeukoedgeError, StorageError
+from .errors import InvalidFrameError, LeukoedgeError, StorageError, UnreadableImageError
 from .shipped import default_bundle
 from .soak import MAX_GROWTH_MB, MAX_WARMUP
 
@@ -279,7 +279,7 @@ def command_run_session(args: argparse.Namespace) -> int:
 
 
 def command_info(args: argparse.Namespace) -> int:
-    from .bundle import describe_bundle, load_bundle
+    from .bundle import describe_bundle
 
     print(describe_bundle(load_bundle(args.bundle, public_key=args.public_key)))
     if args.public_key is not None:
@@ -368,13 +368,27 @@ def command_adapt(args: argparse.Namespace) -> int:
         return 2
     if args.labels is not None:
         return adapt_with_labels(args, paths)
-    frames = [read_image(path) for path in paths]
-    report = adapt_bundle(args.bundle, frames, [path.name for path in paths], args.out, hold_back=args.hold_back, channel_order=args.channel_order)
+    frames, names = device_frames(paths, load_bundle(args.bundle).manifest["limits"])
+    report = adapt_bundle(args.bundle, frames, names, args.out, hold_back=args.hold_back, channel_order=args.channel_order)
     print("\n".join(report.lines()))
-    if report.written:
-        print(f"adapted bundle written to {args.out}")
-        return 0
-    return 1
+    return 0 if report.written else 1
+
+
+def device_frames(paths: list[Path], limits: dict) -> tuple[list[np.ndarray], list[str]]:
+    """The frames `leukoedge adapt` fits, and their file names: an unreadable file or a frame outside the bundle's
+    size limits is skipped with its reason, as `leukoedge run` skips it, rather than ending the adaptation."""
+    from .frame import validate_frame
+
+    frames, names = [], []
+    for path in paths:
+        try:
+            frames.append(validate_frame(read_image(path), min_side=limits["min_frame_side"], max_side=limits["max_frame_side"]))
+            names.append(path.name)
+        except (UnreadableImageError, InvalidFrameError) as error:
+            log.warning("skipped %s: %s", path.name, error)
+    if len(names) < len(paths):
+        print(f"{len(paths) - len(names)} of {len(paths)} file(s) skipped (see the messages above)")
+    return frames, names
 
 
 def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:

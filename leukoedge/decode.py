@@ -44,7 +44,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from .errors import UnreadableImageError
+from .errors import UnreadableImageError, UnsupportedImageError
 
 T = TypeVar("T")
 
@@ -111,7 +111,8 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
     """HxWx3 uint8 BGR pixels of an encoded image (any format cv2.imdecode reads), all of them.
 
     Raises UnreadableImageError, naming `name` and the fault, when the data is empty, truncated,
-    corrupt or not an image.
+    corrupt or not an image; UnsupportedImageError (one of them) for a greyscale image or one of more than
+    8 bits per channel. An alpha channel is dropped (it holds no pixel of the smear).
     """
     encoded = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     if not encoded:
@@ -121,13 +122,21 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
         raise UnreadableImageError(f"cannot read {name}: {problem}")
     buffer = np.frombuffer(encoded, np.uint8)
     try:
-        image, faults = decode_checked(lambda: cv2.imdecode(buffer, cv2.IMREAD_COLOR))
+        # As stored (its channels and bit depth), so a greyscale or deeper image is refused rather than converted.
+        image, faults = decode_checked(lambda: cv2.imdecode(buffer, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH))
     except cv2.error as error:
         raise UnreadableImageError(f"cannot read {name}: the decoder failed ({error})") from error
     if faults:
         raise UnreadableImageError(f"cannot read {name}: the decoder reported a damaged file ({'; '.join(faults[:3])})")
     if image is None or image.size == 0:
         raise UnreadableImageError(f"cannot read {name}: not an image file OpenCV can decode")
+    if image.ndim == 2 or image.shape[2] == 1:
+        raise UnsupportedImageError(f"cannot judge {name}: a greyscale image; leukoedge judges colour frames of a stained smear")
+    if image.dtype != np.uint8:
+        raise UnsupportedImageError(
+            f"cannot judge {name}: {8 * image.dtype.itemsize} bits per channel; leukoedge reads 8: export 8-bit frames with the camera's "
+            "own display scaling (a plain shift darkens 12-bit data stored in 16 bits)"
+        )
     seam = block_seam(image) if encoded.startswith(_JPEG_SOI) else ""
     if seam:
         raise UnreadableImageError(f"cannot read {name}: {seam}, the mark of damaged JPEG data (JPEG has no checksum)")

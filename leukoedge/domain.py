@@ -15,6 +15,8 @@ Three signals the runtime already computes, so the check costs almost nothing:
   coarser camera the cells carry less detail than any the classifier learnt from, and it answers anyway: at half
   the magnification of Taleqani's fields it flagged 3 of 60 benign fields (docs/training.md, "Bundle 0.6.0").
   Bundles fitted before this check have no "min_cell_side_px" and skip it.
+- colour at all: a stained smear has colour. A greyscale image, a monochrome camera or an empty field has almost
+  none, and the stain normalization would blow its noise up into colours (MIN_CHROMA_SPREAD; every bundle).
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
 thresholds live in the manifest's "domain" section; `leukoedge train` fits them on validation frames and
 `leukoedge adapt` refits them on a new microscope's frames (fit_domain). No torch: the runtime can adapt.
@@ -37,6 +39,11 @@ MIN_FEATURE_SPREAD = {**{name: 1.0 for name in MEAN_SPREAD_FEATURES}, **{name: 0
 MAX_REFERENCES = 400  # reference frames kept in the manifest (one number per feature each)
 THRESHOLD_QUANTILE = 0.99  # of the fitting frames' own scores
 THRESHOLD_MARGIN = 1.25  # headroom over that quantile: the fitting frames are a sample, not every frame
+# A frame whose a* and b* spreads (OpenCV L*a*b* of float RGB, before stain normalization) are both below this has no
+# stain colour to judge: a stained field of every source spreads at least 5 (`python scripts/chroma_spread.py --data
+# ../shared/data`); a greyscale image has none (the frame statistics floor a spread at 1.0). Not fitted: no bundle
+# can judge such a frame, and `leukoedge adapt` must not learn it as a device's colours.
+MIN_CHROMA_SPREAD = 2.0
 
 
 # channel_correlations reads every third row and column of the segmenter's input: the same correlations to ~0.005 as
@@ -80,6 +87,13 @@ def colour_features(prepared: PreparedFrame, preprocess: PreprocessSpec, names: 
     return np.concatenate([np.asarray(mean, np.float64), np.asarray(std, np.float64)])
 
 
+def chroma_spread(prepared: PreparedFrame) -> float | None:
+    """The larger of the frame's a* and b* spreads before stain normalization; None where the bundle has no stain step."""
+    if prepared.lab_statistics is None:
+        return None
+    return float(np.max(prepared.lab_statistics[1][1:]))
+
+
 def segmenter_uncertainty(prepared: PreparedFrame, probabilities: np.ndarray) -> float:
     """Mean (1 - max class probability) over the frame's content (the letterbox padding left out)."""
     box = prepared.letterbox
@@ -111,19 +125,22 @@ def median_cell_side(boxes: Sequence[Box]) -> float | None:
 def domain_scores(
     spec: dict[str, Any], prepared: PreparedFrame, preprocess: PreprocessSpec, probabilities: np.ndarray, cell_boxes: Sequence[Box] = ()
 ) -> dict[str, float]:
-    """The frame's domain-check scores: colour distance, segmenter uncertainty and, where it has white cells
-    (cell_boxes: the cells the gate kept), their median side."""
+    """The frame's domain-check scores: colour distance, segmenter uncertainty, chroma spread (bundles with a stain
+    step) and, where it has white cells (cell_boxes: the cells the gate kept), their median side."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
     }
+    chroma = chroma_spread(prepared)
+    if chroma is not None:
+        scores["chroma_spread"] = chroma
     side = median_cell_side(cell_boxes)
     if side is not None:
         scores["cell_side_px"] = side
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size")
+DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour")
 
 
 def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
@@ -135,6 +152,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("uncertainty")
     if "min_cell_side_px" in spec and "cell_side_px" in scores and scores["cell_side_px"] < spec["min_cell_side_px"]:
         failed.append("cell_size")
+    if "chroma_spread" in scores and scores["chroma_spread"] < MIN_CHROMA_SPREAD:
+        failed.append("no_colour")
     return failed
 
 
@@ -142,7 +161,12 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
     """Why the frame is outside the validated domain, for a person; "" when it is inside."""
     failed = failed_checks(spec, scores)
     reasons = []
-    if "colour" in failed:
+    if "no_colour" in failed:
+        reasons.append(
+            f"almost no colour (a*/b* spread {scores['chroma_spread']:.1f} < {MIN_CHROMA_SPREAD:g}): a greyscale image, a monochrome "
+            "camera or an empty field; a stained smear is judged from its colours"
+        )
+    elif "colour" in failed:  # a frame without colour is unlike every source too; adapting to it would be wrong
         reasons.append(
             f"colours unlike every validated source (distance {scores['colour_distance']:.2f} > {spec['max_colour_distance']:.2f}): "
             "a new stain, camera or white balance, or the frame's colour channels in another order; "

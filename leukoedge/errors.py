@@ -26,6 +26,12 @@ class UnreadableImageError(CaptureError):
     image): its pixels are never judged."""
 
 
+class UnsupportedImageError(UnreadableImageError):
+    """An image file decoded whole but in a form leukoedge does not judge: greyscale, or more than 8 bits per channel.
+    Converting it silently could only guess (a monochrome camera has no stain colours; 12-bit data in 16 bits darkens
+    when shifted), so it is skipped and counted like an unreadable file, with its reason."""
+
+
 class StorageError(LeukoedgeError, OSError):
     """A file leukoedge writes (a session record, an overlay, a summary) could not be written whole:
     a full disk, a read-only or vanished folder. What was written before it is intact."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
-from leukoedge.adapt import AdaptationRefused, adapt_bundle
+from leukoedge.adapt import NO_COLOUR, UNLIKE_THE_OTHERS, AdaptationRefused, FrameMeasure, adapt_bundle, adapted_domain, held_back, measure, unfit_frames
 from leukoedge.bundle import load_bundle, save_bundle
 from leukoedge.cli import main
 from leukoedge.domain import colour_features, fit_domain, segmenter_uncertainty
@@ -69,3 +69,42 @@ def test_adapt_refuses_too_few_frames_and_bundles_without_a_domain_check(pbc_onl
 def test_adapt_command_refuses_writing_over_its_bundle(pbc_only_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["adapt", "--bundle", str(pbc_only_bundle), "--frames", str(REPO / "samples"), "--out", str(pbc_only_bundle)]) == 2
     assert "another folder" in capsys.readouterr().err
+
+
+def test_a_grey_frame_and_a_channel_swapped_one_are_left_out_of_the_fit(data_root: Path, tmp_path: Path) -> None:
+    """One frame without colour or from elsewhere must not become a reference and widen the colour threshold: before
+    they were left out, one grey frame among a device's fifty raised it twelvefold and the check refused nothing."""
+    frames = _frames(data_root / "bccd" / "images", 22)
+    grey = cv2.cvtColor(cv2.cvtColor(frames[0], cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    swapped = np.ascontiguousarray(frames[1][..., ::-1])
+    names = [f"bccd-{index}" for index in range(len(frames))]
+    candidates = [f"odd-{index}" for index in range(50)]
+    grey_name, swapped_name = np.array(candidates)[~held_back(candidates)][:2].tolist()  # both fitted, not held back
+    assert held_back([*names, grey_name, swapped_name]).sum() > 0 and not held_back([*names, grey_name, swapped_name])[-2:].any()
+    report = adapt_bundle(REPO / "models" / "default", [*frames, grey, swapped], [*names, grey_name, swapped_name], tmp_path / "adapted")
+    assert report.written
+    assert report.left_out == {NO_COLOUR: [grey_name], UNLIKE_THE_OTHERS: [swapped_name]}
+    assert any(grey_name in line and NO_COLOUR in line for line in report.lines())
+    adapted = load_bundle(tmp_path / "adapted").manifest
+    assert adapted["adaptation"]["left_out_of_the_fit"] == report.left_out
+    detector = Detector.load(tmp_path / "adapted")
+    for unjudgeable in (grey, swapped):
+        assert detector.run(unjudgeable).verdict.status == "outside_domain"
+    shipped = Detector.load(REPO / "models" / "default").domain_spec
+    assert adapted["domain"]["max_colour_distance"] <= shipped["max_colour_distance"] * 1.25
+
+
+def test_unfit_frames_names_colourless_and_far_frames_only() -> None:
+    domain = {"colour_spread": [0.1, 0.1, 0.1], "max_colour_distance": 1.0}
+    rng = np.random.default_rng(0)
+    device = [FrameMeasure(np.array([0.5, 0.2, 0.1]) + rng.normal(0, 0.01, 3), 0.01, False, False, chroma=10.0) for _ in range(20)]
+    far = FrameMeasure(np.array([-0.5, 0.9, -0.7]), 0.01, False, False, chroma=10.0)
+    colourless = FrameMeasure(np.array([-0.4, -0.4, 0.7]), 0.01, False, False, chroma=1.0)
+    unfit = unfit_frames(domain, [*device, far, colourless])
+    assert np.flatnonzero(unfit[NO_COLOUR]).tolist() == [21]
+    assert np.flatnonzero(unfit[UNLIKE_THE_OTHERS]).tolist() == [20]
+    assert not unfit_frames(domain, device)[UNLIKE_THE_OTHERS].any()  # a device's own spread is no outlier
+    domain.update(colour_references=[[0.0, 0.0, 0.0]] * 4, max_uncertainty=0.2)
+    assert adapted_domain(domain, [*device, far, colourless]) == adapted_domain(domain, device)
+    with pytest.raises(AdaptationRefused, match="stain colour"):
+        adapted_domain(domain, [colourless, colourless])

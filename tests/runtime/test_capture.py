@@ -20,7 +20,7 @@ from leukoedge.capture import (
     has_gstreamer,
     open_source,
 )
-from leukoedge.errors import CaptureError
+from leukoedge.errors import CaptureError, UnsupportedImageError
 
 FIELD_SIZE = (160, 120)  # width, height: small enough to keep every test fast
 BUILD_HAS_GSTREAMER = any(
@@ -145,17 +145,21 @@ def test_folder_glob_selects_files_by_uri_query_or_option(tmp_path: Path, smear_
     assert np.abs(jpg_frames[0].image.astype(int) - smear_fields[1]).mean() < 8  # JPEG is lossy
 
 
-def test_image_file_gives_one_bgr_frame_even_from_grey(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
-    grey = cv2.cvtColor(smear_fields[0], cv2.COLOR_BGR2GRAY)
-    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+def test_greyscale_and_16_bit_image_files_are_refused_with_their_reason_not_converted(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    """A monochrome camera has no stain colours and 12-bit data in 16 bits darkens when shifted: neither is guessed at."""
+    cv2.imwrite(str(tmp_path / "grey.png"), cv2.cvtColor(smear_fields[0], cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(tmp_path / "deep.png"), smear_fields[0].astype(np.uint16) * 16)  # 12-bit data in a 16-bit file
+    for name, reason in (("grey.png", "greyscale"), ("deep.png", "16 bits per channel")):
+        with pytest.raises(UnsupportedImageError, match=reason):
+            open_source(f"file://{tmp_path / name}")
 
-    with open_source(f"file://{tmp_path / 'grey.png'}") as source:
+
+def test_an_image_file_with_an_alpha_channel_gives_its_colour_pixels(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    cv2.imwrite(str(tmp_path / "rgba.png"), cv2.cvtColor(smear_fields[0], cv2.COLOR_BGR2BGRA))
+    with open_source(f"file://{tmp_path / 'rgba.png'}") as source:
         first, second = source.read(), source.read()
-
-    assert second is None
-    assert first is not None and first.image.dtype == np.uint8
-    assert first.image.shape == (*grey.shape, 3)
-    assert np.array_equal(first.image[..., 1], grey)
+    assert second is None and first is not None
+    assert np.array_equal(first.image, smear_fields[0])
 
 
 def test_video_file_yields_every_frame_in_order(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:

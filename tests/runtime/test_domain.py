@@ -12,6 +12,7 @@ from leukoedge import Detector
 from leukoedge.domain import (
     COLOUR_FEATURES,
     MEAN_SPREAD_FEATURES,
+    MIN_CHROMA_SPREAD,
     THRESHOLD_MARGIN,
     colour_distance,
     colour_features,
@@ -163,5 +164,16 @@ def test_a_monochrome_camera_and_a_blank_frame_are_outside_the_domain_for_their_
     for unjudgeable in (grey, np.full_like(frame, 180)):
         verdict = detector.run(unjudgeable).verdict
         assert verdict.status == "outside_domain" and not verdict.flagged
-        assert "colours unlike" in verdict.reason
-    assert detector.run(frame).verdict.status == "ok"
+        assert "almost no colour" in verdict.reason and "leukoedge adapt" not in verdict.reason  # adapting to it is no cure
+    judged = detector.run(frame).verdict
+    assert judged.status == "ok" and judged.domain["chroma_spread"] >= MIN_CHROMA_SPREAD
+
+
+def test_a_frame_is_colourless_below_the_chroma_floor_whatever_its_other_scores():
+    spec = {"max_colour_distance": 1.0, "max_uncertainty": 0.2}
+    inside = {"colour_distance": 0.1, "uncertainty": 0.01}
+    assert failed_checks(spec, {**inside, "chroma_spread": MIN_CHROMA_SPREAD}) == []
+    assert failed_checks(spec, {**inside, "chroma_spread": MIN_CHROMA_SPREAD - 0.1}) == ["no_colour"]
+    assert failed_checks(spec, inside) == []  # a bundle without a stain step has no chroma score
+    reason = outside_domain(spec, {**inside, "colour_distance": 5.0, "chroma_spread": 1.0})
+    assert reason.startswith("almost no colour") and "colours unlike" not in reason
