@@ -93,6 +93,8 @@ class AdaptReport:
             f"held-back frames refused (outside the domain): {self.refused_before} before, {self.refused_after} after",
             f"held-back frames flagged: {self.flagged_before} before, {self.flagged_after} after",
             f"adapted bundle written to {self.out}" if self.written else "bundle NOT written: it did worse on the held-back frames",
+            *(["only the domain check was adapted, not the models: validate the bundle on the device's own smears against a "
+               "hematologist's reading before relying on it (docs/integration.md, field sessions)"] if self.written else []),
         ]
 
 

@@ -448,8 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="detect, segment and classify cells in images, folders, videos, cameras and streams",
         description="One input, any kind (INPUT below), read frame by frame through the same source layer as "
         "leukoedge.open_source. Every frame's result is printed; --out gets <name>_overlay.png and <name>.json per "
-        "frame kept (<name>: the image file's name, or frame_000042 for a video or camera frame). Files that cannot "
-        "be decoded whole are skipped, named and counted (exit 1). --session records a field-validation session folder "
+        "frame kept (<name>: the image file's name, or frame_000042 for a video or camera frame). A folder's files that "
+        "cannot be judged (not decoded whole, greyscale, more than 8 bits) are skipped, named and counted (exit 1); one "
+        "such file given alone is an error (exit 2). --session records a field-validation session folder "
         "instead (frames/, overlays/, results.jsonl, summary.html; see docs/integration.md). Ctrl-C stops cleanly.",
     )
     run.add_argument("input", nargs="?", metavar="INPUT", help=INPUT_HELP)
