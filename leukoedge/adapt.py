@@ -26,7 +26,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -189,7 +189,10 @@ def adapt_bundle(
     hold_back: float = DEFAULT_HOLD_BACK,
     channel_order: str = "BGR",
 ) -> AdaptReport:
-    """Adapt a bundle's domain check to a device's unlabelled frames and write it to out_dir (see module doc)."""
+    """Adapt a bundle's domain check to a device's unlabelled frames and write it to out_dir (see module doc).
+
+    frames: any sequence; each frame is read once to measure it and again only if it is held back, so a sequence
+    that reads its frame from disk on indexing (the CLI's) keeps one frame in memory at a time, not hundreds."""
     if len(frames) < MIN_FRAMES:
         raise AdaptationRefused(f"adaptation needs at least {MIN_FRAMES} frames of the device, got {len(frames)}")
     if not 0.05 <= hold_back <= 0.5:
@@ -198,7 +201,11 @@ def adapt_bundle(
     domain = detector.domain_spec
     if domain is None:
         raise AdaptationRefused(f"bundle {detector.bundle.name} has no domain check to adapt (made before 0.2.0); retrain it")
-    measures = [measure(detector, frame) for frame in _progress(frames, "measuring the device's frames")]
+    measures, hashes = [], []
+    for index in _progress(range(len(frames)), "measuring the device's frames"):
+        frame = frames[index]
+        measures.append(measure(detector, frame))
+        hashes.append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
     held = held_back(names, hold_back)
     fitting = np.flatnonzero(~held)
     left_out = {why: [names[fitting[index]] for index in np.flatnonzero(mask)] for why, mask in unfit_frames(domain, [measures[index] for index in fitting]).items()}
@@ -208,7 +215,7 @@ def adapt_bundle(
         for m, h in zip(measures, held)
         if h
     ]
-    flagged_after = sum(_judged_flag(detector, frame, adapted) for frame, h in zip(frames, held) if h)
+    flagged_after = sum(_judged_flag(detector, frames[index], adapted) for index in np.flatnonzero(held))
     held_measures = [m for m, h in zip(measures, held) if h]
     report = AdaptReport(
         frames=len(frames),
@@ -230,7 +237,7 @@ def adapt_bundle(
         "frames": len(frames),
         "held_back": report.held_back,
         "left_out_of_the_fit": left_out,
-        "frame_sha256": [hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest() for frame in frames],
+        "frame_sha256": hashes,
         "gate": {key: getattr(report, key) for key in ("refused_before", "refused_after", "flagged_before", "flagged_after")},
     }
     files = {name: detector.bundle.path(name) for name in manifest["files"]}
@@ -239,13 +246,13 @@ def adapt_bundle(
     return report
 
 
-def _progress(frames: Sequence[np.ndarray], description: str) -> Sequence[np.ndarray]:
-    """The frames, with a progress bar on a terminal where tqdm is installed (the runtime does not need it)."""
+def _progress(indices: range, description: str) -> Iterable[int]:
+    """The frame indices, with a progress bar on a terminal where tqdm is installed (the runtime does not need it)."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return frames
-    return tqdm(frames, desc=description, unit="frame", leave=False)
+        return indices
+    return tqdm(indices, desc=description, unit="frame", leave=False)
 
 
 def _judged_flag(detector: Detector, frame: np.ndarray, domain: dict[str, Any]) -> bool:

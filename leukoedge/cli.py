@@ -368,27 +368,45 @@ def command_adapt(args: argparse.Namespace) -> int:
         return 2
     if args.labels is not None:
         return adapt_with_labels(args, paths)
-    frames, names = device_frames(paths, load_bundle(args.bundle).manifest["limits"])
-    report = adapt_bundle(args.bundle, frames, names, args.out, hold_back=args.hold_back, channel_order=args.channel_order)
+    frames = DeviceFrames(paths, load_bundle(args.bundle).manifest["limits"])
+    report = adapt_bundle(args.bundle, frames, frames.names, args.out, hold_back=args.hold_back, channel_order=args.channel_order)
     print("\n".join(report.lines()))
     return 0 if report.written else 1
 
 
-def device_frames(paths: list[Path], limits: dict) -> tuple[list[np.ndarray], list[str]]:
-    """The frames `leukoedge adapt` fits, and their file names: an unreadable file or a frame outside the bundle's
-    size limits is skipped with its reason, as `leukoedge run` skips it, rather than ending the adaptation."""
-    from .frame import validate_frame
+class DeviceFrames(Sequence[np.ndarray]):
+    """The frames `leukoedge adapt` fits, read from their files when indexed (hundreds of camera frames do not fit in
+    a small device's memory at once). An unreadable file or a frame outside the bundle's size limits is skipped with
+    its reason, as `leukoedge run` skips it, rather than ending the adaptation."""
 
-    frames, names = [], []
-    for path in paths:
+    def __init__(self, paths: list[Path], limits: dict) -> None:
+        self.limits = limits
+        self.paths = [path for path in paths if self._readable(path)]
+        if len(self.paths) < len(paths):
+            print(f"{len(paths) - len(self.paths)} of {len(paths)} file(s) skipped (see the messages above)")
+
+    def _read(self, path: Path) -> np.ndarray:
+        from .frame import validate_frame
+
+        return validate_frame(read_image(path), min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"])
+
+    def _readable(self, path: Path) -> bool:
         try:
-            frames.append(validate_frame(read_image(path), min_side=limits["min_frame_side"], max_side=limits["max_frame_side"]))
-            names.append(path.name)
+            self._read(path)
         except (UnreadableImageError, InvalidFrameError) as error:
             log.warning("skipped %s: %s", path.name, error)
-    if len(names) < len(paths):
-        print(f"{len(paths) - len(names)} of {len(paths)} file(s) skipped (see the messages above)")
-    return frames, names
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):  # type: ignore[override]  # Sequence's overloads; adapt indexes by int only
+        return self._read(self.paths[index])
+
+    @property
+    def names(self) -> list[str]:
+        return [path.name for path in self.paths]
 
 
 def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:

@@ -108,3 +108,21 @@ def test_unfit_frames_names_colourless_and_far_frames_only() -> None:
     assert adapted_domain(domain, [*device, far, colourless]) == adapted_domain(domain, device)
     with pytest.raises(AdaptationRefused, match="stain colour"):
         adapted_domain(domain, [colourless, colourless])
+
+
+def test_adapt_command_skips_files_it_cannot_use_and_reads_frames_as_it_goes(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from leukoedge.cli import DeviceFrames
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for path in sorted((data_root / "bccd" / "images").glob("*.jpg"))[:21]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    cv2.imwrite(str(folder / "tiny.png"), np.full((10, 10, 3), 128, np.uint8))
+    frames = DeviceFrames(sorted(folder.iterdir()), load_bundle(REPO / "models" / "default").manifest["limits"])
+    assert len(frames) == 21 and "empty.jpg" not in frames.names and "tiny.png" not in frames.names
+    assert frames[0].shape[2] == 3 and frames[0] is not frames[0]  # read from its file each time, never all held
+    assert main(["adapt", "--frames", str(folder), "--out", str(tmp_path / "adapted")]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 23 file(s) skipped" in out and f"adapted bundle written to {tmp_path / 'adapted'}" in out
+    assert load_bundle(tmp_path / "adapted").manifest["adaptation"]["frames"] == 21
