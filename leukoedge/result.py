@@ -369,7 +369,7 @@ def draw_overlay(frame_bgr: np.ndarray, result: Result) -> np.ndarray:
         tinted = _TINT_ALPHA * np.asarray(colour, np.float32) + (1.0 - _TINT_ALPHA) * overlay[region]
         overlay[region] = np.round(tinted).astype(np.uint8)
 
-    draw_cell_boxes(overlay, result.cells, [f"{cell.id} {cell.label} p={cell.scores.get(cell.label, 0.0):.2f}" for cell in result.cells])
+    draw_cell_boxes(overlay, result.cells, [f"{cell.id} {cell.label} p(blast)={cell.blast_probability:.2f}" for cell in result.cells])
 
     font_scale, thickness = _text_style(overlay)
     verdict = result.verdict
