@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
-from leukoedge.adapt import NO_COLOUR, UNLIKE_THE_OTHERS, AdaptationRefused, FrameMeasure, adapt_bundle, adapted_domain, held_back, measure, unfit_frames
+from leukoedge.adapt import NO_COLOUR, UNLIKE_THE_OTHERS, AdaptationRefused, FrameMeasure, adapt_bundle, adapted_domain, held_back, unfit_frames
 from leukoedge.bundle import load_bundle, save_bundle
 from leukoedge.cli import main
 from leukoedge.domain import colour_features, fit_domain, segmenter_uncertainty
