@@ -42,6 +42,14 @@ def test_intact_files_decode_to_what_opencv_reads(field_jpeg: bytes, field_png: 
     assert jpeg_problem(field_jpeg) == "" and png_problem(field_png) == ""
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".bmp", ".tif"])
+def test_every_sample_decodes_as_opencv_reads_colour_in_any_format(suffix: str):
+    """decode_image decodes as stored (to refuse grey and deep files); an 8-bit colour file gives IMREAD_COLOR's pixels."""
+    for sample in SAMPLES:
+        encoded = cv2.imencode(suffix, cv2.imread(str(sample)))[1] if suffix != ".jpg" else np.fromfile(sample, np.uint8)
+        assert np.array_equal(decode_image(encoded.tobytes(), sample.name), cv2.imdecode(encoded, cv2.IMREAD_COLOR)), (sample.name, suffix)
+
+
 def test_data_after_the_end_marker_is_ignored(field_jpeg: bytes):
     assert np.array_equal(decode_image(field_jpeg + b"\0" * 64 + b"trailer"), decode_image(field_jpeg))
 
