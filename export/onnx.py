@@ -83,6 +83,27 @@ def export_onnx(
             dynamo=True,
             external_data=False,
         )
+    strip_stack_traces(path)
+    return path
+
+
+# Node metadata the exporter writes: the Python stack of each operation, with the absolute paths of the machine that
+# exported it. A shipped model must not carry those (nor does anything read them); the module names stay.
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(path: Path) -> Path:
+    """Rewrite an ONNX file without its nodes' stack-trace metadata (the graph and weights untouched)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graphs = [model.graph, *(function for function in model.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            kept = [prop for prop in node.metadata_props if prop.key != STACK_TRACE_KEY]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
     return path
 
 

@@ -175,7 +175,18 @@ def documents() -> list[Path]:
     found = [REPOSITORY / "README.md", CHANGELOG, REPOSITORY / "SECURITY.md", BUNDLE / "README.md"]
     found += sorted((REPOSITORY / "docs").glob("*.md"))
     found += sorted((REPOSITORY / "reports").rglob("*.md")) + sorted((REPOSITORY / "reports").rglob("*.json"))
+    found += sorted((REPOSITORY / "models").rglob("*.json"))  # bundle manifests, checkpoints' training records
     return [path for path in found if path.is_file()]
+
+
+@pytest.mark.parametrize("model", sorted((REPOSITORY / "models").rglob("*.onnx")), ids=lambda path: path.relative_to(REPOSITORY).as_posix())
+def test_no_shipped_model_carries_a_machine_path(model: Path) -> None:
+    """The exporter writes each node's Python stack, absolute paths included; export/onnx.strip_stack_traces drops it."""
+    import onnx
+
+    graph = onnx.load(str(model)).graph
+    found = [prop.value for node in graph.node for prop in node.metadata_props if MACHINE_PATH.search(prop.value)]
+    assert not found, f"{model.name} names paths of the machine that exported it: {found[:1]}"
 
 
 @pytest.mark.parametrize("document", documents(), ids=lambda path: path.relative_to(REPOSITORY).as_posix())

@@ -32,3 +32,11 @@ def test_an_exported_segmenter_has_no_softmax_over_its_class_axis(tmp_path: Path
     graph = onnx.load(tmp_path / "segmenter.onnx").graph
     assert not [node for node in graph.node if node.op_type == "Softmax"]
     assert {"ReduceMax", "Exp", "ReduceSum", "Div"} <= {node.op_type for node in graph.node}
+
+
+def test_an_exported_model_carries_no_stack_trace_of_the_machine_that_exported_it(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    segmenter = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 3, 1)).eval()
+    export_segmenter(segmenter, np.zeros((2, 3, 8, 8), np.float32), tmp_path / "segmenter.onnx")
+    keys = {prop.key for node in onnx.load(tmp_path / "segmenter.onnx").graph.node for prop in node.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys and "namespace" in keys  # where each node came from, as module names
