@@ -171,6 +171,13 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
     return adapted
 
 
+def adapted_version(version: str, frame_sha256: Sequence[str]) -> str:
+    """The adapted bundle's model_version: the original's with build metadata naming the frames it was adapted to
+    (semantic versioning's "+"), so every result it gives says it is not the shipped bundle, and which adaptation."""
+    digest = hashlib.sha256("".join(sorted(frame_sha256)).encode()).hexdigest()[:8]
+    return f"{version.split('+')[0]}+adapted.{digest}"
+
+
 def held_back(names: Sequence[str], share: float = DEFAULT_HOLD_BACK) -> np.ndarray:
     """True for held-back frames: chosen by a hash of the name, so reruns hold back the same frames; every fifth
     frame where the hash holds back none or all of them (too few frames)."""
@@ -231,6 +238,7 @@ def adapt_bundle(
         return report
     manifest = copy.deepcopy(detector.bundle.manifest)
     manifest["domain"] = adapted
+    manifest["model_version"] = adapted_version(manifest["model_version"], hashes)
     manifest["adaptation"] = {
         "date": dt.date.today().isoformat(),
         "adapted": ["domain.colour_references", "domain.max_colour_distance"],

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, held_back
+from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, adapted_version, held_back
 from leukoedge.bundle import save_bundle
 from leukoedge.detector import Detector
 from leukoedge.domain import colour_features, feature_names, segmenter_uncertainty
@@ -561,6 +561,8 @@ def adapt_bundle_with_labels(
         dropped = manifest.get("precisions", {}).get(name, {}).pop("int8", None)
         if dropped:
             manifest["files"].pop(dropped["file"], None)
+    frame_sha256 = [hashlib.sha256(np.ascontiguousarray(frame.image).tobytes()).hexdigest() for frame in frames]
+    manifest["model_version"] = adapted_version(manifest["model_version"], frame_sha256)
     manifest["adaptation"] = {
         "date": dt.date.today().isoformat(),
         "labelled": True,
@@ -569,7 +571,7 @@ def adapt_bundle_with_labels(
         + ["verdict.flag_fraction", "domain.colour_references", "domain.max_colour_distance", "domain.max_uncertainty"],
         "frames": len(frames),
         "held_back": adapted.report.held_back,
-        "frame_sha256": [hashlib.sha256(np.ascontiguousarray(frame.image).tobytes()).hexdigest() for frame in frames],
+        "frame_sha256": frame_sha256,
         "recipe": asdict(recipe),
         "gate": {
             "held_back_before": adapted.report.before,

@@ -125,4 +125,17 @@ def test_adapt_command_skips_files_it_cannot_use_and_reads_frames_as_it_goes(dat
     assert main(["adapt", "--frames", str(folder), "--out", str(tmp_path / "adapted")]) == 0
     out = capsys.readouterr().out
     assert "2 of 23 file(s) skipped" in out and f"adapted bundle written to {tmp_path / 'adapted'}" in out
-    assert load_bundle(tmp_path / "adapted").manifest["adaptation"]["frames"] == 21
+    adapted = load_bundle(tmp_path / "adapted")
+    assert adapted.manifest["adaptation"]["frames"] == 21
+    # Its results say which bundle gave them: not the shipped one, and which frames it was adapted to.
+    shipped = load_bundle(REPO / "models" / "default").model_version
+    assert adapted.model_version.startswith(f"{shipped}+adapted.") and adapted.model_version != shipped
+    assert Detector.load(tmp_path / "adapted").run(frames[0]).model_version == adapted.model_version
+
+
+def test_an_adapted_version_names_the_original_and_its_frames_whatever_their_order() -> None:
+    from leukoedge.adapt import adapted_version
+
+    once = adapted_version("0.10.1", ["b" * 64, "a" * 64])
+    assert once.startswith("0.10.1+adapted.") and once == adapted_version("0.10.1", ["a" * 64, "b" * 64])
+    assert adapted_version(once, ["c" * 64]).startswith("0.10.1+adapted.") and adapted_version(once, ["c" * 64]) != once
