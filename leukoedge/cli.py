@@ -171,7 +171,7 @@ def command_run(args: argparse.Namespace) -> int:
     print(verdict_counts(verdicts))
     unreadable = int(reader.stats()["skipped"] or 0)
     if unreadable or refused:
-        print(f"{unreadable} unreadable file(s) or frame(s) skipped, {refused} frame(s) refused (see the messages above)")
+        print(f"{unreadable} file(s) or frame(s) skipped (unreadable, greyscale or deeper than 8 bits), {refused} frame(s) outside the size limits (see the messages above)")
     print(f"overlays and JSON of {written} frame(s) written to {args.out}")
     return 1 if unreadable or refused else 0
 
