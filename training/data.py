@@ -341,16 +341,20 @@ def _taleqani_weak_mask(record: Record) -> tuple[np.ndarray | None, list[Box]]:
     return label_map, boxes
 
 
-def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
+LabelledBox = tuple[int, str, Box]  # (its object's number in the file, from 1; its class as labelled; the box)
+
+
+def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...]) -> list[LabelledBox]:
+    """VOC objects (WBC, RBC, Platelets) -> boxes in pixels, ends exclusive, numbered as the file lists them."""
     try:
         root = ET.parse(annotation).getroot()
     except ET.ParseError as error:
         raise ValueError(f"cannot parse VOC annotation {annotation}: {error}") from error
     height, width = image_shape[:2]
-    boxes: dict[str, list[Box]] = {name: [] for name in BOX_CLASSES}
-    for element in root.iter("object"):
+    boxes = []
+    for number, element in enumerate(root.iter("object"), 1):
         name = (element.findtext("name") or "").strip()
-        if name not in boxes:
+        if name not in BOX_CLASSES:
             continue
         corners = element.find("bndbox")
         xmin, ymin, xmax, ymax = (float(corners.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
@@ -358,18 +362,14 @@ def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...]) -> dict[str, lis
         x0, y0 = max(0, int(round(xmin)) - 1), max(0, int(round(ymin)) - 1)
         x1, y1 = min(width, int(round(xmax))), min(height, int(round(ymax)))
         if x1 > x0 and y1 > y0:
-            boxes[name].append((x0, y0, x1, y1))
+            boxes.append((number, name, (x0, y0, x1, y1)))
     return boxes
 
 
-def _bccd_annotated_wbc_boxes(annotation: Path, image_shape: tuple[int, ...]) -> list[Box]:
-    return _bccd_boxes(annotation, image_shape)["WBC"]
-
-
-def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
-    """YOLO lines `class cx cy w h` (normalized to the image) -> boxes per class in pixels, ends exclusive."""
+def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...]) -> list[LabelledBox]:
+    """YOLO lines `class cx cy w h` (normalized to the image) -> boxes in pixels, ends exclusive, numbered by line."""
     height, width = image_shape[:2]
-    boxes: dict[str, list[Box]] = {name: [] for name in BOX_CLASSES}
+    boxes = []
     for number, line in enumerate(label_path.read_text().splitlines(), 1):
         fields = line.split()
         if not fields:
@@ -380,13 +380,14 @@ def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, 
         x0, y0 = max(0, int(round((cx - box_width / 2) * width))), max(0, int(round((cy - box_height / 2) * height)))
         x1, y1 = min(width, int(round((cx + box_width / 2) * width))), min(height, int(round((cy + box_height / 2) * height)))
         if x1 > x0 and y1 > y0:
-            boxes[TXL_PBC_CLASSES[int(fields[0])]].append((x0, y0, x1, y1))
+            boxes.append((number, TXL_PBC_CLASSES[int(fields[0])], (x0, y0, x1, y1)))
     return boxes
 
 
-def read_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
-    """Boxes per object class (BOX_CLASSES) from a labelling tool's file: Pascal VOC XML (`.xml`, object names
-    WBC, RBC, Platelets, as BCCD's) or YOLO text (`.txt`, classes 0 WBC, 1 RBC, 2 Platelets, as TXL-PBC's)."""
+def labelled_boxes(label_path: Path, image_shape: tuple[int, ...]) -> list[LabelledBox]:
+    """Every box of a labelling tool's file as labelled, numbered as the file lists them: Pascal VOC XML (`.xml`,
+    object names WBC, RBC, Platelets, as BCCD's) or YOLO text (`.txt`, classes 0 WBC, 1 RBC, 2 Platelets, as
+    TXL-PBC's)."""
     label_path = Path(label_path)
     if label_path.suffix.lower() == ".xml":
         return _bccd_boxes(label_path, image_shape)
@@ -395,12 +396,47 @@ def read_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list
     raise ValueError(f"{label_path}: expected a Pascal VOC .xml or a YOLO .txt box file")
 
 
-def object_boxes(record: Record) -> dict[str, list[Box]]:
-    """Boxes per object class (BOX_CLASSES: WBC, RBC, Platelets) of a BCCD or TXL-PBC field; {} for
-    other sources and unannotated fields."""
+def by_class(boxes: Sequence[LabelledBox]) -> dict[str, list[Box]]:
+    grouped: dict[str, list[Box]] = {name: [] for name in BOX_CLASSES}
+    for _, name, box in boxes:
+        grouped[name].append(box)
+    return grouped
+
+
+def read_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
+    """Boxes per object class (BOX_CLASSES) of a labelling tool's file as labelled (labelled_boxes): a device's own
+    labels (`leukoedge adapt --labels`), which no correction of this repository touches."""
+    return by_class(labelled_boxes(label_path, image_shape))
+
+
+# Boxes of the data sources whose labels were looked at again and found wrong (docs/training.md, "Box label
+# corrections"; found with scripts/box_label_audit.py, decided by a person looking at the cell).
+BOX_CORRECTIONS = Path(__file__).parent / "box_corrections.csv"
+
+
+def box_corrections() -> dict[tuple[str, str, int], tuple[str, str]]:
+    """(source, image file name, box number) -> (class as labelled, class it is; "none" for no object)."""
+    if not BOX_CORRECTIONS.is_file():
+        return {}
+    rows = _read_csv(BOX_CORRECTIONS)
+    return {(row["source"], row["image"], int(row["box"])): (row["labelled"], row["corrected"]) for row in rows}
+
+
+def object_boxes(record: Record, image_shape: tuple[int, ...] | None = None) -> dict[str, list[Box]]:
+    """Boxes per object class (BOX_CLASSES: WBC, RBC, Platelets) of a BCCD or TXL-PBC field, with the box label
+    corrections applied; {} for other sources and unannotated fields."""
     if record.label_path is None or record.source not in BOX_SOURCES:
         return {}
-    return read_boxes(record.label_path, read_image(record).shape)
+    boxes = labelled_boxes(record.label_path, read_image(record).shape if image_shape is None else image_shape)
+    corrections = box_corrections()
+    corrected = []
+    for number, name, box in boxes:
+        labelled, right = corrections.get((record.source, record.image_path.name, number), (name, name))
+        if labelled != name:
+            raise ValueError(f"{BOX_CORRECTIONS.name}: box {number} of {record.image_path.name} is labelled {name}, not {labelled}: the data changed")
+        if right != "none":
+            corrected.append((number, right, box))
+    return by_class(corrected)
 
 
 BOX_CORE = 0.7  # the ellipse inscribed in a WBC box, shrunk to this share of its axes: white cell for sure
@@ -436,7 +472,7 @@ def boxed_field_label_map(boxes: dict[str, list[Box]], image_shape: tuple[int, .
 
 
 def _bccd_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray | None:
-    boxes = _bccd_annotated_wbc_boxes(record.label_path, image_shape)
+    boxes = object_boxes(record, image_shape)["WBC"]
     if not boxes:
         # Every BCCD field shows a WBC; the two XMLs without one (00133, 00228) lack its box,
         # so "everything is background" would be a wrong label.
@@ -462,7 +498,7 @@ def read_label_map(record: Record) -> np.ndarray | None:
     if record.source == "bccd":
         return _bccd_label_map(record, image_shape)
     if record.source == "txl-pbc":
-        return box_label_map(_txl_pbc_boxes(record.label_path, image_shape)["WBC"], image_shape)
+        return box_label_map(object_boxes(record, image_shape)["WBC"], image_shape)
     raise ValueError(f"{record.source} has no label maps")
 
 
