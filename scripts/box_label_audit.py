@@ -9,7 +9,7 @@ are label errors and some are the bundle's; only a person looking at the cell ca
 `candidates.csv` (image, split, box number, class as labelled, box, why, the gate's white-cell probability) and one
 sheet per kind, `kept-RBC.png`, `kept-Platelets.png`, `unproposed-WBC.png`: a tile per candidate (the box in red, the
 field around it, its number in the csv), for that person. What they decide
-goes into training/box_corrections.csv (docs/training.md, "Box label corrections"), which the loader applies.
+goes into training/box_corrections.csv (docs/training.md, "TXL-PBC's box labels looked at again"), which the loader applies.
 """
 
 from __future__ import annotations

@@ -409,8 +409,8 @@ def read_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list
     return by_class(labelled_boxes(label_path, image_shape))
 
 
-# Boxes of the data sources whose labels were looked at again and found wrong (docs/training.md, "Box label
-# corrections"; found with scripts/box_label_audit.py, decided by a person looking at the cell).
+# Boxes of the data sources whose labels were looked at again and found wrong (docs/training.md, "TXL-PBC's box
+# labels looked at again"; found with scripts/box_label_audit.py, decided by a person looking at the cell).
 BOX_CORRECTIONS = Path(__file__).parent / "box_corrections.csv"
 
 

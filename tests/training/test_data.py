@@ -335,7 +335,7 @@ def test_txl_pbc_fields_give_box_label_maps_whose_cores_sit_in_the_wbc_boxes(dat
 
 def test_the_box_corrections_name_boxes_as_labelled_and_leave_every_raabin_field_its_white_cell(data_root: Path) -> None:
     """Raabin-WBC fields are each centred on a white cell; 8 of TXL-PBC's 500 had it boxed as a red cell
-    (training/box_corrections.csv, docs/training.md "Box label corrections")."""
+    (training/box_corrections.csv, docs/training.md "TXL-PBC's box labels looked at again")."""
     corrections = data.box_corrections()
     records = [r for r in load_records(data_root, "txl-pbc") if r.label_path is not None]
     named = {image for _, image, _ in corrections}
