@@ -865,8 +865,9 @@ def _white_cells_md(report: dict[str, Any]) -> list[str]:
         format_table(rows, "Only white cells are cells: normal fields per source/device"),
         "",
         "Every field here is a normal smear (no leukemia): any flag is a false flag. A found cell matches a WBC box at",
-        "IoU >= 0.5; an unmatched one over a red-cell box is a red cell called a white cell. Refused: fields not judged",
-        "(outside the validated domain, too small, unreadable). Leave-one-source-out figures: `leukoedge gate --leave-out`.",
+        "IoU >= 0.5; an unmatched one over a red-cell box is a red cell called a white cell (TXL-PBC's boxes as corrected",
+        "in training/box_corrections.csv). Refused: fields not judged (outside the validated domain, too small).",
+        "Leave-one-source-out figures: `leukoedge gate --leave-out`.",
         "",
     ]
 
