@@ -381,6 +381,9 @@ SECTIONS: dict[str, Section] = {
             # absent: every cell is refined (docs/performance.md, "Refining only uncertain cells")
             "skip_below_uncertainty": _number(0.0, 1.0, optional=True),
             "min_cell_side_px": _number(0.0, MAX_FRAME_SIDE, optional=True),  # absent before 0.8.0: cells of any size refined
+            # a refined cell whose box shrank below this share of the area of the box it was refined from is refined
+            # again from a crop around its refined box (Detector.refine); absent: every cell is refined once
+            "refine_again_below": _number(0.0, 1.0, optional=True),
         },
         outputs=_label_map_outputs("refiner", same_size=False),
         optional=True,
@@ -914,6 +917,7 @@ def describe_bundle(bundle: Bundle) -> str:
             f"crop margin {refiner['crop_margin']}, output {refiner['output']!r}"
             + (f"; only cells with field-mask uncertainty >= {refiner['skip_below_uncertainty']}" if "skip_below_uncertainty" in refiner else "")
             + (f"; only cells at least {refiner['min_cell_side_px']:g} px across" if "min_cell_side_px" in refiner else "")
+            + (f"; refined again around its refined box where that is under {refiner['refine_again_below']:g} of the first box's area" if "refine_again_below" in refiner else "")
         )
     if "gate" in manifest:
         gate = manifest["gate"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -34,6 +34,12 @@ def _batches(crops: np.ndarray) -> Iterator[np.ndarray]:
     """Crops MAX_CELL_BATCH at a time: the most one model call takes."""
     for start in range(0, len(crops), MAX_CELL_BATCH):
         yield crops[start : start + MAX_CELL_BATCH]
+
+
+def shrank(cell: CellInstance, share: float) -> bool:
+    """Whether a refined cell's box is smaller than `share` of the area of the box the field segmenter found."""
+    (x0, y0, x1, y1), (fx0, fy0, fx1, fy1) = cell.box, cell.classifier_box
+    return (x1 - x0) * (y1 - y0) < share * (fx1 - fx0) * (fy1 - fy0)
 
 
 def without_classes(probabilities: np.ndarray, classes: Sequence[str], excluded: Sequence[str]) -> np.ndarray:
@@ -347,14 +353,36 @@ class Detector:
         says so (refiner.skip_below_uncertainty), or those large enough (refiner.min_cell_side_px) (the others keep
         the segmenter's masks); and the frame label map painted from them. Every proposal, kept or not, still
         claims its pixels: a cell's mask does not depend on what the gate decided about its neighbours.
-        crops: every proposal's crop, already cut (shared_crops), or None."""
+        crops: every proposal's crop, already cut (shared_crops), or None.
+
+        Where the bundle says so (refiner.refine_again_below), a refined cell whose box shrank below that share of
+        the area of the field segmenter's box is refined once more from a crop around its refined box: where the field
+        segmenter merged a white cell with the red cells around it, the first crop (that whole blob, shrunk to the
+        refiner's input) shows the cell too small to outline, the second at the refiner's scale (docs/performance.md,
+        "A second refinement pass"). The cell's classifier_box stays the field segmenter's."""
         spec = self.refiner_spec
         chosen = cells_to_refine(probabilities, prepared.letterbox, proposals, spec.get("skip_below_uncertainty"), spec.get("min_cell_side_px"))
         chosen = chosen[np.isin(chosen, kept)]
         batches = _batches(crops[chosen]) if crops is not None else self._crop_batches(frame, prepared, [proposals[index].box for index in chosen], spec)
         crop_probabilities = [self.refiner.run({spec["input"]: batch})[spec["output"]] for batch in batches]
         no_crops = np.zeros((0, len(spec["classes"]), *spec["input_size"]), np.float32)
-        return refine_cells(proposals, np.concatenate(crop_probabilities) if crop_probabilities else no_crops, spec["crop_margin"], frame.shape[:2], chosen, kept)
+        cells, label_map = refine_cells(proposals, np.concatenate(crop_probabilities) if crop_probabilities else no_crops, spec["crop_margin"], frame.shape[:2], chosen, kept)
+        if "refine_again_below" in spec and chosen.size:
+            again = [position for position, index in enumerate(kept.tolist()) if index in set(chosen.tolist()) and shrank(cells[position], spec["refine_again_below"])]
+            if again:
+                cells, label_map = self.refine_again(frame, prepared, cells, np.asarray(again, np.int64))
+        return cells, label_map
+
+    def refine_again(self, frame: np.ndarray, prepared: PreparedFrame, cells: list[CellInstance], again: np.ndarray) -> tuple[list[CellInstance], np.ndarray]:
+        """The kept cells with those at positions `again` refined a second time, each from a crop around its refined
+        box (the other kept cells claim their pixels as before); classifier boxes unchanged."""
+        spec = self.refiner_spec
+        batches = self._crop_batches(frame, prepared, [cells[index].box for index in again], spec)
+        crop_probabilities = np.concatenate([self.refiner.run({spec["input"]: batch})[spec["output"]] for batch in batches])
+        second, label_map = refine_cells(cells, crop_probabilities, spec["crop_margin"], frame.shape[:2], again)
+        for index in again.tolist():
+            second[index] = replace(second[index], found_box=cells[index].classifier_box)
+        return second, label_map
 
     def _crop_batches(self, frame: np.ndarray, prepared: PreparedFrame, boxes: list[Box], spec: dict) -> Iterator[np.ndarray]:
         """The cells' crops for a model of the bundle (its input size and crop margin), MAX_CELL_BATCH at a time."""

@@ -431,3 +431,46 @@ def test_the_refiner_segments_only_the_proposals_the_gate_keeps_and_they_come_ou
         assert all(np.array_equal(a.mask, b.mask) and np.array_equal(a.nucleus_mask, b.nucleus_mask) for a, b in zip(cells, expected))
         rejected_somewhere |= bool((~keep[chosen]).any())
     assert rejected_somewhere  # some proposal the refiner would have segmented was rejected first
+
+
+def _bundle_refining_again_below(tmp_path: Path, share: float) -> Path:
+    """A copy of the shipped bundle with refiner.refine_again_below set."""
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["refiner"]["refine_again_below"] = share
+    out = tmp_path / f"again-{share}"
+    save_bundle(out, manifest, {name: bundle.root / name for name in manifest["files"]})
+    return out
+
+
+def test_a_cell_whose_refined_box_shrank_is_refined_again_from_it_and_no_verdict_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    frame = cv2.imread(str(SAMPLES / "pbc_lymphocyte_LY_131013.jpg"))  # its cell's refined box is 0.94 of its field box
+    with Detector.load(_bundle_refining_again_below(tmp_path, 0.0), threads=1) as once, Detector.load(_bundle_refining_again_below(tmp_path, 1.0), threads=1) as twice:
+        assert "refined again around its refined box where that is under 1 of the first box's area" in describe_bundle(twice.bundle)
+        batches = {"once": [], "twice": []}
+        for name, detector in (("once", once), ("twice", twice)):
+            run = detector.refiner.run
+            monkeypatch.setattr(detector.refiner, "run", lambda inputs, run=run, name=name: batches[name].append(next(iter(inputs.values()))) or run(inputs))
+        first, second = once.run(frame), twice.run(frame)
+        calls = {name: len(found) for name, found in batches.items()}
+        refined_once = once.white_cells(frame, once.candidates(frame))[0]
+        shrunk = [cell.box for cell in refined_once if cell.found_box is not None and cell.box != cell.found_box]
+        # The second crop is cut around the first pass's box: the same crop as cutting it by hand.
+        expected = np.concatenate(list(twice._crop_batches(frame, twice.candidates(frame).prepared, shrunk, twice.refiner_spec)))
+    assert calls == {"once": 1, "twice": 2}  # a share of 0 refines nothing again
+    assert len(shrunk) > 0 and np.array_equal(expected, batches["twice"][1])
+    assert [cell.classifier_box for cell in second.cells] == [cell.classifier_box for cell in first.cells]
+    assert [cell.blast_probability for cell in second.cells] == [cell.blast_probability for cell in first.cells]
+    assert second.verdict.flagged == first.verdict.flagged and second.verdict.blast_count == first.verdict.blast_count
+    assert [cell.box for cell in second.cells] != [cell.box for cell in first.cells]  # the outline moved
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_a_refine_again_share_outside_zero_to_one_is_refused(tmp_path: Path, share: float):
+    from leukoedge.errors import BundleError
+
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["refiner"]["refine_again_below"] = share
+    with pytest.raises(BundleError, match="refine_again_below"):
+        save_bundle(tmp_path / "odd", manifest, {name: bundle.root / name for name in manifest["files"]})
