@@ -319,12 +319,12 @@ def test_a_cell_not_chosen_keeps_its_field_mask_and_a_refined_neighbour_keeps_of
     assert np.array_equal(label_map > 0, _in_frame(kept_left) | _in_frame(refined_right))
 
 
-def _bundle_skipping_below(tmp_path: Path, threshold: float) -> Path:
-    """A copy of the shipped bundle with refiner.skip_below_uncertainty set, as docs/performance.md makes them."""
+def _bundle_with_refiner(tmp_path: Path, key: str, value: float) -> Path:
+    """A copy of the shipped bundle with one refiner setting changed, as docs/performance.md makes them."""
     bundle = load_bundle(DEFAULT_BUNDLE)
     manifest = copy.deepcopy(bundle.manifest)
-    manifest["refiner"]["skip_below_uncertainty"] = threshold
-    out = tmp_path / f"skip-{threshold}"
+    manifest["refiner"][key] = value
+    out = tmp_path / f"{key}-{value}"
     save_bundle(out, manifest, {name: bundle.root / name for name in manifest["files"]})
     return out
 
@@ -353,7 +353,7 @@ def _sample_frame() -> np.ndarray:
 
 def test_a_threshold_of_zero_refines_every_cell_exactly_as_the_shipped_bundle(tmp_path: Path):
     frame = _sample_frame()
-    with Detector.load(DEFAULT_BUNDLE, threads=1) as shipped, Detector.load(_bundle_skipping_below(tmp_path, 0.0), threads=1) as every_cell:
+    with Detector.load(DEFAULT_BUNDLE, threads=1) as shipped, Detector.load(_bundle_with_refiner(tmp_path, "skip_below_uncertainty", 0.0), threads=1) as every_cell:
         expected, found = shipped.run(frame), every_cell.run(frame)
     assert len(found.cells) == len(expected.cells) > 0
     assert np.array_equal(found.label_map, expected.label_map)
@@ -365,7 +365,7 @@ def test_a_threshold_of_zero_refines_every_cell_exactly_as_the_shipped_bundle(tm
 
 def test_confident_cells_skip_the_refiner_and_keep_the_segmenters_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     frame = _sample_frame()
-    with Detector.load(_bundle_skipping_below(tmp_path, 1.0), threads=1) as detector:  # every cell is surer than that
+    with Detector.load(_bundle_with_refiner(tmp_path, "skip_below_uncertainty", 1.0), threads=1) as detector:  # every cell is surer than that
         assert "only cells with field-mask uncertainty >= 1.0" in describe_bundle(detector.bundle)  # `leukoedge info` says so
         refined_batches = []
         run_refiner = detector.refiner.run
@@ -433,19 +433,9 @@ def test_the_refiner_segments_only_the_proposals_the_gate_keeps_and_they_come_ou
     assert rejected_somewhere  # some proposal the refiner would have segmented was rejected first
 
 
-def _bundle_refining_again_below(tmp_path: Path, share: float) -> Path:
-    """A copy of the shipped bundle with refiner.refine_again_below set."""
-    bundle = load_bundle(DEFAULT_BUNDLE)
-    manifest = copy.deepcopy(bundle.manifest)
-    manifest["refiner"]["refine_again_below"] = share
-    out = tmp_path / f"again-{share}"
-    save_bundle(out, manifest, {name: bundle.root / name for name in manifest["files"]})
-    return out
-
-
 def test_a_cell_whose_refined_box_shrank_is_refined_again_from_it_and_no_verdict_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     frame = cv2.imread(str(SAMPLES / "pbc_lymphocyte_LY_131013.jpg"))  # its cell's refined box is 0.94 of its field box
-    with Detector.load(_bundle_refining_again_below(tmp_path, 0.0), threads=1) as once, Detector.load(_bundle_refining_again_below(tmp_path, 1.0), threads=1) as twice:
+    with Detector.load(_bundle_with_refiner(tmp_path, "refine_again_below", 0.0), threads=1) as once, Detector.load(_bundle_with_refiner(tmp_path, "refine_again_below", 1.0), threads=1) as twice:
         assert "refined again around its refined box where that is under 1 of the first box's area" in describe_bundle(twice.bundle)
         batches = {"once": [], "twice": []}
         for name, detector in (("once", once), ("twice", twice)):
