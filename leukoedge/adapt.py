@@ -11,8 +11,8 @@ validated domain". What is NOT changed, and why:
   gate and the classifier and widens the uncertainty threshold (training/adapt.py).
 Frames that do not belong to the device's colours are left out of the fit and named: a frame without stain colour
 (a greyscale image, an empty field: domain.MIN_CHROMA_SPREAD) and a frame unlike every other frame of the device
-(UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope). One such frame would otherwise become a reference and widen the threshold until the
-colour check refused nothing.
+(UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope). One such frame
+would otherwise become a reference and widen the threshold until the colour check refused nothing.
 A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
 of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
 prints how many held-back frames each bundle flags, for a person to look at (a field kit session's review).
