@@ -210,7 +210,7 @@ def run_frames(args: argparse.Namespace, detector: Detector, reader: SequentialR
             except StorageError as error:
                 raise StorageError(f"{error}; the results of the {written} frame(s) before {name} are in {args.out}") from error
             written += 1
-        print_result(name, result, detector)
+        print_result(name, result)
         verdicts["flagged" if result.verdict.flagged else result.verdict.status] += 1
     return written, refused, verdicts
 
@@ -224,15 +224,20 @@ def write_frame_results(args: argparse.Namespace, stem: str, image: np.ndarray, 
     write_file(args.out / f"{stem}.json", result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
 
 
-def print_result(name: str, result: Result, detector: Detector) -> None:
+# The B-ALL subtype describes a blast and the WBC type a normal white cell: each line names the one that fits the cell
+# (an eosinophil printed "subtype=Benign" read as a diagnosis); the JSON keeps every head's scores.
+HEAD_SHOWN_FOR = {"blast": "subtype", "normal": "wbc_type"}
+
+
+def print_result(name: str, result: Result) -> None:
     """The verdict (a frame not judged: its status and why), each cell, the timings."""
     from .result import flagged_subtype, verdict_summary
 
     subtype = flagged_subtype(result.verdict)
     print(f"{name}: {verdict_summary(result.verdict)}{f' ({subtype})' if subtype else ''}")
-    primary = detector.classifier_spec["primary_head"]
     for cell in result.cells:
-        extra = "  ".join(f"{head}={max(s, key=s.get)}" for head, s in cell.head_scores.items() if head != primary)
+        head = HEAD_SHOWN_FOR.get(cell.label)
+        extra = f"{head}={max(cell.head_scores[head], key=cell.head_scores[head].get)}" if head in cell.head_scores else ""
         print(f"  cell {cell.id:2d} box={cell.box} area={cell.area_px}px {cell.label} p(blast)={cell.blast_probability:.2f}  {extra}")
     print("  timings ms: " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in result.timings.items()))
 

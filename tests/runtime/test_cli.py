@@ -294,3 +294,20 @@ def test_the_runtime_command_line_never_imports_torch_and_still_offers_the_train
     assert set(completed.stdout.split()) >= {"run", "info", "bench", "adapt", "train", "evaluate", "study", "pretrain", "ensemble", "calibrate", "gate"}
     source = Path(cli.__file__).read_text()
     assert "def command_train" not in source and "def command_evaluate" not in source
+
+
+def test_each_cell_line_names_the_wbc_type_of_a_normal_cell_and_the_subtype_of_a_blast(capsys):
+    import dataclasses
+
+    from leukoedge import Detector
+
+    frame = cv2.imread(str(Path(__file__).resolve().parents[2] / "samples" / "pbc_lymphocyte_LY_131013.jpg"))
+    with Detector.load(default_bundle(), threads=1) as detector:
+        result = detector.run(frame)
+    cli.print_result("lymphocyte.jpg", result)
+    normal = capsys.readouterr().out
+    assert "normal" in normal and "wbc_type=lymphocyte" in normal and "subtype=" not in normal
+    as_blast = dataclasses.replace(result, cells=[dataclasses.replace(cell, label="blast") for cell in result.cells])
+    cli.print_result("lymphocyte.jpg", as_blast)
+    blast = capsys.readouterr().out
+    assert "subtype=" in blast and "wbc_type=" not in blast
