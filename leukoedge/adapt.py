@@ -123,6 +123,14 @@ UNLIKE_THE_OTHERS = "unlike the device's other frames"
 UNLIKE_FACTOR = 5.0
 
 
+def nearest_other(colours: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """Each frame's colour distance (domain.colour_distance's, in units of the references' spread) to the nearest
+    other frame of the same set."""
+    distances = np.sqrt((((colours[:, None, :] - colours[None, :, :]) / spread) ** 2).mean(axis=2))
+    np.fill_diagonal(distances, np.inf)
+    return distances.min(axis=1)
+
+
 def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> dict[str, np.ndarray]:
     """Which of the device's frames must not shape its colour references (see the module doc), by reason: boolean
     masks over `measures`. Distances between frames with colour, in units of the references' spread."""
@@ -130,11 +138,7 @@ def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> di
     unlike = np.zeros(len(measures), bool)
     coloured = np.flatnonzero(~no_colour)
     if len(coloured) >= 2:
-        device = np.array([measures[index].colour for index in coloured])
-        spread = np.asarray(domain["colour_spread"], np.float64)
-        distances = np.sqrt((((device[:, None, :] - device[None, :, :]) / spread) ** 2).mean(axis=2))
-        np.fill_diagonal(distances, np.inf)
-        nearest = distances.min(axis=1)
+        nearest = nearest_other(np.array([measures[index].colour for index in coloured]), np.asarray(domain["colour_spread"], np.float64))
         unlike[coloured] = nearest > max(float(domain["max_colour_distance"]), UNLIKE_FACTOR * float(np.median(nearest)))
     return {NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike}
 
@@ -160,10 +164,7 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
     original = np.asarray(domain["colour_references"], np.float64)
     keep_original = rng.permutation(len(original))[: MAX_REFERENCES - len(keep_device)]
     adapted["colour_references"] = np.round(np.concatenate([original[np.sort(keep_original)], device[np.sort(keep_device)]]), 3).tolist()
-    spread = np.asarray(domain["colour_spread"], np.float64)
-    distances = np.sqrt((((device[:, None, :] - device[None, :, :]) / spread) ** 2).mean(axis=2))
-    np.fill_diagonal(distances, np.inf)
-    own = float(np.quantile(distances.min(axis=1), THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    own = float(np.quantile(nearest_other(device, np.asarray(domain["colour_spread"], np.float64)), THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
     adapted["max_colour_distance"] = max(float(domain["max_colour_distance"]), own)
     if labelled:
         uncertainty = np.array([measure.uncertainty for measure in fitted])

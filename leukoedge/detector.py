@@ -368,9 +368,10 @@ class Detector:
         no_crops = np.zeros((0, len(spec["classes"]), *spec["input_size"]), np.float32)
         cells, label_map = refine_cells(proposals, np.concatenate(crop_probabilities) if crop_probabilities else no_crops, spec["crop_margin"], frame.shape[:2], chosen, kept)
         if "refine_again_below" in spec and chosen.size:
-            again = [position for position, index in enumerate(kept.tolist()) if index in set(chosen.tolist()) and shrank(cells[position], spec["refine_again_below"])]
-            if again:
-                cells, label_map = self.refine_again(frame, prepared, cells, np.asarray(again, np.int64))
+            refined = np.flatnonzero(np.isin(kept, chosen))  # positions among the kept cells
+            again = refined[[shrank(cells[position], spec["refine_again_below"]) for position in refined.tolist()]]
+            if again.size:
+                cells, label_map = self.refine_again(frame, prepared, cells, again)
         return cells, label_map
 
     def refine_again(self, frame: np.ndarray, prepared: PreparedFrame, cells: list[CellInstance], again: np.ndarray) -> tuple[list[CellInstance], np.ndarray]:

@@ -1,9 +1,9 @@
 """How much colour a stained field has: the larger of its a* and b* spreads (leukoedge.domain.chroma_spread, the
-frame's L*a*b* statistics before stain normalization), per source, over every image of the data folder; and the
-same for a greyscale copy of each source's first image. The domain check's floor (domain.MIN_CHROMA_SPREAD) must
-sit well below every real field and above every grey one.
+frame's L*a*b* statistics before stain normalization, as a bundle's preprocessing computes them), per source, over
+every image of the data folder; and the same for a greyscale copy of each source's first image. The domain check's
+floor (domain.MIN_CHROMA_SPREAD) must sit well below every real field and above every grey one.
 
-    python scripts/chroma_spread.py --data ../shared/data
+    python scripts/chroma_spread.py --data ../shared/data [--bundle models/default]
 """
 
 from __future__ import annotations
@@ -15,20 +15,21 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from leukoedge.domain import MIN_CHROMA_SPREAD
-from leukoedge.preprocess.cpu import lab_statistics, to_rgb_float
+from leukoedge import Detector
+from leukoedge.domain import MIN_CHROMA_SPREAD, chroma_spread
+from leukoedge.shipped import default_bundle
 from leukoedge.training import data
-
-
-def spread_of(image: np.ndarray) -> float:
-    """domain.chroma_spread of a BGR frame, from the same statistics the preprocessing computes."""
-    return float(np.max(lab_statistics(to_rgb_float(image))[1][1:]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="the data folder (e.g. ../shared/data)")
+    parser.add_argument("--bundle", type=Path, default=default_bundle(), help="whose preprocessing (default: %(default)s)")
     args = parser.parse_args()
+    detector = Detector.load(args.bundle)
+
+    def spread_of(image: np.ndarray) -> float:
+        return chroma_spread(detector.prepare_frame(image))
     print(f"floor (domain.MIN_CHROMA_SPREAD): {MIN_CHROMA_SPREAD:g}")
     print("| source | images | smallest | 1st percentile | median | its first image in grey |")
     print("|---|---|---|---|---|---|")
