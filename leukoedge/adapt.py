@@ -71,6 +71,7 @@ class FrameMeasure:
     refused: bool
     flagged: bool
     chroma: float | None = None  # domain.chroma_spread (None: the bundle has no stain step)
+    scores: dict[str, float] = field(default_factory=dict)  # the run's domain scores (domain.domain_scores)
 
 
 @dataclass
@@ -112,6 +113,7 @@ def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
         result.verdict.status == "outside_domain",
         result.verdict.flagged,
         chroma_spread(found.prepared),
+        dict(result.verdict.domain or {}),
     )
 
 
@@ -218,8 +220,9 @@ def adapt_bundle(
     fitting = np.flatnonzero(~held)
     left_out = {why: [names[fitting[index]] for index in np.flatnonzero(mask)] for why, mask in unfit_frames(domain, [measures[index] for index in fitting]).items()}
     adapted = adapted_domain(domain, [measures[index] for index in fitting])
+    # Every check again, with the adapted colour references (the others' scores do not change with them).
     after = [
-        bool(outside_domain(adapted, {"colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty}))
+        bool(outside_domain(adapted, {**m.scores, "colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty}))
         for m, h in zip(measures, held)
         if h
     ]

@@ -1,6 +1,6 @@
 """The domain check: is this frame like the frames the bundle was validated on?
 
-Three signals the runtime already computes, so the check costs almost nothing:
+Signals the runtime already computes, or reads from pixels it already holds, so the check costs almost nothing:
 - colour: how the frame's L*a*b* channels vary together as the segmenter sees it (after stain normalization),
   compared with reference frames of every validated source (distance to the nearest, each feature divided by
   its spread over the references). The stain normalization gives every frame the reference's channel means
@@ -15,6 +15,10 @@ Three signals the runtime already computes, so the check costs almost nothing:
   coarser camera the cells carry less detail than any the classifier learnt from, and it answers anyway: at half
   the magnification of Taleqani's fields it flagged 3 of 60 benign fields (docs/training.md, "Bundle 0.6.0").
   Bundles fitted before this check have no "min_cell_side_px" and skip it.
+- focus: how wide the white cells' edges are, in units of each cell's own size (edge_width, from the frame's
+  pixels inside the cells' boxes). Out of focus, the classifier still answers: blurred benign Taleqani fields were
+  flagged as leukemic and PBC's white-cell types went wrong with no frame refused (docs/training.md, "Out of
+  focus"). Bundles fitted before this check have no "max_edge_width" and skip it (and do not measure it).
 - colour at all: a stained smear has colour. A greyscale image, a monochrome camera or an empty field has almost
   none, and the stain normalization would blow its noise up into colours (MIN_CHROMA_SPREAD; every bundle).
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
@@ -122,11 +126,70 @@ def median_cell_side(boxes: Sequence[Box]) -> float | None:
     return float(np.median(box_sides(boxes)))
 
 
+# The focus check's scale: each white cell's box is resampled to FOCUS_SIZE px a side, so an edge's width is measured in
+# units of the cell's own size whatever the magnification and camera; its steepest FOCUS_EDGE_SHARE of pixels are its
+# edges (nucleus, membrane), and CONTRAST_WINDOW px around each is the contrast across it.
+FOCUS_SIZE = 64
+FOCUS_EDGE_SHARE = 0.03
+CONTRAST_WINDOW = 9
+_CONTRAST_KERNEL = np.ones((CONTRAST_WINDOW, CONTRAST_WINDOW), np.uint8)
+_CHANNEL_MEAN = np.full((1, 3), 1.0 / 3.0, np.float32)
+
+
+def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box]) -> list[float | None]:
+    """How blurred each white cell's edges are: the sigma of the Gaussian blur that a sharp step of the cell's contrast
+    would need to rise as gently as its steepest edges do, in 1/FOCUS_SIZE of its box. A focused cell measures
+    about 1 (the resampling's own blur); defocus widens it. Only the frame's own pixels are read (no padding, whose
+    edge is sharp whatever the focus); None for a box under 8 px a side or without any edge."""
+    tiles, measured = [], []
+    for index, box in enumerate(boxes):
+        x0, y0, x1, y1 = (int(round(value)) for value in box)
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(x1, frame.shape[1]), min(y1, frame.shape[0])
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            continue
+        shrinking = (x1 - x0) * (y1 - y0) > FOCUS_SIZE * FOCUS_SIZE
+        tiles.append(cv2.resize(frame[y0:y1, x0:x1], (FOCUS_SIZE, FOCUS_SIZE), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR))
+        measured.append(index)
+    widths: list[float | None] = [None] * len(boxes)
+    if not tiles:
+        return widths
+    # The cells' tiles stacked into one image: the filters reach CONTRAST_WINDOW // 2 px, and that border of every
+    # tile is left out, so no tile's figure reads its neighbour's pixels, and the filters run once per frame.
+    grey = cv2.transform(np.concatenate(tiles).astype(np.float32), _CHANNEL_MEAN)  # the channels' mean: either order
+    # Sobel's 3x3 kernels give 8x the derivative; the window's max - min is the contrast across an edge.
+    gradient = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)) / 8.0
+    contrast = cv2.dilate(grey, _CONTRAST_KERNEL) - cv2.erode(grey, _CONTRAST_KERNEL)
+    inner = slice(CONTRAST_WINDOW // 2, -(CONTRAST_WINDOW // 2))
+    gradient = gradient.reshape(len(tiles), FOCUS_SIZE, FOCUS_SIZE)[:, inner, inner].reshape(len(tiles), -1)
+    contrast = contrast.reshape(len(tiles), FOCUS_SIZE, FOCUS_SIZE)[:, inner, inner].reshape(len(tiles), -1)
+    steepest = max(1, int(round(FOCUS_EDGE_SHARE * gradient.shape[1])))
+    edges = np.argpartition(gradient, -steepest, axis=1)[:, -steepest:]
+    slopes, heights = np.take_along_axis(gradient, edges, axis=1), np.take_along_axis(contrast, edges, axis=1)
+    # A step of height h blurred by a Gaussian of sigma s rises at most h / (s * sqrt(2 pi)) per pixel.
+    estimates = np.median(heights / (slopes * np.sqrt(2.0 * np.pi) + 1e-6), axis=1)
+    for index, estimate, slope in zip(measured, estimates, slopes):
+        widths[index] = float(estimate) if np.any(slope > 0) else None
+    return widths
+
+
+def edge_width(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
+    """The median of the frame's white cells' cell_edge_widths; None without any measurable."""
+    widths = [width for width in cell_edge_widths(frame, boxes) if width is not None]
+    return float(np.median(widths)) if widths else None
+
+
 def domain_scores(
-    spec: dict[str, Any], prepared: PreparedFrame, preprocess: PreprocessSpec, probabilities: np.ndarray, cell_boxes: Sequence[Box] = ()
+    spec: dict[str, Any],
+    frame: np.ndarray,
+    prepared: PreparedFrame,
+    preprocess: PreprocessSpec,
+    probabilities: np.ndarray,
+    cell_boxes: Sequence[Box] = (),
 ) -> dict[str, float]:
     """The frame's domain-check scores: colour distance, segmenter uncertainty, chroma spread (bundles with a stain
-    step) and, where it has white cells (cell_boxes: the cells the gate kept), their median side."""
+    step) and, where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
+    focus check) their edge width, read from the frame's own pixels."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
@@ -137,10 +200,12 @@ def domain_scores(
     side = median_cell_side(cell_boxes)
     if side is not None:
         scores["cell_side_px"] = side
+    if "max_edge_width" in spec and (width := edge_width(frame, cell_boxes)) is not None:
+        scores["edge_width"] = width
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour")
+DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus")
 
 
 def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
@@ -154,6 +219,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("cell_size")
     if "chroma_spread" in scores and scores["chroma_spread"] < MIN_CHROMA_SPREAD:
         failed.append("no_colour")
+    if "max_edge_width" in spec and "edge_width" in scores and scores["edge_width"] > spec["max_edge_width"]:
+        failed.append("focus")
     return failed
 
 
@@ -179,6 +246,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
             f"white cells smaller than any it was validated on (median {scores['cell_side_px']:.1f} px across < {spec['min_cell_side_px']:.1f}): "
             "a lower magnification or a coarser camera; use a higher-power objective or a camera with more pixels"
         )
+    if "focus" in failed:
+        reasons.append(
+            f"out of focus (white cells' edges {scores['edge_width']:.2f} wide > {spec['max_edge_width']:.2f}, in 1/{FOCUS_SIZE} of a cell): "
+            "focus the microscope on the cells and capture again"
+        )
     return "; ".join(reasons)
 
 
@@ -189,14 +261,16 @@ def fit_domain(
     seed: int = 0,
     cell_sides: Sequence[float] | None = None,
     features: Sequence[str] = COLOUR_FEATURES,
+    edge_widths: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The manifest's "domain" section from fitting frames' colour features (colour_features with `features`),
-    uncertainties and (optional) median white-cell sides (NaN for a frame without white cells).
+    uncertainties and (optional) median white-cell sides and edge widths (edge_width; NaN for a frame without white
+    cells).
 
     References: up to MAX_REFERENCES frames, spread evenly over the sources. Thresholds, each with THRESHOLD_MARGIN
     of headroom: colour, the largest of the fitting frames' leave-one-out distances (each frame's to the nearest other
-    reference), so that no validated frame is outside; uncertainty, the THRESHOLD_QUANTILE of theirs; the smallest
-    cell side, the smallest of theirs. Colour takes the largest, not a quantile: a source with a wide palette
+    reference), so that no validated frame is outside; uncertainty and edge width, the THRESHOLD_QUANTILE of theirs;
+    the smallest cell side, the smallest of theirs. Colour takes the largest, not a quantile: a source with a wide palette
     (Taleqani's) has its own tail, which the 0.99 quantile cut into (docs/training.md, "Bundle 0.7.0").
     """
     colour = np.asarray(colour, np.float64)
@@ -228,4 +302,8 @@ def fit_domain(
     sides = sides[np.isfinite(sides)]
     if sides.size:
         spec["min_cell_side_px"] = float(sides.min() / THRESHOLD_MARGIN)
+    widths = np.asarray([] if edge_widths is None else edge_widths, np.float64)
+    widths = widths[np.isfinite(widths)]
+    if widths.size:
+        spec["max_edge_width"] = float(np.quantile(widths, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
     return spec

@@ -220,6 +220,7 @@ def command_gate(args: argparse.Namespace) -> int:
         eval_split=args.split,
         eval_per_source=args.eval_per_source,
         proposals_from=tuple(str(path) for path in args.proposals_from),
+        seed=args.seed,
     )
     if args.leave_out:
         rows = leave_one_source_out(
@@ -431,6 +432,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     )
     gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
     gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")
+    gate.add_argument("--seed", type=int, default=0, help="the gate's training seed (default: %(default)s, the shipped gate's)")
     gate.add_argument("--split", choices=("val", "test"), default="test", help="split of the figures (default: %(default)s)")
     gate.add_argument("--eval-per-source", type=int, default=60, help="normal fields per source/device in the figures (default: %(default)s)")
     gate.add_argument("--cache", type=Path, default=None, help="folder to keep the collected training crops in between runs")

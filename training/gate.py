@@ -293,37 +293,42 @@ def with_torch_gate(detector: Detector, model: torch.nn.Module, threshold: float
 
 @dataclass
 class FrameDomain:
-    """Domain-check inputs of a set of frames: colour features, segmenter uncertainty, median white-cell side (NaN
-    where the frame has no white cell), source/device."""
+    """Domain-check inputs of a set of frames: colour features, segmenter uncertainty, median white-cell side and edge
+    width (NaN where the frame has no white cell), source/device."""
 
     colour: np.ndarray
     uncertainty: np.ndarray
     domains: np.ndarray
     cell_side: np.ndarray
+    edge_width: np.ndarray
 
     def fit(self, left_out: str | None = None) -> dict:
         """The manifest's "domain" section fitted on these frames (less one source/device)."""
         from leukoedge.domain import fit_domain
 
         keep = np.ones(len(self.domains), bool) if left_out is None else np.array([not d.startswith(left_out) for d in self.domains])
-        return fit_domain(self.colour[keep], self.uncertainty[keep], list(self.domains[keep]), cell_sides=self.cell_side[keep])
+        return fit_domain(
+            self.colour[keep], self.uncertainty[keep], list(self.domains[keep]), cell_sides=self.cell_side[keep], edge_widths=self.edge_width[keep]
+        )
 
 
 def frame_domain(detector: Detector, records: Sequence[data.Record], description: str = "domain check") -> FrameDomain:
     """The domain-check inputs of each record's frame through the detector, its gate included (the cells it keeps
     are the ones whose size the check reads)."""
-    from leukoedge.domain import colour_features, median_cell_side, segmenter_uncertainty
+    from leukoedge.domain import colour_features, edge_width, median_cell_side, segmenter_uncertainty
 
-    colour, uncertainty, cell_side = [], [], []
+    colour, uncertainty, cell_side, width = [], [], [], []
     for record in tqdm(records, desc=description, unit="field"):
         image = data.read_image(record)
         found = detector.candidates(image)
         colour.append(colour_features(found.prepared, detector.spec))
         uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
-        side = median_cell_side([cell.box for cell in detector.white_cells(image, found)[0]])
+        boxes = [cell.box for cell in detector.white_cells(image, found)[0]]
+        side, edges = median_cell_side(boxes), edge_width(image, boxes)
         cell_side.append(np.nan if side is None else side)
+        width.append(np.nan if edges is None else edges)
     domains = np.array([record.domain for record in records], object)
-    return FrameDomain(np.array(colour), np.array(uncertainty), domains, np.array(cell_side, np.float64))
+    return FrameDomain(np.array(colour), np.array(uncertainty), domains, np.array(cell_side, np.float64), np.array(width, np.float64))
 
 
 def validation_domain(detector: Detector, data_root: Path, per_source: int) -> dict:

@@ -13,7 +13,7 @@ from leukoedge import Detector
 from leukoedge.adapt import NO_COLOUR, UNLIKE_THE_OTHERS, AdaptationRefused, FrameMeasure, adapt_bundle, adapted_domain, held_back, unfit_frames
 from leukoedge.bundle import load_bundle, save_bundle
 from leukoedge.cli import main
-from leukoedge.domain import colour_features, fit_domain, segmenter_uncertainty
+from leukoedge.domain import colour_features, fit_domain, median_cell_side, segmenter_uncertainty
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE_FRAMES = 24
@@ -139,3 +139,29 @@ def test_an_adapted_version_names_the_original_and_its_frames_whatever_their_ord
     once = adapted_version("0.10.1", ["b" * 64, "a" * 64])
     assert once.startswith("0.10.1+adapted.") and once == adapted_version("0.10.1", ["a" * 64, "b" * 64])
     assert adapted_version(once, ["c" * 64]).startswith("0.10.1+adapted.") and adapted_version(once, ["c" * 64]) != once
+
+
+def test_adapting_keeps_the_focus_check_and_counts_its_refusals_after_as_before(data_root: Path, tmp_path: Path) -> None:
+    """The device's frames do not move the focus threshold (docs/training.md, "Out of focus"), and a defocused
+    held-back frame is refused by the adapted bundle as by the original: the before/after counts read every check."""
+    shipped = Detector.load(REPO / "models" / "default")
+    frames = _frames(data_root / "bccd" / "images", 22)
+    names = [f"bccd-{index}" for index in range(len(frames))]
+
+
+    def out_of_focus(index: int) -> np.ndarray | None:
+        """The frame blurred just enough to be out of focus (more, and often no white cell is found at all)."""
+        side = median_cell_side([cell.box for cell in shipped.run(frames[index]).cells])
+        for share in (0.05, 0.06, 0.07, 0.08, 0.09, 0.1):
+            blurred = cv2.GaussianBlur(frames[index], (0, 0), share * side)
+            if "out of focus" in shipped.run(blurred).verdict.reason:
+                return blurred
+        return None
+
+    held, blurred = next((index, frame) for index in np.flatnonzero(held_back(names)) if (frame := out_of_focus(index)) is not None)
+    frames[held] = blurred
+    report = adapt_bundle(REPO / "models" / "default", frames, names, tmp_path / "adapted")
+    assert report.written and report.refused_before >= 1 and report.refused_after >= 1
+    adapted = Detector.load(tmp_path / "adapted")
+    assert adapted.domain_spec["max_edge_width"] == shipped.domain_spec["max_edge_width"]
+    assert "out of focus" in adapted.run(frames[held]).verdict.reason

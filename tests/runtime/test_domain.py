@@ -14,8 +14,11 @@ from leukoedge.domain import (
     MEAN_SPREAD_FEATURES,
     MIN_CHROMA_SPREAD,
     THRESHOLD_MARGIN,
+    THRESHOLD_QUANTILE,
+    cell_edge_widths,
     colour_distance,
     colour_features,
+    edge_width,
     failed_checks,
     fit_domain,
     median_cell_side,
@@ -177,3 +180,75 @@ def test_a_frame_is_colourless_below_the_chroma_floor_whatever_its_other_scores(
     assert failed_checks(spec, inside) == []  # a bundle without a stain step has no chroma score
     reason = outside_domain(spec, {**inside, "colour_distance": 5.0, "chroma_spread": 1.0})
     assert reason.startswith("almost no colour") and "colours unlike" not in reason
+
+
+def cell_edge_width(frame: np.ndarray, box) -> float | None:
+    return cell_edge_widths(frame, [box])[0]
+
+
+def _cell(side: int, blur_px: float = 0.0) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A synthetic stained cell (pale background, cytoplasm, dark nucleus) of `side` px in a frame twice as large, blurred
+    by a Gaussian of blur_px, and its box."""
+    frame = np.full((2 * side, 2 * side, 3), 220, np.uint8)
+    centre = (side, side)
+    cv2.circle(frame, centre, side // 2, (200, 150, 170), -1)
+    cv2.circle(frame, centre, side // 4, (120, 40, 90), -1)
+    if blur_px:
+        frame = cv2.GaussianBlur(frame, (0, 0), blur_px)
+    return frame, (side // 2, side // 2, side + side // 2, side + side // 2)
+
+
+def test_edge_width_grows_with_defocus_in_units_of_the_cell_whatever_its_size_in_pixels():
+    widths = [cell_edge_width(*_cell(128, blur)) for blur in (0.0, 2.0, 4.0, 8.0)]
+    assert widths[0] < 1.5 and all(a < b for a, b in zip(widths, widths[1:]))  # sharp: about the resampling's own blur
+    for blur in (2.0, 4.0):  # the same defocus relative to the cell, at half and at twice the pixels
+        assert cell_edge_width(*_cell(64, blur / 2)) == pytest.approx(cell_edge_width(*_cell(128, blur)), rel=0.2)
+        assert cell_edge_width(*_cell(256, blur * 2)) == pytest.approx(cell_edge_width(*_cell(128, blur)), rel=0.2)
+
+
+def test_edge_width_reads_only_the_frame_s_own_pixels_and_needs_a_measurable_cell():
+    frame, (x0, y0, x1, y1) = _cell(128, 4.0)
+    beyond = (x0 - 200, y0 - 200, x1, y1)  # a box reaching past the frame's corner: no padding edge is measured
+    assert cell_edge_width(frame, beyond) == pytest.approx(cell_edge_width(frame, (0, 0, x1, y1)))
+    assert cell_edge_width(frame, (0, 0, 5, 40)) is None  # under 8 px a side
+    assert cell_edge_width(np.full((64, 64, 3), 200, np.uint8), (0, 0, 64, 64)) is None  # no edge at all
+    assert edge_width(frame, []) is None
+    assert edge_width(frame, [(x0, y0, x1, y1), (0, 0, 5, 5)]) == pytest.approx(cell_edge_width(frame, (x0, y0, x1, y1)))
+    sharp, box = _cell(128)  # cells measured together as one by one: no cell's figure reads another's pixels
+    together = cell_edge_widths(np.concatenate([frame, sharp], axis=1), [(x0, y0, x1, y1), (0, 0, 5, 5), (box[0] + 256, box[1], box[2] + 256, box[3])])
+    assert together[0] == pytest.approx(cell_edge_width(frame, (x0, y0, x1, y1))) and together[1] is None
+    assert together[2] == pytest.approx(cell_edge_width(sharp, box))
+
+
+def test_the_widest_edges_are_fitted_above_the_fitting_frames_and_a_blurrier_frame_is_out_of_focus():
+    rng = np.random.default_rng(0)
+    colour = _correlations(rng, 200)
+    widths = np.concatenate([rng.uniform(1.0, 2.2, 190), np.full(10, np.nan)])  # ten frames without a white cell
+    spec = fit_domain(colour, rng.uniform(0.02, 0.08, 200), ["a"] * 200, edge_widths=widths)
+    assert spec["max_edge_width"] == pytest.approx(np.quantile(widths[:190], THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    assert "max_edge_width" not in fit_domain(colour, rng.uniform(0.02, 0.08, 200), ["a"] * 200)  # nothing to fit it on
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    assert failed_checks(spec, {**inside, "edge_width": spec["max_edge_width"]}) == []
+    assert failed_checks(spec, {**inside, "edge_width": spec["max_edge_width"] + 0.1}) == ["focus"]
+    assert failed_checks(spec, inside) == []  # no white cell: nothing to measure (the verdict says "no_cells")
+    assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "edge_width": 9.0}) == []  # fitted before the check
+    assert "out of focus" in outside_domain(spec, {**inside, "edge_width": spec["max_edge_width"] + 0.1})
+
+
+def test_a_defocused_frame_is_not_judged_and_a_bundle_without_the_check_does_not_measure_it():
+    detector = Detector.load(REPO / "models" / "default")
+    limit = detector.domain_spec["max_edge_width"]
+    out_of_focus = 0
+    for sample in SAMPLES:
+        frame = cv2.imread(str(sample))
+        judged = detector.run(frame)
+        assert judged.verdict.status == "ok" and judged.verdict.domain["edge_width"] < limit / 2  # the shipped samples are sharp
+        side = median_cell_side([cell.box for cell in judged.cells])
+        defocused = detector.run(cv2.GaussianBlur(frame, (0, 0), 0.08 * side)).verdict  # far out of focus
+        assert not defocused.flagged
+        if defocused.domain.get("edge_width", 0.0) > limit:
+            assert defocused.status == "outside_domain" and "out of focus" in defocused.reason
+            out_of_focus += 1
+    assert out_of_focus >= 2  # the check fires on real frames, not only on synthetic ones
+    detector.domain_spec = {key: value for key, value in detector.domain_spec.items() if key != "max_edge_width"}
+    assert "edge_width" not in detector.run(cv2.imread(str(SAMPLES[0]))).verdict.domain
