@@ -27,7 +27,7 @@ from .detector import Detector
 from .errors import BundleError, LeukoedgeError
 from .result import Result
 
-STAGES = ("preprocess", "segment", "postprocess", "refine", "gate", "classify", "total")
+STAGES = ("preprocess", "segment", "postprocess", "refine", "gate", "check", "classify", "total")
 COMPARISON_PAIRS = (
     ("ort int8", "ort fp32"),
     ("ort default", "ort fp32"),

@@ -245,7 +245,10 @@ class Detector:
             return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
         found = self.candidates(frame, timings)
         instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
-        domain = domain_scores(self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances]) if self.domain_spec else {}
+        domain = {}
+        if self.domain_spec:
+            with _stopwatch(timings, "check"):
+                domain = domain_scores(self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances])
         with _stopwatch(timings, "classify"):
             if crops is None:
                 crops = self.cell_crops(frame, found.prepared, instances)

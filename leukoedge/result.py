@@ -127,6 +127,7 @@ class Timings:
     postprocess_ms: float = 0.0
     refine_ms: float = 0.0  # 0 where the bundle has no refiner
     gate_ms: float = 0.0  # 0 where the bundle has no gate
+    check_ms: float = 0.0  # the domain check (colours, uncertainty, cell size, focus); 0 where the bundle has none
     classify_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -138,6 +139,7 @@ class Timings:
             postprocess=float(self.postprocess_ms),
             refine=float(self.refine_ms),
             gate=float(self.gate_ms),
+            check=float(self.check_ms),
             classify=float(self.classify_ms),
             total=float(self.total_ms),
         )

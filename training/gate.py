@@ -443,7 +443,11 @@ def leave_one_source_out(
         for row in detection_figures(detector, fields, f"left out {source}"):
             rows.append({**row, "left_out": source, "adapted": False, "gate_threshold": threshold})
         device = frame_domain(detector, [r for r in gate_records(data_root, "train", recipe.train_per_source) if r.domain.startswith(source)], f"adapt to {source}")
-        detector.domain_spec = adapted_domain(detector.domain_spec, [FrameMeasure(c, u, False, False) for c, u in zip(device.colour, device.uncertainty)])
+        measures = [
+            FrameMeasure(c, u, False, False, scores={"edge_width": w} if np.isfinite(w) else {})
+            for c, u, w in zip(device.colour, device.uncertainty, device.edge_width)
+        ]
+        detector.domain_spec = adapted_domain(detector.domain_spec, measures)
         for row in detection_figures(detector, fields, f"adapted to {source}"):
             rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})
         if labelled_frames:

@@ -10,10 +10,21 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
-from leukoedge.adapt import NO_COLOUR, UNLIKE_THE_OTHERS, AdaptationRefused, FrameMeasure, adapt_bundle, adapted_domain, held_back, unfit_frames
+from leukoedge.adapt import (
+    MIN_FOCUS_FRAMES,
+    NO_COLOUR,
+    UNLIKE_THE_OTHERS,
+    AdaptationRefused,
+    FrameMeasure,
+    adapt_bundle,
+    adapted_domain,
+    device_focus_threshold,
+    held_back,
+    unfit_frames,
+)
 from leukoedge.bundle import load_bundle, save_bundle
 from leukoedge.cli import main
-from leukoedge.domain import colour_features, fit_domain, median_cell_side, segmenter_uncertainty
+from leukoedge.domain import THRESHOLD_MARGIN, THRESHOLD_QUANTILE, colour_features, fit_domain, median_cell_side, segmenter_uncertainty
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE_FRAMES = 24
@@ -141,27 +152,41 @@ def test_an_adapted_version_names_the_original_and_its_frames_whatever_their_ord
     assert adapted_version(once, ["c" * 64]).startswith("0.10.1+adapted.") and adapted_version(once, ["c" * 64]) != once
 
 
-def test_adapting_keeps_the_focus_check_and_counts_its_refusals_after_as_before(data_root: Path, tmp_path: Path) -> None:
-    """The device's frames do not move the focus threshold (docs/training.md, "Out of focus"), and a defocused
-    held-back frame is refused by the adapted bundle as by the original: the before/after counts read every check."""
+def test_the_device_s_focus_threshold_is_its_own_where_stricter_and_needs_enough_frames() -> None:
+    def measured(widths) -> list[FrameMeasure]:
+        return [FrameMeasure(np.zeros(3), 0.01, False, False, scores={"edge_width": w}) for w in widths]
+
+    sharp = np.linspace(1.0, 1.4, 40)
+    assert device_focus_threshold(3.3, measured(sharp)) == pytest.approx(np.quantile(sharp, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    assert device_focus_threshold(3.3, measured(np.linspace(2.5, 3.2, 40))) == 3.3  # a softer device: never loosened
+    assert device_focus_threshold(3.3, measured(sharp[: MIN_FOCUS_FRAMES - 1])) == 3.3  # too few frames to say
+    assert device_focus_threshold(3.3, [FrameMeasure(np.zeros(3), 0.01, False, False)] * 40) == 3.3  # no white cells
+
+
+def test_adapting_tightens_focus_to_the_device_and_counts_frames_beyond_it_apart(data_root: Path, tmp_path: Path) -> None:
+    """The device's frames set a stricter focus threshold; a held-back frame blurrier than the device's usual is refused
+    by the adapted bundle and counted apart, not as the adaptation doing worse (the bundle is still written)."""
     shipped = Detector.load(REPO / "models" / "default")
-    frames = _frames(data_root / "bccd" / "images", 22)
+    frames = _frames(data_root / "bccd" / "images", 44)
     names = [f"bccd-{index}" for index in range(len(frames))]
+    first = adapt_bundle(REPO / "models" / "default", frames, names, tmp_path / "first")
+    bundle_bar, device_bar = first.focus
+    assert first.written and first.focus_tightened and device_bar < bundle_bar
+    assert load_bundle(tmp_path / "first").manifest["adaptation"]["adapted"][-1] == "domain.max_edge_width"
 
-
-    def out_of_focus(index: int) -> np.ndarray | None:
-        """The frame blurred just enough to be out of focus (more, and often no white cell is found at all)."""
+    def between_the_bars(index: int) -> np.ndarray | None:
+        """The frame blurred beyond the device's bar but within the bundle's, if some blur does that."""
         side = median_cell_side([cell.box for cell in shipped.run(frames[index]).cells])
-        for share in (0.05, 0.06, 0.07, 0.08, 0.09, 0.1):
-            blurred = cv2.GaussianBlur(frames[index], (0, 0), share * side)
-            if "out of focus" in shipped.run(blurred).verdict.reason:
+        for share in (0.02, 0.025, 0.03, 0.035, 0.04, 0.05):
+            width = shipped.run(blurred := cv2.GaussianBlur(frames[index], (0, 0), share * side)).verdict.domain.get("edge_width", 0.0)
+            if device_bar < width <= bundle_bar:
                 return blurred
         return None
 
-    held, blurred = next((index, frame) for index in np.flatnonzero(held_back(names)) if (frame := out_of_focus(index)) is not None)
+    held, blurred = next((index, frame) for index in np.flatnonzero(held_back(names)) if (frame := between_the_bars(index)) is not None)
     frames[held] = blurred
     report = adapt_bundle(REPO / "models" / "default", frames, names, tmp_path / "adapted")
-    assert report.written and report.refused_before >= 1 and report.refused_after >= 1
-    adapted = Detector.load(tmp_path / "adapted")
-    assert adapted.domain_spec["max_edge_width"] == shipped.domain_spec["max_edge_width"]
-    assert "out of focus" in adapted.run(frames[held]).verdict.reason
+    assert report.written and report.out_of_focus_after >= 1 and report.refused_after <= report.refused_before
+    assert any("beyond the device's focus" in line for line in report.lines())
+    assert shipped.run(blurred).verdict.status == "ok"
+    assert "out of focus" in Detector.load(tmp_path / "adapted").run(blurred).verdict.reason

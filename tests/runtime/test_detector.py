@@ -17,7 +17,7 @@ from leukoedge import BackendUnavailableError, BundleError, Cell, Detector, Inva
 from leukoedge.detector import MAX_CELL_BATCH
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
-STAGES = ("preprocess", "segment", "postprocess", "refine", "gate", "classify")
+STAGES = ("preprocess", "segment", "postprocess", "refine", "gate", "check", "classify")
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_the_classifier_box_is_where_the_cell_was_found_when_refinement_moved_it
 
 
 def test_timings_include_capture_only_when_measured():
-    assert list(Timings().as_dict()) == ["preprocess", "segment", "postprocess", "refine", "gate", "classify", "total"]
+    assert list(Timings().as_dict()) == ["preprocess", "segment", "postprocess", "refine", "gate", "check", "classify", "total"]
     assert Timings(capture_ms=2.0, total_ms=9.0).as_dict()["capture"] == 2.0
 
 

@@ -1,0 +1,157 @@
+"""What a badly set camera does to the verdict: defocus and exposure, and what the focus check (domain.edge_width)
+refuses.
+
+Every field of a split is spoilt as a capture fault spoils it, at each level:
+- defocus (--fault defocus): a Gaussian blur whose sigma is the level times the sharp field's median white-cell
+  side, so the same level is the same defocus at every magnification;
+- exposure (--fault exposure): the frame's values times the level (a gain), clipped to 0-255: under 1 too dark,
+  over 1 overexposed (a pale background and pale cytoplasm clip first).
+Each spoilt field goes through the bundle twice, with its focus check and without it (the domain section less
+"max_edge_width"), and the table prints, per source and level: the fields' edge widths, how many the focus check
+refuses, how many are judged, and the verdicts without the check, with the bundle's focus bar and with each device's
+own bar as `leukoedge adapt` would set it from that device's fields without the fault (adapt.device_focus_threshold;
+fitted on the same fields it is then measured on) (normal fields flagged; Taleqani's malignant fields flagged; PBC's
+white-cell type of the central cell). docs/training.md, "Bundle 0.11.0: out of
+focus", quotes it:
+
+    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure] [--bundle models/default] [--split val]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from leukoedge import Detector  # noqa: E402
+from leukoedge.adapt import FrameMeasure, device_focus_threshold  # noqa: E402
+from leukoedge.domain import failed_checks, median_cell_side  # noqa: E402
+from leukoedge.training import data  # noqa: E402
+from leukoedge.training.detection import evenly_spaced  # noqa: E402
+from leukoedge.training.gate import NOT_WBC_TYPES  # noqa: E402
+
+SOURCES = ("pbc", "wbc-seg-zheng", "bccd", "txl-pbc", "all-taleqani", "all-idb2")
+
+
+def study_records(data_root: Path, split: str, per_source: int) -> list[data.Record]:
+    """Up to per_source fields of each source/device (evenly spaced; PBC's white cells only; Taleqani's every benign
+    field and as many malignant ones)."""
+    records = []
+    for source in SOURCES:
+        fields = data.load_records(data_root, source, split)
+        if source == "pbc":
+            fields = [record for record in fields if record.wbc_type not in NOT_WBC_TYPES]
+        if source == "all-taleqani":
+            benign = [record for record in fields if record.blast == 0]
+            records += benign + evenly_spaced([record for record in fields if record.blast == 1], len(benign))
+            continue
+        for device in sorted({record.device for record in fields}, key=str):
+            records += evenly_spaced([record for record in fields if record.device == device], per_source)
+    return records
+
+
+LEVELS = {"defocus": [0.0, 0.015, 0.03, 0.045, 0.06, 0.09], "exposure": [1.0, 0.5, 0.35, 0.25, 1.15, 1.3, 1.6]}
+
+
+def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.ndarray:
+    """The frame with the fault at the level (see the module doc); the frame itself at no fault."""
+    if fault == "defocus":
+        return frame if level == 0 else cv2.GaussianBlur(frame, (0, 0), level * cell_side)
+    return frame if level == 1 else np.clip(frame.astype(np.float32) * level, 0, 255).astype(np.uint8)
+
+
+def group(record: data.Record) -> str:
+    return record.domain + (" malignant" if record.blast == 1 and record.source == "all-taleqani" else "")
+
+
+def central_type(result, frame: np.ndarray) -> str | None:
+    """The WBC type of the cell nearest the frame's centre (PBC centres its one white cell)."""
+    if not result.cells:
+        return None
+    centre = np.array([frame.shape[1], frame.shape[0]]) / 2
+    cell = min(result.cells, key=lambda c: np.abs(np.array([(c.box[0] + c.box[2]) / 2, (c.box[1] + c.box[3]) / 2]) - centre).sum())
+    scores = cell.head_scores.get("wbc_type")
+    return None if scores is None else max(scores, key=scores.get)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the data folder (../shared/data)")
+    parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "models" / "default", help="a bundle with a focus check")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="val")
+    parser.add_argument("--per-source", type=int, default=60, help="fields per source/device (default: %(default)s)")
+    parser.add_argument("--fault", choices=tuple(LEVELS), default="defocus", help="what spoils the fields (default: %(default)s)")
+    parser.add_argument("--levels", type=float, nargs="+", default=None, help="defocus: sigmas as shares of the median cell side; exposure: gains (default: %s)" % LEVELS)
+    args = parser.parse_args()
+    levels = args.levels or LEVELS[args.fault]
+
+    checked = Detector.load(args.bundle)
+    if "max_edge_width" not in (checked.domain_spec or {}):
+        print(f"error: {args.bundle} has no focus check (domain.max_edge_width): fit it with scripts/refit_domain.py", file=sys.stderr)
+        return 2
+    unchecked = Detector.load(args.bundle)
+    unchecked.domain_spec = {key: value for key, value in checked.domain_spec.items() if key != "max_edge_width"}
+    threshold = checked.domain_spec["max_edge_width"]
+
+    outcomes = []  # one per field and level
+    for record in tqdm(study_records(args.data, args.split, args.per_source), desc="fields", unit="field"):
+        frame = data.read_image(record)
+        side = median_cell_side([cell.box for cell in unchecked.run(frame).cells])
+        if side is None:
+            continue  # no white cell found in the field as it is: nothing to measure a defocus against
+        for level in levels:
+            faulty = spoilt(frame, args.fault, level, side)
+            with_result = checked.run(faulty)  # the same cells as without the check: only the verdict differs
+            without, with_check = unchecked.run(faulty).verdict, with_result.verdict
+            outcomes.append({
+                "group": group(record), "domain": record.domain, "level": level, "width": with_check.domain.get("edge_width"),
+                "judged": without.status == "ok", "flagged": bool(without.flagged),
+                "refused_for_focus": "focus" in failed_checks(checked.domain_spec, with_check.domain),
+                "judged_with": with_check.status == "ok", "flagged_with": bool(with_check.flagged),
+                "typed": None if record.source != "pbc" else central_type(with_result, faulty) == record.wbc_type,
+            })
+
+    # Each device's own bar, as `leukoedge adapt` sets it from the device's frames: here its fields without the fault.
+    no_fault = LEVELS[args.fault][0]
+    device_bars = {
+        domain: device_focus_threshold(threshold, [FrameMeasure(np.zeros(3), 0.0, False, False, scores={"edge_width": o["width"]})
+                                                   for o in outcomes if o["domain"] == domain and o["level"] == no_fault and o["width"] is not None])
+        for domain in {o["domain"] for o in outcomes}
+    }
+    for o in outcomes:
+        beyond = o["width"] is not None and o["width"] > device_bars[o["domain"]]
+        o["judged_device"], o["flagged_device"] = o["judged_with"] and not beyond, o["flagged_with"] and not beyond
+        o["refused_device"] = o["refused_for_focus"] or (o["judged_with"] and beyond)
+
+    print(f"{args.bundle} ({checked.bundle.model_version}), {args.split} split, {args.fault}; the bundle's focus bar: edge width <= {threshold:.2f}")
+    print("each device's own bar (leukoedge adapt, fitted on its fields without the fault): "
+          + ", ".join(f"{domain} {bar:.2f}" for domain, bar in sorted(device_bars.items())))
+    level_name = "blur (x cell side)" if args.fault == "defocus" else "gain"
+    print(f"| fields | {level_name} | n | edge width median (p95) | refused for focus: bundle's / device's bar | judged: no focus check / bundle's / device's bar "
+          "| flagged: no focus check / bundle's / device's | PBC type right among judged: no focus check / bundle's / device's |")
+    print("|---|---|---|---|---|---|---|---|")
+    keys = sorted({(o["group"], o["level"]) for o in outcomes})
+    for name, level in keys:
+        rows = [o for o in outcomes if o["group"] == name and o["level"] == level]
+        values = np.array([o["width"] for o in rows if o["width"] is not None] or [np.nan])
+
+        def three(judged: str) -> str:
+            return " / ".join(str(sum(o[key] for o in rows)) for key in (judged, f"{judged}_with", f"{judged}_device"))
+
+        typed = " / ".join(str(sum(bool(o["typed"]) and o[key] for o in rows)) for key in ("judged", "judged_with", "judged_device")) if name == "pbc" else ""
+        print(
+            f"| {name} | {level:.3f} | {len(rows)} | {np.median(values):.2f} ({np.quantile(values, 0.95):.2f}) | "
+            f"{sum(o['refused_for_focus'] for o in rows)} / {sum(o['refused_device'] for o in rows)} | {three('judged')} | {three('flagged')} | {typed} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
