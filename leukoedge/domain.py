@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec
+from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, resize
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
 MEAN_SPREAD_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")  # bundles fitted before 0.7.0
@@ -148,8 +148,7 @@ def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box]) -> list[float | No
         x1, y1 = min(x1, frame.shape[1]), min(y1, frame.shape[0])
         if x1 - x0 < 8 or y1 - y0 < 8:
             continue
-        shrinking = (x1 - x0) * (y1 - y0) > FOCUS_SIZE * FOCUS_SIZE
-        tiles.append(cv2.resize(frame[y0:y1, x0:x1], (FOCUS_SIZE, FOCUS_SIZE), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR))
+        tiles.append(resize(frame[y0:y1, x0:x1], FOCUS_SIZE, FOCUS_SIZE))  # area-averaged when shrinking, as the crops
         measured.append(index)
     widths: list[float | None] = [None] * len(boxes)
     if not tiles:

@@ -67,6 +67,11 @@ def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.
     return frame if level == 1 else np.clip(frame.astype(np.float32) * level, 0, 255).astype(np.uint8)
 
 
+def three_ways(rows: list[dict], outcome: str) -> str:
+    """How many rows had the outcome without the focus check / with the bundle's bar / with the device's own bar."""
+    return " / ".join(str(sum(row[key] for row in rows)) for key in (outcome, f"{outcome}_with", f"{outcome}_device"))
+
+
 def group(record: data.Record) -> str:
     return record.domain + (" malignant" if record.blast == 1 and record.source == "all-taleqani" else "")
 
@@ -142,13 +147,10 @@ def main() -> int:
         rows = [o for o in outcomes if o["group"] == name and o["level"] == level]
         values = np.array([o["width"] for o in rows if o["width"] is not None] or [np.nan])
 
-        def three(judged: str) -> str:
-            return " / ".join(str(sum(o[key] for o in rows)) for key in (judged, f"{judged}_with", f"{judged}_device"))
-
         typed = " / ".join(str(sum(bool(o["typed"]) and o[key] for o in rows)) for key in ("judged", "judged_with", "judged_device")) if name == "pbc" else ""
         print(
             f"| {name} | {level:.3f} | {len(rows)} | {np.median(values):.2f} ({np.quantile(values, 0.95):.2f}) | "
-            f"{sum(o['refused_for_focus'] for o in rows)} / {sum(o['refused_device'] for o in rows)} | {three('judged')} | {three('flagged')} | {typed} |"
+            f"{sum(o['refused_for_focus'] for o in rows)} / {sum(o['refused_device'] for o in rows)} | {three_ways(rows, 'judged')} | {three_ways(rows, 'flagged')} | {typed} |"
         )
     return 0
 
