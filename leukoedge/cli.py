@@ -195,6 +195,7 @@ def run_frames(args: argparse.Namespace, detector: Detector, reader: SequentialR
     frames refused, and the verdicts counted ("flagged", "ok" for judged and not flagged, else the status)."""
     written = refused = seen = 0
     verdicts: Counter[str] = Counter()
+    stems: set[str] = set()
     while (args.frames is None or seen < args.frames) and (frame := reader.get()) is not None:
         seen += 1
         name = frame_name(frame)
@@ -206,13 +207,28 @@ def run_frames(args: argparse.Namespace, detector: Detector, reader: SequentialR
             continue
         if (seen - 1) % (args.save_every or 1) == 0:
             try:  # a full disk ends the run: every later write would fail the same way
-                write_frame_results(args, Path(name).stem, frame.image, result, explain)
+                write_frame_results(args, output_stem(name, stems), frame.image, result, explain)
             except StorageError as error:
                 raise StorageError(f"{error}; the results of the {written} frame(s) before {name} are in {args.out}") from error
             written += 1
         print_result(name, result)
         verdicts["flagged" if result.verdict.flagged else result.verdict.status] += 1
     return written, refused, verdicts
+
+
+def output_stem(name: str, used: set[str]) -> str:
+    """The name a frame's result files start with: the image's stem, or, where an earlier frame of the run had that stem
+    (cell.jpg and cell.png), its whole name with the dot as "_" (cell_png), numbered if that too was taken: one
+    frame's results never overwrite another's. Adds it to `used`."""
+    stem = Path(name).stem
+    if stem in used:
+        stem = name.replace(".", "_")
+        base, number = stem, 2
+        while stem in used:
+            stem, number = f"{base}_{number}", number + 1
+        log.warning("%s: another frame of this run had the name %s; its results are written as %s_*", name, Path(name).stem, stem)
+    used.add(stem)
+    return stem
 
 
 def write_frame_results(args: argparse.Namespace, stem: str, image: np.ndarray, result: Result, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> None:

@@ -1,6 +1,7 @@
 """The domain check: is this frame like the frames the bundle was validated on?
 
-Signals the runtime already computes, or reads from pixels it already holds, so the check costs almost nothing:
+Signals the runtime already computes, or reads from pixels it already holds, so the check costs 1-3 ms a frame
+(docs/performance.md, "The focus check's cost"):
 - colour: how the frame's L*a*b* channels vary together as the segmenter sees it (after stain normalization),
   compared with reference frames of every validated source (distance to the nearest, each feature divided by
   its spread over the references). The stain normalization gives every frame the reference's channel means
@@ -17,13 +18,13 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   Bundles fitted before this check have no "min_cell_side_px" and skip it.
 - focus: how wide the white cells' edges are, in units of each cell's own size (edge_width, from the frame's
   pixels inside the cells' boxes). Out of focus, the classifier still answers: blurred benign Taleqani fields were
-  flagged as leukemic and PBC's white-cell types went wrong with no frame refused (docs/training.md, "Out of
-  focus"). Bundles fitted before this check have no "max_edge_width" and skip it (and do not measure it).
+  flagged as leukemic and PBC's white-cell types went wrong with no frame refused (docs/training.md, "Bundle
+  0.11.0: out of focus"). Bundles fitted before this check have no "max_edge_width" and skip it (and do not measure it).
 - colour at all: a stained smear has colour. A greyscale image, a monochrome camera or an empty field has almost
   none, and the stain normalization would blow its noise up into colours (MIN_CHROMA_SPREAD; every bundle).
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
 thresholds live in the manifest's "domain" section; `leukoedge train` fits them on validation frames and
-`leukoedge adapt` refits them on a new microscope's frames (fit_domain). No torch: the runtime can adapt.
+`leukoedge adapt` adapts them to a new microscope's frames (adapt.adapted_domain). No torch: the runtime can adapt.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ class Timings:
 # Verdict.status: only "ok" frames were judged; every other status is a refusal to judge, never a flag.
 STATUS_OK = "ok"  # judged: flagged or not
 STATUS_NO_CELLS = "no_cells"  # no white cell found: nothing to judge
-STATUS_OUTSIDE_DOMAIN = "outside_domain"  # colours or model confidence unlike anything the bundle was validated on
+STATUS_OUTSIDE_DOMAIN = "outside_domain"  # colours, segmenter confidence, cell size or focus unlike anything validated
 STATUS_TOO_SMALL = "too_small"  # the frame cannot hold a white cell at the bundle's scale
 VERDICT_STATUSES = (STATUS_OK, STATUS_NO_CELLS, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL)
 

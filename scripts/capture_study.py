@@ -95,7 +95,9 @@ def main() -> int:
     parser.add_argument("--fault", choices=tuple(LEVELS), default="defocus", help="what spoils the fields (default: %(default)s)")
     parser.add_argument("--levels", type=float, nargs="+", default=None, help="defocus: sigmas as shares of the median cell side; exposure: gains (default: %s)" % LEVELS)
     args = parser.parse_args()
-    levels = args.levels or LEVELS[args.fault]
+    no_fault = LEVELS[args.fault][0]
+    # The fields without the fault are measured always: each device's own focus bar is fitted on them.
+    levels = sorted({no_fault, *(args.levels or LEVELS[args.fault])})
 
     checked = Detector.load(args.bundle)
     if "max_edge_width" not in (checked.domain_spec or {}):
@@ -124,7 +126,6 @@ def main() -> int:
             })
 
     # Each device's own bar, as `leukoedge adapt` sets it from the device's frames: here its fields without the fault.
-    no_fault = LEVELS[args.fault][0]
     device_bars = {
         domain: device_focus_threshold(threshold, [FrameMeasure(np.zeros(3), 0.0, False, False, scores={"edge_width": o["width"]})
                                                    for o in outcomes if o["domain"] == domain and o["level"] == no_fault and o["width"] is not None])

@@ -432,7 +432,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     )
     gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
     gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")
-    gate.add_argument("--seed", type=int, default=0, help="the gate's training seed (default: %(default)s, the shipped gate's)")
+    gate.add_argument("--seed", type=int, default=0, help="the gate's training seed, and with --labelled-frames the labelled adaptation's (default: %(default)s, the shipped gate's)")
     gate.add_argument("--split", choices=("val", "test"), default="test", help="split of the figures (default: %(default)s)")
     gate.add_argument("--eval-per-source", type=int, default=60, help="normal fields per source/device in the figures (default: %(default)s)")
     gate.add_argument("--cache", type=Path, default=None, help="folder to keep the collected training crops in between runs")

@@ -79,6 +79,21 @@ def test_run_on_a_folder_with_a_corrupt_image_processes_the_rest_and_exits_1(tin
     assert "a_good.jpg:" in completed.stdout and "c_good.jpg:" in completed.stdout
 
 
+def test_run_on_files_sharing_a_stem_writes_each_one_s_results(tiny_bundle, bccd_image, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    frame = cv2.imread(str(bccd_image))
+    for name in ("cell.jpg", "cell.png", "cell_png.bmp"):  # the third would take the second's fallback name
+        cv2.imwrite(str(images / name), frame)
+    out_dir = tmp_path / "out"
+    assert cli.main(["run", str(images), "--bundle", str(tiny_bundle), "--out", str(out_dir)]) in (0, 1)
+    written = sorted(path.name for path in out_dir.iterdir() if path.suffix == ".json")
+    assert len(written) == 3, written  # before, cell.png's results overwrote cell.jpg's
+    assert cli.output_stem("cell.png", {"cell"}) == "cell_png"
+    assert cli.output_stem("cell.png", {"cell", "cell_png"}) == "cell_png_2"
+    assert cli.output_stem("cell.png", set()) == "cell"
+
+
 def test_run_on_a_missing_input_exits_2_with_a_message(tiny_bundle, tmp_path, capsys):
     missing = tmp_path / "no-such-image.jpg"
     assert cli.main(["run", str(missing), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out")]) == 2
