@@ -5,7 +5,9 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - defocus (--fault defocus): a Gaussian blur whose sigma is the level times the sharp field's median white-cell
   side, so the same level is the same defocus at every magnification;
 - exposure (--fault exposure): the frame's values times the level (a gain), clipped to 0-255: under 1 too dark,
-  over 1 overexposed (a pale background and pale cytoplasm clip first).
+  over 1 overexposed (a pale background and pale cytoplasm clip first);
+- noise (--fault noise): Gaussian sensor noise of the level's standard deviation in grey levels, every channel;
+- jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured).
 Each spoilt field goes through the bundle twice, with its focus check and without it (the domain section less
 "max_edge_width"), and the table prints, per source and level: the fields' edge widths, how many the focus check
 refuses, how many are judged, and the verdicts without the check, with the bundle's focus bar and with each device's
@@ -57,14 +59,27 @@ def study_records(data_root: Path, split: str, per_source: int) -> list[data.Rec
     return records
 
 
-LEVELS = {"defocus": [0.0, 0.015, 0.03, 0.045, 0.06, 0.09], "exposure": [1.0, 0.5, 0.35, 0.25, 1.15, 1.3, 1.6]}
+LEVELS = {
+    "defocus": [0.0, 0.015, 0.03, 0.045, 0.06, 0.09],
+    "exposure": [1.0, 0.5, 0.35, 0.25, 1.15, 1.3, 1.6],
+    "noise": [0.0, 4.0, 8.0, 16.0],
+    "jpeg": [0.0, 50.0, 20.0, 10.0],
+}  # each fault's first level is no fault
 
 
 def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.ndarray:
     """The frame with the fault at the level (see the module doc); the frame itself at no fault."""
+    if level == LEVELS[fault][0]:
+        return frame
     if fault == "defocus":
-        return frame if level == 0 else cv2.GaussianBlur(frame, (0, 0), level * cell_side)
-    return frame if level == 1 else np.clip(frame.astype(np.float32) * level, 0, 255).astype(np.uint8)
+        return cv2.GaussianBlur(frame, (0, 0), level * cell_side)
+    if fault == "exposure":
+        return np.clip(frame.astype(np.float32) * level, 0, 255).astype(np.uint8)
+    if fault == "noise":
+        noise = np.random.default_rng(int(level)).normal(0.0, level, frame.shape)  # the same noise for every rerun
+        return np.clip(frame.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(level)])[1]
+    return cv2.imdecode(encoded, cv2.IMREAD_COLOR)
 
 
 def three_ways(rows: list[dict], outcome: str) -> str:
@@ -93,7 +108,10 @@ def main() -> int:
     parser.add_argument("--split", choices=("train", "val", "test"), default="val")
     parser.add_argument("--per-source", type=int, default=60, help="fields per source/device (default: %(default)s)")
     parser.add_argument("--fault", choices=tuple(LEVELS), default="defocus", help="what spoils the fields (default: %(default)s)")
-    parser.add_argument("--levels", type=float, nargs="+", default=None, help="defocus: sigmas as shares of the median cell side; exposure: gains (default: %s)" % LEVELS)
+    parser.add_argument(
+        "--levels", type=float, nargs="+", default=None,
+        help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities (default: %s)" % LEVELS,
+    )
     args = parser.parse_args()
     no_fault = LEVELS[args.fault][0]
     # The fields without the fault are measured always: each device's own focus bar is fitted on them.
@@ -139,7 +157,7 @@ def main() -> int:
     print(f"{args.bundle} ({checked.bundle.model_version}), {args.split} split, {args.fault}; the bundle's focus bar: edge width <= {threshold:.2f}")
     print("each device's own bar (leukoedge adapt, fitted on its fields without the fault): "
           + ", ".join(f"{domain} {bar:.2f}" for domain, bar in sorted(device_bars.items())))
-    level_name = "blur (x cell side)" if args.fault == "defocus" else "gain"
+    level_name = {"defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)"}[args.fault]
     print(f"| fields | {level_name} | n | edge width median (p95) | refused for focus: bundle's / device's bar | judged: no focus check / bundle's / device's bar "
           "| flagged: no focus check / bundle's / device's | PBC type right among judged: no focus check / bundle's / device's |")
     print("|---|---|---|---|---|---|---|---|")
