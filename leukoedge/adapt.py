@@ -119,14 +119,19 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
 def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
     """A frame's domain features and whether the detector refuses or flags it."""
     result = detector.run(frame)
-    found = detector.candidates(frame)
+    scores = dict(result.verdict.domain or {})
+    if "uncertainty" in scores:  # the run measured it: only the colour features are read again, without the models
+        prepared, uncertainty = detector.prepare_frame(frame), scores["uncertainty"]
+    else:  # a frame too small to judge was not measured
+        found = detector.candidates(frame)
+        prepared, uncertainty = found.prepared, segmenter_uncertainty(found.prepared, found.probabilities)
     return FrameMeasure(
-        colour_features(found.prepared, detector.spec, feature_names(detector.domain_spec)),
-        segmenter_uncertainty(found.prepared, found.probabilities),
+        colour_features(prepared, detector.spec, feature_names(detector.domain_spec)),
+        uncertainty,
         result.verdict.status == "outside_domain",
         result.verdict.flagged,
-        chroma_spread(found.prepared),
-        dict(result.verdict.domain or {}),
+        chroma_spread(prepared),
+        scores,
     )
 
 

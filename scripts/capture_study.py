@@ -121,6 +121,7 @@ def main() -> int:
     if "max_edge_width" not in (checked.domain_spec or {}):
         print(f"error: {args.bundle} has no focus check (domain.max_edge_width): fit it with scripts/refit_domain.py", file=sys.stderr)
         return 2
+    # The same models without the focus bar: only the verdict differs, so it judges the checked run's cells and scores.
     unchecked = Detector.load(args.bundle)
     unchecked.domain_spec = {key: value for key, value in checked.domain_spec.items() if key != "max_edge_width"}
     threshold = checked.domain_spec["max_edge_width"]
@@ -128,13 +129,15 @@ def main() -> int:
     outcomes = []  # one per field and level
     for record in tqdm(study_records(args.data, args.split, args.per_source), desc="fields", unit="field"):
         frame = data.read_image(record)
-        side = median_cell_side([cell.box for cell in unchecked.run(frame).cells])
+        as_captured = checked.run(frame)
+        side = median_cell_side([cell.box for cell in as_captured.cells])
         if side is None:
             continue  # no white cell found in the field as it is: nothing to measure a defocus against
         for level in levels:
             faulty = spoilt(frame, args.fault, level, side)
-            with_result = checked.run(faulty)  # the same cells as without the check: only the verdict differs
-            without, with_check = unchecked.run(faulty).verdict, with_result.verdict
+            with_result = as_captured if level == no_fault else checked.run(faulty)
+            with_check = with_result.verdict
+            without = unchecked.judge(with_result.cells, with_check.non_wbc_count, with_check.domain)
             outcomes.append({
                 "group": group(record), "domain": record.domain, "level": level, "width": with_check.domain.get("edge_width"),
                 "judged": without.status == "ok", "flagged": bool(without.flagged),
