@@ -9,11 +9,15 @@ validated domain". What is NOT changed, and why:
   without labels nothing shows that its answers there are right, so such frames stay refused;
 - the models' weights (no labels). With a few dozen labelled frames, `leukoedge adapt --labels` fine-tunes the
   gate and the classifier and widens the uncertainty threshold (training/adapt.py).
-The focus threshold (domain.max_edge_width) becomes the device's own where that is stricter: the bundle's must pass
-every validated source's softest fields, so it refuses only gross defocus; one device's frames in focus spread far
-less, and a frame blurrier than the device's usual is then refused. It is never loosened: a device softer than any
-validated source stays refused. Held-back frames the tighter bar refuses are counted on their own
-(AdaptReport.out_of_focus_after), not as the adaptation doing worse: that bar is the device's, not a fault of the fit.
+The focus threshold (DEVICE_BARS: domain.max_edge_width) becomes the device's own where that is stricter: the
+bundle's must pass every validated source's softest fields, so it refuses only gross defocus; one device's frames in
+focus spread far less, and a frame blurrier than the device's usual is then refused. It is never loosened: a device
+softer than any validated source stays refused. Held-back frames only the device's own bar refuses are counted on
+their own (AdaptReport.beyond_own_bars_after), not as the adaptation doing worse: that bar is the device's, not a
+fault of the fit. The noise threshold (domain.max_noise) is not made the device's own: how noisy a device usually
+is says nothing of what harms the classifier (PBC's fields measure under 0.2 as captured, and their white-cell types
+held at 1.0, five times that: docs/training.md, "Bundle 0.12.0: sensor noise"); the bundle's bar is where the
+validated noise ends.
 Frames that do not belong to the device's colours are left out of the fit and named: a frame without stain colour
 (a greyscale image, an empty field: domain.MIN_CHROMA_SPREAD) and a frame unlike every other frame of the device
 (UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope). One such frame
@@ -88,14 +92,16 @@ class AdaptReport:
     flagged_before: int
     flagged_after: int
     written: bool
-    focus: tuple[float, float] | None = None  # the focus threshold (bundle's, adapted) where the bundle has one
-    out_of_focus_after: int = 0  # held-back frames the adapted focus threshold refuses and the bundle's did not
+    # DEVICE_BARS' thresholds the bundle has: domain key -> (the bundle's, the adapted one)
+    own_bars: dict[str, tuple[float, float]] = field(default_factory=dict)
+    beyond_own_bars_after: int = 0  # held-back frames only the device's own bars refuse
     left_out: dict[str, list[str]] = field(default_factory=dict)  # why -> names of the frames left out of the fit
     out: str = ""  # where the bundle was written
 
     @property
-    def focus_tightened(self) -> bool:
-        return self.focus is not None and self.focus[1] < self.focus[0]
+    def tightened(self) -> list[str]:
+        """The domain keys of the bars set to the device's own (stricter than the bundle's)."""
+        return [key for key, (bundle_bar, device_bar) in self.own_bars.items() if device_bar < bundle_bar]
 
     def lines(self) -> list[str]:
         fitted = self.frames - self.held_back - sum(len(names) for names in self.left_out.values())
@@ -103,8 +109,10 @@ class AdaptReport:
             f"frames: {self.frames} ({fitted} fitted, {self.held_back} held back)",
             *(f"left out of the fit, {why}: {len(names)} ({_some(names)})" for why, names in self.left_out.items() if names),
             f"held-back frames refused (outside the domain): {self.refused_before} before, {self.refused_after} after",
-            *([f"focus threshold (edge width): {self.focus[0]:.2f} -> {self.focus[1]:.2f}, the device's own; held-back frames "
-               f"beyond the device's focus: {self.out_of_focus_after}"] if self.focus_tightened else []),
+            *(f"{DEVICE_BARS[key][1]} threshold ({DEVICE_BARS[key][0]}): {self.own_bars[key][0]:.2f} -> {self.own_bars[key][1]:.2f}, the device's own"
+              for key in self.tightened),
+            *([f"held-back frames beyond only the device's own {' and '.join(DEVICE_BARS[key][1] for key in self.tightened)} bar: "
+               f"{self.beyond_own_bars_after}"] if self.tightened else []),
             f"held-back frames flagged: {self.flagged_before} before, {self.flagged_after} after",
             f"adapted bundle written to {self.out}" if self.written else "bundle NOT written: it did worse on the held-back frames",
             *(["only the domain check was adapted, not the models: validate the bundle on the device's own smears against a "
@@ -179,8 +187,9 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
             "frames of stained smears from one microscope"
         )
     device = np.array([measure.colour for measure in fitted])
-    if "max_edge_width" in domain:
-        adapted["max_edge_width"] = device_focus_threshold(float(domain["max_edge_width"]), fitted)
+    for key in DEVICE_BARS:
+        if key in domain:
+            adapted[key] = device_threshold(float(domain[key]), fitted, key)
     rng = np.random.default_rng(seed)
     keep_device = rng.permutation(len(device))[: MAX_REFERENCES // 2]
     original = np.asarray(domain["colour_references"], np.float64)
@@ -194,17 +203,22 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
     return adapted
 
 
-MIN_FOCUS_FRAMES = 20  # a device's frames with white cells needed to set its own focus threshold
+# The capture checks whose thresholds a device's frames may tighten (see the module doc): domain key -> the score
+# it bounds (domain.domain_scores), the check's name for people, and the quantile of the frames' scores that
+# domain.fit_domain fits it on.
+DEVICE_BARS = {"max_edge_width": ("edge_width", "focus", THRESHOLD_QUANTILE)}
+MIN_DEVICE_BAR_FRAMES = 20  # a device's frames with white cells needed to set its own bar
 
 
-def device_focus_threshold(bundle_threshold: float, fitted: Sequence[FrameMeasure]) -> float:
-    """The focus threshold for the device: the fit rule (domain.fit_domain's quantile and margin) over its frames'
-    edge widths, where that is stricter than the bundle's and MIN_FOCUS_FRAMES frames have white cells to measure;
-    the bundle's otherwise (see the module doc)."""
-    widths = np.array([measure.scores["edge_width"] for measure in fitted if "edge_width" in measure.scores], np.float64)
-    if len(widths) < MIN_FOCUS_FRAMES:
+def device_threshold(bundle_threshold: float, fitted: Sequence[FrameMeasure], key: str) -> float:
+    """The threshold `key` of DEVICE_BARS for the device: the fit rule (domain.fit_domain's quantile and margin) over
+    its frames' score, where that is stricter than the bundle's and MIN_DEVICE_BAR_FRAMES frames have white cells to
+    measure; the bundle's otherwise (see the module doc)."""
+    score, _, quantile = DEVICE_BARS[key]
+    values = np.array([measure.scores[score] for measure in fitted if score in measure.scores], np.float64)
+    if len(values) < MIN_DEVICE_BAR_FRAMES:
         return bundle_threshold
-    return min(bundle_threshold, float(np.quantile(widths, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN))
+    return min(bundle_threshold, float(np.quantile(values, quantile) * THRESHOLD_MARGIN))
 
 
 def adapted_version(version: str, frame_sha256: Sequence[str]) -> str:
@@ -254,11 +268,11 @@ def adapt_bundle(
     left_out = {why: [names[fitting[index]] for index in np.flatnonzero(mask)] for why, mask in unfit_frames(domain, [measures[index] for index in fitting]).items()}
     adapted = adapted_domain(domain, [measures[index] for index in fitting])
     # Every check again, with the adapted colour references (the others' scores do not change with them), and the
-    # bundle's focus threshold: frames beyond only the device's own are counted apart (see the module doc).
-    with_bundle_focus = {**adapted, **({"max_edge_width": domain["max_edge_width"]} if "max_edge_width" in domain else {})}
+    # bundle's capture bars: frames beyond only the device's own are counted apart (see the module doc).
+    with_bundle_bars = {**adapted, **{key: domain[key] for key in DEVICE_BARS if key in domain}}
     held_scores = [{**m.scores, "colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty} for m, h in zip(measures, held) if h]
-    after = [bool(outside_domain(with_bundle_focus, scores)) for scores in held_scores]
-    out_of_focus = [not refused and bool(outside_domain(adapted, scores)) for refused, scores in zip(after, held_scores)]
+    after = [bool(outside_domain(with_bundle_bars, scores)) for scores in held_scores]
+    beyond_own_bars = [not refused and bool(outside_domain(adapted, scores)) for refused, scores in zip(after, held_scores)]
     flagged_after = sum(_judged_flag(detector, frames[index], adapted) for index in np.flatnonzero(held))
     held_measures = [m for m, h in zip(measures, held) if h]
     report = AdaptReport(
@@ -270,8 +284,8 @@ def adapt_bundle(
         flagged_after=int(flagged_after),
         written=False,
         left_out=left_out,
-        focus=(float(domain["max_edge_width"]), float(adapted["max_edge_width"])) if "max_edge_width" in domain else None,
-        out_of_focus_after=sum(out_of_focus),
+        own_bars={key: (float(domain[key]), float(adapted[key])) for key in DEVICE_BARS if key in domain},
+        beyond_own_bars_after=sum(beyond_own_bars),
     )
     if report.refused_after > report.refused_before:
         return report
@@ -280,12 +294,12 @@ def adapt_bundle(
     manifest["model_version"] = adapted_version(manifest["model_version"], hashes)
     manifest["adaptation"] = {
         "date": dt.date.today().isoformat(),
-        "adapted": ["domain.colour_references", "domain.max_colour_distance", *(["domain.max_edge_width"] if report.focus_tightened else [])],
+        "adapted": ["domain.colour_references", "domain.max_colour_distance", *(f"domain.{key}" for key in report.tightened)],
         "frames": len(frames),
         "held_back": report.held_back,
         "left_out_of_the_fit": left_out,
         "frame_sha256": hashes,
-        "gate": {key: getattr(report, key) for key in ("refused_before", "refused_after", "flagged_before", "flagged_after", "out_of_focus_after")},
+        "gate": {key: getattr(report, key) for key in ("refused_before", "refused_after", "flagged_before", "flagged_after", "beyond_own_bars_after")},
     }
     files = {name: detector.bundle.path(name) for name in manifest["files"]}
     save_bundle(Path(out_dir), manifest, files)

@@ -20,6 +20,10 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   pixels inside the cells' boxes). Out of focus, the classifier still answers: blurred benign Taleqani fields were
   flagged as leukemic and PBC's white-cell types went wrong with no frame refused (docs/training.md, "Bundle
   0.11.0: out of focus"). Bundles fitted before this check have no "max_edge_width" and skip it (and do not measure it).
+- noise: the camera's noise as the classifier sees the white cells (noise_level: grey levels once each cell is
+  shrunk to its 64-px crop). Under sensor noise the classifier calls fewer blasts on every field and says nothing:
+  Taleqani's malignant validation fields flagged 60 of 60 as captured, 53 with noise of 8 grey levels, 20 with 16
+  (docs/training.md, "Bundle 0.12.0: sensor noise"). Bundles fitted before this check have no "max_noise" and skip it.
 - colour at all: a stained smear has colour. A greyscale image, a monochrome camera or an empty field has almost
   none, and the stain normalization would blow its noise up into colours (MIN_CHROMA_SPREAD; every bundle).
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
@@ -44,6 +48,10 @@ MIN_FEATURE_SPREAD = {**{name: 1.0 for name in MEAN_SPREAD_FEATURES}, **{name: 0
 MAX_REFERENCES = 400  # reference frames kept in the manifest (one number per feature each)
 THRESHOLD_QUANTILE = 0.99  # of the fitting frames' own scores
 THRESHOLD_MARGIN = 1.25  # headroom over that quantile: the fitting frames are a sample, not every frame
+# The noise threshold is fitted on the largest of the fitting frames' noise, not the 0.99 quantile: one source's camera
+# (Taleqani's) is noisier than every other's, and that quantile of 272 validation fields cut into its own tail (it
+# refused 6 of its 386 test fields as captured; docs/training.md, "Bundle 0.12.0: sensor noise").
+NOISE_QUANTILE = 1.0
 # A frame whose a* and b* spreads (OpenCV L*a*b* of float RGB, before stain normalization) are both below this has no
 # stain colour to judge: a stained field of every source spreads at least 5 (`python scripts/chroma_spread.py --data
 # ../shared/data`); a greyscale image has none (the frame statistics floor a spread at 1.0). Not fitted: no bundle
@@ -179,6 +187,55 @@ def edge_width(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
     return float(np.median(widths)) if widths else None
 
 
+# The noise check reads NOISE_GRID x NOISE_GRID patches of NOISE_PATCH px spread evenly over the frame (the whole frame
+# when it is smaller): the camera's noise is the same everywhere, and 16 patches are 65k pixels whatever the frame's
+# size (under 1 ms on a 2-core x86 CPU; a 5-MP frame has 80 times as many). NOISE_FLAT_SHARE: the flattest of their
+# pixels, the smear's background and the smooth insides of red cells, where nothing but noise moves the second
+# differences.
+NOISE_PATCH = 64
+NOISE_GRID = 4
+NOISE_FLAT_SHARE = 0.5
+# Immerkaer's (1996) kernel: the difference of two discrete Laplacians, zero on any plane and nearly zero on smooth
+# image structure; on white noise of sigma s its response has the standard deviation 6 s.
+_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+def frame_noise(frame: np.ndarray) -> float:
+    """The standard deviation of the frame's noise, in grey levels of the channels' mean (Immerkaer's estimate, sigma =
+    sqrt(pi / 2) * mean |response| / 6, over the flattest NOISE_FLAT_SHARE of the patches' pixels)."""
+    height, width = frame.shape[:2]
+    size = min(NOISE_PATCH, height, width)
+    if height <= NOISE_GRID * NOISE_PATCH and width <= NOISE_GRID * NOISE_PATCH:
+        patches = [frame]
+    else:
+        ys = np.linspace(0, height - size, NOISE_GRID).astype(int)
+        xs = np.linspace(0, width - size, NOISE_GRID).astype(int)
+        patches = [frame[y : y + size, x : x + size] for y in ys for x in xs]
+    # The patches stacked into one image, so the filters run once; each patch's 1-px border, where the 3x3 filters
+    # read its neighbour's pixels, is left out.
+    grey = cv2.transform(np.concatenate(patches).astype(np.float32), _CHANNEL_MEAN)
+    response = np.abs(cv2.filter2D(grey, cv2.CV_32F, _NOISE_KERNEL))
+    slope = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+    rows = patches[0].shape[0]
+    inner = np.ones(grey.shape[0], bool)
+    inner[0::rows], inner[rows - 1 :: rows] = False, False
+    response, slope = response[inner, 1:-1].ravel(), slope[inner, 1:-1].ravel()
+    if response.size == 0:
+        return 0.0
+    flattest = max(1, int(NOISE_FLAT_SHARE * slope.size))
+    return float(np.sqrt(np.pi / 2.0) * response[np.argpartition(slope, flattest - 1)[:flattest]].mean() / 6.0)
+
+
+def noise_level(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
+    """The frame's noise (frame_noise) as the classifier sees its white cells: each cell's box is shrunk to about
+    FOCUS_SIZE px a side (its crop), and shrinking by a factor k averages white noise down by k; a cell that is
+    enlarged keeps its noise. None without white cells."""
+    side = median_cell_side(boxes)
+    if side is None:
+        return None
+    return frame_noise(frame) / max(1.0, side / FOCUS_SIZE)
+
+
 def domain_scores(
     spec: dict[str, Any],
     frame: np.ndarray,
@@ -189,7 +246,7 @@ def domain_scores(
 ) -> dict[str, float]:
     """The frame's domain-check scores: colour distance, segmenter uncertainty, chroma spread (bundles with a stain
     step) and, where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
-    focus check) their edge width, read from the frame's own pixels."""
+    focus check, a noise check) their edge width and the noise they carry, read from the frame's own pixels."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
@@ -202,10 +259,12 @@ def domain_scores(
         scores["cell_side_px"] = side
     if "max_edge_width" in spec and (width := edge_width(frame, cell_boxes)) is not None:
         scores["edge_width"] = width
+    if "max_noise" in spec and (noise := noise_level(frame, cell_boxes)) is not None:
+        scores["noise"] = noise
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus")
+DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise")
 
 
 def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
@@ -221,6 +280,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("no_colour")
     if "max_edge_width" in spec and "edge_width" in scores and scores["edge_width"] > spec["max_edge_width"]:
         failed.append("focus")
+    if "max_noise" in spec and "noise" in scores and scores["noise"] > spec["max_noise"]:
+        failed.append("noise")
     return failed
 
 
@@ -251,6 +312,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
             f"out of focus (white cells' edges {scores['edge_width']:.2f} wide > {spec['max_edge_width']:.2f}, in 1/{FOCUS_SIZE} of a cell): "
             "focus the microscope on the cells and capture again"
         )
+    if "noise" in failed:
+        reasons.append(
+            f"too noisy (noise of {scores['noise']:.2f} grey levels on the cells as the classifier sees them > {spec['max_noise']:.2f}): "
+            "more light, a lower camera gain or a longer exposure"
+        )
     return "; ".join(reasons)
 
 
@@ -262,14 +328,16 @@ def fit_domain(
     cell_sides: Sequence[float] | None = None,
     features: Sequence[str] = COLOUR_FEATURES,
     edge_widths: Sequence[float] | None = None,
+    noise_levels: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The manifest's "domain" section from fitting frames' colour features (colour_features with `features`),
-    uncertainties and (optional) median white-cell sides and edge widths (edge_width; NaN for a frame without white
-    cells).
+    uncertainties and (optional) median white-cell sides, edge widths (edge_width) and noise levels (noise_level),
+    NaN for a frame without white cells.
 
     References: up to MAX_REFERENCES frames, spread evenly over the sources. Thresholds, each with THRESHOLD_MARGIN
     of headroom: colour, the largest of the fitting frames' leave-one-out distances (each frame's to the nearest other
-    reference), so that no validated frame is outside; uncertainty and edge width, the THRESHOLD_QUANTILE of theirs;
+    reference), so that no validated frame is outside; uncertainty and edge width, the THRESHOLD_QUANTILE of theirs; noise,
+    the NOISE_QUANTILE (the largest);
     the smallest cell side, the smallest of theirs. Colour takes the largest, not a quantile: a source with a wide palette
     (Taleqani's) has its own tail, which the 0.99 quantile cut into (docs/training.md, "Bundle 0.7.0").
     """
@@ -306,4 +374,8 @@ def fit_domain(
     widths = widths[np.isfinite(widths)]
     if widths.size:
         spec["max_edge_width"] = float(np.quantile(widths, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    noise = np.asarray([] if noise_levels is None else noise_levels, np.float64)
+    noise = noise[np.isfinite(noise)]
+    if noise.size:
+        spec["max_noise"] = float(np.quantile(noise, NOISE_QUANTILE) * THRESHOLD_MARGIN)
     return spec

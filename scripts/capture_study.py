@@ -1,5 +1,5 @@
-"""What a badly set camera does to the verdict: defocus and exposure, and what the focus check (domain.edge_width)
-refuses.
+"""What a badly set camera does to the verdict: defocus, exposure, sensor noise and compression, and what the capture
+checks (focus, domain.edge_width; noise, domain.noise_level) refuse.
 
 Every field of a split is spoilt as a capture fault spoils it, at each level:
 - defocus (--fault defocus): a Gaussian blur whose sigma is the level times the sharp field's median white-cell
@@ -8,15 +8,15 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
   over 1 overexposed (a pale background and pale cytoplasm clip first);
 - noise (--fault noise): Gaussian sensor noise of the level's standard deviation in grey levels, every channel;
 - jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured).
-Each spoilt field goes through the bundle twice, with its focus check and without it (the domain section less
-"max_edge_width"), and the table prints, per source and level: the fields' edge widths, how many the focus check
-refuses, how many are judged, and the verdicts without the check, with the bundle's focus bar and with each device's
-own bar as `leukoedge adapt` would set it from that device's fields without the fault (adapt.device_focus_threshold;
-fitted on the same fields it is then measured on) (normal fields flagged; Taleqani's malignant fields flagged; PBC's
-white-cell type of the central cell). docs/training.md, "Bundle 0.11.0: out of
-focus", quotes it:
+Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
+domain section less max_edge_width and max_noise), and the table prints, per source and level: the fields' edge
+widths and noise, how many the capture checks refuse, how many are judged, and the verdicts without the checks, with
+the bundle's bars and with each device's own focus bar as `leukoedge adapt` would set it from that device's fields
+without the fault (adapt.device_threshold; fitted on the same fields it is then measured on) (normal fields
+flagged; Taleqani's malignant fields flagged; PBC's white-cell type of the central cell). docs/training.md, "Bundle
+0.11.0: out of focus" and "Bundle 0.12.0: sensor noise", quote it:
 
-    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure] [--bundle models/default] [--split val]
+    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg] [--bundle models/default] [--split val]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge import Detector  # noqa: E402
-from leukoedge.adapt import FrameMeasure, device_focus_threshold  # noqa: E402
+from leukoedge.adapt import DEVICE_BARS, FrameMeasure, device_threshold  # noqa: E402
 from leukoedge.domain import failed_checks, median_cell_side  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 from leukoedge.training.detection import evenly_spaced  # noqa: E402
@@ -83,8 +83,13 @@ def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.
 
 
 def three_ways(rows: list[dict], outcome: str) -> str:
-    """How many rows had the outcome without the focus check / with the bundle's bar / with the device's own bar."""
+    """How many rows had the outcome without the capture checks / with the bundle's bars / with the device's own bars."""
     return " / ".join(str(sum(row[key] for row in rows)) for key in (outcome, f"{outcome}_with", f"{outcome}_device"))
+
+
+# The capture checks: domain key -> the score it bounds and its name in domain.failed_checks. Only focus has a
+# device's own bar as well (adapt.DEVICE_BARS).
+CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise")}
 
 
 def group(record: data.Record) -> str:
@@ -118,13 +123,13 @@ def main() -> int:
     levels = sorted({no_fault, *(args.levels or LEVELS[args.fault])})
 
     checked = Detector.load(args.bundle)
-    if "max_edge_width" not in (checked.domain_spec or {}):
-        print(f"error: {args.bundle} has no focus check (domain.max_edge_width): fit it with scripts/refit_domain.py", file=sys.stderr)
+    bars = {key: score for key, (score, _) in CAPTURE_CHECKS.items() if key in (checked.domain_spec or {})}
+    if not bars:
+        print(f"error: {args.bundle} has no capture check ({', '.join(CAPTURE_CHECKS)}): fit them with scripts/refit_domain.py", file=sys.stderr)
         return 2
-    # The same models without the focus bar: only the verdict differs, so it judges the checked run's cells and scores.
+    # The same models without the capture bars: only the verdict differs, so it judges the checked run's cells and scores.
     unchecked = Detector.load(args.bundle)
-    unchecked.domain_spec = {key: value for key, value in checked.domain_spec.items() if key != "max_edge_width"}
-    threshold = checked.domain_spec["max_edge_width"]
+    unchecked.domain_spec = {key: value for key, value in checked.domain_spec.items() if key not in CAPTURE_CHECKS}
 
     outcomes = []  # one per field and level
     for record in tqdm(study_records(args.data, args.split, args.per_source), desc="fields", unit="field"):
@@ -139,40 +144,46 @@ def main() -> int:
             with_check = with_result.verdict
             without = unchecked.judge(with_result.cells, with_check.non_wbc_count, with_check.domain)
             outcomes.append({
-                "group": group(record), "domain": record.domain, "level": level, "width": with_check.domain.get("edge_width"),
+                "group": group(record), "domain": record.domain, "level": level, "scores": with_check.domain,
                 "judged": without.status == "ok", "flagged": bool(without.flagged),
-                "refused_for_focus": "focus" in failed_checks(checked.domain_spec, with_check.domain),
+                "refused_for_capture": bool({name for _, name in CAPTURE_CHECKS.values()} & set(failed_checks(checked.domain_spec, with_check.domain))),
                 "judged_with": with_check.status == "ok", "flagged_with": bool(with_check.flagged),
                 "typed": None if record.source != "pbc" else central_type(with_result, faulty) == record.wbc_type,
             })
 
-    # Each device's own bar, as `leukoedge adapt` sets it from the device's frames: here its fields without the fault.
+    # Each device's own bars, as `leukoedge adapt` sets them from the device's frames: here its fields without the fault.
     device_bars = {
-        domain: device_focus_threshold(threshold, [FrameMeasure(np.zeros(3), 0.0, False, False, scores={"edge_width": o["width"]})
-                                                   for o in outcomes if o["domain"] == domain and o["level"] == no_fault and o["width"] is not None])
+        domain: {
+            key: device_threshold(checked.domain_spec[key], [FrameMeasure(np.zeros(3), 0.0, False, False, scores=o["scores"])
+                                                             for o in outcomes if o["domain"] == domain and o["level"] == no_fault], key)
+            for key in DEVICE_BARS if key in bars
+        }
         for domain in {o["domain"] for o in outcomes}
     }
     for o in outcomes:
-        beyond = o["width"] is not None and o["width"] > device_bars[o["domain"]]
+        beyond = any(score in o["scores"] and o["scores"][score] > device_bars[o["domain"]][key] for key, (score, _, _) in DEVICE_BARS.items() if key in bars)
         o["judged_device"], o["flagged_device"] = o["judged_with"] and not beyond, o["flagged_with"] and not beyond
-        o["refused_device"] = o["refused_for_focus"] or (o["judged_with"] and beyond)
+        o["refused_device"] = o["refused_for_capture"] or (o["judged_with"] and beyond)
 
-    print(f"{args.bundle} ({checked.bundle.model_version}), {args.split} split, {args.fault}; the bundle's focus bar: edge width <= {threshold:.2f}")
-    print("each device's own bar (leukoedge adapt, fitted on its fields without the fault): "
-          + ", ".join(f"{domain} {bar:.2f}" for domain, bar in sorted(device_bars.items())))
+    print(f"{args.bundle} ({checked.bundle.model_version}), {args.split} split, {args.fault}; the bundle's bars: "
+          + ", ".join(f"{score} <= {checked.domain_spec[key]:.2f}" for key, score in bars.items()))
+    print("each device's own focus bar (leukoedge adapt, fitted on its fields without the fault): "
+          + "; ".join(f"{domain} " + ", ".join(f"{bars[key]} {bar:.2f}" for key, bar in own.items()) for domain, own in sorted(device_bars.items())))
     level_name = {"defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)"}[args.fault]
-    print(f"| fields | {level_name} | n | edge width median (p95) | refused for focus: bundle's / device's bar | judged: no focus check / bundle's / device's bar "
-          "| flagged: no focus check / bundle's / device's | PBC type right among judged: no focus check / bundle's / device's |")
-    print("|---|---|---|---|---|---|---|---|")
-    keys = sorted({(o["group"], o["level"]) for o in outcomes})
-    for name, level in keys:
+    medians = " | ".join(f"{score} median (p95)" for score in bars.values())
+    print(f"| fields | {level_name} | n | {medians} | refused by the capture checks: bundle's / device's bars | judged: no capture check / bundle's / device's bars "
+          "| flagged: no capture check / bundle's / device's | PBC type right among judged: no capture check / bundle's / device's |")
+    print("|---|---|---|" + "---|" * len(bars) + "---|---|---|---|")
+    for name, level in sorted({(o["group"], o["level"]) for o in outcomes}):
         rows = [o for o in outcomes if o["group"] == name and o["level"] == level]
-        values = np.array([o["width"] for o in rows if o["width"] is not None] or [np.nan])
-
+        spreads = []
+        for score in bars.values():
+            values = np.array([o["scores"][score] for o in rows if score in o["scores"]] or [np.nan])
+            spreads.append(f"{np.median(values):.2f} ({np.quantile(values, 0.95):.2f})")
         typed = " / ".join(str(sum(bool(o["typed"]) and o[key] for o in rows)) for key in ("judged", "judged_with", "judged_device")) if name == "pbc" else ""
         print(
-            f"| {name} | {level:.3f} | {len(rows)} | {np.median(values):.2f} ({np.quantile(values, 0.95):.2f}) | "
-            f"{sum(o['refused_for_focus'] for o in rows)} / {sum(o['refused_device'] for o in rows)} | {three_ways(rows, 'judged')} | {three_ways(rows, 'flagged')} | {typed} |"
+            f"| {name} | {level:.3f} | {len(rows)} | {' | '.join(spreads)} | "
+            f"{sum(o['refused_for_capture'] for o in rows)} / {sum(o['refused_device'] for o in rows)} | {three_ways(rows, 'judged')} | {three_ways(rows, 'flagged')} | {typed} |"
         )
     return 0
 

@@ -3,10 +3,11 @@ its threshold, the flag fraction): for a bundle whose segmenter was swapped (scr
 uncertainty the check reads. `leukoedge gate --bundle B --out O` does this too, and trains a new gate and chooses the
 flag fraction again beside it (docs/performance.md, "A lighter field segmenter").
 
-    python scripts/refit_domain.py --bundle DIR --data ../shared/data --out DIR2 [--only max_edge_width]
+    python scripts/refit_domain.py --bundle DIR --data ../shared/data --out DIR2 [--only max_noise]
 
 --only keeps the rest of the bundle's domain section as it is and takes only the keys named from the new fit: a new
-check added to a bundle without moving the thresholds it already has (bundle 0.11.0's focus check, docs/training.md).
+check added to a bundle without moving the thresholds it already has (bundle 0.11.0's focus check, 0.12.0's noise
+check: docs/training.md).
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, required=True, help="the bundle to copy")
     parser.add_argument("--data", type=Path, required=True, help="the data folder (../shared/data)")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write the copy to")
-    parser.add_argument("--only", nargs="+", default=None, metavar="KEY", help="take only these keys of the domain section from the fit (e.g. max_edge_width)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="KEY", help="take only these keys of the domain section from the fit (e.g. max_noise)")
     args = parser.parse_args()
     domain = refit_domain(args.bundle, args.data, args.out, only=args.only)
     print(
         f"{args.out}: domain check fitted on {domain['fitted_on']['frames']} validation fields: "
         f"colour distance <= {domain['max_colour_distance']:.2f}, segmenter uncertainty <= {domain['max_uncertainty']:.3f}, "
-        f"white cells at least {domain.get('min_cell_side_px', 0):.1f} px across, their edges at most {domain.get('max_edge_width', float('nan')):.2f} wide"
+        f"white cells at least {domain.get('min_cell_side_px', 0):.1f} px across, their edges at most {domain.get('max_edge_width', float('nan')):.2f} wide, "
+        f"their noise at most {domain.get('max_noise', float('nan')):.2f} grey levels"
     )
     return 0
 

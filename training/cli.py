@@ -144,6 +144,8 @@ def command_train(args: argparse.Namespace) -> int:
             classifier_resolution_augment=(
                 PipelineConfig.classifier_resolution_augment if args.classifier_resolution_augment is None else args.classifier_resolution_augment
             ),
+            classifier_capture_augment=PipelineConfig.classifier_capture_augment if args.classifier_capture_augment is None else args.classifier_capture_augment,
+            classifier_teacher=args.classifier_teacher,
             segmenter_device_augment=PipelineConfig.segmenter_device_augment if args.segmenter_device_augment is None else args.segmenter_device_augment,
             classifier_box_jitter=PipelineConfig.classifier_box_jitter if args.classifier_box_jitter is None else parse_box_jitter(args.classifier_box_jitter),
         )
@@ -335,6 +337,15 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--classifier-chroma-augment", type=float, default=None, metavar="STRENGTH",
         help="turn the hue (up to 45 degrees) and scale the saturation (0.5-1.6x) of the classifier's training crops at this strength (default: the pipeline's; 0: never)",
+    )
+    train.add_argument(
+        "--classifier-capture-augment", type=float, default=None, metavar="SHARE",
+        help="cut this share of the classifier's training crops from their frame with camera noise and JPEG added (default: the pipeline's; 0: never); "
+        "with --classifier-teacher, the teacher answers on the crops without them",
+    )
+    train.add_argument(
+        "--classifier-teacher", type=Path, default=None,
+        help="distillation: the classifier also learns this checkpoint's probabilities (same heads), e.g. the shipped classifier while it learns noisy and compressed frames",
     )
     train.add_argument(
         "--classifier-resolution-augment", type=float, default=None, metavar="SHARE",

@@ -293,14 +293,20 @@ def with_torch_gate(detector: Detector, model: torch.nn.Module, threshold: float
 
 @dataclass
 class FrameDomain:
-    """Domain-check inputs of a set of frames: colour features, segmenter uncertainty, median white-cell side and edge
-    width (NaN where the frame has no white cell), source/device."""
+    """Domain-check inputs of a set of frames: colour features, segmenter uncertainty, median white-cell side, edge
+    width and noise level (NaN where the frame has no white cell), source/device."""
 
     colour: np.ndarray
     uncertainty: np.ndarray
     domains: np.ndarray
     cell_side: np.ndarray
     edge_width: np.ndarray
+    noise: np.ndarray
+
+    def scores(self, index: int) -> dict[str, float]:
+        """The frame's cell scores as the runtime's domain_scores names them (the ones it has)."""
+        values = {"edge_width": self.edge_width[index], "noise": self.noise[index]}
+        return {name: float(value) for name, value in values.items() if np.isfinite(value)}
 
     def fit(self, left_out: str | None = None) -> dict:
         """The manifest's "domain" section fitted on these frames (less one source/device)."""
@@ -308,27 +314,31 @@ class FrameDomain:
 
         keep = np.ones(len(self.domains), bool) if left_out is None else np.array([not d.startswith(left_out) for d in self.domains])
         return fit_domain(
-            self.colour[keep], self.uncertainty[keep], list(self.domains[keep]), cell_sides=self.cell_side[keep], edge_widths=self.edge_width[keep]
+            self.colour[keep], self.uncertainty[keep], list(self.domains[keep]),
+            cell_sides=self.cell_side[keep], edge_widths=self.edge_width[keep], noise_levels=self.noise[keep],
         )
 
 
 def frame_domain(detector: Detector, records: Sequence[data.Record], description: str = "domain check") -> FrameDomain:
     """The domain-check inputs of each record's frame through the detector, its gate included (the cells it keeps
     are the ones whose size the check reads)."""
-    from leukoedge.domain import colour_features, edge_width, median_cell_side, segmenter_uncertainty
+    from leukoedge.domain import colour_features, edge_width, median_cell_side, noise_level, segmenter_uncertainty
 
-    colour, uncertainty, cell_side, width = [], [], [], []
+    colour, uncertainty, cell_side, width, noise = [], [], [], [], []
     for record in tqdm(records, desc=description, unit="field"):
         image = data.read_image(record)
         found = detector.candidates(image)
         colour.append(colour_features(found.prepared, detector.spec))
         uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
         boxes = [cell.box for cell in detector.white_cells(image, found)[0]]
-        side, edges = median_cell_side(boxes), edge_width(image, boxes)
+        side, edges, noisy = median_cell_side(boxes), edge_width(image, boxes), noise_level(image, boxes)
         cell_side.append(np.nan if side is None else side)
         width.append(np.nan if edges is None else edges)
+        noise.append(np.nan if noisy is None else noisy)
     domains = np.array([record.domain for record in records], object)
-    return FrameDomain(np.array(colour), np.array(uncertainty), domains, np.array(cell_side, np.float64), np.array(width, np.float64))
+    return FrameDomain(
+        np.array(colour), np.array(uncertainty), domains, np.array(cell_side, np.float64), np.array(width, np.float64), np.array(noise, np.float64)
+    )
 
 
 def validation_domain(detector: Detector, data_root: Path, per_source: int) -> dict:
@@ -443,10 +453,7 @@ def leave_one_source_out(
         for row in detection_figures(detector, fields, f"left out {source}"):
             rows.append({**row, "left_out": source, "adapted": False, "gate_threshold": threshold})
         device = frame_domain(detector, [r for r in gate_records(data_root, "train", recipe.train_per_source) if r.domain.startswith(source)], f"adapt to {source}")
-        measures = [
-            FrameMeasure(c, u, False, False, scores={"edge_width": w} if np.isfinite(w) else {})
-            for c, u, w in zip(device.colour, device.uncertainty, device.edge_width)
-        ]
+        measures = [FrameMeasure(c, u, False, False, scores=device.scores(index)) for index, (c, u) in enumerate(zip(device.colour, device.uncertainty))]
         detector.domain_spec = adapted_domain(detector.domain_spec, measures)
         for row in detection_figures(detector, fields, f"adapted to {source}"):
             rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})

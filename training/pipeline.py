@@ -132,6 +132,10 @@ class PipelineConfig:
     classifier_chroma_augment: float = 0.0
     # The share of the classifier's crops seen at lower resolution (0: never; samples.resolution_lowered).
     classifier_resolution_augment: float = 0.0
+    # The share of the classifier's crops cut from their frame with camera noise and JPEG added (0: never;
+    # samples.capture_degraded); with classifier_teacher, that checkpoint answers on the crops without them.
+    classifier_capture_augment: float = 0.0
+    classifier_teacher: Path | None = None  # distillation: the classifier also learns this checkpoint's probabilities
     # The classifier's training boxes jittered by (centre shift, log size) standard deviations, shares of the side.
     classifier_box_jitter: tuple[float, float] = BOX_JITTER
     segmenter_device_augment: float = 0.0  # the same for the segmenter's training fields
@@ -152,6 +156,7 @@ class PipelineConfig:
             ("--classifier-init", self.classifier_init),
             ("--refiner-teacher", self.refiner_teacher),
             ("--segmenter-teacher", self.segmenter_teacher),
+            ("--classifier-teacher", self.classifier_teacher),
         ):
             if checkpoint is not None and not is_checkpoint(checkpoint):
                 raise ValueError(f"{option} {checkpoint}: no checkpoint there (a .pt with its .json, as training writes them)")
@@ -159,6 +164,8 @@ class PipelineConfig:
             raise ValueError("--refiner-teacher needs refiner training steps: with --refiner-steps 0 the refiner is kept as it is")
         if self.segmenter_teacher is not None and self.segmenter_steps == 0:
             raise ValueError("--segmenter-teacher needs segmenter training steps: with --segmenter-steps 0 the segmenter is kept as it is")
+        if self.classifier_teacher is not None and self.classifier_steps == 0:
+            raise ValueError("--classifier-teacher needs classifier training steps: with --classifier-steps 0 the classifier is kept as it is")
         self.refiner_input_size = refiner_input_side(self.refiner_input_size, self.refiner_init, self.refiner_steps)
         if self.refiner_sources is None:
             self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
@@ -461,6 +468,8 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             device_augment=config.classifier_device_augment,
             chroma_augment=config.classifier_chroma_augment,
             resolution_augment=config.classifier_resolution_augment,
+            capture_augment=config.classifier_capture_augment,
+            teacher=None if config.classifier_teacher is None else str(config.classifier_teacher),
             box_jitter=config.classifier_box_jitter,
         ),
         CROP_MARGIN,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from leukoedge.preprocess.cpu import (
@@ -200,6 +201,26 @@ def device_view_crop(image: np.ndarray, box: Box, spec: PreprocessSpec, input_si
     it, without the other augmentations: a validation input for "does it still work on a new device"."""
     window, moved, statistics = device_view(image, box, margin, rng, strength)
     return prepare_crops(window, [moved], spec, input_size, margin, statistics if spec.stain_reference is not None else None)[0]
+
+
+# What a camera adds to a frame before the runtime sees it (capture_degraded): sensor noise of a standard deviation
+# drawn from CAPTURE_NOISE (grey levels, each channel; the noise check, domain.max_noise, refuses Taleqani's fields
+# from about 4) and JPEG compression at a quality drawn from CAPTURE_JPEG_QUALITY (OpenCV's encoder, colour at half
+# resolution as cameras'): the faults scripts/capture_study.py measures the verdict under.
+CAPTURE_NOISE = (1.0, 6.0)
+CAPTURE_JPEG_QUALITY = (30, 95)
+
+
+def capture_degraded(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The uint8 frame with sensor noise, saved as a JPEG, or both (a third of the draws each)."""
+    kind = int(rng.integers(3))
+    if kind in (0, 2):
+        noise = rng.normal(0.0, rng.uniform(*CAPTURE_NOISE), image.shape)
+        image = np.clip(image.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    if kind in (1, 2):
+        quality = int(rng.integers(CAPTURE_JPEG_QUALITY[0], CAPTURE_JPEG_QUALITY[1] + 1))
+        image = cv2.imdecode(cv2.imencode(".jpg", np.ascontiguousarray(image), [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR)
+    return image
 
 
 def chroma_turned(crop: np.ndarray, spec: PreprocessSpec, rng: np.random.Generator, strength: float) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +23,7 @@ from leukoedge.preprocess.cpu import PreprocessSpec
 
 from .data import LABEL_IGNORE, LABEL_WBC
 from .models import create_model
-from .samples import BOX_JITTER, chroma_turned, classification_sample, resolution_lowered, device_view_crop, random_crop, refiner_sample, segmentation_sample
+from .samples import BOX_JITTER, capture_degraded, chroma_turned, classification_sample, resolution_lowered, device_view_crop, random_crop, refiner_sample, segmentation_sample
 
 log = logging.getLogger("leukoedge.training")
 
@@ -105,6 +105,10 @@ class TrainConfig:
     chroma_augment: float = 0.0
     # Classifier: the share of crops seen at lower resolution (samples.resolution_lowered); 0: none.
     resolution_augment: float = 0.0
+    # Classifier: the share of crops cut from the frame with camera noise and JPEG added (samples.capture_degraded);
+    # 0: none. With a teacher, the teacher answers on the same crop without them: the student learns to answer on a
+    # noisy or compressed frame what the teacher answers on the frame as captured.
+    capture_augment: float = 0.0
     # Classifier: how far its training boxes move and change size (samples.jitter_box): a segmenter's boxes differ
     # from the expert's, and from another segmenter's, by a few pixels (scripts/framing_sensitivity.py).
     box_jitter: tuple[float, float] = BOX_JITTER
@@ -465,6 +469,20 @@ def _mean_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def captured_pair(
+    example: CellExample, sample: CellSampler, rng: np.random.Generator, capture_share: float, with_teacher: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training crop of the example and the crop its teacher answers on. With probability capture_share the crop is
+    cut from the frame with a capture fault (samples.capture_degraded) and the teacher's from the frame as captured,
+    with the same crop draws (box jitter, stain, turns); otherwise both are the one crop."""
+    if capture_share > 0 and rng.random() < capture_share:
+        draws = int(rng.integers(2**32))
+        crop = sample(replace(example, image=capture_degraded(example.image, rng)), np.random.default_rng(draws))
+        return crop, (sample(example, np.random.default_rng(draws)) if with_teacher else crop)
+    crop = sample(example, rng)
+    return crop, crop
+
+
 def train_classifier(
     train: Sequence[CellExample],
     val: Sequence[CellExample],
@@ -479,7 +497,9 @@ def train_classifier(
     loss: a CLASSIFIER_LOSSES name. sample: how a cell becomes the model's input (given the rng:
     augmented; given None: the runtime's crop); by default classification_sample of its box. With config.teacher
     (a classifier checkpoint with the same heads), the loss adds each head's cross-entropy against the teacher's
-    probabilities on the same crops (distillation). Validation score: mean over heads of balanced accuracy."""
+    probabilities on the same crops (distillation); with config.capture_augment, on the same crops without the capture
+    fault. Validation score: mean over heads of balanced accuracy (over the validation cells as they are and as each
+    augmentation switched on shows them, fixed draws)."""
     if loss not in CLASSIFIER_LOSSES:
         raise ValueError(f"unknown classifier loss {loss!r}; expected one of {', '.join(CLASSIFIER_LOSSES)}")
     head_loss = CLASSIFIER_LOSSES[loss]
@@ -500,12 +520,14 @@ def train_classifier(
     teacher = None if config.teacher is None else load_checkpoint(Path(config.teacher), head_classes={h: len(c) for h, c in heads.items()})[0]
 
     def make_batch(indices: np.ndarray, rng: np.random.Generator):
-        inputs = torch.from_numpy(np.stack([sample(train[i], rng) for i in indices]))
+        # The student's crops, and the teacher's: the same, less any capture fault.
+        crops, as_captured = zip(*(captured_pair(train[index], sample, rng, config.capture_augment, teacher is not None) for index in indices))
+        inputs = torch.from_numpy(np.stack(crops))
         targets = {head: torch.tensor([train[i].targets.get(head, -1) for i in indices]) for head in heads}
         if teacher is None:
             return inputs, (targets, None)
         with torch.no_grad():
-            taught = {head: logits.softmax(dim=1) for head, logits in teacher(inputs).items()}
+            taught = {head: logits.softmax(dim=1) for head, logits in teacher(torch.from_numpy(np.stack(as_captured))).items()}
         return inputs, (targets, taught)
 
     def loss_of(outputs: dict[str, torch.Tensor], batch: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]) -> torch.Tensor:
@@ -537,6 +559,13 @@ def train_classifier(
         # Trained for coarser cameras, selected for them too: the validation cells also at lower resolution (fixed draws).
         lowered = [resolution_lowered(crop, np.random.default_rng(config.seed + i)) for i, crop in enumerate(validation_sets[0].numpy())]
         validation_sets.append(torch.from_numpy(np.stack(lowered)))
+
+    if config.capture_augment > 0:
+        # Trained for noisy and compressed frames, selected for them too: the validation cells also from their frames
+        # with a capture fault (fixed draws).
+        validation_sets.append(
+            torch.from_numpy(np.stack([sample(replace(e, image=capture_degraded(e.image, np.random.default_rng(config.seed + i))), None) for i, e in enumerate(val)]))
+        )
 
     def balanced_accuracy(evaluated: torch.nn.Module, inputs: torch.Tensor) -> float:
         chunks = [evaluated(inputs[s : s + 256]) for s in range(0, len(val), 256)]  # one pass serves every head

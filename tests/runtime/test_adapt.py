@@ -11,14 +11,14 @@ import pytest
 
 from leukoedge import Detector
 from leukoedge.adapt import (
-    MIN_FOCUS_FRAMES,
+    MIN_DEVICE_BAR_FRAMES,
     NO_COLOUR,
     UNLIKE_THE_OTHERS,
     AdaptationRefused,
     FrameMeasure,
     adapt_bundle,
     adapted_domain,
-    device_focus_threshold,
+    device_threshold,
     held_back,
     unfit_frames,
 )
@@ -152,15 +152,16 @@ def test_an_adapted_version_names_the_original_and_its_frames_whatever_their_ord
     assert adapted_version(once, ["c" * 64]).startswith("0.10.1+adapted.") and adapted_version(once, ["c" * 64]) != once
 
 
-def test_the_device_s_focus_threshold_is_its_own_where_stricter_and_needs_enough_frames() -> None:
-    def measured(widths) -> list[FrameMeasure]:
-        return [FrameMeasure(np.zeros(3), 0.01, False, False, scores={"edge_width": w}) for w in widths]
+def test_the_device_s_focus_bar_is_its_own_where_stricter_and_needs_enough_frames() -> None:
+    def measured(values, score="edge_width") -> list[FrameMeasure]:
+        return [FrameMeasure(np.zeros(3), 0.01, False, False, scores={score: v}) for v in values]
 
     sharp = np.linspace(1.0, 1.4, 40)
-    assert device_focus_threshold(3.3, measured(sharp)) == pytest.approx(np.quantile(sharp, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
-    assert device_focus_threshold(3.3, measured(np.linspace(2.5, 3.2, 40))) == 3.3  # a softer device: never loosened
-    assert device_focus_threshold(3.3, measured(sharp[: MIN_FOCUS_FRAMES - 1])) == 3.3  # too few frames to say
-    assert device_focus_threshold(3.3, [FrameMeasure(np.zeros(3), 0.01, False, False)] * 40) == 3.3  # no white cells
+    assert device_threshold(3.3, measured(sharp), "max_edge_width") == pytest.approx(np.quantile(sharp, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    assert device_threshold(3.3, measured(np.linspace(2.5, 3.2, 40)), "max_edge_width") == 3.3  # a softer device: never loosened
+    assert device_threshold(3.3, measured(sharp[: MIN_DEVICE_BAR_FRAMES - 1]), "max_edge_width") == 3.3  # too few frames to say
+    assert device_threshold(3.3, [FrameMeasure(np.zeros(3), 0.01, False, False)] * 40, "max_edge_width") == 3.3  # no white cells
+    assert device_threshold(3.3, measured(sharp, "noise"), "max_edge_width") == 3.3  # it reads the edge widths only
 
 
 def test_adapting_tightens_focus_to_the_device_and_counts_frames_beyond_it_apart(data_root: Path, tmp_path: Path) -> None:
@@ -170,9 +171,9 @@ def test_adapting_tightens_focus_to_the_device_and_counts_frames_beyond_it_apart
     frames = _frames(data_root / "bccd" / "images", 44)
     names = [f"bccd-{index}" for index in range(len(frames))]
     first = adapt_bundle(REPO / "models" / "default", frames, names, tmp_path / "first")
-    bundle_bar, device_bar = first.focus
-    assert first.written and first.focus_tightened and device_bar < bundle_bar
-    assert load_bundle(tmp_path / "first").manifest["adaptation"]["adapted"][-1] == "domain.max_edge_width"
+    bundle_bar, device_bar = first.own_bars["max_edge_width"]
+    assert first.written and "max_edge_width" in first.tightened and device_bar < bundle_bar
+    assert "domain.max_edge_width" in load_bundle(tmp_path / "first").manifest["adaptation"]["adapted"]
 
     def between_the_bars(index: int) -> np.ndarray | None:
         """The frame blurred beyond the device's bar but within the bundle's, if some blur does that."""
@@ -186,7 +187,7 @@ def test_adapting_tightens_focus_to_the_device_and_counts_frames_beyond_it_apart
     held, blurred = next((index, frame) for index in np.flatnonzero(held_back(names)) if (frame := between_the_bars(index)) is not None)
     frames[held] = blurred
     report = adapt_bundle(REPO / "models" / "default", frames, names, tmp_path / "adapted")
-    assert report.written and report.out_of_focus_after >= 1 and report.refused_after <= report.refused_before
-    assert any("beyond the device's focus" in line for line in report.lines())
+    assert report.written and report.beyond_own_bars_after >= 1 and report.refused_after <= report.refused_before
+    assert any("beyond only the device's own focus" in line for line in report.lines())
     assert shipped.run(blurred).verdict.status == "ok"
     assert "out of focus" in Detector.load(tmp_path / "adapted").run(blurred).verdict.reason

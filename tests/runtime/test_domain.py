@@ -21,7 +21,9 @@ from leukoedge.domain import (
     edge_width,
     failed_checks,
     fit_domain,
+    frame_noise,
     median_cell_side,
+    noise_level,
     outside_domain,
 )
 
@@ -252,3 +254,61 @@ def test_a_defocused_frame_is_not_judged_and_a_bundle_without_the_check_does_not
     assert out_of_focus >= 2  # the check fires on real frames, not only on synthetic ones
     detector.domain_spec = {key: value for key, value in detector.domain_spec.items() if key != "max_edge_width"}
     assert "edge_width" not in detector.run(cv2.imread(str(SAMPLES[0]))).verdict.domain
+
+
+def _noisy(frame: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0.0, sigma, frame.shape)
+    return np.clip(frame.astype(np.float64) + noise, 0, 255).astype(np.uint8)
+
+
+def test_frame_noise_measures_the_camera_s_noise_and_not_the_smear():
+    flat = np.full((480, 640, 3), 180, np.uint8)
+    for sigma in (2.0, 4.0, 8.0):  # the channels' mean carries 1/sqrt(3) of each channel's independent noise
+        assert frame_noise(_noisy(flat, sigma)) == pytest.approx(sigma / np.sqrt(3.0), rel=0.1)
+    for sample in SAMPLES:  # the smear's own edges and textures hardly count: noise added is noise measured
+        frame = cv2.imread(str(sample))
+        clean, noisy = frame_noise(frame), frame_noise(_noisy(frame, 8.0))
+        assert clean < 1.0 and noisy == pytest.approx(np.hypot(clean, 8.0 / np.sqrt(3.0)), rel=0.2)
+    large = _noisy(np.full((1944, 2592, 3), 180, np.uint8), 4.0)  # a 5-MP frame is read in patches, not whole
+    assert frame_noise(large) == pytest.approx(4.0 / np.sqrt(3.0), rel=0.1)
+    assert frame_noise(np.zeros((20, 30, 3), np.uint8)) == 0.0
+
+
+def test_noise_level_is_the_noise_the_classifier_sees_on_the_cells():
+    frame = _noisy(np.full((480, 640, 3), 180, np.uint8), 8.0)
+    assert noise_level(frame, []) is None  # no white cell: nothing to judge it for
+    small, large = [(10, 10, 42, 42)], [(0, 0, 256, 256)]  # a cell enlarged to its 64-px crop keeps its noise; shrunk 4x, a quarter
+    assert noise_level(frame, small) == pytest.approx(frame_noise(frame))
+    assert noise_level(frame, large) == pytest.approx(frame_noise(frame) / 4.0)
+
+
+def test_the_noisiest_frames_are_fitted_below_the_bar_and_a_noisier_frame_is_refused():
+    rng = np.random.default_rng(0)
+    colour = _correlations(rng, 200)
+    noise = np.concatenate([rng.uniform(0.1, 1.5, 190), np.full(10, np.nan)])  # ten frames without a white cell
+    spec = fit_domain(colour, rng.uniform(0.02, 0.08, 200), ["a"] * 200, noise_levels=noise)
+    assert spec["max_noise"] == pytest.approx(np.nanmax(noise) * THRESHOLD_MARGIN)  # the noisiest, not a quantile
+    assert "max_noise" not in fit_domain(colour, rng.uniform(0.02, 0.08, 200), ["a"] * 200)
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    assert failed_checks(spec, {**inside, "noise": spec["max_noise"]}) == []
+    assert failed_checks(spec, {**inside, "noise": spec["max_noise"] + 0.1}) == ["noise"]
+    assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "noise": 9.0}) == []  # fitted before the check
+    assert "too noisy" in outside_domain(spec, {**inside, "noise": spec["max_noise"] + 0.1})
+
+
+def test_a_noisy_frame_is_not_judged_and_a_bundle_without_the_check_does_not_measure_it():
+    detector = Detector.load(REPO / "models" / "default")
+    detector.domain_spec = {**detector.domain_spec, "max_noise": 1.8}  # about the fitted bar (docs/training.md)
+    refused = 0
+    for sample in SAMPLES:
+        frame = cv2.imread(str(sample))
+        judged = detector.run(frame).verdict
+        assert judged.status == "ok" and judged.domain["noise"] < 1.8 / 2  # the shipped samples are clean
+        noisy = detector.run(_noisy(frame, 24.0)).verdict  # a camera at a very high gain
+        assert not noisy.flagged
+        if noisy.domain.get("noise", 0.0) > 1.8:
+            assert noisy.status == "outside_domain" and "too noisy" in noisy.reason
+            refused += 1
+    assert refused >= 2  # the check fires on real frames, not only on synthetic ones
+    detector.domain_spec = {key: value for key, value in detector.domain_spec.items() if key != "max_noise"}
+    assert "noise" not in detector.run(cv2.imread(str(SAMPLES[0]))).verdict.domain

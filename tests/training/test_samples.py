@@ -5,7 +5,7 @@ import pytest
 
 from leukoedge.preprocess.cpu import PreprocessSpec, StainReference, lab_statistics, prepare_crops, to_rgb_float
 from leukoedge.training.data import LABEL_BACKGROUND, LABEL_NUCLEUS
-from leukoedge.training.samples import BOX_JITTER, classification_sample, device_view, jitter_box, refiner_sample, resolution_lowered, segmentation_sample
+from leukoedge.training.samples import BOX_JITTER, CAPTURE_NOISE, capture_degraded, classification_sample, device_view, jitter_box, refiner_sample, resolution_lowered, segmentation_sample
 from leukoedge.training.stain import turn_chroma
 
 SPEC = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), StainReference(lab_mean=(70.0, 5.0, 2.0), lab_std=(14.0, 12.0, 15.0)))
@@ -168,3 +168,20 @@ def test_box_jitter_moves_boxes_as_far_as_asked_and_none_keeps_them():
     assert 1.7 < wider_shift / shift < 2.3 and 1.7 < wider_size / size < 2.3
     rng = np.random.default_rng(0)
     assert {jitter_box(box, rng, (0.0, 0.0)) for _ in range(20)} == {box}
+
+
+def test_a_capture_fault_adds_noise_or_compression_and_keeps_the_frame_s_shape() -> None:
+    import cv2
+
+    frame = np.full((96, 128, 3), 200, np.uint8)
+    cv2.circle(frame, (64, 48), 30, (150, 40, 90), -1)
+    flat = (slice(0, 12), slice(0, 12))  # background: any change there is noise or a JPEG artefact
+    changed = 0
+    for seed in range(12):
+        faulty = capture_degraded(frame, np.random.default_rng(seed))
+        assert faulty.shape == frame.shape and faulty.dtype == np.uint8
+        assert np.array_equal(faulty, capture_degraded(frame, np.random.default_rng(seed)))  # the draws decide it all
+        difference = faulty.astype(float) - frame
+        changed += not np.array_equal(faulty, frame)
+        assert difference[flat].std() <= 3 * CAPTURE_NOISE[1]
+    assert changed == 12

@@ -160,3 +160,22 @@ def test_a_classifier_trained_on_augmented_crops_is_also_selected_on_them(monkey
     # A constant input is classified one way: balanced accuracy 0.5 on the augmented view, averaged in.
     for plain, augmented in zip(scores[0.0], scores[0.7]):
         assert augmented == pytest.approx((plain + 0.5) / 2)
+
+
+def test_a_capture_fault_reaches_the_student_s_crop_and_not_the_teacher_s():
+    # The teacher answers on the crop as captured, the student on the same crop (the same draws) with the fault.
+    from leukoedge.training.train import CellExample, captured_pair
+
+    image = np.random.default_rng(0).integers(0, 255, (96, 96, 3), np.uint8)
+    example = CellExample("all-taleqani", image, (20, 20, 70, 70), {"blast": 1})
+
+    def sample(cell, rng):  # a crop that shows its draw and whether it was cut from the frame as captured
+        return np.array([rng.random(), float(np.array_equal(cell.image, image))])
+
+    rng = np.random.default_rng(1)
+    student, teacher = captured_pair(example, sample, rng, 1.0, with_teacher=True)
+    assert student[0] == teacher[0] and (student[1], teacher[1]) == (0.0, 1.0)
+    student, teacher = captured_pair(example, sample, rng, 1.0, with_teacher=False)
+    assert student is teacher and student[1] == 0.0  # no teacher: the faulty crop alone
+    student, teacher = captured_pair(example, sample, rng, 0.0, with_teacher=True)
+    assert student is teacher and student[1] == 1.0  # no capture augmentation: the crop as captured
