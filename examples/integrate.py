@@ -35,7 +35,7 @@ def main() -> int:
         with detector, reader:  # however the loop ends: stops the capture thread, then releases the models
             for frame in reader:  # ends with the file; a camera runs until Ctrl-C
                 try:
-                    result = detector.run(frame.image, capture_ms=frame.capture_ms)
+                    result = detector.run(frame.image, capture_ms=frame.capture_ms, jpeg_quality=frame.jpeg_quality)
                 except InvalidFrameError as error:  # one odd frame: skip it, keep the device running
                     log.warning("frame %d skipped: %s", frame.index, error)
                     continue

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
-from leukoedge.decode import block_seam, decode_checked, read_image
+from leukoedge.decode import block_seam, decode_checked, file_jpeg_quality, read_image
 from leukoedge.errors import CaptureError, UnreadableImageError
 
 log = logging.getLogger("leukoedge.capture")
@@ -46,6 +46,7 @@ class Frame:
     capture_ms: float  # grab + decode
     source: str
     name: str = ""  # the image file's name for frames read from image files; "" for video and camera frames
+    jpeg_quality: int | None = None  # the quality of the JPEG file it was read from (Detector.run's compression check)
 
 
 class FrameSource(ABC):
@@ -168,7 +169,7 @@ class ImageFilesSource(FrameSource):
                 self.skipped += 1
                 log.warning("skipped %s", error)
                 continue
-            frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri, path.name)
+            frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri, path.name, file_jpeg_quality(path))
             self._next_index += 1
             return frame
         return None

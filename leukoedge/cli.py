@@ -200,7 +200,7 @@ def run_frames(args: argparse.Namespace, detector: Detector, reader: SequentialR
         seen += 1
         name = frame_name(frame)
         try:
-            result = detector.run(frame.image, capture_ms=frame.capture_ms)
+            result = detector.run(frame.image, capture_ms=frame.capture_ms, jpeg_quality=frame.jpeg_quality)
         except InvalidFrameError as error:  # one odd frame must not stop a folder or a camera
             log.error("%s: %s", name, error)
             refused += 1

@@ -152,6 +152,62 @@ def read_image(path: str | Path) -> np.ndarray:
     return decode_image(data, str(path))
 
 
+# The standard luminance quantization table (ITU-T T.81 Annex K), natural order, that libjpeg-based encoders (OpenCV,
+# Pillow, most camera firmware) scale by their quality setting; only its sum is compared (jpeg_quality), so the order
+# a file stores its table in does not matter.
+_STANDARD_LUMINANCE = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+)
+_JPEG_DQT = 0xDB
+JPEG_HEADER_BYTES = 1 << 16  # the quantization tables come before the image data: the first 64 KB hold them
+
+
+def _scaled_table_sum(quality: int) -> int:
+    """The sum of the standard luminance table as libjpeg scales it for `quality` (jcparam.c)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return sum(min(max((value * scale + 50) // 100, 1), 255) for value in _STANDARD_LUMINANCE)
+
+
+_TABLE_SUMS = {quality: _scaled_table_sum(quality) for quality in range(1, 101)}
+
+
+def jpeg_quality(data: bytes) -> int | None:
+    """The quality (1-100) a JPEG was saved at, estimated from its luminance quantization table (table 0) as libjpeg
+    scales the standard one: the quality whose table sum is nearest. Exact for libjpeg-made files; an estimate for
+    encoders with tables of their own. None for another format or a JPEG without a table."""
+    if not data.startswith(_JPEG_SOI):
+        return None
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker, length = data[position + 1], int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == _JPEG_SOS or length < 2:
+            return None
+        if marker == _JPEG_DQT:
+            table, end = position + 4, min(position + 2 + length, len(data))
+            while table < end:
+                precision, identifier = data[table] >> 4, data[table] & 0x0F
+                size = 64 * (2 if precision else 1)
+                values = data[table + 1 : table + 1 + size]
+                if len(values) < size:
+                    return None
+                if identifier == 0:
+                    total = sum(int.from_bytes(values[i : i + 2], "big") for i in range(0, size, 2)) if precision else sum(values)
+                    return min(_TABLE_SUMS, key=lambda quality: (abs(_TABLE_SUMS[quality] - total), -quality))
+                table += 1 + size
+        position += 2 + length
+    return None
+
+
+def file_jpeg_quality(path: str | Path) -> int | None:
+    """jpeg_quality of a file's first JPEG_HEADER_BYTES; None where it is not a JPEG or cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return jpeg_quality(file.read(JPEG_HEADER_BYTES))
+    except OSError:
+        return None
+
+
 def structure_problem(data: bytes) -> str:
     """What is wrong with a JPEG's, PNG's or BMP's structure ("" when nothing is, or for other formats)."""
     if data.startswith(_JPEG_SOI):

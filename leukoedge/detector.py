@@ -233,10 +233,11 @@ class Detector:
                 f"this Detector ({self.bundle.name}) was closed and its models released: load another with Detector.load(...)"
             )
 
-    def run(self, frame: np.ndarray, capture_ms: float | None = None) -> Result:
+    def run(self, frame: np.ndarray, capture_ms: float | None = None, jpeg_quality: int | None = None) -> Result:
         """Validate, preprocess, segment, find cells, keep the white cells (bundles with a gate), refine each
         kept cell's masks (bundles with a refiner), check the domain (bundles with one), classify, judge;
-        timings in ms per stage."""
+        timings in ms per stage. jpeg_quality: the quality of the JPEG file the frame was read from
+        (decode.file_jpeg_quality; capture.Frame.jpeg_quality), for the compression check; None for a camera frame."""
         self._require_open()
         timings = Timings(capture_ms=capture_ms)
         started = time.perf_counter()
@@ -248,7 +249,9 @@ class Detector:
         domain = {}
         if self.domain_spec:
             with _stopwatch(timings, "check"):
-                domain = domain_scores(self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances])
+                domain = domain_scores(
+                    self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances], jpeg_quality
+                )
         with _stopwatch(timings, "classify"):
             if crops is None:
                 crops = self.cell_crops(frame, found.prepared, instances)

@@ -26,6 +26,11 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   (docs/training.md, "Bundle 0.12.0: sensor noise"). Bundles fitted before this check have no "max_noise" and skip it.
 - colour at all: a stained smear has colour. A greyscale image, a monochrome camera or an empty field has almost
   none, and the stain normalization would blow its noise up into colours (MIN_CHROMA_SPREAD; every bundle).
+- compression: the JPEG quality of a frame read from a JPEG file (decode.jpeg_quality; camera frames have none),
+  against the lowest quality any validated source was saved at (75). Compressed harder, blasts are lost and a normal
+  field can be flagged (Taleqani's malignant validation fields saved again at quality 50: 45 of 60 flagged; at 70 one
+  normal TXL-PBC raabin field flagged; docs/training.md, "Bundle 0.13.0: compressed files"). Bundles fitted before
+  this check have no "min_jpeg_quality" and skip it.
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
 thresholds live in the manifest's "domain" section; `leukoedge train` fits them on validation frames and
 `leukoedge adapt` adapts them to a new microscope's frames (adapt.adapted_domain). No torch: the runtime can adapt.
@@ -243,10 +248,12 @@ def domain_scores(
     preprocess: PreprocessSpec,
     probabilities: np.ndarray,
     cell_boxes: Sequence[Box] = (),
+    jpeg_quality: int | None = None,
 ) -> dict[str, float]:
     """The frame's domain-check scores: colour distance, segmenter uncertainty, chroma spread (bundles with a stain
-    step) and, where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
-    focus check, a noise check) their edge width and the noise they carry, read from the frame's own pixels."""
+    step), where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
+    focus check, a noise check) their edge width and the noise they carry, read from the frame's own pixels, and the
+    JPEG quality of the file it was read from, where it was (bundles with the compression check)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
@@ -261,10 +268,12 @@ def domain_scores(
         scores["edge_width"] = width
     if "max_noise" in spec and (noise := noise_level(frame, cell_boxes)) is not None:
         scores["noise"] = noise
+    if "min_jpeg_quality" in spec and jpeg_quality is not None:
+        scores["jpeg_quality"] = float(jpeg_quality)
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise")
+DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression")
 
 
 def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
@@ -282,6 +291,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("focus")
     if "max_noise" in spec and "noise" in scores and scores["noise"] > spec["max_noise"]:
         failed.append("noise")
+    if "min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]:
+        failed.append("compression")
     return failed
 
 
@@ -317,6 +328,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
             f"too noisy (noise of {scores['noise']:.2f} grey levels on the cells as the classifier sees them > {spec['max_noise']:.2f}): "
             "more light, a lower camera gain or a longer exposure"
         )
+    if "compression" in failed:
+        reasons.append(
+            f"compressed harder than any validated source (JPEG quality {scores['jpeg_quality']:.0f} < {spec['min_jpeg_quality']:.0f}): "
+            f"save the frames uncompressed (PNG) or at JPEG quality {spec['min_jpeg_quality']:.0f} or more"
+        )
     return "; ".join(reasons)
 
 
@@ -329,15 +345,17 @@ def fit_domain(
     features: Sequence[str] = COLOUR_FEATURES,
     edge_widths: Sequence[float] | None = None,
     noise_levels: Sequence[float] | None = None,
+    jpeg_qualities: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The manifest's "domain" section from fitting frames' colour features (colour_features with `features`),
     uncertainties and (optional) median white-cell sides, edge widths (edge_width) and noise levels (noise_level),
-    NaN for a frame without white cells.
+    NaN for a frame without white cells, and the JPEG qualities of their files (NaN for a file of another format).
 
     References: up to MAX_REFERENCES frames, spread evenly over the sources. Thresholds, each with THRESHOLD_MARGIN
     of headroom: colour, the largest of the fitting frames' leave-one-out distances (each frame's to the nearest other
     reference), so that no validated frame is outside; uncertainty and edge width, the THRESHOLD_QUANTILE of theirs; noise,
-    the NOISE_QUANTILE (the largest);
+    the NOISE_QUANTILE (the largest); JPEG quality, the lowest of theirs, without margin (a quality is the file's own
+    setting, not a measurement with a spread);
     the smallest cell side, the smallest of theirs. Colour takes the largest, not a quantile: a source with a wide palette
     (Taleqani's) has its own tail, which the 0.99 quantile cut into (docs/training.md, "Bundle 0.7.0").
     """
@@ -378,4 +396,8 @@ def fit_domain(
     noise = noise[np.isfinite(noise)]
     if noise.size:
         spec["max_noise"] = float(np.quantile(noise, NOISE_QUANTILE) * THRESHOLD_MARGIN)
+    qualities = np.asarray([] if jpeg_qualities is None else jpeg_qualities, np.float64)
+    qualities = qualities[np.isfinite(qualities)]
+    if qualities.size:
+        spec["min_jpeg_quality"] = int(qualities.min())
     return spec

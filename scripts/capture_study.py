@@ -1,5 +1,5 @@
 """What a badly set camera does to the verdict: defocus, exposure, sensor noise and compression, and what the capture
-checks (focus, domain.edge_width; noise, domain.noise_level) refuse.
+checks (focus, domain.edge_width; noise, domain.noise_level; compression, the JPEG file's quality) refuse.
 
 Every field of a split is spoilt as a capture fault spoils it, at each level:
 - defocus (--fault defocus): a Gaussian blur whose sigma is the level times the sharp field's median white-cell
@@ -9,12 +9,12 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - noise (--fault noise): Gaussian sensor noise of the level's standard deviation in grey levels, every channel;
 - jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured).
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
-domain section less max_edge_width and max_noise), and the table prints, per source and level: the fields' edge
+domain section less max_edge_width, max_noise and min_jpeg_quality), and the table prints, per source and level: the fields' edge
 widths and noise, how many the capture checks refuse, how many are judged, and the verdicts without the checks, with
 the bundle's bars and with each device's own focus bar as `leukoedge adapt` would set it from that device's fields
 without the fault (adapt.device_threshold; fitted on the same fields it is then measured on) (normal fields
 flagged; Taleqani's malignant fields flagged; PBC's white-cell type of the central cell). docs/training.md, "Bundle
-0.11.0: out of focus" and "Bundle 0.12.0: sensor noise", quote it:
+0.11.0: out of focus", "Bundle 0.12.0: sensor noise" and "Bundle 0.13.0: compressed files" quote it:
 
     python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg] [--bundle models/default] [--split val]
 """
@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge import Detector  # noqa: E402
 from leukoedge.adapt import DEVICE_BARS, FrameMeasure, device_threshold  # noqa: E402
+from leukoedge.decode import file_jpeg_quality  # noqa: E402
 from leukoedge.domain import failed_checks, median_cell_side  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 from leukoedge.training.detection import evenly_spaced  # noqa: E402
@@ -89,7 +90,7 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 
 # The capture checks: domain key -> the score it bounds and its name in domain.failed_checks. Only focus has a
 # device's own bar as well (adapt.DEVICE_BARS).
-CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise")}
+CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
 
 
 def group(record: data.Record) -> str:
@@ -134,13 +135,16 @@ def main() -> int:
     outcomes = []  # one per field and level
     for record in tqdm(study_records(args.data, args.split, args.per_source), desc="fields", unit="field"):
         frame = data.read_image(record)
-        as_captured = checked.run(frame)
+        captured_quality = file_jpeg_quality(record.image_path)
+        as_captured = checked.run(frame, jpeg_quality=captured_quality)
         side = median_cell_side([cell.box for cell in as_captured.cells])
         if side is None:
             continue  # no white cell found in the field as it is: nothing to measure a defocus against
         for level in levels:
             faulty = spoilt(frame, args.fault, level, side)
-            with_result = as_captured if level == no_fault else checked.run(faulty)
+            # A frame saved again as a JPEG carries that file's quality; any other fault keeps the file's own.
+            quality = int(level) if args.fault == "jpeg" and level != no_fault else captured_quality
+            with_result = as_captured if level == no_fault else checked.run(faulty, jpeg_quality=quality)
             with_check = with_result.verdict
             without = unchecked.judge(with_result.cells, with_check.non_wbc_count, with_check.domain)
             outcomes.append({
@@ -166,7 +170,7 @@ def main() -> int:
         o["refused_device"] = o["refused_for_capture"] or (o["judged_with"] and beyond)
 
     print(f"{args.bundle} ({checked.bundle.model_version}), {args.split} split, {args.fault}; the bundle's bars: "
-          + ", ".join(f"{score} <= {checked.domain_spec[key]:.2f}" for key, score in bars.items()))
+          + ", ".join(f"{score} {'>=' if key.startswith('min_') else '<='} {checked.domain_spec[key]:.2f}" for key, score in bars.items()))
     print("each device's own focus bar (leukoedge adapt, fitted on its fields without the fault): "
           + "; ".join(f"{domain} " + ", ".join(f"{bars[key]} {bar:.2f}" for key, bar in own.items()) for domain, own in sorted(device_bars.items())))
     level_name = {"defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)"}[args.fault]

@@ -55,7 +55,7 @@ def main() -> int:
         f"{args.out}: domain check fitted on {domain['fitted_on']['frames']} validation fields: "
         f"colour distance <= {domain['max_colour_distance']:.2f}, segmenter uncertainty <= {domain['max_uncertainty']:.3f}, "
         f"white cells at least {domain.get('min_cell_side_px', 0):.1f} px across, their edges at most {domain.get('max_edge_width', float('nan')):.2f} wide, "
-        f"their noise at most {domain.get('max_noise', float('nan')):.2f} grey levels"
+        f"their noise at most {domain.get('max_noise', float('nan')):.2f} grey levels, JPEG files of quality {domain.get('min_jpeg_quality', '-')} or more"
     )
     return 0
 

@@ -146,6 +146,7 @@ def command_train(args: argparse.Namespace) -> int:
             ),
             classifier_capture_augment=PipelineConfig.classifier_capture_augment if args.classifier_capture_augment is None else args.classifier_capture_augment,
             classifier_teacher=args.classifier_teacher,
+            classifier_label_weight=args.classifier_label_weight,
             segmenter_device_augment=PipelineConfig.segmenter_device_augment if args.segmenter_device_augment is None else args.segmenter_device_augment,
             classifier_box_jitter=PipelineConfig.classifier_box_jitter if args.classifier_box_jitter is None else parse_box_jitter(args.classifier_box_jitter),
         )
@@ -346,6 +347,10 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--classifier-teacher", type=Path, default=None,
         help="distillation: the classifier also learns this checkpoint's probabilities (same heads), e.g. the shipped classifier while it learns noisy and compressed frames",
+    )
+    train.add_argument(
+        "--classifier-label-weight", type=float, default=1.0,
+        help="with --classifier-teacher: the weight of the labels' loss beside the teacher's (default: %(default)s; 0: learn the teacher's probabilities alone)",
     )
     train.add_argument(
         "--classifier-resolution-augment", type=float, default=None, metavar="SHARE",

@@ -264,6 +264,14 @@ def read_image(record: Record) -> np.ndarray:
     return _read(record.image_path, cv2.IMREAD_COLOR)
 
 
+def run_record(detector, record: Record):
+    """detector.run on the record's image as `leukoedge run` runs its file: with the file's JPEG quality (the
+    compression check reads it)."""
+    from leukoedge.decode import file_jpeg_quality
+
+    return detector.run(read_image(record), jpeg_quality=file_jpeg_quality(record.image_path))
+
+
 def _zheng_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray:
     mask = _read(record.label_path, cv2.IMREAD_GRAYSCALE)
     if mask.shape != image_shape[:2]:

@@ -129,7 +129,7 @@ def detection_figures(detector: Detector, records: Iterable[data.Record], descri
     rate among judged fields (every record is a normal field)."""
     figures: dict[str, DeviceFigures] = {}
     for record in tqdm(list(records), desc=description, unit="field", leave=False):
-        result = detector.run(data.read_image(record))
+        result = data.run_record(detector, record)
         boxes = data.object_boxes(record)
         counts = count_field([cell.box for cell in result.cells], boxes) if boxes else None
         failed = failed_checks(detector.domain_spec, result.verdict.domain) if result.verdict.status == STATUS_OUTSIDE_DOMAIN else []

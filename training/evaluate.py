@@ -351,7 +351,7 @@ def box_detection(detector: Detector, records: list[data.Record], description: s
         if not truth:
             skipped += 1
             continue
-        detected = [cell.box for cell in detector.run(data.read_image(record)).cells]
+        detected = [cell.box for cell in data.run_record(detector, record).cells]
         truth_boxes, detected_boxes = truth_boxes + len(truth), detected_boxes + len(detected)
         matched += matched_boxes(detected, truth)
     return {
@@ -449,7 +449,7 @@ def evaluate_single_cells(detector: Detector, data_root: Path, source: str, limi
     wbc_truth, wbc_predicted = [], []
     non_white, non_white_counted = 0, 0
     for record in tqdm(records, desc=f"cells {source}", leave=False):
-        cell = _central_cell(detector.run(data.read_image(record)))
+        cell = _central_cell(data.run_record(detector, record))
         if record.wbc_type in NOT_WHITE_CELL_TYPES:  # a platelet or an erythroblast: right when no white cell is reported
             non_white += 1
             non_white_counted += cell is not None
@@ -486,7 +486,7 @@ def evaluate_taleqani(detector: Detector, data_root: Path, limit: int | None, sp
     subtype_classes = detector.classifier_spec["heads"]["subtype"]["classes"]
     malignant, flagged, fraction, subtype_truth, subtype_predicted, no_cells, not_judged = [], [], [], [], [], 0, 0
     for record in tqdm(records, desc="fields all-taleqani", leave=False):
-        result = detector.run(data.read_image(record))
+        result = data.run_record(detector, record)
         malignant.append(record.blast)
         flagged.append(result.verdict.flagged)
         fraction.append(result.verdict.blast_fraction)

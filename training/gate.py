@@ -294,7 +294,8 @@ def with_torch_gate(detector: Detector, model: torch.nn.Module, threshold: float
 @dataclass
 class FrameDomain:
     """Domain-check inputs of a set of frames: colour features, segmenter uncertainty, median white-cell side, edge
-    width and noise level (NaN where the frame has no white cell), source/device."""
+    width and noise level (NaN where the frame has no white cell), the JPEG quality of its file (NaN for another
+    format), source/device."""
 
     colour: np.ndarray
     uncertainty: np.ndarray
@@ -302,6 +303,7 @@ class FrameDomain:
     cell_side: np.ndarray
     edge_width: np.ndarray
     noise: np.ndarray
+    jpeg_quality: np.ndarray
 
     def scores(self, index: int) -> dict[str, float]:
         """The frame's cell scores as the runtime's domain_scores names them (the ones it has)."""
@@ -315,13 +317,14 @@ class FrameDomain:
         keep = np.ones(len(self.domains), bool) if left_out is None else np.array([not d.startswith(left_out) for d in self.domains])
         return fit_domain(
             self.colour[keep], self.uncertainty[keep], list(self.domains[keep]),
-            cell_sides=self.cell_side[keep], edge_widths=self.edge_width[keep], noise_levels=self.noise[keep],
+            cell_sides=self.cell_side[keep], edge_widths=self.edge_width[keep], noise_levels=self.noise[keep], jpeg_qualities=self.jpeg_quality[keep],
         )
 
 
 def frame_domain(detector: Detector, records: Sequence[data.Record], description: str = "domain check") -> FrameDomain:
     """The domain-check inputs of each record's frame through the detector, its gate included (the cells it keeps
     are the ones whose size the check reads)."""
+    from leukoedge.decode import file_jpeg_quality
     from leukoedge.domain import colour_features, edge_width, median_cell_side, noise_level, segmenter_uncertainty
 
     colour, uncertainty, cell_side, width, noise = [], [], [], [], []
@@ -336,8 +339,9 @@ def frame_domain(detector: Detector, records: Sequence[data.Record], description
         width.append(np.nan if edges is None else edges)
         noise.append(np.nan if noisy is None else noisy)
     domains = np.array([record.domain for record in records], object)
+    qualities = np.array([np.nan if (quality := file_jpeg_quality(record.image_path)) is None else quality for record in records], np.float64)
     return FrameDomain(
-        np.array(colour), np.array(uncertainty), domains, np.array(cell_side, np.float64), np.array(width, np.float64), np.array(noise, np.float64)
+        np.array(colour), np.array(uncertainty), domains, np.array(cell_side, np.float64), np.array(width, np.float64), np.array(noise, np.float64), qualities
     )
 
 

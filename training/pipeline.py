@@ -136,6 +136,7 @@ class PipelineConfig:
     # samples.capture_degraded); with classifier_teacher, that checkpoint answers on the crops without them.
     classifier_capture_augment: float = 0.0
     classifier_teacher: Path | None = None  # distillation: the classifier also learns this checkpoint's probabilities
+    classifier_label_weight: float = 1.0  # with classifier_teacher: the labels' loss weight beside the teacher's (0: the teacher's alone)
     # The classifier's training boxes jittered by (centre shift, log size) standard deviations, shares of the side.
     classifier_box_jitter: tuple[float, float] = BOX_JITTER
     segmenter_device_augment: float = 0.0  # the same for the segmenter's training fields
@@ -166,6 +167,8 @@ class PipelineConfig:
             raise ValueError("--segmenter-teacher needs segmenter training steps: with --segmenter-steps 0 the segmenter is kept as it is")
         if self.classifier_teacher is not None and self.classifier_steps == 0:
             raise ValueError("--classifier-teacher needs classifier training steps: with --classifier-steps 0 the classifier is kept as it is")
+        if self.classifier_label_weight != 1.0 and self.classifier_teacher is None:
+            raise ValueError("--classifier-label-weight needs --classifier-teacher: without one the labels are all the classifier learns")
         self.refiner_input_size = refiner_input_side(self.refiner_input_size, self.refiner_init, self.refiner_steps)
         if self.refiner_sources is None:
             self.refiner_sources = tuple(source for source in REFINER_SOURCES if source in self.segmentation_sources)
@@ -470,6 +473,7 @@ def run_pipeline(config: PipelineConfig) -> Bundle:
             resolution_augment=config.classifier_resolution_augment,
             capture_augment=config.classifier_capture_augment,
             teacher=None if config.classifier_teacher is None else str(config.classifier_teacher),
+            label_weight=config.classifier_label_weight,
             box_jitter=config.classifier_box_jitter,
         ),
         CROP_MARGIN,

@@ -109,6 +109,9 @@ class TrainConfig:
     # 0: none. With a teacher, the teacher answers on the same crop without them: the student learns to answer on a
     # noisy or compressed frame what the teacher answers on the frame as captured.
     capture_augment: float = 0.0
+    # Classifier with a teacher: the weight of the labels' loss beside the teacher's (1: both count alike; 0: it learns
+    # the teacher's probabilities alone, keeping its calibration where it is fine-tuned for faults only).
+    label_weight: float = 1.0
     # Classifier: how far its training boxes move and change size (samples.jitter_box): a segmenter's boxes differ
     # from the expert's, and from another segmenter's, by a few pixels (scripts/framing_sensitivity.py).
     box_jitter: tuple[float, float] = BOX_JITTER
@@ -116,6 +119,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.teacher is not None and self.steps == 0:
             raise ValueError("a teacher needs training steps: with 0 steps the model is kept as it is")
+        if self.label_weight != 1.0 and self.teacher is None:
+            raise ValueError("a label weight other than 1 needs a teacher: without one the labels are all the model learns")
         check_ema_decay(self.ema_decay)
 
 
@@ -532,7 +537,7 @@ def train_classifier(
 
     def loss_of(outputs: dict[str, torch.Tensor], batch: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]) -> torch.Tensor:
         targets, taught = batch
-        losses = [head_loss(outputs[h], targets[h]) for h in heads if (targets[h] >= 0).any()]
+        losses = [config.label_weight * head_loss(outputs[h], targets[h]) for h in heads if (targets[h] >= 0).any()]
         # The teacher answers every head on every cell: the student learns its subtype opinion on a PBC cell too,
         # which the frame's subtype (the mean over its cells) reads.
         if taught is not None:

@@ -83,7 +83,7 @@ def taleqani_verdicts(detector: Detector, records: Sequence[data.Record]) -> tup
     of Taleqani fields."""
     fractions, malignant = [], []
     for record in tqdm(records, desc="verdicts (Taleqani val)", unit="field", leave=False):
-        fractions.append(detector.run(data.read_image(record)).verdict.flagging_fraction)
+        fractions.append(data.run_record(detector, record).verdict.flagging_fraction)
         malignant.append(int(record.blast))
     return fractions, malignant
 

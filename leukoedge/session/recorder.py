@@ -312,7 +312,7 @@ def run_session(
             if frame is None:
                 break
             try:
-                result = detector.run(frame.image, capture_ms=frame.capture_ms)
+                result = detector.run(frame.image, capture_ms=frame.capture_ms, jpeg_quality=frame.jpeg_quality)
             except InvalidFrameError as error:  # one bad frame must not end a field session
                 log.warning("frame %d refused: %s", frame.index, error)
                 recorder.record_refusal(frame, error)

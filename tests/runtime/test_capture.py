@@ -132,6 +132,13 @@ def test_folder_source_reads_images_in_sorted_order(tmp_path: Path, smear_fields
     assert source.skipped == 0
 
 
+def test_frames_read_from_jpeg_files_carry_their_quality_and_others_none(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
+    cv2.imwrite(str(tmp_path / "a.jpg"), smear_fields[0], [cv2.IMWRITE_JPEG_QUALITY, 55])
+    cv2.imwrite(str(tmp_path / "b.png"), smear_fields[1])
+    with open_source(str(tmp_path)) as source:
+        assert [frame.jpeg_quality for frame in source] == [55, None]
+
+
 def test_folder_glob_selects_files_by_uri_query_or_option(tmp_path: Path, smear_fields: list[np.ndarray]) -> None:
     cv2.imwrite(str(tmp_path / "a.png"), smear_fields[0])
     cv2.imwrite(str(tmp_path / "b.jpg"), smear_fields[1])

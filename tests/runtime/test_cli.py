@@ -94,6 +94,19 @@ def test_run_on_files_sharing_a_stem_writes_each_one_s_results(tiny_bundle, bccd
     assert cli.output_stem("cell.png", set()) == "cell"
 
 
+def test_run_refuses_a_file_compressed_harder_than_the_bundle_validated(bccd_image, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    field = cv2.imread(str(bccd_image))
+    cv2.imwrite(str(images / "saved_at_40.jpg"), field, [cv2.IMWRITE_JPEG_QUALITY, 40])
+    cv2.imwrite(str(images / "lossless.png"), field)
+    out_dir = tmp_path / "out"
+    assert cli.main(["run", str(images), "--out", str(out_dir)]) == 0
+    compressed = json.loads((out_dir / "saved_at_40.json").read_text())["verdict"]
+    assert compressed["status"] == "outside_domain" and "JPEG quality 40" in compressed["reason"] and not compressed["flagged"]
+    assert json.loads((out_dir / "lossless.json").read_text())["verdict"]["status"] == "ok"
+
+
 def test_run_on_a_missing_input_exits_2_with_a_message(tiny_bundle, tmp_path, capsys):
     missing = tmp_path / "no-such-image.jpg"
     assert cli.main(["run", str(missing), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out")]) == 2

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge.decode import decode_image, decoder_messages, jpeg_problem, png_problem, read_image
+from leukoedge.decode import decode_image, decoder_messages, file_jpeg_quality, jpeg_problem, jpeg_quality, png_problem, read_image
 from leukoedge.errors import CaptureError, LeukoedgeError, UnreadableImageError
 
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "samples").glob("*.jpg"))
@@ -165,3 +165,14 @@ def test_threads_decoding_at_once_each_get_their_own_verdict(field_jpeg: bytes):
     for thread in threads:
         thread.join()
     assert all(all(results) for results in outcomes.values())
+
+
+def test_a_jpeg_s_quality_is_read_from_its_quantization_table(field_jpeg: bytes, field_png: bytes, tmp_path: Path):
+    field = decode_image(field_jpeg)
+    for quality in (5, 10, 30, 50, 70, 75, 90, 95, 100):
+        assert jpeg_quality(cv2.imencode(".jpg", field, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()) == quality
+    assert jpeg_quality(field_png) is None  # another format has none
+    assert jpeg_quality(field_jpeg[:20]) is None  # cut before its table
+    saved = tmp_path / "field.jpg"
+    saved.write_bytes(cv2.imencode(".jpg", field, [cv2.IMWRITE_JPEG_QUALITY, 60])[1].tobytes())
+    assert file_jpeg_quality(saved) == 60 and file_jpeg_quality(tmp_path / "missing.jpg") is None

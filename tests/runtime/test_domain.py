@@ -312,3 +312,28 @@ def test_a_noisy_frame_is_not_judged_and_a_bundle_without_the_check_does_not_mea
     assert refused >= 2  # the check fires on real frames, not only on synthetic ones
     detector.domain_spec = {key: value for key, value in detector.domain_spec.items() if key != "max_noise"}
     assert "noise" not in detector.run(cv2.imread(str(SAMPLES[0]))).verdict.domain
+
+
+def test_the_lowest_validated_jpeg_quality_is_fitted_and_a_harder_compressed_file_is_refused():
+    rng = np.random.default_rng(0)
+    colour = _correlations(rng, 6)
+    spec = fit_domain(colour, rng.uniform(0.02, 0.08, 6), ["a"] * 6, jpeg_qualities=[95, 75, 90, np.nan, 85, 95])
+    assert spec["min_jpeg_quality"] == 75  # the lowest quality a validated file was saved at; NaN: a PNG or BMP
+    assert "min_jpeg_quality" not in fit_domain(colour, rng.uniform(0.02, 0.08, 6), ["a"] * 6, jpeg_qualities=[np.nan] * 6)
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    assert failed_checks(spec, {**inside, "jpeg_quality": 75.0}) == []
+    assert failed_checks(spec, {**inside, "jpeg_quality": 70.0}) == ["compression"]
+    assert failed_checks(spec, inside) == []  # a camera frame has no file quality
+    assert "compressed harder than any validated source" in outside_domain(spec, {**inside, "jpeg_quality": 50.0})
+
+
+def test_a_frame_from_a_hard_compressed_file_is_not_judged_and_a_camera_frame_is():
+    detector = Detector.load(REPO / "models" / "default")
+    detector.domain_spec = {**detector.domain_spec, "min_jpeg_quality": 75}
+    frame = cv2.imread(str(SAMPLES[0]))
+    compressed = detector.run(frame, jpeg_quality=50).verdict
+    assert compressed.status == "outside_domain" and not compressed.flagged and "JPEG quality 50 < 75" in compressed.reason
+    assert detector.run(frame, jpeg_quality=75).verdict.status == "ok"
+    assert detector.run(frame).verdict.status == "ok" and "jpeg_quality" not in detector.run(frame).verdict.domain
+    detector.domain_spec = {key: value for key, value in detector.domain_spec.items() if key != "min_jpeg_quality"}
+    assert "jpeg_quality" not in detector.run(frame, jpeg_quality=50).verdict.domain  # a bundle without the check

@@ -360,7 +360,7 @@ class HandMadeDetector:
     def __init__(self) -> None:
         self.calls = 0
 
-    def run(self, image: np.ndarray, capture_ms: float | None = None) -> Result:
+    def run(self, image: np.ndarray, capture_ms: float | None = None, jpeg_quality: int | None = None) -> Result:
         planned = PLANNED_FRAMES[self.calls % len(PLANNED_FRAMES)][1]
         self.calls += 1
         return hand_made_result(image, [hand_made_cell(n + 1, (10 + 40 * n, 20, 40 + 40 * n, 60), p, kind) for n, (p, kind) in enumerate(planned)])

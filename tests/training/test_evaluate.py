@@ -267,7 +267,7 @@ def test_a_white_cell_named_erythroblast_by_a_bundle_without_a_gate_counts_as_wr
         verdict_spec = {"blast_threshold": 0.5}
         classifier_spec = {"heads": {"wbc_type": {"classes": classes}}}
 
-        def run(self, image):
+        def run(self, image, jpeg_quality=None):
             height, width = image.shape[:2]
             cell = SimpleNamespace(
                 box=(width // 4, height // 4, 3 * width // 4, 3 * height // 4),

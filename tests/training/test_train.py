@@ -179,3 +179,12 @@ def test_a_capture_fault_reaches_the_student_s_crop_and_not_the_teacher_s():
     assert student is teacher and student[1] == 0.0  # no teacher: the faulty crop alone
     student, teacher = captured_pair(example, sample, rng, 0.0, with_teacher=True)
     assert student is teacher and student[1] == 1.0  # no capture augmentation: the crop as captured
+
+
+def test_a_label_weight_needs_a_teacher_and_zero_learns_the_teacher_alone(tmp_path):
+    from leukoedge.training.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="needs a teacher"):
+        TrainConfig(model="custom_cnn", input_size=(64, 64), steps=2, batch_size=2, label_weight=0.0)
+    with pytest.raises(ValueError, match="needs --classifier-teacher"):
+        PipelineConfig(data_root=tmp_path, out_dir=tmp_path / "out", classifier_label_weight=0.0)
