@@ -89,10 +89,11 @@ class VideoCaptureSource(FrameSource):
     recording must not read as one that ended.
     """
 
-    def __init__(self, capture: cv2.VideoCapture, uri: str, *, live: bool) -> None:
+    def __init__(self, capture: cv2.VideoCapture, uri: str, *, live: bool, codec: str = "") -> None:
         self._capture = capture
         self.uri = uri
         self.live = live
+        self.codec = codec  # the FOURCC the camera or file delivers (codec_name); "" where the backend does not say
         self.skipped = 0
         self._next_index = 0
         self._declared_frames = 0 if live else max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
@@ -253,6 +254,19 @@ def open_source(
     )
 
 
+# Codecs that compress frames lossily before leukoedge sees them: compression loses blasts and can flag a normal field
+# (docs/training.md, "Bundle 0.13.0"), and a decoded frame carries no quality for the compression check to read.
+LOSSY_CODECS = frozenset({
+    "MJPG", "JPEG", "H264", "AVC1", "X264", "HEVC", "H265", "HEV1", "HVC1", "MP4V", "XVID", "DIVX", "FMP4", "VP80", "VP90", "AV01", "MPG1", "MPG2",
+})
+
+
+def codec_name(capture: cv2.VideoCapture) -> str:
+    """The capture's FOURCC as text ("MJPG", "YUYV", "H264"), upper case; "" where the backend reports none."""
+    value = int(capture.get(cv2.CAP_PROP_FOURCC))
+    return "".join(chr((value >> 8 * index) & 0xFF) for index in range(4)).strip("\x00 ").upper()
+
+
 def _open_capture(
     target: str | int, api: int, uri: str, *, live: bool, expected: str, settings: dict[int, int] | None = None
 ) -> VideoCaptureSource:
@@ -262,7 +276,14 @@ def _open_capture(
         raise CaptureError(f"cannot open {uri}: expected {expected}")
     for prop, value in (settings or {}).items():
         capture.set(prop, value)
-    return VideoCaptureSource(capture, uri, live=live)
+    codec = codec_name(capture)
+    if codec in LOSSY_CODECS:
+        log.warning(
+            "%s delivers %s-compressed frames: compression loses blasts and can flag a normal field, and a decoded frame "
+            "carries no quality to check; ask the camera for an uncompressed format (YUYV, raw) or record losslessly "
+            "(docs/integration.md, capture settings)", uri, codec,
+        )
+    return VideoCaptureSource(capture, uri, live=live, codec=codec)
 
 
 def _open_camera(

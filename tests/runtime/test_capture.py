@@ -193,6 +193,14 @@ def read_all(path: Path) -> list[np.ndarray]:
     return frames
 
 
+def test_a_lossily_compressed_video_says_so_when_opened(tmp_path: Path, smear_fields: list[np.ndarray], caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "session.avi"
+    write_video(path, smear_fields, 3)  # MJPG: every frame a JPEG
+    with caplog.at_level("WARNING", logger="leukoedge.capture"), open_source(str(path)) as source:
+        assert source.codec == "MJPG"
+    assert any("MJPG-compressed frames" in record.getMessage() for record in caplog.records)
+
+
 def test_cut_video_raises_capture_error_after_its_whole_frames_only(
     tmp_path: Path, smear_fields: list[np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
