@@ -386,10 +386,10 @@ def collected_examples(data_root: Path, bundle: Path, recipe: "GateRecipe", cach
 
 def _examples(detectors: Sequence[Detector], data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
     """Collected examples of a split, through each detector's segmenter in turn (GateRecipe.proposals_from)."""
-    return GateExamples.concatenate([_split_examples(detector, data_root, split, per_source, copies, cache) for detector in detectors])
+    return GateExamples.concatenate([split_examples(detector, data_root, split, per_source, copies, cache) for detector in detectors])
 
 
-def _split_examples(detector: Detector, data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
+def split_examples(detector: Detector, data_root: Path, split: str, per_source: int, copies: int, cache: Path | None) -> GateExamples:
     """Collected examples of a split through one detector, read from / written to `cache` (an .npz per split,
     setting and segmenter file) if given."""
     manifest = detector.bundle.manifest
