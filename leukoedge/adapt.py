@@ -20,7 +20,8 @@ held at 1.0, five times that: docs/training.md, "Bundle 0.12.0: sensor noise"); 
 validated noise ends.
 Frames that do not belong to the device's colours are left out of the fit and named: a frame without stain colour
 (a greyscale image, an empty field: domain.MIN_CHROMA_SPREAD) and a frame unlike every other frame of the device
-(UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope). One such frame
+(UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope), and a frame with black
+areas outside the microscope's field of view (domain.MAX_DARK_SHARE: its colours are the black's). One such frame
 would otherwise become a reference and widen the threshold until the colour check refused nothing.
 A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
 of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
@@ -42,6 +43,7 @@ import numpy as np
 from .bundle import save_bundle
 from .detector import Detector
 from .domain import (
+    MAX_DARK_SHARE,
     MAX_REFERENCES,
     MIN_CHROMA_SPREAD,
     THRESHOLD_MARGIN,
@@ -144,6 +146,7 @@ def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
 
 
 NO_COLOUR = "without stain colour"
+OUTSIDE_FIELD = "black outside the field of view"
 UNLIKE_THE_OTHERS = "unlike the device's other frames"
 # A frame is unlike the device's others when its nearest other frame is further than both the bundle's colour threshold
 # and this many times the device's median such distance: one device's frames lie within a few medians of their
@@ -168,7 +171,8 @@ def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> di
     if len(coloured) >= 2:
         nearest = nearest_other(np.array([measures[index].colour for index in coloured]), np.asarray(domain["colour_spread"], np.float64))
         unlike[coloured] = nearest > max(float(domain["max_colour_distance"]), UNLIKE_FACTOR * float(np.median(nearest)))
-    return {NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike}
+    outside_field = np.array([m.scores.get("dark_share", 0.0) > MAX_DARK_SHARE for m in measures], bool)
+    return {NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike, OUTSIDE_FIELD: outside_field & ~no_colour & ~unlike}
 
 
 def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed: int = 0, labelled: bool = False) -> dict[str, Any]:
@@ -183,8 +187,8 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
     fitted = [measure for measure, left_out in zip(fitted, unfit) if not left_out]
     if len(fitted) < 2:
         raise AdaptationRefused(
-            f"only {len(fitted)} of the device's frames have stain colour and are alike: check that the folder holds colour "
-            "frames of stained smears from one microscope"
+            f"only {len(fitted)} of the device's frames have stain colour, are alike and hold no black outside the field of view: "
+            "check that the folder holds colour frames of stained smears from one microscope, cropped to its field of view"
         )
     device = np.array([measure.colour for measure in fitted])
     for key in DEVICE_BARS:

@@ -31,6 +31,10 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   field can be flagged (Taleqani's malignant validation fields saved again at quality 50: 45 of 60 flagged; at 70 one
   normal TXL-PBC raabin field flagged; docs/training.md, "Bundle 0.13.0: compressed files"). Bundles fitted before
   this check have no "min_jpeg_quality" and skip it.
+- field of view: the share of near-black pixels (dark_share). A camera on an eyepiece or a phone adapter sees a
+  circular field with black corners; the stain normalization reads them as smear and shifts every colour, and normal
+  fields were flagged (Zheng's validation fields cut to a circle of 0.8 of the half-diagonal: 7 of 35 judged;
+  `scripts/capture_study.py --fault vignette`). Not fitted (MAX_DARK_SHARE; every bundle): no stained smear is black.
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
 thresholds live in the manifest's "domain" section; `leukoedge train` fits them on validation frames and
 `leukoedge adapt` adapts them to a new microscope's frames (adapt.adapted_domain). No torch: the runtime can adapt.
@@ -62,6 +66,22 @@ NOISE_QUANTILE = 1.0
 # ../shared/data`); a greyscale image has none (the frame statistics floor a spread at 1.0). Not fitted: no bundle
 # can judge such a frame, and `leukoedge adapt` must not learn it as a device's colours.
 MIN_CHROMA_SPREAD = 2.0
+
+
+# A pixel whose brightest channel is under DARK_LEVEL is black: outside the microscope's field of view, not smear (the
+# darkest stained nuclei of every source are brighter). A frame with more than MAX_DARK_SHARE of such pixels is
+# refused: TXL-PBC's own frames hold up to 4.5 % (its training split; 3.1 % in its test split, every other source under
+# 0.2 %), and a circular field of view cut at 0.8 of the frame's half-diagonal leaves 9 % (docs/training.md, "A
+# circular field of view"). Not fitted, as MIN_CHROMA_SPREAD: no bundle can judge such a frame. Read on every
+# DARK_STEP-th row and column.
+DARK_LEVEL = 24
+MAX_DARK_SHARE = 0.06
+DARK_STEP = 4
+
+
+def dark_share(frame: np.ndarray) -> float:
+    """The share of the frame's pixels (every DARK_STEP-th row and column) whose brightest channel is under DARK_LEVEL."""
+    return float((frame[::DARK_STEP, ::DARK_STEP].max(axis=2) < DARK_LEVEL).mean())
 
 
 # channel_correlations reads every third row and column of the segmenter's input: the same correlations to ~0.005 as
@@ -250,13 +270,14 @@ def domain_scores(
     cell_boxes: Sequence[Box] = (),
     jpeg_quality: int | None = None,
 ) -> dict[str, float]:
-    """The frame's domain-check scores: colour distance, segmenter uncertainty, chroma spread (bundles with a stain
-    step), where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
+    """The frame's domain-check scores: colour distance, segmenter uncertainty, the share of black pixels, chroma
+    spread (bundles with a stain step), where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
     focus check, a noise check) their edge width and the noise they carry, read from the frame's own pixels, and the
     JPEG quality of the file it was read from, where it was (bundles with the compression check)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
+        "dark_share": dark_share(frame),
     }
     chroma = chroma_spread(prepared)
     if chroma is not None:
@@ -273,7 +294,7 @@ def domain_scores(
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression")
+DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view")
 
 
 def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
@@ -293,6 +314,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("noise")
     if "min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]:
         failed.append("compression")
+    if scores.get("dark_share", 0.0) > MAX_DARK_SHARE:
+        failed.append("field_of_view")
     return failed
 
 
@@ -304,6 +327,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(
             f"almost no colour (a*/b* spread {scores['chroma_spread']:.1f} < {MIN_CHROMA_SPREAD:g}): a greyscale image, a monochrome "
             "camera or an empty field; a stained smear is judged from its colours"
+        )
+    elif "field_of_view" in failed:  # its black corners make its colours unlike every source too; adapting would not help
+        reasons.append(
+            f"{scores['dark_share']:.0%} of the frame is black, outside the microscope's field of view (> {MAX_DARK_SHARE:.0%}): the stain "
+            "normalization would read it as smear; set the camera's region of interest inside the field of view, or crop the frames to it"
         )
     elif "colour" in failed:  # a frame without colour is unlike every source too; adapting to it would be wrong
         reasons.append(

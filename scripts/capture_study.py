@@ -7,7 +7,9 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - exposure (--fault exposure): the frame's values times the level (a gain), clipped to 0-255: under 1 too dark,
   over 1 overexposed (a pale background and pale cytoplasm clip first);
 - noise (--fault noise): Gaussian sensor noise of the level's standard deviation in grey levels, every channel;
-- jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured).
+- jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured);
+- vignette (--fault vignette): a circular field of view, as a camera on an eyepiece or a phone adapter sees it: the
+  frame black outside a centred circle whose radius is the level times the frame's half-diagonal (1: no corner lost).
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
 domain section less max_edge_width, max_noise and min_jpeg_quality), and the table prints, per source and level: the fields' edge
 widths and noise, how many the capture checks refuse, how many are judged, and the verdicts without the checks, with
@@ -16,7 +18,7 @@ without the fault (adapt.device_threshold; fitted on the same fields it is then 
 flagged; Taleqani's malignant fields flagged; PBC's white-cell type of the central cell). docs/training.md, "Bundle
 0.11.0: out of focus", "Bundle 0.12.0: sensor noise" and "Bundle 0.13.0: compressed files" quote it:
 
-    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg] [--bundle models/default] [--split val]
+    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette] [--bundle models/default] [--split val]
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ LEVELS = {
     "exposure": [1.0, 0.5, 0.35, 0.25, 1.15, 1.3, 1.6],
     "noise": [0.0, 4.0, 8.0, 16.0],
     "jpeg": [0.0, 50.0, 20.0, 10.0],
+    "vignette": [1.0, 0.9, 0.8, 0.7],
 }  # each fault's first level is no fault
 
 
@@ -76,6 +79,11 @@ def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.
         return cv2.GaussianBlur(frame, (0, 0), level * cell_side)
     if fault == "exposure":
         return np.clip(frame.astype(np.float32) * level, 0, 255).astype(np.uint8)
+    if fault == "vignette":
+        height, width = frame.shape[:2]
+        inside = np.zeros((height, width), np.uint8)
+        cv2.circle(inside, (width // 2, height // 2), int(round(level * np.hypot(width, height) / 2)), 255, -1)
+        return np.where(inside[..., None] > 0, frame, 0).astype(np.uint8)
     if fault == "noise":
         noise = np.random.default_rng(int(level)).normal(0.0, level, frame.shape)  # the same noise for every rerun
         return np.clip(frame.astype(np.float32) + noise, 0, 255).astype(np.uint8)
@@ -116,7 +124,8 @@ def main() -> int:
     parser.add_argument("--fault", choices=tuple(LEVELS), default="defocus", help="what spoils the fields (default: %(default)s)")
     parser.add_argument(
         "--levels", type=float, nargs="+", default=None,
-        help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities (default: %s)" % LEVELS,
+        help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities; "
+        "vignette: field-of-view radii as shares of the half-diagonal (default: %s)" % LEVELS,
     )
     args = parser.parse_args()
     no_fault = LEVELS[args.fault][0]
@@ -150,7 +159,7 @@ def main() -> int:
             outcomes.append({
                 "group": group(record), "domain": record.domain, "level": level, "scores": with_check.domain,
                 "judged": without.status == "ok", "flagged": bool(without.flagged),
-                "refused_for_capture": bool({name for _, name in CAPTURE_CHECKS.values()} & set(failed_checks(checked.domain_spec, with_check.domain))),
+                "refused_for_capture": bool(({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view"}) & set(failed_checks(checked.domain_spec, with_check.domain))),
                 "judged_with": with_check.status == "ok", "flagged_with": bool(with_check.flagged),
                 "typed": None if record.source != "pbc" else central_type(with_result, faulty) == record.wbc_type,
             })
@@ -173,7 +182,10 @@ def main() -> int:
           + ", ".join(f"{score} {'>=' if key.startswith('min_') else '<='} {checked.domain_spec[key]:.2f}" for key, score in bars.items()))
     print("each device's own focus bar (leukoedge adapt, fitted on its fields without the fault): "
           + "; ".join(f"{domain} " + ", ".join(f"{bars[key]} {bar:.2f}" for key, bar in own.items()) for domain, own in sorted(device_bars.items())))
-    level_name = {"defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)"}[args.fault]
+    level_name = {
+        "defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)",
+        "vignette": "field-of-view radius (x half-diagonal)",
+    }[args.fault]
     medians = " | ".join(f"{score} median (p95)" for score in bars.values())
     print(f"| fields | {level_name} | n | {medians} | refused by the capture checks: bundle's / device's bars | judged: no capture check / bundle's / device's bars "
           "| flagged: no capture check / bundle's / device's | PBC type right among judged: no capture check / bundle's / device's |")

@@ -13,6 +13,7 @@ from leukoedge import Detector
 from leukoedge.adapt import (
     MIN_DEVICE_BAR_FRAMES,
     NO_COLOUR,
+    OUTSIDE_FIELD,
     UNLIKE_THE_OTHERS,
     AdaptationRefused,
     FrameMeasure,
@@ -94,7 +95,7 @@ def test_a_grey_frame_and_a_channel_swapped_one_are_left_out_of_the_fit(data_roo
     assert held_back([*names, grey_name, swapped_name]).sum() > 0 and not held_back([*names, grey_name, swapped_name])[-2:].any()
     report = adapt_bundle(REPO / "models" / "default", [*frames, grey, swapped], [*names, grey_name, swapped_name], tmp_path / "adapted")
     assert report.written
-    assert report.left_out == {NO_COLOUR: [grey_name], UNLIKE_THE_OTHERS: [swapped_name]}
+    assert report.left_out == {NO_COLOUR: [grey_name], UNLIKE_THE_OTHERS: [swapped_name], OUTSIDE_FIELD: []}
     assert any(grey_name in line and NO_COLOUR in line for line in report.lines())
     adapted = load_bundle(tmp_path / "adapted").manifest
     assert adapted["adaptation"]["left_out_of_the_fit"] == report.left_out
@@ -105,7 +106,7 @@ def test_a_grey_frame_and_a_channel_swapped_one_are_left_out_of_the_fit(data_roo
     assert adapted["domain"]["max_colour_distance"] <= shipped["max_colour_distance"] * 1.25
 
 
-def test_unfit_frames_names_colourless_and_far_frames_only() -> None:
+def test_unfit_frames_names_colourless_far_and_black_bordered_frames_only() -> None:
     domain = {"colour_spread": [0.1, 0.1, 0.1], "max_colour_distance": 1.0}
     rng = np.random.default_rng(0)
     device = [FrameMeasure(np.array([0.5, 0.2, 0.1]) + rng.normal(0, 0.01, 3), 0.01, False, False, chroma=10.0) for _ in range(20)]
@@ -115,6 +116,8 @@ def test_unfit_frames_names_colourless_and_far_frames_only() -> None:
     assert np.flatnonzero(unfit[NO_COLOUR]).tolist() == [21]
     assert np.flatnonzero(unfit[UNLIKE_THE_OTHERS]).tolist() == [20]
     assert not unfit_frames(domain, device)[UNLIKE_THE_OTHERS].any()  # a device's own spread is no outlier
+    circular = FrameMeasure(device[0].colour, 0.01, False, False, scores={"dark_share": 0.2})  # black outside its field of view
+    assert np.flatnonzero(unfit_frames(domain, [*device, circular])[OUTSIDE_FIELD]).tolist() == [len(device)]
     domain.update(colour_references=[[0.0, 0.0, 0.0]] * 4, max_uncertainty=0.2)
     assert adapted_domain(domain, [*device, far, colourless]) == adapted_domain(domain, device)
     with pytest.raises(AdaptationRefused, match="stain colour"):

@@ -13,11 +13,13 @@ from leukoedge.domain import (
     COLOUR_FEATURES,
     MEAN_SPREAD_FEATURES,
     MIN_CHROMA_SPREAD,
+    MAX_DARK_SHARE,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
     cell_edge_widths,
     colour_distance,
     colour_features,
+    dark_share,
     edge_width,
     failed_checks,
     fit_domain,
@@ -337,3 +339,26 @@ def test_a_frame_from_a_hard_compressed_file_is_not_judged_and_a_camera_frame_is
     assert detector.run(frame).verdict.status == "ok" and "jpeg_quality" not in detector.run(frame).verdict.domain
     detector.domain_spec = {key: value for key, value in detector.domain_spec.items() if key != "min_jpeg_quality"}
     assert "jpeg_quality" not in detector.run(frame, jpeg_quality=50).verdict.domain  # a bundle without the check
+
+
+def _circular_field(frame: np.ndarray, radius_share: float) -> np.ndarray:
+    """The frame black outside a centred circle of radius_share x its half-diagonal (a camera on an eyepiece)."""
+    height, width = frame.shape[:2]
+    inside = np.zeros((height, width), np.uint8)
+    cv2.circle(inside, (width // 2, height // 2), int(radius_share * np.hypot(width, height) / 2), 255, -1)
+    return np.where(inside[..., None] > 0, frame, 0).astype(np.uint8)
+
+
+def test_a_circular_field_of_view_is_refused_for_its_black_and_a_full_frame_is_not():
+    detector = Detector.load(REPO / "models" / "default")
+    for sample in SAMPLES:
+        frame = cv2.imread(str(sample))
+        assert dark_share(frame) == 0.0 and detector.run(frame).verdict.status == "ok"
+        circular = _circular_field(frame, 0.8)  # about 9 % of a square frame's pixels black
+        assert dark_share(circular) > MAX_DARK_SHARE
+        verdict = detector.run(circular).verdict
+        assert verdict.status == "outside_domain" and not verdict.flagged
+        assert "outside the microscope's field of view" in verdict.reason and "leukoedge adapt" not in verdict.reason
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "dark_share": MAX_DARK_SHARE + 0.01}) == ["field_of_view"]
+    assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "dark_share": MAX_DARK_SHARE}) == []
