@@ -43,6 +43,7 @@ import numpy as np
 from .bundle import save_bundle
 from .detector import Detector
 from .domain import (
+    MAX_BLACK_CORNERS,
     MAX_DARK_SHARE,
     MAX_REFERENCES,
     MIN_CHROMA_SPREAD,
@@ -171,7 +172,9 @@ def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> di
     if len(coloured) >= 2:
         nearest = nearest_other(np.array([measures[index].colour for index in coloured]), np.asarray(domain["colour_spread"], np.float64))
         unlike[coloured] = nearest > max(float(domain["max_colour_distance"]), UNLIKE_FACTOR * float(np.median(nearest)))
-    outside_field = np.array([m.scores.get("dark_share", 0.0) > MAX_DARK_SHARE for m in measures], bool)
+    outside_field = np.array([
+        m.scores.get("dark_share", 0.0) > MAX_DARK_SHARE or m.scores.get("black_corners", 0.0) >= MAX_BLACK_CORNERS for m in measures
+    ], bool)
     return {NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike, OUTSIDE_FIELD: outside_field & ~no_colour & ~unlike}
 
 

@@ -31,7 +31,7 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   field can be flagged (Taleqani's malignant validation fields saved again at quality 50: 45 of 60 flagged; at 70 one
   normal TXL-PBC raabin field flagged; docs/training.md, "Bundle 0.13.0: compressed files"). Bundles fitted before
   this check have no "min_jpeg_quality" and skip it.
-- field of view: the share of near-black pixels (dark_share). A camera on an eyepiece or a phone adapter sees a
+- field of view: the share of near-black pixels (dark_share) and the frame's black corners (black_corners). A camera on an eyepiece or a phone adapter sees a
   circular field with black corners; the stain normalization reads them as smear and shifts every colour, and normal
   fields were flagged (Zheng's validation fields cut to a circle of 0.8 of the half-diagonal: 7 of 35 judged;
   `scripts/capture_study.py --fault vignette`). Not fitted (MAX_DARK_SHARE; every bundle): no stained smear is black.
@@ -77,11 +77,25 @@ MIN_CHROMA_SPREAD = 2.0
 DARK_LEVEL = 24
 MAX_DARK_SHARE = 0.06
 DARK_STEP = 4
+# A circular field's first black is in the frame's corners: a frame with MAX_BLACK_CORNERS or more of its four corner
+# squares (CORNER_SHARE of its shorter side) almost all black (BLACK_CORNER_SHARE) is refused however little black it
+# holds (no frame of any source, in any split, has more than two such corners).
+CORNER_SHARE = 0.03
+BLACK_CORNER_SHARE = 0.9
+MAX_BLACK_CORNERS = 3
 
 
 def dark_share(frame: np.ndarray) -> float:
     """The share of the frame's pixels (every DARK_STEP-th row and column) whose brightest channel is under DARK_LEVEL."""
     return float((frame[::DARK_STEP, ::DARK_STEP].max(axis=2) < DARK_LEVEL).mean())
+
+
+def black_corners(frame: np.ndarray) -> int:
+    """How many of the frame's four corner squares (CORNER_SHARE of its shorter side) are almost all black."""
+    height, width = frame.shape[:2]
+    side = max(2, int(round(CORNER_SHARE * min(height, width))))
+    squares = (frame[:side, :side], frame[:side, -side:], frame[-side:, :side], frame[-side:, -side:])
+    return sum(float((square.max(axis=2) < DARK_LEVEL).mean()) > BLACK_CORNER_SHARE for square in squares)
 
 
 # channel_correlations reads every third row and column of the segmenter's input: the same correlations to ~0.005 as
@@ -278,6 +292,7 @@ def domain_scores(
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
         "dark_share": dark_share(frame),
+        "black_corners": float(black_corners(frame)),
     }
     chroma = chroma_spread(prepared)
     if chroma is not None:
@@ -314,7 +329,7 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("noise")
     if "min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]:
         failed.append("compression")
-    if scores.get("dark_share", 0.0) > MAX_DARK_SHARE:
+    if scores.get("dark_share", 0.0) > MAX_DARK_SHARE or scores.get("black_corners", 0.0) >= MAX_BLACK_CORNERS:
         failed.append("field_of_view")
     return failed
 
@@ -330,8 +345,9 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         )
     elif "field_of_view" in failed:  # its black corners make its colours unlike every source too; adapting would not help
         reasons.append(
-            f"{scores['dark_share']:.0%} of the frame is black, outside the microscope's field of view (> {MAX_DARK_SHARE:.0%}): the stain "
-            "normalization would read it as smear; set the camera's region of interest inside the field of view, or crop the frames to it"
+            f"black outside the microscope's field of view ({scores['dark_share']:.0%} of the frame, {scores.get('black_corners', 0.0):.0f} black "
+            f"corners; at most {MAX_DARK_SHARE:.0%} and {MAX_BLACK_CORNERS - 1}): the stain normalization would read it as smear; set the camera's "
+            "region of interest inside the field of view, or crop the frames to it"
         )
     elif "colour" in failed:  # a frame without colour is unlike every source too; adapting to it would be wrong
         reasons.append(

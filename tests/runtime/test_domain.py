@@ -13,11 +13,13 @@ from leukoedge.domain import (
     COLOUR_FEATURES,
     MEAN_SPREAD_FEATURES,
     MIN_CHROMA_SPREAD,
+    MAX_BLACK_CORNERS,
     MAX_DARK_SHARE,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
     cell_edge_widths,
     colour_distance,
+    black_corners,
     colour_features,
     dark_share,
     edge_width,
@@ -362,3 +364,16 @@ def test_a_circular_field_of_view_is_refused_for_its_black_and_a_full_frame_is_n
     inside = {"colour_distance": 0.0, "uncertainty": 0.05}
     assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "dark_share": MAX_DARK_SHARE + 0.01}) == ["field_of_view"]
     assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "dark_share": MAX_DARK_SHARE}) == []
+
+
+def test_black_corners_catch_a_circular_field_too_small_to_count_as_much_black():
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.imread(str(SAMPLES[0]))
+    assert black_corners(frame) == 0
+    narrow = _circular_field(frame, 0.95)  # a field of view just inside the frame's corners: about 1 % black
+    assert dark_share(narrow) < MAX_DARK_SHARE and black_corners(narrow) == 4
+    verdict = detector.run(narrow).verdict
+    assert verdict.status == "outside_domain" and not verdict.flagged and "4 black corners" in verdict.reason
+    one_dark_corner = frame.copy()
+    one_dark_corner[:40, :40] = 0  # a dark speck in one corner is not a field of view
+    assert black_corners(one_dark_corner) == 1 < MAX_BLACK_CORNERS
