@@ -211,9 +211,8 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
 
 
 # The capture checks whose thresholds a device's frames may tighten (see the module doc): domain key -> the score
-# it bounds (domain.domain_scores), the check's name for people, and the quantile of the frames' scores that
-# domain.fit_domain fits it on.
-DEVICE_BARS = {"max_edge_width": ("edge_width", "focus", THRESHOLD_QUANTILE)}
+# it bounds (domain.domain_scores) and the check's name for people.
+DEVICE_BARS = {"max_edge_width": ("edge_width", "focus")}
 MIN_DEVICE_BAR_FRAMES = 20  # a device's frames with white cells needed to set its own bar
 
 
@@ -221,11 +220,11 @@ def device_threshold(bundle_threshold: float, fitted: Sequence[FrameMeasure], ke
     """The threshold `key` of DEVICE_BARS for the device: the fit rule (domain.fit_domain's quantile and margin) over
     its frames' score, where that is stricter than the bundle's and MIN_DEVICE_BAR_FRAMES frames have white cells to
     measure; the bundle's otherwise (see the module doc)."""
-    score, _, quantile = DEVICE_BARS[key]
+    score = DEVICE_BARS[key][0]
     values = np.array([measure.scores[score] for measure in fitted if score in measure.scores], np.float64)
     if len(values) < MIN_DEVICE_BAR_FRAMES:
         return bundle_threshold
-    return min(bundle_threshold, float(np.quantile(values, quantile) * THRESHOLD_MARGIN))
+    return min(bundle_threshold, float(np.quantile(values, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN))
 
 
 def adapted_version(version: str, frame_sha256: Sequence[str]) -> str:

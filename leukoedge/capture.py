@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
-from leukoedge.decode import block_seam, decode_checked, file_jpeg_quality, read_image
+from leukoedge.decode import block_seam, decode_checked, read_image, read_image_file
 from leukoedge.errors import CaptureError, UnreadableImageError
 
 log = logging.getLogger("leukoedge.capture")
@@ -165,12 +165,12 @@ class ImageFilesSource(FrameSource):
             self._position += 1
             started = time.monotonic()
             try:
-                image = read_image(path)
+                image, quality = read_image_file(path)
             except UnreadableImageError as error:
                 self.skipped += 1
                 log.warning("skipped %s", error)
                 continue
-            frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri, path.name, file_jpeg_quality(path))
+            frame = Frame(image, self._next_index, started, (time.monotonic() - started) * 1000.0, self.uri, path.name, quality)
             self._next_index += 1
             return frame
         return None

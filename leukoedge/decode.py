@@ -145,11 +145,16 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
 
 def read_image(path: str | Path) -> np.ndarray:
     """decode_image of a file's bytes (non-ASCII paths too); UnreadableImageError when it cannot be read."""
+    return read_image_file(path)[0]
+
+
+def read_image_file(path: str | Path) -> tuple[np.ndarray, int | None]:
+    """read_image and the file's jpeg_quality (None for another format), from one read of the file."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise UnreadableImageError(f"cannot read {path}: {error.strerror or error}") from error
-    return decode_image(data, str(path))
+    return decode_image(data, str(path)), jpeg_quality(data[:JPEG_HEADER_BYTES].tobytes())
 
 
 # The standard luminance quantization table (ITU-T T.81 Annex K), natural order, that libjpeg-based encoders (OpenCV,

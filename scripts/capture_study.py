@@ -99,6 +99,9 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 # The capture checks: domain key -> the score it bounds and its name in domain.failed_checks. Only focus has a
 # device's own bar as well (adapt.DEVICE_BARS).
 CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
+# The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view check's
+# (not a bundle threshold: domain.MAX_DARK_SHARE, domain.MAX_BLACK_CORNERS).
+CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view"})
 
 
 def group(record: data.Record) -> str:
@@ -159,7 +162,7 @@ def main() -> int:
             outcomes.append({
                 "group": group(record), "domain": record.domain, "level": level, "scores": with_check.domain,
                 "judged": without.status == "ok", "flagged": bool(without.flagged),
-                "refused_for_capture": bool(({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view"}) & set(failed_checks(checked.domain_spec, with_check.domain))),
+                "refused_for_capture": bool(CAPTURE_REFUSALS & set(failed_checks(checked.domain_spec, with_check.domain))),
                 "judged_with": with_check.status == "ok", "flagged_with": bool(with_check.flagged),
                 "typed": None if record.source != "pbc" else central_type(with_result, faulty) == record.wbc_type,
             })
@@ -174,7 +177,7 @@ def main() -> int:
         for domain in {o["domain"] for o in outcomes}
     }
     for o in outcomes:
-        beyond = any(score in o["scores"] and o["scores"][score] > device_bars[o["domain"]][key] for key, (score, _, _) in DEVICE_BARS.items() if key in bars)
+        beyond = any(score in o["scores"] and o["scores"][score] > device_bars[o["domain"]][key] for key, (score, _) in DEVICE_BARS.items() if key in bars)
         o["judged_device"], o["flagged_device"] = o["judged_with"] and not beyond, o["flagged_with"] and not beyond
         o["refused_device"] = o["refused_for_capture"] or (o["judged_with"] and beyond)
 
