@@ -57,6 +57,7 @@ from .domain import (
     segmenter_uncertainty,
 )
 from .errors import LeukoedgeError
+from .preprocess.cpu import even_illumination
 
 log = logging.getLogger("leukoedge.adapt")
 
@@ -129,6 +130,7 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
 
 def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
     """A frame's domain features and whether the detector refuses or flags it."""
+    frame = even_illumination(frame)[0]  # the colour features of the frame the run reads (it evens the frame itself)
     result = detector.run(frame)
     scores = dict(result.verdict.domain or {})
     if "uncertainty" in scores:  # the run measured it: only the colour features are read again, without the models

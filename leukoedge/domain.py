@@ -35,6 +35,10 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   circular field with black corners; the stain normalization reads them as smear and shifts every colour, and normal
   fields were flagged (Zheng's validation fields cut to a circle of 0.8 of the half-diagonal: 7 of 35 judged;
   `scripts/capture_study.py --fault vignette`). Not fitted (MAX_DARK_SHARE; every bundle): no stained smear is black.
+- illumination: how far the background's light falls off across the frame as captured (illumination_falloff,
+  preprocess.cpu.illumination_falloff). The runtime evens a frame whose light falls off by a quarter or more before
+  any model sees it (preprocess.cpu.even_illumination); beyond MAX_FALLOFF (not fitted; every bundle) the dark side is
+  too dark to bring back (scripts/capture_study.py --fault illumination; docs/training.md, "Uneven light, and other capture faults measured").
 A frame beyond any threshold is "outside_domain": not judged, never flagged. The references and the
 thresholds live in the manifest's "domain" section; `leukoedge train` fits them on validation frames and
 `leukoedge adapt` adapts them to a new microscope's frames (adapt.adapted_domain). No torch: the runtime can adapt.
@@ -283,11 +287,13 @@ def domain_scores(
     probabilities: np.ndarray,
     cell_boxes: Sequence[Box] = (),
     jpeg_quality: int | None = None,
+    illumination_falloff: float | None = None,
 ) -> dict[str, float]:
     """The frame's domain-check scores: colour distance, segmenter uncertainty, the share of black pixels, chroma
     spread (bundles with a stain step), where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
     focus check, a noise check) their edge width and the noise they carry, read from the frame's own pixels, and the
-    JPEG quality of the file it was read from, where it was (bundles with the compression check)."""
+    JPEG quality of the file it was read from, where it was (bundles with the compression check), and how far its
+    background's light fell off as captured (preprocess.cpu.illumination_falloff; the frame given is the evened one)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
@@ -306,10 +312,18 @@ def domain_scores(
         scores["noise"] = noise
     if "min_jpeg_quality" in spec and jpeg_quality is not None:
         scores["jpeg_quality"] = float(jpeg_quality)
+    if illumination_falloff is not None:
+        scores["illumination_falloff"] = float(illumination_falloff)
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view")
+DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view", "illumination")
+
+# Evened, validation fields whose light fell to 0.3 at one side were judged as captured (every malignant Taleqani field
+# flagged; no normal field flagged but one TXL-PBC raabin field already one cell from a false flag, which this and
+# other faults tip over); at 0.15 one more benign Taleqani field was flagged (scripts/capture_study.py --fault
+# illumination). A frame whose background falls off by more than this is refused.
+MAX_FALLOFF = 0.75
 
 
 def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
@@ -331,6 +345,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("compression")
     if scores.get("dark_share", 0.0) > MAX_DARK_SHARE or scores.get("black_corners", 0.0) >= MAX_BLACK_CORNERS:
         failed.append("field_of_view")
+    if scores.get("illumination_falloff", 0.0) > MAX_FALLOFF:
+        failed.append("illumination")
     return failed
 
 
@@ -371,6 +387,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(
             f"too noisy (noise of {scores['noise']:.2f} grey levels on the cells as the classifier sees them > {spec['max_noise']:.2f}): "
             "more light, a lower camera gain or a longer exposure"
+        )
+    if "illumination" in failed:
+        reasons.append(
+            f"unevenly lit (the background's light falls off by {scores['illumination_falloff']:.0%} across the frame; more than "
+            f"{MAX_FALLOFF:.0%} cannot be evened out): centre the lamp and the condenser (Koehler illumination) and capture again"
         )
     if "compression" in failed:
         reasons.append(

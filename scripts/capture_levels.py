@@ -1,8 +1,10 @@
 """What the sources' own frames hold, per source/device and split, against the capture checks' limits: the sensor
 noise of the frame (domain.frame_noise, before it is scaled to the cells' size), its share of black pixels
-(domain.dark_share) and black corners (domain.black_corners), and the JPEG quality of its file (decode.file_jpeg_quality).
-docs/training.md quotes it where it sets the noise check (Taleqani's camera is the noisy one), the field-of-view
-check's MAX_DARK_SHARE and MAX_BLACK_CORNERS, and the compression check's lowest validated quality:
+(domain.dark_share) and black corners (domain.black_corners), how far its light falls off (preprocess.cpu.
+illumination_falloff; the frames the runtime evens, EVEN_FROM or more), and the JPEG quality of its file
+(decode.file_jpeg_quality). docs/training.md quotes it where it sets the noise check (Taleqani's camera is the noisy
+one), the field-of-view check's MAX_DARK_SHARE and MAX_BLACK_CORNERS, the compression check's lowest validated
+quality, and where the runtime evens uneven light:
 
     python scripts/capture_levels.py --data ../shared/data [--splits train val test]
 """
@@ -22,6 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge.decode import file_jpeg_quality  # noqa: E402
 from leukoedge.domain import black_corners, dark_share, frame_noise  # noqa: E402
+from leukoedge.preprocess.cpu import EVEN_FROM, illumination_falloff, illumination_surface  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 
 SOURCES = ("pbc", "wbc-seg-zheng", "bccd", "txl-pbc", "all-taleqani", "all-idb2")
@@ -32,22 +35,30 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="the data folder (../shared/data)")
     parser.add_argument("--splits", nargs="+", choices=("train", "val", "test"), default=["train", "val", "test"])
     args = parser.parse_args()
-    print("| source/device | split | frames | noise median / largest | black share largest | frames with 1 / 2 / 3+ black corners | JPEG qualities (none: not JPEG) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| source/device | split | frames | noise median / largest | black share largest | frames with 1 / 2 / 3+ black corners "
+        f"| light falloff median / largest; frames evened (>= {EVEN_FROM:g}) | JPEG qualities (none: not JPEG) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for source in SOURCES:
         for split in args.splits:
             records = data.load_records(args.data, source, split)
             for device in sorted({record.device for record in records}, key=str):
                 rows = []
                 for record in tqdm([r for r in records if r.device == device], desc=f"{source} {device or ''} {split}", leave=False):
-                    frame = data.read_image(record)
-                    rows.append((frame_noise(frame), dark_share(frame), black_corners(frame), file_jpeg_quality(record.image_path)))
+                    frame = data.read_image_as_captured(record)
+                    rows.append((
+                        frame_noise(frame), dark_share(frame), black_corners(frame), file_jpeg_quality(record.image_path),
+                        illumination_falloff(illumination_surface(frame)),
+                    ))
                 noise, dark, corners = np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), [r[2] for r in rows]
+                falloff = np.array([r[4] for r in rows])
                 qualities = Counter("none" if r[3] is None else r[3] for r in rows)
                 name = source + (f"/{device}" if device else "")
                 print(
                     f"| {name} | {split} | {len(rows)} | {np.median(noise):.2f} / {noise.max():.2f} | {dark.max():.4f} | "
                     f"{sum(c == 1 for c in corners)} / {sum(c == 2 for c in corners)} / {sum(c >= 3 for c in corners)} | "
+                    f"{np.median(falloff):.2f} / {falloff.max():.2f}; {int((falloff >= EVEN_FROM).sum())} | "
                     + ", ".join(f"{quality}: {count}" for quality, count in sorted(qualities.items(), key=str)) + " |"
                 )
     return 0

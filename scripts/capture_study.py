@@ -10,15 +10,23 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured);
 - vignette (--fault vignette): a circular field of view, as a camera on an eyepiece or a phone adapter sees it: the
   frame black outside a centred circle whose radius is the level times the frame's half-diagonal (1: no corner lost).
+- motion (--fault motion): the stage moving while the shutter is open: a horizontal box blur whose length is the level
+  times the median white-cell side;
+- illumination (--fault illumination): uneven lighting (a misaligned condenser): the frame's gain falls linearly from 1
+  at its right edge to 1 - level at its left;
+- scale (--fault scale): another pixel size (camera or objective): the frame resized by the level;
+- channels (--fault channels): red and blue swapped (level 1), an integrator passing RGB where BGR is expected.
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
 domain section less max_edge_width, max_noise and min_jpeg_quality), and the table prints, per source and level: the fields' edge
 widths and noise, how many the capture checks refuse, how many are judged, and the verdicts without the checks, with
 the bundle's bars and with each device's own focus bar as `leukoedge adapt` would set it from that device's fields
 without the fault (adapt.device_threshold; fitted on the same fields it is then measured on) (normal fields
 flagged; Taleqani's malignant fields flagged; PBC's white-cell type of the central cell). docs/training.md, "Bundle
-0.11.0: out of focus", "Bundle 0.12.0: sensor noise" and "Bundle 0.13.0: compressed files" quote it:
+0.11.0: out of focus", "Bundle 0.12.0: sensor noise", "Bundle 0.13.0: compressed files" and "Uneven light,
+and other capture faults measured" quote it:
 
-    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette] [--bundle models/default] [--split val]
+    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette|motion|illumination|scale|channels]
+        [--bundle models/default] [--split val] [--without-evening]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from leukoedge import Detector  # noqa: E402
 from leukoedge.adapt import DEVICE_BARS, FrameMeasure, device_threshold  # noqa: E402
 from leukoedge.decode import file_jpeg_quality  # noqa: E402
 from leukoedge.domain import failed_checks, median_cell_side  # noqa: E402
+from leukoedge.preprocess import cpu  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 from leukoedge.training.detection import evenly_spaced  # noqa: E402
 from leukoedge.training.gate import NOT_WBC_TYPES  # noqa: E402
@@ -68,6 +77,10 @@ LEVELS = {
     "noise": [0.0, 4.0, 8.0, 16.0],
     "jpeg": [0.0, 50.0, 20.0, 10.0],
     "vignette": [1.0, 0.9, 0.8, 0.7],
+    "motion": [0.0, 0.1, 0.2, 0.4],
+    "illumination": [0.0, 0.3, 0.5, 0.7],
+    "scale": [1.0, 0.5, 0.7, 1.5, 2.0],
+    "channels": [0.0, 1.0],
 }  # each fault's first level is no fault
 
 
@@ -84,6 +97,18 @@ def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.
         inside = np.zeros((height, width), np.uint8)
         cv2.circle(inside, (width // 2, height // 2), int(round(level * np.hypot(width, height) / 2)), 255, -1)
         return np.where(inside[..., None] > 0, frame, 0).astype(np.uint8)
+    if fault == "motion":
+        length = max(1, int(round(level * cell_side)))
+        kernel = np.full((1, length), 1.0 / length, np.float32)
+        return cv2.filter2D(frame, -1, kernel, borderType=cv2.BORDER_REFLECT)
+    if fault == "illumination":
+        gain = np.linspace(1.0 - level, 1.0, frame.shape[1], dtype=np.float32)[None, :, None]
+        return np.clip(frame.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    if fault == "scale":
+        size = (max(1, int(round(frame.shape[1] * level))), max(1, int(round(frame.shape[0] * level))))
+        return cv2.resize(frame, size, interpolation=cv2.INTER_AREA if level < 1 else cv2.INTER_LINEAR)
+    if fault == "channels":
+        return np.ascontiguousarray(frame[..., ::-1])
     if fault == "noise":
         noise = np.random.default_rng(int(level)).normal(0.0, level, frame.shape)  # the same noise for every rerun
         return np.clip(frame.astype(np.float32) + noise, 0, 255).astype(np.uint8)
@@ -126,11 +151,18 @@ def main() -> int:
     parser.add_argument("--per-source", type=int, default=60, help="fields per source/device (default: %(default)s)")
     parser.add_argument("--fault", choices=tuple(LEVELS), default="defocus", help="what spoils the fields (default: %(default)s)")
     parser.add_argument(
+        "--without-evening", action="store_true",
+        help="run without evening uneven light (preprocess.cpu.even_illumination), as leukoedge ran before it: the figures it was measured against",
+    )
+    parser.add_argument(
         "--levels", type=float, nargs="+", default=None,
         help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities; "
-        "vignette: field-of-view radii as shares of the half-diagonal (default: %s)" % LEVELS,
+        "vignette: field-of-view radii as shares of the half-diagonal; motion: blur lengths as shares of the median cell side; "
+        "illumination: darkening at the far edge; scale: resize factors; channels: 1 swaps red and blue (default: %s)" % LEVELS,
     )
     args = parser.parse_args()
+    if args.without_evening:
+        cpu.EVEN_FROM = float("inf")  # even_illumination then leaves every frame as it is, in training.data and the runtime
     no_fault = LEVELS[args.fault][0]
     # The fields without the fault are measured always: each device's own focus bar is fitted on them.
     levels = sorted({no_fault, *(args.levels or LEVELS[args.fault])})
@@ -158,11 +190,12 @@ def main() -> int:
             quality = int(level) if args.fault == "jpeg" and level != no_fault else captured_quality
             with_result = as_captured if level == no_fault else checked.run(faulty, jpeg_quality=quality)
             with_check = with_result.verdict
-            without = unchecked.judge(with_result.cells, with_check.non_wbc_count, with_check.domain)
+            # A frame too small to judge has no domain scores: it is refused with or without the capture checks.
+            without = unchecked.judge(with_result.cells, with_check.non_wbc_count, with_check.domain) if with_check.domain else with_check
             outcomes.append({
                 "group": group(record), "domain": record.domain, "level": level, "scores": with_check.domain,
                 "judged": without.status == "ok", "flagged": bool(without.flagged),
-                "refused_for_capture": bool(CAPTURE_REFUSALS & set(failed_checks(checked.domain_spec, with_check.domain))),
+                "refused_for_capture": bool(with_check.domain and CAPTURE_REFUSALS & set(failed_checks(checked.domain_spec, with_check.domain))),
                 "judged_with": with_check.status == "ok", "flagged_with": bool(with_check.flagged),
                 "typed": None if record.source != "pbc" else central_type(with_result, faulty) == record.wbc_type,
             })
@@ -187,7 +220,8 @@ def main() -> int:
           + "; ".join(f"{domain} " + ", ".join(f"{bars[key]} {bar:.2f}" for key, bar in own.items()) for domain, own in sorted(device_bars.items())))
     level_name = {
         "defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)",
-        "vignette": "field-of-view radius (x half-diagonal)",
+        "vignette": "field-of-view radius (x half-diagonal)", "motion": "motion blur (x cell side)",
+        "illumination": "darkening across the frame", "scale": "scale (x pixels)", "channels": "red and blue swapped",
     }[args.fault]
     medians = " | ".join(f"{score} median (p95)" for score in bars.values())
     print(f"| fields | {level_name} | n | {medians} | refused by the capture checks: bundle's / device's bars | judged: no capture check / bundle's / device's bars "

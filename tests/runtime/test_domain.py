@@ -15,6 +15,7 @@ from leukoedge.domain import (
     MIN_CHROMA_SPREAD,
     MAX_BLACK_CORNERS,
     MAX_DARK_SHARE,
+    MAX_FALLOFF,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
     cell_edge_widths,
@@ -377,3 +378,34 @@ def test_black_corners_catch_a_circular_field_too_small_to_count_as_much_black()
     one_dark_corner = frame.copy()
     one_dark_corner[:40, :40] = 0  # a dark speck in one corner is not a field of view
     assert black_corners(one_dark_corner) == 1 < MAX_BLACK_CORNERS
+
+
+def _lit_unevenly(frame: np.ndarray, darkest: float) -> np.ndarray:
+    """The frame's light falling linearly from 1 at its right edge to `darkest` at its left."""
+    gain = np.linspace(darkest, 1.0, frame.shape[1], dtype=np.float32)[None, :, None]
+    return (frame * gain).astype(np.uint8)
+
+
+def test_an_unevenly_lit_frame_is_evened_and_judged_like_the_frame_as_captured():
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.imread(str(SAMPLES[0]))
+    captured = detector.run(frame)
+    dimmed = detector.run(_lit_unevenly(frame, 0.5))
+    assert dimmed.verdict.status == captured.verdict.status == "ok"
+    assert dimmed.verdict.domain["illumination_falloff"] == pytest.approx(0.5, abs=0.1)
+    assert captured.verdict.domain["illumination_falloff"] < 0.25
+    assert len(dimmed.cells) == len(captured.cells)
+    for before, after in zip(captured.cells, dimmed.cells):
+        assert after.label == before.label
+        assert after.blast_probability == pytest.approx(before.blast_probability, abs=0.15)
+
+
+def test_light_falling_off_beyond_what_can_be_evened_is_refused():
+    detector = Detector.load(REPO / "models" / "default")
+    verdict = detector.run(_lit_unevenly(cv2.imread(str(SAMPLES[0])), 0.1)).verdict
+    assert verdict.domain["illumination_falloff"] > MAX_FALLOFF
+    assert verdict.status == "outside_domain" and not verdict.flagged and "unevenly lit" in verdict.reason
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    spec = {"max_colour_distance": 1.0, "max_uncertainty": 0.2}
+    assert failed_checks(spec, {**inside, "illumination_falloff": MAX_FALLOFF + 0.01}) == ["illumination"]
+    assert failed_checks(spec, {**inside, "illumination_falloff": MAX_FALLOFF}) == []

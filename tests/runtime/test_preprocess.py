@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from leukoedge.preprocess.cpu import (
+    EVEN_FROM,
     PreprocessSpec,
     StainReference,
+    even_illumination,
     fit_letterbox,
     lab_statistics,
     prepare_crops,
@@ -250,3 +252,48 @@ def test_crops_batch_one_input_per_box_in_order(data_root):
     for index, box in enumerate(boxes):
         np.testing.assert_array_equal(batch[index], prepare_crops(frame, [box], SPEC, CROP_INPUT, 0.15, statistics)[0])
     assert not np.array_equal(batch[0], batch[1])
+
+
+def _smear(height: int = 360, width: int = 480, seed: int = 0) -> np.ndarray:
+    """A pale background with red cells and one large white cell at the centre, evenly lit."""
+    rng = np.random.default_rng(seed)
+    frame = np.full((height, width, 3), (215, 200, 225), np.uint8)
+    for _ in range(40):
+        cv2.circle(frame, (int(rng.integers(0, width)), int(rng.integers(0, height))), 18, (170, 140, 205), -1)
+    cv2.circle(frame, (width // 2, height // 2), 70, (190, 150, 170), -1)  # a large white cell filling the centre tiles
+    cv2.circle(frame, (width // 2, height // 2), 45, (140, 60, 90), -1)
+    return np.clip(frame + rng.normal(0.0, 2.0, frame.shape), 0, 255).astype(np.uint8)
+
+
+def test_an_evenly_lit_frame_is_left_as_it_is_even_with_a_large_dark_cell_at_its_centre():
+    frame = _smear()
+    evened, falloff = even_illumination(frame)
+    assert evened is frame and falloff < 0.05
+
+
+@pytest.mark.parametrize("darkest", [0.5, 0.7])
+def test_light_falling_off_across_the_frame_is_measured_and_divided_out(darkest: float):
+    frame = _smear()
+    gain = np.linspace(darkest, 1.0, frame.shape[1], dtype=np.float32)[None, :, None]
+    dimmed = (frame * gain).astype(np.uint8)
+    evened, falloff = even_illumination(dimmed)
+    assert falloff == pytest.approx(1.0 - darkest, abs=0.05)
+    assert falloff >= EVEN_FROM
+    # the background is as bright at the dark side as at the lit side again, and as the frame before dimming
+    left, right = evened[:, :40].reshape(-1, 3), evened[:, -40:].reshape(-1, 3)
+    assert abs(np.percentile(left, 90) - np.percentile(right, 90)) < 12  # 50-110 grey levels apart before
+    assert np.abs(evened.astype(int) - frame).mean() < 6
+    # evening twice is evening once: an evened frame is left as it is
+    again, falloff_again = even_illumination(evened)
+    assert again is evened and falloff_again < EVEN_FROM
+
+
+def test_a_rim_darker_than_the_centre_is_a_falloff_too():
+    frame = _smear()
+    height, width = frame.shape[:2]
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    radius = np.hypot((x - width / 2) / (width / 2), (y - height / 2) / (height / 2))
+    dimmed = (frame * (1.0 - 0.25 * radius**2)[..., None]).astype(np.uint8)  # the corners at half the centre's light
+    evened, falloff = even_illumination(dimmed)
+    assert EVEN_FROM < falloff < 0.6  # a plane and a bowl in log brightness approximate this rim's falloff
+    assert np.abs(evened.astype(int) - frame).mean() < 8
