@@ -20,8 +20,9 @@ held at 1.0, five times that: docs/training.md, "Bundle 0.12.0: sensor noise"); 
 validated noise ends.
 Frames that do not belong to the device's colours are left out of the fit and named: a frame without stain colour
 (a greyscale image, an empty field: domain.MIN_CHROMA_SPREAD) and a frame unlike every other frame of the device
-(UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope), and a frame with black
-areas outside the microscope's field of view (domain.MAX_DARK_SHARE: its colours are the black's). One such frame
+(UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope), and a frame mostly outside
+the microscope's field of view or black inside it (domain.MAX_OUTSIDE_FIELD, MAX_DARK_SHARE; a frame less far outside
+is measured with its outside filled, as the runtime reads it: preprocess.cpu.corrected_frame). One such frame
 would otherwise become a reference and widen the threshold until the colour check refused nothing.
 A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
 of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
@@ -43,8 +44,8 @@ import numpy as np
 from .bundle import save_bundle
 from .detector import Detector
 from .domain import (
-    MAX_BLACK_CORNERS,
     MAX_DARK_SHARE,
+    MAX_OUTSIDE_FIELD,
     MAX_REFERENCES,
     MIN_CHROMA_SPREAD,
     THRESHOLD_MARGIN,
@@ -57,7 +58,7 @@ from .domain import (
     segmenter_uncertainty,
 )
 from .errors import LeukoedgeError
-from .preprocess.cpu import even_illumination
+from .preprocess.cpu import corrected_frame
 
 log = logging.getLogger("leukoedge.adapt")
 
@@ -130,7 +131,7 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
 
 def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
     """A frame's domain features and whether the detector refuses or flags it."""
-    frame = even_illumination(frame)[0]  # the colour features of the frame the run reads (it evens the frame itself)
+    frame = corrected_frame(frame)[0]  # the colour features of the frame the run reads (it corrects the frame itself)
     result = detector.run(frame)
     scores = dict(result.verdict.domain or {})
     if "uncertainty" in scores:  # the run measured it: only the colour features are read again, without the models
@@ -175,7 +176,7 @@ def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> di
         nearest = nearest_other(np.array([measures[index].colour for index in coloured]), np.asarray(domain["colour_spread"], np.float64))
         unlike[coloured] = nearest > max(float(domain["max_colour_distance"]), UNLIKE_FACTOR * float(np.median(nearest)))
     outside_field = np.array([
-        m.scores.get("dark_share", 0.0) > MAX_DARK_SHARE or m.scores.get("black_corners", 0.0) >= MAX_BLACK_CORNERS for m in measures
+        m.scores.get("dark_share", 0.0) > MAX_DARK_SHARE or m.scores.get("outside_field", 0.0) > MAX_OUTSIDE_FIELD for m in measures
     ], bool)
     return {NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike, OUTSIDE_FIELD: outside_field & ~no_colour & ~unlike}
 

@@ -16,7 +16,7 @@ from .bundle import Bundle, bundle_models, check_models, fastest_precision, load
 from .errors import BackendUnavailableError, LeukoedgeError
 from .frame import min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, fragments, label_map_from_probabilities
-from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, even_illumination, prepare_crops, prepare_frame
+from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
 from .domain import domain_scores, outside_domain
 from .result import BACKGROUND, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, Cell, Result, Timings, Verdict, make_verdict
@@ -234,7 +234,8 @@ class Detector:
             )
 
     def run(self, frame: np.ndarray, capture_ms: float | None = None, jpeg_quality: int | None = None) -> Result:
-        """Validate, even the illumination (preprocess.cpu.even_illumination), preprocess, segment, find cells, keep the white cells (bundles with a gate), refine each
+        """Validate, fill the black outside the field of view and even the light (preprocess.cpu.corrected_frame),
+        preprocess, segment, find cells, keep the white cells (bundles with a gate), refine each
         kept cell's masks (bundles with a refiner), check the domain (bundles with one), classify, judge;
         timings in ms per stage. jpeg_quality: the quality of the JPEG file the frame was read from
         (decode.file_jpeg_quality; capture.Frame.jpeg_quality), for the compression check; None for a camera frame."""
@@ -245,14 +246,15 @@ class Detector:
         if too_small := too_small_reason(frame, self.min_judged_side):
             return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
         with _stopwatch(timings, "preprocess"):
-            frame, falloff = even_illumination(frame)  # every later stage reads the evened frame, as training did
+            frame, outside_field, falloff = corrected_frame(frame)  # every later stage reads it, as training did
         found = self.candidates(frame, timings)
         instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
         domain = {}
         if self.domain_spec:
             with _stopwatch(timings, "check"):
                 domain = domain_scores(
-                    self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances], jpeg_quality, falloff
+                    self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances], jpeg_quality, falloff,
+                    outside_field,
                 )
         with _stopwatch(timings, "classify"):
             if crops is None:

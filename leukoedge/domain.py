@@ -31,10 +31,13 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   field can be flagged (Taleqani's malignant validation fields saved again at quality 50: 45 of 60 flagged; at 70 one
   normal TXL-PBC raabin field flagged; docs/training.md, "Bundle 0.13.0: compressed files"). Bundles fitted before
   this check have no "min_jpeg_quality" and skip it.
-- field of view: the share of near-black pixels (dark_share) and the frame's black corners (black_corners). A camera on an eyepiece or a phone adapter sees a
-  circular field with black corners; the stain normalization reads them as smear and shifts every colour, and normal
-  fields were flagged (Zheng's validation fields cut to a circle of 0.8 of the half-diagonal: 7 of 35 judged;
-  `scripts/capture_study.py --fault vignette`). Not fitted (MAX_DARK_SHARE; every bundle): no stained smear is black.
+- field of view: how much of the frame lies outside the microscope's field of view (outside_field) and how much is
+  black inside it (dark_share). A camera on an eyepiece or a phone adapter sees a circular field with black corners;
+  the stain normalization read them as smear and shifted every colour, and normal fields were flagged (Zheng's
+  validation fields cut to a circle of 0.8 of the half-diagonal: 7 of 35 judged; `scripts/capture_study.py --fault
+  vignette`). The runtime now fills the black outside the field (preprocess.cpu.fill_outside_field) and judges such a
+  frame; beyond MAX_OUTSIDE_FIELD outside it, or MAX_DARK_SHARE black inside it, the frame is refused. Not fitted;
+  every bundle: no stained smear is black.
 - illumination: how far the background's light falls off across the frame as captured (illumination_falloff,
   preprocess.cpu.illumination_falloff). The runtime evens a frame whose light falls off by a quarter or more before
   any model sees it (preprocess.cpu.even_illumination); beyond MAX_FALLOFF (not fitted; every bundle) the dark side is
@@ -51,7 +54,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, resize
+from .preprocess.cpu import MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, resize
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
 MEAN_SPREAD_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")  # bundles fitted before 0.7.0
@@ -72,34 +75,13 @@ NOISE_QUANTILE = 1.0
 MIN_CHROMA_SPREAD = 2.0
 
 
-# A pixel whose brightest channel is under DARK_LEVEL is black: outside the microscope's field of view, not smear (the
-# darkest stained nuclei of every source are brighter). A frame with more than MAX_DARK_SHARE of such pixels is
-# refused: TXL-PBC's own frames hold up to 4.9 % (its training split; 3.5 % in its test split, every other source at
-# most 0.11 %: scripts/capture_levels.py), and a circular field of view cut at 0.8 of the frame's half-diagonal leaves 9 % (docs/training.md, "A
-# circular field of view"). Not fitted, as MIN_CHROMA_SPREAD: no bundle can judge such a frame. Read on every
-# DARK_STEP-th row and column.
-DARK_LEVEL = 24
-MAX_DARK_SHARE = 0.06
-DARK_STEP = 4
-# A circular field's first black is in the frame's corners: a frame with MAX_BLACK_CORNERS or more of its four corner
-# squares (CORNER_SHARE of its shorter side) almost all black (BLACK_CORNER_SHARE) is refused however little black it
-# holds (no frame of any source, in any split, has more than two such corners).
-CORNER_SHARE = 0.03
-BLACK_CORNER_SHARE = 0.9
-MAX_BLACK_CORNERS = 3
-
-
-def dark_share(frame: np.ndarray) -> float:
-    """The share of the frame's pixels (every DARK_STEP-th row and column) whose brightest channel is under DARK_LEVEL."""
-    return float((frame[::DARK_STEP, ::DARK_STEP].max(axis=2) < DARK_LEVEL).mean())
-
-
-def black_corners(frame: np.ndarray) -> int:
-    """How many of the frame's four corner squares (CORNER_SHARE of its shorter side) are almost all black."""
-    height, width = frame.shape[:2]
-    side = max(2, int(round(CORNER_SHARE * min(height, width))))
-    squares = (frame[:side, :side], frame[:side, -side:], frame[-side:, :side], frame[-side:, -side:])
-    return sum(float((square.max(axis=2) < DARK_LEVEL).mean()) > BLACK_CORNER_SHARE for square in squares)
+# A frame that shows the microscope's field of view (preprocess.cpu.shows_field_of_view) has the black outside it
+# filled with the field's background colour before any model sees it (preprocess.cpu.fill_outside_field). Filled, the
+# validation fields cut to a circle of 0.95-0.8 of the half-diagonal (1-13 % of the frame outside it) were judged as
+# captured; at 0.7 (25-30 % outside) 4 of 60 benign Taleqani fields were flagged (1 as captured): a frame more than
+# MAX_OUTSIDE_FIELD outside its field of view is refused, and so is one still more than MAX_DARK_SHARE black inside it
+# (docs/training.md, "A circular field of view"). Not fitted, as MIN_CHROMA_SPREAD.
+MAX_OUTSIDE_FIELD = 0.15
 
 
 # channel_correlations reads every third row and column of the segmenter's input: the same correlations to ~0.005 as
@@ -288,17 +270,20 @@ def domain_scores(
     cell_boxes: Sequence[Box] = (),
     jpeg_quality: int | None = None,
     illumination_falloff: float | None = None,
+    outside_field: float = 0.0,
 ) -> dict[str, float]:
     """The frame's domain-check scores: colour distance, segmenter uncertainty, the share of black pixels, chroma
     spread (bundles with a stain step), where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
     focus check, a noise check) their edge width and the noise they carry, read from the frame's own pixels, and the
     JPEG quality of the file it was read from, where it was (bundles with the compression check), and how far its
-    background's light fell off as captured (preprocess.cpu.illumination_falloff; the frame given is the evened one)."""
+    background's light fell off as captured (preprocess.cpu.illumination_falloff; the frame given is the evened one),
+    and the share of the frame outside the field of view, filled before the models (preprocess.cpu.fill_outside_field;
+    dark_share is the black left inside it)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
         "dark_share": dark_share(frame),
-        "black_corners": float(black_corners(frame)),
+        "outside_field": float(outside_field),
     }
     chroma = chroma_spread(prepared)
     if chroma is not None:
@@ -343,7 +328,7 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("noise")
     if "min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]:
         failed.append("compression")
-    if scores.get("dark_share", 0.0) > MAX_DARK_SHARE or scores.get("black_corners", 0.0) >= MAX_BLACK_CORNERS:
+    if scores.get("dark_share", 0.0) > MAX_DARK_SHARE or scores.get("outside_field", 0.0) > MAX_OUTSIDE_FIELD:
         failed.append("field_of_view")
     if scores.get("illumination_falloff", 0.0) > MAX_FALLOFF:
         failed.append("illumination")
@@ -361,8 +346,8 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         )
     elif "field_of_view" in failed:  # its black corners make its colours unlike every source too; adapting would not help
         reasons.append(
-            f"black outside the microscope's field of view ({scores['dark_share']:.0%} of the frame, {scores.get('black_corners', 0.0):.0f} black "
-            f"corners; at most {MAX_DARK_SHARE:.0%} and {MAX_BLACK_CORNERS - 1}): the stain normalization would read it as smear; set the camera's "
+            f"too much of the frame outside the microscope's field of view or black ({scores.get('outside_field', 0.0):.0%} outside it, "
+            f"{scores['dark_share']:.0%} black inside it; at most {MAX_OUTSIDE_FIELD:.0%} and {MAX_DARK_SHARE:.0%}): set the camera's "
             "region of interest inside the field of view, or crop the frames to it"
         )
     elif "colour" in failed:  # a frame without colour is unlike every source too; adapting to it would be wrong

@@ -1,6 +1,6 @@
 """What the sources' own frames hold, per source/device and split, against the capture checks' limits: the sensor
 noise of the frame (domain.frame_noise, before it is scaled to the cells' size), its share of black pixels
-(domain.dark_share) and black corners (domain.black_corners), how far its light falls off (preprocess.cpu.
+(preprocess.cpu.dark_share) and black corners (preprocess.cpu.black_corners), how far its light falls off (preprocess.cpu.
 illumination_falloff; the frames the runtime evens, EVEN_FROM or more), and the JPEG quality of its file
 (decode.file_jpeg_quality). docs/training.md quotes it where it sets the noise check (Taleqani's camera is the noisy
 one), the field-of-view check's MAX_DARK_SHARE and MAX_BLACK_CORNERS, the compression check's lowest validated
@@ -23,8 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge.decode import file_jpeg_quality  # noqa: E402
-from leukoedge.domain import black_corners, dark_share, frame_noise  # noqa: E402
-from leukoedge.preprocess.cpu import EVEN_FROM, illumination_falloff, illumination_surface  # noqa: E402
+from leukoedge.domain import frame_noise  # noqa: E402
+from leukoedge.preprocess.cpu import EVEN_FROM, black_corners, dark_share, illumination_falloff, illumination_surface  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 
 SOURCES = ("pbc", "wbc-seg-zheng", "bccd", "txl-pbc", "all-taleqani", "all-idb2")

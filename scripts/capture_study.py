@@ -125,7 +125,7 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 # device's own bar as well (adapt.DEVICE_BARS).
 CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
 # The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view check's
-# (not a bundle threshold: domain.MAX_DARK_SHARE, domain.MAX_BLACK_CORNERS).
+# (not a bundle threshold: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE).
 CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view"})
 
 

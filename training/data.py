@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from leukoedge.preprocess.cpu import Box, even_illumination, resize_labels
+from leukoedge.preprocess.cpu import Box, corrected_frame, resize_labels
 
 LABEL_BACKGROUND = 0
 LABEL_CYTOPLASM = 1
@@ -260,9 +260,9 @@ def _read(path: Path, flags: int) -> np.ndarray:
 
 
 def read_image(record: Record) -> np.ndarray:
-    """The record's image as BGR uint8 HxWx3, its illumination evened as the runtime evens every frame
-    (leukoedge.preprocess.cpu.even_illumination; the sources' own frames are almost all left as they are)."""
-    return even_illumination(read_image_as_captured(record))[0]
+    """The record's image as BGR uint8 HxWx3, corrected as the runtime corrects every frame (leukoedge.preprocess.cpu.
+    corrected_frame: its light evened; the sources' own frames are almost all left as they are)."""
+    return corrected_frame(read_image_as_captured(record))[0]
 
 
 def read_image_as_captured(record: Record) -> np.ndarray:

@@ -136,6 +136,62 @@ def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
+# A pixel whose brightest channel is under DARK_LEVEL is black: outside the microscope's field of view, not smear (the
+# darkest stained nuclei of every source are brighter). Read on every DARK_STEP-th row and column. TXL-PBC's own frames
+# hold up to 4.9 % such pixels (black bars along an edge; its training split; every other source at most 0.11 %:
+# scripts/capture_levels.py); a circular field of view cut at 0.8 of the frame's half-diagonal leaves 9 %.
+DARK_LEVEL = 24
+DARK_STEP = 4
+MAX_DARK_SHARE = 0.06
+# A circular field's first black is in the frame's corners: MAX_BLACK_CORNERS or more of its four corner squares
+# (CORNER_SHARE of its shorter side) almost all black (BLACK_CORNER_SHARE) show a field of view however little black
+# the frame holds (no frame of any source, in any split, has more than two such corners).
+CORNER_SHARE = 0.03
+BLACK_CORNER_SHARE = 0.9
+MAX_BLACK_CORNERS = 3
+_RIM = np.ones((5, 5), np.uint8)  # the field's edge is anti-aliased: its two outermost pixels are filled too
+
+
+def dark_share(frame: np.ndarray) -> float:
+    """The share of the frame's pixels (every DARK_STEP-th row and column) whose brightest channel is under DARK_LEVEL."""
+    return float((frame[::DARK_STEP, ::DARK_STEP].max(axis=2) < DARK_LEVEL).mean())
+
+
+def black_corners(frame: np.ndarray) -> int:
+    """How many of the frame's four corner squares (CORNER_SHARE of its shorter side) are almost all black."""
+    height, width = frame.shape[:2]
+    side = max(2, int(round(CORNER_SHARE * min(height, width))))
+    squares = (frame[:side, :side], frame[:side, -side:], frame[-side:, :side], frame[-side:, -side:])
+    return sum(float((square.max(axis=2) < DARK_LEVEL).mean()) > BLACK_CORNER_SHARE for square in squares)
+
+
+def shows_field_of_view(frame: np.ndarray) -> bool:
+    """Whether the frame shows the microscope's round field of view with black around it: more than MAX_DARK_SHARE
+    black, or MAX_BLACK_CORNERS black corners. No source frame of any split does (the sources' own black bars are
+    left as the models learnt them)."""
+    return dark_share(frame) > MAX_DARK_SHARE or black_corners(frame) >= MAX_BLACK_CORNERS
+
+
+def fill_outside_field(frame: np.ndarray) -> tuple[np.ndarray, float]:
+    """A frame that shows its field of view (shows_field_of_view) with the black outside it (black pixels connected to
+    the frame's edge) filled with the field's background colour (the median of its brightest quarter), and the share of
+    the frame filled; any other frame as it is, and 0. Filled, the stain normalization and the models read the smear
+    only, as if the field reached the frame's edges."""
+    if not shows_field_of_view(frame):
+        return frame, 0.0
+    black = (frame.max(axis=2) < DARK_LEVEL).astype(np.uint8)
+    _, labels = cv2.connectedComponents(black, connectivity=4)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = cv2.dilate(np.isin(labels, edge[edge > 0]).astype(np.uint8), _RIM) > 0
+    if not outside.any() or outside.all():
+        return frame, float(outside.mean())
+    field = frame[~outside]
+    brightness = field.sum(axis=1)
+    filled = frame.copy()
+    filled[outside] = np.median(field[brightness >= np.percentile(brightness, 75)], axis=0).astype(np.uint8)
+    return filled, float(outside.mean())
+
+
 # Uneven illumination (a misaligned condenser, an off-centre lamp, a phone adapter's light falling off towards one
 # side) darkens part of a frame, and the cells there look darker and bluer to every model: without this step, 4 of 60
 # normal TXL-PBC raabin validation fields and 5 of 45 judged benign Taleqani ones were flagged when their light fell
@@ -215,6 +271,15 @@ def even_illumination(frame: np.ndarray) -> tuple[np.ndarray, float]:
     # a 3-MP frame where numpy's broadcasting took ~40 (2-core x86)
     gain = np.outer(np.exp(along_y.max() - along_y), np.exp(along_x.max() - along_x)).astype(np.float32)
     return cv2.multiply(frame, cv2.merge([gain, gain, gain]), dtype=cv2.CV_8U), falloff
+
+
+def corrected_frame(frame: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The frame as every model reads it, at run time and in training alike: the black outside its field of view filled
+    (fill_outside_field), then its light evened (even_illumination); with the share filled and the falloff as
+    captured."""
+    filled, outside = fill_outside_field(frame)
+    evened, falloff = even_illumination(filled)
+    return evened, outside, falloff
 
 
 def to_rgb_float(image: np.ndarray, channel_order: str = "BGR") -> np.ndarray:

@@ -9,20 +9,19 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
+from leukoedge.preprocess.cpu import MAX_BLACK_CORNERS, black_corners, dark_share, fill_outside_field, shows_field_of_view
 from leukoedge.domain import (
     COLOUR_FEATURES,
     MEAN_SPREAD_FEATURES,
     MIN_CHROMA_SPREAD,
-    MAX_BLACK_CORNERS,
     MAX_DARK_SHARE,
     MAX_FALLOFF,
+    MAX_OUTSIDE_FIELD,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
     cell_edge_widths,
     colour_distance,
-    black_corners,
     colour_features,
-    dark_share,
     edge_width,
     failed_checks,
     fit_domain,
@@ -352,32 +351,48 @@ def _circular_field(frame: np.ndarray, radius_share: float) -> np.ndarray:
     return np.where(inside[..., None] > 0, frame, 0).astype(np.uint8)
 
 
-def test_a_circular_field_of_view_is_refused_for_its_black_and_a_full_frame_is_not():
+def test_a_circular_field_of_view_is_filled_and_judged_like_the_frame_as_captured():
     detector = Detector.load(REPO / "models" / "default")
     for sample in SAMPLES:
         frame = cv2.imread(str(sample))
-        assert dark_share(frame) == 0.0 and detector.run(frame).verdict.status == "ok"
-        circular = _circular_field(frame, 0.8)  # about 9 % of a square frame's pixels black
-        assert dark_share(circular) > MAX_DARK_SHARE
-        verdict = detector.run(circular).verdict
-        assert verdict.status == "outside_domain" and not verdict.flagged
-        assert "outside the microscope's field of view" in verdict.reason and "leukoedge adapt" not in verdict.reason
-    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
-    assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "dark_share": MAX_DARK_SHARE + 0.01}) == ["field_of_view"]
-    assert failed_checks({"max_colour_distance": 1.0, "max_uncertainty": 0.2}, {**inside, "dark_share": MAX_DARK_SHARE}) == []
+        captured = detector.run(frame)
+        assert captured.verdict.status == "ok" and captured.verdict.domain["outside_field"] == 0.0
+        circular = _circular_field(frame, 0.85)  # about 6 % of a square frame's pixels black
+        assert shows_field_of_view(circular)
+        result = detector.run(circular)
+        assert result.verdict.status == "ok", result.verdict.reason
+        assert 0.04 < result.verdict.domain["outside_field"] < MAX_OUTSIDE_FIELD
+        assert result.verdict.domain["dark_share"] == 0.0  # no black left for the stain normalization to read as smear
+        assert [cell.label for cell in result.cells] == [cell.label for cell in captured.cells], sample.name
 
 
-def test_black_corners_catch_a_circular_field_too_small_to_count_as_much_black():
+def test_a_frame_mostly_outside_its_field_of_view_or_black_inside_it_is_refused():
     detector = Detector.load(REPO / "models" / "default")
+    verdict = detector.run(_circular_field(cv2.imread(str(SAMPLES[0])), 0.7)).verdict  # about 25 % outside the field
+    assert verdict.domain["outside_field"] > MAX_OUTSIDE_FIELD
+    assert verdict.status == "outside_domain" and not verdict.flagged
+    assert "outside the microscope's field of view" in verdict.reason and "leukoedge adapt" not in verdict.reason
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    spec = {"max_colour_distance": 1.0, "max_uncertainty": 0.2}
+    assert failed_checks(spec, {**inside, "outside_field": MAX_OUTSIDE_FIELD + 0.01}) == ["field_of_view"]
+    assert failed_checks(spec, {**inside, "outside_field": MAX_OUTSIDE_FIELD, "dark_share": MAX_DARK_SHARE}) == []
+    assert failed_checks(spec, {**inside, "dark_share": MAX_DARK_SHARE + 0.01}) == ["field_of_view"]  # black inside the field
+
+
+def test_the_black_outside_the_field_is_filled_with_its_background_and_black_inside_it_is_left():
     frame = cv2.imread(str(SAMPLES[0]))
-    assert black_corners(frame) == 0
-    narrow = _circular_field(frame, 0.95)  # a field of view just inside the frame's corners: about 1 % black
+    narrow = _circular_field(frame, 0.95)  # a field just inside the frame's corners: about 1 % black, 4 black corners
     assert dark_share(narrow) < MAX_DARK_SHARE and black_corners(narrow) == 4
-    verdict = detector.run(narrow).verdict
-    assert verdict.status == "outside_domain" and not verdict.flagged and "4 black corners" in verdict.reason
-    one_dark_corner = frame.copy()
-    one_dark_corner[:40, :40] = 0  # a dark speck in one corner is not a field of view
-    assert black_corners(one_dark_corner) == 1 < MAX_BLACK_CORNERS
+    filled, share = fill_outside_field(narrow)
+    assert 0.005 < share < 0.03 and filled.min(axis=2)[0, 0] > 150  # the corner now the pale background
+    np.testing.assert_array_equal(filled[frame.shape[0] // 2], narrow[frame.shape[0] // 2])  # the field itself untouched
+    speck = frame.copy()
+    speck[:40, :40] = 0  # a dark speck in one corner is not a field of view: the frame is left as it is
+    assert black_corners(speck) == 1 < MAX_BLACK_CORNERS and fill_outside_field(speck)[0] is speck
+    inner_black = _circular_field(frame, 0.8).copy()
+    inner_black[200:260, 300:360] = 0  # black inside the field, not reaching the frame's edge, stays black
+    filled, _ = fill_outside_field(inner_black)
+    assert filled[230, 330].max() == 0 and filled[0, 0].min() > 150
 
 
 def _lit_unevenly(frame: np.ndarray, darkest: float) -> np.ndarray:
