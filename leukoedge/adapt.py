@@ -22,7 +22,8 @@ Frames that do not belong to the device's colours are left out of the fit and na
 (a greyscale image, an empty field: domain.MIN_CHROMA_SPREAD) and a frame unlike every other frame of the device
 (UNLIKE_FACTOR: another stain, a swapped channel order, a file from another microscope), and a frame mostly outside
 the microscope's field of view or black inside it (domain.MAX_OUTSIDE_FIELD, MAX_DARK_SHARE; a frame less far outside
-is measured with its outside filled, as the runtime reads it: preprocess.cpu.corrected_frame). One such frame
+is measured with its outside filled, as the runtime reads it: preprocess.cpu.corrected_frame), and an incomplete
+frame (domain.MAX_INCOMPLETE: a band of rows of one colour). One such frame
 would otherwise become a reference and widen the threshold until the colour check refused nothing.
 A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
 of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
@@ -45,6 +46,7 @@ from .bundle import save_bundle
 from .detector import Detector
 from .domain import (
     MAX_DARK_SHARE,
+    MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     MAX_REFERENCES,
     MIN_CHROMA_SPREAD,
@@ -151,6 +153,7 @@ def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
 
 NO_COLOUR = "without stain colour"
 OUTSIDE_FIELD = "black outside the field of view"
+INCOMPLETE = "incomplete or corrupted"
 UNLIKE_THE_OTHERS = "unlike the device's other frames"
 # A frame is unlike the device's others when its nearest other frame is further than both the bundle's colour threshold
 # and this many times the device's median such distance: one device's frames lie within a few medians of their
@@ -178,7 +181,11 @@ def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> di
     outside_field = np.array([
         m.scores.get("dark_share", 0.0) > MAX_DARK_SHARE or m.scores.get("outside_field", 0.0) > MAX_OUTSIDE_FIELD for m in measures
     ], bool)
-    return {NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike, OUTSIDE_FIELD: outside_field & ~no_colour & ~unlike}
+    incomplete = np.array([m.scores.get("incomplete_rows", 0.0) > MAX_INCOMPLETE for m in measures], bool)
+    return {
+        NO_COLOUR: no_colour, UNLIKE_THE_OTHERS: unlike, OUTSIDE_FIELD: outside_field & ~no_colour & ~unlike,
+        INCOMPLETE: incomplete & ~outside_field & ~no_colour & ~unlike,
+    }
 
 
 def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed: int = 0, labelled: bool = False) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from .frame import min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, fragments, label_map_from_probabilities
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
-from .domain import domain_scores, outside_domain
+from .domain import domain_scores, incomplete_rows, outside_domain
 from .result import BACKGROUND, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, Cell, Result, Timings, Verdict, make_verdict
 
 # Cells are refined and classified in batches of at most this many: one call per model for a frame of up
@@ -246,6 +246,7 @@ class Detector:
         if too_small := too_small_reason(frame, self.min_judged_side):
             return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
         with _stopwatch(timings, "preprocess"):
+            incomplete = incomplete_rows(frame) if self.domain_spec else 0.0  # measured as captured, before any correction
             frame, outside_field, falloff = corrected_frame(frame)  # every later stage reads it, as training did
         found = self.candidates(frame, timings)
         instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
@@ -254,7 +255,7 @@ class Detector:
             with _stopwatch(timings, "check"):
                 domain = domain_scores(
                     self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances], jpeg_quality, falloff,
-                    outside_field,
+                    outside_field, incomplete,
                 )
         with _stopwatch(timings, "classify"):
             if crops is None:

@@ -38,6 +38,8 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   vignette`). The runtime now fills the black outside the field (preprocess.cpu.fill_outside_field) and judges such a
   frame; beyond MAX_OUTSIDE_FIELD outside it, or MAX_DARK_SHARE black inside it, the frame is refused. Not fitted;
   every bundle: no stained smear is black.
+- completeness: the longest band of rows of one colour, or repeating the row above (incomplete_rows): a camera buffer
+  not fully written or a truncated image. Not fitted (MAX_INCOMPLETE; every bundle).
 - illumination: how far the background's light falls off across the frame as captured (illumination_falloff,
   preprocess.cpu.illumination_falloff). The runtime evens a frame whose light falls off by a quarter or more before
   any model sees it (preprocess.cpu.even_illumination); beyond MAX_FALLOFF (not fitted; every bundle) the dark side is
@@ -54,7 +56,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .preprocess.cpu import MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, resize
+from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, resize
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
 MEAN_SPREAD_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")  # bundles fitted before 0.7.0
@@ -82,6 +84,33 @@ MIN_CHROMA_SPREAD = 2.0
 # MAX_OUTSIDE_FIELD outside its field of view is refused, and so is one still more than MAX_DARK_SHARE black inside it
 # (docs/training.md, "A circular field of view"). Not fitted, as MIN_CHROMA_SPREAD.
 MAX_OUTSIDE_FIELD = 0.15
+
+# A camera buffer not fully written, or a truncated image, shows as rows of one colour (OpenCV's grey for a JPEG cut
+# short, green for a YUV buffer of zeros) or rows that repeat the one above; such frames flagged normal validation
+# fields (scripts/capture_study.py --fault truncated; docs/training.md, "Incomplete frames"). No smear row is one value
+# across the frame, and no source frame of any split has a run of MIN_INCOMPLETE_RUN such rows once rows all black
+# (outside the field of view) or all white (a clipped background, Zheng's) are left out (scripts/capture_levels.py).
+# Read on the green channel of INCOMPLETE_SAMPLES columns spread over the width (every column of a narrower frame;
+# 0.1 ms on a 640x480 frame).
+INCOMPLETE_SAMPLES = 64
+FLAT_RANGE = 0  # grey levels across a row: a flat row is one value (a smear's smoothest background varies by 2-3)
+MAX_INCOMPLETE = 0.02  # of the frame's rows in one run (and at least MIN_INCOMPLETE_RUN)
+MIN_INCOMPLETE_RUN = 8  # rows: a few repeating rows are an upscaled image's (an ALL-IDB2 thumbnail repeats 6)
+
+
+def incomplete_rows(frame: np.ndarray) -> float:
+    """The share of the frame's rows in its longest run of rows that are flat (FLAT_RANGE) or repeat the row above,
+    leaving out rows all black (the field-of-view check's) or all white (a clipped background); 0 for a run shorter
+    than MIN_INCOMPLETE_RUN."""
+    sampled = np.ascontiguousarray(frame[:, :: max(1, frame.shape[1] // INCOMPLETE_SAMPLES), 1])
+    high, low = sampled.max(axis=1), sampled.min(axis=1)
+    repeated = np.r_[False, (sampled[1:] == sampled[:-1]).all(axis=1)]
+    broken = (((high - low) <= FLAT_RANGE) | repeated) & (high >= DARK_LEVEL) & (low < 250)
+    if not broken.any():
+        return 0.0
+    starts_ends = np.diff(np.r_[0, broken.astype(np.int8), 0])
+    longest = int((np.flatnonzero(starts_ends == -1) - np.flatnonzero(starts_ends == 1)).max())
+    return longest / len(broken) if longest >= MIN_INCOMPLETE_RUN else 0.0
 
 
 # channel_correlations reads every third row and column of the segmenter's input: the same correlations to ~0.005 as
@@ -271,6 +300,7 @@ def domain_scores(
     jpeg_quality: int | None = None,
     illumination_falloff: float | None = None,
     outside_field: float = 0.0,
+    incomplete: float = 0.0,
 ) -> dict[str, float]:
     """The frame's domain-check scores: colour distance, segmenter uncertainty, the share of black pixels, chroma
     spread (bundles with a stain step), where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
@@ -278,12 +308,14 @@ def domain_scores(
     JPEG quality of the file it was read from, where it was (bundles with the compression check), and how far its
     background's light fell off as captured (preprocess.cpu.illumination_falloff; the frame given is the evened one),
     and the share of the frame outside the field of view, filled before the models (preprocess.cpu.fill_outside_field;
-    dark_share is the black left inside it)."""
+    dark_share is the black left inside it), and how much of it is one run of flat or repeating rows as captured
+    (incomplete_rows: a frame not fully written)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
         "dark_share": dark_share(frame),
         "outside_field": float(outside_field),
+        "incomplete_rows": float(incomplete),
     }
     chroma = chroma_spread(prepared)
     if chroma is not None:
@@ -302,7 +334,7 @@ def domain_scores(
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view", "illumination")
+DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view", "illumination", "incomplete")
 
 # Evened, validation fields whose light fell to 0.3 at one side were judged as captured (every malignant Taleqani field
 # flagged; no normal field flagged but one TXL-PBC raabin field already one cell from a false flag, which this and
@@ -332,6 +364,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("field_of_view")
     if scores.get("illumination_falloff", 0.0) > MAX_FALLOFF:
         failed.append("illumination")
+    if scores.get("incomplete_rows", 0.0) > MAX_INCOMPLETE:
+        failed.append("incomplete")
     return failed
 
 
@@ -372,6 +406,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(
             f"too noisy (noise of {scores['noise']:.2f} grey levels on the cells as the classifier sees them > {spec['max_noise']:.2f}): "
             "more light, a lower camera gain or a longer exposure"
+        )
+    if "incomplete" in failed:
+        reasons.append(
+            f"an incomplete or corrupted frame ({scores['incomplete_rows']:.0%} of its rows in one band of a single colour or repeating "
+            f"rows; at most {MAX_INCOMPLETE:.0%}): a camera buffer not fully written or a truncated image; capture again"
         )
     if "illumination" in failed:
         reasons.append(

@@ -2,7 +2,7 @@
 noise of the frame (domain.frame_noise, before it is scaled to the cells' size), its share of black pixels
 (preprocess.cpu.dark_share) and black corners (preprocess.cpu.black_corners), how far its light falls off (preprocess.cpu.
 illumination_falloff; the frames the runtime evens, EVEN_FROM or more), and the JPEG quality of its file
-(decode.file_jpeg_quality). docs/training.md quotes it where it sets the noise check (Taleqani's camera is the noisy
+(decode.file_jpeg_quality), and its longest run of flat or repeating rows (domain.incomplete_rows). docs/training.md quotes it where it sets the noise check (Taleqani's camera is the noisy
 one), the field-of-view check's MAX_DARK_SHARE and MAX_BLACK_CORNERS, the compression check's lowest validated
 quality, and where the runtime evens uneven light:
 
@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge.decode import file_jpeg_quality  # noqa: E402
-from leukoedge.domain import frame_noise  # noqa: E402
+from leukoedge.domain import frame_noise, incomplete_rows  # noqa: E402
 from leukoedge.preprocess.cpu import EVEN_FROM, black_corners, dark_share, illumination_falloff, illumination_surface  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 
@@ -37,9 +37,10 @@ def main() -> int:
     args = parser.parse_args()
     print(
         "| source/device | split | frames | noise median / largest | black share largest | frames with 1 / 2 / 3+ black corners "
-        f"| light falloff median / largest; frames evened (>= {EVEN_FROM:g}) | JPEG qualities (none: not JPEG) |"
+        f"| light falloff median / largest; frames evened (>= {EVEN_FROM:g}) | longest run of flat or repeating rows, largest "
+        "(share of the rows) | JPEG qualities (none: not JPEG) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for source in SOURCES:
         for split in args.splits:
             records = data.load_records(args.data, source, split)
@@ -49,16 +50,16 @@ def main() -> int:
                     frame = data.read_image_as_captured(record)
                     rows.append((
                         frame_noise(frame), dark_share(frame), black_corners(frame), file_jpeg_quality(record.image_path),
-                        illumination_falloff(illumination_surface(frame)),
+                        illumination_falloff(illumination_surface(frame)), incomplete_rows(frame),
                     ))
                 noise, dark, corners = np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), [r[2] for r in rows]
-                falloff = np.array([r[4] for r in rows])
+                falloff, incomplete = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
                 qualities = Counter("none" if r[3] is None else r[3] for r in rows)
                 name = source + (f"/{device}" if device else "")
                 print(
                     f"| {name} | {split} | {len(rows)} | {np.median(noise):.2f} / {noise.max():.2f} | {dark.max():.4f} | "
                     f"{sum(c == 1 for c in corners)} / {sum(c == 2 for c in corners)} / {sum(c >= 3 for c in corners)} | "
-                    f"{np.median(falloff):.2f} / {falloff.max():.2f}; {int((falloff >= EVEN_FROM).sum())} | "
+                    f"{np.median(falloff):.2f} / {falloff.max():.2f}; {int((falloff >= EVEN_FROM).sum())} | {incomplete.max():.3f} | "
                     + ", ".join(f"{quality}: {count}" for quality, count in sorted(qualities.items(), key=str)) + " |"
                 )
     return 0

@@ -15,7 +15,9 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - illumination (--fault illumination): uneven lighting (a misaligned condenser): the frame's gain falls linearly from 1
   at its right edge to 1 - level at its left;
 - scale (--fault scale): another pixel size (camera or objective): the frame resized by the level;
-- channels (--fault channels): red and blue swapped (level 1), an integrator passing RGB where BGR is expected.
+- channels (--fault channels): red and blue swapped (level 1), an integrator passing RGB where BGR is expected;
+- truncated (--fault truncated): the frame's last `level` share of rows grey, as OpenCV decodes a JPEG cut short (a
+  camera buffer not fully written looks the same).
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
 domain section less max_edge_width, max_noise and min_jpeg_quality), and the table prints, per source and level: the fields' edge
 widths and noise, how many the capture checks refuse, how many are judged, and the verdicts without the checks, with
@@ -25,7 +27,7 @@ flagged; Taleqani's malignant fields flagged; PBC's white-cell type of the centr
 0.11.0: out of focus", "Bundle 0.12.0: sensor noise", "Bundle 0.13.0: compressed files" and "Uneven light,
 and other capture faults measured" quote it:
 
-    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette|motion|illumination|scale|channels]
+    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette|motion|illumination|scale|channels|truncated]
         [--bundle models/default] [--split val] [--without-evening]
 """
 
@@ -81,6 +83,7 @@ LEVELS = {
     "illumination": [0.0, 0.3, 0.5, 0.7],
     "scale": [1.0, 0.5, 0.7, 1.5, 2.0],
     "channels": [0.0, 1.0],
+    "truncated": [0.0, 0.03, 0.1, 0.3],
 }  # each fault's first level is no fault
 
 
@@ -109,6 +112,10 @@ def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.
         return cv2.resize(frame, size, interpolation=cv2.INTER_AREA if level < 1 else cv2.INTER_LINEAR)
     if fault == "channels":
         return np.ascontiguousarray(frame[..., ::-1])
+    if fault == "truncated":
+        cut = frame.copy()
+        cut[frame.shape[0] - max(1, int(round(level * frame.shape[0]))) :] = 128  # as OpenCV shows a JPEG cut short
+        return cut
     if fault == "noise":
         noise = np.random.default_rng(int(level)).normal(0.0, level, frame.shape)  # the same noise for every rerun
         return np.clip(frame.astype(np.float32) + noise, 0, 255).astype(np.uint8)
@@ -125,8 +132,9 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 # device's own bar as well (adapt.DEVICE_BARS).
 CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
 # The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view check's
-# (not a bundle threshold: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE).
-CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view"})
+# and the incomplete-frame check's (not bundle thresholds: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE,
+# domain.MAX_INCOMPLETE).
+CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete"})
 
 
 def group(record: data.Record) -> str:
@@ -158,7 +166,8 @@ def main() -> int:
         "--levels", type=float, nargs="+", default=None,
         help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities; "
         "vignette: field-of-view radii as shares of the half-diagonal; motion: blur lengths as shares of the median cell side; "
-        "illumination: darkening at the far edge; scale: resize factors; channels: 1 swaps red and blue (default: %s)" % LEVELS,
+        "illumination: darkening at the far edge; scale: resize factors; channels: 1 swaps red and blue; truncated: shares of rows "
+        "lost (default: %s)" % LEVELS,
     )
     args = parser.parse_args()
     if args.without_evening:
@@ -222,6 +231,7 @@ def main() -> int:
         "defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)",
         "vignette": "field-of-view radius (x half-diagonal)", "motion": "motion blur (x cell side)",
         "illumination": "darkening across the frame", "scale": "scale (x pixels)", "channels": "red and blue swapped",
+        "truncated": "share of rows lost",
     }[args.fault]
     medians = " | ".join(f"{score} median (p95)" for score in bars.values())
     print(f"| fields | {level_name} | n | {medians} | refused by the capture checks: bundle's / device's bars | judged: no capture check / bundle's / device's bars "

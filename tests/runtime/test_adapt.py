@@ -13,6 +13,7 @@ from leukoedge import Detector
 from leukoedge.adapt import (
     MIN_DEVICE_BAR_FRAMES,
     NO_COLOUR,
+    INCOMPLETE,
     OUTSIDE_FIELD,
     UNLIKE_THE_OTHERS,
     AdaptationRefused,
@@ -95,7 +96,7 @@ def test_a_grey_frame_and_a_channel_swapped_one_are_left_out_of_the_fit(data_roo
     assert held_back([*names, grey_name, swapped_name]).sum() > 0 and not held_back([*names, grey_name, swapped_name])[-2:].any()
     report = adapt_bundle(REPO / "models" / "default", [*frames, grey, swapped], [*names, grey_name, swapped_name], tmp_path / "adapted")
     assert report.written
-    assert report.left_out == {NO_COLOUR: [grey_name], UNLIKE_THE_OTHERS: [swapped_name], OUTSIDE_FIELD: []}
+    assert report.left_out == {NO_COLOUR: [grey_name], UNLIKE_THE_OTHERS: [swapped_name], OUTSIDE_FIELD: [], INCOMPLETE: []}
     assert any(grey_name in line and NO_COLOUR in line for line in report.lines())
     adapted = load_bundle(tmp_path / "adapted").manifest
     assert adapted["adaptation"]["left_out_of_the_fit"] == report.left_out
@@ -118,6 +119,10 @@ def test_unfit_frames_names_colourless_far_and_black_bordered_frames_only() -> N
     assert not unfit_frames(domain, device)[UNLIKE_THE_OTHERS].any()  # a device's own spread is no outlier
     circular = FrameMeasure(device[0].colour, 0.01, False, False, scores={"dark_share": 0.2})  # black outside its field of view
     assert np.flatnonzero(unfit_frames(domain, [*device, circular])[OUTSIDE_FIELD]).tolist() == [len(device)]
+    torn = FrameMeasure(device[0].colour, 0.01, False, False, scores={"incomplete_rows": 0.3})  # a band of grey rows
+    judged_circle = FrameMeasure(device[0].colour, 0.01, False, False, scores={"outside_field": 0.1})  # filled and judged
+    unfit = unfit_frames(domain, [*device, torn, judged_circle])
+    assert np.flatnonzero(unfit[INCOMPLETE]).tolist() == [len(device)] and not unfit[OUTSIDE_FIELD].any()
     domain.update(colour_references=[[0.0, 0.0, 0.0]] * 4, max_uncertainty=0.2)
     assert adapted_domain(domain, [*device, far, colourless]) == adapted_domain(domain, device)
     with pytest.raises(AdaptationRefused, match="stain colour"):

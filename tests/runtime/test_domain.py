@@ -16,6 +16,7 @@ from leukoedge.domain import (
     MIN_CHROMA_SPREAD,
     MAX_DARK_SHARE,
     MAX_FALLOFF,
+    MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
@@ -26,6 +27,7 @@ from leukoedge.domain import (
     failed_checks,
     fit_domain,
     frame_noise,
+    incomplete_rows,
     median_cell_side,
     noise_level,
     outside_domain,
@@ -424,3 +426,33 @@ def test_light_falling_off_beyond_what_can_be_evened_is_refused():
     spec = {"max_colour_distance": 1.0, "max_uncertainty": 0.2}
     assert failed_checks(spec, {**inside, "illumination_falloff": MAX_FALLOFF + 0.01}) == ["illumination"]
     assert failed_checks(spec, {**inside, "illumination_falloff": MAX_FALLOFF}) == []
+
+
+def test_a_band_of_flat_or_repeating_rows_is_an_incomplete_frame_and_a_smear_has_none():
+    frame = cv2.imread(str(SAMPLES[0]))
+    height = frame.shape[0]
+    assert incomplete_rows(frame) == 0.0
+    doubled = cv2.resize(frame, (frame.shape[1], 2 * height), interpolation=cv2.INTER_NEAREST)  # every row twice
+    assert incomplete_rows(doubled) <= 2 / (2 * height)
+    for band in ((128, 128, 128), (0, 135, 0)):  # a JPEG cut short; a YUV buffer of zeros shown as BGR
+        cut = frame.copy()
+        cut[int(0.7 * height) :] = band
+        assert incomplete_rows(cut) == pytest.approx(0.3, abs=0.01)
+    repeated = frame.copy()
+    repeated[int(0.8 * height) :] = frame[int(0.8 * height) - 1]  # the last row written, repeated
+    assert incomplete_rows(repeated) == pytest.approx(0.2, abs=0.01)
+    for colour in (0, 255):  # black is the field-of-view check's; white a clipped background (Zheng's)
+        bordered = frame.copy()
+        bordered[: height // 5] = colour
+        assert incomplete_rows(bordered) == 0.0
+
+
+def test_an_incomplete_frame_is_not_judged():
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.imread(str(SAMPLES[0]))
+    cut = frame.copy()
+    cut[int(0.8 * frame.shape[0]) :] = 128
+    verdict = detector.run(cut).verdict
+    assert verdict.domain["incomplete_rows"] > MAX_INCOMPLETE
+    assert verdict.status == "outside_domain" and not verdict.flagged and "incomplete or corrupted frame" in verdict.reason
+    assert detector.run(frame).verdict.domain["incomplete_rows"] == 0.0
