@@ -38,6 +38,8 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   vignette`). The runtime now fills the black outside the field (preprocess.cpu.fill_outside_field) and judges such a
   frame; beyond MAX_OUTSIDE_FIELD outside it, or MAX_DARK_SHARE black inside it, the frame is refused. Not fitted;
   every bundle: no stained smear is black.
+- channel order: on a frame about to be flagged only, how much nearer the validated colours it comes with red and blue
+  swapped (swapped_colour_gain, SWAP_MARGIN; not fitted, every bundle).
 - completeness: the longest band of rows of one colour, or repeating the row above (incomplete_rows): a camera buffer
   not fully written or a truncated image. Not fitted (MAX_INCOMPLETE; every bundle).
 - illumination: how far the background's light falls off across the frame as captured (illumination_falloff,
@@ -56,7 +58,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, resize
+from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, prepare_frame, resize
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
 MEAN_SPREAD_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")  # bundles fitted before 0.7.0
@@ -134,6 +136,26 @@ def channel_correlations(prepared: PreparedFrame, preprocess: PreprocessSpec) ->
     with np.errstate(divide="ignore", invalid="ignore"):
         correlation = np.nan_to_num(covariance / np.outer(scale, scale), nan=0.0, posinf=0.0, neginf=0.0)
     return np.array([correlation[0, 1], correlation[0, 2], correlation[1, 2]])
+
+
+# Red and blue swapped (an integrator passing RGB where BGR is expected) is refused for its colours on most frames, but
+# not on every stain: 3 of the 8 TXL-PBC bcd normal validation fields still judged so were flagged (scripts/
+# capture_study.py --fault channels). A flagged frame is checked once more: if its colours come nearer the validated
+# sources' with red and blue swapped back, by more than SWAP_MARGIN, it is refused. No source frame inside the colour
+# domain, in the validation or training split, comes nearer by more than 0.13 (Zheng's and raabin's stains are almost
+# as red as blue), and most swapped frames inside it come nearer by more (docs/training.md, "Red and blue swapped"). The swap goes through the segmenter's own preprocessing, as the
+# references did (~3 ms on a 640x480 frame, spent on flagged frames only).
+SWAP_MARGIN = 0.25
+
+
+def swapped_colour_gain(
+    spec: dict[str, Any], frame: np.ndarray, distance: float, preprocess: PreprocessSpec, input_size: Sequence[int], channel_order: str = "BGR"
+) -> float:
+    """How much nearer the validated colours the frame comes with its red and blue swapped: its colour_distance
+    (`distance`, the check's own) minus its swap's, prepared for the segmenter's input_size as the frame was; > 0 where
+    the swap looks more like them."""
+    swapped = prepare_frame(np.ascontiguousarray(frame[..., ::-1]), preprocess, input_size, channel_order)
+    return float(distance - colour_distance(spec, colour_features(swapped, preprocess, feature_names(spec))))
 
 
 def feature_names(spec: dict[str, Any]) -> tuple[str, ...]:
@@ -334,7 +356,9 @@ def domain_scores(
     return scores
 
 
-DOMAIN_CHECKS = ("colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view", "illumination", "incomplete")
+DOMAIN_CHECKS = (
+    "colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view", "illumination", "incomplete", "channel_order",
+)
 
 # Evened, validation fields whose light fell to 0.3 at one side were judged as captured (every malignant Taleqani field
 # flagged; no normal field flagged but one TXL-PBC raabin field already one cell from a false flag, which this and
@@ -366,6 +390,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("illumination")
     if scores.get("incomplete_rows", 0.0) > MAX_INCOMPLETE:
         failed.append("incomplete")
+    if scores.get("swapped_colour_gain", 0.0) > SWAP_MARGIN:
+        failed.append("channel_order")
     return failed
 
 
@@ -406,6 +432,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(
             f"too noisy (noise of {scores['noise']:.2f} grey levels on the cells as the classifier sees them > {spec['max_noise']:.2f}): "
             "more light, a lower camera gain or a longer exposure"
+        )
+    if "channel_order" in failed:
+        reasons.append(
+            f"its colours look like a validated smear's with red and blue swapped (nearer by {scores['swapped_colour_gain']:.2f} swapped back; "
+            f"at most {SWAP_MARGIN:.2f}): pass the camera's channel order (Detector.load(..., channel_order=\"RGB\" or \"BGR\"))"
         )
     if "incomplete" in failed:
         reasons.append(

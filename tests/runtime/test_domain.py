@@ -18,6 +18,7 @@ from leukoedge.domain import (
     MAX_FALLOFF,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
+    SWAP_MARGIN,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
     cell_edge_widths,
@@ -31,6 +32,7 @@ from leukoedge.domain import (
     median_cell_side,
     noise_level,
     outside_domain,
+    swapped_colour_gain,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -456,3 +458,36 @@ def test_an_incomplete_frame_is_not_judged():
     assert verdict.domain["incomplete_rows"] > MAX_INCOMPLETE
     assert verdict.status == "outside_domain" and not verdict.flagged and "incomplete or corrupted frame" in verdict.reason
     assert detector.run(frame).verdict.domain["incomplete_rows"] == 0.0
+
+
+def test_the_swapped_colour_gain_is_how_much_nearer_the_sources_red_and_blue_swapped_back_come():
+    detector = Detector.load(REPO / "models" / "default")
+    def gain(image: np.ndarray) -> float:
+        distance = detector.run(image).verdict.domain["colour_distance"]
+        return swapped_colour_gain(detector.domain_spec, image, distance, detector.spec, detector.segmenter_spec["input_size"])
+
+    for sample in SAMPLES:
+        frame = cv2.imread(str(sample))
+        native, swapped = gain(frame), gain(np.ascontiguousarray(frame[..., ::-1]))
+        assert native < 0 < swapped and swapped == pytest.approx(-native, abs=1e-6), sample.name
+        assert "swapped_colour_gain" not in detector.run(frame).verdict.domain  # read on flagged frames only
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    spec = {"max_colour_distance": 1.0, "max_uncertainty": 0.2}
+    assert failed_checks(spec, {**inside, "swapped_colour_gain": SWAP_MARGIN + 0.01}) == ["channel_order"]
+    assert failed_checks(spec, {**inside, "swapped_colour_gain": SWAP_MARGIN}) == []
+    assert "channel_order" in outside_domain(spec, {**inside, "swapped_colour_gain": 0.6})
+
+
+def test_a_swapped_normal_field_the_colour_check_passes_is_refused_not_flagged(data_root: Path):
+    """TXL-PBC bcd's normal validation field 3b6a92a7 with red and blue swapped: inside the colour domain, and flagged
+    (two of two cells called blasts) before the flag was checked for a swapped channel order."""
+    from leukoedge.training import data
+
+    record = next(r for r in data.load_records(data_root, "txl-pbc", "val") if r.image_path.name.startswith("3b6a92a7"))
+    frame = data.read_image(record)
+    detector = Detector.load(REPO / "models" / "default")
+    verdict = detector.run(np.ascontiguousarray(frame[..., ::-1])).verdict
+    assert verdict.domain["colour_distance"] <= detector.domain_spec["max_colour_distance"]
+    assert verdict.domain["swapped_colour_gain"] > SWAP_MARGIN
+    assert verdict.status == "outside_domain" and not verdict.flagged and "red and blue swapped" in verdict.reason
+    assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
