@@ -25,6 +25,8 @@ the microscope's field of view or black inside it (domain.MAX_OUTSIDE_FIELD, MAX
 is measured with its outside filled, as the runtime reads it: preprocess.cpu.corrected_frame), and an incomplete
 frame (domain.MAX_INCOMPLETE: a band of rows of one colour). One such frame
 would otherwise become a reference and widen the threshold until the colour check refused nothing.
+A device whose frames look swapped as a set (red and blue; refuse_swapped_channels) is refused, naming the other
+channel order: its swapped colours must not become its references.
 A part of the frames (hold_back) is kept out of the fit; the new bundle is written only if it refuses no more
 of those held-back frames than the original did. Without labels, flags are not right or wrong: the report
 prints how many held-back frames each bundle flags, for a person to look at (a field kit session's review).
@@ -50,6 +52,7 @@ from .domain import (
     MAX_OUTSIDE_FIELD,
     MAX_REFERENCES,
     MIN_CHROMA_SPREAD,
+    SWAP_MARGIN,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
     chroma_spread,
@@ -58,6 +61,7 @@ from .domain import (
     feature_names,
     outside_domain,
     segmenter_uncertainty,
+    swapped_colour_gain,
 )
 from .errors import LeukoedgeError
 from .preprocess.cpu import corrected_frame
@@ -281,6 +285,7 @@ def adapt_bundle(
         hashes.append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
     held = held_back(names, hold_back)
     fitting = np.flatnonzero(~held)
+    refuse_swapped_channels(detector, frames, measures, fitting, channel_order)
     left_out = {why: [names[fitting[index]] for index in np.flatnonzero(mask)] for why, mask in unfit_frames(domain, [measures[index] for index in fitting]).items()}
     adapted = adapted_domain(domain, [measures[index] for index in fitting])
     # Every check again, with the adapted colour references (the others' scores do not change with them), and the
@@ -321,6 +326,29 @@ def adapt_bundle(
     save_bundle(Path(out_dir), manifest, files)
     report.written, report.out = True, str(out_dir)
     return report
+
+
+# A device whose every frame arrives with red and blue swapped (an integration mistake) would otherwise become its own
+# reference: its swapped colours adapted in, and the flag's channel-order check (domain.swapped_colour_gain) blind to
+# them. The check reads CHANNEL_ORDER_FRAMES of the frames the fit would use.
+CHANNEL_ORDER_FRAMES = 20
+
+
+def refuse_swapped_channels(detector: Detector, frames: Sequence[np.ndarray], measures: Sequence[FrameMeasure], fitting: np.ndarray, channel_order: str) -> None:
+    """AdaptationRefused where the device's frames, as a set (the median of CHANNEL_ORDER_FRAMES of them), come nearer
+    the bundle's validated colours with red and blue swapped by more than domain.SWAP_MARGIN."""
+    domain, input_size = detector.domain_spec, detector.segmenter_spec["input_size"]
+    chosen = fitting[np.linspace(0, len(fitting) - 1, min(CHANNEL_ORDER_FRAMES, len(fitting))).round().astype(int)]
+    gains = [
+        swapped_colour_gain(domain, corrected_frame(frames[index])[0], colour_distance(domain, measures[index].colour), detector.spec, input_size, channel_order)
+        for index in chosen
+    ]
+    if gains and float(np.median(gains)) > SWAP_MARGIN:
+        other = "RGB" if channel_order == "BGR" else "BGR"
+        raise AdaptationRefused(
+            f"the device's frames look like a validated smear's with red and blue swapped (their colours come {np.median(gains):.2f} nearer "
+            f"the validated ones swapped back; at most {SWAP_MARGIN:.2f}): read them as {other} (--channel-order {other}), not {channel_order}"
+        )
 
 
 def _progress(indices: range, description: str) -> Iterable[int]:

@@ -199,3 +199,14 @@ def test_adapting_tightens_focus_to_the_device_and_counts_frames_beyond_it_apart
     assert any("beyond only the device's own focus" in line for line in report.lines())
     assert shipped.run(blurred).verdict.status == "ok"
     assert "out of focus" in Detector.load(tmp_path / "adapted").run(blurred).verdict.reason
+
+
+def test_adapt_refuses_a_device_whose_frames_all_come_with_red_and_blue_swapped(pbc_only_bundle: Path, data_root: Path, tmp_path: Path) -> None:
+    """Adapted in, a device's swapped colours would become its references, and the flag's channel-order check would no
+    longer see them: the frames are refused as a set, and read in the other order they adapt."""
+    frames = [np.ascontiguousarray(frame[..., ::-1]) for frame in _frames(data_root / "bccd" / "images", DEVICE_FRAMES)]
+    names = [f"bccd-{index}" for index in range(len(frames))]
+    with pytest.raises(AdaptationRefused, match="red and blue swapped.*--channel-order RGB"):
+        adapt_bundle(pbc_only_bundle, frames, names, tmp_path / "swapped")
+    assert not (tmp_path / "swapped").exists()
+    assert adapt_bundle(pbc_only_bundle, frames, names, tmp_path / "as-rgb", channel_order="RGB").written
