@@ -28,7 +28,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from leukoedge.domain import COLOUR_FEATURES, MEAN_SPREAD_FEATURES, feature_names
+from leukoedge.domain import (
+    COLOUR_FEATURES,
+    MAX_FALLOFF,
+    MAX_INCOMPLETE,
+    MAX_OUTSIDE_FIELD,
+    MEAN_SPREAD_FEATURES,
+    SWAP_MARGIN,
+    feature_names,
+)
+from leukoedge.preprocess.cpu import EVEN_FROM, MAX_DARK_SHARE
 from leukoedge.errors import BundleError, LeukoedgeError
 from leukoedge.signing import SIGNATURE_NAME, KeyLike, signature_text, verify_signature
 
@@ -938,6 +947,12 @@ def describe_bundle(bundle: Bundle) -> str:
             + (f" or too noisy (over {domain['max_noise']:.2f} grey levels on the cells)" if "max_noise" in domain else "")
             + (f" or read from a JPEG under quality {domain['min_jpeg_quality']}" if "min_jpeg_quality" in domain else "")
             + (f"; adapted {manifest['adaptation']['date']} from {manifest['adaptation']['frames']} frames" if "adaptation" in manifest else "")
+        )
+        lines.append(  # the runtime's, for every bundle with a domain check (not fitted, not in the manifest)
+            f"runtime checks: black outside a field of view filled and light falling off by {EVEN_FROM:.0%} or more evened before the models; outside when "
+            f"more than {MAX_OUTSIDE_FIELD:.0%} outside the field of view or {MAX_DARK_SHARE:.0%} black inside it, light falling off by more "
+            f"than {MAX_FALLOFF:.0%}, a band of flat or repeating rows over {MAX_INCOMPLETE:.0%} of the frame, or, on a flagged frame, "
+            f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped"
         )
     if manifest.get("adaptation", {}).get("labelled"):
         lines.append(f"adapted with labels (leukoedge adapt --labels): {', '.join(manifest['adaptation']['adapted'])}")

@@ -339,3 +339,11 @@ def test_each_cell_line_names_the_wbc_type_of_a_normal_cell_and_the_subtype_of_a
     cli.print_result("lymphocyte.jpg", as_blast)
     blast = capsys.readouterr().out
     assert "subtype=" in blast and "wbc_type=" not in blast
+
+
+def test_info_names_the_runtime_checks_a_bundle_with_a_domain_check_gets(capsys):
+    """The frame corrections and the unfitted checks are the runtime's, not the manifest's: info says they apply."""
+    assert cli.main(["info", str(Path(__file__).resolve().parents[2] / "models" / "default")]) == 0
+    out = capsys.readouterr().out
+    assert "runtime checks: black outside a field of view filled and light falling off by 25% or more evened" in out
+    assert "red and blue swapped" in out and "flat or repeating rows over 2%" in out
