@@ -137,13 +137,13 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
 
 def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
     """A frame's domain features and whether the detector refuses or flags it."""
-    frame = corrected_frame(frame)[0]  # the colour features of the frame the run reads (it corrects the frame itself)
-    result = detector.run(frame)
+    result = detector.run(frame)  # on the frame as captured: its field-of-view, light and completeness scores are that frame's
     scores = dict(result.verdict.domain or {})
+    corrected = corrected_frame(frame)[0]  # the frame the run's models read, whose colours the check compares
     if "uncertainty" in scores:  # the run measured it: only the colour features are read again, without the models
-        prepared, uncertainty = detector.prepare_frame(frame), scores["uncertainty"]
+        prepared, uncertainty = detector.prepare_frame(corrected), scores["uncertainty"]
     else:  # a frame too small to judge was not measured
-        found = detector.candidates(frame)
+        found = detector.candidates(corrected)
         prepared, uncertainty = found.prepared, segmenter_uncertainty(found.prepared, found.probabilities)
     return FrameMeasure(
         colour_features(prepared, detector.spec, feature_names(detector.domain_spec)),

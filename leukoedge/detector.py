@@ -254,8 +254,8 @@ class Detector:
         if self.domain_spec:
             with _stopwatch(timings, "check"):
                 domain = domain_scores(
-                    self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances], jpeg_quality, falloff,
-                    outside_field, incomplete,
+                    self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances],
+                    jpeg_quality=jpeg_quality, illumination_falloff=falloff, outside_field=outside_field, incomplete=incomplete,
                 )
         with _stopwatch(timings, "classify"):
             if crops is None:

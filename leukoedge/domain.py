@@ -142,9 +142,9 @@ def channel_correlations(prepared: PreparedFrame, preprocess: PreprocessSpec) ->
 # not on every stain: 3 of the 8 TXL-PBC bcd normal validation fields still judged so were flagged (scripts/
 # capture_study.py --fault channels). A flagged frame is checked once more: if its colours come nearer the validated
 # sources' with red and blue swapped back, by more than SWAP_MARGIN, it is refused. No source frame inside the colour
-# domain, in the validation or training split, comes nearer by more than 0.13 (Zheng's and raabin's stains are almost
-# as red as blue), and most swapped frames inside it come nearer by more (docs/training.md, "Red and blue swapped"). The swap goes through the segmenter's own preprocessing, as the
-# references did (4.5 ms on a 640x480 frame, 2.8 on a 224x224 one, spent on flagged frames only).
+# domain, in any split, comes nearer by more than 0.18 (Zheng's and raabin's stains are almost as red as blue;
+# scripts/capture_levels.py), and most swapped frames inside it come nearer by more (docs/training.md, "Red and blue
+# swapped"). The swap goes through the segmenter's own preprocessing, as the references did (4.5 ms on a 640x480 frame, 2.8 on a 224x224 one, spent on flagged frames only).
 SWAP_MARGIN = 0.25
 
 
@@ -324,14 +324,14 @@ def domain_scores(
     outside_field: float = 0.0,
     incomplete: float = 0.0,
 ) -> dict[str, float]:
-    """The frame's domain-check scores: colour distance, segmenter uncertainty, the share of black pixels, chroma
-    spread (bundles with a stain step), where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a
-    focus check, a noise check) their edge width and the noise they carry, read from the frame's own pixels, and the
-    JPEG quality of the file it was read from, where it was (bundles with the compression check), and how far its
-    background's light fell off as captured (preprocess.cpu.illumination_falloff; the frame given is the evened one),
-    and the share of the frame outside the field of view, filled before the models (preprocess.cpu.fill_outside_field;
-    dark_share is the black left inside it), and how much of it is one run of flat or repeating rows as captured
-    (incomplete_rows: a frame not fully written)."""
+    """The frame's domain-check scores, `frame` being the corrected one the models read (preprocess.cpu.corrected_frame):
+    - colour distance, segmenter uncertainty, the black left inside the field (dark_share), chroma spread (bundles with
+      a stain step);
+    - where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a focus
+      check, a noise check) their edge width and the noise they carry, read from the frame's own pixels;
+    - passed in, measured on the frame as captured: the JPEG quality of its file (bundles with the compression check),
+      its light's falloff (preprocess.cpu.illumination_falloff), the share of it outside the field of view and filled
+      (preprocess.cpu.fill_outside_field), and its longest run of flat or repeating rows (incomplete_rows)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),

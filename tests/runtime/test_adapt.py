@@ -210,3 +210,22 @@ def test_adapt_refuses_a_device_whose_frames_all_come_with_red_and_blue_swapped(
         adapt_bundle(pbc_only_bundle, frames, names, tmp_path / "swapped")
     assert not (tmp_path / "swapped").exists()
     assert adapt_bundle(pbc_only_bundle, frames, names, tmp_path / "as-rgb", channel_order="RGB").written
+
+
+def test_a_frame_is_measured_as_captured_so_one_mostly_outside_its_field_of_view_is_left_out() -> None:
+    """measure() runs the detector on the frame as captured (which corrects it itself): a circular field cut at 0.7 of
+    the half-diagonal is a quarter outside its field of view, refused, and left out of the colour fit."""
+    from leukoedge.adapt import measure
+    from leukoedge.domain import MAX_OUTSIDE_FIELD
+
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.imread(str(REPO / "samples" / "bccd_BloodImage_00002.jpg"))
+    height, width = frame.shape[:2]
+    inside = np.zeros((height, width), np.uint8)
+    cv2.circle(inside, (width // 2, height // 2), int(0.7 * np.hypot(width, height) / 2), 255, -1)
+    circular = measure(detector, np.where(inside[..., None] > 0, frame, 0).astype(np.uint8))
+    assert circular.scores["outside_field"] > MAX_OUTSIDE_FIELD and circular.refused
+    domain = {"colour_spread": [0.1, 0.1, 0.1], "max_colour_distance": 1.0}
+    captured = measure(detector, frame)
+    assert captured.scores["outside_field"] == 0.0 and not captured.refused
+    assert unfit_frames(domain, [captured] * 20 + [circular])[OUTSIDE_FIELD].tolist() == [False] * 20 + [True]
