@@ -168,13 +168,14 @@ _JPEG_DQT = 0xDB
 JPEG_HEADER_BYTES = 1 << 16  # the quantization tables come before the image data: the first 64 KB hold them
 
 
-def _scaled_table_sum(quality: int) -> int:
-    """The sum of the standard luminance table as libjpeg scales it for `quality` (jcparam.c)."""
+def _scaled_table(quality: int) -> np.ndarray:
+    """The standard luminance table (8x8) as libjpeg scales it for `quality` (jcparam.c)."""
     scale = 5000 // quality if quality < 50 else 200 - 2 * quality
-    return sum(min(max((value * scale + 50) // 100, 1), 255) for value in _STANDARD_LUMINANCE)
+    return np.clip((np.array(_STANDARD_LUMINANCE).reshape(8, 8) * scale + 50) // 100, 1, 255)
 
 
-_TABLE_SUMS = {quality: _scaled_table_sum(quality) for quality in range(1, 101)}
+_SCALED_TABLES = {quality: _scaled_table(quality) for quality in range(1, 101)}
+_TABLE_SUMS = {quality: int(table.sum()) for quality, table in _SCALED_TABLES.items()}
 
 
 def jpeg_quality(data: bytes) -> int | None:
@@ -202,6 +203,73 @@ def jpeg_quality(data: bytes) -> int | None:
                 table += 1 + size
         position += 2 + length
     return None
+
+
+# A frame that was JPEG-compressed and decoded (an MJPEG camera, a JPEG saved again as PNG, a file compressed before
+# it was saved at a higher quality) keeps its compression in its pixels: the luma of each 8x8 block, transformed by the
+# DCT the encoder used, holds multiples of the quantization step at each frequency, up to the decoder's rounding
+# (about half a grey level). pixel_jpeg_quality finds the largest step whose lattice holds the coefficients at the lowest
+# AC frequencies (non-zero in most blocks of a smear) and the quality whose scaled standard table has those steps.
+_DCT = np.sqrt(2 / 8) * np.cos((2 * np.arange(8)[None, :] + 1) * np.arange(8)[:, None] * np.pi / 16)
+_DCT[0] /= np.sqrt(2)  # orthonormal: JPEG's forward DCT, coefficient for coefficient
+_LATTICE_FREQUENCIES = ((0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1), (0, 3), (3, 0), (2, 2))
+_ROWS = _DCT[[u for u, _ in _LATTICE_FREQUENCIES]].astype(np.float32)
+_COLUMNS = _DCT[[v for _, v in _LATTICE_FREQUENCIES]].astype(np.float32)
+_LUMA_BGR = np.array([0.114, 0.587, 0.299], np.float32)  # JPEG's Y from B, G, R
+# Steps 2 and under drown in the rounding; 32 is the step of the (2, 2) frequency at quality 25: a harder compression
+# still shows a lattice at a divisor of its step, and maps to a quality as low.
+LATTICE_STEPS = np.arange(3, 33)
+LATTICE_SHARE = 0.8  # of the coefficients beyond half a step that lie within one grey level of a multiple of it
+LATTICE_SLACK = 0.1  # and at most this much less than the best-fitting step's share
+LATTICE_MIN_COEFFICIENTS = 30  # fewer coefficients beyond half a step (flat blocks) say nothing of the step
+# A block with a value clipped at 0 or 255 (a background overexposed at white, a ringing overshoot) is off the lattice
+# there; up to this many of its 192 values shift its coefficients by little. Beyond, the block is left out: a field
+# whose background is clipped almost everywhere (half of Taleqani's) leaves too few blocks to read.
+MAX_CLIPPED_VALUES = 8
+PIXEL_QUALITY_BLOCKS = 800  # blocks read, an even grid of them: enough coefficients, under a millisecond
+# Coefficient magnitudes under 256 are counted in bins of a quarter grey level (larger ones, strong edges, are few), so
+# testing every step is two small products with fixed tables of which bins lie beyond half the step and which of those
+# within one grey level of a multiple of it.
+_BIN = 0.25
+_BIN_CENTRES = np.arange(int(256 / _BIN)) * _BIN
+_BEYOND_HALF = (_BIN_CENTRES[None, :] > LATTICE_STEPS[:, None] / 2).astype(np.float32)
+_NEAR_MULTIPLE = np.abs(_BIN_CENTRES[None, :] - LATTICE_STEPS[:, None] * np.round(_BIN_CENTRES[None, :] / LATTICE_STEPS[:, None])) <= 1.0
+_ON_LATTICE = (_NEAR_MULTIPLE & (_BEYOND_HALF > 0)).astype(np.float32)
+_QUALITIES = np.array(sorted(_SCALED_TABLES))
+_TABLE_STEPS = np.array([[_SCALED_TABLES[quality][frequency] for frequency in _LATTICE_FREQUENCIES] for quality in _QUALITIES])
+
+
+def pixel_jpeg_quality(frame: np.ndarray) -> int | None:
+    """The JPEG quality (1-100) a decoded BGR frame was last compressed at, estimated from its pixels; None where no
+    block lattice shows (never compressed, compressed at 90 or more, or resized or cropped off the 8-px grid since).
+    On frames compressed once by a libjpeg-based encoder with the standard tables, the quality or one to two above it
+    (neighbouring qualities can scale the lowest frequencies' steps alike; of those the highest is returned); where a
+    frame was compressed twice, the harder compression's steps dominate."""
+    rows, columns = frame.shape[0] // 8, frame.shape[1] // 8
+    if rows * columns == 0:
+        return None
+    stride = max(1, int(np.ceil(np.sqrt(rows * columns / PIXEL_QUALITY_BLOCKS))))
+    grid = frame[: rows * 8, : columns * 8].reshape(rows, 8, columns, 8, 3)[::stride, :, ::stride]
+    blocks = grid.transpose(0, 2, 1, 3, 4).reshape(-1, 8, 8, 3)
+    unclipped = np.count_nonzero((blocks + np.uint8(1)).reshape(len(blocks), -1) <= 1, axis=1) <= MAX_CLIPPED_VALUES  # 255 and 0 wrap to 0 and 1
+    luma = blocks[unclipped].astype(np.float32) @ _LUMA_BGR
+    coefficients = np.abs((np.matmul(_ROWS[None], luma) * _COLUMNS[None]).sum(axis=2))  # (blocks, frequencies)
+    bins = (coefficients / _BIN + 0.5).astype(np.int64) + np.arange(len(_LATTICE_FREQUENCIES)) * _BIN_CENTRES.size
+    bins = bins[(coefficients < _BIN_CENTRES[-1])]
+    frequencies = len(_LATTICE_FREQUENCIES)
+    histogram = np.bincount(bins, minlength=frequencies * _BIN_CENTRES.size)
+    histogram = histogram.reshape(frequencies, -1).astype(np.float32)
+    counted, on_lattice = histogram @ _BEYOND_HALF.T, histogram @ _ON_LATTICE.T  # (frequencies, steps)
+    share = np.where(counted >= LATTICE_MIN_COEFFICIENTS, on_lattice / np.maximum(counted, 1), 0.0)
+    # A step's lattice must hold nearly as much as the best-fitting step's: a frame compressed twice (at 51, then at 70)
+    # holds 80 % on twice the second step's lattice too, where most coefficients sit at one multiple.
+    held = share >= np.maximum(LATTICE_SHARE, share.max(axis=1, keepdims=True) - LATTICE_SLACK)
+    largest = np.where(held.any(axis=1), LATTICE_STEPS[::-1][np.argmax(held[:, ::-1], axis=1)], 0)  # per frequency
+    found = np.where(largest >= 4, largest, -1)  # 3 still fits the rounding of an uncompressed frame at times
+    if (found < 0).all():
+        return None
+    matches = (_TABLE_STEPS == found[None, :]).sum(axis=1)
+    return int(_QUALITIES[np.flatnonzero(matches == matches.max())[-1]])  # of equal fits, the highest quality
 
 
 def file_jpeg_quality(path: str | Path) -> int | None:

@@ -18,6 +18,7 @@ from .frame import min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, fragments, label_map_from_probabilities
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
+from .decode import pixel_jpeg_quality
 from .domain import domain_scores, incomplete_rows, outside_domain, swapped_colour_gain
 from .result import BACKGROUND, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, Cell, Result, Timings, Verdict, make_verdict
 
@@ -238,7 +239,8 @@ class Detector:
         preprocess, segment, find cells, keep the white cells (bundles with a gate), refine each
         kept cell's masks (bundles with a refiner), check the domain (bundles with one), classify, judge;
         timings in ms per stage. jpeg_quality: the quality of the JPEG file the frame was read from
-        (decode.file_jpeg_quality; capture.Frame.jpeg_quality), for the compression check; None for a camera frame."""
+        (decode.file_jpeg_quality; capture.Frame.jpeg_quality), for the compression check; None for a camera frame
+        (what the pixels hold, decode.pixel_jpeg_quality, is checked either way)."""
         self._require_open()
         timings = Timings(capture_ms=capture_ms)
         started = time.perf_counter()
@@ -247,6 +249,7 @@ class Detector:
             return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
         with _stopwatch(timings, "preprocess"):
             incomplete = incomplete_rows(frame) if self.domain_spec else 0.0  # measured as captured, before any correction
+            in_pixels = pixel_jpeg_quality(frame) if self.domain_spec else None  # as captured too: evening divides the lattice away
             frame, outside_field, falloff = corrected_frame(frame)  # every later stage reads it, as training did
         found = self.candidates(frame, timings)
         instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
@@ -256,6 +259,7 @@ class Detector:
                 domain = domain_scores(
                     self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances],
                     jpeg_quality=jpeg_quality, illumination_falloff=falloff, outside_field=outside_field, incomplete=incomplete,
+                    pixel_jpeg_quality=in_pixels,
                 )
         with _stopwatch(timings, "classify"):
             if crops is None:

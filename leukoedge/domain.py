@@ -30,7 +30,9 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   against the lowest quality any validated source was saved at (75). Compressed harder, blasts are lost and a normal
   field can be flagged (Taleqani's malignant validation fields saved again at quality 50: 45 of 60 flagged; at 70 one
   normal TXL-PBC raabin field flagged; docs/training.md, "Bundle 0.13.0: compressed files"). Bundles fitted before
-  this check have no "min_jpeg_quality" and skip it.
+  this check have no "min_jpeg_quality" and skip it. And, for every bundle with a domain check, the quality the frame's
+  pixels were last compressed at (decode.pixel_jpeg_quality, as captured: an MJPEG camera, a JPEG saved again at a
+  higher quality or as PNG), against MIN_PIXEL_JPEG_QUALITY (not fitted: below).
 - field of view: how much of the frame lies outside the microscope's field of view (outside_field) and how much is
   black inside it (dark_share). A camera on an eyepiece or a phone adapter sees a circular field with black corners;
   the stain normalization read them as smear and shifted every colour, and normal fields were flagged (Zheng's
@@ -323,6 +325,7 @@ def domain_scores(
     illumination_falloff: float | None = None,
     outside_field: float = 0.0,
     incomplete: float = 0.0,
+    pixel_jpeg_quality: int | None = None,
 ) -> dict[str, float]:
     """The frame's domain-check scores, `frame` being the corrected one the models read (preprocess.cpu.corrected_frame):
     - colour distance, segmenter uncertainty, the black left inside the field (dark_share), chroma spread (bundles with
@@ -351,6 +354,8 @@ def domain_scores(
         scores["noise"] = noise
     if "min_jpeg_quality" in spec and jpeg_quality is not None:
         scores["jpeg_quality"] = float(jpeg_quality)
+    if pixel_jpeg_quality is not None:
+        scores["pixel_jpeg_quality"] = float(pixel_jpeg_quality)
     if illumination_falloff is not None:
         scores["illumination_falloff"] = float(illumination_falloff)
     return scores
@@ -359,6 +364,15 @@ def domain_scores(
 DOMAIN_CHECKS = (
     "colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view", "illumination", "incomplete", "channel_order",
 )
+
+# A frame whose pixels were compressed at a JPEG quality under this is refused (decode.pixel_jpeg_quality, measured as
+# captured). The sources' own frames hold 75 (BCCD, PBC, ALL-IDB2, TXL-PBC bcd), 51 (TXL-PBC raabin's files, saved at
+# 95 after a compression at 51) or no lattice (Taleqani, Zheng) (scripts/capture_levels.py): the bar lies under every
+# validated frame. Not fitted: fitted, it would follow the sources a bundle saw (75 without raabin, refusing raabin's
+# frames, which the models judge right), and compression is a camera setting, not a device's look. Validation fields
+# handed over as MJPEG camera frames at 40 and below are nearly all refused; at 50-74 they are judged and Taleqani's
+# lose blasts (scripts/capture_study.py --fault jpeg --camera; docs/training.md, "Compression read from the pixels").
+MIN_PIXEL_JPEG_QUALITY = 45
 
 # Evened, validation fields whose light fell to 0.3 at one side were judged as captured (every malignant Taleqani field
 # flagged; no normal field flagged but one TXL-PBC raabin field already one cell from a false flag, which this and
@@ -382,7 +396,9 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("focus")
     if "max_noise" in spec and "noise" in scores and scores["noise"] > spec["max_noise"]:
         failed.append("noise")
-    if "min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]:
+    if ("min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]) or (
+        scores.get("pixel_jpeg_quality", 100.0) < MIN_PIXEL_JPEG_QUALITY
+    ):
         failed.append("compression")
     if scores.get("dark_share", 0.0) > MAX_DARK_SHARE or scores.get("outside_field", 0.0) > MAX_OUTSIDE_FIELD:
         failed.append("field_of_view")
@@ -449,10 +465,16 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
             f"{MAX_FALLOFF:.0%} cannot be evened out): centre the lamp and the condenser (Koehler illumination) and capture again"
         )
     if "compression" in failed:
-        reasons.append(
-            f"compressed harder than any validated source (JPEG quality {scores['jpeg_quality']:.0f} < {spec['min_jpeg_quality']:.0f}): "
-            f"save the frames uncompressed (PNG) or at JPEG quality {spec['min_jpeg_quality']:.0f} or more"
-        )
+        if scores.get("jpeg_quality", 100.0) < spec.get("min_jpeg_quality", 0):
+            reasons.append(
+                f"compressed harder than any validated source (JPEG quality {scores['jpeg_quality']:.0f} < {spec['min_jpeg_quality']:.0f}): "
+                f"save the frames uncompressed (PNG) or at JPEG quality {spec['min_jpeg_quality']:.0f} or more"
+            )
+        else:
+            reasons.append(
+                f"compressed harder than any validated frame (its pixels hold JPEG quality {scores['pixel_jpeg_quality']:.0f} < "
+                f"{MIN_PIXEL_JPEG_QUALITY}): set the camera to uncompressed frames, or MJPEG at a higher quality"
+            )
     return "; ".join(reasons)
 
 

@@ -7,7 +7,8 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - exposure (--fault exposure): the frame's values times the level (a gain), clipped to 0-255: under 1 too dark,
   over 1 overexposed (a pale background and pale cytoplasm clip first);
 - noise (--fault noise): Gaussian sensor noise of the level's standard deviation in grey levels, every channel;
-- jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured);
+- jpeg (--fault jpeg): the frame saved as a JPEG of the level's quality and read back (0: as captured); with --camera
+  handed over without the file's quality, as an MJPEG camera's decoded frame (only the pixels tell its compression);
 - vignette (--fault vignette): a circular field of view, as a camera on an eyepiece or a phone adapter sees it: the
   frame black outside a centred circle whose radius is the level times the frame's half-diagonal (1: no corner lost).
 - motion (--fault motion): the stage moving while the shutter is open: a horizontal box blur whose length is the level
@@ -19,7 +20,7 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - truncated (--fault truncated): the frame's last `level` share of rows grey, as OpenCV decodes a JPEG cut short (a
   camera buffer not fully written looks the same).
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
-domain section less max_edge_width, max_noise and min_jpeg_quality), and the table prints, per source and level: the fields' edge
+domain section less max_edge_width, max_noise and min_jpeg_quality, and without the pixels' JPEG quality), and the table prints, per source and level: the fields' edge
 widths and noise, how many the capture checks refuse, how many are judged, and the verdicts without the checks, with
 the bundle's bars and with each device's own focus bar as `leukoedge adapt` would set it from that device's fields
 without the fault (adapt.device_threshold; fitted on the same fields it is then measured on) (normal fields
@@ -131,6 +132,9 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 # The capture checks: domain key -> the score it bounds and its name in domain.failed_checks. Only focus has a
 # device's own bar as well (adapt.DEVICE_BARS).
 CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
+# The capture checks of every bundle with a domain check (runtime constants, not in the manifest): the scores they read,
+# left out of the run without the capture checks. domain.MIN_PIXEL_JPEG_QUALITY reads the pixels' JPEG quality.
+RUNTIME_CAPTURE_SCORES = ("pixel_jpeg_quality",)
 # The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view check's
 # and the incomplete-frame check's (not bundle thresholds: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE,
 # domain.MAX_INCOMPLETE).
@@ -163,6 +167,10 @@ def main() -> int:
         help="run without evening uneven light (preprocess.cpu.even_illumination), as leukoedge ran before it: the figures it was measured against",
     )
     parser.add_argument(
+        "--camera", action="store_true",
+        help="hand every frame over without its file's JPEG quality, as a camera does (the compression check reads the pixels only)",
+    )
+    parser.add_argument(
         "--levels", type=float, nargs="+", default=None,
         help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities; "
         "vignette: field-of-view radii as shares of the half-diagonal; motion: blur lengths as shares of the median cell side; "
@@ -188,7 +196,7 @@ def main() -> int:
     outcomes = []  # one per field and level
     for record in tqdm(study_records(args.data, args.split, args.per_source), desc="fields", unit="field"):
         frame = data.read_image(record)
-        captured_quality = file_jpeg_quality(record.image_path)
+        captured_quality = None if args.camera else file_jpeg_quality(record.image_path)
         as_captured = checked.run(frame, jpeg_quality=captured_quality)
         side = median_cell_side([cell.box for cell in as_captured.cells])
         if side is None:
@@ -196,11 +204,12 @@ def main() -> int:
         for level in levels:
             faulty = spoilt(frame, args.fault, level, side)
             # A frame saved again as a JPEG carries that file's quality; any other fault keeps the file's own.
-            quality = int(level) if args.fault == "jpeg" and level != no_fault else captured_quality
+            quality = int(level) if args.fault == "jpeg" and level != no_fault and not args.camera else captured_quality
             with_result = as_captured if level == no_fault else checked.run(faulty, jpeg_quality=quality)
             with_check = with_result.verdict
             # A frame too small to judge has no domain scores: it is refused with or without the capture checks.
-            without = unchecked.judge(with_result.cells, with_check.non_wbc_count, with_check.domain) if with_check.domain else with_check
+            unchecked_scores = {key: value for key, value in with_check.domain.items() if key not in RUNTIME_CAPTURE_SCORES}
+            without = unchecked.judge(with_result.cells, with_check.non_wbc_count, unchecked_scores) if with_check.domain else with_check
             outcomes.append({
                 "group": group(record), "domain": record.domain, "level": level, "scores": with_check.domain,
                 "judged": without.status == "ok", "flagged": bool(without.flagged),
@@ -223,7 +232,7 @@ def main() -> int:
         o["judged_device"], o["flagged_device"] = o["judged_with"] and not beyond, o["flagged_with"] and not beyond
         o["refused_device"] = o["refused_for_capture"] or (o["judged_with"] and beyond)
 
-    print(f"{args.bundle} ({checked.bundle.model_version}), {args.split} split, {args.fault}; the bundle's bars: "
+    print(f"{args.bundle} ({checked.bundle.model_version}), {args.split} split, {args.fault}{' (camera frames)' if args.camera else ''}; the bundle's bars: "
           + ", ".join(f"{score} {'>=' if key.startswith('min_') else '<='} {checked.domain_spec[key]:.2f}" for key, score in bars.items()))
     print("each device's own focus bar (leukoedge adapt, fitted on its fields without the fault): "
           + "; ".join(f"{domain} " + ", ".join(f"{bars[key]} {bar:.2f}" for key, bar in own.items()) for domain, own in sorted(device_bars.items())))
@@ -233,14 +242,15 @@ def main() -> int:
         "illumination": "darkening across the frame", "scale": "scale (x pixels)", "channels": "red and blue swapped",
         "truncated": "share of rows lost",
     }[args.fault]
-    medians = " | ".join(f"{score} median (p95)" for score in bars.values())
+    shown = (*bars.values(), *RUNTIME_CAPTURE_SCORES)
+    medians = " | ".join(f"{score} median (p95)" for score in shown)
     print(f"| fields | {level_name} | n | {medians} | refused by the capture checks: bundle's / device's bars | judged: no capture check / bundle's / device's bars "
           "| flagged: no capture check / bundle's / device's | PBC type right among judged: no capture check / bundle's / device's |")
-    print("|---|---|---|" + "---|" * len(bars) + "---|---|---|---|")
+    print("|---|---|---|" + "---|" * len(shown) + "---|---|---|---|")
     for name, level in sorted({(o["group"], o["level"]) for o in outcomes}):
         rows = [o for o in outcomes if o["group"] == name and o["level"] == level]
         spreads = []
-        for score in bars.values():
+        for score in shown:
             values = np.array([o["scores"][score] for o in rows if score in o["scores"]] or [np.nan])
             spreads.append(f"{np.median(values):.2f} ({np.quantile(values, 0.95):.2f})")
         typed = " / ".join(str(sum(bool(o["typed"]) and o[key] for o in rows)) for key in ("judged", "judged_with", "judged_device")) if name == "pbc" else ""

@@ -271,11 +271,11 @@ def read_image_as_captured(record: Record) -> np.ndarray:
 
 
 def run_record(detector, record: Record):
-    """detector.run on the record's image as `leukoedge run` runs its file: with the file's JPEG quality (the
-    compression check reads it)."""
+    """detector.run on the record's image as `leukoedge run` runs its file: as captured (Detector.run corrects it and
+    measures the capture checks before), with the file's JPEG quality (the compression check reads it)."""
     from leukoedge.decode import file_jpeg_quality
 
-    return detector.run(read_image(record), jpeg_quality=file_jpeg_quality(record.image_path))
+    return detector.run(read_image_as_captured(record), jpeg_quality=file_jpeg_quality(record.image_path))
 
 
 def _zheng_label_map(record: Record, image_shape: tuple[int, ...]) -> np.ndarray:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge.decode import decode_image, decoder_messages, file_jpeg_quality, jpeg_problem, jpeg_quality, png_problem, read_image
+from leukoedge.decode import decode_image, decoder_messages, file_jpeg_quality, jpeg_problem, jpeg_quality, pixel_jpeg_quality, png_problem, read_image
 from leukoedge.errors import CaptureError, LeukoedgeError, UnreadableImageError
 
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "samples").glob("*.jpg"))
@@ -176,3 +176,45 @@ def test_a_jpeg_s_quality_is_read_from_its_quantization_table(field_jpeg: bytes,
     saved = tmp_path / "field.jpg"
     saved.write_bytes(cv2.imencode(".jpg", field, [cv2.IMWRITE_JPEG_QUALITY, 60])[1].tobytes())
     assert file_jpeg_quality(saved) == 60 and file_jpeg_quality(tmp_path / "missing.jpg") is None
+
+
+def _compressed(frame: np.ndarray, quality: int) -> np.ndarray:
+    return cv2.imdecode(cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR)
+
+
+def test_the_quality_a_frame_was_compressed_at_is_read_from_its_pixels(field_jpeg: bytes):
+    field = decode_image(field_jpeg)
+    assert pixel_jpeg_quality(field) == jpeg_quality(field_jpeg)  # the shipped sample, decoded: the file's own quality
+    # Resampled, the frame keeps no block lattice: a camera's uncompressed frame.
+    uncompressed = cv2.resize(field, None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA)
+    assert pixel_jpeg_quality(uncompressed) is None
+    for quality in (20, 40, 50, 60, 70, 75, 80):  # an MJPEG camera at these settings
+        # Neighbouring qualities can scale the lowest frequencies' steps alike: of those, the highest is returned.
+        assert quality <= pixel_jpeg_quality(_compressed(uncompressed, quality)) <= quality + 2
+    assert pixel_jpeg_quality(_compressed(uncompressed, 95)) is None  # steps under 3 drown in the decoder's rounding
+    # Compressed, then saved again at a higher quality: the harder compression shows.
+    assert 50 <= pixel_jpeg_quality(_compressed(_compressed(uncompressed, 50), 95)) <= 52
+    # Cropped off the 8-px grid, or smaller than a block: nothing to read.
+    assert pixel_jpeg_quality(_compressed(uncompressed, 50)[3:, 5:]) is None
+    assert pixel_jpeg_quality(field[:7, :7]) is None
+
+
+def test_the_pixels_quality_is_read_whatever_the_channel_order(field_jpeg: bytes):
+    # The luma lattice holds in a mix with red and blue swapped too (the chroma's steps at these frequencies are
+    # lattices of their own): a camera handing RGB frames is read alike.
+    uncompressed = cv2.resize(decode_image(field_jpeg), None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA)
+    compressed = _compressed(uncompressed, 40)
+    assert pixel_jpeg_quality(compressed) == 40 == pixel_jpeg_quality(np.ascontiguousarray(compressed[:, :, ::-1]))
+
+
+def test_frames_of_an_mjpeg_recording_hold_their_compression(field_jpeg: bytes, tmp_path: Path):
+    # OpenCV's own MJPG writer (quality about 75, its own table scaling): what a camera recording hands over.
+    field = cv2.resize(decode_image(field_jpeg), None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA)
+    path = tmp_path / "session.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (field.shape[1], field.shape[0]))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build writes no MJPG")
+    writer.write(field)
+    writer.release()
+    ok, frame = cv2.VideoCapture(str(path)).read()
+    assert ok and 70 <= pixel_jpeg_quality(frame) <= 77

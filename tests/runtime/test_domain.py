@@ -14,6 +14,7 @@ from leukoedge.domain import (
     COLOUR_FEATURES,
     MEAN_SPREAD_FEATURES,
     MIN_CHROMA_SPREAD,
+    MIN_PIXEL_JPEG_QUALITY,
     MAX_DARK_SHARE,
     MAX_FALLOFF,
     MAX_INCOMPLETE,
@@ -345,6 +346,31 @@ def test_a_frame_from_a_hard_compressed_file_is_not_judged_and_a_camera_frame_is
     assert detector.run(frame).verdict.status == "ok" and "jpeg_quality" not in detector.run(frame).verdict.domain
     detector.domain_spec = {key: value for key, value in detector.domain_spec.items() if key != "min_jpeg_quality"}
     assert "jpeg_quality" not in detector.run(frame, jpeg_quality=50).verdict.domain  # a bundle without the check
+
+
+def test_pixels_compressed_under_the_bar_fail_the_compression_check_whatever_the_file_says():
+    spec = fit_domain(_correlations(np.random.default_rng(0), 6), np.full(6, 0.05), ["a"] * 6, jpeg_qualities=[95] * 6)
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    assert failed_checks(spec, {**inside, "pixel_jpeg_quality": float(MIN_PIXEL_JPEG_QUALITY)}) == []
+    # A file saved at 95 whose pixels were compressed at 30 before: the pixels tell.
+    assert failed_checks(spec, {**inside, "jpeg_quality": 95.0, "pixel_jpeg_quality": 30.0}) == ["compression"]
+    assert f"its pixels hold JPEG quality 30 < {MIN_PIXEL_JPEG_QUALITY}" in outside_domain(spec, {**inside, "pixel_jpeg_quality": 30.0})
+    assert failed_checks(spec, inside) == []  # no lattice in the pixels: nothing to check
+
+
+def test_a_camera_frame_compressed_harder_than_any_validated_is_not_judged():
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.resize(cv2.imread(str(SAMPLES[0])), None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA)  # no block lattice
+    uncompressed = detector.run(frame).verdict
+    assert uncompressed.status == "ok" and "pixel_jpeg_quality" not in uncompressed.domain
+    mjpeg = cv2.imdecode(cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 30])[1], cv2.IMREAD_COLOR)  # an MJPEG camera
+    refused = detector.run(mjpeg).verdict  # no file quality: the pixels tell
+    assert refused.status == "outside_domain" and not refused.flagged and "its pixels hold JPEG quality 30" in refused.reason
+    at_75 = cv2.imdecode(cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_COLOR)
+    judged = detector.run(at_75).verdict
+    assert judged.status == "ok" and 75 <= judged.domain["pixel_jpeg_quality"] <= 77
+    detector.domain_spec = {}
+    assert detector.run(mjpeg).verdict.domain == {}  # a bundle without a domain check measures nothing
 
 
 def _circular_field(frame: np.ndarray, radius_share: float) -> np.ndarray:
