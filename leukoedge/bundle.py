@@ -31,6 +31,7 @@ import numpy as np
 from leukoedge.domain import (
     COLOUR_FEATURES,
     MAX_FALLOFF,
+    MIN_EDGE_ISOTROPY,
     MIN_PIXEL_JPEG_QUALITY,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
@@ -952,7 +953,8 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(  # the runtime's, for every bundle with a domain check (not fitted, not in the manifest)
             f"runtime checks: black outside a field of view filled and light falling off by {EVEN_FROM:.0%} or more evened before the models; outside when "
             f"more than {MAX_OUTSIDE_FIELD:.0%} outside the field of view or {MAX_DARK_SHARE:.0%} black inside it, light falling off by more "
-            f"than {MAX_FALLOFF:.0%}, a band of flat or repeating rows over {MAX_INCOMPLETE:.0%} of the frame, pixels compressed "
+            f"than {MAX_FALLOFF:.0%}, a band of flat or repeating rows over {MAX_INCOMPLETE:.0%} of the frame, edges blurred one way (edge "
+            f"isotropy under {MIN_EDGE_ISOTROPY:.3f}), pixels compressed "
             f"under JPEG quality {MIN_PIXEL_JPEG_QUALITY}, or, on a flagged frame, "
             f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped"
         )

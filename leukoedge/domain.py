@@ -20,6 +20,11 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   pixels inside the cells' boxes). Out of focus, the classifier still answers: blurred benign Taleqani fields were
   flagged as leukemic and PBC's white-cell types went wrong with no frame refused (docs/training.md, "Bundle
   0.11.0: out of focus"). Bundles fitted before this check have no "max_edge_width" and skip it (and do not measure it).
+- motion: how evenly the frame's steepest edges run every way (edge_isotropy). The stage or camera moving during the
+  exposure softens edges along the motion only, which the focus check, reading the steepest edges whichever way they
+  run, sees only partly: motion blur of a fifth of a cell turned PBC's white-cell types from 54 of 57 right to 37 of
+  56 with no frame refused (docs/training.md, "Motion blur (the motion check)"). Not fitted (MIN_EDGE_ISOTROPY; every
+  bundle with a domain check).
 - noise: the camera's noise as the classifier sees the white cells (noise_level: grey levels once each cell is
   shrunk to its 64-px crop). Under sensor noise the classifier calls fewer blasts on every field and says nothing:
   Taleqani's malignant validation fields flagged 60 of 60 as captured, 53 with noise of 8 grey levels, 20 with 16
@@ -304,6 +309,44 @@ def frame_noise(frame: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2.0) * response[np.argpartition(slope, flattest - 1)[:flattest]].mean() / 6.0)
 
 
+# The motion check reads how evenly the frame's edges run every way. Red and white cells' outlines are round, so the
+# steepest gradients of a sharp smear point every way; the stage or camera moving while the shutter is open softens the
+# edges along the motion only, and the steepest gradients left point across it. ISOTROPY_EDGE_SHARE: the steepest of
+# the frame's pixels read. Frames are area-shrunk to ISOTROPY_SIDE px first (a motion long enough to matter, a tenth of
+# a cell, still spans pixels there; 0.5 ms where the full 640x480 frame took several). Dark pixels and their
+# neighbours are left out: black bars and a field of view's rim are straight or circular edges the smear does not hold.
+ISOTROPY_EDGE_SHARE = 0.05
+ISOTROPY_SIDE = 320
+# A frame whose edge isotropy is under this is refused. The lowest of every source's validation fields is 0.181 (a
+# Taleqani field; scripts/capture_levels.py), divided by THRESHOLD_MARGIN: 0.145. Not fitted: a device's own frames can
+# be softer one way as captured (TXL-PBC bcd's median 0.32), and a bar fitted as the others are moves with them (0.167
+# with bcd's validation fields, 0.340 without, which would refuse most of bcd's frames in a bundle that never saw them).
+MIN_EDGE_ISOTROPY = 0.145
+_DARK_NEIGHBOURHOOD = np.ones((5, 5), np.uint8)
+
+
+def edge_isotropy(frame: np.ndarray) -> float | None:
+    """How evenly the frame's steepest edges run every way: the smaller eigenvalue of their gradients' structure tensor
+    over the larger, 1 when they point every way alike, towards 0 when all point one way (motion blur softens the
+    edges along the motion). None for a frame without enough edges to read."""
+    grey = cv2.transform(frame.astype(np.float32), _CHANNEL_MEAN)
+    scale = ISOTROPY_SIDE / max(grey.shape)
+    if scale < 1.0:
+        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    dx, dy = cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)
+    keep = cv2.dilate((grey <= DARK_LEVEL).astype(np.uint8), _DARK_NEIGHBOURHOOD) == 0
+    keep[:2], keep[-2:], keep[:, :2], keep[:, -2:] = False, False, False, False  # Sobel's border reads reflected pixels
+    dx, dy = dx[keep], dy[keep]
+    steepest = int(ISOTROPY_EDGE_SHARE * dx.size)
+    if steepest < 20:
+        return None
+    edges = np.argpartition(dx * dx + dy * dy, -steepest)[-steepest:]
+    dx, dy = dx[edges].astype(np.float64), dy[edges].astype(np.float64)
+    xx, yy, xy = dx @ dx, dy @ dy, dx @ dy
+    mean, spread = (xx + yy) / 2.0, np.sqrt((xx - yy) ** 2 / 4.0 + xy * xy)
+    return float((mean - spread) / (mean + spread)) if mean > 0 else None
+
+
 def noise_level(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
     """The frame's noise (frame_noise) as the classifier sees its white cells: each cell's box is shrunk to about
     FOCUS_SIZE px a side (its crop), and shrinking by a factor k averages white noise down by k; a cell that is
@@ -352,6 +395,8 @@ def domain_scores(
         scores["edge_width"] = width
     if "max_noise" in spec and (noise := noise_level(frame, cell_boxes)) is not None:
         scores["noise"] = noise
+    if (isotropy := edge_isotropy(frame)) is not None:
+        scores["edge_isotropy"] = isotropy
     if "min_jpeg_quality" in spec and jpeg_quality is not None:
         scores["jpeg_quality"] = float(jpeg_quality)
     if pixel_jpeg_quality is not None:
@@ -362,7 +407,7 @@ def domain_scores(
 
 
 DOMAIN_CHECKS = (
-    "colour", "uncertainty", "cell_size", "no_colour", "focus", "noise", "compression", "field_of_view", "illumination", "incomplete", "channel_order",
+    "colour", "uncertainty", "cell_size", "no_colour", "focus", "motion", "noise", "compression", "field_of_view", "illumination", "incomplete", "channel_order",
 )
 
 # A frame whose pixels were compressed at a JPEG quality under this is refused (decode.pixel_jpeg_quality, measured as
@@ -394,6 +439,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("no_colour")
     if "max_edge_width" in spec and "edge_width" in scores and scores["edge_width"] > spec["max_edge_width"]:
         failed.append("focus")
+    if scores.get("edge_isotropy", 1.0) < MIN_EDGE_ISOTROPY:
+        failed.append("motion")
     if "max_noise" in spec and "noise" in scores and scores["noise"] > spec["max_noise"]:
         failed.append("noise")
     if ("min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]) or (
@@ -443,6 +490,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(
             f"out of focus (white cells' edges {scores['edge_width']:.2f} wide > {spec['max_edge_width']:.2f}, in 1/{FOCUS_SIZE} of a cell): "
             "focus the microscope on the cells and capture again"
+        )
+    if "motion" in failed:
+        reasons.append(
+            f"blurred one way (edge isotropy {scores['edge_isotropy']:.2f} < {MIN_EDGE_ISOTROPY:.2f}: its edges are soft along "
+            "one direction): the stage or the camera moved during the exposure; let the stage settle, shorten the exposure and capture again"
         )
     if "noise" in failed:
         reasons.append(

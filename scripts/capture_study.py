@@ -1,5 +1,6 @@
 """What a badly set camera does to the verdict: defocus, exposure, sensor noise and compression, and what the capture
-checks (focus, domain.edge_width; noise, domain.noise_level; compression, the JPEG file's quality) refuse.
+checks (focus, domain.edge_width; motion, domain.edge_isotropy; noise, domain.noise_level; compression, the JPEG file's
+quality and the pixels') refuse.
 
 Every field of a split is spoilt as a capture fault spoils it, at each level:
 - defocus (--fault defocus): a Gaussian blur whose sigma is the level times the sharp field's median white-cell
@@ -20,7 +21,8 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - truncated (--fault truncated): the frame's last `level` share of rows grey, as OpenCV decodes a JPEG cut short (a
   camera buffer not fully written looks the same).
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
-domain section less max_edge_width, max_noise and min_jpeg_quality, and without the pixels' JPEG quality), and the table prints, per source and level: the fields' edge
+domain section less max_edge_width, max_noise and min_jpeg_quality, and without the edge isotropy and the pixels' JPEG
+quality), and the table prints, per source and level: the fields' edge
 widths and noise, how many the capture checks refuse, how many are judged, and the verdicts without the checks, with
 the bundle's bars and with each device's own focus bar as `leukoedge adapt` would set it from that device's fields
 without the fault (adapt.device_threshold; fitted on the same fields it is then measured on) (normal fields
@@ -133,12 +135,12 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 # device's own bar as well (adapt.DEVICE_BARS).
 CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
 # The capture checks of every bundle with a domain check (runtime constants, not in the manifest): the scores they read,
-# left out of the run without the capture checks. domain.MIN_PIXEL_JPEG_QUALITY reads the pixels' JPEG quality.
-RUNTIME_CAPTURE_SCORES = ("pixel_jpeg_quality",)
-# The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view check's
-# and the incomplete-frame check's (not bundle thresholds: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE,
-# domain.MAX_INCOMPLETE).
-CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete"})
+# left out of the run without the capture checks: domain.MIN_EDGE_ISOTROPY's (motion) and domain.MIN_PIXEL_JPEG_QUALITY's.
+RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality")
+# The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view,
+# incomplete-frame and motion checks' (not bundle thresholds: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE,
+# domain.MAX_INCOMPLETE, domain.MIN_EDGE_ISOTROPY).
+CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion"})
 
 
 def group(record: data.Record) -> str:

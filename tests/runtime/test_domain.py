@@ -14,6 +14,7 @@ from leukoedge.domain import (
     COLOUR_FEATURES,
     MEAN_SPREAD_FEATURES,
     MIN_CHROMA_SPREAD,
+    MIN_EDGE_ISOTROPY,
     MIN_PIXEL_JPEG_QUALITY,
     MAX_DARK_SHARE,
     MAX_FALLOFF,
@@ -25,6 +26,7 @@ from leukoedge.domain import (
     cell_edge_widths,
     colour_distance,
     colour_features,
+    edge_isotropy,
     edge_width,
     failed_checks,
     fit_domain,
@@ -371,6 +373,47 @@ def test_a_camera_frame_compressed_harder_than_any_validated_is_not_judged():
     assert judged.status == "ok" and 75 <= judged.domain["pixel_jpeg_quality"] <= 77
     detector.domain_spec = {}
     assert detector.run(mjpeg).verdict.domain == {}  # a bundle without a domain check measures nothing
+
+
+def _moved(frame: np.ndarray, length: int, vertical: bool = False) -> np.ndarray:
+    """The frame blurred as by the stage moving `length` px during the exposure."""
+    kernel = np.full((length, 1) if vertical else (1, length), 1.0 / length, np.float32)
+    return cv2.filter2D(frame, -1, kernel, borderType=cv2.BORDER_REFLECT)
+
+
+def test_edge_isotropy_falls_with_motion_blur_whichever_way_and_ignores_black_bars():
+    for sample in SAMPLES:
+        frame = cv2.imread(str(sample))
+        sharp = edge_isotropy(frame)
+        across, down = edge_isotropy(_moved(frame, 30)), edge_isotropy(_moved(frame, 30, vertical=True))
+        assert sharp > 0.3 and across < sharp / 2 and down < sharp / 2, (sample.name, sharp, across, down)
+        barred = cv2.copyMakeBorder(frame, 0, 0, 60, 60, cv2.BORDER_CONSTANT, value=0)  # black bars: straight edges
+        assert abs(edge_isotropy(barred) - sharp) < 0.1
+    assert edge_isotropy(np.full((64, 64, 3), 200, np.uint8)) is None  # nothing to read
+
+
+def test_a_frame_under_the_isotropy_bar_fails_the_motion_check():
+    spec = fit_domain(_correlations(np.random.default_rng(0), 6), np.full(6, 0.05), ["a"] * 6)
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    assert failed_checks(spec, {**inside, "edge_isotropy": MIN_EDGE_ISOTROPY}) == []
+    assert failed_checks(spec, {**inside, "edge_isotropy": 0.05}) == ["motion"]
+    assert "blurred one way" in outside_domain(spec, {**inside, "edge_isotropy": 0.05})
+    assert failed_checks(spec, inside) == []  # nothing to read: nothing to refuse
+
+
+def test_a_frame_blurred_by_motion_is_not_judged_and_a_bundle_without_a_domain_check_does_not_measure_it():
+    detector = Detector.load(REPO / "models" / "default")
+    refused = 0
+    for sample in SAMPLES:
+        frame = cv2.imread(str(sample))
+        sharp = detector.run(frame).verdict
+        assert sharp.status == "ok" and sharp.domain["edge_isotropy"] > MIN_EDGE_ISOTROPY
+        moved = detector.run(_moved(frame, 40)).verdict
+        assert moved.status != "ok" and not moved.flagged  # refused, or (one PBC sample) its white cell no longer found
+        refused += "blurred one way" in moved.reason
+    assert refused >= 3
+    detector.domain_spec = {}
+    assert "edge_isotropy" not in detector.run(_moved(frame, 40)).verdict.domain
 
 
 def _circular_field(frame: np.ndarray, radius_share: float) -> np.ndarray:
