@@ -35,6 +35,7 @@ from leukoedge.domain import (
     MIN_PIXEL_JPEG_QUALITY,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
+    MAX_TEAR,
     MEAN_SPREAD_FEATURES,
     SWAP_MARGIN,
     feature_names,
@@ -956,7 +957,7 @@ def describe_bundle(bundle: Bundle) -> str:
             f"than {MAX_FALLOFF:.0%}, a band of flat or repeating rows over {MAX_INCOMPLETE:.0%} of the frame, edges blurred one way (edge "
             f"isotropy under {MIN_EDGE_ISOTROPY:.3f}), pixels compressed "
             f"under JPEG quality {MIN_PIXEL_JPEG_QUALITY}, or, on a flagged frame, "
-            f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped"
+            f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped or rows torn sideways (tear score over {MAX_TEAR:.1f})"
         )
     if manifest.get("adaptation", {}).get("labelled"):
         lines.append(f"adapted with labels (leukoedge adapt --labels): {', '.join(manifest['adaptation']['adapted'])}")

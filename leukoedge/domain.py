@@ -48,7 +48,9 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
 - channel order: on a frame about to be flagged only, how much nearer the validated colours it comes with red and blue
   swapped (swapped_colour_gain, SWAP_MARGIN; not fitted, every bundle).
 - completeness: the longest band of rows of one colour, or repeating the row above (incomplete_rows): a camera buffer
-  not fully written or a truncated image. Not fitted (MAX_INCOMPLETE; every bundle).
+  not fully written or a truncated image. Not fitted (MAX_INCOMPLETE; every bundle). And, on a frame about to be
+  flagged only, a tear: rows below one row that match those above far better shifted sideways (tear_score, MAX_TEAR;
+  a buffer that lost its line sync). Not fitted; every bundle.
 - illumination: how far the background's light falls off across the frame as captured (illumination_falloff,
   preprocess.cpu.illumination_falloff). The runtime evens a frame whose light falls off by a quarter or more before
   any model sees it (preprocess.cpu.even_illumination); beyond MAX_FALLOFF (not fitted; every bundle) the dark side is
@@ -120,6 +122,37 @@ def incomplete_rows(frame: np.ndarray) -> float:
     starts_ends = np.diff(np.r_[0, broken.astype(np.int8), 0])
     longest = int((np.flatnonzero(starts_ends == -1) - np.flatnonzero(starts_ends == 1)).max())
     return longest / len(broken) if longest >= MIN_INCOMPLETE_RUN else 0.0
+
+
+# A torn frame: a camera buffer whose lower rows were written shifted sideways (a lost line sync). Every row of a smear
+# matches the row above it best where it stands; at a tear, the row below matches the row above far better shifted.
+# tear_score reads the green channel shrunk across to TEAR_WIDTH columns (every row kept: a tear lies between two
+# rows) and compares, for each pair of adjacent rows, their root-mean-square difference where they stand with the
+# smallest at any shift of TEAR_MIN_SHIFT columns or more either way (round the row: a shift of up to half the width
+# either way, all shifts at once from the rows' Fourier transforms). +1 grey level, so that two flat rows compare as
+# equal. Read on a frame about to be flagged only, as the channel-order check is (a torn frame's harm is a false flag).
+TEAR_WIDTH = 64
+TEAR_MIN_SHIFT = 3
+# A frame scoring over MAX_TEAR is refused: every source's frames of every split score 2.18 at most (a Zheng training
+# image; the validation fields 1.39: scripts/capture_levels.py), validation fields torn at 5-30 % of their width score
+# 4-16 (scripts/capture_study.py --fault torn).
+MAX_TEAR = 3.0
+
+
+def tear_score(frame: np.ndarray) -> float:
+    """The largest, over the frame's adjacent rows, of how much better the lower row matches the upper one shifted
+    sideways than where it stands (about 1 or less: no better; a tear: several times better)."""
+    green = np.ascontiguousarray(frame[:, :, 1])
+    rows = cv2.resize(green, (TEAR_WIDTH, green.shape[0]), interpolation=cv2.INTER_AREA).astype(np.float64)
+    if len(rows) < 2:
+        return 0.0
+    upper, lower = rows[:-1], rows[1:]
+    # The rows' circular cross-correlation at every shift; squared difference = |upper|^2 + |lower|^2 - 2 correlation.
+    correlation = np.fft.irfft(np.fft.rfft(upper, axis=1) * np.conj(np.fft.rfft(lower, axis=1)), n=TEAR_WIDTH, axis=1)
+    squared = (upper * upper).sum(axis=1, keepdims=True) + (lower * lower).sum(axis=1, keepdims=True) - 2.0 * correlation
+    difference = np.sqrt(np.maximum(squared, 0.0) / TEAR_WIDTH)  # per shift 0 .. TEAR_WIDTH - 1 (round the row)
+    shifted = difference[:, TEAR_MIN_SHIFT : TEAR_WIDTH - TEAR_MIN_SHIFT + 1].min(axis=1)
+    return float((difference[:, 0] / (shifted + 1.0)).max())
 
 
 # channel_correlations reads every third row and column of the segmenter's input: the same correlations to ~0.005 as
@@ -411,7 +444,7 @@ def domain_scores(
 
 
 DOMAIN_CHECKS = (
-    "colour", "uncertainty", "cell_size", "no_colour", "focus", "motion", "noise", "compression", "field_of_view", "illumination", "incomplete", "channel_order",
+    "colour", "uncertainty", "cell_size", "no_colour", "focus", "motion", "noise", "compression", "torn", "field_of_view", "illumination", "incomplete", "channel_order",
 )
 
 # A frame whose pixels were compressed at a JPEG quality under this is refused (decode.pixel_jpeg_quality, measured as
@@ -457,6 +490,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("illumination")
     if scores.get("incomplete_rows", 0.0) > MAX_INCOMPLETE:
         failed.append("incomplete")
+    if scores.get("tear_score", 0.0) > MAX_TEAR:
+        failed.append("torn")
     if scores.get("swapped_colour_gain", 0.0) > SWAP_MARGIN:
         failed.append("channel_order")
     return failed
@@ -514,6 +549,11 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(
             f"an incomplete or corrupted frame ({scores['incomplete_rows']:.0%} of its rows in one band of a single colour or repeating "
             f"rows; at most {MAX_INCOMPLETE:.0%}): a camera buffer not fully written or a truncated image; capture again"
+        )
+    if "torn" in failed:
+        reasons.append(
+            f"a torn frame (rows below one row match those above shifted sideways, {scores['tear_score']:.1f} times better than "
+            f"where they stand; at most {MAX_TEAR:.1f}): a camera buffer that lost its line sync; capture again"
         )
     if "illumination" in failed:
         reasons.append(

@@ -3,7 +3,8 @@ noise of the frame (domain.frame_noise, before it is scaled to the cells' size),
 (preprocess.cpu.dark_share) and black corners (preprocess.cpu.black_corners), how far its light falls off (preprocess.cpu.
 illumination_falloff; the frames the runtime evens, EVEN_FROM or more), and the JPEG quality of its file
 (decode.file_jpeg_quality) and the quality its pixels were last compressed at (decode.pixel_jpeg_quality), how evenly
-its edges run every way (domain.edge_isotropy, on the frame as the runtime corrects it; the motion check), its longest run of flat or repeating rows (domain.incomplete_rows), and how much nearer
+its edges run every way (domain.edge_isotropy, on the frame as the runtime corrects it; the motion check), how torn
+it reads (domain.tear_score, the torn-frame check's), its longest run of flat or repeating rows (domain.incomplete_rows), and how much nearer
 the bundle's validated colours it comes with red and blue swapped (domain.swapped_colour_gain, the channel-order
 check's measure; frames inside the colour domain). docs/training.md quotes it where it sets the noise check (Taleqani's camera is the noisy
 one), the field-of-view check's MAX_DARK_SHARE and MAX_BLACK_CORNERS, the compression check's lowest validated
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge import Detector  # noqa: E402
 from leukoedge.decode import file_jpeg_quality, pixel_jpeg_quality  # noqa: E402
-from leukoedge.domain import colour_distance, colour_features, edge_isotropy, feature_names, frame_noise, incomplete_rows, swapped_colour_gain  # noqa: E402
+from leukoedge.domain import colour_distance, colour_features, edge_isotropy, feature_names, frame_noise, incomplete_rows, swapped_colour_gain, tear_score  # noqa: E402
 from leukoedge.preprocess.cpu import EVEN_FROM, black_corners, corrected_frame, dark_share, illumination_falloff, illumination_surface  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 
@@ -55,9 +56,10 @@ def main() -> int:
         "| source/device | split | frames | noise median / largest | black share largest | frames with 1 / 2 / 3+ black corners "
         f"| light falloff median / largest; frames evened (>= {EVEN_FROM:g}) | longest run of flat or repeating rows, largest "
         "(share of the rows) | colours nearer swapped, largest (frames inside the colour domain) | JPEG qualities (none: not JPEG) "
-        "| JPEG quality in the pixels: lowest, median; frames without a lattice | edge isotropy lowest, 1 % quantile, median |"
+        "| JPEG quality in the pixels: lowest, median; frames without a lattice | edge isotropy lowest, 1 % quantile, median "
+        "| tear score median / largest |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for source in SOURCES:
         for split in args.splits:
             records = data.load_records(args.data, source, split)
@@ -68,7 +70,7 @@ def main() -> int:
                     rows.append((
                         frame_noise(frame), dark_share(frame), black_corners(frame), file_jpeg_quality(record.image_path),
                         illumination_falloff(illumination_surface(frame)), incomplete_rows(frame), swap_gain(frame),
-                        pixel_jpeg_quality(frame), edge_isotropy(corrected_frame(frame)[0]),
+                        pixel_jpeg_quality(frame), edge_isotropy(corrected_frame(frame)[0]), tear_score(frame),
                     ))
                 noise, dark, corners = np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), [r[2] for r in rows]
                 falloff, incomplete, gains = (np.array([r[index] for r in rows]) for index in (4, 5, 6))
@@ -84,7 +86,8 @@ def main() -> int:
                     f"{sum(c == 1 for c in corners)} / {sum(c == 2 for c in corners)} / {sum(c >= 3 for c in corners)} | "
                     f"{np.median(falloff):.2f} / {falloff.max():.2f}; {int((falloff >= EVEN_FROM).sum())} | {incomplete.max():.3f} | {np.nanmax(gains) if np.isfinite(gains).any() else float('nan'):.2f} | "
                     + ", ".join(f"{quality}: {count}" for quality, count in sorted(qualities.items(), key=str))
-                    + f" | {pixel_column}; {len(rows) - in_pixels.size} | {isotropy_column} |"
+                    + f" | {pixel_column}; {len(rows) - in_pixels.size} | {isotropy_column} | "
+                    f"{np.median([r[9] for r in rows]):.2f} / {max(r[9] for r in rows):.2f} |"
                 )
     return 0
 

@@ -20,6 +20,8 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
 - channels (--fault channels): red and blue swapped (level 1), an integrator passing RGB where BGR is expected;
 - truncated (--fault truncated): the frame's last `level` share of rows grey, as OpenCV decodes a JPEG cut short (a
   camera buffer not fully written looks the same).
+- torn (--fault torn): the frame's lower half written shifted sideways by the level's share of its width (wrapped
+  round), as a camera buffer that lost its line sync.
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
 domain section less max_edge_width, max_noise and min_jpeg_quality, and without the edge isotropy and the pixels' JPEG
 quality), and the table prints, per source and level: the fields' edge
@@ -30,7 +32,7 @@ flagged; Taleqani's malignant fields flagged; PBC's white-cell type of the centr
 0.11.0: out of focus", "Bundle 0.12.0: sensor noise", "Bundle 0.13.0: compressed files" and "Uneven light,
 and other capture faults measured" quote it:
 
-    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette|motion|illumination|scale|channels|truncated]
+    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette|motion|illumination|scale|channels|truncated|torn]
         [--bundle models/default] [--split val] [--without-evening]
 """
 
@@ -87,6 +89,7 @@ LEVELS = {
     "scale": [1.0, 0.5, 0.7, 1.5, 2.0],
     "channels": [0.0, 1.0],
     "truncated": [0.0, 0.03, 0.1, 0.3],
+    "torn": [0.0, 0.05, 0.15, 0.3],
 }  # each fault's first level is no fault
 
 
@@ -119,6 +122,10 @@ def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.
         cut = frame.copy()
         cut[frame.shape[0] - max(1, int(round(level * frame.shape[0]))) :] = 128  # as OpenCV shows a JPEG cut short
         return cut
+    if fault == "torn":
+        torn = frame.copy()  # the rows below the middle written shifted sideways by the level's share of the width
+        torn[frame.shape[0] // 2 :] = np.roll(frame[frame.shape[0] // 2 :], int(round(level * frame.shape[1])), axis=1)
+        return torn
     if fault == "noise":
         noise = np.random.default_rng(int(level)).normal(0.0, level, frame.shape)  # the same noise for every rerun
         return np.clip(frame.astype(np.float32) + noise, 0, 255).astype(np.uint8)
@@ -135,12 +142,13 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 # device's own bar as well (adapt.DEVICE_BARS).
 CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
 # The capture checks of every bundle with a domain check (runtime constants, not in the manifest): the scores they read,
-# left out of the run without the capture checks: domain.MIN_EDGE_ISOTROPY's (motion) and domain.MIN_PIXEL_JPEG_QUALITY's.
-RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality")
+# left out of the run without the capture checks: domain.MIN_EDGE_ISOTROPY's (motion), domain.MIN_PIXEL_JPEG_QUALITY's
+# and domain.MAX_TEAR's (a torn frame, read on flagged frames only).
+RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality", "tear_score")
 # The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view,
 # incomplete-frame and motion checks' (not bundle thresholds: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE,
 # domain.MAX_INCOMPLETE, domain.MIN_EDGE_ISOTROPY).
-CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion"})
+CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion", "torn"})
 
 
 def group(record: data.Record) -> str:
@@ -177,7 +185,7 @@ def main() -> int:
         help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities; "
         "vignette: field-of-view radii as shares of the half-diagonal; motion: blur lengths as shares of the median cell side; "
         "illumination: darkening at the far edge; scale: resize factors; channels: 1 swaps red and blue; truncated: shares of rows "
-        "lost (default: %s)" % LEVELS,
+        "lost; torn: sideways shifts as shares of the width (default: %s)" % LEVELS,
     )
     args = parser.parse_args()
     if args.without_evening:
@@ -242,7 +250,7 @@ def main() -> int:
         "defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)",
         "vignette": "field-of-view radius (x half-diagonal)", "motion": "motion blur (x cell side)",
         "illumination": "darkening across the frame", "scale": "scale (x pixels)", "channels": "red and blue swapped",
-        "truncated": "share of rows lost",
+        "truncated": "share of rows lost", "torn": "lower half shifted (x width)",
     }[args.fault]
     shown = (*bars.values(), *RUNTIME_CAPTURE_SCORES)
     medians = " | ".join(f"{score} median (p95)" for score in shown)

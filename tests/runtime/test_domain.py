@@ -20,6 +20,7 @@ from leukoedge.domain import (
     MAX_FALLOFF,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
+    MAX_TEAR,
     SWAP_MARGIN,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
@@ -36,6 +37,7 @@ from leukoedge.domain import (
     noise_level,
     outside_domain,
     swapped_colour_gain,
+    tear_score,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -414,6 +416,32 @@ def test_a_frame_blurred_by_motion_is_not_judged_and_a_bundle_without_a_domain_c
     assert refused >= 3
     detector.domain_spec = {}
     assert "edge_isotropy" not in detector.run(_moved(frame, 40)).verdict.domain
+
+
+def _torn(frame: np.ndarray, share: float) -> np.ndarray:
+    """The frame's lower half written shifted sideways by `share` of its width (a camera buffer that lost its line sync)."""
+    torn = frame.copy()
+    torn[frame.shape[0] // 2 :] = np.roll(frame[frame.shape[0] // 2 :], int(round(share * frame.shape[1])), axis=1)
+    return torn
+
+
+def test_a_torn_frame_scores_above_the_bar_and_a_whole_one_far_below_it():
+    for sample in SAMPLES:
+        frame = cv2.imread(str(sample))
+        assert tear_score(frame) < MAX_TEAR / 2
+        for share in (0.05, 0.15, 0.3, 0.45):  # either way round the row
+            assert tear_score(_torn(frame, share)) > MAX_TEAR, (sample.name, share)
+    assert tear_score(np.zeros((1, 64, 3), np.uint8)) == 0.0
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    spec = fit_domain(_correlations(np.random.default_rng(0), 6), np.full(6, 0.05), ["a"] * 6)
+    assert failed_checks(spec, {**inside, "tear_score": MAX_TEAR + 0.1}) == ["torn"]
+    assert "a torn frame" in outside_domain(spec, {**inside, "tear_score": 9.0})
+
+
+def test_the_tear_is_read_on_flagged_frames_only():
+    detector = Detector.load(REPO / "models" / "default")
+    verdict = detector.run(_torn(cv2.imread(str(SAMPLES[0])), 0.15)).verdict  # a normal field: not flagged
+    assert not verdict.flagged and "tear_score" not in verdict.domain
 
 
 def _circular_field(frame: np.ndarray, radius_share: float) -> np.ndarray:
