@@ -9,7 +9,8 @@ validated domain". What is NOT changed, and why:
   without labels nothing shows that its answers there are right, so such frames stay refused;
 - the models' weights (no labels). With a few dozen labelled frames, `leukoedge adapt --labels` fine-tunes the
   gate and the classifier and widens the uncertainty threshold (training/adapt.py).
-The focus threshold (DEVICE_BARS: domain.max_edge_width) becomes the device's own where that is stricter: the
+The focus threshold (DEVICE_BARS: domain.max_edge_width) and the motion bar (domain.MIN_EDGE_ISOTROPY, a runtime
+constant the adapted bundle may raise with domain.min_edge_isotropy) become the device's own where that is stricter: the
 bundle's must pass every validated source's softest fields, so it refuses only gross defocus; one device's frames in
 focus spread far less, and a frame blurrier than the device's usual is then refused. It is never loosened: a device
 softer than any validated source stays refused. Held-back frames only the device's own bar refuses are counted on
@@ -48,6 +49,7 @@ from .bundle import save_bundle
 from .detector import Detector
 from .domain import (
     MAX_DARK_SHARE,
+    MIN_EDGE_ISOTROPY,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     MAX_REFERENCES,
@@ -112,7 +114,7 @@ class AdaptReport:
     @property
     def tightened(self) -> list[str]:
         """The domain keys of the bars set to the device's own (stricter than the bundle's)."""
-        return [key for key, (bundle_bar, device_bar) in self.own_bars.items() if device_bar < bundle_bar]
+        return [key for key, (bundle_bar, device_bar) in self.own_bars.items() if device_bar != bundle_bar]
 
     def lines(self) -> list[str]:
         fitted = self.frames - self.held_back - sum(len(names) for names in self.left_out.values())
@@ -209,8 +211,8 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
         )
     device = np.array([measure.colour for measure in fitted])
     for key in DEVICE_BARS:
-        if key in domain:
-            adapted[key] = device_threshold(float(domain[key]), fitted, key)
+        if (bar := bundle_bar(domain, key)) is not None and (key in domain or device_threshold(bar, fitted, key) != bar):
+            adapted[key] = device_threshold(bar, fitted, key)
     rng = np.random.default_rng(seed)
     keep_device = rng.permutation(len(device))[: MAX_REFERENCES // 2]
     original = np.asarray(domain["colour_references"], np.float64)
@@ -225,19 +227,28 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
 
 
 # The capture checks whose thresholds a device's frames may tighten (see the module doc): domain key -> the score
-# it bounds (domain.domain_scores) and the check's name for people.
-DEVICE_BARS = {"max_edge_width": ("edge_width", "focus")}
+# it bounds (domain.domain_scores) and the check's name for people. A "max_" key bounds its score from above, a "min_"
+# key from below. The motion bar is a runtime constant (domain.MIN_EDGE_ISOTROPY) that an adapted bundle may raise.
+DEVICE_BARS = {"max_edge_width": ("edge_width", "focus"), "min_edge_isotropy": ("edge_isotropy", "motion")}
+RUNTIME_BARS = {"min_edge_isotropy": MIN_EDGE_ISOTROPY}  # the bars a bundle holds without a key of its own
+
+
+def bundle_bar(domain: dict[str, Any], key: str) -> float | None:
+    """The threshold `key` of DEVICE_BARS as the bundle applies it: its own, the runtime's, or None (no such check)."""
+    return float(domain[key]) if key in domain else RUNTIME_BARS.get(key)
 MIN_DEVICE_BAR_FRAMES = 20  # a device's frames with white cells needed to set its own bar
 
 
 def device_threshold(bundle_threshold: float, fitted: Sequence[FrameMeasure], key: str) -> float:
     """The threshold `key` of DEVICE_BARS for the device: the fit rule (domain.fit_domain's quantile and margin) over
-    its frames' score, where that is stricter than the bundle's and MIN_DEVICE_BAR_FRAMES frames have white cells to
-    measure; the bundle's otherwise (see the module doc)."""
+    its frames' score, where that is stricter than the bundle's and MIN_DEVICE_BAR_FRAMES frames have the score to
+    measure (white cells for focus, edges for motion); the bundle's otherwise (see the module doc)."""
     score = DEVICE_BARS[key][0]
     values = np.array([measure.scores[score] for measure in fitted if score in measure.scores], np.float64)
     if len(values) < MIN_DEVICE_BAR_FRAMES:
         return bundle_threshold
+    if key.startswith("min_"):
+        return max(bundle_threshold, float(np.quantile(values, 1.0 - THRESHOLD_QUANTILE) / THRESHOLD_MARGIN))
     return min(bundle_threshold, float(np.quantile(values, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN))
 
 
@@ -290,7 +301,7 @@ def adapt_bundle(
     adapted = adapted_domain(domain, [measures[index] for index in fitting])
     # Every check again, with the adapted colour references (the others' scores do not change with them), and the
     # bundle's capture bars: frames beyond only the device's own are counted apart (see the module doc).
-    with_bundle_bars = {**adapted, **{key: domain[key] for key in DEVICE_BARS if key in domain}}
+    with_bundle_bars = {**{key: value for key, value in adapted.items() if key not in DEVICE_BARS}, **{key: domain[key] for key in DEVICE_BARS if key in domain}}
     held_scores = [{**m.scores, "colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty} for m, h in zip(measures, held) if h]
     after = [bool(outside_domain(with_bundle_bars, scores)) for scores in held_scores]
     beyond_own_bars = [not refused and bool(outside_domain(adapted, scores)) for refused, scores in zip(after, held_scores)]
@@ -305,7 +316,7 @@ def adapt_bundle(
         flagged_after=int(flagged_after),
         written=False,
         left_out=left_out,
-        own_bars={key: (float(domain[key]), float(adapted[key])) for key in DEVICE_BARS if key in domain},
+        own_bars={key: (bar, float(adapted.get(key, bar))) for key in DEVICE_BARS if (bar := bundle_bar(domain, key)) is not None},
         beyond_own_bars_after=sum(beyond_own_bars),
     )
     if report.refused_after > report.refused_before:

@@ -468,6 +468,7 @@ SECTIONS: dict[str, Section] = {
             "max_edge_width": _number(0.0, 1e3, optional=True),  # bundles fitted before the focus check (0.11.0) have none
             "max_noise": _number(0.0, 1e3, optional=True),  # bundles fitted before the noise check (0.12.0) have none
             "min_jpeg_quality": _integer(1, 100, optional=True),  # bundles fitted before the compression check (0.13.0) have none
+            "min_edge_isotropy": _number(0.0, 1.0, optional=True),  # an adapted bundle's own motion bar (leukoedge adapt)
         },
         constraints=_domain_problems,
         optional=True,
@@ -947,6 +948,7 @@ def describe_bundle(bundle: Bundle) -> str:
             f"{domain['max_colour_distance']:.2f} or segmenter uncertainty > {domain['max_uncertainty']:.3f}"
             + (f" or white cells under {domain['min_cell_side_px']:.1f} px across" if "min_cell_side_px" in domain else "")
             + (f" or out of focus (cells' edges wider than {domain['max_edge_width']:.2f})" if "max_edge_width" in domain else "")
+            + (f" or blurred one way (edge isotropy under {domain['min_edge_isotropy']:.2f}, the device's own)" if "min_edge_isotropy" in domain else "")
             + (f" or too noisy (over {domain['max_noise']:.2f} grey levels on the cells)" if "max_noise" in domain else "")
             + (f" or read from a JPEG under quality {domain['min_jpeg_quality']}" if "min_jpeg_quality" in domain else "")
             + (f"; adapted {manifest['adaptation']['date']} from {manifest['adaptation']['frames']} frames" if "adaptation" in manifest else "")

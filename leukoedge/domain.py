@@ -355,6 +355,12 @@ ISOTROPY_SIDE = 320
 # be softer one way as captured (TXL-PBC bcd's median 0.32), and a bar fitted as the others are moves with them (about 0.17
 # with bcd's validation fields, 0.34 without, which would refuse most of bcd's frames in a bundle that never saw them).
 MIN_EDGE_ISOTROPY = 0.145
+
+
+def motion_bar(spec: dict[str, Any]) -> float:
+    """The edge isotropy under which a frame is refused: the runtime's, or a device's own stricter one (an adapted
+    bundle's domain.min_edge_isotropy: leukoedge adapt)."""
+    return max(MIN_EDGE_ISOTROPY, float(spec.get("min_edge_isotropy", 0.0)))
 _DARK_NEIGHBOURHOOD = np.ones((5, 5), np.uint8)
 
 
@@ -476,7 +482,7 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("no_colour")
     if "max_edge_width" in spec and "edge_width" in scores and scores["edge_width"] > spec["max_edge_width"]:
         failed.append("focus")
-    if scores.get("edge_isotropy", 1.0) < MIN_EDGE_ISOTROPY:
+    if scores.get("edge_isotropy", 1.0) < motion_bar(spec):
         failed.append("motion")
     if "max_noise" in spec and "noise" in scores and scores["noise"] > spec["max_noise"]:
         failed.append("noise")
@@ -532,7 +538,7 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         )
     if "motion" in failed:
         reasons.append(
-            f"blurred one way (edge isotropy {scores['edge_isotropy']:.2f} < {MIN_EDGE_ISOTROPY:.2f}: its edges are soft along "
+            f"blurred one way (edge isotropy {scores['edge_isotropy']:.2f} < {motion_bar(spec):.2f}: its edges are soft along "
             "one direction): the stage or the camera moved during the exposure; let the stage settle, shorten the exposure and capture again"
         )
     if "noise" in failed:

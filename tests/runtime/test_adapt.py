@@ -172,6 +172,26 @@ def test_the_device_s_focus_bar_is_its_own_where_stricter_and_needs_enough_frame
     assert device_threshold(3.3, measured(sharp, "noise"), "max_edge_width") == 3.3  # it reads the edge widths only
 
 
+def test_the_device_s_motion_bar_is_raised_to_its_own_never_lowered_and_the_runtime_reads_it() -> None:
+    from leukoedge.adapt import adapted_domain
+    from leukoedge.domain import MIN_EDGE_ISOTROPY, failed_checks, motion_bar
+
+    def measured(values) -> list[FrameMeasure]:
+        return [FrameMeasure(np.full(3, 0.5), 0.01, False, False, scores={"edge_isotropy": v}) for v in values]
+
+    crisp = np.linspace(0.6, 0.95, 40)  # a device whose sharp frames' edges run every way
+    own = np.quantile(crisp, 1.0 - THRESHOLD_QUANTILE) / THRESHOLD_MARGIN
+    assert device_threshold(MIN_EDGE_ISOTROPY, measured(crisp), "min_edge_isotropy") == pytest.approx(own)
+    assert device_threshold(MIN_EDGE_ISOTROPY, measured(np.linspace(0.1, 0.3, 40)), "min_edge_isotropy") == MIN_EDGE_ISOTROPY
+    assert device_threshold(MIN_EDGE_ISOTROPY, measured(crisp[: MIN_DEVICE_BAR_FRAMES - 1]), "min_edge_isotropy") == MIN_EDGE_ISOTROPY
+    domain = Detector.load(REPO / "models" / "default").domain_spec
+    adapted = adapted_domain(domain, measured(crisp))
+    assert adapted["min_edge_isotropy"] == pytest.approx(own) and motion_bar(adapted) == pytest.approx(own)
+    assert "min_edge_isotropy" not in adapted_domain(domain, measured(np.linspace(0.1, 0.3, 40)))  # never loosened
+    inside = {"colour_distance": 0.0, "uncertainty": 0.01, "edge_isotropy": (own + MIN_EDGE_ISOTROPY) / 2}
+    assert failed_checks(domain, inside) == [] and failed_checks(adapted, inside) == ["motion"]
+
+
 def test_adapting_tightens_focus_to_the_device_and_counts_frames_beyond_it_apart(data_root: Path, tmp_path: Path) -> None:
     """The device's frames set a stricter focus threshold; a held-back frame blurrier than the device's usual is refused
     by the adapted bundle and counted apart, not as the adaptation doing worse (the bundle is still written)."""
