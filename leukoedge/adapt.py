@@ -122,7 +122,7 @@ class AdaptReport:
             f"frames: {self.frames} ({fitted} fitted, {self.held_back} held back)",
             *(f"left out of the fit, {why}: {len(names)} ({_some(names)})" for why, names in self.left_out.items() if names),
             f"held-back frames refused (outside the domain): {self.refused_before} before, {self.refused_after} after",
-            *(f"{DEVICE_BARS[key][1]} threshold ({DEVICE_BARS[key][0]}): {self.own_bars[key][0]:.2f} -> {self.own_bars[key][1]:.2f}, the device's own"
+            *(f"{DEVICE_BARS[key][1]} threshold ({DEVICE_BARS[key][0]}): {self.own_bars[key][0]:.3g} -> {self.own_bars[key][1]:.3g}, the device's own"
               for key in self.tightened),
             *([f"held-back frames beyond only the device's own {' and '.join(DEVICE_BARS[key][1] for key in self.tightened)} bar: "
                f"{self.beyond_own_bars_after}"] if self.tightened else []),
