@@ -49,11 +49,11 @@ from .bundle import save_bundle
 from .detector import Detector
 from .domain import (
     MAX_DARK_SHARE,
-    MIN_EDGE_ISOTROPY,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     MAX_REFERENCES,
     MIN_CHROMA_SPREAD,
+    MIN_EDGE_ISOTROPY,
     SWAP_MARGIN,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
@@ -211,8 +211,11 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
         )
     device = np.array([measure.colour for measure in fitted])
     for key in DEVICE_BARS:
-        if (bar := bundle_bar(domain, key)) is not None and (key in domain or device_threshold(bar, fitted, key) != bar):
-            adapted[key] = device_threshold(bar, fitted, key)
+        if (bar := bundle_bar(domain, key)) is None:
+            continue
+        own = device_threshold(bar, fitted, key)
+        if key in domain or own != bar:  # a runtime bar is written only where the device's own is stricter
+            adapted[key] = own
     rng = np.random.default_rng(seed)
     keep_device = rng.permutation(len(device))[: MAX_REFERENCES // 2]
     original = np.asarray(domain["colour_references"], np.float64)
@@ -231,12 +234,12 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
 # key from below. The motion bar is a runtime constant (domain.MIN_EDGE_ISOTROPY) that an adapted bundle may raise.
 DEVICE_BARS = {"max_edge_width": ("edge_width", "focus"), "min_edge_isotropy": ("edge_isotropy", "motion")}
 RUNTIME_BARS = {"min_edge_isotropy": MIN_EDGE_ISOTROPY}  # the bars a bundle holds without a key of its own
+MIN_DEVICE_BAR_FRAMES = 20  # a device's frames with the score needed to set its own bar
 
 
 def bundle_bar(domain: dict[str, Any], key: str) -> float | None:
     """The threshold `key` of DEVICE_BARS as the bundle applies it: its own, the runtime's, or None (no such check)."""
     return float(domain[key]) if key in domain else RUNTIME_BARS.get(key)
-MIN_DEVICE_BAR_FRAMES = 20  # a device's frames with white cells needed to set its own bar
 
 
 def device_threshold(bundle_threshold: float, fitted: Sequence[FrameMeasure], key: str) -> float:

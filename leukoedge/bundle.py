@@ -31,12 +31,12 @@ import numpy as np
 from leukoedge.domain import (
     COLOUR_FEATURES,
     MAX_FALLOFF,
-    MIN_EDGE_ISOTROPY,
-    MIN_PIXEL_JPEG_QUALITY,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     MAX_TEAR,
     MEAN_SPREAD_FEATURES,
+    MIN_EDGE_ISOTROPY,
+    MIN_PIXEL_JPEG_QUALITY,
     SWAP_MARGIN,
     feature_names,
 )

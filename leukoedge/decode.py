@@ -254,10 +254,9 @@ def pixel_jpeg_quality(frame: np.ndarray) -> int | None:
     unclipped = np.count_nonzero((blocks + np.uint8(1)).reshape(len(blocks), -1) <= 1, axis=1) <= MAX_CLIPPED_VALUES  # 255 and 0 wrap to 0 and 1
     luma = blocks[unclipped].astype(np.float32) @ _LUMA_BGR
     coefficients = np.abs((np.matmul(_ROWS[None], luma) * _COLUMNS[None]).sum(axis=2))  # (blocks, frequencies)
-    bins = (coefficients / _BIN + 0.5).astype(np.int64) + np.arange(len(_LATTICE_FREQUENCIES)) * _BIN_CENTRES.size
-    bins = bins[(coefficients < _BIN_CENTRES[-1])]
     frequencies = len(_LATTICE_FREQUENCIES)
-    histogram = np.bincount(bins, minlength=frequencies * _BIN_CENTRES.size)
+    bins = (coefficients / _BIN + 0.5).astype(np.int64) + np.arange(frequencies) * _BIN_CENTRES.size  # one histogram each
+    histogram = np.bincount(bins[coefficients < _BIN_CENTRES[-1]], minlength=frequencies * _BIN_CENTRES.size)
     histogram = histogram.reshape(frequencies, -1).astype(np.float32)
     counted, on_lattice = histogram @ _BEYOND_HALF.T, histogram @ _ON_LATTICE.T  # (frequencies, steps)
     share = np.where(counted >= LATTICE_MIN_COEFFICIENTS, on_lattice / np.maximum(counted, 1), 0.0)

@@ -350,6 +350,7 @@ def frame_noise(frame: np.ndarray) -> float:
 # neighbours are left out: black bars and a field of view's rim are straight or circular edges the smear does not hold.
 ISOTROPY_EDGE_SHARE = 0.05
 ISOTROPY_SIDE = 320
+_DARK_NEIGHBOURHOOD = np.ones((5, 5), np.uint8)
 # A frame whose edge isotropy is under this is refused. The lowest of every source's validation fields is 0.180 (a
 # Taleqani field; scripts/capture_levels.py), divided by THRESHOLD_MARGIN: 0.144, rounded up. Not fitted: a device's own frames can
 # be softer one way as captured (TXL-PBC bcd's median 0.32), and a bar fitted as the others are moves with them (about 0.17
@@ -361,7 +362,6 @@ def motion_bar(spec: dict[str, Any]) -> float:
     """The edge isotropy under which a frame is refused: the runtime's, or a device's own stricter one (an adapted
     bundle's domain.min_edge_isotropy: leukoedge adapt)."""
     return max(MIN_EDGE_ISOTROPY, float(spec.get("min_edge_isotropy", 0.0)))
-_DARK_NEIGHBOURHOOD = np.ones((5, 5), np.uint8)
 
 
 def edge_isotropy(frame: np.ndarray) -> float | None:
@@ -418,9 +418,11 @@ def domain_scores(
       a stain step);
     - where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a focus
       check, a noise check) their edge width and the noise they carry, read from the frame's own pixels;
-    - passed in, measured on the frame as captured: the JPEG quality of its file (bundles with the compression check),
-      its light's falloff (preprocess.cpu.illumination_falloff), the share of it outside the field of view and filled
-      (preprocess.cpu.fill_outside_field), and its longest run of flat or repeating rows (incomplete_rows)."""
+    - how evenly its steepest edges run every way (edge_isotropy, the motion check);
+    - passed in, measured on the frame as captured: the JPEG quality of its file (bundles with the compression check)
+      and of its pixels (decode.pixel_jpeg_quality), its light's falloff (preprocess.cpu.illumination_falloff), the
+      share of it outside the field of view and filled (preprocess.cpu.fill_outside_field), and its longest run of flat
+      or repeating rows (incomplete_rows)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),

@@ -44,9 +44,8 @@ def main() -> int:
     detector = Detector.load(args.bundle)  # its preprocessing and colour references only: no model runs
     spec, input_size = detector.domain_spec, detector.segmenter_spec["input_size"]
 
-    def swap_gain(frame: np.ndarray) -> float:
+    def swap_gain(corrected: np.ndarray) -> float:
         """The channel-order check's gain (domain.swapped_colour_gain) on the corrected frame; NaN outside the colour domain."""
-        corrected = corrected_frame(frame)[0]
         distance = colour_distance(spec, colour_features(detector.prepare_frame(corrected), detector.spec, feature_names(spec)))
         if distance > spec["max_colour_distance"]:
             return float("nan")
@@ -67,10 +66,11 @@ def main() -> int:
                 rows = []
                 for record in tqdm([r for r in records if r.device == device], desc=f"{source} {device or ''} {split}", leave=False):
                     frame = data.read_image_as_captured(record)
+                    corrected = corrected_frame(frame)[0]  # as the runtime's checks read it
                     rows.append((
                         frame_noise(frame), dark_share(frame), black_corners(frame), file_jpeg_quality(record.image_path),
-                        illumination_falloff(illumination_surface(frame)), incomplete_rows(frame), swap_gain(frame),
-                        pixel_jpeg_quality(frame), edge_isotropy(corrected_frame(frame)[0]), tear_score(frame),
+                        illumination_falloff(illumination_surface(frame)), incomplete_rows(frame), swap_gain(corrected),
+                        pixel_jpeg_quality(frame), edge_isotropy(corrected), tear_score(frame),
                     ))
                 noise, dark, corners = np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), [r[2] for r in rows]
                 falloff, incomplete, gains = (np.array([r[index] for r in rows]) for index in (4, 5, 6))
