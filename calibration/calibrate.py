@@ -59,6 +59,7 @@ class CalibrateConfig:
     gate_limit: int | None = None  # held-out images per source (None: the whole split)
     dice_tolerance: float = gate.DEFAULT_DICE_TOLERANCE
     accuracy_tolerance: float = gate.DEFAULT_ACCURACY_TOLERANCE
+    benign_flag_tolerance: float = gate.DEFAULT_BENIGN_FLAG_TOLERANCE  # share of benign fields newly flagged allowed
     keep_float: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> op types or node names
     settings: QuantizationSettings = field(default_factory=QuantizationSettings)
     speed_runs: int = 50  # per model and precision, interleaved (calibration/speed.py): enough for a stable median
@@ -67,7 +68,7 @@ class CalibrateConfig:
 
     @property
     def tolerances(self) -> dict[str, float]:
-        return {"dice": self.dice_tolerance, "accuracy": self.accuracy_tolerance, "f1": self.accuracy_tolerance}
+        return {"dice": self.dice_tolerance, "accuracy": self.accuracy_tolerance, "f1": self.accuracy_tolerance, "unflagged": self.benign_flag_tolerance}
 
 
 @dataclass
@@ -316,6 +317,7 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
     segmentation_cases = gate.segmentation_cases(config.data_root, spec, manifest["segmenter"]["input_size"], config.gate_split, config.gate_limit)
     cell_cases = gate.cell_cases(config.data_root, spec, manifest["classifier"], find_cell, config.gate_split, config.gate_limit)
     field_cases = gate.field_cases(config.data_root, config.gate_split, config.gate_limit)
+    benign_cases = gate.benign_field_cases(config.data_root, config.gate_limit) if field_cases else []
     refiner_cases = (
         gate.refiner_cases(config.data_root, spec, manifest["refiner"], config.gate_split, config.gate_limit) if "refiner" in manifest else []
     )
@@ -325,17 +327,17 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
         "segmenter": (
             lambda path: {
                 **gate.segmenter_scores(path, segmentation_cases, config.threads),
-                **(gate.verdict_scores(bundle, "segmenter", path, field_cases, config.threads) if field_cases else {}),
+                **(gate.verdict_scores(bundle, "segmenter", path, field_cases, config.threads, benign_cases) if field_cases else {}),
             },
-            len(segmentation_cases) + len(field_cases),
+            len(segmentation_cases) + len(field_cases) + len(benign_cases),
         ),
         "refiner": (lambda path: gate.refiner_scores(path, refiner_cases, config.threads), len(refiner_cases)),
         "classifier": (
             lambda path: {
                 **gate.classifier_scores(path, cell_cases, manifest["classifier"], manifest["verdict"]["blast_threshold"], config.threads),
-                **(gate.verdict_scores(bundle, "classifier", path, field_cases, config.threads) if field_cases else {}),
+                **(gate.verdict_scores(bundle, "classifier", path, field_cases, config.threads, benign_cases) if field_cases else {}),
             },
-            len(cell_cases) + len(field_cases),
+            len(cell_cases) + len(field_cases) + len(benign_cases),
         ),
     }
     tag = config.settings.file_tag

@@ -5,7 +5,9 @@ the reported figures).
 Segmenter: mean Dice of the nucleus and of the whole cell against the expert masks (Zheng, ALL-IDB2),
 and the accuracy of the frame verdict (malignant vs benign) on Taleqani fields, the segmenter feeding the
 bundle's FP32 classifier: the cells a segmenter finds decide the blast fraction, and a segmenter within
-its Dice allowance has been seen to lose 5 of 386 validation verdicts.
+its Dice allowance has been seen to lose 5 of 386 validation verdicts. Both verdict-moving models (segmenter,
+classifier) must also flag no more benign Taleqani fields than FP32, read on the benign fields of the train
+split as well as the held-out ones (benign_field_cases).
 Refiner: mean Dice of the nucleus and of the whole cell in the crops of the expert-masked cells.
 Classifier: per head, accuracy and F1 (blast: F1 of the blast class at the manifest's threshold;
 subtype and WBC type: macro F1) on the cells of ALL-IDB2, Taleqani and PBC.
@@ -33,6 +35,8 @@ SEGMENTATION_SOURCES = ("wbc-seg-zheng", "all-idb2")
 CELL_SOURCES = ("all-idb2", "all-taleqani", "pbc")
 DEFAULT_DICE_TOLERANCE = 0.005
 DEFAULT_ACCURACY_TOLERANCE = 0.005  # 0.5 percentage points; F1 gets the same allowance
+# A quantized model may not add a false flag: the share of benign fields left unflagged may not fall at all.
+DEFAULT_BENIGN_FLAG_TOLERANCE = 0.0
 _BATCH = 16
 
 
@@ -102,17 +106,18 @@ class GateResult:
         return {"passed": self.passed, "samples": self.samples, "metrics": [metric.to_manifest() for metric in self.metrics]}
 
     def table(self) -> str:
-        lines = [f"{self.model} ({self.samples} held-out samples)", f"  {'metric':<22}{'fp32':>9}{'int8':>9}{'drop':>9}{'allowed':>9}"]
+        lines = [f"{self.model} ({self.samples} samples)", f"  {'metric':<27}{'fp32':>9}{'int8':>9}{'drop':>9}{'allowed':>9}"]
         for metric in self.metrics:
             lines.append(
-                f"  {metric.name:<22}{metric.fp32:>9.4f}{metric.int8:>9.4f}{metric.fp32 - metric.int8:>9.4f}"
+                f"  {metric.name:<27}{metric.fp32:>9.4f}{metric.int8:>9.4f}{metric.fp32 - metric.int8:>9.4f}"
                 f"{metric.tolerance:>9.4f}  {'ok' if metric.passed else 'FAIL'}"
             )
         return "\n".join(lines)
 
 
 def compare(model: str, fp32: dict[str, float], int8: dict[str, float], tolerances: dict[str, float], samples: int) -> GateResult:
-    """Gate every metric; the tolerance of a metric is that of its kind (the name's last word: dice, accuracy, f1)."""
+    """Gate every metric; the tolerance of a metric is that of its kind (the name's last word: dice, accuracy, f1,
+    unflagged)."""
     metrics = [GateMetric(name, fp32[name], int8[name], tolerances[name.rsplit("_", 1)[-1]]) for name in fp32]
     return GateResult(model, metrics, samples)
 
@@ -191,20 +196,39 @@ def field_cases(data_root: Path, split: str = "val", limit: int | None = None) -
     return [FieldCase(data.read_image(record), bool(record.blast)) for record in data.load_records(data_root, "all-taleqani", split)[:limit]]
 
 
-def verdict_scores(bundle: Bundle, model: str, model_path: Path, cases: Sequence[FieldCase], threads: int | None = None) -> dict[str, float]:
-    """Frame-verdict accuracy over the fields, and the share of the benign ones left unflagged: Detector.run itself in
-    FP32, with `model_path` in place of the bundle's `model` ("segmenter" or "classifier"). Both models move the
-    verdict, so both gates read it; the second metric is there because a quantized model must not add a false flag
-    on a normal smear, the product's worst outcome (a candidate's INT8 classifier passed every per-cell metric and
-    flagged one more benign Taleqani test field; docs/performance.md, "The light segmenter fine-tuned on whole
-    inputs")."""
+def benign_field_cases(data_root: Path, limit: int | None = None) -> list[FieldCase]:
+    """The benign Taleqani fields of the train split (283): more witnesses of a false flag than the held-out split's 60.
+
+    Whether a quantized model flags a benign field FP32 does not is quantization noise on a field near the threshold,
+    not generalization, so fields the models learnt from are fair witnesses. Measured (docs/performance.md, "A false
+    flag added by INT8, read on more benign fields"): on 0.13.0 the INT8 classifier flags 1 of the 60 validation
+    fields as FP32 does, and 7 of the 283 training fields against FP32's 6; on the test split one more than FP32."""
+    records = [record for record in data.load_records(data_root, "all-taleqani", "train") if not record.blast][:limit]
+    return [FieldCase(data.read_image(record), False) for record in records]
+
+
+def verdict_scores(
+    bundle: Bundle,
+    model: str,
+    model_path: Path,
+    cases: Sequence[FieldCase],
+    threads: int | None = None,
+    benign_cases: Sequence[FieldCase] = (),
+) -> dict[str, float]:
+    """Frame-verdict accuracy over the held-out fields `cases`, and the share of benign fields left unflagged, the
+    benign ones of `cases` and `benign_cases` together: Detector.run itself in FP32, with `model_path` in place of
+    the bundle's `model` ("segmenter" or "classifier"). Both models move the verdict, so both gates read it; the
+    second metric is there because a quantized model must not add a false flag on a normal smear, the product's worst
+    outcome (a candidate's INT8 classifier passed every per-cell metric and flagged one more benign Taleqani test
+    field; docs/performance.md, "The light segmenter fine-tuned on whole inputs")."""
     detector = Detector(bundle, precision="fp32", threads=threads)
     setattr(detector, model, create_backend("onnxruntime", model_path, threads))
     flagged = [detector.run(case.frame).verdict.flagged for case in cases]
     scores = {"taleqani_verdict_accuracy": float(np.mean([flag == case.malignant for flag, case in zip(flagged, cases)]))}
     benign = [not flag for flag, case in zip(flagged, cases) if not case.malignant]
+    benign += [not detector.run(case.frame).verdict.flagged for case in benign_cases]
     if benign:
-        scores["taleqani_benign_accuracy"] = float(np.mean(benign))  # the tolerance of an accuracy: one field of 60 fails it
+        scores["taleqani_benign_unflagged"] = float(np.mean(benign))  # its tolerance: DEFAULT_BENIGN_FLAG_TOLERANCE
     return scores
 
 

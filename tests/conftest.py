@@ -106,6 +106,7 @@ def calibrated_bundle(data_root: Path, tiny_bundle: Path, tmp_path_factory: pyte
 
     out = tmp_path_factory.mktemp("calibrated") / "default"
     config = CalibrateConfig(
-        data_root, tiny_bundle, out, fields=8, cells=8, candidates_per_class=4, gate_limit=4, dice_tolerance=1.0, accuracy_tolerance=1.0, speed_runs=3
+        data_root, tiny_bundle, out, fields=8, cells=8, candidates_per_class=4, gate_limit=4, dice_tolerance=1.0, accuracy_tolerance=1.0,
+        benign_flag_tolerance=1.0, speed_runs=3
     )
     return calibrate_bundle(config).bundle.root

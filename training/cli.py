@@ -39,6 +39,7 @@ def command_calibrate(args: argparse.Namespace) -> int:
         gate_limit=args.gate_limit,
         dice_tolerance=args.max_dice_drop,
         accuracy_tolerance=args.max_accuracy_drop,
+        benign_flag_tolerance=args.max_benign_flag_rise,
         keep_float=parse_keep_float(args.keep_float),
         settings=QuantizationSettings.for_target(args.target, args.method),
         threads=args.threads,
@@ -278,6 +279,12 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--gate-limit", type=int, default=None, help="at most this many held-out images per source (default: all)")
     calibrate.add_argument("--max-dice-drop", type=float, default=0.005, help="allowed Dice loss, nucleus and whole cell (default: %(default)s)")
     calibrate.add_argument("--max-accuracy-drop", type=float, default=0.005, help="allowed accuracy and F1 loss per head (default: %(default)s = 0.5 pt)")
+    calibrate.add_argument(
+        "--max-benign-flag-rise",
+        type=float,
+        default=0.0,
+        help="allowed rise in the share of benign Taleqani fields flagged (held-out and train split) with the INT8 segmenter or classifier (default: %(default)s: none)",
+    )
     calibrate.add_argument("--keep-float", action="append", default=[], metavar="MODEL:NAMES", help="keep op types or nodes in float, e.g. segmenter:MatMul")
     calibrate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     calibrate.set_defaults(handler=command_calibrate)

@@ -33,7 +33,7 @@ def test_calibrated_bundle_lists_int8_models_gate_table_and_calibration_files(ca
         assert int8["file"] == f"{model}.int8.onnx" and int8["gate"]["passed"]
         assert int8["median_ms"] > 0 and precisions[model]["fp32"]["median_ms"] > 0
         assert {metric["name"] for metric in int8["gate"]["metrics"]}
-    verdict_metrics = {"taleqani_verdict_accuracy", "taleqani_benign_accuracy"}  # the frame verdict with the INT8 model in place
+    verdict_metrics = {"taleqani_verdict_accuracy", "taleqani_benign_unflagged"}  # the frame verdict with the INT8 model in place
     assert {m["name"] for m in precisions["segmenter"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice", *verdict_metrics}
     assert {m["name"] for m in precisions["refiner"]["int8"]["gate"]["metrics"]} == {"nucleus_dice", "whole_cell_dice"}
     assert {"blast_accuracy", *verdict_metrics} <= {m["name"] for m in precisions["classifier"]["int8"]["gate"]["metrics"]}
@@ -142,13 +142,36 @@ def test_the_verdict_metric_scores_the_detectors_verdict_against_each_fields_lab
     empty = np.full((480, 640, 3), 245, np.uint8)  # no cell, so never flagged
     cases = [gate.FieldCase(empty, malignant=False), gate.FieldCase(empty, malignant=False), gate.FieldCase(empty, malignant=True)]
     scores = gate.verdict_scores(bundle, "segmenter", bundle.path("segmenter.onnx"), cases)
-    assert scores == {"taleqani_verdict_accuracy": pytest.approx(2 / 3), "taleqani_benign_accuracy": 1.0}
+    assert scores == {"taleqani_verdict_accuracy": pytest.approx(2 / 3), "taleqani_benign_unflagged": 1.0}
     assert gate.verdict_scores(bundle, "classifier", bundle.path("classifier.onnx"), cases) == scores
     assert gate.verdict_scores(bundle, "segmenter", bundle.path("segmenter.onnx"), cases[2:]) == {"taleqani_verdict_accuracy": 0.0}
 
 
+def test_the_benign_share_reads_the_training_fields_beside_the_held_out_ones(tiny_bundle: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch):
+    extra = gate.benign_field_cases(data_root, limit=3)
+    assert len(extra) == 3 and not any(case.malignant for case in extra)
+    bundle = load_bundle(tiny_bundle)
+    empty = np.full((480, 640, 3), 245, np.uint8)
+    held_out = [gate.FieldCase(empty, malignant=False), gate.FieldCase(empty, malignant=True)]
+    flags = {id(case.frame): True for case in extra}  # every training field flagged, the held-out ones not
+
+    class Verdict:
+        def __init__(self, flagged: bool):
+            self.flagged = flagged
+
+    def run(self, frame: np.ndarray, **_):
+        return type("Result", (), {"verdict": Verdict(flags.get(id(frame), False))})()
+
+    monkeypatch.setattr(gate.Detector, "run", run)
+    scores = gate.verdict_scores(bundle, "classifier", bundle.path("classifier.onnx"), held_out, benign_cases=extra)
+    # The verdict's accuracy is the held-out fields' alone; the benign share counts 1 of 4 benign fields unflagged.
+    assert scores == {"taleqani_verdict_accuracy": 0.5, "taleqani_benign_unflagged": 0.25}
+
+
 def test_a_quantized_model_that_flags_one_more_benign_field_fails_its_gate():
-    fp32 = {"taleqani_verdict_accuracy": 0.970, "taleqani_benign_accuracy": 1.0}
-    int8 = {"taleqani_verdict_accuracy": 0.9675, "taleqani_benign_accuracy": 59 / 60}  # one benign field flagged of 60
-    result = gate.compare("classifier", fp32, int8, {"accuracy": 0.005, "dice": 0.005, "f1": 0.005}, 386)
-    assert not result.passed and [metric.name for metric in result.failures()] == ["taleqani_benign_accuracy"]
+    tolerances = {"accuracy": 0.005, "dice": 0.005, "f1": 0.005, "unflagged": gate.DEFAULT_BENIGN_FLAG_TOLERANCE}
+    fp32 = {"taleqani_verdict_accuracy": 0.970, "taleqani_benign_unflagged": 337 / 343}
+    int8 = {"taleqani_verdict_accuracy": 0.970, "taleqani_benign_unflagged": 336 / 343}  # one more of 343 (0.003 < 0.005)
+    result = gate.compare("classifier", fp32, int8, tolerances, 386)
+    assert not result.passed and [metric.name for metric in result.failures()] == ["taleqani_benign_unflagged"]
+    assert gate.compare("classifier", fp32, fp32, tolerances, 386).passed

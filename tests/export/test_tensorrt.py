@@ -251,7 +251,7 @@ def test_calibrate_for_tensorrt_writes_gated_int8_trt_files_beside_the_cpu_ones_
 
     config = CalibrateConfig(
         data_root, calibrated_bundle, tmp_path / "default", fields=8, cells=8, candidates_per_class=4, gate_limit=4,
-        dice_tolerance=1.0, accuracy_tolerance=1.0, settings=QuantizationSettings.for_target("tensorrt"),
+        dice_tolerance=1.0, accuracy_tolerance=1.0, benign_flag_tolerance=1.0, settings=QuantizationSettings.for_target("tensorrt"),
     )
     bundle = calibrate_bundle(config).bundle  # load_bundle inside verified every sha256
     manifest, models = bundle.manifest, ("segmenter", "refiner", "classifier")
