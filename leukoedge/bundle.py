@@ -30,6 +30,7 @@ import numpy as np
 
 from leukoedge.domain import (
     COLOUR_FEATURES,
+    ENLARGED_CELL_SIDE_PX,
     MAX_FALLOFF,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
@@ -958,7 +959,7 @@ def describe_bundle(bundle: Bundle) -> str:
             f"more than {MAX_OUTSIDE_FIELD:.0%} outside the field of view or {MAX_DARK_SHARE:.0%} black inside it, light falling off by more "
             f"than {MAX_FALLOFF:.0%}, a band of flat or repeating rows over {MAX_INCOMPLETE:.0%} of the frame, edges blurred one way (edge "
             f"isotropy under {MIN_EDGE_ISOTROPY:.3f}), pixels compressed "
-            f"under JPEG quality {MIN_PIXEL_JPEG_QUALITY}, or, on a flagged frame, "
+            f"under JPEG quality {MIN_PIXEL_JPEG_QUALITY} (under the file bar where its white cells are under {ENLARGED_CELL_SIDE_PX:.0f} px), or, on a flagged frame, "
             f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped or rows torn sideways (tear score over {MAX_TEAR:.1f})"
         )
     if manifest.get("adaptation", {}).get("labelled"):

@@ -37,7 +37,8 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   normal TXL-PBC raabin field flagged; docs/training.md, "Bundle 0.13.0: compressed files"). Bundles fitted before
   this check have no "min_jpeg_quality" and skip it. And, for every bundle with a domain check, the quality the frame's
   pixels were last compressed at (decode.pixel_jpeg_quality, as captured: an MJPEG camera, a JPEG saved again at a
-  higher quality or as PNG), against MIN_PIXEL_JPEG_QUALITY (not fitted: below).
+  higher quality or as PNG), against MIN_PIXEL_JPEG_QUALITY (not fitted: below), or against the file bar where its
+  white cells are small enough to be enlarged for the classifier (pixel_jpeg_bar).
 - field of view: how much of the frame lies outside the microscope's field of view (outside_field) and how much is
   black inside it (dark_share). A camera on an eyepiece or a phone adapter sees a circular field with black corners;
   the stain normalization read them as smear and shifted every colour, and normal fields were flagged (Zheng's
@@ -358,6 +359,15 @@ _DARK_NEIGHBOURHOOD = np.ones((5, 5), np.uint8)
 MIN_EDGE_ISOTROPY = 0.145
 
 
+def pixel_jpeg_bar(spec: dict[str, Any], scores: dict[str, float]) -> int:
+    """The JPEG quality under which a frame's pixels are refused: MIN_PIXEL_JPEG_QUALITY, or, where its median white
+    cell is under ENLARGED_CELL_SIDE_PX (the classifier enlarges it, and its compression blocks with it), the bundle's
+    file bar (min_jpeg_quality) where higher."""
+    if "min_jpeg_quality" in spec and scores.get("cell_side_px", np.inf) < ENLARGED_CELL_SIDE_PX:
+        return max(MIN_PIXEL_JPEG_QUALITY, int(spec["min_jpeg_quality"]))
+    return MIN_PIXEL_JPEG_QUALITY
+
+
 def motion_bar(spec: dict[str, Any]) -> float:
     """The edge isotropy under which a frame is refused: the runtime's, or a device's own stricter one (an adapted
     bundle's domain.min_edge_isotropy: leukoedge adapt)."""
@@ -463,6 +473,12 @@ DOMAIN_CHECKS = (
 # handed over as MJPEG camera frames at 40 and below are nearly all refused; at 50-74 they are judged and Taleqani's
 # lose blasts (scripts/capture_study.py --fault jpeg --camera; docs/training.md, "Compression read from the pixels").
 MIN_PIXEL_JPEG_QUALITY = 45
+# Under this side (px) a white cell is enlarged to the classifier's input (64x64 in every bundle so far), and the 8-px
+# blocks JPEG leaves with it: Taleqani's cells (median 29 px) lose blasts from camera frames at quality 50-74 (45-48 of 60
+# malignant validation fields flagged, 60 raw), raabin's (337 px, pixels at 51) are judged right. A frame whose median
+# white cell is smaller than this is held to the bundle's file bar (min_jpeg_quality, 75) in its pixels too
+# (pixel_jpeg_bar); no source's own frame falls under it (their pixels hold 75, 51 with raabin's large cells, or none).
+ENLARGED_CELL_SIDE_PX = 64.0
 
 # Evened, validation fields whose light fell to 0.3 at one side were judged as captured (every malignant Taleqani field
 # flagged; no normal field flagged but one TXL-PBC raabin field already one cell from a false flag, which this and
@@ -489,7 +505,7 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
     if "max_noise" in spec and "noise" in scores and scores["noise"] > spec["max_noise"]:
         failed.append("noise")
     if ("min_jpeg_quality" in spec and "jpeg_quality" in scores and scores["jpeg_quality"] < spec["min_jpeg_quality"]) or (
-        scores.get("pixel_jpeg_quality", 100.0) < MIN_PIXEL_JPEG_QUALITY
+        scores.get("pixel_jpeg_quality", 100.0) < pixel_jpeg_bar(spec, scores)
     ):
         failed.append("compression")
     if scores.get("dark_share", 0.0) > MAX_DARK_SHARE or scores.get("outside_field", 0.0) > MAX_OUTSIDE_FIELD:
@@ -573,6 +589,12 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
             reasons.append(
                 f"compressed harder than any validated source (JPEG quality {scores['jpeg_quality']:.0f} < {spec['min_jpeg_quality']:.0f}): "
                 f"save the frames uncompressed (PNG) or at JPEG quality {spec['min_jpeg_quality']:.0f} or more"
+            )
+        elif pixel_jpeg_bar(spec, scores) > MIN_PIXEL_JPEG_QUALITY:
+            reasons.append(
+                f"compressed too hard for white cells this small (its pixels hold JPEG quality {scores['pixel_jpeg_quality']:.0f} < "
+                f"{pixel_jpeg_bar(spec, scores)} where the cells are {scores['cell_side_px']:.0f} px across, under "
+                f"{ENLARGED_CELL_SIDE_PX:.0f}): set the camera to uncompressed frames, or use a higher-power objective"
             )
         else:
             reasons.append(

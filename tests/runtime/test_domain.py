@@ -12,6 +12,7 @@ from leukoedge import Detector
 from leukoedge.preprocess.cpu import MAX_BLACK_CORNERS, black_corners, dark_share, fill_outside_field, shows_field_of_view
 from leukoedge.domain import (
     COLOUR_FEATURES,
+    ENLARGED_CELL_SIDE_PX,
     MEAN_SPREAD_FEATURES,
     MIN_CHROMA_SPREAD,
     MIN_EDGE_ISOTROPY,
@@ -360,6 +361,29 @@ def test_pixels_compressed_under_the_bar_fail_the_compression_check_whatever_the
     assert failed_checks(spec, {**inside, "jpeg_quality": 95.0, "pixel_jpeg_quality": 30.0}) == ["compression"]
     assert f"its pixels hold JPEG quality 30 < {MIN_PIXEL_JPEG_QUALITY}" in outside_domain(spec, {**inside, "pixel_jpeg_quality": 30.0})
     assert failed_checks(spec, inside) == []  # no lattice in the pixels: nothing to check
+
+
+def test_small_white_cells_hold_their_pixels_to_the_file_bar_and_large_ones_to_the_runtimes():
+    spec = fit_domain(_correlations(np.random.default_rng(0), 6), np.full(6, 0.05), ["a"] * 6, jpeg_qualities=[75] * 6)
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    small, large = ENLARGED_CELL_SIDE_PX - 1.0, ENLARGED_CELL_SIDE_PX
+    # A camera frame at 60: Taleqani-sized cells are enlarged for the classifier, and the compression blocks with them.
+    assert failed_checks(spec, {**inside, "cell_side_px": small, "pixel_jpeg_quality": 60.0}) == ["compression"]
+    assert "compressed too hard for white cells this small (its pixels hold JPEG quality 60 < 75" in outside_domain(
+        spec, {**inside, "cell_side_px": small, "pixel_jpeg_quality": 60.0}
+    )
+    assert failed_checks(spec, {**inside, "cell_side_px": small, "pixel_jpeg_quality": 75.0}) == []
+    # Large cells (raabin's pixels hold 51) keep the runtime's bar.
+    assert failed_checks(spec, {**inside, "cell_side_px": large, "pixel_jpeg_quality": 51.0}) == []
+    assert failed_checks(spec, {**inside, "cell_side_px": large, "pixel_jpeg_quality": float(MIN_PIXEL_JPEG_QUALITY - 1)}) == ["compression"]
+    # A bundle fitted before the file bar existed has only the runtime's.
+    older = {key: value for key, value in spec.items() if key != "min_jpeg_quality"}
+    assert failed_checks(older, {**inside, "cell_side_px": small, "pixel_jpeg_quality": 60.0}) == []
+
+
+def test_the_enlarged_cell_side_is_the_shipped_classifiers_input_side():
+    manifest = Detector.load(REPO / "models" / "default").bundle.manifest
+    assert manifest["classifier"]["input_size"] == [ENLARGED_CELL_SIDE_PX, ENLARGED_CELL_SIDE_PX]
 
 
 def test_a_camera_frame_compressed_harder_than_any_validated_is_not_judged():
