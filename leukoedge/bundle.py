@@ -32,12 +32,14 @@ from leukoedge.domain import (
     COLOUR_FEATURES,
     ENLARGED_CELL_SIDE_PX,
     MAX_FALLOFF,
+    MAX_CUT_CELL_SHARE,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     MAX_TEAR,
     MEAN_SPREAD_FEATURES,
     MIN_EDGE_ISOTROPY,
     MIN_PIXEL_JPEG_QUALITY,
+    MIN_WHOLE_BLASTS,
     SWAP_MARGIN,
     feature_names,
 )
@@ -960,7 +962,8 @@ def describe_bundle(bundle: Bundle) -> str:
             f"than {MAX_FALLOFF:.0%}, a band of flat or repeating rows over {MAX_INCOMPLETE:.0%} of the frame, edges blurred one way (edge "
             f"isotropy under {MIN_EDGE_ISOTROPY:.3f}), pixels compressed "
             f"under JPEG quality {MIN_PIXEL_JPEG_QUALITY} (under the file bar where its white cells are under {ENLARGED_CELL_SIDE_PX:.0f} px), or, on a flagged frame, "
-            f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped or rows torn sideways (tear score over {MAX_TEAR:.1f})"
+            f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped, rows torn sideways (tear score over {MAX_TEAR:.1f}) "
+            f"or fewer than {MIN_WHOLE_BLASTS} blasts besides those cut by the frame's edge and spanning {MAX_CUT_CELL_SHARE:.0%} of it"
         )
     if manifest.get("adaptation", {}).get("labelled"):
         lines.append(f"adapted with labels (leukoedge adapt --labels): {', '.join(manifest['adaptation']['adapted'])}")

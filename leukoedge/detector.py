@@ -19,7 +19,7 @@ from .postprocess import CellInstance, find_cells, fragments, label_map_from_pro
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
 from .decode import pixel_jpeg_quality
-from .domain import domain_scores, incomplete_rows, outside_domain, swapped_colour_gain, tear_score
+from .domain import domain_scores, incomplete_rows, large_cut_cells, outside_domain, swapped_colour_gain, tear_score
 from .result import BACKGROUND, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, Cell, Result, Timings, Verdict, make_verdict
 
 # Cells are refined and classified in batches of at most this many: one call per model for a frame of up
@@ -266,12 +266,18 @@ class Detector:
                 crops = self.cell_crops(frame, found.prepared, instances)
             cells = self.classify(instances, crops)
         verdict = self.judge(cells, non_wbc_count, domain)
-        if verdict.flagged and self.domain_spec:  # a flag is checked once more: are its colours a swapped frame's, is it torn?
+        if verdict.flagged and self.domain_spec:
+            # A flag is checked once more: are its colours a swapped frame's, is it torn, does it rest on cells cut by
+            # the frame's edge and larger than it shows whole?
             with _stopwatch(timings, "check"):
                 domain["swapped_colour_gain"] = swapped_colour_gain(
                     self.domain_spec, frame, domain["colour_distance"], self.spec, self.segmenter_spec["input_size"], self.channel_order
                 )
                 domain["tear_score"] = tear_score(frame)
+                blasts = [cell for cell in cells if cell.blast_probability >= verdict.blast_threshold]
+                cut = large_cut_cells([cell.box for cell in blasts], frame.shape)
+                if any(cut):
+                    domain["whole_blasts"] = float(cut.count(False))
             verdict = self.judge(cells, non_wbc_count, domain)
         timings.total_ms = (time.perf_counter() - started) * 1000.0
         return Result(

@@ -140,6 +140,28 @@ TEAR_MIN_SHIFT = 3
 MAX_TEAR = 3.0
 
 
+# A white cell cut by the frame's edge and spanning at least MAX_CUT_CELL_SHARE of the frame's shorter side is larger
+# than the frame shows whole: a higher magnification than the sources' (a camera's region of interest cut around the
+# field's centre, a relay lens). Validation fields with their centre third enlarged to the whole frame
+# (scripts/capture_study.py --fault zoom --levels 3) had such cells, a lobed neutrophil or a myelocyte filling the
+# frame, split into pieces each called a blast: 10 of 160 normal fields flagged (BCCD, PBC, TXL-PBC bcd), none as
+# captured. A flagged frame with fewer than MIN_WHOLE_BLASTS blasts left once those cells are set aside is refused;
+# no validated frame's flag rests on one (Taleqani's cells span 0.14 of its fields).
+MAX_CUT_CELL_SHARE = 0.4
+MIN_WHOLE_BLASTS = 2
+
+
+def large_cut_cells(boxes: Sequence[Box], frame_shape: tuple[int, ...]) -> list[bool]:
+    """Per box (x0, y0, x1, y1, ends exclusive), whether it touches the frame's edge and spans MAX_CUT_CELL_SHARE of the
+    frame's shorter side or more."""
+    height, width = frame_shape[:2]
+    reach = MAX_CUT_CELL_SHARE * min(height, width)
+    return [
+        (x0 <= 0 or y0 <= 0 or x1 >= width or y1 >= height) and max(x1 - x0, y1 - y0) >= reach
+        for x0, y0, x1, y1 in boxes
+    ]
+
+
 def tear_score(frame: np.ndarray) -> float:
     """The largest, over the frame's adjacent rows, of how much better the lower row matches the upper one shifted
     sideways than where it stands (about 1 or less: no better; a tear: several times better)."""
@@ -462,7 +484,8 @@ def domain_scores(
 
 
 DOMAIN_CHECKS = (
-    "colour", "uncertainty", "cell_size", "no_colour", "focus", "motion", "noise", "compression", "torn", "field_of_view", "illumination", "incomplete", "channel_order",
+    "colour", "uncertainty", "cell_size", "no_colour", "focus", "motion", "noise", "compression", "torn", "cut_cells", "field_of_view",
+    "illumination", "incomplete", "channel_order",
 )
 
 # A frame whose pixels were compressed at a JPEG quality under this is refused (decode.pixel_jpeg_quality, measured as
@@ -516,6 +539,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("incomplete")
     if scores.get("tear_score", 0.0) > MAX_TEAR:
         failed.append("torn")
+    if scores.get("whole_blasts", np.inf) < MIN_WHOLE_BLASTS:
+        failed.append("cut_cells")
     if scores.get("swapped_colour_gain", 0.0) > SWAP_MARGIN:
         failed.append("channel_order")
     return failed
@@ -578,6 +603,12 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(
             f"a torn frame (rows below one row match those above shifted sideways, {scores['tear_score']:.1f} times better than "
             f"where they stand; at most {MAX_TEAR:.1f}): a camera buffer that lost its line sync; capture again"
+        )
+    if "cut_cells" in failed:
+        reasons.append(
+            f"white cells larger than the frame shows whole (its flag rests on blasts cut by the frame's edge that span "
+            f"{MAX_CUT_CELL_SHARE:.0%} of its side or more; {scores['whole_blasts']:.0f} whole blast(s), fewer than {MIN_WHOLE_BLASTS}): "
+            "a higher magnification than validated, or a region of interest cut around the field's centre; capture the whole field"
         )
     if "illumination" in failed:
         reasons.append(

@@ -22,6 +22,8 @@ Every field of a split is spoilt as a capture fault spoils it, at each level:
   camera buffer not fully written looks the same).
 - torn (--fault torn): the frame's lower half written shifted sideways by the level's share of its width (wrapped
   round), as a camera buffer that lost its line sync.
+- zoom (--fault zoom): a higher magnification than the source's (a camera's region of interest cut around the field's
+  centre, a relay lens): the frame's central 1/level enlarged to the frame's size, so cells span `level` times the share.
 Each spoilt field goes through the bundle once and is judged twice, with its capture checks and without them (the
 domain section less max_edge_width, max_noise and min_jpeg_quality, and without the edge isotropy and the pixels' JPEG
 quality), and the table prints, per source and level: the fields' edge
@@ -32,7 +34,7 @@ flagged; Taleqani's malignant fields flagged; PBC's white-cell type of the centr
 0.11.0: out of focus", "Bundle 0.12.0: sensor noise", "Bundle 0.13.0: compressed files" and "Uneven light,
 and other capture faults measured" quote it:
 
-    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette|motion|illumination|scale|channels|truncated|torn]
+    python scripts/capture_study.py --data ../shared/data [--fault defocus|exposure|noise|jpeg|vignette|motion|illumination|scale|channels|truncated|torn|zoom]
         [--bundle models/default] [--split val] [--without-evening]
 """
 
@@ -90,6 +92,7 @@ LEVELS = {
     "channels": [0.0, 1.0],
     "truncated": [0.0, 0.03, 0.1, 0.3],
     "torn": [0.0, 0.05, 0.15, 0.3],
+    "zoom": [1.0, 1.5, 2.0, 3.0],
 }  # each fault's first level is no fault
 
 
@@ -126,6 +129,11 @@ def spoilt(frame: np.ndarray, fault: str, level: float, cell_side: float) -> np.
         torn = frame.copy()  # the rows below the middle written shifted sideways by the level's share of the width
         torn[frame.shape[0] // 2 :] = np.roll(frame[frame.shape[0] // 2 :], int(round(level * frame.shape[1])), axis=1)
         return torn
+    if fault == "zoom":
+        height, width = frame.shape[:2]
+        cut_height, cut_width = max(1, int(round(height / level))), max(1, int(round(width / level)))
+        y0, x0 = (height - cut_height) // 2, (width - cut_width) // 2
+        return cv2.resize(frame[y0 : y0 + cut_height, x0 : x0 + cut_width], (width, height), interpolation=cv2.INTER_LINEAR)
     if fault == "noise":
         noise = np.random.default_rng(int(level)).normal(0.0, level, frame.shape)  # the same noise for every rerun
         return np.clip(frame.astype(np.float32) + noise, 0, 255).astype(np.uint8)
@@ -142,13 +150,14 @@ def three_ways(rows: list[dict], outcome: str) -> str:
 # device's own bar as well (adapt.DEVICE_BARS).
 CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("noise", "noise"), "min_jpeg_quality": ("jpeg_quality", "compression")}
 # The capture checks of every bundle with a domain check (runtime constants, not in the manifest): the scores they read,
-# left out of the run without the capture checks: domain.MIN_EDGE_ISOTROPY's (motion), domain.MIN_PIXEL_JPEG_QUALITY's
-# and domain.MAX_TEAR's (a torn frame, read on flagged frames only).
-RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality", "tear_score")
+# left out of the run without the capture checks: domain.MIN_EDGE_ISOTROPY's (motion), domain.MIN_PIXEL_JPEG_QUALITY's,
+# domain.MAX_TEAR's (a torn frame) and domain.MIN_WHOLE_BLASTS' (a flag resting on cells cut by the frame's edge; these
+# two read on flagged frames only).
+RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality", "tear_score", "whole_blasts")
 # The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view,
 # incomplete-frame and motion checks' (not bundle thresholds: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE,
 # domain.MAX_INCOMPLETE, domain.MIN_EDGE_ISOTROPY).
-CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion", "torn"})
+CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion", "torn", "cut_cells"})
 
 
 def group(record: data.Record) -> str:
@@ -185,7 +194,7 @@ def main() -> int:
         help="defocus: sigmas as shares of the median cell side; exposure: gains; noise: standard deviations; jpeg: qualities; "
         "vignette: field-of-view radii as shares of the half-diagonal; motion: blur lengths as shares of the median cell side; "
         "illumination: darkening at the far edge; scale: resize factors; channels: 1 swaps red and blue; truncated: shares of rows "
-        "lost; torn: sideways shifts as shares of the width (default: %s)" % LEVELS,
+        "lost; torn: sideways shifts as shares of the width; zoom: magnifications (default: %s)" % LEVELS,
     )
     args = parser.parse_args()
     if args.without_evening:
@@ -250,7 +259,7 @@ def main() -> int:
         "defocus": "blur (x cell side)", "exposure": "gain", "noise": "noise (grey levels)", "jpeg": "JPEG quality (0: as captured)",
         "vignette": "field-of-view radius (x half-diagonal)", "motion": "motion blur (x cell side)",
         "illumination": "darkening across the frame", "scale": "scale (x pixels)", "channels": "red and blue swapped",
-        "truncated": "share of rows lost", "torn": "lower half shifted (x width)",
+        "truncated": "share of rows lost", "torn": "lower half shifted (x width)", "zoom": "magnification (x)",
     }[args.fault]
     shown = (*bars.values(), *RUNTIME_CAPTURE_SCORES)
     medians = " | ".join(f"{score} median (p95)" for score in shown)

@@ -22,6 +22,7 @@ from leukoedge.domain import (
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     MAX_TEAR,
+    MIN_WHOLE_BLASTS,
     SWAP_MARGIN,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
@@ -34,6 +35,7 @@ from leukoedge.domain import (
     fit_domain,
     frame_noise,
     incomplete_rows,
+    large_cut_cells,
     median_cell_side,
     noise_level,
     outside_domain,
@@ -612,3 +614,40 @@ def test_a_swapped_normal_field_the_colour_check_passes_is_refused_not_flagged(d
     assert verdict.domain["swapped_colour_gain"] > SWAP_MARGIN
     assert verdict.status == "outside_domain" and not verdict.flagged and "red and blue swapped" in verdict.reason
     assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
+
+
+def test_large_cells_cut_by_the_frames_edge_are_told_from_whole_and_small_ones():
+    shape = (400, 600, 3)  # the reach: 0.4 x 400 = 160 px
+    boxes = [(0, 100, 170, 260), (200, 100, 370, 270), (580, 0, 600, 40), (100, 300, 300, 400), (450, 250, 600, 400)]
+    # cut and large; whole; cut but small; cut (bottom edge) and 200 wide; cut but 150 px a side
+    assert large_cut_cells(boxes, shape) == [True, False, False, True, False]
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    spec = fit_domain(_correlations(np.random.default_rng(0), 6), np.full(6, 0.05), ["a"] * 6)
+    assert failed_checks(spec, {**inside, "whole_blasts": float(MIN_WHOLE_BLASTS - 1)}) == ["cut_cells"]
+    assert failed_checks(spec, {**inside, "whole_blasts": float(MIN_WHOLE_BLASTS)}) == []
+    assert "white cells larger than the frame shows whole" in outside_domain(spec, {**inside, "whole_blasts": 0.0})
+
+
+def _magnified(frame: np.ndarray, times: float) -> np.ndarray:
+    """The frame's central 1/times enlarged to its size: a higher magnification (scripts/capture_study.py --fault zoom)."""
+    height, width = frame.shape[:2]
+    cut_height, cut_width = int(round(height / times)), int(round(width / times))
+    y0, x0 = (height - cut_height) // 2, (width - cut_width) // 2
+    return cv2.resize(frame[y0 : y0 + cut_height, x0 : x0 + cut_width], (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged(data_root: Path, monkeypatch: pytest.MonkeyPatch):
+    """PBC's validation myelocyte MY_625902 magnified 3x: its cell fills the frame and is split into two pieces, each
+    called a blast, both cut by the frame's edge."""
+    from leukoedge import domain
+    from leukoedge.training import data
+
+    record = next(r for r in data.load_records(data_root, "pbc", "val") if r.image_path.name == "MY_625902.jpg")
+    frame = data.read_image(record)
+    detector = Detector.load(REPO / "models" / "default")
+    assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
+    verdict = detector.run(_magnified(frame, 3.0)).verdict
+    assert verdict.status == "outside_domain" and not verdict.flagged and "larger than the frame shows whole" in verdict.reason
+    assert verdict.domain["whole_blasts"] < MIN_WHOLE_BLASTS
+    monkeypatch.setattr(domain, "MIN_WHOLE_BLASTS", 0)  # without the check the same frame is a false flag
+    assert detector.run(_magnified(frame, 3.0)).verdict.flagged
