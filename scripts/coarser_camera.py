@@ -40,8 +40,9 @@ class CoarserCamera:
     def __init__(self, detector: Detector, factor: float, keep_size: bool = True) -> None:
         self.detector, self.factor, self.keep_size = detector, factor, keep_size
 
-    def run(self, frame: np.ndarray):
-        return self.detector.run(coarser(frame, self.factor, self.keep_size))
+    def run(self, frame: np.ndarray, **options: Any):
+        """Detector.run on the coarser frame; options (the file's jpeg_quality, as training.data.run_record passes it) as given."""
+        return self.detector.run(coarser(frame, self.factor, self.keep_size), **options)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.detector, name)

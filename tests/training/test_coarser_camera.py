@@ -26,10 +26,11 @@ def test_the_camera_runs_the_detector_on_the_coarser_frame_and_lends_it_everythi
     class Detector:
         verdict_spec = {"blast_threshold": 0.5}
 
-        def run(self, frame):
-            return frame
+        def run(self, frame, jpeg_quality=None):
+            return frame, jpeg_quality
 
     frame = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     camera = module.CoarserCamera(Detector(), 0.5)
-    assert np.array_equal(camera.run(frame), module.coarser(frame, 0.5))
+    seen, quality = camera.run(frame, jpeg_quality=90)  # as training.data.run_record calls it
+    assert np.array_equal(seen, module.coarser(frame, 0.5)) and quality == 90
     assert camera.verdict_spec == {"blast_threshold": 0.5}
