@@ -33,6 +33,7 @@ from leukoedge.domain import (
     ENLARGED_CELL_SIDE_PX,
     MAX_FALLOFF,
     MAX_CUT_CELL_SHARE,
+    MAX_EMPTY_FOREGROUND,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
     MAX_TEAR,
@@ -963,7 +964,8 @@ def describe_bundle(bundle: Bundle) -> str:
             f"isotropy under {MIN_EDGE_ISOTROPY:.3f}), pixels compressed "
             f"under JPEG quality {MIN_PIXEL_JPEG_QUALITY} (under the file bar where its white cells are under {ENLARGED_CELL_SIDE_PX:.0f} px), or, on a flagged frame, "
             f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped, rows torn sideways (tear score over {MAX_TEAR:.1f}) "
-            f"or fewer than {MIN_WHOLE_BLASTS} blasts besides those cut by the frame's edge and spanning {MAX_CUT_CELL_SHARE:.0%} of it"
+            f"or fewer than {MIN_WHOLE_BLASTS} blasts besides those cut by the frame's edge and spanning {MAX_CUT_CELL_SHARE:.0%} of it; "
+            f"and a frame without a white cell whose segmenter marks over {MAX_EMPTY_FOREGROUND:.0%} of it as white cell"
         )
     if manifest.get("adaptation", {}).get("labelled"):
         lines.append(f"adapted with labels (leukoedge adapt --labels): {', '.join(manifest['adaptation']['adapted'])}")

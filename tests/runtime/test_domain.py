@@ -18,6 +18,7 @@ from leukoedge.domain import (
     MIN_EDGE_ISOTROPY,
     MIN_PIXEL_JPEG_QUALITY,
     MAX_DARK_SHARE,
+    MAX_EMPTY_FOREGROUND,
     MAX_FALLOFF,
     MAX_INCOMPLETE,
     MAX_OUTSIDE_FIELD,
@@ -651,3 +652,30 @@ def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged
     assert verdict.domain["whole_blasts"] < MIN_WHOLE_BLASTS
     monkeypatch.setattr(domain, "MIN_WHOLE_BLASTS", 0)  # without the check the same frame is a false flag
     assert detector.run(_magnified(frame, 3.0)).verdict.flagged
+
+
+def test_a_frame_without_a_white_cell_but_mostly_white_cell_pixels_is_refused_and_an_empty_one_is_not():
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    spec = fit_domain(_correlations(np.random.default_rng(0), 6), np.full(6, 0.05), ["a"] * 6)
+    assert failed_checks(spec, {**inside, "empty_foreground": MAX_EMPTY_FOREGROUND + 0.01}) == ["cell_fills_frame"]
+    assert failed_checks(spec, {**inside, "empty_foreground": MAX_EMPTY_FOREGROUND}) == []
+    assert "no whole white cell found" in outside_domain(spec, {**inside, "empty_foreground": 0.6})
+    detector = Detector.load(REPO / "models" / "default")
+    blank = np.full((480, 640, 3), 235, np.uint8)  # an empty field: no white cell, and none marked
+    verdict = detector.run(blank).verdict
+    assert verdict.status in ("no_cells", "outside_domain") and verdict.domain["empty_foreground"] < MAX_EMPTY_FOREGROUND
+    assert "no whole white cell" not in verdict.reason
+
+
+def test_a_cell_magnified_until_it_fills_the_frame_is_not_reported_as_no_white_cell(data_root: Path):
+    """Zheng's validation cell 053.bmp magnified 2x touches every edge: no whole cell is kept, but it is not an empty
+    field."""
+    from leukoedge.training import data
+
+    record = next(r for r in data.load_records(data_root, "wbc-seg-zheng", "val") if r.image_path.name == "053.bmp")
+    detector = Detector.load(REPO / "models" / "default")
+    frame = data.read_image(record)
+    assert detector.run(frame).verdict.status == "ok"
+    verdict = detector.run(_magnified(frame, 2.0)).verdict
+    assert verdict.status == "outside_domain" and not verdict.flagged and verdict.cell_count == 0
+    assert "no whole white cell found" in verdict.reason and verdict.domain["empty_foreground"] > MAX_EMPTY_FOREGROUND
