@@ -144,7 +144,7 @@ MAX_TEAR = 3.0
 # than the frame shows whole: a higher magnification than the sources' (a camera's region of interest cut around the
 # field's centre, a relay lens). Validation fields with their centre third enlarged to the whole frame
 # (scripts/capture_study.py --fault zoom --levels 3) had such cells, a lobed neutrophil or a myelocyte filling the
-# frame, split into pieces each called a blast: 10 of 160 normal fields flagged (BCCD, PBC, TXL-PBC bcd), none as
+# frame, split into pieces each called a blast: 13 normal fields flagged (BCCD, PBC, TXL-PBC bcd and raabin), none as
 # captured. A flagged frame with fewer than MIN_WHOLE_BLASTS blasts left once those cells are set aside is refused;
 # no validated frame's flag rests on one (Taleqani's cells span 0.14 of its fields).
 MAX_CUT_CELL_SHARE = 0.4
@@ -511,8 +511,9 @@ DOMAIN_CHECKS = (
 # 95 after a compression at 51) or no lattice (Taleqani, Zheng) (scripts/capture_levels.py): the bar lies under every
 # validated frame. Not fitted: fitted, it would follow the sources a bundle saw (75 without raabin, refusing raabin's
 # frames, which the models judge right), and compression is a camera setting, not a device's look. Validation fields
-# handed over as MJPEG camera frames at 40 and below are nearly all refused; at 50-74 they are judged and Taleqani's
-# lose blasts (scripts/capture_study.py --fault jpeg --camera; docs/training.md, "Compression read from the pixels").
+# handed over as MJPEG camera frames at 40 and below are nearly all refused; at 50-74 those with large cells are
+# judged, those with small ones held to the file bar (ENLARGED_CELL_SIDE_PX below) (scripts/capture_study.py --fault jpeg
+# --camera; docs/training.md, "Compression read from the pixels").
 MIN_PIXEL_JPEG_QUALITY = 45
 # Under this side (px) a white cell is enlarged to the classifier's input (64x64 in every bundle so far), and the 8-px
 # blocks JPEG leaves with it: Taleqani's cells (median 29 px) lose blasts from camera frames at quality 50-74 (45-48 of 60
@@ -647,10 +648,10 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
                 f"compressed harder than any validated source (JPEG quality {scores['jpeg_quality']:.0f} < {spec['min_jpeg_quality']:.0f}): "
                 f"save the frames uncompressed (PNG) or at JPEG quality {spec['min_jpeg_quality']:.0f} or more"
             )
-        elif pixel_jpeg_bar(spec, scores) > MIN_PIXEL_JPEG_QUALITY:
+        elif (bar := pixel_jpeg_bar(spec, scores)) > MIN_PIXEL_JPEG_QUALITY:
             reasons.append(
                 f"compressed too hard for white cells this small (its pixels hold JPEG quality {scores['pixel_jpeg_quality']:.0f} < "
-                f"{pixel_jpeg_bar(spec, scores)} where the cells are {scores['cell_side_px']:.0f} px across, under "
+                f"{bar} where the cells are {scores['cell_side_px']:.0f} px across, under "
                 f"{ENLARGED_CELL_SIDE_PX:.0f}): set the camera to uncompressed frames, or use a higher-power objective"
             )
         else:

@@ -156,8 +156,8 @@ CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("nois
 # as mostly white cell).
 RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality", "tear_score", "whole_blasts", "empty_foreground")
 # The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view,
-# incomplete-frame and motion checks' (not bundle thresholds: domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE,
-# domain.MAX_INCOMPLETE, domain.MIN_EDGE_ISOTROPY).
+# incomplete-frame, motion, torn-frame, cut-cell and cell-fills-frame checks' (not bundle thresholds:
+# domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE, domain.MAX_INCOMPLETE and the constants above).
 CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion", "torn", "cut_cells", "cell_fills_frame"})
 
 

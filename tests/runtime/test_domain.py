@@ -629,15 +629,7 @@ def test_large_cells_cut_by_the_frames_edge_are_told_from_whole_and_small_ones()
     assert "white cells larger than the frame shows whole" in outside_domain(spec, {**inside, "whole_blasts": 0.0})
 
 
-def _magnified(frame: np.ndarray, times: float) -> np.ndarray:
-    """The frame's central 1/times enlarged to its size: a higher magnification (scripts/capture_study.py --fault zoom)."""
-    height, width = frame.shape[:2]
-    cut_height, cut_width = int(round(height / times)), int(round(width / times))
-    y0, x0 = (height - cut_height) // 2, (width - cut_width) // 2
-    return cv2.resize(frame[y0 : y0 + cut_height, x0 : x0 + cut_width], (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged(data_root: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged(data_root: Path, monkeypatch: pytest.MonkeyPatch, script):
     """PBC's validation myelocyte MY_625902 magnified 3x: its cell fills the frame and is split into two pieces, each
     called a blast, both cut by the frame's edge."""
     from leukoedge import domain
@@ -647,11 +639,12 @@ def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged
     frame = data.read_image(record)
     detector = Detector.load(REPO / "models" / "default")
     assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
-    verdict = detector.run(_magnified(frame, 3.0)).verdict
+    magnified = script("capture_study").spoilt(frame, "zoom", 3.0, 0.0)  # the study's higher magnification
+    verdict = detector.run(magnified).verdict
     assert verdict.status == "outside_domain" and not verdict.flagged and "larger than the frame shows whole" in verdict.reason
     assert verdict.domain["whole_blasts"] < MIN_WHOLE_BLASTS
     monkeypatch.setattr(domain, "MIN_WHOLE_BLASTS", 0)  # without the check the same frame is a false flag
-    assert detector.run(_magnified(frame, 3.0)).verdict.flagged
+    assert detector.run(magnified).verdict.flagged
 
 
 def test_a_frame_without_a_white_cell_but_mostly_white_cell_pixels_is_refused_and_an_empty_one_is_not():
@@ -667,7 +660,7 @@ def test_a_frame_without_a_white_cell_but_mostly_white_cell_pixels_is_refused_an
     assert "no whole white cell" not in verdict.reason
 
 
-def test_a_cell_magnified_until_it_fills_the_frame_is_not_reported_as_no_white_cell(data_root: Path):
+def test_a_cell_magnified_until_it_fills_the_frame_is_not_reported_as_no_white_cell(data_root: Path, script):
     """Zheng's validation cell 053.bmp magnified 2x touches every edge: no whole cell is kept, but it is not an empty
     field."""
     from leukoedge.training import data
@@ -676,6 +669,6 @@ def test_a_cell_magnified_until_it_fills_the_frame_is_not_reported_as_no_white_c
     detector = Detector.load(REPO / "models" / "default")
     frame = data.read_image(record)
     assert detector.run(frame).verdict.status == "ok"
-    verdict = detector.run(_magnified(frame, 2.0)).verdict
+    verdict = detector.run(script("capture_study").spoilt(frame, "zoom", 2.0, 0.0)).verdict
     assert verdict.status == "outside_domain" and not verdict.flagged and verdict.cell_count == 0
     assert "no whole white cell found" in verdict.reason and verdict.domain["empty_foreground"] > MAX_EMPTY_FOREGROUND
