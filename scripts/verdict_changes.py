@@ -5,6 +5,10 @@ probabilities under both, so a changed figure in `leukoedge evaluate` can be tra
     python scripts/verdict_changes.py --data ../shared/data --before models/default --after CANDIDATE \\
         [--source all-taleqani] [--split test] [--min-change 0.2] [--draw DIR]
 
+--after-int8 MODEL runs the after bundle in FP32 with that model's INT8 file in its place, as `leukoedge calibrate`'s
+gate does: `--before models/default --after models/default --after-int8 classifier --split train` counts the fields
+quantizing the classifier alone flags or clears.
+
 It ends with the flag's changes counted per truth (fields only one bundle flags) and, for the malignant fields,
 the exact two-sided McNemar p-value of the two bundles flagging them alike: whether a sensitivity drop on a small
 test split is more than the fields one bundle happens to catch (p near 1) or a real loss (p below 0.05).
@@ -26,6 +30,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from leukoedge.backends import create_backend  # noqa: E402
+from leukoedge.bundle import model_file  # noqa: E402
 from leukoedge.detector import Detector  # noqa: E402
 from leukoedge.result import Result  # noqa: E402
 from leukoedge.training import data  # noqa: E402
@@ -55,10 +61,18 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--min-change", type=float, default=0.2, help="also list fields whose blast fraction moved this much (default: %(default)s)")
     parser.add_argument("--draw", type=Path, default=None, help="write each changed field's before | after overlays here (PNG)")
+    parser.add_argument(
+        "--after-int8", choices=("segmenter", "classifier"), default=None,
+        help="run the after bundle in FP32 with this model's INT8 file in its place (as the INT8 gate does)",
+    )
     args = parser.parse_args()
     if args.draw is not None:
         args.draw.mkdir(parents=True, exist_ok=True)
-    before, after = Detector.load(args.before), Detector.load(args.after)
+    before = Detector.load(args.before)
+    after = Detector.load(args.after, precision="fp32" if args.after_int8 else None)
+    if args.after_int8:
+        int8 = after.bundle.path(model_file(after.bundle.manifest, args.after_int8, "int8"))  # BundleError where it has none
+        setattr(after, args.after_int8, create_backend("onnxruntime", int8))
     changed = 0
     only = {(truth, side): 0 for truth in (True, False) for side in ("before", "after")}  # flagged by one bundle only
     records = data.load_records(args.data, args.source, args.split)
