@@ -201,8 +201,9 @@ def benign_field_cases(data_root: Path, limit: int | None = None) -> list[FieldC
 
     Whether a quantized model flags a benign field FP32 does not is quantization noise on a field near the threshold,
     not generalization, so fields the models learnt from are fair witnesses. Measured (docs/performance.md, "A false
-    flag added by INT8, read on more benign fields"): on 0.13.0 the INT8 classifier flags 1 of the 60 validation
-    fields as FP32 does, and 7 of the 283 training fields against FP32's 6; on the test split one more than FP32."""
+    flag added by INT8, read on more benign fields; scripts/verdict_changes.py --after-int8): on 0.13.0 the INT8
+    classifier flags the 60 validation fields as FP32 does, and one more of the 283 training fields; on the test split
+    one more than FP32."""
     records = [record for record in data.load_records(data_root, "all-taleqani", "train") if not record.blast][:limit]
     return [FieldCase(data.read_image(record), False) for record in records]
 
