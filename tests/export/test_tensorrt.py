@@ -183,7 +183,7 @@ def test_export_int8_of_a_bundle_never_quantized_for_tensorrt_names_the_calibrat
 
     fakes.install(monkeypatch)
     bundle = Path(shutil.copytree(SHIPPED, tmp_path / "default"))
-    with pytest.raises(BundleError, match=r"segmenter\.int8\.onnx.*UINT8.*--target tensorrt"):  # the CPU INT8 files it ships
+    with pytest.raises(BundleError, match=r"refiner\.int8\.onnx.*UINT8.*--target tensorrt"):  # the CPU INT8 file it ships
         export_engines(bundle, "int8")
     assert not (bundle / "engines").exists()
 
