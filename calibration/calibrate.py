@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -299,6 +299,26 @@ def _tensorrt_section(config: CalibrateConfig, outcomes: dict[str, ModelOutcome]
     return section
 
 
+def verdict_scorer(
+    bundle: Bundle, field_cases: Sequence[gate.FieldCase], benign_cases: Sequence[gate.FieldCase], threads: int | None
+) -> Callable[[str, Path], dict[str, float]]:
+    """gate.verdict_scores of a model's file in the bundle's place ({} without fields), the bundle's own FP32 verdicts
+    read once: the segmenter's and the classifier's FP32 files each put in their own place are the bundle as it is
+    (729 Taleqani fields, about 20 s a pass on 2 cores)."""
+    own: dict[str, float] = {}
+
+    def scores(model: str, path: Path) -> dict[str, float]:
+        if not field_cases:
+            return {}
+        if Path(path) != bundle.path(bundle.manifest[model]["file"]):
+            return gate.verdict_scores(bundle, model, path, field_cases, threads, benign_cases)
+        if not own:
+            own.update(gate.verdict_scores(bundle, model, path, field_cases, threads, benign_cases))
+        return dict(own)
+
+    return scores
+
+
 def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
     """Quantize, gate and time every model of a bundle; write the bundle with what passed."""
     bundle = load_bundle(config.bundle)
@@ -323,19 +343,17 @@ def calibrate_bundle(config: CalibrateConfig) -> CalibrationReport:
     )
     if not segmentation_cases or not cell_cases:
         raise LeukoedgeError(f"no held-out data for the gate in the {config.gate_split} split of {config.data_root}")
+    verdicts = verdict_scorer(bundle, field_cases, benign_cases, config.threads)
     scorers: dict[str, tuple[Callable[[Path], dict[str, float]], int]] = {
         "segmenter": (
-            lambda path: {
-                **gate.segmenter_scores(path, segmentation_cases, config.threads),
-                **(gate.verdict_scores(bundle, "segmenter", path, field_cases, config.threads, benign_cases) if field_cases else {}),
-            },
+            lambda path: {**gate.segmenter_scores(path, segmentation_cases, config.threads), **verdicts("segmenter", path)},
             len(segmentation_cases) + len(field_cases) + len(benign_cases),
         ),
         "refiner": (lambda path: gate.refiner_scores(path, refiner_cases, config.threads), len(refiner_cases)),
         "classifier": (
             lambda path: {
                 **gate.classifier_scores(path, cell_cases, manifest["classifier"], manifest["verdict"]["blast_threshold"], config.threads),
-                **(gate.verdict_scores(bundle, "classifier", path, field_cases, config.threads, benign_cases) if field_cases else {}),
+                **verdicts("classifier", path),
             },
             len(cell_cases) + len(field_cases) + len(benign_cases),
         ),

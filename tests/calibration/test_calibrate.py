@@ -175,3 +175,24 @@ def test_a_quantized_model_that_flags_one_more_benign_field_fails_its_gate():
     result = gate.compare("classifier", fp32, int8, tolerances, 386)
     assert not result.passed and [metric.name for metric in result.failures()] == ["taleqani_benign_unflagged"]
     assert gate.compare("classifier", fp32, fp32, tolerances, 386).passed
+
+
+def test_the_bundles_own_fp32_verdicts_are_read_once_for_both_models(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from leukoedge.calibration.calibrate import verdict_scorer
+
+    bundle = load_bundle(tiny_bundle)
+    calls = []
+
+    def verdict_scores(bundle, model, path, cases, threads=None, benign_cases=()):
+        calls.append((model, Path(path).name))
+        return {"taleqani_verdict_accuracy": 0.9 if Path(path).parent == bundle.root else 0.8}
+
+    monkeypatch.setattr(gate, "verdict_scores", verdict_scores)
+    case = gate.FieldCase(np.zeros((8, 8, 3), np.uint8), False)
+    scores = verdict_scorer(bundle, [case], [case], None)
+    quantized = tmp_path / "classifier.int8.onnx"
+    own = [scores("segmenter", bundle.path("segmenter.onnx")), scores("classifier", bundle.path("classifier.onnx")), scores("segmenter", bundle.path("segmenter.onnx"))]
+    assert own == [{"taleqani_verdict_accuracy": 0.9}] * 3
+    assert scores("classifier", quantized) == {"taleqani_verdict_accuracy": 0.8}
+    assert calls == [("segmenter", "segmenter.onnx"), ("classifier", "classifier.int8.onnx")]  # FP32 once, each INT8 file its own
+    assert verdict_scorer(bundle, [], [], None)("segmenter", quantized) == {}  # no Taleqani fields: no verdict metrics

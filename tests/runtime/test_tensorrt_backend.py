@@ -213,7 +213,7 @@ def test_an_int8_engine_is_never_built_from_a_cpu_target_file(monkeypatch: pytes
     from leukoedge import Detector
 
     fakes.install(monkeypatch)
-    with pytest.raises(BundleError, match=r"never quantized for TensorRT.*classifier\.int8\.onnx.*UINT8.*--target tensorrt"):
+    with pytest.raises(BundleError, match=r"never quantized for TensorRT.*refiner\.int8\.onnx.*UINT8.*--target tensorrt"):
         Detector.load(shipped_copy, backend="tensorrt", precision="int8")
 
 
