@@ -277,3 +277,14 @@ def test_the_recipe_script_changes_defaults_the_cli_does_not_reach(monkeypatch: 
     assert (recipe.replay_per_source, recipe.keep_weight, recipe.seed, recipe.device_share) == (160, 4.0, 1, 0.125)
     with pytest.raises(SystemExit, match="no field 'replay'"):
         script.with_recipe_defaults({"replay": "1"})
+
+
+def test_the_classifiers_replay_draws_taleqanis_cells_more_often_than_trainings_balance() -> None:
+    from leukoedge.training.train import balanced_indices
+
+    sources = ["all-taleqani"] * 50 + ["pbc"] * 200 + ["bccd"] * 400
+    for weight in (1.0, 3.0):
+        weights = labelled.classifier_replay_weights(labelled.LabelledRecipe(taleqani_replay_weight=weight))
+        drawn = np.asarray(sources)[balanced_indices(sources, 20000, np.random.default_rng(0), weights)]
+        share = float(np.mean(drawn == "all-taleqani"))
+        assert share == pytest.approx(weight / (weight + 1.0 + 0.4), abs=0.02)  # PBC 1, BCCD 0.4 as in training
