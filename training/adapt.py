@@ -23,8 +23,8 @@ The frames held back from all of this decide (the same hash split as unlabelled 
 only if on them it flags and refuses no more frames than before and finds white cells as well (box F1 at most
 MAX_DROP lower), if on the Taleqani validation fields it flags no more benign fields and its sensitivity is at most
 MAX_DROP lower (apart: in one balanced accuracy a benign field unflagged, 1 of 60, hid 9 of 326 malignant fields lost),
-and if its nucleus and whole-cell Dice on the masked validation fields (MASK_CHECK_SOURCES) are at most MAX_DROP lower. The new models
-are FP32 only: INT8 versions of the fine-tuned models are dropped (rerun `leukoedge calibrate`).
+and if its nucleus and whole-cell Dice on the masked validation fields (MASK_CHECK_SOURCES) are at most MAX_DROP lower.
+The new models are FP32 only: INT8 versions of the fine-tuned models are dropped (rerun `leukoedge calibrate`).
 Replay needs the training data (`--data`) and the models' training checkpoints, checked against the bundle's ONNX files.
 """
 
@@ -113,7 +113,9 @@ class LabelledRecipe:
     # of 326 malignant validation fields flagged at 1, 316 -> 315 at 3; docs/training.md, "What the raabin adaptation loses").
     taleqani_replay_weight: float = 3.0
     replay_per_source: int = 40  # training fields replayed per source/device
-    val_per_source: int = 60  # validation fields per source/device for the gate's threshold and the masks' check: ALL-IDB2 and Zheng hold 32 and 44, all read (with 20, one ALL-IDB2 field moved its Dice by 0.05)
+    # Validation fields per source/device for the gate's threshold and the masks' check: all of ALL-IDB2's 32 and Zheng's
+    # 44 (with 20, one ALL-IDB2 field moved its Dice by 0.05).
+    val_per_source: int = 60
     verdict_fields: int | None = None  # Taleqani validation fields for the verdict (evenly spaced); None: all of them
     hold_back: float = DEFAULT_HOLD_BACK  # share of the labelled frames kept out of fine-tuning, to check the result
     seed: int = 0
@@ -318,10 +320,9 @@ def fine_tune_classifier(
     """Batches of replayed cells (balanced over sources as in training, Taleqani's recipe.taleqani_replay_weight times as
     often) in which up to recipe.device_share of the batch, taken from the normal cells, is replaced by the device's
     white cells: the device's cells take the place of other normal cells, so the share of blasts the classifier sees
-    stays as in training. On the replayed cells the
-    classifier also keeps the original's answers (distillation, weight recipe.keep_weight: learning without
-    forgetting), so its blast probabilities on the sources it learnt do not drift, which would cost the verdict's
-    sensitivity. Crops augmented as in training (samples.classification_sample)."""
+    stays as in training. On the replayed cells the classifier also keeps the original's answers (distillation, weight
+    recipe.keep_weight: learning without forgetting), so its blast probabilities on the sources it learnt do not drift,
+    which would cost the verdict's sensitivity. Crops augmented as in training (samples.classification_sample)."""
     rng = np.random.default_rng(recipe.seed + 1)
     own = max(1, int(round(recipe.batch_size * recipe.device_share)))
     weights = classifier_replay_weights(recipe)
