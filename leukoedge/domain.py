@@ -14,8 +14,9 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   cannot tell cell from background is guessing.
 - cell size: the median side of the frame's white cells in frame pixels. Under a lower-power objective or a
   coarser camera the cells carry less detail than any the classifier learnt from, and it answers anyway: at half
-  the magnification of Taleqani's fields it flagged 3 of 60 benign fields (docs/training.md, "Bundle 0.6.0").
-  Bundles fitted before this check have no "min_cell_side_px" and skip it.
+  the magnification of Taleqani's fields it flagged 3 of 60 benign fields (docs/training.md, "Bundle 0.6.0"). The bar is
+  half the smallest-celled source's typical side (MIN_CELL_SIDE_SHARE). Bundles fitted before this check have no
+  "min_cell_side_px" and skip it.
 - focus: how wide the white cells' edges are, in units of each cell's own size (edge_width, from the frame's
   pixels inside the cells' boxes). Out of focus, the classifier still answers: blurred benign Taleqani fields were
   flagged as leukemic and PBC's white-cell types went wrong with no frame refused (docs/training.md, "Bundle
@@ -82,6 +83,13 @@ THRESHOLD_MARGIN = 1.25  # headroom over that quantile: the fitting frames are a
 # (Taleqani's) is noisier than every other's, and that quantile of 272 validation fields cut into its own tail (it
 # refused 6 of its 386 test fields as captured; docs/training.md, "Bundle 0.12.0: sensor noise").
 NOISE_QUANTILE = 1.0
+# The smallest white-cell side judged: this share of the typical side of the smallest-celled validated source (the
+# median of its fields' median sides; sources with at least MIN_SIDE_FIELDS fields with a white cell), that is, half its
+# magnification. It was the single smallest field's median over THRESHOLD_MARGIN: one field of 272, which moved the bar
+# 2 px between two segmenters whose boxes differ by one (15.5 and 17.5 px) and refused malignant Taleqani fields whose
+# cells were as large as validated ones (docs/training.md, "The smallest cell side from a source's typical cell").
+MIN_CELL_SIDE_SHARE = 0.5
+MIN_SIDE_FIELDS = 10
 # A frame whose a* and b* spreads (OpenCV L*a*b* of float RGB, before stain normalization) are both below this has no
 # stain colour to judge: a stained field of every source spreads at least 5 (`python scripts/chroma_spread.py --data
 # ../shared/data`); a greyscale image has none (the frame statistics floor a spread at 1.0). Not fitted: no bundle
@@ -592,7 +600,7 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
         reasons.append(f"the segmenter is unsure of this field (uncertainty {scores['uncertainty']:.3f} > {spec['max_uncertainty']:.3f})")
     if "cell_size" in failed:
         reasons.append(
-            f"white cells smaller than any it was validated on (median {scores['cell_side_px']:.1f} px across < {spec['min_cell_side_px']:.1f}): "
+            f"white cells too small to judge (median {scores['cell_side_px']:.1f} px across < {spec['min_cell_side_px']:.1f}, half the validated sources' smallest typical cell): "
             "a lower magnification or a coarser camera; use a higher-power objective or a camera with more pixels"
         )
     if "focus" in failed:
@@ -662,6 +670,22 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
     return "; ".join(reasons)
 
 
+def smallest_typical_side(cell_sides: Sequence[float] | None, sources: Sequence[str]) -> float | None:
+    """The smallest, over sources with at least MIN_SIDE_FIELDS frames with a white cell, of the median of their
+    frames' median cell sides (NaN: no white cell); None where no source has that many."""
+    if cell_sides is None:
+        return None
+    sides, names = np.asarray(cell_sides, np.float64), np.asarray(sources)
+    if len(sides) != len(names):
+        raise ValueError(f"{len(sides)} cell sides for {len(names)} frames' sources")
+    typical = []
+    for name in sorted(set(sources)):
+        own = sides[(names == name) & np.isfinite(sides)]
+        if own.size >= MIN_SIDE_FIELDS:
+            typical.append(float(np.median(own)))
+    return min(typical) if typical else None
+
+
 def fit_domain(
     colour: Sequence[np.ndarray],
     uncertainty: Sequence[float],
@@ -682,7 +706,7 @@ def fit_domain(
     reference), so that no validated frame is outside; uncertainty and edge width, the THRESHOLD_QUANTILE of theirs; noise,
     the NOISE_QUANTILE (the largest); JPEG quality, the lowest of theirs, without margin (a quality is the file's own
     setting, not a measurement with a spread);
-    the smallest cell side, the smallest of theirs. Colour takes the largest, not a quantile: a source with a wide palette
+    the smallest cell side, MIN_CELL_SIDE_SHARE of the smallest-celled source's typical side. Colour takes the largest, not a quantile: a source with a wide palette
     (Taleqani's) has its own tail, which the 0.99 quantile cut into (docs/training.md, "Bundle 0.7.0").
     """
     colour = np.asarray(colour, np.float64)
@@ -710,10 +734,8 @@ def fit_domain(
         "max_uncertainty": float(np.quantile(uncertainty, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN),
         "fitted_on": {"frames": int(len(colour)), "sources": {name: int(np.sum(np.asarray(sources) == name)) for name in names}},
     }
-    sides = np.asarray([] if cell_sides is None else cell_sides, np.float64)
-    sides = sides[np.isfinite(sides)]
-    if sides.size:
-        spec["min_cell_side_px"] = float(sides.min() / THRESHOLD_MARGIN)
+    if (smallest := smallest_typical_side(cell_sides, sources)) is not None:
+        spec["min_cell_side_px"] = MIN_CELL_SIDE_SHARE * smallest
     widths = np.asarray([] if edge_widths is None else edge_widths, np.float64)
     widths = widths[np.isfinite(widths)]
     if widths.size:

@@ -14,9 +14,11 @@ from leukoedge.domain import (
     COLOUR_FEATURES,
     ENLARGED_CELL_SIDE_PX,
     MEAN_SPREAD_FEATURES,
+    MIN_CELL_SIDE_SHARE,
     MIN_CHROMA_SPREAD,
     MIN_EDGE_ISOTROPY,
     MIN_PIXEL_JPEG_QUALITY,
+    MIN_SIDE_FIELDS,
     MAX_DARK_SHARE,
     MAX_EMPTY_FOREGROUND,
     MAX_FALLOFF,
@@ -142,13 +144,24 @@ def test_a_frame_outside_the_domain_is_not_judged_and_never_flagged():
     assert result.to_dict()["verdict"]["status"] == "outside_domain"
 
 
-def test_the_smallest_cell_side_is_fitted_below_the_fitting_frames_and_frames_without_cells_are_left_out():
+def test_the_smallest_cell_side_is_half_the_smallest_celled_sources_typical_side():
     rng = np.random.default_rng(0)
     colour = _correlations(rng, 200)
-    sides = np.concatenate([rng.uniform(20, 200, 190), np.full(10, np.nan)])  # ten frames without a white cell
-    spec = fit_domain(colour, rng.uniform(0.02, 0.08, 200), ["a"] * 200, cell_sides=sides)
-    assert spec["min_cell_side_px"] == pytest.approx(sides[:190].min() / THRESHOLD_MARGIN)
+    # Source "small": 90 fields of typical side ~30 px, one stray 12-px field and ten without a white cell; source
+    # "large": 90 fields of ~150 px; source "few": fewer fields with a cell than MIN_SIDE_FIELDS, all tiny.
+    small = np.concatenate([rng.normal(30, 4, 90), [12.0], np.full(10, np.nan)])
+    few = np.concatenate([np.full(MIN_SIDE_FIELDS - 1, 5.0), np.full(5, np.nan)])
+    large = rng.normal(150, 20, 200 - len(small) - len(few))
+    sides = np.concatenate([small, few, large])
+    sources = ["small"] * len(small) + ["few"] * len(few) + ["large"] * len(large)
+    spec = fit_domain(colour, rng.uniform(0.02, 0.08, 200), sources, cell_sides=sides)
+    assert spec["min_cell_side_px"] == pytest.approx(MIN_CELL_SIDE_SHARE * np.median(small[:91]))
+    assert 13.0 < spec["min_cell_side_px"] < 17.0  # neither the stray field nor the source with too few fields sets it
+    # One field more or less moves the bar by a fraction of a pixel, not by the gap between two smallest fields.
+    without_stray = fit_domain(colour[1:], rng.uniform(0.02, 0.08, 199), sources[1:], cell_sides=sides[1:])
+    assert abs(without_stray["min_cell_side_px"] - spec["min_cell_side_px"]) < 0.5
     assert "min_cell_side_px" not in fit_domain(colour, rng.uniform(0.02, 0.08, 200), ["a"] * 200)  # nothing to fit it on
+    assert "min_cell_side_px" not in fit_domain(colour[:20], rng.uniform(0.02, 0.08, 20), ["few"] * 20, cell_sides=np.full(20, np.nan))
 
 
 def test_cells_smaller_than_any_validated_are_outside_and_a_bundle_without_the_check_skips_it():
@@ -162,7 +175,7 @@ def test_cells_smaller_than_any_validated_are_outside_and_a_bundle_without_the_c
     assert failed_checks(spec, {**inside, "cell_side_px": 16.0}) == []
     assert failed_checks(spec, inside) == []  # no white cell: nothing to measure (the verdict says "no_cells")
     reason = outside_domain(spec, {**inside, "cell_side_px": 15.0})
-    assert "smaller than any it was validated on" in reason and "higher-power objective" in reason
+    assert "too small to judge" in reason and "higher-power objective" in reason
 
 
 def test_a_frame_whose_cells_are_too_small_is_not_judged():
@@ -175,7 +188,7 @@ def test_a_frame_whose_cells_are_too_small_is_not_judged():
     detector.domain_spec = {**detector.domain_spec, "min_cell_side_px": side + 1}
     result = detector.run(frame)
     assert result.verdict.status == "outside_domain" and not result.verdict.flagged
-    assert "white cells smaller" in result.verdict.reason
+    assert "white cells too small to judge" in result.verdict.reason
 
 
 def test_a_monochrome_camera_and_a_blank_frame_are_outside_the_domain_for_their_colours():
