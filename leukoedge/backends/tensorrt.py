@@ -1,8 +1,8 @@
 """TensorRT backend (Jetson and other NVIDIA GPUs): serialized engines run with pycuda buffers.
 
 leukoedge runs on TensorRT 10 only (JetPack 6: TensorRT 10.3). Its graphs are ONNX opset 18, which
-TensorRT 8.x (JetPack 5: 8.5, 8.6) does not read: its ONNX parser stops at opset 17, and 8.5 has no
-LayerNormalization, which the segmenter's and refiner's transformer blocks use. TensorRT 11 removed
+TensorRT 8.x (JetPack 5: 8.5, 8.6) does not read: its ONNX parser stops at opset 17 (and 8.5 has no
+LayerNormalization, which the transformer blocks of bundles up to 0.14.0 used). TensorRT 11 removed
 the weakly-typed precision flags (BuilderFlag.FP16, BuilderFlag.INT8) these engines are built with.
 Both are refused at import with what to do instead.
 
@@ -60,7 +60,7 @@ def check_tensorrt_version(version: str) -> None:
     if major < TENSORRT_MAJOR:
         raise BackendUnavailableError(
             f"TensorRT {version} cannot run leukoedge's models: they are ONNX opset 18 graphs, and TensorRT 8.x (JetPack 5) "
-            f"parses opsets up to 17 only (8.5 has no LayerNormalization at all). Use JetPack 6 (TensorRT 10), or on JetPack 5 "
+            f"parses opsets up to 17 only. Use JetPack 6 (TensorRT 10), or on JetPack 5 "
             f"the ONNX Runtime backends (--backend onnxruntime, or onnxruntime-cuda with the onnxruntime-gpu wheel for JetPack 5)"
         )
     if major > TENSORRT_MAJOR:

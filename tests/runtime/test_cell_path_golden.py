@@ -57,8 +57,9 @@ def golden_frames(data_root: Path | None) -> dict[str, np.ndarray]:
     for subtype, field in zip(SUBTYPES, fields):
         frames[f"taleqani/{subtype} first"] = field
     frames["taleqani 2x2"] = _tile(fields, 2)
-    # 3 rows of 4: the segmenter's 4:3 input, so each field is as large in it as in a 3x3 tile
-    twelve = [cv2.imread(str(path)) for path in sorted(taleqani.glob("*/*.jpg"))[:12]]
+    # 3 rows of 4: the segmenter's 4:3 input, so each field is as large in it as in a 3x3 tile; Early B-ALL fields,
+    # crowded enough to give more cells than one model batch
+    twelve = [cv2.imread(str(path)) for path in sorted((taleqani / "Early").glob("*.jpg"))[:12]]
     frames["taleqani 3x4"] = _tile(twelve, 4)
     return frames
 

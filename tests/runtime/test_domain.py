@@ -615,19 +615,21 @@ def test_the_swapped_colour_gain_is_how_much_nearer_the_sources_red_and_blue_swa
     assert "channel_order" in outside_domain(spec, {**inside, "swapped_colour_gain": 0.6})
 
 
-def test_a_swapped_normal_field_the_colour_check_passes_is_refused_not_flagged(data_root: Path):
-    """TXL-PBC bcd's normal validation field 3b6a92a7 with red and blue swapped: inside the colour domain, and flagged
-    (two of two cells called blasts) before the flag was checked for a swapped channel order."""
+def test_no_normal_txl_pbc_field_with_red_and_blue_swapped_is_flagged(data_root: Path):
+    """TXL-PBC's normal validation fields with red and blue swapped. Under bundles up to 0.14.0 one of them (bcd's
+    3b6a92a7) passed the colour check and was flagged (two of two cells called blasts) until the flag was checked for a
+    swapped channel order (SWAP_MARGIN); whatever a bundle's models make of such a frame, none may be flagged."""
     from leukoedge.training import data
 
-    record = next(r for r in data.load_records(data_root, "txl-pbc", "val") if r.image_path.name.startswith("3b6a92a7"))
-    frame = data.read_image(record)
     detector = Detector.load(REPO / "models" / "default")
-    verdict = detector.run(np.ascontiguousarray(frame[..., ::-1])).verdict
-    assert verdict.domain["colour_distance"] <= detector.domain_spec["max_colour_distance"]
-    assert verdict.domain["swapped_colour_gain"] > SWAP_MARGIN
-    assert verdict.status == "outside_domain" and not verdict.flagged and "red and blue swapped" in verdict.reason
-    assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
+    records = data.load_records(data_root, "txl-pbc", "val")
+    assert len(records) > 100
+    for record in records:
+        frame = data.read_image(record)
+        verdict = detector.run(np.ascontiguousarray(frame[..., ::-1])).verdict
+        assert not verdict.flagged, record.image_path.name
+        if "swapped_colour_gain" in verdict.domain and verdict.domain["swapped_colour_gain"] > SWAP_MARGIN:
+            assert verdict.status == "outside_domain" and "red and blue swapped" in verdict.reason
 
 
 def test_large_cells_cut_by_the_frames_edge_are_told_from_whole_and_small_ones():
@@ -642,10 +644,11 @@ def test_large_cells_cut_by_the_frames_edge_are_told_from_whole_and_small_ones()
     assert "white cells larger than the frame shows whole" in outside_domain(spec, {**inside, "whole_blasts": 0.0})
 
 
-def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged(data_root: Path, monkeypatch: pytest.MonkeyPatch, script):
-    """PBC's validation myelocyte MY_625902 magnified 3x: its cell fills the frame and is split into two pieces, each
-    called a blast, both cut by the frame's edge."""
-    from leukoedge import domain
+def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged(data_root: Path, script):
+    """PBC's validation myelocyte MY_625902 magnified 3x: its cell fills the frame. Bundles up to 0.14.0 split it into
+    two pieces, each called a blast and cut by the frame's edge, which the cut-cells check refuses; 0.15.0's segmenter
+    finds whole pieces there, called blasts too, and is unsure of the frame (the uncertainty check refuses it). Either
+    way it is refused, never flagged."""
     from leukoedge.training import data
 
     record = next(r for r in data.load_records(data_root, "pbc", "val") if r.image_path.name == "MY_625902.jpg")
@@ -654,10 +657,7 @@ def test_a_normal_field_magnified_until_one_cell_fills_it_is_refused_not_flagged
     assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
     magnified = script("capture_study").spoilt(frame, "zoom", 3.0, 0.0)  # the study's higher magnification
     verdict = detector.run(magnified).verdict
-    assert verdict.status == "outside_domain" and not verdict.flagged and "larger than the frame shows whole" in verdict.reason
-    assert verdict.domain["whole_blasts"] < MIN_WHOLE_BLASTS
-    monkeypatch.setattr(domain, "MIN_WHOLE_BLASTS", 0)  # without the check the same frame is a false flag
-    assert detector.run(magnified).verdict.flagged
+    assert verdict.status == "outside_domain" and not verdict.flagged
 
 
 def test_a_frame_without_a_white_cell_but_mostly_white_cell_pixels_is_refused_and_an_empty_one_is_not():
@@ -674,11 +674,11 @@ def test_a_frame_without_a_white_cell_but_mostly_white_cell_pixels_is_refused_an
 
 
 def test_a_cell_magnified_until_it_fills_the_frame_is_not_reported_as_no_white_cell(data_root: Path, script):
-    """Zheng's validation cell 053.bmp magnified 2x touches every edge: no whole cell is kept, but it is not an empty
-    field."""
+    """Zheng's validation cell 131.bmp magnified 2x touches every edge: no whole cell is kept, but it is not an empty
+    field (053.bmp up to bundle 0.14.0; 0.15.0's segmenter is unsure of that one, and the uncertainty check refuses it)."""
     from leukoedge.training import data
 
-    record = next(r for r in data.load_records(data_root, "wbc-seg-zheng", "val") if r.image_path.name == "053.bmp")
+    record = next(r for r in data.load_records(data_root, "wbc-seg-zheng", "val") if r.image_path.name == "131.bmp")
     detector = Detector.load(REPO / "models" / "default")
     frame = data.read_image(record)
     assert detector.run(frame).verdict.status == "ok"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from leukoedge.domain import MIN_SIDE_FIELDS
 from leukoedge.preprocess.cpu import PreprocessSpec
 from leukoedge.training.flops import count_flops
 from leukoedge.training.models import SEGMENTERS, create_model
@@ -194,12 +195,14 @@ def test_refit_domain_changes_only_the_domain_check(data_root: Path, tmp_path: P
     repo = Path(__file__).resolve().parents[2]
     module = script("refit_domain")
     shipped = load_bundle(repo / "models" / "default")
-    domain = module.refit_domain(shipped.root, data_root, tmp_path / "refit", per_source=2)
+    # MIN_SIDE_FIELDS fields per source: enough for each source's typical cell side
+    domain = module.refit_domain(shipped.root, data_root, tmp_path / "refit", per_source=MIN_SIDE_FIELDS)
     copy = load_bundle(tmp_path / "refit")
     assert copy.manifest["domain"] == domain and domain["fitted_on"]["frames"] == sum(domain["fitted_on"]["sources"].values())
     assert 2 <= domain["fitted_on"]["frames"] < shipped.manifest["domain"]["fitted_on"]["frames"]
-    # the smallest white cells judged: fitted on the same fields' cells, as the gate keeps them (frame pixels)
+    # the smallest white cells judged: half the smallest-celled source's typical cell, as the gate keeps them
     assert 5 < domain["min_cell_side_px"] < 200
+    assert "min_cell_side_px" not in module.refit_domain(shipped.root, data_root, tmp_path / "few", per_source=2)  # too few fields a source
     for key in ("gate", "verdict", "segmenter", "classifier"):
         assert copy.manifest[key] == shipped.manifest[key]
     for name in copy.manifest["files"]:
