@@ -19,7 +19,17 @@ from .postprocess import CellInstance, find_cells, fragments, label_map_from_pro
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
 from .decode import pixel_jpeg_quality
-from .domain import domain_scores, incomplete_rows, large_cut_cells, outside_domain, swapped_colour_gain, tear_score
+from .domain import (
+    ENLARGED_CELL_SIDE_PX,
+    cell_detail,
+    domain_scores,
+    incomplete_rows,
+    large_cut_cells,
+    median_cell_side,
+    outside_domain,
+    swapped_colour_gain,
+    tear_score,
+)
 from .result import BACKGROUND, STATUS_OUTSIDE_DOMAIN, STATUS_TOO_SMALL, Cell, Result, Timings, Verdict, make_verdict
 
 # Cells are refined and classified in batches of at most this many: one call per model for a frame of up
@@ -268,7 +278,7 @@ class Detector:
         verdict = self.judge(cells, non_wbc_count, domain)
         if verdict.flagged and self.domain_spec:
             # A flag is checked once more: are its colours a swapped frame's, is it torn, does it rest on cells cut by
-            # the frame's edge and larger than it shows whole?
+            # the frame's edge and larger than it shows whole, do its small cells hold the detail validated flags do?
             with _stopwatch(timings, "check"):
                 domain["swapped_colour_gain"] = swapped_colour_gain(
                     self.domain_spec, frame, domain["colour_distance"], self.spec, self.segmenter_spec["input_size"], self.channel_order
@@ -278,6 +288,10 @@ class Detector:
                 cut = large_cut_cells([cell.box for cell in blasts], frame.shape)
                 if any(cut):
                     domain["whole_blasts"] = float(cut.count(False))
+                boxes = [cell.box for cell in cells]
+                side = median_cell_side(boxes)
+                if side is not None and side < ENLARGED_CELL_SIDE_PX and (detail := cell_detail(frame, boxes)) is not None:
+                    domain["flag_detail"] = detail
             verdict = self.judge(cells, non_wbc_count, domain)
         timings.total_ms = (time.perf_counter() - started) * 1000.0
         return Result(

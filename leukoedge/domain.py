@@ -49,6 +49,8 @@ Signals the runtime already computes, or reads from pixels it already holds, so 
   every bundle: no stained smear is black.
 - channel order: on a frame about to be flagged only, how much nearer the validated colours it comes with red and blue
   swapped (swapped_colour_gain, SWAP_MARGIN; not fitted, every bundle).
+- detail: on a frame about to be flagged whose white cells are enlarged for the classifier, how much fine detail they
+  hold (cell_detail, MIN_FLAG_DETAIL; not fitted, every bundle): through a coarser camera benign fields were flagged.
 - completeness: the longest band of rows of one colour, or repeating the row above (incomplete_rows): a camera buffer
   not fully written or a truncated image. Not fitted (MAX_INCOMPLETE; every bundle). And, on a frame about to be
   flagged only, a tear: rows below one row that match those above far better shifted sideways (tear_score, MAX_TEAR;
@@ -168,6 +170,41 @@ def large_cut_cells(boxes: Sequence[Box], frame_shape: tuple[int, ...]) -> list[
         (x0 <= 0 or y0 <= 0 or x1 >= width or y1 >= height) and max(x1 - x0, y1 - y0) >= reach
         for x0, y0, x1, y1 in boxes
     ]
+
+
+# A frame about to be flagged whose white cells are enlarged for the classifier (median side under
+# ENLARGED_CELL_SIDE_PX) must show the fine detail validated flags rest on: the classifier's crop of such a cell holds only
+# what the frame's pixels hold, and with less of it a benign lymphocyte reads as a blast. cell_detail reads the frame's
+# finest structure against its next coarser one inside the cells' boxes: Taleqani's 313 flagged malignant validation
+# fields measure 1.76 at least (0.01 quantile 2.11); the same fields through a camera with half the detail (shrunk to half
+# and enlarged back, scripts/coarser_camera.py) measure 1.55 (median), and 5 of its 60 benign test fields were flagged so,
+# which no other check refuses. MIN_FLAG_DETAIL is that quantile over THRESHOLD_MARGIN; not fitted (every bundle), as the
+# flag's other checks: it is the frame's detail, not a model's (docs/training.md, "A coarser camera (the detail check)").
+MIN_FLAG_DETAIL = 1.7
+DETAIL_PAD = 6  # px read around a box: the coarser blur's reach (3 sigma of 2 px), so a box's edge is measured as its inside
+
+
+def cell_detail(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
+    """How much fine detail the frame's white cells hold: per box, the mean |Laplacian| (the finest, 1-px structure) over
+    the mean |difference of Gaussians at 1 and 2 px| (the next coarser), both of the channels' mean inside the box; the
+    median over boxes of at least 8 px a side, None without one. About 3.5 on Taleqani's fields as captured; a frame with
+    half the detail (a coarser sensor, soft focus, heavy compression) about 1.5."""
+    height, width = frame.shape[:2]
+    ratios = []
+    for box in boxes:
+        x0, y0, x1, y1 = (int(round(value)) for value in box)
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            continue
+        wx0, wy0 = max(x0 - DETAIL_PAD, 0), max(y0 - DETAIL_PAD, 0)
+        window = frame[wy0 : min(y1 + DETAIL_PAD, height), wx0 : min(x1 + DETAIL_PAD, width)]
+        grey = cv2.transform(window.astype(np.float32), _CHANNEL_MEAN)
+        inside = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
+        finest = float(np.abs(cv2.Laplacian(grey, cv2.CV_32F, ksize=1))[inside].mean())
+        coarser = float(np.abs(cv2.GaussianBlur(grey, (0, 0), 1.0) - cv2.GaussianBlur(grey, (0, 0), 2.0))[inside].mean())
+        if coarser > 0:
+            ratios.append(finest / coarser)
+    return float(np.median(ratios)) if ratios else None
 
 
 def tear_score(frame: np.ndarray) -> float:
@@ -511,7 +548,7 @@ def domain_scores(
 
 DOMAIN_CHECKS = (
     "colour", "uncertainty", "cell_size", "no_colour", "focus", "motion", "noise", "compression", "torn", "cut_cells", "cell_fills_frame", "field_of_view",
-    "illumination", "incomplete", "channel_order",
+    "illumination", "incomplete", "channel_order", "detail",
 )
 
 # A frame whose pixels were compressed at a JPEG quality under this is refused (decode.pixel_jpeg_quality, measured as
@@ -572,6 +609,8 @@ def failed_checks(spec: dict[str, Any], scores: dict[str, float]) -> list[str]:
         failed.append("cell_fills_frame")
     if scores.get("swapped_colour_gain", 0.0) > SWAP_MARGIN:
         failed.append("channel_order")
+    if scores.get("flag_detail", np.inf) < MIN_FLAG_DETAIL:
+        failed.append("detail")
     return failed
 
 
@@ -638,6 +677,12 @@ def outside_domain(spec: dict[str, Any], scores: dict[str, float]) -> str:
             f"white cells larger than the frame shows whole (its flag rests on blasts cut by the frame's edge that span "
             f"{MAX_CUT_CELL_SHARE:.0%} of its side or more; {scores['whole_blasts']:.0f} whole blast(s), fewer than {MIN_WHOLE_BLASTS}): "
             "a higher magnification than validated, or a region of interest cut around the field's centre; capture the whole field"
+        )
+    if "detail" in failed:
+        reasons.append(
+            f"about to be flagged on white cells with less fine detail than validated flags rest on (detail {scores['flag_detail']:.2f} "
+            f"< {MIN_FLAG_DETAIL:.2f}): a coarser camera, soft focus or compressed frames; use a camera with more pixels across "
+            "a cell or a higher-power objective, focus, and capture uncompressed"
         )
     if "cell_fills_frame" in failed:
         reasons.append(

@@ -16,6 +16,7 @@ from leukoedge.domain import (
     MEAN_SPREAD_FEATURES,
     MIN_CELL_SIDE_SHARE,
     MIN_CHROMA_SPREAD,
+    MIN_FLAG_DETAIL,
     MIN_EDGE_ISOTROPY,
     MIN_PIXEL_JPEG_QUALITY,
     MIN_SIDE_FIELDS,
@@ -29,6 +30,7 @@ from leukoedge.domain import (
     SWAP_MARGIN,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
+    cell_detail,
     cell_edge_widths,
     colour_distance,
     colour_features,
@@ -630,6 +632,53 @@ def test_no_normal_txl_pbc_field_with_red_and_blue_swapped_is_flagged(data_root:
         assert not verdict.flagged, record.image_path.name
         if "swapped_colour_gain" in verdict.domain and verdict.domain["swapped_colour_gain"] > SWAP_MARGIN:
             assert verdict.status == "outside_domain" and "red and blue swapped" in verdict.reason
+
+
+def test_cell_detail_falls_with_the_detail_a_camera_resolves():
+    rng = np.random.default_rng(0)
+    # A textured "cell" 40 px across on a flat background, then the same through a camera with half the pixels.
+    frame = np.full((120, 160, 3), 220, np.uint8)
+    frame[40:80, 60:100] = rng.integers(60, 200, (40, 40, 3), dtype=np.uint8)
+    coarse = cv2.resize(cv2.resize(frame, (80, 60), interpolation=cv2.INTER_AREA), (160, 120), interpolation=cv2.INTER_LINEAR)
+    box = (60, 40, 100, 80)
+    sharp_detail, coarse_detail = cell_detail(frame, [box]), cell_detail(coarse, [box])
+    assert sharp_detail > MIN_FLAG_DETAIL and coarse_detail < sharp_detail / 2  # real fields: test below
+    assert cell_detail(frame, [box, (60, 40, 100, 80), (0, 0, 4, 4)]) == pytest.approx(sharp_detail)  # tiny boxes left out
+    assert cell_detail(frame, [(0, 0, 4, 4)]) is None and cell_detail(frame, []) is None
+    inside = {"colour_distance": 0.0, "uncertainty": 0.05}
+    spec = fit_domain(_correlations(rng, 6), np.full(6, 0.05), ["a"] * 6)
+    assert failed_checks(spec, {**inside, "flag_detail": MIN_FLAG_DETAIL - 0.01}) == ["detail"]
+    assert failed_checks(spec, {**inside, "flag_detail": MIN_FLAG_DETAIL}) == []
+    assert "less fine detail than validated flags" in outside_domain(spec, {**inside, "flag_detail": 1.0})
+
+
+def test_a_benign_field_through_a_coarser_camera_is_refused_not_flagged(data_root: Path, monkeypatch: pytest.MonkeyPatch, script):
+    """Taleqani's benign test field WBC-Benign-291 with half the detail (scripts/coarser_camera.py): flagged by the
+    classifier (its lymphocytes read as blasts) until a flag on small cells had to rest on validated detail."""
+    from leukoedge import domain
+    from leukoedge.training import data
+
+    record = next(r for r in data.load_records(data_root, "all-taleqani", "test") if r.image_path.name == "WBC-Benign-291.jpg")
+    frame = data.read_image_as_captured(record)
+    detector = Detector.load(REPO / "models" / "default")
+    assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
+    coarse = script("coarser_camera").coarser(frame, 0.5)
+    verdict = detector.run(coarse).verdict
+    assert verdict.status == "outside_domain" and not verdict.flagged and "less fine detail" in verdict.reason
+    assert verdict.domain["flag_detail"] < MIN_FLAG_DETAIL
+    monkeypatch.setattr(domain, "MIN_FLAG_DETAIL", 0.0)  # without the check the same frame is a false flag
+    assert detector.run(coarse).verdict.flagged
+
+
+def test_the_detail_check_refuses_no_malignant_validation_field_as_captured(data_root: Path):
+    from leukoedge.training import data
+
+    detector = Detector.load(REPO / "models" / "default")
+    records = [r for r in data.load_records(data_root, "all-taleqani", "val") if r.blast][::3]
+    details = [data.run_record(detector, record).verdict.domain.get("flag_detail") for record in records]
+    measured = [detail for detail in details if detail is not None]
+    assert len(measured) > 0.8 * len(records)  # nearly every one is flagged and measured
+    assert min(measured) > MIN_FLAG_DETAIL
 
 
 def test_large_cells_cut_by_the_frames_edge_are_told_from_whole_and_small_ones():
