@@ -153,12 +153,12 @@ CAPTURE_CHECKS = {"max_edge_width": ("edge_width", "focus"), "max_noise": ("nois
 # left out of the run without the capture checks: domain.MIN_EDGE_ISOTROPY's (motion), domain.MIN_PIXEL_JPEG_QUALITY's,
 # domain.MAX_TEAR's (a torn frame) and domain.MIN_WHOLE_BLASTS' (a flag resting on cells cut by the frame's edge; these
 # two read on flagged frames only), domain.MAX_EMPTY_FOREGROUND's (no white cell kept in a frame the segmenter marks
-# as mostly white cell).
-RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality", "tear_score", "whole_blasts", "empty_foreground")
+# as mostly white cell), domain.MIN_FLAG_DETAIL's (a flag on small cells with less fine detail than validated ones).
+RUNTIME_CAPTURE_SCORES = ("edge_isotropy", "pixel_jpeg_quality", "tear_score", "whole_blasts", "empty_foreground", "flag_detail")
 # The domain.failed_checks names counted as refused for the capture: those checks', and the field-of-view,
-# incomplete-frame, motion, torn-frame, cut-cell and cell-fills-frame checks' (not bundle thresholds:
+# incomplete-frame, motion, torn-frame, cut-cell, cell-fills-frame and detail checks' (not bundle thresholds:
 # domain.MAX_OUTSIDE_FIELD, preprocess.cpu.MAX_DARK_SHARE, domain.MAX_INCOMPLETE and the constants above).
-CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion", "torn", "cut_cells", "cell_fills_frame"})
+CAPTURE_REFUSALS = frozenset({name for _, name in CAPTURE_CHECKS.values()} | {"field_of_view", "incomplete", "motion", "torn", "cut_cells", "cell_fills_frame", "detail"})
 
 
 def group(record: data.Record) -> str:
