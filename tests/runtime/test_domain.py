@@ -681,6 +681,25 @@ def test_the_detail_check_refuses_no_malignant_validation_field_as_captured(data
     assert min(measured) > MIN_FLAG_DETAIL
 
 
+def test_a_flag_near_the_validated_colours_skips_the_swap_it_could_not_fail(data_root: Path):
+    """The swap comes nearer by at most the frame's own colour distance (the gain is that distance minus the swap's), so a
+    flagged frame within SWAP_MARGIN of the validated colours is not swapped and measured again."""
+    from leukoedge.training import data
+
+    detector = Detector.load(REPO / "models" / "default")
+    flagged = 0
+    for record in [r for r in data.load_records(data_root, "all-taleqani", "val") if r.blast][:12]:
+        verdict = data.run_record(detector, record).verdict
+        if not verdict.flagged:
+            continue
+        flagged += 1
+        measured = "swapped_colour_gain" in verdict.domain
+        assert measured == (verdict.domain["colour_distance"] > SWAP_MARGIN)
+        if measured:
+            assert verdict.domain["swapped_colour_gain"] <= verdict.domain["colour_distance"]
+    assert flagged >= 8
+
+
 def test_large_cells_cut_by_the_frames_edge_are_told_from_whole_and_small_ones():
     shape = (400, 600, 3)  # the reach: 0.4 x 400 = 160 px
     boxes = [(0, 100, 170, 260), (200, 100, 370, 270), (580, 0, 600, 40), (100, 300, 300, 400), (450, 250, 600, 400)]
