@@ -39,6 +39,7 @@ from leukoedge.domain import (
     MAX_TEAR,
     MEAN_SPREAD_FEATURES,
     MIN_EDGE_ISOTROPY,
+    MIN_FLAG_DETAIL,
     MIN_PIXEL_JPEG_QUALITY,
     MIN_WHOLE_BLASTS,
     SWAP_MARGIN,
@@ -963,8 +964,9 @@ def describe_bundle(bundle: Bundle) -> str:
             f"than {MAX_FALLOFF:.0%}, a band of flat or repeating rows over {MAX_INCOMPLETE:.0%} of the frame, edges blurred one way (edge "
             f"isotropy under {MIN_EDGE_ISOTROPY:.3f}), pixels compressed "
             f"under JPEG quality {MIN_PIXEL_JPEG_QUALITY} (under the file bar where its white cells are under {ENLARGED_CELL_SIDE_PX:.0f} px), or, on a flagged frame, "
-            f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped, rows torn sideways (tear score over {MAX_TEAR:.1f}) "
-            f"or fewer than {MIN_WHOLE_BLASTS} blasts besides those cut by the frame's edge and spanning {MAX_CUT_CELL_SHARE:.0%} of it; "
+            f"colours {SWAP_MARGIN:.2f} nearer the sources' with red and blue swapped, rows torn sideways (tear score over {MAX_TEAR:.1f}), "
+            f"fewer than {MIN_WHOLE_BLASTS} blasts besides those cut by the frame's edge and spanning {MAX_CUT_CELL_SHARE:.0%} of it, "
+            f"or white cells under {ENLARGED_CELL_SIDE_PX:.0f} px with fine detail under {MIN_FLAG_DETAIL:.1f}; "
             f"and a frame without a white cell whose segmenter marks over {MAX_EMPTY_FOREGROUND:.0%} of it as white cell"
         )
     if manifest.get("adaptation", {}).get("labelled"):

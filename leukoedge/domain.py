@@ -89,7 +89,7 @@ NOISE_QUANTILE = 1.0
 # median of its fields' median sides; sources with at least MIN_SIDE_FIELDS fields with a white cell), that is, half its
 # magnification. It was the single smallest field's median over THRESHOLD_MARGIN: one field of 272, which moved the bar
 # 2 px between two segmenters whose boxes differ by one (15.5 and 17.5 px) and refused malignant Taleqani fields whose
-# cells were as large as validated ones (docs/training.md, "The smallest cell side from a source's typical cell").
+# cells were as large as validated ones (docs/training.md, "Bundle 0.15.0").
 MIN_CELL_SIDE_SHARE = 0.5
 MIN_SIDE_FIELDS = 10
 # A frame whose a* and b* spreads (OpenCV L*a*b* of float RGB, before stain normalization) are both below this has no
