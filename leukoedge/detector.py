@@ -26,7 +26,6 @@ from .domain import (
     domain_scores,
     incomplete_rows,
     large_cut_cells,
-    median_cell_side,
     outside_domain,
     swapped_colour_gain,
     tear_score,
@@ -292,9 +291,8 @@ class Detector:
                 cut = large_cut_cells([cell.box for cell in blasts], frame.shape)
                 if any(cut):
                     domain["whole_blasts"] = float(cut.count(False))
-                boxes = [cell.box for cell in cells]
-                side = median_cell_side(boxes)
-                if side is not None and side < ENLARGED_CELL_SIDE_PX and (detail := cell_detail(frame, boxes)) is not None:
+                side = domain.get("cell_side_px")  # the median side of these cells, measured with the other scores
+                if side is not None and side < ENLARGED_CELL_SIDE_PX and (detail := cell_detail(frame, [cell.box for cell in cells])) is not None:
                     domain["flag_detail"] = detail
             verdict = self.judge(cells, non_wbc_count, domain)
         timings.total_ms = (time.perf_counter() - started) * 1000.0

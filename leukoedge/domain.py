@@ -172,41 +172,6 @@ def large_cut_cells(boxes: Sequence[Box], frame_shape: tuple[int, ...]) -> list[
     ]
 
 
-# A frame about to be flagged whose white cells are enlarged for the classifier (median side under
-# ENLARGED_CELL_SIDE_PX) must show the fine detail validated flags rest on: the classifier's crop of such a cell holds only
-# what the frame's pixels hold, and with less of it a benign lymphocyte reads as a blast. cell_detail reads the frame's
-# finest structure against its next coarser one inside the cells' boxes: Taleqani's 313 flagged malignant validation
-# fields measure 1.76 at least (0.01 quantile 2.11); the same fields through a camera with half the detail (shrunk to half
-# and enlarged back, scripts/coarser_camera.py) measure 1.55 (median), and 5 of its 60 benign test fields were flagged so,
-# which no other check refuses. MIN_FLAG_DETAIL is that quantile over THRESHOLD_MARGIN; not fitted (every bundle), as the
-# flag's other checks: it is the frame's detail, not a model's (docs/training.md, "A coarser camera (the detail check)").
-MIN_FLAG_DETAIL = 1.7
-DETAIL_PAD = 6  # px read around a box: the coarser blur's reach (3 sigma of 2 px), so a box's edge is measured as its inside
-
-
-def cell_detail(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
-    """How much fine detail the frame's white cells hold: per box, the mean |Laplacian| (the finest, 1-px structure) over
-    the mean |difference of Gaussians at 1 and 2 px| (the next coarser), both of the channels' mean inside the box; the
-    median over boxes of at least 8 px a side, None without one. About 3.5 on Taleqani's fields as captured; a frame with
-    half the detail (a coarser sensor, soft focus, heavy compression) about 1.5."""
-    height, width = frame.shape[:2]
-    ratios = []
-    for box in boxes:
-        x0, y0, x1, y1 = (int(round(value)) for value in box)
-        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-        if x1 - x0 < 8 or y1 - y0 < 8:
-            continue
-        wx0, wy0 = max(x0 - DETAIL_PAD, 0), max(y0 - DETAIL_PAD, 0)
-        window = frame[wy0 : min(y1 + DETAIL_PAD, height), wx0 : min(x1 + DETAIL_PAD, width)]
-        grey = cv2.transform(window.astype(np.float32), _CHANNEL_MEAN)
-        inside = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
-        finest = float(np.abs(cv2.Laplacian(grey, cv2.CV_32F, ksize=1))[inside].mean())
-        coarser = float(np.abs(cv2.GaussianBlur(grey, (0, 0), 1.0) - cv2.GaussianBlur(grey, (0, 0), 2.0))[inside].mean())
-        if coarser > 0:
-            ratios.append(finest / coarser)
-    return float(np.median(ratios)) if ratios else None
-
-
 def tear_score(frame: np.ndarray) -> float:
     """The largest, over the frame's adjacent rows, of how much better the lower row matches the upper one shifted
     sideways than where it stands (about 1 or less: no better; a tear: several times better)."""
@@ -345,18 +310,28 @@ _CONTRAST_KERNEL = np.ones((CONTRAST_WINDOW, CONTRAST_WINDOW), np.uint8)
 _CHANNEL_MEAN = np.full((1, 3), 1.0 / 3.0, np.float32)
 
 
+MIN_MEASURED_SIDE = 8  # px: a box smaller than this a side holds too few pixels for the focus and detail measures
+
+
+def box_in_frame(box: Box, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """The box rounded to whole pixels and clipped to the frame; None where under MIN_MEASURED_SIDE px a side."""
+    x0, y0, x1, y1 = (int(round(value)) for value in box)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, frame_shape[1]), min(y1, frame_shape[0])
+    if x1 - x0 < MIN_MEASURED_SIDE or y1 - y0 < MIN_MEASURED_SIDE:
+        return None
+    return x0, y0, x1, y1
+
+
 def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box]) -> list[float | None]:
     """How blurred each white cell's edges are: the sigma of the Gaussian blur that a sharp step of the cell's contrast
     would need to rise as gently as its steepest edges do, in 1/FOCUS_SIZE of its box. A focused cell measures
     about 1 (the resampling's own blur); defocus widens it. Only the frame's own pixels are read (no padding, whose
-    edge is sharp whatever the focus); None for a box under 8 px a side or without any edge."""
+    edge is sharp whatever the focus); None for a box under MIN_MEASURED_SIDE px a side or without any edge."""
     tiles, measured = [], []
     for index, box in enumerate(boxes):
-        x0, y0, x1, y1 = (int(round(value)) for value in box)
-        x0, y0 = max(x0, 0), max(y0, 0)
-        x1, y1 = min(x1, frame.shape[1]), min(y1, frame.shape[0])
-        if x1 - x0 < 8 or y1 - y0 < 8:
+        if (clipped := box_in_frame(box, frame.shape)) is None:
             continue
+        x0, y0, x1, y1 = clipped
         tiles.append(resize(frame[y0:y1, x0:x1], FOCUS_SIZE, FOCUS_SIZE))  # area-averaged when shrinking, as the crops
         measured.append(index)
     widths: list[float | None] = [None] * len(boxes)
@@ -385,6 +360,40 @@ def edge_width(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
     """The median of the frame's white cells' cell_edge_widths; None without any measurable."""
     widths = [width for width in cell_edge_widths(frame, boxes) if width is not None]
     return float(np.median(widths)) if widths else None
+
+
+# A frame about to be flagged whose white cells are enlarged for the classifier (median side under
+# ENLARGED_CELL_SIDE_PX) must show the fine detail validated flags rest on: the classifier's crop of such a cell holds only
+# what the frame's pixels hold, and with less of it a benign lymphocyte reads as a blast. cell_detail reads the frame's
+# finest structure against its next coarser one inside the cells' boxes: Taleqani's 313 flagged malignant validation
+# fields measure 1.76 at least (0.01 quantile 2.11); the same fields through a camera with half the detail (shrunk to half
+# and enlarged back, scripts/coarser_camera.py) measure 1.55 (median), and 5 of its 60 benign test fields were flagged so,
+# which no other check refuses. MIN_FLAG_DETAIL is that quantile over THRESHOLD_MARGIN; not fitted (every bundle), as the
+# flag's other checks: it is the frame's detail, not a model's (docs/training.md, "A coarser camera (the detail check)").
+MIN_FLAG_DETAIL = 1.7
+DETAIL_PAD = 6  # px read around a box: the coarser blur's reach (3 sigma of 2 px), so a box's edge is measured as its inside
+
+
+def cell_detail(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
+    """How much fine detail the frame's white cells hold: per box, the mean |Laplacian| (the finest, 1-px structure) over
+    the mean |difference of Gaussians at 1 and 2 px| (the next coarser), both of the channels' mean inside the box; the
+    median over boxes of at least MIN_MEASURED_SIDE px a side, None without one. About 3.5 on Taleqani's fields as
+    captured; a frame with half the detail (a coarser sensor, soft focus, heavy compression) about 1.5."""
+    height, width = frame.shape[:2]
+    ratios = []
+    for box in boxes:
+        if (clipped := box_in_frame(box, frame.shape)) is None:
+            continue
+        x0, y0, x1, y1 = clipped
+        wx0, wy0 = max(x0 - DETAIL_PAD, 0), max(y0 - DETAIL_PAD, 0)
+        window = frame[wy0 : min(y1 + DETAIL_PAD, height), wx0 : min(x1 + DETAIL_PAD, width)]
+        grey = cv2.transform(window.astype(np.float32), _CHANNEL_MEAN)
+        inside = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
+        finest = float(np.abs(cv2.Laplacian(grey, cv2.CV_32F, ksize=1))[inside].mean())
+        coarser = float(np.abs(cv2.GaussianBlur(grey, (0, 0), 1.0) - cv2.GaussianBlur(grey, (0, 0), 2.0))[inside].mean())
+        if coarser > 0:
+            ratios.append(finest / coarser)
+    return float(np.median(ratios)) if ratios else None
 
 
 # The noise check reads NOISE_GRID x NOISE_GRID patches of NOISE_PATCH px spread evenly over the frame (the whole frame
