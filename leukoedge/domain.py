@@ -71,7 +71,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, prepare_frame, resize
+from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, STAGED_SHRINK_REST, prepare_frame, resize, shrink_frame
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
 MEAN_SPREAD_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")  # bundles fitted before 0.7.0
@@ -471,7 +471,10 @@ def edge_isotropy(frame: np.ndarray) -> float | None:
     over the larger, 1 when they point every way alike, towards 0 when all point one way (motion blur softens the
     edges along the motion). None for a frame without enough edges to read."""
     scale = ISOTROPY_SIDE / max(frame.shape[:2])
-    small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1.0 else frame
+    if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: by whole blocks first (15 of a 2592x1944 frame's 16 ms)
+        small = shrink_frame(frame, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
+    else:
+        small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1.0 else frame
     grey = cv2.transform(small.astype(np.float32), _CHANNEL_MEAN)  # the channels' mean: either order
     dx, dy = cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)
     keep = cv2.dilate((grey <= DARK_LEVEL).astype(np.uint8), _DARK_NEIGHBOURHOOD) == 0

@@ -2,7 +2,7 @@
 extra megapixel and per extra cell (docs/performance.md, "Cost per megapixel").
 
     git worktree add ../before <commit>      # or: mkdir ../before && git archive <commit> leukoedge | tar -x -C ../before
-    python scripts/megapixel_bench.py --data ../shared/data --baseline ../before [--frames 12] [--threads 2] [--unseen-fields 20]
+    python scripts/megapixel_bench.py --data ../shared/data --baseline ../before [--frames 12] [--threads 2] [--unseen-fields 20] [--camera-frames 3]
 
 The baseline's `leukoedge` package is imported under another name (leukoedge_baseline), so both run in this
 process on the same frames: leukoedge.benchmark's scaling points (real BCCD white cells pasted on BCCD fields,
@@ -14,6 +14,11 @@ the cell growing with the frame), stage by stage; per point the ratio of the med
 preprocessing of frames of camera sizes (the frame's INTER_AREA resize into the segmenter's input costs
 several times more per pixel where the ratio is not a whole number, as for most sensors, than at the
 bench's 1280x960 and 2560x1920).
+
+With --camera-frames ROUNDS both run, taking turns, on frames of camera sizes (BCCD fields resized to 1280x960 ...
+4056x3040, Taleqani fields tiled 4x4 and enlarged 2x), ROUNDS times each: median total and preprocess + check ms per
+size, and how the results differ, beside how they differ with sensor noise of one grey level added (a reference for
+what a second capture of the field changes by itself).
 
 With --shrink-check it also measures, without changing the runtime, what a cheaper shrink would change: a
 bilinear shrink to 4x the target size before the INTER_AREA resize (the same call at every ratio below 4),
@@ -190,6 +195,69 @@ def shrink_check(detector: Detector, data_root: Path) -> None:
         )
 
 
+def camera_frames_check(detectors: dict[str, Any], data_root: Path, rounds: int) -> None:
+    """Both implementations on frames of camera sizes (large_frames: BCCD fields resized to CAMERA_SIZES beyond 640x480,
+    Taleqani fields tiled 4x4 and enlarged 2x), taking turns frame by frame, their order alternating: per size the median
+    total and preprocess + check ms of each, and how the results differ (cells found by one only, classifier boxes moved,
+    verdicts and labels changed, the largest and p95 change of any head's probability over the cells both found)."""
+    frames = large_frames(data_root)
+    sizes = sorted({frame.shape[:2] for frame in frames}, key=lambda shape: shape[0] * shape[1])
+    times = {name: {size: {"total": [], "preprocess+check": []} for size in sizes} for name in detectors}
+    differences = {"after": ResultDifferences(), "noise": ResultDifferences()}
+    noise = np.random.default_rng(0)
+    for round_index in range(rounds):
+        for frame in frames:
+            order = list(detectors) if round_index % 2 == 0 else list(detectors)[::-1]
+            results = {}
+            for name in order:
+                result = detectors[name].run(frame)
+                results[name] = result
+                timing = times[name][frame.shape[:2]]
+                timing["total"].append(result.timings["total"])
+                timing["preprocess+check"].append(result.timings["preprocess"] + result.timings.get("check", 0.0))
+            if round_index:
+                continue  # the results are the same every round: compared once
+            differences["after"].add(results["before"], results["after"])
+            # What a second capture of the field could change by itself: the same frame with sensor noise of 1 grey level.
+            noisy = np.clip(frame + noise.normal(0.0, 1.0, frame.shape), 0, 255).astype(np.uint8)
+            differences["noise"].add(results["before"], detectors["before"].run(noisy))
+    print(f"\nframes of camera sizes ({len(frames)}), before -> after, {rounds} rounds")
+    print("| frame | frames | total median ms | preprocess + check median ms | ratio of totals |")
+    print("|---|---|---|---|---|")
+    for size in sizes:
+        count = sum(frame.shape[:2] == size for frame in frames)
+        total = [float(np.median(times[name][size]["total"])) for name in ("before", "after")]
+        steps = [float(np.median(times[name][size]["preprocess+check"])) for name in ("before", "after")]
+        print(f"| {size[1]}x{size[0]} | {count} | {total[0]:.1f} -> {total[1]:.1f} | {steps[0]:.1f} -> {steps[1]:.1f} | {total[1] / total[0]:.2f} |")
+    print("| compared with before | cells (before) | found by one only | classifier boxes moved | verdicts changed | labels changed | probability change max / p95 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, label in (("after", "after"), ("noise", "before, frame with sensor noise of 1 grey level (a reference)")):
+        print(f"| {label} | {differences[name].row()} |")
+
+
+class ResultDifferences:
+    """How the Results of one implementation differ from another's over the same frames (the cells matched by
+    matched_cells). A plain class: the tests load this script as a file, outside sys.modules, which dataclasses need."""
+
+    def __init__(self) -> None:
+        self.cells = self.one_only = self.moved = self.verdicts = self.labels = 0
+        self.changes: list[float] = []
+
+    def add(self, before: Any, after: Any) -> None:
+        pairs = matched_cells(before.cells, after.cells)
+        self.cells += len(before.cells)
+        self.one_only += len(before.cells) + len(after.cells) - 2 * len(pairs)
+        self.verdicts += (before.verdict.flagged, before.verdict.status) != (after.verdict.flagged, after.verdict.status)
+        for one, other in pairs:
+            self.moved += one.classifier_box != other.classifier_box
+            self.labels += one.label != other.label
+            self.changes += [abs(one.head_scores[head][name] - other.head_scores[head][name]) for head in one.head_scores for name in one.head_scores[head]]
+
+    def row(self) -> str:
+        change = f"{max(self.changes):.3f} / {np.percentile(self.changes, 95):.4f}" if self.changes else "-"
+        return f"{self.cells} | {self.one_only} | {self.moved} | {self.verdicts} | {self.labels} | {change}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="the data folder (../shared/data)")
@@ -199,6 +267,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
     parser.add_argument("--shrink-check", action="store_true", help="also measure a cheaper shrink of large frames and crops (not shipped)")
+    parser.add_argument("--camera-frames", type=int, default=0, metavar="ROUNDS", help="also run both on frames of camera sizes, ROUNDS times each, and compare their results")
     parser.add_argument(
         "--unseen-fields", type=int, default=0, metavar="N",
         help="also time N test fields of each TXL-PBC lab (raabin, bcd): microscopes the bench points do not come from, with many red cells and platelets proposed",
@@ -244,6 +313,8 @@ def main() -> int:
     preprocess_costs(detectors["after"], frames[0].frames[0], 3 * args.frames)
     if args.shrink_check:
         shrink_check(detectors["after"], args.data)
+    if args.camera_frames:
+        camera_frames_check(detectors, args.data, args.camera_frames)
     return 0
 
 

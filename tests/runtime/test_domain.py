@@ -17,6 +17,7 @@ from leukoedge.domain import (
     MIN_CELL_SIDE_SHARE,
     MIN_CHROMA_SPREAD,
     MIN_FLAG_DETAIL,
+    ISOTROPY_SIDE,
     MIN_EDGE_ISOTROPY,
     MIN_PIXEL_JPEG_QUALITY,
     MIN_SIDE_FIELDS,
@@ -434,6 +435,15 @@ def test_edge_isotropy_falls_with_motion_blur_whichever_way_and_ignores_black_ba
         barred = cv2.copyMakeBorder(frame, 0, 0, 60, 60, cv2.BORDER_CONSTANT, value=0)  # black bars: straight edges
         assert abs(edge_isotropy(barred) - sharp) < 0.1
     assert edge_isotropy(np.full((64, 64, 3), 200, np.uint8)) is None  # nothing to read
+
+
+@pytest.mark.parametrize("size", [(2448, 2048), (2592, 1944), (4056, 3040)])
+def test_a_camera_sized_frame_shrunk_by_whole_blocks_first_reads_the_isotropy_of_the_one_step_shrink(size):
+    for sample in SAMPLES:
+        frame = cv2.resize(cv2.imread(str(sample)), size, interpolation=cv2.INTER_LINEAR)
+        scale = ISOTROPY_SIDE / max(size)
+        one_step = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)  # under ISOTROPY_SIDE: read as it is
+        assert abs(edge_isotropy(frame) - edge_isotropy(one_step)) < 0.01, sample.name
 
 
 def test_a_frame_under_the_isotropy_bar_fails_the_motion_check():

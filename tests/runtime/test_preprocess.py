@@ -21,6 +21,7 @@ from leukoedge.preprocess.cpu import (
     reinhard_with_statistics,
     resize,
     resize_labels,
+    shrink_frame,
     square_crop_box,
     to_rgb_float,
 )
@@ -297,3 +298,32 @@ def test_a_rim_darker_than_the_centre_is_a_falloff_too():
     evened, falloff = even_illumination(dimmed)
     assert EVEN_FROM < falloff < 0.6  # a plane and a bowl in log brightness approximate this rim's falloff
     assert np.abs(evened.astype(int) - frame).mean() < 8
+
+
+SAMPLE_FIELD = Path(__file__).resolve().parents[2] / "samples" / "bccd_BloodImage_00002.jpg"
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1024, 768), (1280, 960), (2560, 1920), (575, 575)])
+def test_a_frame_shrunk_by_four_or_less_or_by_a_whole_ratio_is_the_one_step_resize(size):
+    # Every source's frames shrink by 3 at most: what the models learnt from must not move.
+    frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), size, interpolation=cv2.INTER_LINEAR)
+    placement = fit_letterbox(size[1], size[0], SEGMENTER_INPUT)
+    width, height = placement.content_width, placement.content_height
+    assert np.array_equal(shrink_frame(frame, width, height), resize(frame, width, height))
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (2448, 2048), (2592, 1944), (3264, 2448), (4056, 3040)])
+def test_a_camera_sized_frame_shrunk_in_two_steps_stays_within_a_few_grey_levels_of_the_one_step_resize(size):
+    frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), size, interpolation=cv2.INTER_LINEAR)
+    placement = fit_letterbox(size[1], size[0], SEGMENTER_INPUT)
+    width, height = placement.content_width, placement.content_height
+    staged, one_step = shrink_frame(frame, width, height).astype(int), resize(frame, width, height).astype(int)
+    assert staged.shape == one_step.shape
+    difference = np.abs(staged - one_step)
+    assert difference.max() <= 6 and np.percentile(difference, 99) <= 1 and difference.mean() <= 0.25  # the first step rounds to whole levels
+    assert not np.array_equal(staged, one_step)  # it did take the two steps
+
+
+def test_a_frame_no_block_size_divides_is_shrunk_in_one_step():
+    frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), (2591, 1943), interpolation=cv2.INTER_LINEAR)  # 2591 is prime, 1943 = 29 x 67
+    assert np.array_equal(shrink_frame(frame, 256, 192), resize(frame, 256, 192))
