@@ -137,9 +137,11 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def measure(detector: Detector, frame: np.ndarray) -> FrameMeasure:
-    """A frame's domain features and whether the detector refuses or flags it."""
-    result = detector.run(frame)  # on the frame as captured: its field-of-view, light and completeness scores are that frame's
+def measure(detector: Detector, frame: np.ndarray, jpeg_quality: int | None = None) -> FrameMeasure:
+    """A frame's domain features and whether the detector refuses or flags it. jpeg_quality: its file's (None: a camera
+    frame or not a JPEG), for the compression check, as Detector.run takes it."""
+    # On the frame as captured: its field-of-view, light and completeness scores are that frame's.
+    result = detector.run(frame, jpeg_quality=jpeg_quality)
     scores = dict(result.verdict.domain or {})
     corrected = corrected_frame(frame)[0]  # the frame the run's models read, whose colours the check compares
     if "uncertainty" in scores:  # the run measured it: only the colour features are read again, without the models
@@ -279,13 +281,19 @@ def adapt_bundle(
     out_dir: str | Path,
     hold_back: float = DEFAULT_HOLD_BACK,
     channel_order: str = "BGR",
+    jpeg_qualities: Sequence[int | None] | None = None,
 ) -> AdaptReport:
     """Adapt a bundle's domain check to a device's unlabelled frames and write it to out_dir (see module doc).
 
     frames: any sequence; each frame is read once to measure it and again only if it is held back, so a sequence
-    that reads its frame from disk on indexing (the CLI's) keeps one frame in memory at a time, not hundreds."""
+    that reads its frame from disk on indexing (the CLI's) keeps one frame in memory at a time, not hundreds.
+    jpeg_qualities: each frame's file JPEG quality (decode.read_image_file; None where not a JPEG), so that the
+    compression check judges them as `leukoedge run` does; None: camera frames, none read from a file."""
     if len(frames) < MIN_FRAMES:
         raise AdaptationRefused(f"adaptation needs at least {MIN_FRAMES} frames of the device, got {len(frames)}")
+    qualities = list(jpeg_qualities) if jpeg_qualities is not None else [None] * len(frames)
+    if len(qualities) != len(frames):
+        raise ValueError(f"{len(qualities)} JPEG qualities for {len(frames)} frames")
     if not 0.05 <= hold_back <= 0.5:
         raise ValueError(f"hold_back must be between 0.05 and 0.5, got {hold_back}")
     detector = Detector.load(bundle_path, channel_order=channel_order)
@@ -295,7 +303,7 @@ def adapt_bundle(
     measures, hashes = [], []
     for index in _progress(range(len(frames)), "measuring the device's frames"):
         frame = frames[index]
-        measures.append(measure(detector, frame))
+        measures.append(measure(detector, frame, qualities[index]))
         hashes.append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
     held = held_back(names, hold_back)
     fitting = np.flatnonzero(~held)
@@ -308,7 +316,7 @@ def adapt_bundle(
     held_scores = [{**m.scores, "colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty} for m, h in zip(measures, held) if h]
     after = [bool(outside_domain(with_bundle_bars, scores)) for scores in held_scores]
     beyond_own_bars = [not refused and bool(outside_domain(adapted, scores)) for refused, scores in zip(after, held_scores)]
-    flagged_after = sum(_judged_flag(detector, frames[index], adapted) for index in np.flatnonzero(held))
+    flagged_after = sum(_judged_flag(detector, frames[index], adapted, qualities[index]) for index in np.flatnonzero(held))
     held_measures = [m for m, h in zip(measures, held) if h]
     report = AdaptReport(
         frames=len(frames),
@@ -374,11 +382,11 @@ def _progress(indices: range, description: str) -> Iterable[int]:
     return tqdm(indices, desc=description, unit="frame", leave=False)
 
 
-def _judged_flag(detector: Detector, frame: np.ndarray, domain: dict[str, Any]) -> bool:
+def _judged_flag(detector: Detector, frame: np.ndarray, domain: dict[str, Any], jpeg_quality: int | None = None) -> bool:
     """Whether the frame is flagged under another domain section (the models unchanged)."""
     original = detector.domain_spec
     detector.domain_spec = domain
     try:
-        return detector.run(frame).verdict.flagged
+        return detector.run(frame, jpeg_quality=jpeg_quality).verdict.flagged
     finally:
         detector.domain_spec = original

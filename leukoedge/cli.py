@@ -390,7 +390,9 @@ def command_adapt(args: argparse.Namespace) -> int:
     if args.labels is not None:
         return adapt_with_labels(args, paths)
     frames = DeviceFrames(paths, load_bundle(args.bundle).manifest["limits"])
-    report = adapt_bundle(args.bundle, frames, frames.names, args.out, hold_back=args.hold_back, channel_order=args.channel_order)
+    report = adapt_bundle(
+        args.bundle, frames, frames.names, args.out, hold_back=args.hold_back, channel_order=args.channel_order, jpeg_qualities=frames.jpeg_qualities
+    )
     print("\n".join(report.lines()))
     return 0 if report.written else 1
 
@@ -402,28 +404,32 @@ class DeviceFrames(Sequence[np.ndarray]):
 
     def __init__(self, paths: list[Path], limits: dict) -> None:
         self.limits = limits
-        self.paths = [path for path in paths if self._readable(path)]
+        self.paths: list[Path] = []
+        # Each file's JPEG quality (None: not a JPEG), read with it: adapt judges a frame as `leukoedge run` does, whose
+        # compression check reads the file's quality, so a device saving at a quality the bundle refuses is told so.
+        self.jpeg_qualities: list[int | None] = []
+        for path in paths:
+            try:
+                self.jpeg_qualities.append(self._read(path)[1])
+            except (UnreadableImageError, InvalidFrameError) as error:
+                log.warning("skipped %s: %s", path.name, error)
+                continue
+            self.paths.append(path)
         if len(self.paths) < len(paths):
             print(f"{len(paths) - len(self.paths)} of {len(paths)} file(s) skipped (see the messages above)")
 
-    def _read(self, path: Path) -> np.ndarray:
+    def _read(self, path: Path) -> tuple[np.ndarray, int | None]:
+        from .decode import read_image_file
         from .frame import validate_frame
 
-        return validate_frame(read_image(path), min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"])
-
-    def _readable(self, path: Path) -> bool:
-        try:
-            self._read(path)
-        except (UnreadableImageError, InvalidFrameError) as error:
-            log.warning("skipped %s: %s", path.name, error)
-            return False
-        return True
+        image, quality = read_image_file(path)
+        return validate_frame(image, min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"]), quality
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index):  # type: ignore[override]  # Sequence's overloads; adapt indexes by int only
-        return self._read(self.paths[index])
+        return self._read(self.paths[index])[0]
 
     @property
     def names(self) -> list[str]:

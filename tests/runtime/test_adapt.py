@@ -152,6 +152,23 @@ def test_adapt_command_skips_files_it_cannot_use_and_reads_frames_as_it_goes(dat
     assert Detector.load(tmp_path / "adapted").run(frames[0]).model_version == adapted.model_version
 
 
+def test_adapt_judges_frames_with_their_file_s_jpeg_quality_as_leukoedge_run_does(data_root: Path, tmp_path: Path) -> None:
+    from leukoedge.cli import DeviceFrames
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for path in sorted((data_root / "bccd" / "images").glob("*.jpg"))[:21]:  # saved again under the bundle's file bar (75)
+        cv2.imwrite(str(folder / path.name), cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 60])
+    frames = DeviceFrames(sorted(folder.iterdir()), load_bundle(REPO / "models" / "default").manifest["limits"])
+    assert frames.jpeg_qualities == [60] * 21
+    as_files = adapt_bundle(REPO / "models" / "default", frames, frames.names, tmp_path / "a", jpeg_qualities=frames.jpeg_qualities)
+    assert as_files.held_back > 0 and as_files.refused_before == as_files.held_back == as_files.refused_after  # as `leukoedge run` refuses them
+    as_camera_frames = adapt_bundle(REPO / "models" / "default", frames, frames.names, tmp_path / "b")  # no file: no file bar
+    assert as_camera_frames.refused_before < as_camera_frames.held_back
+    with pytest.raises(ValueError, match="JPEG qualities"):
+        adapt_bundle(REPO / "models" / "default", frames, frames.names, tmp_path / "c", jpeg_qualities=[60])
+
+
 def test_an_adapted_version_names_the_original_and_its_frames_whatever_their_order() -> None:
     from leukoedge.adapt import adapted_version
 
