@@ -45,6 +45,7 @@ from leukoedge.domain import (
     SWAP_MARGIN,
     feature_names,
 )
+from leukoedge.decode import MAX_DECODED_SIDE
 from leukoedge.preprocess.cpu import EVEN_FROM, MAX_DARK_SHARE
 from leukoedge.errors import BundleError, LeukoedgeError
 from leukoedge.signing import SIGNATURE_NAME, KeyLike, signature_text, verify_signature
@@ -102,7 +103,7 @@ MAX_SIGNATURE_BYTES = 1024
 # Ranges of manifest values: wide for any bundle meant for a microscope camera, narrow enough that no value
 # makes a frame allocate gigabytes, overflow a float, or divide by zero.
 MAX_INPUT_SIDE = 4096  # px, a model input's height or width
-MAX_FRAME_SIDE = 16384  # px, the most limits.max_frame_side may allow
+MAX_FRAME_SIDE = MAX_DECODED_SIDE  # px, the most limits.max_frame_side may allow: larger images are refused undecoded
 MAX_CROP_MARGIN = 1.0  # a cell crop grows by at most the cell's side on each edge
 MAX_CLASSES = 1000
 MAX_TEXT = 1000  # characters of a name, file name or date

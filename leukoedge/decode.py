@@ -56,6 +56,10 @@ _JPEG_RST = range(0xD0, 0xD8)
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_DHT = 0xC4
 
+# The largest side (px) any bundle may judge (bundle.MAX_FRAME_SIDE reads it). A larger image is refused from its header,
+# before decoding: a 16-KB JPEG whose header says 20000x20000 would otherwise make the decoder allocate 1.2 GB first.
+MAX_DECODED_SIDE = 16384
+
 # Block seams, measured on the 8,367 intact JPEGs of ../shared/data (five sources) and samples/: the
 # longest run of bins stepping >= SEAM_STEP along one block row boundary is 4 bins (one PBC image), so
 # none is refused at 5 or more. Damaged JPEGs of the fuzz run that libjpeg decodes silently give 8 to 13
@@ -321,6 +325,8 @@ def jpeg_problem(data: bytes) -> str:
             return "the JPEG ends inside a segment (truncated file)"
         if marker in _JPEG_SOF:
             frame_header = True
+            if length >= 7 and (problem := size_problem(int.from_bytes(data[position + 5 : position + 7], "big"), int.from_bytes(data[position + 3 : position + 5], "big"))):
+                return problem
         if marker == _JPEG_DHT:
             problem = _huffman_problem(data[position + 2 : end], position - 2)
             if problem:
@@ -424,6 +430,8 @@ def png_problem(data: bytes) -> str:
             return f"the PNG's {kind.decode('ascii')} chunk at offset {position} fails its CRC (corrupt file)"
         if first and kind != b"IHDR":
             return f"the PNG starts with chunk {kind.decode('ascii')}, not IHDR (corrupt file)"
+        if first and length >= 8 and (problem := size_problem(int.from_bytes(data[position + 8 : position + 12], "big"), int.from_bytes(data[position + 12 : position + 16], "big"))):
+            return problem
         if kind == b"IEND":
             return ""
         position, first = end, False
@@ -436,4 +444,13 @@ def bmp_problem(data: bytes) -> str:
     stated = int.from_bytes(data[2:6], "little")
     if stated and len(data) < stated:
         return f"the BMP holds {len(data)} of the {stated} bytes its header states (truncated file)"
+    if len(data) >= 26 and int.from_bytes(data[14:18], "little") >= 40:  # a BITMAPINFOHEADER or later: signed 32-bit sides
+        return size_problem(abs(int.from_bytes(data[18:22], "little", signed=True)), abs(int.from_bytes(data[22:26], "little", signed=True)))
+    return ""
+
+
+def size_problem(width: int, height: int) -> str:
+    """"" unless the header's size exceeds MAX_DECODED_SIDE."""
+    if max(width, height) > MAX_DECODED_SIDE:
+        return f"its header says {width}x{height} px, larger than any bundle judges ({MAX_DECODED_SIDE} px a side): not decoded"
     return ""

@@ -6,6 +6,7 @@ The damaged files are made from the real smear fields shipped in samples/.
 from __future__ import annotations
 
 import os
+import zlib
 import threading
 from pathlib import Path
 
@@ -218,3 +219,30 @@ def test_frames_of_an_mjpeg_recording_hold_their_compression(field_jpeg: bytes, 
     writer.release()
     ok, frame = cv2.VideoCapture(str(path)).read()
     assert ok and 70 <= pixel_jpeg_quality(frame) <= 77
+
+
+def _with_header_size(kind: str, width: int, height: int) -> bytes:
+    """A small image of that kind whose header states width x height."""
+    data = bytearray(cv2.imencode(f".{kind}", np.full((16, 16, 3), 128, np.uint8))[1].tobytes())
+    if kind == "jpg":
+        sof = data.find(b"\xff\xc0")
+        data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    elif kind == "png":
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC, so only its size is wrong
+    else:
+        data[18:26] = width.to_bytes(4, "little", signed=True) + height.to_bytes(4, "little", signed=True)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["jpg", "png", "bmp"])
+def test_an_image_larger_than_any_bundle_judges_is_refused_from_its_header_before_decoding(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    huge = _with_header_size(kind, 20000, 20000)
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: pytest.fail("decoded an image its header said was too large"))
+    with pytest.raises(UnreadableImageError, match=r"header says 20000x20000 px, larger than any bundle judges \(16384 px a side\)"):
+        decode_image(huge, f"huge.{kind}")
+
+
+@pytest.mark.parametrize("kind", ["jpg", "png", "bmp"])
+def test_the_header_size_check_passes_an_image_of_a_judged_size(kind: str) -> None:
+    assert decode_image(cv2.imencode(f".{kind}", np.full((48, 64, 3), 90, np.uint8))[1].tobytes()).shape == (48, 64, 3)
