@@ -39,6 +39,7 @@ import copy
 import datetime as dt
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -60,6 +61,7 @@ from .domain import (
     chroma_spread,
     colour_distance,
     colour_features,
+    failed_checks,
     feature_names,
     outside_domain,
     segmenter_uncertainty,
@@ -110,6 +112,14 @@ class AdaptReport:
     beyond_own_bars_after: int = 0  # held-back frames only the device's own bars refuse
     left_out: dict[str, list[str]] = field(default_factory=dict)  # why -> names of the frames left out of the fit
     out: str = ""  # where the bundle was written
+    # The checks (domain.DOMAIN_CHECKS) that still refuse held-back frames after adaptation -> how many frames each refuses
+    refusing_after: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def all_refused_after(self) -> bool:
+        """Every held-back frame is still refused after adaptation: nothing of the device is judged (a capture fault, or
+        frames that are not smears), so no bundle is written."""
+        return self.held_back > 0 and self.refused_after == self.held_back
 
     @property
     def tightened(self) -> list[str]:
@@ -127,10 +137,21 @@ class AdaptReport:
             *([f"held-back frames beyond only the device's own {' and '.join(DEVICE_BARS[key][1] for key in self.tightened)} bar: "
                f"{self.beyond_own_bars_after}"] if self.tightened else []),
             f"held-back frames flagged: {self.flagged_before} before, {self.flagged_after} after",
-            f"adapted bundle written to {self.out}" if self.written else "bundle NOT written: it did worse on the held-back frames",
+            f"adapted bundle written to {self.out}" if self.written else self.not_written_reason(),
             *(["only the domain check was adapted, not the models: validate the bundle on the device's own smears against a "
                "hematologist's reading before relying on it (docs/integration.md, field sessions)"] if self.written else []),
         ]
+
+
+    def not_written_reason(self) -> str:
+        if self.all_refused_after:
+            checks = ", ".join(f"{check} {count}" for check, count in sorted(self.refusing_after.items(), key=lambda item: (-item[1], item[0])))
+            return (
+                f"bundle NOT written: every held-back frame is still refused after adaptation (by check: {checks}); adaptation re-fits "
+                "the device's colours, not its capture: fix what those checks name (focus, noise, compression, ...) or check that the "
+                "frames are stained smears, then adapt again"
+            )
+        return "bundle NOT written: it did worse on the held-back frames"
 
 
 def _some(names: Sequence[str], shown: int = 5) -> str:
@@ -315,6 +336,7 @@ def adapt_bundle(
     with_bundle_bars = {**{key: value for key, value in adapted.items() if key not in DEVICE_BARS}, **{key: domain[key] for key in DEVICE_BARS if key in domain}}
     held_scores = [{**m.scores, "colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty} for m, h in zip(measures, held) if h]
     after = [bool(outside_domain(with_bundle_bars, scores)) for scores in held_scores]
+    refusing_after = Counter(check for scores in held_scores for check in failed_checks(with_bundle_bars, scores))
     beyond_own_bars = [not refused and bool(outside_domain(adapted, scores)) for refused, scores in zip(after, held_scores)]
     flagged_after = sum(_judged_flag(detector, frames[index], adapted, qualities[index]) for index in np.flatnonzero(held))
     held_measures = [m for m, h in zip(measures, held) if h]
@@ -329,8 +351,9 @@ def adapt_bundle(
         left_out=left_out,
         own_bars={key: (bar, float(adapted.get(key, bar))) for key in DEVICE_BARS if (bar := bundle_bar(domain, key)) is not None},
         beyond_own_bars_after=sum(beyond_own_bars),
+        refusing_after=dict(refusing_after),
     )
-    if report.refused_after > report.refused_before:
+    if report.refused_after > report.refused_before or report.all_refused_after:
         return report
     manifest = copy.deepcopy(detector.bundle.manifest)
     manifest["domain"] = adapted

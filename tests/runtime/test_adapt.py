@@ -169,6 +169,20 @@ def test_adapt_judges_frames_with_their_file_s_jpeg_quality_as_leukoedge_run_doe
         adapt_bundle(REPO / "models" / "default", frames, frames.names, tmp_path / "c", jpeg_qualities=[60])
 
 
+def test_frames_still_refused_after_adaptation_give_no_bundle_and_the_checks_that_refuse_them(tmp_path: Path) -> None:
+    # Frames of random noise: adapting their colours in would refuse them no less (the noise check), so no bundle
+    # adapted to them is written, and the report names what refuses them.
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(DEVICE_FRAMES)]
+    names = [f"noise-{index:02d}.png" for index in range(DEVICE_FRAMES)]
+    report = adapt_bundle(REPO / "models" / "default", frames, names, tmp_path / "adapted")
+    assert report.held_back > 0 and report.refused_after == report.held_back and report.all_refused_after
+    assert not report.written and not (tmp_path / "adapted").exists()
+    assert report.refusing_after.get("noise") == report.held_back
+    verdict_line = report.lines()[-1]
+    assert verdict_line.startswith("bundle NOT written: every held-back frame is still refused after adaptation (by check: ") and f"noise {report.held_back}" in verdict_line
+
+
 def test_an_adapted_version_names_the_original_and_its_frames_whatever_their_order() -> None:
     from leukoedge.adapt import adapted_version
 
