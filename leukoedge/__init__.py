@@ -5,7 +5,7 @@ The runtime needs only numpy, OpenCV and ONNX Runtime; torch is never imported h
 
 from .capture import Frame, ThreadedReader, open_source
 from .detector import Detector
-from .errors import BackendUnavailableError, BundleError, CaptureError, InvalidFrameError, LeukoedgeError, StorageError
+from .errors import BackendUnavailableError, BundleError, CaptureError, InvalidArgumentError, InvalidFrameError, LeukoedgeError, StorageError
 from .result import Cell, Result, Verdict, draw_overlay
 from .shipped import default_bundle
 
@@ -21,6 +21,7 @@ __all__ = [
     "default_bundle",
     "LeukoedgeError",
     "InvalidFrameError",
+    "InvalidArgumentError",
     "BundleError",
     "BackendUnavailableError",
     "CaptureError",

@@ -74,6 +74,7 @@ log = logging.getLogger("leukoedge.adapt")
 
 MIN_FRAMES = 20  # fewer frames say too little about a device to move the domain check
 DEFAULT_HOLD_BACK = 0.2
+HOLD_BACK_RANGE = (0.05, 0.5)  # fewer held back check too little; more leave too few to fit
 # What labelled adaptation (`leukoedge adapt --labels`, training/adapt.py) can fine-tune.
 ADAPTABLE_MODELS = ("segmenter", "refiner", "gate", "classifier")
 # Fine-tuned unless told otherwise: the refiner is left as it is by default; once the segmenter knows the device most
@@ -315,8 +316,8 @@ def adapt_bundle(
     qualities = list(jpeg_qualities) if jpeg_qualities is not None else [None] * len(frames)
     if len(qualities) != len(frames):
         raise ValueError(f"{len(qualities)} JPEG qualities for {len(frames)} frames")
-    if not 0.05 <= hold_back <= 0.5:
-        raise ValueError(f"hold_back must be between 0.05 and 0.5, got {hold_back}")
+    if not HOLD_BACK_RANGE[0] <= hold_back <= HOLD_BACK_RANGE[1]:
+        raise ValueError(f"hold_back must be between {HOLD_BACK_RANGE[0]} and {HOLD_BACK_RANGE[1]}, got {hold_back}")
     detector = Detector.load(bundle_path, channel_order=channel_order)
     domain = detector.domain_spec
     if domain is None:

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import tarfile
@@ -855,6 +856,8 @@ def load_bundle(path: str | Path, verify: bool = True, public_key: KeyLike | Non
     public_key: the integrator's pinned Ed25519 public key (leukoedge/signing.py lists the forms it takes);
     given, the bundle must carry manifest.json.sig, a valid signature of its manifest.json by that key.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise BundleError(f"expected the path of a bundle folder or archive (str or pathlib.Path), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         return _load_folder(path, verify, public_key)

@@ -82,6 +82,25 @@ def share(text: str) -> float:
     return value
 
 
+def hold_back_share(text: str) -> float:
+    """argparse type of --hold-back: a share within adapt's HOLD_BACK_RANGE."""
+    from .adapt import HOLD_BACK_RANGE
+
+    value = float(text)
+    low, high = HOLD_BACK_RANGE
+    if not low <= value <= high:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a share from {low} to {high}, got {text}")
+    return value
+
+
+def positive_megabytes(text: str) -> float:
+    """argparse type of a memory bound in MB: a finite number above 0 (NaN would pass every comparison's test)."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of MB above 0, got {text}")
+    return value
+
+
 def model_names(text: str) -> tuple[str, ...]:
     """argparse type of --fine-tune: comma-separated names among ADAPTABLE_MODELS."""
     names = tuple(name.strip() for name in text.split(",") if name.strip())
@@ -574,14 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="untimed frames at most: the warm-up goes on until resident memory settles (ONNX Runtime's arenas grow over the first few hundred frames) or this many (default: %(default)s)",
     )
     soak.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    soak.add_argument("--max-growth-mb", type=float, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
+    soak.add_argument("--max-growth-mb", type=positive_megabytes, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
     soak.set_defaults(handler=command_soak)
 
     adapt = commands.add_parser("adapt", help="adapt a bundle to a new microscope: its domain check from unlabelled frames; with --labels, its models too")
     adapt.add_argument("--bundle", type=Path, default=default_bundle(), help="the bundle to adapt (default: %(default)s)")
     adapt.add_argument("--frames", type=Path, required=True, help="folder of 20-500 frames of the new microscope (images)")
     adapt.add_argument("--out", type=Path, required=True, help="where to write the adapted bundle")
-    adapt.add_argument("--hold-back", type=float, default=0.2, help="share of the frames kept out of the fit to check the result (default: %(default)s)")
+    adapt.add_argument(
+        "--hold-back", type=hold_back_share, default=0.2, help="share of the frames kept out of the fit to check the result, 0.05-0.5 (default: %(default)s)"
+    )
     adapt.add_argument("--channel-order", choices=("BGR", "RGB"), default="BGR", help="channel order of the frames as read (default: %(default)s)")
     adapt.add_argument(
         "--labels",

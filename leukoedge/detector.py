@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, replace
 from contextlib import contextmanager
@@ -13,8 +14,8 @@ import numpy as np
 
 from .backends import create_backend
 from .bundle import Bundle, bundle_models, check_models, fastest_precision, load_bundle, model_file
-from .errors import BackendUnavailableError, LeukoedgeError
-from .frame import min_judged_side, too_small_reason, validate_frame
+from .errors import BackendUnavailableError, InvalidArgumentError, LeukoedgeError
+from .frame import CHANNEL_ORDERS, min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, fragments, label_map_from_probabilities
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
@@ -86,6 +87,16 @@ class Candidates:
     label_map: np.ndarray
 
 
+def check_run_arguments(capture_ms: float | None, jpeg_quality: int | None) -> None:
+    """InvalidArgumentError unless capture_ms is None or a finite number of ms >= 0 (a NaN would be written into the
+    Result's JSON, which then no parser reads) and jpeg_quality None or a whole number 1-100 (a NaN passed the
+    compression check)."""
+    if capture_ms is not None and (isinstance(capture_ms, bool) or not isinstance(capture_ms, (int, float)) or not 0.0 <= capture_ms < math.inf):
+        raise InvalidArgumentError(f"capture_ms must be a finite number of ms >= 0, or None, got {capture_ms!r}")
+    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer)) or not 1 <= jpeg_quality <= 100):
+        raise InvalidArgumentError(f"jpeg_quality must be a whole number 1-100 (the file's JPEG quality), or None for a camera frame, got {jpeg_quality!r}")
+
+
 def choose_precision(bundle: Bundle, model: str, precision: str | None, backend: str) -> str:
     """The precision `model` runs at. Asked for: checked against the bundle (BundleError if it lacks
     it) and the backend. None: on ONNX Runtime (CPU or CUDA) the fastest precision that passed its
@@ -101,7 +112,7 @@ def choose_precision(bundle: Bundle, model: str, precision: str | None, backend:
                 return candidate
         return "fp32"  # opening it names the export command when its engine is missing
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} or None (the bundle's default per model: INT8 where it passed its gate and was measurably faster)")
+        raise InvalidArgumentError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} or None (the bundle's default per model: INT8 where it passed its gate and was measurably faster)")
     if precision == "fp16" and backend != "tensorrt":
         raise BackendUnavailableError(f"fp16 runs on the TensorRT backend only (backend='tensorrt'); {backend} runs fp32 or int8 ONNX files")
     source_file(bundle, model, precision, backend)  # raises BundleError naming what is missing
@@ -136,7 +147,7 @@ def make_preprocessor(name: str, spec: PreprocessSpec, input_size: Sequence[int]
         from .preprocess.cuda import CudaPreprocessor
 
         return CudaPreprocessor(spec, input_size, channel_order).prepare_frame
-    raise ValueError(f"unknown preprocess {name!r}; expected one of {', '.join(PREPROCESSORS)}")
+    raise InvalidArgumentError(f"unknown preprocess {name!r}; expected one of {', '.join(PREPROCESSORS)}")
 
 
 @contextmanager
@@ -168,6 +179,10 @@ class Detector:
     ):
         manifest = bundle.manifest
         self.bundle = bundle
+        if channel_order not in CHANNEL_ORDERS:  # here, not at the first frame
+            raise InvalidArgumentError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InvalidArgumentError(f"threads must be a whole number >= 1, or None (ONNX Runtime's default), got {threads!r}")
         self.channel_order = channel_order
         self.spec = PreprocessSpec.from_manifest(manifest["preprocess"])
         self.segmenter_spec = manifest["segmenter"]
@@ -252,6 +267,7 @@ class Detector:
         (decode.file_jpeg_quality; capture.Frame.jpeg_quality), for the compression check; None for a camera frame
         (what the pixels hold, decode.pixel_jpeg_quality, is checked either way)."""
         self._require_open()
+        check_run_arguments(capture_ms, jpeg_quality)
         timings = Timings(capture_ms=capture_ms)
         started = time.perf_counter()
         frame = validate_frame(frame, min_side=self.limits["min_frame_side"], max_side=self.limits["max_frame_side"], channel_order=self.channel_order)

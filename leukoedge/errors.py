@@ -9,6 +9,11 @@ class InvalidFrameError(LeukoedgeError, ValueError):
     """A frame handed to Detector.run is not an HxWx3 uint8 image within the documented limits."""
 
 
+class InvalidArgumentError(LeukoedgeError, ValueError):
+    """An argument of Detector.load or Detector.run is not one it takes: an unknown channel order, precision or
+    preprocessing, a thread count under 1, a JPEG quality outside 1-100, a capture time that is not a finite ms >= 0."""
+
+
 class BundleError(LeukoedgeError):
     """A model bundle is missing, malformed, of an unknown schema, or fails its checksums."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from leukoedge.errors import BundleError, InvalidFrameError
+from leukoedge.errors import BundleError, InvalidArgumentError, InvalidFrameError
 
 CHANNEL_ORDERS = ("BGR", "RGB")
 
@@ -24,7 +24,7 @@ def _type_name(value: Any) -> str:
 def validate_frame(frame: Any, *, min_side: int, max_side: int, channel_order: str = "BGR") -> np.ndarray:
     """The frame as a C-contiguous HxWx3 uint8 array (the same object when it already is one)."""
     if channel_order not in CHANNEL_ORDERS:
-        raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+        raise InvalidArgumentError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
     expected = f"an HxWx3 uint8 {channel_order} image (numpy.ndarray)"
     if frame is None:
         raise InvalidFrameError(f"expected {expected}, got None; a camera read that failed returns None, check its ok flag")

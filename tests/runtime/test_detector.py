@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge import BackendUnavailableError, BundleError, Cell, Detector, InvalidFrameError, Result
+from leukoedge import BackendUnavailableError, BundleError, Cell, Detector, InvalidArgumentError, InvalidFrameError, Result
 from leukoedge.detector import MAX_CELL_BATCH
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
@@ -340,3 +340,53 @@ def test_a_fragment_of_a_white_cell_is_left_out_like_a_rejected_proposal() -> No
     cells, gated_map, left_out, crops = detector.white_cells(np.zeros((100, 100, 3), np.uint8), Candidates(None, None, [large, sliver], label_map))
     assert cells == [large] and left_out == 1 and crops is None
     assert not gated_map[40:50, 70:80].any() and gated_map[10:40, 10:90].all()
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "default"
+
+
+@pytest.fixture(scope="module")
+def shipped_detector() -> Detector:
+    return Detector.load(SHIPPED)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"channel_order": "rgb"}, "channel_order must be one of"),
+        ({"precision": "bogus"}, "unknown precision 'bogus'"),
+        ({"threads": "2"}, "threads must be a whole number >= 1"),
+        ({"threads": 0}, "threads must be a whole number >= 1"),
+        ({"threads": True}, "threads must be a whole number >= 1"),
+        ({"preprocess": "gpu"}, "unknown preprocess 'gpu'"),
+    ],
+)
+def test_a_load_argument_it_does_not_take_is_refused_at_load_not_at_the_first_frame(arguments: dict, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        Detector.load(SHIPPED, **arguments)
+
+
+def test_a_bundle_path_that_is_not_a_path_is_a_bundle_error() -> None:
+    with pytest.raises(BundleError, match="expected the path of a bundle folder or archive"):
+        Detector.load(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"jpeg_quality": "high"}, "jpeg_quality must be a whole number 1-100"),
+        ({"jpeg_quality": float("nan")}, "jpeg_quality must be a whole number 1-100"),  # passed the compression check before
+        ({"jpeg_quality": 500}, "jpeg_quality must be a whole number 1-100"),
+        ({"jpeg_quality": 0}, "jpeg_quality must be a whole number 1-100"),
+        ({"capture_ms": float("nan")}, "capture_ms must be a finite number of ms >= 0"),  # written into the JSON as NaN before
+        ({"capture_ms": float("inf")}, "capture_ms must be a finite number of ms >= 0"),
+        ({"capture_ms": -1.0}, "capture_ms must be a finite number of ms >= 0"),
+    ],
+)
+def test_a_run_argument_out_of_range_is_refused(shipped_detector: Detector, arguments: dict, message: str) -> None:
+    frame = cv2.imread(str(SHIPPED.parents[1] / "samples" / "bccd_BloodImage_00002.jpg"))
+    detector = shipped_detector
+    with pytest.raises(InvalidArgumentError, match=message):
+        detector.run(frame, **arguments)
+    result = detector.run(frame, jpeg_quality=np.int64(95), capture_ms=0)  # a numpy quality (decode's) and 0 ms are fine
+    assert result.verdict.status == "ok" and json.loads(result.to_json())["timings"]["capture"] == 0
