@@ -215,6 +215,22 @@ def test_a_count_out_of_range_is_refused_before_anything_runs(arguments, capsys)
     assert re.search(r"expected a whole number >= [01], got -?\d+", capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["adapt", "--frames", "samples", "--out", "adapted", "--hold-back", "0"], "expected a share from 0.05 to 0.5, got 0"),
+        (["adapt", "--frames", "samples", "--out", "adapted", "--hold-back", "nan"], "expected a share from 0.05 to 0.5, got nan"),
+        (["soak", "samples", "--max-growth-mb", "nan"], "expected a number of MB above 0, got nan"),  # passed every run before
+        (["soak", "samples", "--max-growth-mb", "-1"], "expected a number of MB above 0, got -1"),
+    ],
+    ids=["hold-back-0", "hold-back-nan", "growth-nan", "growth-minus-1"],
+)
+def test_a_share_or_bound_out_of_range_is_a_usage_error_not_a_traceback(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(arguments)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["images", "live", "evaluate"])
 def test_out_pointing_at_a_file_is_refused(mode, bundle_path, tmp_path, capsys):
     out = tmp_path / "results.txt"
