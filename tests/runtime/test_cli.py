@@ -126,6 +126,20 @@ def test_bench_prints_median_and_p95_per_stage(tiny_bundle, bccd_image, capsys):
     assert re.search(r"frames/s \(median total\): \d+\.\d", out)
 
 
+def test_bench_times_only_frames_the_bundle_judges(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    sample = Path(__file__).resolve().parents[2] / "samples" / "bccd_BloodImage_00002.jpg"
+    cv2.imwrite(str(images / "tiny.png"), cv2.imread(str(sample))[:32, :32])  # returns before any model
+    assert cli.main(["bench", str(images / "tiny.png"), "--frames", "1", "--warmup", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "not timed: tiny.png (32x32) is too small to judge" in captured.out and "nothing to time" in captured.err
+    shutil.copy(sample, images / "field.jpg")
+    assert cli.main(["bench", str(images), "--frames", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "not timed: tiny.png" in out and "Detector.run on 1 real frame(s) (640x480)" in out
+
+
 @pytest.mark.parametrize("command", ["run", "bench"])
 def test_cuda_preprocessing_without_pycuda_exits_2_with_the_install_hint(command, bccd_image, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pycuda", None)  # as if it were not installed, on any machine
