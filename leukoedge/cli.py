@@ -176,6 +176,9 @@ def command_run(args: argparse.Namespace) -> int:
 
     args.out = args.out or Path("leukoedge-out")
     require_out_folder(args.out)
+    if Path(args.input).is_dir() and Path(args.input).resolve() == args.out.resolve():
+        # The overlays written there are images: a second run would judge them as frames.
+        raise LeukoedgeError(f"--out {args.out} is the input folder: write the overlays and JSON to another folder")
     detector = load_detector(args)
     explain = gradcam_explainer(args, detector) if args.explain else None
     reader = open_reader(args.input)  # CaptureError: a missing path, a camera that is not there, a corrupt single image
@@ -315,7 +318,7 @@ def command_run_session(args: argparse.Namespace) -> int:
     progress.close()
     print(format_summary(summary))
     print(f"session written to {out} (open {out / 'summary.html'})")
-    return 0
+    return 1 if summary.get("files_skipped") else 0  # as `leukoedge run` without --session: some input was never judged
 
 
 def command_info(args: argparse.Namespace) -> int:
@@ -530,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One input, any kind (INPUT below), read frame by frame through the same source layer as "
         "leukoedge.open_source. Every frame's result is printed; --out gets <name>_overlay.png and <name>.json per "
         "frame kept (<name>: the image file's name, or frame_000042 for a video or camera frame). A folder's files that "
-        "cannot be judged (not decoded whole, greyscale, more than 8 bits) are skipped, named and counted (exit 1); one "
+        "cannot be judged (not decoded whole, greyscale, more than 8 bits) are skipped, named and counted (exit 1, with --session too); one "
         "such file given alone is an error (exit 2). --session records a field-validation session folder "
         "instead (frames/, overlays/, results.jsonl, summary.html; see docs/integration.md). Ctrl-C stops cleanly.",
     )

@@ -336,6 +336,20 @@ def test_cli_live_mode_records_a_session(bundle_path: Path, smear_video: Path, t
     assert len(read_results(out)) == 3
 
 
+def test_a_session_over_a_folder_counts_the_files_it_skipped_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(REPO_ROOT / "samples" / "bccd_BloodImage_00002.jpg", frames / "field.jpg")
+    (frames / "empty.jpg").write_bytes(b"")
+    cv2.imwrite(str(frames / "grey.png"), np.full((100, 100), 128, np.uint8))
+    out = tmp_path / "session"
+    assert cli_main(["run", str(frames), "--session", "--out", str(out)]) == 1  # as without --session: some input never judged
+    printed = capsys.readouterr().out
+    assert "files skipped 2 (unreadable, greyscale or deeper than 8 bits" in printed
+    assert json.loads((out / "summary.json").read_text())["files_skipped"] == 2
+    assert "files skipped (unreadable, greyscale, deeper than 8 bits)</td><td>2<" in (out / "summary.html").read_text()
+
+
 @pytest.mark.parametrize("arguments", [["run"], ["run", "samples", "--source", "0"]])
 def test_cli_run_needs_exactly_one_of_images_and_source(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(arguments) == 2
