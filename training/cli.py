@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from leukoedge.adapt import DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE
-from leukoedge.cli import model_names, positive_int, removed_if_left_empty, require_data_folder, require_out_folder, share
+from leukoedge.cli import model_names, non_negative_int, positive_int, removed_if_left_empty, require_data_folder, require_out_folder, share
 from leukoedge.errors import LeukoedgeError
 from leukoedge.shipped import MODELS_DIR, default_bundle
 
@@ -20,6 +20,14 @@ from leukoedge.shipped import MODELS_DIR, default_bundle
 SHIPPED_BASELINE = ("CNN (base)", MODELS_DIR / "checkpoints" / "unet-lite-segmenter.pt")
 # Bundles trained without some sources: the segmenter without Taleqani and BCCD; the classifier without ALL-IDB2.
 SHIPPED_CROSS_SOURCE = (MODELS_DIR / "cross-source", MODELS_DIR / "cross-source-classifier")
+
+
+def k_fold_count(text: str) -> int:
+    """argparse type of --folds: k-fold needs at least 2 folds, one to test on and one to train on."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 2, got {text}")
+    return value
 
 
 def command_calibrate(args: argparse.Namespace) -> int:
@@ -98,7 +106,21 @@ def parse_box_jitter(text: str) -> tuple[float, float]:
     return shift, size
 
 
+def models_kept_without_checkpoint(args: argparse.Namespace) -> list[str]:
+    """An error per --X-steps 0 without --X-init: 0 steps keeps that checkpoint, and without one the bundle would ship an untrained model."""
+    return [
+        f"--{model}-steps 0 keeps the {model} of --{model}-init, and none is given: add --{model}-init CHECKPOINT "
+        f"(e.g. models/checkpoints/default-{model}.pt) or train it with --{model}-steps >= 1"
+        for model in ("segmenter", "refiner", "classifier")
+        if getattr(args, f"{model}_steps") == 0 and getattr(args, f"{model}_init") is None
+    ]
+
+
 def command_train(args: argparse.Namespace) -> int:
+    kept_without_checkpoint = models_kept_without_checkpoint(args)
+    if kept_without_checkpoint:
+        print("\n".join(f"error: {problem}" for problem in kept_without_checkpoint), file=sys.stderr)
+        return 2
     require_data_folder(args.data)
     require_out_folder(args.out)
     from leukoedge.training.models import SEGMENTERS
@@ -276,7 +298,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--fields", type=positive_int, default=512, help="segmenter calibration fields from the train split (default: %(default)s)")
     calibrate.add_argument("--cells", type=positive_int, default=512, help="classifier calibration cells from the train split (default: %(default)s)")
     calibrate.add_argument("--gate-split", choices=("val", "test"), default="val", help="held-out data of the accuracy gate (default: %(default)s)")
-    calibrate.add_argument("--gate-limit", type=int, default=None, help="at most this many held-out images per source (default: all)")
+    calibrate.add_argument("--gate-limit", type=positive_int, default=None, help="at most this many held-out images per source (default: all)")
     calibrate.add_argument("--max-dice-drop", type=float, default=0.005, help="allowed Dice loss, nucleus and whole cell (default: %(default)s)")
     calibrate.add_argument("--max-accuracy-drop", type=float, default=0.005, help="allowed accuracy and F1 loss per head (default: %(default)s = 0.5 pt)")
     calibrate.add_argument(
@@ -286,7 +308,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         help="allowed rise in the share of benign Taleqani fields flagged (held-out and train split) with the INT8 segmenter or classifier (default: %(default)s: none)",
     )
     calibrate.add_argument("--keep-float", action="append", default=[], metavar="MODEL:NAMES", help="keep op types or nodes in float, e.g. segmenter:MatMul")
-    calibrate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    calibrate.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     calibrate.set_defaults(handler=command_calibrate)
 
 
@@ -332,8 +354,8 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         help="side of the refiner's square crops, e.g. 64 for mobile_unet (default: the one --refiner-init was trained at, else 128)",
     )
     train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn, resnet_s or mobile_cnn (default: the pipeline's, the shipped one; see `leukoedge study`)")
-    train.add_argument("--segmenter-steps", type=int, default=8000, help="0 with --segmenter-init: keep that segmenter")
-    train.add_argument("--classifier-steps", type=int, default=1500, help="0 with --classifier-init: keep that classifier")
+    train.add_argument("--segmenter-steps", type=non_negative_int, default=8000, help="0 with --segmenter-init: keep that segmenter")
+    train.add_argument("--classifier-steps", type=non_negative_int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument(
         "--classifier-ema-decay", type=float, default=None,
         help="the decay per step of the moving average of the classifier's weights that training keeps (default 0.999); 0: none, keep its best step's weights",
@@ -367,8 +389,8 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--classifier-box-jitter", default=None, metavar="SHIFT,SIZE",
         help="standard deviations of the classifier's training box's centre shift and log size change, as shares of its side (default: the pipeline's, 0.05,0.1)",
     )
-    train.add_argument("--classifier-seed", type=int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
-    train.add_argument("--refiner-steps", type=int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
+    train.add_argument("--classifier-seed", type=non_negative_int, default=None, help="the classifier's own training seed (default: 0, every model's), for its run-to-run spread")
+    train.add_argument("--refiner-steps", type=non_negative_int, default=4000, help="0 with --refiner-init: keep that per-cell refiner")
     train.add_argument("--refiner-lr", type=float, default=2e-3, help="peak learning rate of the refiner's one-cycle schedule")
     train.add_argument("--refiner-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per refiner source (default 1 each)")
     train.add_argument("--segmenter-source-weights", default=None, metavar="SOURCE=W,...", help="relative sampling weight per segmentation source (default 1 each), e.g. wbc-seg-zheng=2,all-idb2=2")
@@ -422,7 +444,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     study.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
     study.add_argument("--out", type=Path, default=Path("reports/classifiers"))
     study.add_argument("--quick", action="store_true", help="2 folds, 3 steps, 4 images per class: checks the path, not accuracy")
-    study.add_argument("--folds", type=int, default=None, help="k (default 10, 2 with --quick; fewer where a class has fewer cells)")
+    study.add_argument("--folds", type=k_fold_count, default=None, help="k (default 10, 2 with --quick; fewer where a class has fewer cells)")
     study.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle whose segmenter finds PBC cells and nuclei (default: %(default)s)")
     study.set_defaults(handler=command_study)
 
@@ -443,7 +465,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     gate.add_argument("--out", type=Path, default=None, help="where to write the bundle with the gate (another folder than --bundle)")
     gate.add_argument("--leave-out", nargs="+", default=None, metavar="SOURCE", help="print figures with each of these sources/devices left out (e.g. txl-pbc/raabin bccd) instead of writing a bundle")
     gate.add_argument(
-        "--labelled-frames", type=int, default=0, metavar="N", help="with --leave-out: also the figures after `leukoedge adapt --labels` with N boxed training fields of each left-out device (default: %(default)s, none)"
+        "--labelled-frames", type=non_negative_int, default=0, metavar="N", help="with --leave-out: also the figures after `leukoedge adapt --labels` with N boxed training fields of each left-out device (default: %(default)s, none)"
     )
     gate.add_argument(
         "--fine-tune", type=model_names, default=DEFAULT_ADAPTED_MODELS,
@@ -453,11 +475,11 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--device-share", type=share, default=DEFAULT_DEVICE_SHARE,
         help="with --labelled-frames: the device's share of each fine-tuning batch (default: %(default)s, as `leukoedge adapt --labels`)",
     )
-    gate.add_argument("--steps", type=int, default=1000, help="gate training steps (default: %(default)s)")
-    gate.add_argument("--train-per-source", type=int, default=120, help="training fields per source/device (default: %(default)s)")
-    gate.add_argument("--seed", type=int, default=0, help="the gate's training seed, and with --labelled-frames the labelled adaptation's (default: %(default)s, the shipped gate's)")
+    gate.add_argument("--steps", type=positive_int, default=1000, help="gate training steps (default: %(default)s)")
+    gate.add_argument("--train-per-source", type=positive_int, default=120, help="training fields per source/device (default: %(default)s)")
+    gate.add_argument("--seed", type=non_negative_int, default=0, help="the gate's training seed, and with --labelled-frames the labelled adaptation's (default: %(default)s, the shipped gate's)")
     gate.add_argument("--split", choices=("val", "test"), default="test", help="split of the figures (default: %(default)s)")
-    gate.add_argument("--eval-per-source", type=int, default=60, help="normal fields per source/device in the figures (default: %(default)s)")
+    gate.add_argument("--eval-per-source", type=positive_int, default=60, help="normal fields per source/device in the figures (default: %(default)s)")
     gate.add_argument("--cache", type=Path, default=None, help="folder to keep the collected training crops in between runs")
     gate.add_argument(
         "--proposals-from", type=Path, nargs="+", default=[], metavar="BUNDLE",

@@ -36,7 +36,7 @@ from leukoedge.result import BACKGROUND, NUCLEUS, Result
 
 from . import data, plots
 from .classical import SWEEP_METRICS, choose_k, fuzzy_cmeans_segment, hsv_kmeans_segment, kmeans_segment, otsu_watershed_segment
-from .detection import detection_figures, format_table, normal_records
+from .detection import NORMAL_SOURCES, detection_figures, format_table, normal_records
 from .metrics import binary_summary, classification_report, mean_std, paired_difference, roc_curve, segmentation_scores
 from .pipeline import (
     CLASSIFICATION_SOURCES,
@@ -52,6 +52,11 @@ from .train import TrainConfig, is_checkpoint, load_checkpoint, save_checkpoint,
 
 SEGMENTATION_TEST_SOURCES = ("wbc-seg-zheng", "all-idb2")  # the sources with expert nucleus + cytoplasm masks
 REGIONS = ("nucleus", "whole_cell")
+# Every source a table reads: segmentation, cross-source (any segmentation source a bundle left out), the single
+# cells (ALL-IDB2, PBC, Taleqani, named in evaluate_bundle) and "only white cells are cells".
+EVALUATED_SOURCES = tuple(
+    source for source in data.SOURCES if source in {*SEGMENTATION_TEST_SOURCES, *SEGMENTATION_SOURCES, "all-idb2", "pbc", "all-taleqani", *NORMAL_SOURCES}
+)
 TABLE_METRICS = ("jaccard", "tanimoto", "dice", "ssim", "pixel_error")
 K_SWEEP = tuple(range(2, 7))
 # "val" is for comparing candidates (model selection may look at it); only "test" gives held-out figures.
@@ -536,6 +541,17 @@ def write_plots(report: dict[str, Any], examples: list, out_dir: Path) -> dict[s
     return {name: path.name for name, path in made.items()}
 
 
+def require_sources(data_root: Path) -> None:
+    """LeukoedgeError naming every source folder the evaluation reads that data_root lacks: the last table reads
+    TXL-PBC, so without this a missing folder surfaced only after a minute or more of work."""
+    missing = [source for source in EVALUATED_SOURCES if not (Path(data_root) / source).is_dir()]
+    if missing:
+        raise LeukoedgeError(
+            f"--data {data_root} lacks the source folder(s) {', '.join(missing)}: evaluate reads {', '.join(EVALUATED_SOURCES)} "
+            "(expected the folder holding the data sources: ../shared/data, see its README.md)"
+        )
+
+
 def evaluate_bundle(
     bundle: Path,
     data_root: Path,
@@ -558,6 +574,7 @@ def evaluate_bundle(
         raise ValueError(f"limit must be at least 1 image per source; got {limit}")
     if split not in EVALUATION_SPLITS:
         raise ValueError(f"split must be one of {', '.join(EVALUATION_SPLITS)}; got {split!r}")
+    require_sources(data_root)
     detector = Detector.load(bundle)
     sweeps = {source: kmeans_k_sweep(data_root, source, min(limit or K_SWEEP_IMAGES, K_SWEEP_IMAGES)) for source in SEGMENTATION_TEST_SOURCES}
     deep = {bundle_method(detector): bundle_segmenter(detector)}
@@ -633,6 +650,7 @@ def run_quick(
     only and its classifier without ALL-IDB2, and serves as the cross-source bundle too; without
     checkpoints a tiny U-Net stands in for "CNN (base)".
     """
+    require_sources(data_root)
     with tempfile.TemporaryDirectory(prefix="leukoedge-quick-") as scratch_name:
         scratch = Path(scratch_name)
         if bundle is None:
