@@ -187,7 +187,7 @@ def command_run(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StorageError(f"cannot create {args.out}: {error.strerror or error}") from error
-        written, refused, verdicts = run_frames(args, detector, reader, explain)
+        written, refused, verdicts, interrupted = run_frames(args, detector, reader, explain)
     finally:
         reader.stop()
     print(verdict_counts(verdicts))
@@ -195,6 +195,9 @@ def command_run(args: argparse.Namespace) -> int:
     if unreadable or refused:
         print(f"{unreadable} file(s) or frame(s) skipped (unreadable, greyscale or deeper than 8 bits), {refused} frame(s) outside the size limits (see the messages above)")
     print(f"overlays and JSON of {written} frame(s) written to {args.out}")
+    if interrupted:
+        print("stopped by Ctrl-C: the counts above are of the frames before it", file=sys.stderr)
+        return 130
     return 1 if unreadable or refused else 0
 
 
@@ -211,31 +214,37 @@ def verdict_counts(verdicts: Counter[str]) -> str:
     return f"{judged} frame(s) judged, {verdicts['flagged']} flagged; {sum(not_judged.values())} not judged" + (f" ({details})" if details else "")
 
 
-def run_frames(args: argparse.Namespace, detector: Detector, reader: SequentialReader | ThreadedReader, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> tuple[int, int, Counter[str]]:
-    """Run the detector on every frame until the source ends or --frames; print each result and write
-    <name>_overlay.png and <name>.json of every --save-every-th frame. Returns the frames written, the
-    frames refused, and the verdicts counted ("flagged", "ok" for judged and not flagged, else the status)."""
+def run_frames(
+    args: argparse.Namespace, detector: Detector, reader: SequentialReader | ThreadedReader, explain: Callable[[np.ndarray, Result], np.ndarray] | None
+) -> tuple[int, int, Counter[str], bool]:
+    """Run the detector on every frame until the source ends, --frames or Ctrl-C; print each result and write
+    <name>_overlay.png and <name>.json of every --save-every-th frame. Returns the frames written, the frames refused,
+    the verdicts counted ("flagged", "ok" for judged and not flagged, else the status), and whether Ctrl-C stopped it
+    (the frame in progress then counts for nothing; write_file leaves no part of a file)."""
     written = refused = seen = 0
     verdicts: Counter[str] = Counter()
     stems: set[str] = set()
-    while (args.frames is None or seen < args.frames) and (frame := reader.get()) is not None:
-        seen += 1
-        name = frame_name(frame)
-        try:
-            result = detector.run(frame.image, capture_ms=frame.capture_ms, jpeg_quality=frame.jpeg_quality)
-        except InvalidFrameError as error:  # one odd frame must not stop a folder or a camera
-            log.error("%s: %s", name, error)
-            refused += 1
-            continue
-        if (seen - 1) % (args.save_every or 1) == 0:
-            try:  # a full disk ends the run: every later write would fail the same way
-                write_frame_results(args, output_stem(name, stems), frame.image, result, explain)
-            except StorageError as error:
-                raise StorageError(f"{error}; the results of the {written} frame(s) before {name} are in {args.out}") from error
-            written += 1
-        print_result(name, result)
-        verdicts["flagged" if result.verdict.flagged else result.verdict.status] += 1
-    return written, refused, verdicts
+    try:
+        while (args.frames is None or seen < args.frames) and (frame := reader.get()) is not None:
+            seen += 1
+            name = frame_name(frame)
+            try:
+                result = detector.run(frame.image, capture_ms=frame.capture_ms, jpeg_quality=frame.jpeg_quality)
+            except InvalidFrameError as error:  # one odd frame must not stop a folder or a camera
+                log.error("%s: %s", name, error)
+                refused += 1
+                continue
+            if (seen - 1) % (args.save_every or 1) == 0:
+                try:  # a full disk ends the run: every later write would fail the same way
+                    write_frame_results(args, output_stem(name, stems), frame.image, result, explain)
+                except StorageError as error:
+                    raise StorageError(f"{error}; the results of the {written} frame(s) before {name} are in {args.out}") from error
+                written += 1
+            print_result(name, result)
+            verdicts["flagged" if result.verdict.flagged else result.verdict.status] += 1
+    except KeyboardInterrupt:
+        return written, refused, verdicts, True
+    return written, refused, verdicts, False
 
 
 def output_stem(name: str, used: set[str]) -> str:
@@ -256,10 +265,16 @@ def output_stem(name: str, used: set[str]) -> str:
 def write_frame_results(args: argparse.Namespace, stem: str, image: np.ndarray, result: Result, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> None:
     from .session import write_file, write_png
 
-    write_png(args.out / f"{stem}_overlay.png", result.draw(image))
-    if explain is not None:
-        write_png(args.out / f"{stem}_gradcam.png", explain(image, result))
-    write_file(args.out / f"{stem}.json", result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
+    paths = [args.out / f"{stem}_overlay.png", args.out / f"{stem}_gradcam.png", args.out / f"{stem}.json"]
+    try:
+        write_png(paths[0], result.draw(image))
+        if explain is not None:
+            write_png(paths[1], explain(image, result))
+        write_file(paths[2], result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
+    except KeyboardInterrupt:  # a frame's files come whole or not at all: an overlay without its JSON is not a result
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
 
 
 # The B-ALL subtype describes a blast and the WBC type a normal white cell: each line names the one that fits the cell

@@ -52,15 +52,18 @@ def why(error: OSError) -> str:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """Write a whole file or none: a partial one is removed. Raises StorageError naming the path."""
+    """Write a whole file or none: a partial one is removed (a full disk, or Ctrl-C mid-write). Raises StorageError
+    naming the path for an OSError; Ctrl-C goes on up once the part is removed."""
     try:
         with open(path, "wb") as file:
             file.write(data)
-    except OSError as error:
+    except (OSError, KeyboardInterrupt) as error:
         try:
             path.unlink(missing_ok=True)
         except OSError:
             pass  # the folder itself is gone or read-only: nothing was left to remove
+        if isinstance(error, KeyboardInterrupt):
+            raise
         raise StorageError(f"cannot write {path}: {why(error)}") from error
 
 

@@ -377,3 +377,54 @@ def test_info_names_the_runtime_checks_a_bundle_with_a_domain_check_gets(capsys)
     out = capsys.readouterr().out
     assert "runtime checks: black outside a field of view filled and light falling off by 25% or more evened" in out
     assert "red and blue swapped" in out and "flat or repeating rows over 2%" in out
+
+
+def test_ctrl_c_during_a_folder_run_prints_the_counts_so_far_and_leaves_no_part_of_a_frame_s_files(tmp_path, monkeypatch, capsys):
+    from leukoedge import session as session_module
+
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = sorted((Path(__file__).resolve().parents[2] / "samples").glob("bccd_*.jpg"))
+    for sample in samples:
+        shutil.copy(sample, images / sample.name)
+    real_write_file, calls = session_module.write_file, []
+
+    def interrupted_on_the_second_json(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the second frame's JSON (its overlay is written already): Ctrl-C mid-write
+            path.write_bytes(data[:10])
+            raise KeyboardInterrupt
+        real_write_file(path, data)
+
+    monkeypatch.setattr(session_module, "write_file", interrupted_on_the_second_json)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(images), "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert "1 frame(s) judged" in captured.out and "stopped by Ctrl-C" in captured.err
+    second = Path(samples[1].name).stem
+    assert sorted(path.name for path in out.iterdir()) == [f"{Path(samples[0].name).stem}.json", f"{Path(samples[0].name).stem}_overlay.png"]
+    assert not (out / f"{second}_overlay.png").exists()
+
+
+def test_write_file_leaves_no_part_of_a_file_on_ctrl_c(tmp_path, monkeypatch):
+    from leukoedge.session import files
+
+    class Interrupted:
+        def __init__(self, real):
+            self.real = real
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+        def write(self, data):
+            self.real.write(data[:3])
+            raise KeyboardInterrupt
+
+    real_open = open
+    monkeypatch.setattr(files, "open", lambda path, mode: Interrupted(real_open(path, mode)), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_file(tmp_path / "result.json", b"0123456789")
+    assert not (tmp_path / "result.json").exists()
