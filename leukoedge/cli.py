@@ -438,6 +438,7 @@ def command_adapt(args: argparse.Namespace) -> int:
     from .adapt import adapt_bundle
 
     paths = image_paths(args.frames)
+    require_out_folder(args.out)  # before minutes of measuring, not after
     if args.out.resolve() == args.bundle.resolve():
         print("error: --out must be another folder than --bundle", file=sys.stderr)
         return 2
