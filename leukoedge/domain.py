@@ -409,9 +409,17 @@ NOISE_FLAT_SHARE = 0.5
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
 
+_CHANNEL_SUM = np.ones((1, 3), np.float32)
+
+
 def frame_noise(frame: np.ndarray) -> float:
     """The standard deviation of the frame's noise, in grey levels of the channels' mean (Immerkaer's estimate, sigma =
-    sqrt(pi / 2) * mean |response| / 6, over the flattest NOISE_FLAT_SHARE of the patches' pixels)."""
+    sqrt(pi / 2) * mean |response| / 6, over the flattest NOISE_FLAT_SHARE of the patches' pixels).
+
+    The same frame gives the same figure to the last digit, wherever its pixels lie in memory: the filters run on the
+    channels' sum (whole numbers, which float32 holds exactly through the integer kernels, whichever SIMD path OpenCV
+    takes for a buffer's alignment; on the mean, 1 of 2 processes read the same BCCD frame 2e-5 apart), the flattest
+    pixels are chosen in index order among equal slopes, and their mean is taken in float64."""
     height, width = frame.shape[:2]
     size = min(NOISE_PATCH, height, width)
     if height <= NOISE_GRID * NOISE_PATCH and width <= NOISE_GRID * NOISE_PATCH:
@@ -422,7 +430,7 @@ def frame_noise(frame: np.ndarray) -> float:
         patches = [frame[y : y + size, x : x + size] for y in ys for x in xs]
     # The patches stacked into one image, so the filters run once; each patch's 1-px border, where the 3x3 filters
     # read its neighbour's pixels, is left out.
-    grey = cv2.transform(np.concatenate(patches).astype(np.float32), _CHANNEL_MEAN)
+    grey = cv2.transform(np.concatenate(patches).astype(np.float32), _CHANNEL_SUM)
     response = np.abs(cv2.filter2D(grey, cv2.CV_32F, _NOISE_KERNEL))
     slope = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
     rows = patches[0].shape[0]
@@ -432,7 +440,11 @@ def frame_noise(frame: np.ndarray) -> float:
     if response.size == 0:
         return 0.0
     flattest = max(1, int(NOISE_FLAT_SHARE * slope.size))
-    return float(np.sqrt(np.pi / 2.0) * response[np.argpartition(slope, flattest - 1)[:flattest]].mean() / 6.0)
+    bound = np.partition(slope, flattest - 1)[flattest - 1]
+    below = slope < bound
+    at_bound = np.flatnonzero(slope == bound)[: flattest - int(np.count_nonzero(below))]  # ties: the first in index order
+    total = response[below].sum(dtype=np.float64) + response[at_bound].sum(dtype=np.float64)
+    return float(np.sqrt(np.pi / 2.0) * total / flattest / 6.0 / 3.0)  # / 3: the sum's levels to the mean's
 
 
 # The motion check reads how evenly the frame's edges run every way. Red and white cells' outlines are round, so the

@@ -39,6 +39,8 @@ from leukoedge.domain import (
     edge_width,
     failed_checks,
     fit_domain,
+    NOISE_FLAT_SHARE,
+    _NOISE_KERNEL,
     frame_noise,
     incomplete_rows,
     large_cut_cells,
@@ -763,3 +765,26 @@ def test_a_cell_magnified_until_it_fills_the_frame_is_not_reported_as_no_white_c
     verdict = detector.run(script("capture_study").spoilt(frame, "zoom", 2.0, 0.0)).verdict
     assert verdict.status == "outside_domain" and not verdict.flagged and verdict.cell_count == 0
     assert "no whole white cell found" in verdict.reason and verdict.domain["empty_foreground"] > MAX_EMPTY_FOREGROUND
+
+
+def _exact_frame_noise(frame: np.ndarray) -> float:
+    """frame_noise of a frame small enough to be read whole, in whole-number numpy arithmetic: no float path to differ."""
+    grey = frame.astype(np.int64).sum(axis=2)
+    window = lambda dy, dx: grey[1 + dy : grey.shape[0] - 1 + dy, 1 + dx : grey.shape[1] - 1 + dx]  # noqa: E731
+    response = np.abs(sum(int(weight) * window(dy - 1, dx - 1) for (dy, dx), weight in np.ndenumerate(_NOISE_KERNEL) if weight))
+    gx = window(-1, 1) - window(-1, -1) + 2 * (window(0, 1) - window(0, -1)) + window(1, 1) - window(1, -1)
+    gy = window(1, -1) - window(-1, -1) + 2 * (window(1, 0) - window(-1, 0)) + window(1, 1) - window(-1, 1)
+    slope, response = np.sqrt((gx * gx + gy * gy).astype(np.float32)).ravel(), response.ravel()
+    flattest = int(NOISE_FLAT_SHARE * slope.size)
+    order = np.lexsort((np.arange(slope.size), slope))[:flattest]  # by slope, ties in index order
+    return float(np.sqrt(np.pi / 2.0) * response[order].sum(dtype=np.float64) / flattest / 6.0 / 3.0)
+
+
+def test_the_noise_measure_is_exactly_its_whole_number_arithmetic_whatever_path_opencv_takes():
+    # Measured on the channels' float mean, a BCCD frame gave two figures 2e-5 apart in two processes (OpenCV's float
+    # paths); on their sum every step is whole numbers, so the figure is the exact one.
+    frame = cv2.imread(str(REPO / "samples" / "pbc_lymphocyte_LY_131013.jpg"))[:200, :250]  # read whole: one patch
+    assert frame_noise(frame) == _exact_frame_noise(frame)
+    shifted = np.empty(frame.size + 5, np.uint8)[5:].reshape(frame.shape)  # another alignment in memory
+    shifted[...] = frame
+    assert frame_noise(shifted) == _exact_frame_noise(frame)
