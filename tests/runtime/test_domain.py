@@ -492,6 +492,15 @@ def test_a_torn_frame_scores_above_the_bar_and_a_whole_one_far_below_it():
     assert "a torn frame" in outside_domain(spec, {**inside, "tear_score": 9.0})
 
 
+@pytest.mark.parametrize("size", [(2448, 2048), (2592, 1944), (4056, 3040)])
+def test_a_camera_sized_frame_shrunk_across_by_whole_blocks_first_still_tells_a_torn_frame_from_a_whole_one(size):
+    for sample in SAMPLES[:2]:
+        frame = cv2.resize(cv2.imread(str(sample)), size, interpolation=cv2.INTER_LINEAR)
+        assert tear_score(frame) < MAX_TEAR / 2
+        for share in (0.05, 0.15, 0.3, 0.45):
+            assert tear_score(_torn(frame, share)) > MAX_TEAR, (sample.name, size, share)
+
+
 def test_the_tear_is_read_on_flagged_frames_only():
     detector = Detector.load(REPO / "models" / "default")
     verdict = detector.run(_torn(cv2.imread(str(SAMPLES[0])), 0.15)).verdict  # a normal field: not flagged
