@@ -330,7 +330,9 @@ def _open_folder(folder: Path, glob: str | None, uri: str) -> ImageFilesSource:
     if not folder.is_dir():
         raise CaptureError(f"{folder} is not a folder: expected a folder of images")
     candidates = folder.glob(glob) if glob else (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    paths = sorted(p for p in candidates if p.is_file())
+    # A broken link, or a folder named like an image, is kept: reading it fails, and it is skipped, named and counted
+    # like an unreadable file, not left out without a word (a lab counts the images it handed over).
+    paths = sorted(p for p in candidates if p.is_file() or p.is_symlink() or p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         wanted = f"files matching {glob!r}" if glob else f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
         raise CaptureError(f"{folder} holds no {wanted}: expected a folder of images")

@@ -272,6 +272,20 @@ def test_unreadable_images_in_folder_are_skipped_counted_and_logged(
     assert "truncated file" in caplog.text and "decoder reported a damaged file" in caplog.text
 
 
+def test_a_broken_link_and_a_folder_named_like_an_image_are_skipped_and_counted_not_left_out_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((64, 64, 3), 120, np.uint8))
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "c.jpg").mkdir()
+    (tmp_path / "notes").mkdir()  # no image's name: not one of the images handed over
+    with caplog.at_level(logging.WARNING, logger="leukoedge.capture"):
+        source = open_source(tmp_path)
+        frames = list(source)
+    assert [frame.name for frame in frames] == ["a.png"] and source.skipped == 2
+    assert "b.jpg" in caplog.text and "c.jpg" in caplog.text and "notes" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("make_uri", "message"),
     [
