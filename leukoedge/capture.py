@@ -114,7 +114,10 @@ class VideoCaptureSource(FrameSource):
                 faults = [seam] if seam else []
             if faults:
                 self.skipped += 1
-                log.warning("skipped frame %d of %s: the decoder reported damage (%s)", self._position, self.uri, "; ".join(faults[:3]))
+                log.warning(
+                    "skipped the file's frame %d (counting from 1) of %s: the decoder reported damage (%s); the frames read whole "
+                    "are numbered on from %d (frame_%06d)", self._position, self.uri, "; ".join(faults[:3]), self._next_index, self._next_index,
+                )
                 continue
             frame = Frame(_as_bgr(image), self._next_index, grabbed_at, (time.monotonic() - started) * 1000.0, self.uri)
             self._next_index += 1
