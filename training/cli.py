@@ -61,12 +61,15 @@ def command_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def command_evaluate(args: argparse.Namespace) -> int:
     require_data_folder(args.data)
     require_out_folder(args.out)
+    from leukoedge.bundle import load_bundle
     from leukoedge.training.evaluate import evaluate_bundle, parse_segmenter_checkpoints, run_quick
+
+    for bundle in [args.bundle, *(args.cross_source_bundle or ())]:  # before minutes of work, not after
+        if bundle is not None:
+            load_bundle(bundle, verify=False)
 
     checkpoints = parse_segmenter_checkpoints(args.segmenter_checkpoint)
     if args.quick:

@@ -86,3 +86,9 @@ def test_every_source_evaluate_reads_is_in_the_real_data_folder(data_root):
     require_sources(data_root)
     assert "txl-pbc" in EVALUATED_SOURCES  # read by the last table, "only white cells are cells"
 
+
+
+def test_evaluate_names_a_missing_cross_source_bundle_before_any_work(data_root, tmp_path, capsys):
+    missing = tmp_path / "no-such-bundle"
+    assert cli.main(["evaluate", "--data", str(data_root), "--out", str(tmp_path / "out"), "--cross-source-bundle", str(missing)]) == 2
+    assert f"bundle folder {missing} does not exist" in capsys.readouterr().err
