@@ -499,7 +499,7 @@ def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
     from .training.adapt import LabelledRecipe, adapt_bundle_with_labels, read_labelled_frames
 
     frames = read_labelled_frames(paths, args.labels, read_image)
-    print(f"{len(frames)} of {len(paths)} frames have a box file in {args.labels}")
+    print(f"{len(frames)} of {len(paths)} frames have a box file in {args.labels}" + ("" if frames else " (named as the frames: <frame name>.xml or .txt)"))
     steps = args.steps
     recipe = LabelledRecipe(
         models=args.fine_tune, segmenter_steps=steps, refiner_steps=steps, gate_steps=steps, classifier_steps=steps, hold_back=args.hold_back,

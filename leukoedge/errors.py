@@ -14,6 +14,12 @@ class InvalidArgumentError(LeukoedgeError, ValueError):
     preprocessing, a thread count under 1, a JPEG quality outside 1-100, a capture time that is not a finite ms >= 0."""
 
 
+class LabelError(LeukoedgeError, ValueError):
+    """A box file of a device's labelled frames (`leukoedge adapt --labels`) cannot be read as one of the formats it
+    takes, or holds a box that cannot be right (outside the frame, of no size, of a class it does not know); the
+    message names the file and the line or object."""
+
+
 class BundleError(LeukoedgeError):
     """A model bundle is missing, malformed, of an unknown schema, or fails its checksums."""
 

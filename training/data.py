@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from leukoedge.errors import LabelError
 from leukoedge.preprocess.cpu import Box, corrected_frame, resize_labels
 
 LABEL_BACKGROUND = 0
@@ -358,20 +359,30 @@ def _taleqani_weak_mask(record: Record) -> tuple[np.ndarray | None, list[Box]]:
 LabelledBox = tuple[int, str, Box]  # (its object's number in the file, from 1; its class as labelled; the box)
 
 
-def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...]) -> list[LabelledBox]:
-    """VOC objects (WBC, RBC, Platelets) -> boxes in pixels, ends exclusive, numbered as the file lists them."""
+def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...], strict: bool = False) -> list[LabelledBox]:
+    """VOC objects (WBC, RBC, Platelets) -> boxes in pixels, ends exclusive, numbered as the file lists them.
+    strict (a device's own labels): an object of another name, without corners or with corners that cannot be the
+    frame's (not numbers, of no size, fractions of the frame, a <size> other than the frame's) is a LabelError; the
+    sources' files are read as they have always been (other names skipped)."""
     try:
         root = ET.parse(annotation).getroot()
     except ET.ParseError as error:
-        raise ValueError(f"cannot parse VOC annotation {annotation}: {error}") from error
+        raise (LabelError if strict else ValueError)(f"cannot parse VOC annotation {annotation}: {error}") from error
     height, width = image_shape[:2]
+    if strict:
+        _check_voc_size(annotation, root, width, height)
     boxes = []
     for number, element in enumerate(root.iter("object"), 1):
         name = (element.findtext("name") or "").strip()
+        if strict:
+            name = _known_class(annotation, number, name)
         if name not in BOX_CLASSES:
             continue
         corners = element.find("bndbox")
-        xmin, ymin, xmax, ymax = (float(corners.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
+        if strict:
+            xmin, ymin, xmax, ymax = _voc_corners(annotation, number, corners)
+        else:
+            xmin, ymin, xmax, ymax = (float(corners.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         # VOC corners are 1-based and inclusive: pixel columns xmin-1 .. xmax-1, i.e. [xmin-1, xmax).
         x0, y0 = max(0, int(round(xmin)) - 1), max(0, int(round(ymin)) - 1)
         x1, y1 = min(width, int(round(xmax))), min(height, int(round(ymax)))
@@ -380,17 +391,30 @@ def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...]) -> list[Labelled
     return boxes
 
 
-def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...]) -> list[LabelledBox]:
-    """YOLO lines `class cx cy w h` (normalized to the image) -> boxes in pixels, ends exclusive, numbered by line."""
+def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...], strict: bool = False) -> list[LabelledBox]:
+    """YOLO lines `class cx cy w h` (normalized to the image) -> boxes in pixels, ends exclusive, numbered by line.
+    strict (a device's own labels): a line that is not numbers, a centre outside 0-1, a size not in (0, 1] (pixel
+    coordinates, say) or a line repeated is a LabelError naming the file and line, not a box dropped or clipped without
+    a word; a box reaching past the frame's edge from a centre inside it is clipped, as every YOLO tool writes them."""
     height, width = image_shape[:2]
-    boxes = []
-    for number, line in enumerate(label_path.read_text().splitlines(), 1):
+    boxes, seen = [], {}
+    try:
+        text = label_path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not part of the line
+    except UnicodeDecodeError as error:
+        raise (LabelError if strict else ValueError)(f"{label_path}: not UTF-8 text ({error.reason})") from error
+    for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
-        if len(fields) != 5 or int(fields[0]) not in TXL_PBC_CLASSES:
+        if strict:
+            cx, cy, box_width, box_height = _yolo_numbers(label_path, number, line, fields)
+            if (key := tuple(fields)) in seen:
+                raise LabelError(f"{label_path}:{number}: the same box as line {seen[key]}: each white cell is boxed once")
+            seen[key] = number
+        elif len(fields) != 5 or int(fields[0]) not in TXL_PBC_CLASSES:
             raise ValueError(f"{label_path}:{number}: expected 'class cx cy w h' with class 0, 1 or 2, got {line!r}")
-        cx, cy, box_width, box_height = (float(value) for value in fields[1:])
+        else:
+            cx, cy, box_width, box_height = (float(value) for value in fields[1:])
         x0, y0 = max(0, int(round((cx - box_width / 2) * width))), max(0, int(round((cy - box_height / 2) * height)))
         x1, y1 = min(width, int(round((cx + box_width / 2) * width))), min(height, int(round((cy + box_height / 2) * height)))
         if x1 > x0 and y1 > y0:
@@ -398,16 +422,70 @@ def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...]) -> list[Label
     return boxes
 
 
-def labelled_boxes(label_path: Path, image_shape: tuple[int, ...]) -> list[LabelledBox]:
+def _yolo_numbers(label_path: Path, number: int, line: str, fields: list[str]) -> tuple[float, float, float, float]:
+    """A device's YOLO line's centre and size, checked (see _txl_pbc_boxes)."""
+    where = f"{label_path}:{number}"
+    if len(fields) != 5 or fields[0] not in {str(key) for key in TXL_PBC_CLASSES}:
+        raise LabelError(f"{where}: expected 'class cx cy w h' with class 0 (WBC), 1 (RBC) or 2 (Platelets), got {line.strip()!r}")
+    try:
+        cx, cy, box_width, box_height = (float(value) for value in fields[1:])
+    except ValueError:
+        raise LabelError(f"{where}: expected four numbers after the class, got {line.strip()!r}") from None
+    if not (0.0 <= cx <= 1.0 and 0.0 <= cy <= 1.0 and 0.0 < box_width <= 1.0 and 0.0 < box_height <= 1.0):  # NaN fails too
+        raise LabelError(
+            f"{where}: centre and size must be fractions of the frame (centre 0-1, size above 0 up to 1), got {line.strip()!r}: "
+            "export YOLO coordinates normalized to the image, not in pixels"
+        )
+    return cx, cy, box_width, box_height
+
+
+def _known_class(annotation: Path, number: int, name: str) -> str:
+    """A device's VOC object name as one of BOX_CLASSES, whatever its case ("wbc", "Platelet" too); LabelError otherwise."""
+    known = {class_name.lower(): class_name for class_name in BOX_CLASSES} | {"platelet": "Platelets"}
+    if name.lower() not in known:
+        raise LabelError(f"{annotation}: object {number} is named {name!r}: expected one of {', '.join(BOX_CLASSES)} (a white cell of any type is WBC)")
+    return known[name.lower()]
+
+
+def _voc_corners(annotation: Path, number: int, corners: ET.Element | None) -> tuple[float, float, float, float]:
+    """A device's VOC object's corners, checked: four numbers, at least one pixel apart each way, in pixels."""
+    where = f"{annotation}: object {number}"
+    if corners is None:
+        raise LabelError(f"{where} has no <bndbox>")
+    try:
+        xmin, ymin, xmax, ymax = (float(corners.findtext(tag) or "") for tag in ("xmin", "ymin", "xmax", "ymax"))
+    except ValueError:
+        raise LabelError(f"{where}: <bndbox> needs numbers in xmin, ymin, xmax, ymax") from None
+    if not (xmax > xmin and ymax > ymin):  # NaN fails too
+        raise LabelError(f"{where}: a box of no size or with its corners swapped ({xmin:g}, {ymin:g}) - ({xmax:g}, {ymax:g})")
+    if max(xmax, ymax) <= 1.0:
+        raise LabelError(f"{where}: corners within 0-1 look like fractions of the frame: VOC corners are pixels")
+    return xmin, ymin, xmax, ymax
+
+
+def _check_voc_size(annotation: Path, root: ET.Element, width: int, height: int) -> None:
+    """LabelError where a device's VOC file states a <size> other than the frame's: its boxes were drawn on another image."""
+    size = root.find("size")
+    if size is None:
+        return
+    try:
+        stated = (int(float(size.findtext("width") or "")), int(float(size.findtext("height") or "")))
+    except ValueError:
+        return  # a <size> without numbers says nothing either way
+    if stated != (width, height):
+        raise LabelError(f"{annotation}: <size> says {stated[0]}x{stated[1]}, the frame is {width}x{height}: the boxes were drawn on another image")
+
+
+def labelled_boxes(label_path: Path, image_shape: tuple[int, ...], strict: bool = False) -> list[LabelledBox]:
     """Every box of a labelling tool's file as labelled, numbered as the file lists them: Pascal VOC XML (`.xml`,
     object names WBC, RBC, Platelets, as BCCD's) or YOLO text (`.txt`, classes 0 WBC, 1 RBC, 2 Platelets, as
-    TXL-PBC's)."""
+    TXL-PBC's). strict: a device's own labels, each line or object checked (LabelError)."""
     label_path = Path(label_path)
     if label_path.suffix.lower() == ".xml":
-        return _bccd_boxes(label_path, image_shape)
+        return _bccd_boxes(label_path, image_shape, strict)
     if label_path.suffix.lower() == ".txt":
-        return _txl_pbc_boxes(label_path, image_shape)
-    raise ValueError(f"{label_path}: expected a Pascal VOC .xml or a YOLO .txt box file")
+        return _txl_pbc_boxes(label_path, image_shape, strict)
+    raise (LabelError if strict else ValueError)(f"{label_path}: expected a Pascal VOC .xml or a YOLO .txt box file")
 
 
 def by_class(boxes: Sequence[LabelledBox]) -> dict[str, list[Box]]:
@@ -418,9 +496,9 @@ def by_class(boxes: Sequence[LabelledBox]) -> dict[str, list[Box]]:
 
 
 def read_boxes(label_path: Path, image_shape: tuple[int, ...]) -> dict[str, list[Box]]:
-    """Boxes per object class (BOX_CLASSES) of a labelling tool's file as labelled (labelled_boxes): a device's own
-    labels (`leukoedge adapt --labels`), which no correction of this repository touches."""
-    return by_class(labelled_boxes(label_path, image_shape))
+    """Boxes per object class (BOX_CLASSES) of a labelling tool's file as labelled (labelled_boxes, strict): a device's
+    own labels (`leukoedge adapt --labels`), which no correction of this repository touches."""
+    return by_class(labelled_boxes(label_path, image_shape, strict=True))
 
 
 # Boxes of the data sources whose labels were looked at again and found wrong (docs/training.md, "TXL-PBC's box

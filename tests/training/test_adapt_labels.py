@@ -14,6 +14,7 @@ from leukoedge import Detector  # noqa: E402
 from leukoedge.adapt import AdaptationRefused, FrameMeasure, adapted_domain  # noqa: E402
 from leukoedge.bundle import describe_bundle, load_bundle  # noqa: E402
 from leukoedge.cli import main  # noqa: E402
+from leukoedge.errors import LabelError  # noqa: E402
 from leukoedge.training import adapt as labelled  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 from leukoedge.training.detection import records_per_domain  # noqa: E402
@@ -133,6 +134,75 @@ def test_frames_pair_with_box_files_by_stem_and_frames_without_one_are_left_out(
     assert frames[1].boxes["WBC"] == [(10, 20, 40, 50)]
     with pytest.raises(ValueError, match="VOC .xml or a YOLO .txt"):
         data.read_boxes(tmp_path / "a.json", (10, 10, 3))
+
+
+def _read_one(tmp_path: Path, name: str, text: str, shape: tuple[int, int] = (100, 200)) -> dict:
+    """A 100x200 frame's boxes from one box file `name` holding `text`."""
+    frames_dir, labels_dir = tmp_path / "frames", tmp_path / "labels"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(frames_dir / "f.png"), np.full((*shape, 3), 200, np.uint8))
+    (labels_dir / name).write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    frames = labelled.read_labelled_frames([frames_dir / "f.png"], labels_dir, lambda path: cv2.imread(str(path)))
+    return frames[0].boxes if frames else {}
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("f.txt", "0 abc 0.5 0.2 0.2\n", r"f.txt:1: expected four numbers after the class"),
+        ("f.txt", "0.0 0.5 0.5 0.2 0.2\n", r"f.txt:1: expected 'class cx cy w h' with class 0 \(WBC\)"),
+        ("f.txt", "0 nan 0.5 0.2 0.2\n", r"f.txt:1: centre and size must be fractions of the frame"),
+        ("f.txt", "0 100 50 40 40\n", r"f.txt:1: centre and size must be fractions of the frame .* not in pixels"),
+        ("f.txt", "0 0.5 0.5 0 0.2\n", r"f.txt:1: centre and size must be fractions"),
+        ("f.txt", "0 0.5 0.5 -0.2 0.2\n", r"f.txt:1: centre and size must be fractions"),
+        ("f.txt", "0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2 0.2\n", r"f.txt:2: the same box as line 1"),
+        ("f.txt", "0 0.5 0.5 0.2 0.2\n".encode("utf-16"), r"f.txt: not UTF-8 text"),
+        ("f.xml", "<annotation><object><name>neutrophil</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>", r"object 1 is named 'neutrophil': expected one of WBC, RBC, Platelets"),
+        ("f.xml", "<annotation><object><name>WBC</name></object></annotation>", r"object 1 has no <bndbox>"),
+        ("f.xml", "<annotation><object><name>WBC</name><bndbox><xmin>a</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>", r"needs numbers"),
+        ("f.xml", "<annotation><object><name>WBC</name><bndbox><xmin>40</xmin><ymin>21</ymin><xmax>11</xmax><ymax>50</ymax></bndbox></object></annotation>", r"corners swapped"),
+        ("f.xml", "<annotation><object><name>WBC</name><bndbox><xmin>0.1</xmin><ymin>0.2</ymin><xmax>0.3</xmax><ymax>0.5</ymax></bndbox></object></annotation>", r"look like fractions of the frame: VOC corners are pixels"),
+        ("f.xml", "<annotation><size><width>400</width><height>200</height></size><object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>", r"<size> says 400x200, the frame is 200x100"),
+    ],
+)
+def test_a_device_s_box_file_that_cannot_be_right_is_a_label_error_naming_file_and_line(tmp_path: Path, name: str, text, message: str) -> None:
+    # Before, these tracebacked (a plain ValueError the CLI does not catch), or the box was dropped without a word and
+    # the frame taught its white cell as background.
+    with pytest.raises(LabelError, match=message):
+        _read_one(tmp_path, name, text)
+
+
+def test_a_device_s_box_file_reads_what_labelling_tools_write(tmp_path: Path) -> None:
+    assert _read_one(tmp_path / "bom", "f.txt", "\ufeff0 0.5 0.5 0.2 0.4\r\n")["WBC"] == [(80, 30, 120, 70)]  # BOM, CRLF
+    assert _read_one(tmp_path / "edge", "f.txt", "0 0.95 0.5 0.2 0.4\n")["WBC"] == [(170, 30, 200, 70)]  # past the edge: clipped
+    assert _read_one(tmp_path / "upper", "f.TXT", "0 0.5 0.5 0.2 0.4\n")["WBC"] == [(80, 30, 120, 70)]  # the suffix in any case
+    voc = "<annotation><object><name>wbc</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>"
+    assert _read_one(tmp_path / "case", "f.xml", voc)["WBC"] == [(10, 20, 40, 50)]  # the class name in any case
+    assert _read_one(tmp_path / "empty", "f.txt", "") == {"WBC": [], "RBC": [], "Platelets": []}  # a frame without a cell
+
+
+def test_a_frame_with_two_box_files_a_missing_labels_folder_and_unused_box_files_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "f.xml").write_text("<annotation/>")
+    with pytest.raises(LabelError, match=r"f.png has 2 box files \(f.txt, f.xml\): keep one"):
+        _read_one(tmp_path, "f.txt", "0 0.5 0.5 0.2 0.4\n")
+    with pytest.raises(LabelError, match="is not a folder"):
+        labelled.read_labelled_frames([tmp_path / "frames" / "f.png"], tmp_path / "no-labels", lambda path: cv2.imread(str(path)))
+    (tmp_path / "labels" / "f.xml").unlink()
+    (tmp_path / "labels" / "g.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    with caplog.at_level("WARNING", logger="leukoedge.adapt"):
+        assert _read_one(tmp_path, "f.txt", "0 0.5 0.5 0.2 0.4\n")["WBC"]
+    assert "box file g.txt names no frame of the folder" in caplog.text
+
+
+def test_white_cells_boxed_only_in_the_held_back_frames_are_refused_before_any_fine_tuning() -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    names = [f"frame-{index:02d}.png" for index in range(12)]
+    held = labelled.held_back(names, labelled.DEFAULT_HOLD_BACK)
+    frames = [labelled.LabelledFrame(name, image, {"WBC": [(1, 1, 5, 5)] if checked else [], "RBC": [], "Platelets": []}) for name, checked in zip(names, held)]
+    with pytest.raises(AdaptationRefused, match="boxed only in the .* frames held back"):
+        labelled.check_frames(frames)
 
 
 def _crops(rng: np.random.Generator, count: int, centre: float, tint: float = 0.0) -> np.ndarray:
