@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import xml.etree.ElementTree as ET
 import zlib
 from collections import defaultdict
@@ -24,6 +25,8 @@ import numpy as np
 
 from leukoedge.errors import LabelError
 from leukoedge.preprocess.cpu import Box, corrected_frame, resize_labels
+
+log = logging.getLogger("leukoedge.adapt")  # a device's box files are read for `leukoedge adapt --labels`
 
 LABEL_BACKGROUND = 0
 LABEL_CYTOPLASM = 1
@@ -381,6 +384,9 @@ def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...], strict: bool = F
         corners = element.find("bndbox")
         if strict:
             xmin, ymin, xmax, ymax = _voc_corners(annotation, number, corners)
+            if xmax == xmin or ymax == ymin:  # 2 of BCCD's 292 files hold one
+                log.warning("%s: object %d is a box of no size, left out", annotation, number)
+                continue
         else:
             xmin, ymin, xmax, ymax = (float(corners.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         # VOC corners are 1-based and inclusive: pixel columns xmin-1 .. xmax-1, i.e. [xmin-1, xmax).
@@ -393,9 +399,10 @@ def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...], strict: bool = F
 
 def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...], strict: bool = False) -> list[LabelledBox]:
     """YOLO lines `class cx cy w h` (normalized to the image) -> boxes in pixels, ends exclusive, numbered by line.
-    strict (a device's own labels): a line that is not numbers, a centre outside 0-1, a size not in (0, 1] (pixel
-    coordinates, say) or a line repeated is a LabelError naming the file and line, not a box dropped or clipped without
-    a word; a box reaching past the frame's edge from a centre inside it is clipped, as every YOLO tool writes them."""
+    strict (a device's own labels): a line that is not numbers, a centre outside 0-1 or a size outside 0-1 (pixel
+    coordinates, say) is a LabelError naming the file and line, not a box dropped or clipped without a word; a box of
+    no size and a line repeated (2 of TXL-PBC's 719 files hold one) are left out with a warning naming them; a box
+    reaching past the frame's edge from a centre inside it is clipped, as every YOLO tool writes them."""
     height, width = image_shape[:2]
     boxes, seen = [], {}
     try:
@@ -409,8 +416,12 @@ def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...], strict: bool 
         if strict:
             cx, cy, box_width, box_height = _yolo_numbers(label_path, number, line, fields)
             if (key := tuple(fields)) in seen:
-                raise LabelError(f"{label_path}:{number}: the same box as line {seen[key]}: each white cell is boxed once")
+                log.warning("%s:%d: the same box as line %d, left out (each cell is boxed once)", label_path, number, seen[key])
+                continue
             seen[key] = number
+            if box_width == 0.0 or box_height == 0.0:
+                log.warning("%s:%d: a box of no size, left out", label_path, number)
+                continue
         elif len(fields) != 5 or int(fields[0]) not in TXL_PBC_CLASSES:
             raise ValueError(f"{label_path}:{number}: expected 'class cx cy w h' with class 0, 1 or 2, got {line!r}")
         else:
@@ -431,9 +442,9 @@ def _yolo_numbers(label_path: Path, number: int, line: str, fields: list[str]) -
         cx, cy, box_width, box_height = (float(value) for value in fields[1:])
     except ValueError:
         raise LabelError(f"{where}: expected four numbers after the class, got {line.strip()!r}") from None
-    if not (0.0 <= cx <= 1.0 and 0.0 <= cy <= 1.0 and 0.0 < box_width <= 1.0 and 0.0 < box_height <= 1.0):  # NaN fails too
+    if not (0.0 <= cx <= 1.0 and 0.0 <= cy <= 1.0 and 0.0 <= box_width <= 1.0 and 0.0 <= box_height <= 1.0):  # NaN fails too
         raise LabelError(
-            f"{where}: centre and size must be fractions of the frame (centre 0-1, size above 0 up to 1), got {line.strip()!r}: "
+            f"{where}: centre and size must be fractions of the frame (0-1), got {line.strip()!r}: "
             "export YOLO coordinates normalized to the image, not in pixels"
         )
     return cx, cy, box_width, box_height
@@ -448,7 +459,7 @@ def _known_class(annotation: Path, number: int, name: str) -> str:
 
 
 def _voc_corners(annotation: Path, number: int, corners: ET.Element | None) -> tuple[float, float, float, float]:
-    """A device's VOC object's corners, checked: four numbers, at least one pixel apart each way, in pixels."""
+    """A device's VOC object's corners, checked: four numbers, not swapped, in pixels."""
     where = f"{annotation}: object {number}"
     if corners is None:
         raise LabelError(f"{where} has no <bndbox>")
@@ -456,8 +467,8 @@ def _voc_corners(annotation: Path, number: int, corners: ET.Element | None) -> t
         xmin, ymin, xmax, ymax = (float(corners.findtext(tag) or "") for tag in ("xmin", "ymin", "xmax", "ymax"))
     except ValueError:
         raise LabelError(f"{where}: <bndbox> needs numbers in xmin, ymin, xmax, ymax") from None
-    if not (xmax > xmin and ymax > ymin):  # NaN fails too
-        raise LabelError(f"{where}: a box of no size or with its corners swapped ({xmin:g}, {ymin:g}) - ({xmax:g}, {ymax:g})")
+    if not (xmax >= xmin and ymax >= ymin):  # NaN fails too
+        raise LabelError(f"{where}: corners swapped ({xmin:g}, {ymin:g}) - ({xmax:g}, {ymax:g}): xmin, ymin is the top left")
     if max(xmax, ymax) <= 1.0:
         raise LabelError(f"{where}: corners within 0-1 look like fractions of the frame: VOC corners are pixels")
     return xmin, ymin, xmax, ymax
