@@ -93,6 +93,14 @@ def hold_back_share(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """argparse type of a finite number above 0 (a weight)."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
 def positive_megabytes(text: str) -> float:
     """argparse type of a memory bound in MB: a finite number above 0 (NaN would pass every comparison's test)."""
     value = float(text)
@@ -503,7 +511,7 @@ def adapt_with_labels(args: argparse.Namespace, paths: list[Path]) -> int:
     steps = args.steps
     recipe = LabelledRecipe(
         models=args.fine_tune, segmenter_steps=steps, refiner_steps=steps, gate_steps=steps, classifier_steps=steps, hold_back=args.hold_back,
-        device_share=args.device_share,
+        device_share=args.device_share, taleqani_mask_replay_weight=args.taleqani_mask_weight,
     )
     report = adapt_bundle_with_labels(args.bundle, frames, args.out, args.data, recipe, args.checkpoints, args.channel_order)
     print("\n".join(report.lines()))
@@ -663,6 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DEVICE_SHARE,
         help="--labels: share of each fine-tuning batch taken from the device's frames, the rest replayed training examples "
         "(default: %(default)s); when the adaptation is refused for what the training sources lost, a lower share may pass",
+    )
+    adapt.add_argument(
+        "--taleqani-mask-weight",
+        type=positive_number,
+        default=1.0,
+        help="--labels: how many times as often the segmenter's and refiner's replay draws Taleqani's fields and cells "
+        "(default: %(default)s, training's balance); 3 with --fine-tune segmenter,gate passed where every default was refused "
+        "for Taleqani's validation fields (docs/training.md)",
     )
     adapt.set_defaults(handler=command_adapt)
 

@@ -332,6 +332,26 @@ def test_cli_device_share_reaches_the_recipe_and_a_refusal_suggests_a_lower_one(
     assert used[-1].device_share == 0.125
     with pytest.raises(SystemExit):
         main(arguments + ["--device-share", "1"])
+    assert used[-1].taleqani_mask_replay_weight == 1.0  # training's balance unless asked
+    assert main(arguments + ["--taleqani-mask-weight", "3"]) == 1
+    assert used[-1].taleqani_mask_replay_weight == 3.0
+    with pytest.raises(SystemExit):
+        main(arguments + ["--taleqani-mask-weight", "0"])
+
+
+def test_the_masks_replay_draws_taleqani_that_many_times_as_often_and_at_1_as_training_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    field = lambda source: labelled.SegmentationExample(source, np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8))  # noqa: E731
+    replay = [field(source) for source in ("all-taleqani", "wbc-seg-zheng", "all-idb2") for _ in range(5)]
+    monkeypatch.setattr(labelled, "_fine_tune", lambda model, steps, rate, next_batch, loss, description, seed: [next_batch() for _ in range(steps)])
+    shares = {}
+    for weight in (1.0, 3.0):
+        drawn: list[str] = []
+        sample = lambda example, rng, drawn=drawn: (drawn.append(example.source), (np.zeros((3, 2, 2), np.float32), np.zeros((2, 2))))[1]  # noqa: E731
+        labelled.fine_tune_masks(None, [field("device")], replay, sample, 200, 8, labelled.LabelledRecipe(taleqani_mask_replay_weight=weight), "test")
+        replayed = [source for source in drawn if source != "device"]
+        shares[weight] = replayed.count("all-taleqani") / len(replayed)
+    assert abs(shares[1.0] - 1 / 3) < 0.05  # training's balance over the three sources
+    assert abs(shares[3.0] - 3 / 5) < 0.05  # 3 : 1 : 1
 
 
 def test_adaptation_keeps_the_smallest_cell_size_judged() -> None:
