@@ -94,18 +94,10 @@ def hold_back_share(text: str) -> float:
 
 
 def positive_number(text: str) -> float:
-    """argparse type of a finite number above 0 (a weight)."""
+    """argparse type of a finite number above 0 (a weight, a bound in MB): NaN would pass every comparison's test."""
     value = float(text)
     if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
-    return value
-
-
-def positive_megabytes(text: str) -> float:
-    """argparse type of a memory bound in MB: a finite number above 0 (NaN would pass every comparison's test)."""
-    value = float(text)
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of MB above 0, got {text}")
     return value
 
 
@@ -637,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="untimed frames at most: the warm-up goes on until resident memory settles (ONNX Runtime's arenas grow over the first few hundred frames) or this many (default: %(default)s)",
     )
     soak.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    soak.add_argument("--max-growth-mb", type=positive_megabytes, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
+    soak.add_argument("--max-growth-mb", type=positive_number, default=MAX_GROWTH_MB, help="exit 1 when resident memory grows this much (default: %(default)s)")
     soak.set_defaults(handler=command_soak)
 
     adapt = commands.add_parser("adapt", help="adapt a bundle to a new microscope: its domain check from unlabelled frames; with --labels, its models too")

@@ -71,7 +71,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, Box, PreparedFrame, PreprocessSpec, dark_share, STAGED_SHRINK_REST, prepare_frame, resize, shrink_frame, whole_block
+from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, STAGED_SHRINK_REST, Box, PreparedFrame, PreprocessSpec, dark_share, prepare_frame, resize, shrink_frame, whole_block
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
 MEAN_SPREAD_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")  # bundles fitted before 0.7.0
@@ -424,10 +424,10 @@ def frame_noise(frame: np.ndarray) -> float:
     """The standard deviation of the frame's noise, in grey levels of the channels' mean (Immerkaer's estimate, sigma =
     sqrt(pi / 2) * mean |response| / 6, over the flattest NOISE_FLAT_SHARE of the patches' pixels).
 
-    The same frame gives the same figure to the last digit, wherever its pixels lie in memory: the filters run on the
-    channels' sum (whole numbers, which float32 holds exactly through the integer kernels, whichever SIMD path OpenCV
-    takes for a buffer's alignment; on the mean, 1 of 2 processes read the same BCCD frame 2e-5 apart), the flattest
-    pixels are chosen in index order among equal slopes, and their mean is taken in float64."""
+    The same frame gives the same figure to the last digit in every process: the filters run on the channels' sum (whole
+    numbers, which float32 holds exactly through the integer kernels, whichever code path OpenCV takes; on the float
+    mean, one BCCD frame gave two figures 2e-5 apart, by its buffer, once ONNX Runtime had run in the process), the
+    flattest pixels are chosen in index order among equal slopes, and their mean is taken in float64."""
     height, width = frame.shape[:2]
     size = min(NOISE_PATCH, height, width)
     if height <= NOISE_GRID * NOISE_PATCH and width <= NOISE_GRID * NOISE_PATCH:

@@ -234,8 +234,8 @@ def test_a_count_out_of_range_is_refused_before_anything_runs(arguments, capsys)
     [
         (["adapt", "--frames", "samples", "--out", "adapted", "--hold-back", "0"], "expected a share from 0.05 to 0.5, got 0"),
         (["adapt", "--frames", "samples", "--out", "adapted", "--hold-back", "nan"], "expected a share from 0.05 to 0.5, got nan"),
-        (["soak", "samples", "--max-growth-mb", "nan"], "expected a number of MB above 0, got nan"),  # passed every run before
-        (["soak", "samples", "--max-growth-mb", "-1"], "expected a number of MB above 0, got -1"),
+        (["soak", "samples", "--max-growth-mb", "nan"], "expected a number above 0, got nan"),  # passed every run before
+        (["soak", "samples", "--max-growth-mb", "-1"], "expected a number above 0, got -1"),
     ],
     ids=["hold-back-0", "hold-back-nan", "growth-nan", "growth-minus-1"],
 )
