@@ -335,7 +335,7 @@ def _open_folder(folder: Path, glob: str | None, uri: str) -> ImageFilesSource:
     candidates = folder.glob(glob) if glob else (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     # A broken link, or a folder named like an image, is kept: reading it fails, and it is skipped, named and counted
     # like an unreadable file, not left out without a word (a lab counts the images it handed over).
-    paths = sorted(p for p in candidates if p.is_file() or p.is_symlink() or p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in candidates if p.is_file() or (p.is_symlink() and not p.exists()) or p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         wanted = f"files matching {glob!r}" if glob else f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
         raise CaptureError(f"{folder} holds no {wanted}: expected a folder of images")

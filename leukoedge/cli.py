@@ -265,14 +265,16 @@ def output_stem(name: str, used: set[str]) -> str:
 def write_frame_results(args: argparse.Namespace, stem: str, image: np.ndarray, result: Result, explain: Callable[[np.ndarray, Result], np.ndarray] | None) -> None:
     from .session import write_file, write_png
 
-    paths = [args.out / f"{stem}_overlay.png", args.out / f"{stem}_gradcam.png", args.out / f"{stem}.json"]
+    written: list[Path] = []
     try:
-        write_png(paths[0], result.draw(image))
+        write_png(args.out / f"{stem}_overlay.png", result.draw(image))
+        written.append(args.out / f"{stem}_overlay.png")
         if explain is not None:
-            write_png(paths[1], explain(image, result))
-        write_file(paths[2], result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
+            write_png(args.out / f"{stem}_gradcam.png", explain(image, result))
+            written.append(args.out / f"{stem}_gradcam.png")
+        write_file(args.out / f"{stem}.json", result.to_json(include_masks=args.masks, indent=2).encode("utf-8"))
     except KeyboardInterrupt:  # a frame's files come whole or not at all: an overlay without its JSON is not a result
-        for path in paths:
+        for path in written:  # this frame's (write_file removed the one cut short)
             path.unlink(missing_ok=True)
         raise
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 from dataclasses import dataclass, replace
 from contextlib import contextmanager
@@ -91,9 +92,9 @@ def check_run_arguments(capture_ms: float | None, jpeg_quality: int | None) -> N
     """InvalidArgumentError unless capture_ms is None or a finite number of ms >= 0 (a NaN would be written into the
     Result's JSON, which then no parser reads) and jpeg_quality None or a whole number 1-100 (a NaN passed the
     compression check)."""
-    if capture_ms is not None and (isinstance(capture_ms, bool) or not isinstance(capture_ms, (int, float)) or not 0.0 <= capture_ms < math.inf):
+    if capture_ms is not None and (isinstance(capture_ms, bool) or not isinstance(capture_ms, numbers.Real) or not 0.0 <= capture_ms < math.inf):
         raise InvalidArgumentError(f"capture_ms must be a finite number of ms >= 0, or None, got {capture_ms!r}")
-    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer)) or not 1 <= jpeg_quality <= 100):
+    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, numbers.Integral) or not 1 <= jpeg_quality <= 100):
         raise InvalidArgumentError(f"jpeg_quality must be a whole number 1-100 (the file's JPEG quality), or None for a camera frame, got {jpeg_quality!r}")
 
 
@@ -181,8 +182,8 @@ class Detector:
         self.bundle = bundle
         if channel_order not in CHANNEL_ORDERS:  # here, not at the first frame
             raise InvalidArgumentError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InvalidArgumentError(f"threads must be a whole number >= 1, or None (ONNX Runtime's default), got {threads!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0):
+            raise InvalidArgumentError(f"threads must be a whole number >= 1, or None or 0 (ONNX Runtime's default), got {threads!r}")
         self.channel_order = channel_order
         self.spec = PreprocessSpec.from_manifest(manifest["preprocess"])
         self.segmenter_spec = manifest["segmenter"]

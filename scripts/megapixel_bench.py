@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import leukoedge.preprocess.cpu as preprocess_cpu  # noqa: E402
 from leukoedge import Detector  # noqa: E402
+from leukoedge.cli import positive_int  # noqa: E402
 from leukoedge.benchmark import STAGES, ScalingPoint, fit_scaling, format_scaling, scaling_points, time_points_interleaved  # noqa: E402
 
 BASELINE_PACKAGE = "leukoedge_baseline"
@@ -267,7 +268,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
     parser.add_argument("--shrink-check", action="store_true", help="also measure a cheaper shrink of large frames and crops (not shipped)")
-    parser.add_argument("--camera-frames", type=int, default=0, metavar="ROUNDS", help="also run both on frames of camera sizes, ROUNDS times each, and compare their results")
+    parser.add_argument("--camera-frames", type=positive_int, default=0, metavar="ROUNDS", help="also run both on frames of camera sizes, ROUNDS times each, and compare their results")
     parser.add_argument(
         "--unseen-fields", type=int, default=0, metavar="N",
         help="also time N test fields of each TXL-PBC lab (raabin, bcd): microscopes the bench points do not come from, with many red cells and platelets proposed",

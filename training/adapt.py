@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from leukoedge.decode import file_jpeg_quality
 from leukoedge.errors import LabelError
 from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, adapted_version, held_back
 from leukoedge.bundle import save_bundle
@@ -91,6 +92,7 @@ class LabelledFrame:
     name: str
     image: np.ndarray
     boxes: dict[str, list[data.Box]]
+    jpeg_quality: int | None = None  # the file's (decode.file_jpeg_quality), judged as `leukoedge run` judges it
 
 
 @dataclass
@@ -220,16 +222,20 @@ def read_labelled_frames(paths: Sequence[Path], labels_dir: Path, read: Callable
     for candidate in sorted(labels_dir.iterdir()):
         if candidate.is_file() and candidate.suffix.lower() in LABEL_SUFFIXES:
             box_files.setdefault(candidate.stem, []).append(candidate)
-    frames = []
+    frames, stems = [], {}
     for path in paths:
-        found = box_files.pop(path.stem, [])
+        if path.stem in stems and path.stem in box_files:
+            raise LabelError(f"{stems[path.stem]} and {path.name} share the name stem {path.stem!r}: a box file cannot say which frame it boxes")
+        stems[path.stem] = path.name
+        found = box_files.get(path.stem, [])
         if len(found) > 1:
             raise LabelError(f"{path.name} has {len(found)} box files ({', '.join(label.name for label in found)}): keep one")
         if found:
             image = read(path)
-            frames.append(LabelledFrame(path.name, image, data.read_boxes(found[0], image.shape)))
+            frames.append(LabelledFrame(path.name, image, data.read_boxes(found[0], image.shape), file_jpeg_quality(path)))
     for stem, unused in box_files.items():
-        log.warning("box file %s names no frame of the folder (no frame %s.*): its boxes are not used", unused[0].name, stem)
+        if stem not in stems:
+            log.warning("box file %s names no frame of the folder (no frame %s.*): its boxes are not used", unused[0].name, stem)
     return frames
 
 
@@ -441,7 +447,7 @@ def labelled_figures(detector: Detector, frames: Sequence[LabelledFrame], domain
     """training/detection's device figures of labelled frames (every frame a normal field)."""
     figures = DeviceFigures(domain)
     for frame in tqdm(frames, desc=f"figures ({domain})", unit="frame", leave=False):
-        result = detector.run(frame.image)
+        result = detector.run(frame.image, jpeg_quality=frame.jpeg_quality)
         figures.add(count_field([cell.box for cell in result.cells], frame.boxes), result.verdict.status, result.verdict.flagged)
     return figures.as_row()
 
@@ -550,7 +556,7 @@ def adapt_models(
     adapted = Adapted(segmenter, refiner, classifier, gate, threshold, detector.verdict_spec["flag_fraction"], domain, None)
     with applied(detector, adapted):
         fractions, malignant_after = taleqani_verdicts(detector, taleqani_fields)
-        device_fractions = [detector.run(frame.image).verdict.flagging_fraction for frame in fitted]
+        device_fractions = [detector.run(frame.image, jpeg_quality=frame.jpeg_quality).verdict.flagging_fraction for frame in fitted]
         chosen, _ = choose_flag_fraction(fractions + device_fractions, malignant_after + [0] * len(fitted), adapted.flag_fraction)
         # The device's frames are all normal: they can argue for a stricter verdict, never for a more eager one.
         adapted.flag_fraction = max(chosen, adapted.flag_fraction)

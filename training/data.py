@@ -384,9 +384,11 @@ def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...], strict: bool = F
         corners = element.find("bndbox")
         if strict:
             xmin, ymin, xmax, ymax = _voc_corners(annotation, number, corners)
-            if xmax == xmin or ymax == ymin:  # 2 of BCCD's 292 files hold one
-                log.warning("%s: object %d is a box of no size, left out", annotation, number)
+            if xmax == xmin or ymax == ymin:  # corners inclusive: one pixel across (2 of BCCD's 292 files hold one)
+                log.warning("%s: object %d is a box one pixel across, left out", annotation, number)
                 continue
+            if xmin > width or ymin > height:
+                raise LabelError(f"{annotation}: object {number} lies outside the {width}x{height} frame ({xmin:g}, {ymin:g}) - ({xmax:g}, {ymax:g})")
         else:
             xmin, ymin, xmax, ymax = (float(corners.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         # VOC corners are 1-based and inclusive: pixel columns xmin-1 .. xmax-1, i.e. [xmin-1, xmax).
@@ -401,8 +403,8 @@ def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...], strict: bool 
     """YOLO lines `class cx cy w h` (normalized to the image) -> boxes in pixels, ends exclusive, numbered by line.
     strict (a device's own labels): a line that is not numbers, a centre outside 0-1 or a size outside 0-1 (pixel
     coordinates, say) is a LabelError naming the file and line, not a box dropped or clipped without a word; a box of
-    no size and a line repeated (2 of TXL-PBC's 719 files hold one) are left out with a warning naming them; a box
-    reaching past the frame's edge from a centre inside it is clipped, as every YOLO tool writes them."""
+    no size (or under a pixel) and a line repeated (2 of TXL-PBC's 719 files hold one) are left out with a warning naming
+    them; a box reaching past the frame's edge from a centre inside it is clipped, as every YOLO tool writes them."""
     height, width = image_shape[:2]
     boxes, seen = [], {}
     try:
@@ -430,6 +432,8 @@ def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...], strict: bool 
         x1, y1 = min(width, int(round((cx + box_width / 2) * width))), min(height, int(round((cy + box_height / 2) * height)))
         if x1 > x0 and y1 > y0:
             boxes.append((number, TXL_PBC_CLASSES[int(fields[0])], (x0, y0, x1, y1)))
+        elif strict:
+            log.warning("%s:%d: a box under one pixel across, left out", label_path, number)
     return boxes
 
 
@@ -483,7 +487,7 @@ def _check_voc_size(annotation: Path, root: ET.Element, width: int, height: int)
         stated = (int(float(size.findtext("width") or "")), int(float(size.findtext("height") or "")))
     except ValueError:
         return  # a <size> without numbers says nothing either way
-    if stated != (width, height):
+    if stated != (width, height) and min(stated) > 0:  # some tools write 0x0 when they do not know the size
         raise LabelError(f"{annotation}: <size> says {stated[0]}x{stated[1]}, the frame is {width}x{height}: the boxes were drawn on another image")
 
 

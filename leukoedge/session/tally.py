@@ -110,7 +110,7 @@ class SessionTally:
             "fps": fps,
             "dropped_frames": int(capture_stats.get("dropped", 0)),
             "reconnects": int(capture_stats.get("reconnects", 0)),
-            "files_skipped": int(capture_stats.get("skipped") or 0),  # unreadable, greyscale or deeper than 8 bits: never judged
+            "files_skipped": int(capture_stats.get("skipped") or 0),  # files or video frames unreadable, damaged, greyscale or deeper than 8 bits: never judged
             "capture": dict(capture_stats),
             "cells": self.cell_count,
             "blasts": self.blast_count,
@@ -141,7 +141,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [
         f"frames processed {summary['frames_processed']} (refused {summary['frames_refused']}, dropped {summary['dropped_frames']}, "
         f"reconnects {summary['reconnects']}), {summary['fps']:.1f} fps, stopped by: {summary['stopped_by']}",
-        *([f"files skipped {skipped} (unreadable, greyscale or deeper than 8 bits: never judged; see the messages above)"] if (skipped := summary.get("files_skipped", 0)) else []),
+        *([f"files or frames skipped {skipped} (unreadable, damaged, greyscale or deeper than 8 bits: never judged; see the messages above)"] if (skipped := summary.get("files_skipped", 0)) else []),
         f"cells {summary['cells']}, blasts {summary['blasts']}: blast fraction {fraction}",
         f"frames flagged {summary['flagged_frames']}, not judged {not_judged_text(summary)}",
     ]

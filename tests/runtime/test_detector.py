@@ -356,7 +356,7 @@ def shipped_detector() -> Detector:
         ({"channel_order": "rgb"}, "channel_order must be one of"),
         ({"precision": "bogus"}, "unknown precision 'bogus'"),
         ({"threads": "2"}, "threads must be a whole number >= 1"),
-        ({"threads": 0}, "threads must be a whole number >= 1"),
+        ({"threads": -1}, "threads must be a whole number >= 1"),
         ({"threads": True}, "threads must be a whole number >= 1"),
         ({"preprocess": "gpu"}, "unknown preprocess 'gpu'"),
     ],
@@ -388,5 +388,9 @@ def test_a_run_argument_out_of_range_is_refused(shipped_detector: Detector, argu
     detector = shipped_detector
     with pytest.raises(InvalidArgumentError, match=message):
         detector.run(frame, **arguments)
-    result = detector.run(frame, jpeg_quality=np.int64(95), capture_ms=0)  # a numpy quality (decode's) and 0 ms are fine
-    assert result.verdict.status == "ok" and json.loads(result.to_json())["timings"]["capture"] == 0
+    result = detector.run(frame, jpeg_quality=np.int64(95), capture_ms=np.float32(2.5))  # numpy numbers are numbers
+    assert result.verdict.status == "ok" and json.loads(result.to_json())["timings"]["capture"] == 2.5
+
+
+def test_numpy_and_zero_thread_counts_load_as_before() -> None:
+    assert Detector.load(SHIPPED, threads=np.int64(1)).precisions and Detector.load(SHIPPED, threads=0).precisions  # 0: ONNX Runtime's default

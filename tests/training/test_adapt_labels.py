@@ -162,6 +162,7 @@ def _read_one(tmp_path: Path, name: str, text: str, shape: tuple[int, int] = (10
         ("f.xml", "<annotation><object><name>WBC</name><bndbox><xmin>40</xmin><ymin>21</ymin><xmax>11</xmax><ymax>50</ymax></bndbox></object></annotation>", r"object 1: corners swapped"),
         ("f.xml", "<annotation><object><name>WBC</name><bndbox><xmin>0.1</xmin><ymin>0.2</ymin><xmax>0.3</xmax><ymax>0.5</ymax></bndbox></object></annotation>", r"look like fractions of the frame: VOC corners are pixels"),
         ("f.xml", "<annotation><size><width>400</width><height>200</height></size><object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>", r"<size> says 400x200, the frame is 200x100"),
+        ("f.xml", "<annotation><object><name>WBC</name><bndbox><xmin>300</xmin><ymin>21</ymin><xmax>350</xmax><ymax>50</ymax></bndbox></object></annotation>", r"object 1 lies outside the 200x100 frame"),
     ],
 )
 def test_a_device_s_box_file_that_cannot_be_right_is_a_label_error_naming_file_and_line(tmp_path: Path, name: str, text, message: str) -> None:
@@ -178,6 +179,8 @@ def test_a_device_s_box_file_reads_what_labelling_tools_write(tmp_path: Path) ->
     voc = "<annotation><object><name>wbc</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>"
     assert _read_one(tmp_path / "case", "f.xml", voc)["WBC"] == [(10, 20, 40, 50)]  # the class name in any case
     assert _read_one(tmp_path / "empty", "f.txt", "") == {"WBC": [], "RBC": [], "Platelets": []}  # a frame without a cell
+    unknown_size = "<annotation><size><width>0</width><height>0</height></size><object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>"
+    assert _read_one(tmp_path / "size0", "f.xml", unknown_size)["WBC"] == [(10, 20, 40, 50)]  # 0x0: a tool that did not know it
 
 
 def test_a_box_of_no_size_and_a_box_listed_twice_are_left_out_with_a_warning_naming_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -189,7 +192,23 @@ def test_a_box_of_no_size_and_a_box_listed_twice_are_left_out_with_a_warning_nam
     voc = "<annotation><object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>11</xmax><ymax>50</ymax></bndbox></object></annotation>"
     with caplog.at_level("WARNING", logger="leukoedge.adapt"):
         assert _read_one(tmp_path / "voc", "f.xml", voc)["WBC"] == []
-    assert "object 1 is a box of no size, left out" in caplog.text
+    assert "object 1 is a box one pixel across, left out" in caplog.text
+    with caplog.at_level("WARNING", logger="leukoedge.adapt"):
+        assert _read_one(tmp_path / "tiny", "f.txt", "0 0.5 0.5 0.001 0.2\n")["WBC"] == []
+    assert "f.txt:1: a box under one pixel across, left out" in caplog.text
+
+
+def test_labelled_frames_carry_their_file_s_jpeg_quality_and_frames_sharing_a_stem_are_refused(tmp_path: Path) -> None:
+    frames_dir, labels_dir = tmp_path / "frames", tmp_path / "labels"
+    frames_dir.mkdir()
+    labels_dir.mkdir()
+    cv2.imwrite(str(frames_dir / "a.jpg"), np.full((100, 200, 3), 200, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 60])
+    (labels_dir / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    frames = labelled.read_labelled_frames([frames_dir / "a.jpg"], labels_dir, lambda path: cv2.imread(str(path)))
+    assert frames[0].jpeg_quality == 60  # adapt judges it as `leukoedge run` does, compression check included
+    cv2.imwrite(str(frames_dir / "a.png"), np.full((100, 200, 3), 200, np.uint8))
+    with pytest.raises(LabelError, match="a.jpg and a.png share the name stem 'a'"):
+        labelled.read_labelled_frames(sorted(frames_dir.iterdir()), labels_dir, lambda path: cv2.imread(str(path)))
 
 
 def test_a_frame_with_two_box_files_a_missing_labels_folder_and_unused_box_files_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
