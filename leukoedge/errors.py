@@ -11,7 +11,7 @@ class InvalidFrameError(LeukoedgeError, ValueError):
 
 class InvalidArgumentError(LeukoedgeError, ValueError):
     """An argument of Detector.load or Detector.run is not one it takes: an unknown channel order, precision or
-    preprocessing, a thread count under 1, a JPEG quality outside 1-100, a capture time that is not a finite ms >= 0."""
+    preprocessing, a negative thread count, a JPEG quality outside 1-100, a capture time that is not a finite ms >= 0."""
 
 
 class LabelError(LeukoedgeError, ValueError):
