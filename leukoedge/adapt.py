@@ -83,6 +83,10 @@ DEFAULT_ADAPTED_MODELS = ("segmenter", "gate", "classifier")
 # Of each fine-tuning batch, the device's examples; the rest are the training sources' (replayed, so the models keep
 # what they learnt). A refused adaptation may pass at a lower share: bcd's did at 0.125 (docs/training.md).
 DEFAULT_DEVICE_SHARE = 0.25
+# How many times as often labelled adaptation's segmenter and refiner replay Taleqani's fields and cells: at training's
+# balance (1) the masks fine-tuned on a device lost Taleqani's whole-cell Dice and flags (TXL-PBC bcd left out: 0.936 ->
+# 0.926); at 3 both devices left out gained it (bcd 0.941, raabin 0.934 -> 0.944) (docs/training.md).
+DEFAULT_TALEQANI_MASK_WEIGHT = 3.0
 
 
 class AdaptationRefused(LeukoedgeError):

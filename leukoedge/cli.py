@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE
+from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_TALEQANI_MASK_WEIGHT
 from .backends import BACKENDS
 from .bundle import MIN_SPEEDUP, load_bundle
 from .detector import PREPROCESSORS
@@ -669,10 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument(
         "--taleqani-mask-weight",
         type=positive_number,
-        default=1.0,
+        default=DEFAULT_TALEQANI_MASK_WEIGHT,
         help="--labels: how many times as often the segmenter's and refiner's replay draws Taleqani's fields and cells "
-        "(default: %(default)s, training's balance); 3 with --fine-tune segmenter,gate passed where every default was refused "
-        "for Taleqani's validation fields (docs/training.md)",
+        "(default: %(default)s; 1: training's balance, which cost Taleqani's masks on a device left out; docs/training.md)",
     )
     adapt.set_defaults(handler=command_adapt)
 

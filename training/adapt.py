@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from leukoedge.decode import file_jpeg_quality
 from leukoedge.errors import LabelError
-from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, AdaptationRefused, FrameMeasure, adapted_domain, adapted_version, held_back
+from leukoedge.adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, DEFAULT_TALEQANI_MASK_WEIGHT, AdaptationRefused, FrameMeasure, adapted_domain, adapted_version, held_back
 from leukoedge.bundle import save_bundle
 from leukoedge.detector import Detector
 from leukoedge.domain import colour_features, feature_names, segmenter_uncertainty
@@ -115,10 +115,9 @@ class LabelledRecipe:
     # only malignant fields, and what a device's normal cells teach the classifier to lose (raabin left out: 316 -> 308
     # of 326 malignant validation fields flagged at 1, 316 -> 315 at 3; docs/training.md, "What the raabin adaptation loses").
     taleqani_replay_weight: float = 3.0
-    # The same for the segmenter's and refiner's replayed fields and cells (1: training's balance over sources): where
-    # fine-tuning the masks on a device cost Taleqani's whole-cell Dice and its flags (TXL-PBC bcd left out: Dice 0.936 ->
-    # 0.926, sensitivity 0.960 -> 0.945; docs/training.md, "Left one device out with 0.15.0's recipe").
-    taleqani_mask_replay_weight: float = 1.0
+    # The same for the segmenter's and refiner's replayed fields and cells (leukoedge.adapt.DEFAULT_TALEQANI_MASK_WEIGHT;
+    # 1: training's balance over sources, which cost Taleqani's whole-cell Dice and flags on a device left out).
+    taleqani_mask_replay_weight: float = DEFAULT_TALEQANI_MASK_WEIGHT
     replay_per_source: int = 40  # training fields replayed per source/device
     # Validation fields per source/device for the gate's threshold and the masks' check: all of ALL-IDB2's 32 and Zheng's
     # 44 (with 20, one ALL-IDB2 field moved its Dice by 0.05).

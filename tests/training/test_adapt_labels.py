@@ -351,9 +351,9 @@ def test_cli_device_share_reaches_the_recipe_and_a_refusal_suggests_a_lower_one(
     assert used[-1].device_share == 0.125
     with pytest.raises(SystemExit):
         main(arguments + ["--device-share", "1"])
-    assert used[-1].taleqani_mask_replay_weight == 1.0  # training's balance unless asked
-    assert main(arguments + ["--taleqani-mask-weight", "3"]) == 1
-    assert used[-1].taleqani_mask_replay_weight == 3.0
+    assert used[-1].taleqani_mask_replay_weight == 3.0  # the default
+    assert main(arguments + ["--taleqani-mask-weight", "1"]) == 1  # training's balance, as before
+    assert used[-1].taleqani_mask_replay_weight == 1.0
     with pytest.raises(SystemExit):
         main(arguments + ["--taleqani-mask-weight", "0"])
 
