@@ -140,9 +140,11 @@ STAGED_SHRINK_REST = 4.0
 
 
 def whole_block(side: int, target: int) -> int:
-    """The smallest whole block size dividing `side` that leaves at most STAGED_SHRINK_REST to shrink to `target`; 1 if none."""
+    """The smallest whole block size dividing `side` that leaves at most STAGED_SHRINK_REST to shrink to `target` and at
+    least 2 (a block nearly an output pixel's size weighs whole blocks where the one-step resize weighs pixels: up to 20
+    grey levels apart on odd sides such as 2978 or 493); 1 if none (every camera size tried has one)."""
     ratio = side / target
-    return next((block for block in range(max(2, math.ceil(ratio / STAGED_SHRINK_REST)), int(ratio) + 1) if side % block == 0), 1)
+    return next((block for block in range(max(2, math.ceil(ratio / STAGED_SHRINK_REST)), int(ratio / 2) + 1) if side % block == 0), 1)
 
 
 def shrink_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -327,3 +327,14 @@ def test_a_camera_sized_frame_shrunk_in_two_steps_stays_within_a_few_grey_levels
 def test_a_frame_no_block_size_divides_is_shrunk_in_one_step():
     frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), (2591, 1943), interpolation=cv2.INTER_LINEAR)  # 2591 is prime, 1943 = 29 x 67
     assert np.array_equal(shrink_frame(frame, 256, 192), resize(frame, 256, 192))
+
+
+def test_frames_of_odd_sizes_shrink_within_a_few_grey_levels_of_the_one_step_resize():
+    # Sides whose only whole blocks are nearly an output pixel's size (2978, 493, ...) are shrunk in one step instead.
+    sample = cv2.imread(str(SAMPLE_FIELD))
+    rng = np.random.default_rng(1)
+    for width, height in rng.integers(16, 4097, size=(40, 2)).tolist():
+        frame = cv2.resize(sample, (width, height), interpolation=cv2.INTER_LINEAR)
+        placement = fit_letterbox(height, width, SEGMENTER_INPUT)
+        size = placement.content_width, placement.content_height
+        assert np.abs(shrink_frame(frame, *size).astype(int) - resize(frame, *size).astype(int)).max() <= 6, (width, height)
