@@ -340,8 +340,9 @@ def adapt_bundle(
     # bundle's capture bars: frames beyond only the device's own are counted apart (see the module doc).
     with_bundle_bars = {**{key: value for key, value in adapted.items() if key not in DEVICE_BARS}, **{key: domain[key] for key in DEVICE_BARS if key in domain}}
     held_scores = [{**m.scores, "colour_distance": colour_distance(adapted, m.colour), "uncertainty": m.uncertainty} for m, h in zip(measures, held) if h]
-    after = [bool(outside_domain(with_bundle_bars, scores)) for scores in held_scores]
-    refusing_after = Counter(check for scores in held_scores for check in failed_checks(with_bundle_bars, scores))
+    failed_after = [failed_checks(with_bundle_bars, scores) for scores in held_scores]
+    after = [bool(failed) for failed in failed_after]
+    refusing_after = Counter(check for failed in failed_after for check in failed)
     beyond_own_bars = [not refused and bool(outside_domain(adapted, scores)) for refused, scores in zip(after, held_scores)]
     flagged_after = sum(_judged_flag(detector, frames[index], adapted, qualities[index]) for index in np.flatnonzero(held))
     held_measures = [m for m, h in zip(measures, held) if h]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_TALEQANI_MASK_WEIGHT
+from .adapt import ADAPTABLE_MODELS, DEFAULT_ADAPTED_MODELS, DEFAULT_DEVICE_SHARE, DEFAULT_HOLD_BACK, DEFAULT_TALEQANI_MASK_WEIGHT
 from .backends import BACKENDS
 from .bundle import MIN_SPEEDUP, load_bundle
 from .detector import PREPROCESSORS
@@ -385,14 +385,15 @@ def judged_frames(paths: list[Path], limits: dict) -> list[np.ndarray]:
     error."""
     from .frame import min_judged_side, too_small_reason
 
+    min_side = min_judged_side(limits)
     frames, left_out = [], []
     for path in paths:
         frame = read_image(path)
-        (left_out if too_small_reason(frame, min_judged_side(limits)) else frames).append((path, frame))
+        (left_out if too_small_reason(frame, min_side) else frames).append((path, frame))
     for path, frame in left_out:
         print(f"not timed: {path.name} ({frame.shape[1]}x{frame.shape[0]}) is too small to judge: no model runs on it")
     if not frames:
-        raise LeukoedgeError(f"none of the {len(left_out)} frame(s) is large enough to judge (sides of at least {min_judged_side(limits)} px): nothing to time")
+        raise LeukoedgeError(f"none of the {len(left_out)} frame(s) is large enough to judge (sides of at least {min_side} px): nothing to time")
     return [frame for _, frame in frames]
 
 
@@ -639,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--frames", type=Path, required=True, help="folder of 20-500 frames of the new microscope (images)")
     adapt.add_argument("--out", type=Path, required=True, help="where to write the adapted bundle")
     adapt.add_argument(
-        "--hold-back", type=hold_back_share, default=0.2, help="share of the frames kept out of the fit to check the result, 0.05-0.5 (default: %(default)s)"
+        "--hold-back", type=hold_back_share, default=DEFAULT_HOLD_BACK, help="share of the frames kept out of the fit to check the result, 0.05-0.5 (default: %(default)s)"
     )
     adapt.add_argument("--channel-order", choices=("BGR", "RGB"), default="BGR", help="channel order of the frames as read (default: %(default)s)")
     adapt.add_argument(

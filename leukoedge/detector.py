@@ -16,7 +16,7 @@ import numpy as np
 from .backends import create_backend
 from .bundle import Bundle, bundle_models, check_models, fastest_precision, load_bundle, model_file
 from .errors import BackendUnavailableError, InvalidArgumentError, LeukoedgeError
-from .frame import CHANNEL_ORDERS, min_judged_side, too_small_reason, validate_frame
+from .frame import check_channel_order, min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, fragments, label_map_from_probabilities
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
@@ -180,8 +180,7 @@ class Detector:
     ):
         manifest = bundle.manifest
         self.bundle = bundle
-        if channel_order not in CHANNEL_ORDERS:  # here, not at the first frame
-            raise InvalidArgumentError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+        check_channel_order(channel_order)  # here, not at the first frame
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0):
             raise InvalidArgumentError(f"threads must be a whole number >= 1, or None or 0 (ONNX Runtime's default), got {threads!r}")
         self.channel_order = channel_order

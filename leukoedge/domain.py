@@ -493,7 +493,7 @@ def edge_isotropy(frame: np.ndarray) -> float | None:
     scale = ISOTROPY_SIDE / max(frame.shape[:2])
     if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: by whole blocks first (15 of a 2592x1944 frame's 16 ms)
         small = shrink_frame(frame, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
-    else:
+    else:  # by the scale, as the validated frames' isotropies were read (a size in pixels moves PBC's by 0.008)
         small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1.0 else frame
     grey = cv2.transform(small.astype(np.float32), _CHANNEL_MEAN)  # the channels' mean: either order
     dx, dy = cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)

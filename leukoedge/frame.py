@@ -21,10 +21,15 @@ def _type_name(value: Any) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
-def validate_frame(frame: Any, *, min_side: int, max_side: int, channel_order: str = "BGR") -> np.ndarray:
-    """The frame as a C-contiguous HxWx3 uint8 array (the same object when it already is one)."""
+def check_channel_order(channel_order: str) -> None:
+    """InvalidArgumentError unless channel_order is one of CHANNEL_ORDERS."""
     if channel_order not in CHANNEL_ORDERS:
         raise InvalidArgumentError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+
+
+def validate_frame(frame: Any, *, min_side: int, max_side: int, channel_order: str = "BGR") -> np.ndarray:
+    """The frame as a C-contiguous HxWx3 uint8 array (the same object when it already is one)."""
+    check_channel_order(channel_order)
     expected = f"an HxWx3 uint8 {channel_order} image (numpy.ndarray)"
     if frame is None:
         raise InvalidFrameError(f"expected {expected}, got None; a camera read that failed returns None, check its ok flag")

@@ -171,8 +171,7 @@ def shrink_check(detector: Detector, data_root: Path) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     crop_size = tuple(detector.classifier_spec["input_size"])
     for crops_only in (True, False):
-        cells = one_only = moved = verdicts = labels = 0
-        changes, exact_ms, shrunk_ms = [], [], []
+        differences, exact_ms, shrunk_ms = ResultDifferences(), [], []
         for frame in frames:
             results = []
             for resize, times in ((exact, exact_ms), (shrink_first(crop_size if crops_only else None), shrunk_ms)):
@@ -181,18 +180,10 @@ def shrink_check(detector: Detector, data_root: Path) -> None:
                 results.append(detector.run(frame))
                 times.append((time.perf_counter() - started) * 1000.0)
             preprocess_cpu.resize = exact
-            before, after = results
-            pairs = matched_cells(before.cells, after.cells)
-            cells += len(before.cells)
-            one_only += len(before.cells) + len(after.cells) - 2 * len(pairs)
-            verdicts += (before.verdict.flagged, before.verdict.status) != (after.verdict.flagged, after.verdict.status)
-            for one, other in pairs:
-                moved += one.classifier_box != other.classifier_box
-                labels += one.label != other.label
-                changes += [abs(one.head_scores[head][name] - other.head_scores[head][name]) for head in one.head_scores for name in one.head_scores[head]]
+            differences.add(*results)
         print(
-            f"| {'cell crops' if crops_only else 'frame and cell crops'} | {len(frames)} | {cells} | {one_only} | {moved} | {verdicts} | {labels} | "
-            f"{max(changes):.3f} / {np.percentile(changes, 95):.4f} | {np.median(exact_ms):.1f} -> {np.median(shrunk_ms):.1f} |"
+            f"| {'cell crops' if crops_only else 'frame and cell crops'} | {len(frames)} | {differences.row()} | "
+            f"{np.median(exact_ms):.1f} -> {np.median(shrunk_ms):.1f} |"
         )
 
 
