@@ -148,8 +148,9 @@ TEAR_MIN_SHIFT = 3
 # image; the validation fields 1.39: scripts/capture_levels.py), validation fields torn at 5-30 % of their width score
 # 4-16 (scripts/capture_study.py --fault torn).
 MAX_TEAR = 3.0
-# A frame wider than every source's (BCCD's 640 px) is shrunk across by whole column blocks first: OpenCV's general
-# INTER_AREA path took 6.5 ms at 2592 px wide and 23 ms at 4056 (0.7 at a whole 2560), on a frame about to be flagged.
+# A frame wider than every source's (BCCD's 640 px) is shrunk across by whole column blocks first: in OpenCV's general
+# INTER_AREA path the check took 9.4 ms at 2592x1944 and 29.7 at 4056x3040 (3.5 at a whole 2560x1920; now 4.2 and 8.3:
+# scripts/megapixel_bench.py --camera-frames), on a frame about to be flagged.
 # No validated frame is that wide, so their scores (MAX_TEAR's evidence) do not move.
 TEAR_STAGED_FROM = 640
 
@@ -491,7 +492,7 @@ def edge_isotropy(frame: np.ndarray) -> float | None:
     over the larger, 1 when they point every way alike, towards 0 when all point one way (motion blur softens the
     edges along the motion). None for a frame without enough edges to read."""
     scale = ISOTROPY_SIDE / max(frame.shape[:2])
-    if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: by whole blocks first (15 of a 2592x1944 frame's 16 ms)
+    if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: by whole blocks first (preprocess.cpu.shrink_frame)
         small = shrink_frame(frame, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
     else:  # by the scale, as the validated frames' isotropies were read (a size in pixels moves PBC's by 0.008)
         small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1.0 else frame

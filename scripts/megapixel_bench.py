@@ -18,7 +18,7 @@ bench's 1280x960 and 2560x1920).
 With --camera-frames ROUNDS both run, taking turns, on frames of camera sizes (BCCD fields resized to 1280x960 ...
 4056x3040, Taleqani fields tiled 4x4 and enlarged 2x), ROUNDS times each: median total and preprocess + check ms per
 size, and how the results differ, beside how they differ with sensor noise of one grey level added (a reference for
-what a second capture of the field changes by itself).
+what a second capture of the field changes by itself), and the tear check alone at each camera size.
 
 With --shrink-check it also measures, without changing the runtime, what a cheaper shrink would change: a
 bilinear shrink to 4x the target size before the INTER_AREA resize (the same call at every ratio below 4),
@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import leukoedge.preprocess.cpu as preprocess_cpu  # noqa: E402
 from leukoedge import Detector  # noqa: E402
 from leukoedge.cli import positive_int  # noqa: E402
+from leukoedge.domain import tear_score  # noqa: E402
 from leukoedge.benchmark import STAGES, ScalingPoint, fit_scaling, format_scaling, scaling_points, time_points_interleaved  # noqa: E402
 
 BASELINE_PACKAGE = "leukoedge_baseline"
@@ -227,6 +228,26 @@ def camera_frames_check(detectors: dict[str, Any], data_root: Path, rounds: int)
         print(f"| {label} | {differences[name].row()} |")
 
 
+def tear_check(scores: dict[str, Callable[[np.ndarray], float]], data_root: Path, rounds: int) -> None:
+    """The tear check alone (domain.tear_score, run on frames about to be flagged), both implementations in turn on one
+    BCCD field resized to each camera size: median ms and the scores."""
+    field = cv2.imread(str(sorted((data_root / "bccd" / "images").glob("*.jpg"))[0]))
+    print("\ntear check alone (frames about to be flagged), median ms before -> after, and its score")
+    print("| frame | ms | score |")
+    print("|---|---|---|")
+    for width, height in CAMERA_SIZES:
+        frame = cv2.resize(field, (width, height), interpolation=cv2.INTER_LINEAR)
+        times: dict[str, list[float]] = {name: [] for name in scores}
+        for round_index in range(rounds + 1):
+            for name in (list(scores) if round_index % 2 == 0 else list(scores)[::-1]):
+                started = time.perf_counter()
+                scores[name](frame)
+                if round_index:  # the first round warms up
+                    times[name].append((time.perf_counter() - started) * 1000.0)
+        medians = " -> ".join(f"{np.median(times[name]):.1f}" for name in scores)
+        print(f"| {width}x{height} | {medians} | {' -> '.join(f'{scores[name](frame):.3f}' for name in scores)} |")
+
+
 class ResultDifferences:
     """How the Results of one implementation differ from another's over the same frames (the cells matched by
     matched_cells). A plain class: the tests load this script as a file, outside sys.modules, which dataclasses need."""
@@ -307,6 +328,7 @@ def main() -> int:
         shrink_check(detectors["after"], args.data)
     if args.camera_frames:
         camera_frames_check(detectors, args.data, args.camera_frames)
+        tear_check({"before": sys.modules[f"{BASELINE_PACKAGE}.domain"].tear_score, "after": tear_score}, args.data, 3 * args.camera_frames)
     return 0
 
 

@@ -384,7 +384,7 @@ def _bccd_boxes(annotation: Path, image_shape: tuple[int, ...], strict: bool = F
         corners = element.find("bndbox")
         if strict:
             xmin, ymin, xmax, ymax = _voc_corners(annotation, number, corners)
-            if xmax == xmin or ymax == ymin:  # corners inclusive: one pixel across (2 of BCCD's 292 files hold one)
+            if xmax == xmin or ymax == ymin:  # corners inclusive: one pixel across (BCCD's own files hold two)
                 log.warning("%s: object %d is a box one pixel across, left out", annotation, number)
                 continue
             if xmin > width or ymin > height:
@@ -403,7 +403,7 @@ def _txl_pbc_boxes(label_path: Path, image_shape: tuple[int, ...], strict: bool 
     """YOLO lines `class cx cy w h` (normalized to the image) -> boxes in pixels, ends exclusive, numbered by line.
     strict (a device's own labels): a line that is not numbers, a centre outside 0-1 or a size outside 0-1 (pixel
     coordinates, say) is a LabelError naming the file and line, not a box dropped or clipped without a word; a box of
-    no size (or under a pixel) and a line repeated (2 of TXL-PBC's 719 files hold one) are left out with a warning naming
+    no size (or under a pixel) and a line repeated (TXL-PBC's own files hold two) are left out with a warning naming
     them; a box reaching past the frame's edge from a centre inside it is clipped, as every YOLO tool writes them."""
     height, width = image_shape[:2]
     boxes, seen = [], {}

@@ -129,10 +129,10 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 # A whole frame from a camera of several megapixels is many times the segmenter's input. OpenCV's INTER_AREA averages
 # whole k x k blocks fast where the ratio is a whole number on each side, and otherwise takes a general path 3-4x slower
-# per pixel: 15 ms for a 2592x1944 frame into 256x192, 35 ms for 4056x3040, on a 2-core x86 CPU (the bench's 2560x1920,
-# a whole 10x, takes 4). shrink_frame first averages whole blocks (a size dividing each side), then area-resizes the
+# per pixel: preparing a 2592x1944 frame took 15.9 ms, a 4056x3040 one 36.1, the bench's 2560x1920 (a whole 10x) 4.6, on
+# a 2-core x86 CPU (scripts/megapixel_bench.py's camera-size table). shrink_frame first averages whole blocks (a size dividing each side), then area-resizes the
 # rest, at most STAGED_SHRINK_REST: within 6 grey levels of the one-step resize at the sharpest edges, 1 at the 99th
-# percentile, under 0.25 on average (the first step rounds to whole levels), at a third of the time or less; the
+# percentile, under 0.25 on average (the first step rounds to whole levels; tests/runtime/test_preprocess.py), at a third of the time or less; the
 # results move about as much as with sensor noise of one grey level (docs/performance.md, "Camera-sized frames"). Only
 # frames shrunk by more than STAGED_SHRINK_REST on both sides take it: every source's frames shrink by 3 at most, so no
 # training image, validation figure or golden frame moves.
@@ -141,8 +141,9 @@ STAGED_SHRINK_REST = 4.0
 
 def whole_block(side: int, target: int) -> int:
     """The smallest whole block size dividing `side` that leaves at most STAGED_SHRINK_REST to shrink to `target` and at
-    least 2 (a block nearly an output pixel's size weighs whole blocks where the one-step resize weighs pixels: up to 20
-    grey levels apart on odd sides such as 2978 or 493); 1 if none (every camera size tried has one)."""
+    least 2 (a block nearly an output pixel's size weighs whole blocks where the one-step resize weighs pixels, and
+    strayed past 6 grey levels on odd sides such as 2978 or 493: tests/runtime/test_preprocess.py); 1 if none (every
+    camera size tried has one)."""
     ratio = side / target
     return next((block for block in range(max(2, math.ceil(ratio / STAGED_SHRINK_REST)), int(ratio / 2) + 1) if side % block == 0), 1)
 
