@@ -425,10 +425,11 @@ def frame_noise(frame: np.ndarray) -> float:
     """The standard deviation of the frame's noise, in grey levels of the channels' mean (Immerkaer's estimate, sigma =
     sqrt(pi / 2) * mean |response| / 6, over the flattest NOISE_FLAT_SHARE of the patches' pixels).
 
-    The same frame gives the same figure to the last digit in every process: the filters run on the channels' sum (whole
-    numbers, which float32 holds exactly through the integer kernels, whichever code path OpenCV takes; on the float
-    mean, one BCCD frame gave two figures 2e-5 apart, by its buffer, once ONNX Runtime had run in the process), the
-    flattest pixels are chosen in index order among equal slopes, and their mean is taken in float64."""
+    The same frame gives the same figure to the last digit in every process and buffer: the filters run on the channels'
+    sum (whole numbers, which float32 holds exactly through the integer kernels, whichever code path OpenCV takes; on the
+    float mean, one BCCD frame gave two figures 2e-5 apart, by its buffer, once ONNX Runtime had run in the process), the
+    slopes are compared squared in whole numbers, the flattest pixels are chosen in index order among equal slopes, and
+    their mean is taken in float64."""
     height, width = frame.shape[:2]
     size = min(NOISE_PATCH, height, width)
     if height <= NOISE_GRID * NOISE_PATCH and width <= NOISE_GRID * NOISE_PATCH:
@@ -441,7 +442,10 @@ def frame_noise(frame: np.ndarray) -> float:
     # read its neighbour's pixels, is left out.
     grey = cv2.transform(np.concatenate(patches).astype(np.float32), _CHANNEL_SUM)
     response = np.abs(cv2.filter2D(grey, cv2.CV_32F, _NOISE_KERNEL))
-    slope = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+    # The squared slope in whole numbers: float32's magnitude rounds differently by the buffer's alignment (OpenCV's
+    # vector and scalar paths), which changed which pixels count as the flattest.
+    gx, gy = (cv2.Sobel(grey, cv2.CV_32F, 1, 0).astype(np.int32), cv2.Sobel(grey, cv2.CV_32F, 0, 1).astype(np.int32))
+    slope = gx * gx + gy * gy
     rows = patches[0].shape[0]
     inner = np.ones(grey.shape[0], bool)
     inner[0::rows], inner[rows - 1 :: rows] = False, False

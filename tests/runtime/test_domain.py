@@ -309,6 +309,19 @@ def test_frame_noise_measures_the_camera_s_noise_and_not_the_smear():
     assert frame_noise(np.zeros((20, 30, 3), np.uint8)) == 0.0
 
 
+def test_frame_noise_is_the_same_whatever_the_frame_s_buffer_alignment():
+    # OpenCV's vector and scalar paths start where the buffer's alignment puts them; a float32 magnitude once rounded
+    # differently there and gave this frame two figures 7e-6 apart.
+    frame = _noisy(np.full((480, 640, 3), 180, np.uint8), 8.0)
+    figures = set()
+    for offset in range(64):
+        buffer = np.empty(frame.size + 64, np.uint8)
+        shifted = buffer[offset : offset + frame.size].reshape(frame.shape)
+        shifted[...] = frame
+        figures.add(frame_noise(shifted))
+    assert figures == {frame_noise(frame)}
+
+
 def test_noise_level_is_the_noise_the_classifier_sees_on_the_cells():
     frame = _noisy(np.full((480, 640, 3), 180, np.uint8), 8.0)
     assert noise_level(frame, []) is None  # no white cell: nothing to judge it for
