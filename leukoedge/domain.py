@@ -491,13 +491,14 @@ def motion_bar(spec: dict[str, Any]) -> float:
     return max(MIN_EDGE_ISOTROPY, float(spec.get("min_edge_isotropy", 0.0)))
 
 
-def edge_isotropy(frame: np.ndarray) -> float | None:
+def edge_isotropy(frame: np.ndarray, halved: np.ndarray | None = None) -> float | None:
     """How evenly the frame's steepest edges run every way: the smaller eigenvalue of their gradients' structure tensor
     over the larger, 1 when they point every way alike, towards 0 when all point one way (motion blur softens the
-    edges along the motion). None for a frame without enough edges to read."""
+    edges along the motion). None for a frame without enough edges to read. halved: the frame already halved on the
+    way to the segmenter's input (PreparedFrame.halved), which a camera-sized frame shrinks on from."""
     scale = ISOTROPY_SIDE / max(frame.shape[:2])
-    if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: by whole blocks first (preprocess.cpu.shrink_frame)
-        small = shrink_frame(frame, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
+    if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: halved first (preprocess.cpu.shrink_frame)
+        small = shrink_frame(frame if halved is None else halved, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
     else:  # by the scale, as the validated frames' isotropies were read (a size in pixels moves PBC's by 0.008)
         small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1.0 else frame
     grey = cv2.transform(small.astype(np.float32), _CHANNEL_MEAN)  # the channels' mean: either order
@@ -572,7 +573,7 @@ def domain_scores(
         scores["edge_width"] = width
     if "max_noise" in spec and (noise := noise_level(frame, cell_boxes)) is not None:
         scores["noise"] = noise
-    if (isotropy := edge_isotropy(frame)) is not None:
+    if (isotropy := edge_isotropy(frame, prepared.halved)) is not None:
         scores["edge_isotropy"] = isotropy
     if "min_jpeg_quality" in spec and jpeg_quality is not None:
         scores["jpeg_quality"] = float(jpeg_quality)

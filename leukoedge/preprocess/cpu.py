@@ -127,37 +127,42 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-# A whole frame from a camera of several megapixels is many times the segmenter's input. OpenCV's INTER_AREA averages
-# whole k x k blocks fast where the ratio is a whole number on each side, and otherwise takes a general path 3-4x slower
-# per pixel: preparing a 2592x1944 frame took 15.9 ms, a 4056x3040 one 36.1, the bench's 2560x1920 (a whole 10x) 4.6, on
-# a 2-core x86 CPU (scripts/megapixel_bench.py's camera-size table). shrink_frame first averages whole blocks (a size dividing each side), then area-resizes the
-# rest, at most STAGED_SHRINK_REST: within 6 grey levels of the one-step resize at the sharpest edges, 1 at the 99th
-# percentile, under 0.25 on average (the first step rounds to whole levels; tests/runtime/test_preprocess.py), at a third of the time or less; the
-# results move about as much as with sensor noise of one grey level (docs/performance.md, "Camera-sized frames"). Only
-# frames shrunk by more than STAGED_SHRINK_REST on both sides take it: every source's frames shrink by 3 at most, so no
-# training image, validation figure or golden frame moves.
+# A whole frame from a camera of several megapixels is many times the segmenter's input. OpenCV's INTER_AREA is fastest
+# halving (2x2 means, vectorized): 1.4 ms for a 5-MP frame, where one step to the segmenter's 256x192 takes 4.7 ms at
+# a whole ratio (2560x1920) and 15 ms at a sensor's (2592x1944, OpenCV's general path) on a 2-core x86 CPU
+# (scripts/megapixel_bench.py's camera-size table). shrink_frame halves the frame while more than STAGED_SHRINK_REST
+# would remain, then area-resizes the rest (between 2 and 4): within 6 grey levels of the one-step resize at the
+# sharpest edges, 1 at the 99th percentile, under 0.25 on average (each halving rounds to whole levels;
+# tests/runtime/test_preprocess.py); the results move about as much as with sensor noise of one grey level
+# (docs/performance.md, "Camera-sized frames"). Only frames shrunk by more than STAGED_SHRINK_REST on both sides take
+# it: every source's frames shrink by 3 at most, so no training image, validation figure or golden frame moves.
 STAGED_SHRINK_REST = 4.0
+
+
+def halve_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The frame halved (2x2 means) while more than STAGED_SHRINK_REST would remain to shrink it to width x height on
+    both sides and both its sides are even (an odd side has no fast halving); the frame itself if none is."""
+    while (
+        min(frame.shape[1] / width, frame.shape[0] / height) > STAGED_SHRINK_REST
+        and frame.shape[1] % 2 == 0
+        and frame.shape[0] % 2 == 0
+    ):
+        frame = cv2.resize(frame, (frame.shape[1] // 2, frame.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return frame
 
 
 def whole_block(side: int, target: int) -> int:
     """The smallest whole block size dividing `side` that leaves at most STAGED_SHRINK_REST to shrink to `target` and at
-    least 2 (a block nearly an output pixel's size weighs whole blocks where the one-step resize weighs pixels, and
-    strayed past 6 grey levels on odd sides such as 2978 or 493: tests/runtime/test_preprocess.py); 1 if none (every
-    camera size tried has one)."""
+    least 2 (a block nearly an output pixel's size weighs whole blocks where a one-step resize weighs pixels); 1 if none.
+    For shrinking one way only (domain.tear_score), where OpenCV has no fast halving."""
     ratio = side / target
     return next((block for block in range(max(2, math.ceil(ratio / STAGED_SHRINK_REST)), int(ratio / 2) + 1) if side % block == 0), 1)
 
 
 def shrink_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    """resize() of a whole frame, by whole blocks first where it shrinks by more than STAGED_SHRINK_REST on both sides at
-    a ratio OpenCV has no fast path for; the one-step resize otherwise."""
-    frame_height, frame_width = frame.shape[:2]
-    fast = frame_width % width == 0 and frame_height % height == 0  # whole ratios: OpenCV's own block path
-    if not fast and min(frame_width / width, frame_height / height) > STAGED_SHRINK_REST:
-        across, down = whole_block(frame_width, width), whole_block(frame_height, height)
-        if across * down > 1:
-            frame = cv2.resize(frame, (frame_width // across, frame_height // down), interpolation=cv2.INTER_AREA)
-    return resize(frame, width, height)
+    """resize() of a whole frame, halved first where it shrinks by more than STAGED_SHRINK_REST on both sides
+    (halve_frame)."""
+    return resize(halve_frame(frame, width, height), width, height)
 
 
 def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -188,8 +193,10 @@ _RIM = np.ones((5, 5), np.uint8)  # the field's edge is anti-aliased: its two ou
 
 def dark_share(frame: np.ndarray) -> float:
     """The share of the frame's pixels (every DARK_STEP-th row and column) whose brightest channel is under DARK_LEVEL."""
-    sampled = np.ascontiguousarray(frame[::DARK_STEP, ::DARK_STEP])  # then the channels' maximum: 0.12 ms, not 0.55 (640x480)
-    return float((np.maximum(np.maximum(sampled[..., 0], sampled[..., 1]), sampled[..., 2]) < DARK_LEVEL).mean())
+    # Every channel under DARK_LEVEL, on the sampled rows whole (OpenCV reads a row-strided view in place; 1.0 ms on a
+    # 5-MP frame where numpy's copy of the sampled pixels took 1.8), then every DARK_STEP-th column of them.
+    dark = cv2.inRange(frame[::DARK_STEP], (0, 0, 0), (DARK_LEVEL - 1,) * 3)[:, ::DARK_STEP]
+    return np.count_nonzero(dark) / dark.size
 
 
 def black_corners(frame: np.ndarray) -> int:
@@ -392,12 +399,16 @@ class PreparedFrame:
     tensor: np.ndarray  # 1x3xHxW float32
     letterbox: Letterbox
     lab_statistics: tuple[np.ndarray, np.ndarray] | None  # the frame's stain statistics (None: no stain step)
+    # The frame halved on the way to the segmenter's input (halve_frame; the frame itself where it was not; None from
+    # the CUDA preprocessor): other whole-frame measures of a camera-sized frame shrink on from it.
+    halved: np.ndarray | None = None
 
 
 def prepare_frame(frame: np.ndarray, spec: PreprocessSpec, input_size: Sequence[int], channel_order: str = "BGR") -> PreparedFrame:
     """A validated uint8 frame -> the segmenter's 1x3xHxW input, letterboxed; padding is the mean colour."""
     placement = fit_letterbox(frame.shape[0], frame.shape[1], input_size)
-    content = to_rgb_float(shrink_frame(frame, placement.content_width, placement.content_height), channel_order)
+    halved = halve_frame(frame, placement.content_width, placement.content_height)
+    content = to_rgb_float(resize(halved, placement.content_width, placement.content_height), channel_order)
     statistics = None
     if spec.stain_reference is not None:
         # Statistics on the resized content: the same numbers as on the full frame to ~0.1 %, far cheaper.
@@ -406,7 +417,7 @@ def prepare_frame(frame: np.ndarray, spec: PreprocessSpec, input_size: Sequence[
     tensor[:, placement.pad_y : placement.pad_y + placement.content_height, placement.pad_x : placement.pad_x + placement.content_width] = (
         to_chw_normalized(content, spec)
     )
-    return PreparedFrame(tensor[None], placement, statistics)
+    return PreparedFrame(tensor[None], placement, statistics, halved)
 
 
 def square_crop_box(box: Box, margin: float) -> Box:
