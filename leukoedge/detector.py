@@ -450,7 +450,8 @@ class Detector:
         """The cells' crops for a model of the bundle (its input size and crop margin), MAX_CELL_BATCH at a time."""
         for start in range(0, len(boxes), MAX_CELL_BATCH):
             yield prepare_crops(
-                frame, boxes[start : start + MAX_CELL_BATCH], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order
+                frame, boxes[start : start + MAX_CELL_BATCH], self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order,
+                prepared.halved,
             )
 
     def cell_crops(self, frame: np.ndarray, prepared: PreparedFrame, instances: list[CellInstance]) -> np.ndarray:

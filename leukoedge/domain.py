@@ -71,7 +71,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, STAGED_SHRINK_REST, Box, PreparedFrame, PreprocessSpec, dark_share, prepare_frame, resize, shrink_frame, whole_block
+from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, STAGED_SHRINK_REST, Box, PreparedFrame, PreprocessSpec, dark_share, prepare_frame, region_source, resize, shrink_frame, whole_block
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
 MEAN_SPREAD_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")  # bundles fitted before 0.7.0
@@ -331,17 +331,18 @@ def box_in_frame(box: Box, frame_shape: tuple[int, ...]) -> tuple[int, int, int,
     return x0, y0, x1, y1
 
 
-def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box]) -> list[float | None]:
+def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box], halved: Sequence[np.ndarray] = ()) -> list[float | None]:
     """How blurred each white cell's edges are: the sigma of the Gaussian blur that a sharp step of the cell's contrast
     would need to rise as gently as its steepest edges do, in 1/FOCUS_SIZE of its box. A focused cell measures
     about 1 (the resampling's own blur); defocus widens it. Only the frame's own pixels are read (no padding, whose
-    edge is sharp whatever the focus); None for a box under MIN_MEASURED_SIDE px a side or without any edge."""
+    edge is sharp whatever the focus); None for a box under MIN_MEASURED_SIDE px a side or without any edge. halved: the
+    frame's halvings (PreparedFrame.halved), which a camera-sized frame's large cells are read from, as their crops."""
     tiles, measured = [], []
     for index, box in enumerate(boxes):
         if (clipped := box_in_frame(box, frame.shape)) is None:
             continue
-        x0, y0, x1, y1 = clipped
-        tiles.append(resize(frame[y0:y1, x0:x1], FOCUS_SIZE, FOCUS_SIZE))  # area-averaged when shrinking, as the crops
+        image, (x0, y0, x1, y1) = region_source(frame, halved, clipped, FOCUS_SIZE, FOCUS_SIZE)
+        tiles.append(resize(image[y0:y1, x0:x1], FOCUS_SIZE, FOCUS_SIZE))  # area-averaged when shrinking, as the crops
         measured.append(index)
     widths: list[float | None] = [None] * len(boxes)
     if not tiles:
@@ -365,9 +366,9 @@ def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box]) -> list[float | No
     return widths
 
 
-def edge_width(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
+def edge_width(frame: np.ndarray, boxes: Sequence[Box], halved: Sequence[np.ndarray] = ()) -> float | None:
     """The median of the frame's white cells' cell_edge_widths; None without any measurable."""
-    widths = [width for width in cell_edge_widths(frame, boxes) if width is not None]
+    widths = [width for width in cell_edge_widths(frame, boxes, halved) if width is not None]
     return float(np.median(widths)) if widths else None
 
 
@@ -491,14 +492,14 @@ def motion_bar(spec: dict[str, Any]) -> float:
     return max(MIN_EDGE_ISOTROPY, float(spec.get("min_edge_isotropy", 0.0)))
 
 
-def edge_isotropy(frame: np.ndarray, halved: np.ndarray | None = None) -> float | None:
+def edge_isotropy(frame: np.ndarray, halved: Sequence[np.ndarray] = ()) -> float | None:
     """How evenly the frame's steepest edges run every way: the smaller eigenvalue of their gradients' structure tensor
     over the larger, 1 when they point every way alike, towards 0 when all point one way (motion blur softens the
-    edges along the motion). None for a frame without enough edges to read. halved: the frame already halved on the
-    way to the segmenter's input (PreparedFrame.halved), which a camera-sized frame shrinks on from."""
+    edges along the motion). None for a frame without enough edges to read. halved: the frame's halvings on the way to
+    the segmenter's input (PreparedFrame.halved), which a camera-sized frame shrinks on from."""
     scale = ISOTROPY_SIDE / max(frame.shape[:2])
     if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: halved first (preprocess.cpu.shrink_frame)
-        small = shrink_frame(frame if halved is None else halved, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
+        small = shrink_frame(halved[-1] if halved else frame, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
     else:  # by the scale, as the validated frames' isotropies were read (a size in pixels moves PBC's by 0.008)
         small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1.0 else frame
     grey = cv2.transform(small.astype(np.float32), _CHANNEL_MEAN)  # the channels' mean: either order
@@ -569,7 +570,7 @@ def domain_scores(
         scores["cell_side_px"] = side
     else:  # no white cell kept: is it an empty field, or one cell larger than the frame shows whole?
         scores["empty_foreground"] = foreground_share(prepared, probabilities)
-    if "max_edge_width" in spec and (width := edge_width(frame, cell_boxes)) is not None:
+    if "max_edge_width" in spec and (width := edge_width(frame, cell_boxes, prepared.halved)) is not None:
         scores["edge_width"] = width
     if "max_noise" in spec and (noise := noise_level(frame, cell_boxes)) is not None:
         scores["noise"] = noise

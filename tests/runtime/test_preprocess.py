@@ -18,10 +18,11 @@ from leukoedge.preprocess.cpu import (
     even_illumination,
     dark_share,
     fit_letterbox,
-    halve_frame,
+    halvings,
     lab_statistics,
     prepare_crops,
     prepare_frame,
+    region_source,
     reinhard_normalize,
     reinhard_with_statistics,
     resize,
@@ -326,13 +327,13 @@ def test_a_camera_sized_frame_halved_first_stays_within_a_few_grey_levels_of_the
     assert staged.shape == one_step.shape
     difference = np.abs(staged - one_step)
     assert difference.max() <= 6 and np.percentile(difference, 99) <= 1 and difference.mean() <= 0.3  # each halving rounds to whole levels
-    halved = halve_frame(frame, width, height)
+    halved = halvings(frame, width, height)[-1]
     assert 2 < min(halved.shape[1] / width, halved.shape[0] / height) <= STAGED_SHRINK_REST  # halved till 2-4 remain
 
 
 def test_a_frame_with_an_odd_side_is_shrunk_in_one_step():
     frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), (2591, 1944), interpolation=cv2.INTER_LINEAR)
-    assert halve_frame(frame, 256, 192) is frame
+    assert halvings(frame, 256, 192) == []
     assert np.array_equal(shrink_frame(frame, 256, 192), resize(frame, 256, 192))
 
 
@@ -354,3 +355,33 @@ def test_dark_share_is_the_share_of_sampled_pixels_whose_brightest_channel_is_un
         for view in (frame, frame[1:, 3:]):  # a view that does not start at the buffer's start
             sampled = view[::DARK_STEP, ::DARK_STEP]
             assert dark_share(view) == pytest.approx(float((sampled.max(axis=2) < DARK_LEVEL).mean()), abs=1e-12)
+
+
+def test_a_large_cell_of_a_camera_sized_frame_is_cut_from_its_halvings_and_a_small_one_from_the_frame():
+    frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), (2592, 1944), interpolation=cv2.INTER_LINEAR)
+    halved = halvings(frame, 256, 192)
+    assert [level.shape[1] for level in halved] == [1296, 648]
+    small = (1000, 800, 1200, 1000)  # 200 px into 64: 3.1, the frame itself
+    assert region_source(frame, halved, small, 64, 64) == (frame, small)
+    assert region_source(frame, [], (0, 0, 1000, 1000), 64, 64)[0] is frame  # a frame not halved: always itself
+    for box, level in (((800, 600, 1200, 1000), 1), ((700, 500, 1300, 1100), 2), ((0, 0, 1800, 1800), 2)):
+        image, (x0, y0, x1, y1) = region_source(frame, halved, box, 64, 64)
+        rest = (x1 - x0) / 64
+        assert image is halved[level - 1] and 2 < rest and (rest <= STAGED_SHRINK_REST or level == len(halved))  # as far as they go
+        cut, whole = resize(image[y0:y1, x0:x1], 64, 64).astype(int), resize(frame[box[1] : box[3], box[0] : box[2]], 64, 64).astype(int)
+        assert np.abs(cut - whole).max() <= 6 and np.abs(cut - whole).mean() <= 0.5, box
+
+
+def test_crops_of_a_camera_sized_frame_s_large_cells_cut_from_its_halvings_match_the_full_resolution_ones():
+    frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), (2592, 1944), interpolation=cv2.INTER_LINEAR)
+    spec = PreprocessSpec(channel_order="RGB", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), stain_reference=None)
+    boxes = [(1301, 3, 2101, 723), (-101, 1501, 401, 2001), (1000, 800, 1150, 950)]  # a large cell, one past the edge, a small one
+    halved = tuple(halvings(frame, 256, 192))
+    cut = prepare_crops(frame, boxes, spec, (64, 64), 0.15, None, halved=halved)
+    whole = prepare_crops(frame, boxes, spec, (64, 64), 0.15, None)
+    grey_levels = np.abs(cut - whole) * 0.25 * 255  # back to grey levels
+    assert grey_levels[0].max() <= 6 and grey_levels[:2].mean() <= 0.5
+    # Past the frame's edge, where the crop's padding begins moves by under a fifth of an output pixel (the square's
+    # corners rounded to the halving's pixels): up to the step from the padding's mean colour to the frame's pixels.
+    assert np.percentile(grey_levels[1], 99) <= 12
+    assert np.array_equal(cut[2], whole[2])  # 150 px + margin into 64: cut from the frame itself
