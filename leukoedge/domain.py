@@ -317,6 +317,7 @@ FOCUS_EDGE_SHARE = 0.03
 CONTRAST_WINDOW = 9
 _CONTRAST_KERNEL = np.ones((CONTRAST_WINDOW, CONTRAST_WINDOW), np.uint8)
 _CHANNEL_MEAN = np.full((1, 3), 1.0 / 3.0, np.float32)
+_CHANNEL_SUM = np.ones((1, 3), np.float32)
 
 
 MIN_MEASURED_SIDE = 8  # px: a box smaller than this a side holds too few pixels for the focus and detail measures
@@ -349,10 +350,14 @@ def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box], halved: Sequence[n
         return widths
     # The cells' tiles stacked into one image: the filters reach CONTRAST_WINDOW // 2 px, and that border of every
     # tile is left out, so no tile's figure reads its neighbour's pixels, and the filters run once per frame.
-    grey = cv2.transform(np.concatenate(tiles).astype(np.float32), _CHANNEL_MEAN)  # the channels' mean: either order
-    # Sobel's 3x3 kernels give 8x the derivative; the window's max - min is the contrast across an edge.
-    gradient = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)) / 8.0
-    contrast = cv2.dilate(grey, _CONTRAST_KERNEL) - cv2.erode(grey, _CONTRAST_KERNEL)
+    # On the channels' sum (whole numbers, exact through the integer kernels) and the gradients' length in float64:
+    # cv2.magnitude's float32 rounding differed by where its arrays lay in memory and moved a width in its 8th digit.
+    grey = cv2.transform(np.concatenate(tiles).astype(np.float32), _CHANNEL_SUM)
+    dx, dy = cv2.Sobel(grey, cv2.CV_32F, 1, 0).astype(np.float64), cv2.Sobel(grey, cv2.CV_32F, 0, 1).astype(np.float64)
+    # Sobel's 3x3 kernels give 8x the derivative and the sum 3x the channels' mean; the window's max - min is the
+    # contrast across an edge.
+    gradient = np.sqrt(dx * dx + dy * dy) / 24.0
+    contrast = (cv2.dilate(grey, _CONTRAST_KERNEL) - cv2.erode(grey, _CONTRAST_KERNEL)) / 3.0
     inner = slice(CONTRAST_WINDOW // 2, -(CONTRAST_WINDOW // 2))
     gradient = gradient.reshape(len(tiles), FOCUS_SIZE, FOCUS_SIZE)[:, inner, inner].reshape(len(tiles), -1)
     contrast = contrast.reshape(len(tiles), FOCUS_SIZE, FOCUS_SIZE)[:, inner, inner].reshape(len(tiles), -1)
@@ -418,8 +423,6 @@ NOISE_FLAT_SHARE = 0.5
 # image structure; on white noise of sigma s its response has the standard deviation 6 s.
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
-
-_CHANNEL_SUM = np.ones((1, 3), np.float32)
 
 
 def frame_noise(frame: np.ndarray) -> float:
