@@ -18,8 +18,9 @@ cube-root knee. The kernels themselves, run by the CPU emulation in CI (tests/ru
 measured up to 0.083 max and 0.003 mean on whole frames (the shipped samples, BCCD, ALL-IDB2,
 Taleqani), and 0.066 max, 0.0054 mean on a pale 90x100 piece of a field enlarged 1.9x, whose b* gain
 is 4.2 (hence a mean bound of 0.01, not 0.005). A camera-sized frame (shrunk by more than cpu.STAGED_SHRINK_REST)
-the CPU shrinks by whole blocks first (cpu.shrink_frame), the kernel in one step, as the CPU does every smaller frame: up
-to 6 grey levels apart at the sharpest edges there (1 at the 99th percentile), times the Reinhard gains.
+the CPU halves first (cpu.shrink_frame), the kernel shrinks in one step, as the CPU does every smaller frame: up to 2
+grey levels apart there (1 at the 99th percentile), times the Reinhard gains; its large cells' crops (cut from the
+CPU's halvings, cpu.region_source) are cut from the frame itself.
 tests/runtime/test_preprocess_cuda.py checks this on the emulation and, where there is one, on a GPU.
 
 Cell crops for the classifier stay on the CPU (cpu.prepare_crops): a few 64x64 crops per frame.
