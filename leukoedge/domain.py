@@ -350,14 +350,21 @@ def cell_edge_widths(frame: np.ndarray, boxes: Sequence[Box], halved: Sequence[n
         return widths
     # The cells' tiles stacked into one image: the filters reach CONTRAST_WINDOW // 2 px, and that border of every
     # tile is left out, so no tile's figure reads its neighbour's pixels, and the filters run once per frame.
-    # On the channels' sum (whole numbers, exact through the integer kernels) and the gradients' length in float64:
-    # cv2.magnitude's float32 rounding differed by where its arrays lay in memory and moved a width in its 8th digit.
+    # On the channels' sum (whole numbers, exact through the integer kernels), the gradients' length by numpy (each
+    # step rounded alike wherever the arrays lie): cv2.magnitude's float32 rounding differed by where its arrays lay
+    # in memory and moved a width in its 8th digit.
     grey = cv2.transform(np.concatenate(tiles).astype(np.float32), _CHANNEL_SUM)
-    dx, dy = cv2.Sobel(grey, cv2.CV_32F, 1, 0).astype(np.float64), cv2.Sobel(grey, cv2.CV_32F, 0, 1).astype(np.float64)
+    dx, dy = cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)
     # Sobel's 3x3 kernels give 8x the derivative and the sum 3x the channels' mean; the window's max - min is the
-    # contrast across an edge.
-    gradient = np.sqrt(dx * dx + dy * dy) / 24.0
-    contrast = (cv2.dilate(grey, _CONTRAST_KERNEL) - cv2.erode(grey, _CONTRAST_KERNEL)) / 3.0
+    # contrast across an edge. In place: a frame of crowded cells stacks megabytes of tiles.
+    dx *= dx
+    dy *= dy
+    dx += dy
+    gradient = np.sqrt(dx, out=dx)
+    gradient /= np.float32(24.0)
+    contrast = cv2.dilate(grey, _CONTRAST_KERNEL)
+    contrast -= cv2.erode(grey, _CONTRAST_KERNEL)
+    contrast /= np.float32(3.0)
     inner = slice(CONTRAST_WINDOW // 2, -(CONTRAST_WINDOW // 2))
     gradient = gradient.reshape(len(tiles), FOCUS_SIZE, FOCUS_SIZE)[:, inner, inner].reshape(len(tiles), -1)
     contrast = contrast.reshape(len(tiles), FOCUS_SIZE, FOCUS_SIZE)[:, inner, inner].reshape(len(tiles), -1)
