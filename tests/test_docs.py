@@ -70,9 +70,18 @@ def command_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
 
 
 def portable_help(parser: argparse.ArgumentParser) -> str:
-    with stable_help_environment():
-        text = parser.format_help()
-    return text.replace(str(REPOSITORY) + os.sep, "")  # defaults computed from the checkout's location
+    """The parser's help as any checkout prints it: defaults computed from the checkout's location named relative to it,
+    before argparse wraps the lines (a wrap may break a path at a hyphen: a checkout in "ci-check")."""
+    relative = [(action, action.default) for action in parser._actions if isinstance(action.default, Path) and action.default.is_relative_to(REPOSITORY)]
+    for action, default in relative:
+        action.default = default.relative_to(REPOSITORY)
+    try:
+        with stable_help_environment():
+            text = parser.format_help()
+    finally:
+        for action, default in relative:
+            action.default = default
+    return text.replace(str(REPOSITORY) + os.sep, "")  # a location written into a help text itself
 
 
 def cli_reference() -> str:

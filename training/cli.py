@@ -317,7 +317,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
 
     evaluate = commands.add_parser("evaluate", help="held-out figures of a bundle on ../shared/data (needs [train])")
     evaluate.add_argument("--data", type=Path, required=True, help="folder holding the data sources (../shared/data)")
-    evaluate.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default: {default_bundle()}; --quick: a tiny one trained for the run)")
+    evaluate.add_argument("--bundle", type=Path, default=None, help="model bundle (default: $LEUKOEDGE_BUNDLE, else the shipped models/default; --quick: a tiny one trained for the run)")
     evaluate.add_argument("--out", type=Path, default=Path("reports"))
     evaluate.add_argument("--limit", type=positive_int, default=None, help="at most this many images per source, spread over the split (--quick: 6)")
     evaluate.add_argument(
