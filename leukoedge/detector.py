@@ -276,7 +276,8 @@ class Detector:
         with _stopwatch(timings, "preprocess"):
             incomplete = incomplete_rows(frame) if self.domain_spec else 0.0  # measured as captured, before any correction
             in_pixels = pixel_jpeg_quality(frame) if self.domain_spec else None  # as captured too: evening divides the lattice away
-            frame, outside_field, falloff = corrected_frame(frame)  # every later stage reads it, as training did
+            corrected = corrected_frame(frame)
+            frame = corrected.frame  # every later stage reads it, as training did
         found = self.candidates(frame, timings)
         instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
         domain = {}
@@ -284,8 +285,8 @@ class Detector:
             with _stopwatch(timings, "check"):
                 domain = domain_scores(
                     self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances],
-                    jpeg_quality=jpeg_quality, illumination_falloff=falloff, outside_field=outside_field, incomplete=incomplete,
-                    pixel_jpeg_quality=in_pixels,
+                    jpeg_quality=jpeg_quality, illumination_falloff=corrected.falloff, outside_field=corrected.outside_field,
+                    incomplete=incomplete, pixel_jpeg_quality=in_pixels, dark=corrected.dark_share,
                 )
         with _stopwatch(timings, "classify"):
             if crops is None:

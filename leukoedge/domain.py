@@ -554,6 +554,7 @@ def domain_scores(
     outside_field: float = 0.0,
     incomplete: float = 0.0,
     pixel_jpeg_quality: int | None = None,
+    dark: float | None = None,
 ) -> dict[str, float]:
     """The frame's domain-check scores, `frame` being the corrected one the models read (preprocess.cpu.corrected_frame):
     - colour distance, segmenter uncertainty, the black left inside the field (dark_share), chroma spread (bundles with
@@ -564,11 +565,12 @@ def domain_scores(
     - passed in, measured on the frame as captured: the JPEG quality of its file (bundles with the compression check)
       and of its pixels (decode.pixel_jpeg_quality), its light's falloff (preprocess.cpu.illumination_falloff), the
       share of it outside the field of view and filled (preprocess.cpu.fill_outside_field), and its longest run of flat
-      or repeating rows (incomplete_rows)."""
+      or repeating rows (incomplete_rows);
+    - dark: the frame's dark share where already read (preprocess.cpu.CorrectedFrame.dark_share)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
         "uncertainty": segmenter_uncertainty(prepared, probabilities),
-        "dark_share": dark_share(frame),
+        "dark_share": dark_share(frame) if dark is None else float(dark),
         "outside_field": float(outside_field),
         "incomplete_rows": float(incomplete),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -227,19 +227,19 @@ def black_corners(frame: np.ndarray) -> int:
     return sum(float((square.max(axis=2) < DARK_LEVEL).mean()) > BLACK_CORNER_SHARE for square in squares)
 
 
-def shows_field_of_view(frame: np.ndarray) -> bool:
+def shows_field_of_view(frame: np.ndarray, dark: float | None = None) -> bool:
     """Whether the frame shows the microscope's round field of view with black around it: more than MAX_DARK_SHARE
     black, or MAX_BLACK_CORNERS black corners. No source frame of any split does (the sources' own black bars are
-    left as the models learnt them)."""
-    return dark_share(frame) > MAX_DARK_SHARE or black_corners(frame) >= MAX_BLACK_CORNERS
+    left as the models learnt them). dark: the frame's dark_share where already read."""
+    return (dark_share(frame) if dark is None else dark) > MAX_DARK_SHARE or black_corners(frame) >= MAX_BLACK_CORNERS
 
 
-def fill_outside_field(frame: np.ndarray) -> tuple[np.ndarray, float]:
+def fill_outside_field(frame: np.ndarray, dark: float | None = None) -> tuple[np.ndarray, float]:
     """A frame that shows its field of view (shows_field_of_view) with the black outside it (black pixels connected to
     the frame's edge) filled with the field's background colour (the median of its brightest quarter), and the share of
     the frame filled; any other frame as it is, and 0. Filled, the stain normalization and the models read the smear
-    only, as if the field reached the frame's edges."""
-    if not shows_field_of_view(frame):
+    only, as if the field reached the frame's edges. dark: the frame's dark_share where already read."""
+    if not shows_field_of_view(frame, dark):
         return frame, 0.0
     black = (frame.max(axis=2) < DARK_LEVEL).astype(np.uint8)
     _, labels = cv2.connectedComponents(black, connectivity=4)
@@ -335,13 +335,23 @@ def even_illumination(frame: np.ndarray) -> tuple[np.ndarray, float]:
     return cv2.multiply(frame, cv2.merge([gain, gain, gain]), dtype=cv2.CV_8U), falloff
 
 
-def corrected_frame(frame: np.ndarray) -> tuple[np.ndarray, float, float]:
+class CorrectedFrame(NamedTuple):
+    """A frame as every model reads it (corrected_frame), with what correcting it measured."""
+
+    frame: np.ndarray
+    outside_field: float  # the share of the frame outside its field of view, filled
+    falloff: float  # its light's falloff as captured
+    dark_share: float  # dark_share of `frame`: the captured frame's where nothing was filled or evened (read once)
+
+
+def corrected_frame(frame: np.ndarray) -> CorrectedFrame:
     """The frame as every model reads it, at run time and in training alike: the black outside its field of view filled
-    (fill_outside_field), then its light evened (even_illumination); with the share filled and the falloff as
-    captured."""
-    filled, outside = fill_outside_field(frame)
+    (fill_outside_field), then its light evened (even_illumination); with the share filled, the falloff as captured
+    and its dark share."""
+    dark = dark_share(frame)
+    filled, outside = fill_outside_field(frame, dark)
     evened, falloff = even_illumination(filled)
-    return evened, outside, falloff
+    return CorrectedFrame(evened, outside, falloff, dark if evened is frame else dark_share(evened))
 
 
 def to_rgb_float(image: np.ndarray, channel_order: str = "BGR") -> np.ndarray:

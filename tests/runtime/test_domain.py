@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from leukoedge import Detector
-from leukoedge.preprocess.cpu import MAX_BLACK_CORNERS, black_corners, dark_share, fill_outside_field, shows_field_of_view
+from leukoedge.preprocess.cpu import MAX_BLACK_CORNERS, black_corners, corrected_frame, dark_share, fill_outside_field, shows_field_of_view
 from leukoedge.domain import (
     COLOUR_FEATURES,
     ENLARGED_CELL_SIDE_PX,
@@ -541,6 +541,21 @@ def test_a_circular_field_of_view_is_filled_and_judged_like_the_frame_as_capture
         assert 0.04 < result.verdict.domain["outside_field"] < MAX_OUTSIDE_FIELD
         assert result.verdict.domain["dark_share"] == 0.0  # no black left for the stain normalization to read as smear
         assert [cell.label for cell in result.cells] == [cell.label for cell in captured.cells], sample.name
+
+
+def test_the_corrected_frame_s_dark_share_is_read_once_and_is_the_corrected_frame_s_own():
+    frame = cv2.imread(str(SAMPLES[0]))
+    height, width = frame.shape[:2]
+    y, x = np.mgrid[0:height, 0:width]
+    barred = frame.copy()
+    barred[:, : width // 40] = 0  # a black bar along one edge, under MAX_DARK_SHARE: left as it is, black counted
+    dimmed = (frame * (1.0 - 0.5 * x / width)[..., None]).astype(np.uint8)  # light falling to half: evened
+    cases = {"as captured": frame, "barred": barred, "circular": _circular_field(frame, 0.85), "dimmed": dimmed}
+    for name, captured in cases.items():
+        corrected = corrected_frame(captured)
+        assert corrected.dark_share == dark_share(corrected.frame), name
+    assert corrected_frame(barred).dark_share > 0.0 and corrected_frame(cases["circular"]).dark_share == 0.0
+    assert corrected_frame(dimmed).frame is not dimmed  # evened, so its dark share read again
 
 
 def test_a_frame_mostly_outside_its_field_of_view_or_black_inside_it_is_refused():
