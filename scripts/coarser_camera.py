@@ -10,6 +10,10 @@ the models learnt from; this says how much of the answer survives it. Two ways (
 Per bundle and factor, with training/evaluate.py's own functions (test split): ALL-IDB2 blast sensitivity and
 specificity (the detected cell nearest the centre), PBC cells called blast (healthy donors; --pbc-limit images),
 and the Taleqani frame verdict's sensitivity and specificity with the share of fields refused.
+
+With --benign-flags, instead: per bundle, the median cell side of the Taleqani validation fields flagged as captured
+(what validated flags rest on), then per factor every benign Taleqani test field flagged, with its median cell side,
+its cells, blasts and detail (domain.cell_detail), and the malignant fields flagged and refused.
 """
 
 from __future__ import annotations
@@ -48,6 +52,33 @@ class CoarserCamera:
         return getattr(self.detector, name)
 
 
+def taleqani_verdicts(camera: Any, data_root: Path, split: str) -> list[tuple[Any, Any]]:
+    """(record, verdict) of every Taleqani field of the split through the camera, as `leukoedge evaluate` runs them."""
+    from leukoedge.training import data
+
+    return [(record, data.run_record(camera, record).verdict) for record in data.load_records(data_root, "all-taleqani", split)]
+
+
+def list_benign_flags(detector: Detector, data_root: Path, factors: list[float], keep_size: bool) -> None:
+    """The validated flags' median cell sides, then per factor the benign test fields flagged (see the docstring)."""
+    validated = [verdict.domain["cell_side_px"] for record, verdict in taleqani_verdicts(detector, data_root, "val") if record.blast and verdict.flagged]
+    low, q05, middle = np.quantile(validated, [0.0, 0.05, 0.5])
+    print(f"validation malignant fields flagged as captured: {len(validated)}; their median cell side: min {low:.1f}, 5 % {q05:.1f}, median {middle:.1f} px")
+    for factor in factors:
+        verdicts = taleqani_verdicts(CoarserCamera(detector, factor, keep_size), data_root, "test")
+        malignant = [verdict for record, verdict in verdicts if record.blast]
+        benign = [(record, verdict) for record, verdict in verdicts if not record.blast]
+        flagged = [(record, verdict) for record, verdict in benign if verdict.flagged]
+        refused = sum(verdict.status not in ("ok", "no_cells") for verdict in malignant)
+        print(f"factor {factor}: benign flagged {len(flagged)} of {len(benign)}; malignant flagged {sum(v.flagged for v in malignant)} of {len(malignant)}, refused {refused}")
+        for record, verdict in flagged:
+            detail = verdict.domain.get("flag_detail")
+            print(
+                f"  {record.image_path.name}: median cell side {verdict.domain['cell_side_px']:.1f} px, {verdict.cell_count} cells, "
+                f"{verdict.blast_count} blasts, detail {'-' if detail is None else f'{detail:.2f}'}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="+", type=Path)
@@ -55,7 +86,13 @@ def main() -> None:
     parser.add_argument("--factors", type=float, nargs="+", default=[1.0, 0.5, 0.35])
     parser.add_argument("--mode", choices=("detail", "magnification"), default="detail")
     parser.add_argument("--pbc-limit", type=int, default=300, help="PBC test images (a sample; all: 0)")
+    parser.add_argument("--benign-flags", action="store_true", help="list the benign Taleqani fields flagged (see above)")
     args = parser.parse_args()
+    if args.benign_flags:
+        for bundle in args.bundles:
+            with Detector.load(bundle) as detector:
+                list_benign_flags(detector, args.data, args.factors, args.mode == "detail")
+        return
     print(f"| bundle | {args.mode} factor | ALL-IDB2 sensitivity | ALL-IDB2 specificity | PBC called blast | Taleqani verdict sensitivity | specificity | refused |")
     print("|---|---|---|---|---|---|---|---|")
     for bundle in args.bundles:
