@@ -431,7 +431,6 @@ NOISE_FLAT_SHARE = 0.5
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
 
-
 def frame_noise(frame: np.ndarray) -> float:
     """The standard deviation of the frame's noise, in grey levels of the channels' mean (Immerkaer's estimate, sigma =
     sqrt(pi / 2) * mean |response| / 6, over the flattest NOISE_FLAT_SHARE of the patches' pixels).
@@ -509,7 +508,10 @@ def edge_isotropy(frame: np.ndarray, halved: Sequence[np.ndarray] = ()) -> float
     the segmenter's input (PreparedFrame.halved), which a camera-sized frame shrinks on from."""
     scale = ISOTROPY_SIDE / max(frame.shape[:2])
     if scale * STAGED_SHRINK_REST < 1.0:  # a camera-sized frame: halved first (preprocess.cpu.shrink_frame)
-        small = shrink_frame(halved[-1] if halved else frame, round(frame.shape[1] * scale), round(frame.shape[0] * scale))
+        width, height = round(frame.shape[1] * scale), round(frame.shape[0] * scale)
+        # The segmenter's deepest halving that still leaves more than 2 to shrink, as shrink_frame would halve it.
+        start = next((level for level in reversed(halved) if min(level.shape[1] / width, level.shape[0] / height) > 2), frame)
+        small = shrink_frame(start, width, height)
     else:  # by the scale, as the validated frames' isotropies were read (a size in pixels moves PBC's by 0.008)
         small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1.0 else frame
     grey = cv2.transform(small.astype(np.float32), _CHANNEL_MEAN)  # the channels' mean: either order

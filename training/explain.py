@@ -110,9 +110,9 @@ def cell_crops(frame: np.ndarray, result: Result, detector: Detector) -> np.ndar
     """The classifier input of every cell in `result`, exactly as Detector.classify made it: the same
     boxes, margin, channel order and the frame's own stain statistics (from prepare_frame)."""
     spec = detector.classifier_spec
-    statistics = prepare_frame(frame, detector.spec, detector.segmenter_spec["input_size"], detector.channel_order).lab_statistics
+    prepared = prepare_frame(frame, detector.spec, detector.segmenter_spec["input_size"], detector.channel_order)
     boxes = [cell.classifier_box for cell in result.cells]
-    return prepare_crops(frame, boxes, detector.spec, spec["input_size"], spec["crop_margin"], statistics, detector.channel_order)
+    return prepare_crops(frame, boxes, detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order, prepared.halved)
 
 
 def _paste_max(heatmap: np.ndarray, covered: np.ndarray, cell_heatmap: np.ndarray, crop_box: Box) -> None:

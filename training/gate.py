@@ -159,7 +159,9 @@ def _examples_of(
     if not chosen:
         return GateExamples.concatenate([])
     spec = detector.classifier_spec
-    crops = prepare_crops(frame, [box for box, _ in chosen], detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order)
+    crops = prepare_crops(
+        frame, [box for box, _ in chosen], detector.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, detector.channel_order, prepared.halved
+    )
     return GateExamples(crops.astype(np.float16), np.array([label for _, label in chosen], np.int64), np.array([domain] * len(chosen), object))
 
 
@@ -334,7 +336,7 @@ def frame_domain(detector: Detector, records: Sequence[data.Record], description
         colour.append(colour_features(found.prepared, detector.spec))
         uncertainty.append(segmenter_uncertainty(found.prepared, found.probabilities))
         boxes = [cell.box for cell in detector.white_cells(image, found)[0]]
-        side, edges, noisy = median_cell_side(boxes), edge_width(image, boxes), noise_level(image, boxes)
+        side, edges, noisy = median_cell_side(boxes), edge_width(image, boxes, found.prepared.halved), noise_level(image, boxes)
         cell_side.append(np.nan if side is None else side)
         width.append(np.nan if edges is None else edges)
         noise.append(np.nan if noisy is None else noisy)

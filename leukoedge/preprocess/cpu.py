@@ -131,11 +131,12 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 # halving (2x2 means, vectorized): 1.4 ms for a 5-MP frame, where one step to the segmenter's 256x192 takes 4.7 ms at
 # a whole ratio (2560x1920) and 15 ms at a sensor's (2592x1944, OpenCV's general path) on a 2-core x86 CPU
 # (scripts/megapixel_bench.py's camera-size table). shrink_frame halves the frame while more than STAGED_SHRINK_REST
-# would remain, then area-resizes the rest (between 2 and 4): within 6 grey levels of the one-step resize at the
-# sharpest edges, 1 at the 99th percentile, under 0.25 on average (each halving rounds to whole levels;
-# tests/runtime/test_preprocess.py); the results move about as much as with sensor noise of one grey level
-# (docs/performance.md, "Camera-sized frames"). Only frames shrunk by more than STAGED_SHRINK_REST on both sides take
-# it: every source's frames shrink by 3 at most, so no training image, validation figure or golden frame moves.
+# would remain (and its sides are even), then area-resizes the rest: at camera sizes within 2 grey levels of the
+# one-step resize, 1 at the 99th percentile, under 0.3 on average (each halving rounds to whole levels); within 6 at
+# random sizes (tests/runtime/test_preprocess.py); the results move about as much as with sensor noise of one grey
+# level (docs/performance.md, "Camera-sized frames"). Only frames shrunk by more than STAGED_SHRINK_REST on both sides
+# take it: every source's frames shrink by 3 at most, so no training image, validation figure or source's golden frame
+# moves.
 STAGED_SHRINK_REST = 4.0
 
 
@@ -166,8 +167,16 @@ def region_source(frame: np.ndarray, halved: Sequence[np.ndarray], box: Box, wid
         level += 1
     if level == 0:
         return frame, box
-    scale = 2**level
-    return halved[level - 1], (int(round(x0 / scale)), int(round(y0 / scale)), int(round(x1 / scale)), int(round(y1 / scale)))
+    image, scale = halved[level - 1], 2**level
+    # The corner rounded half up and the sides scaled, so a square stays square wherever it lies; a region inside the
+    # frame stays inside the halving (its far side, rounded, could reach a pixel past it).
+    side_x, side_y = max(1, round((x1 - x0) / scale)), max(1, round((y1 - y0) / scale))
+    left, top = math.floor(x0 / scale + 0.5), math.floor(y0 / scale + 0.5)
+    if x0 >= 0 and x1 <= frame.shape[1]:
+        left = min(left, image.shape[1] - side_x)
+    if y0 >= 0 and y1 <= frame.shape[0]:
+        top = min(top, image.shape[0] - side_y)
+    return image, (left, top, left + side_x, top + side_y)
 
 
 def whole_block(side: int, target: int) -> int:

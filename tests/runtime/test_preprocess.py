@@ -326,9 +326,16 @@ def test_a_camera_sized_frame_halved_first_stays_within_a_few_grey_levels_of_the
     staged, one_step = shrink_frame(frame, width, height).astype(int), resize(frame, width, height).astype(int)
     assert staged.shape == one_step.shape
     difference = np.abs(staged - one_step)
-    assert difference.max() <= 6 and np.percentile(difference, 99) <= 1 and difference.mean() <= 0.3  # each halving rounds to whole levels
+    assert difference.max() <= 2 and np.percentile(difference, 99) <= 1 and difference.mean() <= 0.3  # each halving rounds to whole levels
     halved = halvings(frame, width, height)[-1]
     assert 2 < min(halved.shape[1] / width, halved.shape[0] / height) <= STAGED_SHRINK_REST  # halved till 2-4 remain
+
+
+def test_halving_stops_at_an_odd_side_and_the_rest_is_shrunk_in_one_step():
+    frame = cv2.resize(cv2.imread(str(SAMPLE_FIELD)), (2594, 1946), interpolation=cv2.INTER_LINEAR)
+    assert [level.shape[:2] for level in halvings(frame, 256, 192)] == [(973, 1297)]  # 5.07 left, but 1297 is odd
+    staged, one_step = shrink_frame(frame, 256, 192).astype(int), resize(frame, 256, 192).astype(int)
+    assert np.abs(staged - one_step).max() <= 2
 
 
 def test_a_frame_with_an_odd_side_is_shrunk_in_one_step():
@@ -385,3 +392,18 @@ def test_crops_of_a_camera_sized_frame_s_large_cells_cut_from_its_halvings_match
     # corners rounded to the halving's pixels): up to the step from the padding's mean colour to the frame's pixels.
     assert np.percentile(grey_levels[1], 99) <= 12
     assert np.array_equal(cut[2], whole[2])  # 150 px + margin into 64: cut from the frame itself
+
+
+def test_a_region_cut_from_a_halving_stays_square_and_inside_the_frame():
+    frame = np.zeros((1944, 2592, 3), np.uint8)
+    halved = halvings(frame, 256, 192)
+    rng = np.random.default_rng(2)
+    for _ in range(500):
+        side = int(rng.integers(300, 1500))
+        x0, y0 = int(rng.integers(-200, 2592 - side + 200)), int(rng.integers(-200, 1944 - side + 200))
+        image, (left, top, right, bottom) = region_source(frame, halved, (x0, y0, x0 + side, y0 + side), 64, 64)
+        assert right - left == bottom - top, (x0, y0, side)
+        if 0 <= x0 and x0 + side <= 2592:
+            assert 0 <= left and right <= image.shape[1], (x0, side)
+        if 0 <= y0 and y0 + side <= 1944:
+            assert 0 <= top and bottom <= image.shape[0], (y0, side)
