@@ -281,17 +281,27 @@ def time_points_interleaved(
                 compare(results)
 
 
+# The total's slopes come with a bootstrap interval: each point's timed runs drawn again with replacement, the fit
+# redone on those medians, BOOTSTRAP_DRAWS times; the central 95 % of the slopes. It says how far the runs' own spread
+# on this machine moves the figure (a target "at the bar" reads as such), not how another machine would do.
+BOOTSTRAP_DRAWS = 1000
+
+
 @dataclass(frozen=True)
 class ScalingFit:
-    """ms = base + per_cell * cells + per_megapixel * megapixels, per stage; None where the points cannot tell."""
+    """ms = base + per_cell * cells + per_megapixel * megapixels, per stage; None where the points cannot tell. The
+    total's ms per cell and per megapixel with their 95 % bootstrap intervals (low, high); None likewise."""
 
     base: dict[str, float | None]
     per_cell: dict[str, float | None]
     per_megapixel: dict[str, float | None]
+    per_cell_interval: tuple[float, float] | None = None
+    per_megapixel_interval: tuple[float, float] | None = None
 
 
-def fit_scaling(points: Sequence[ScalingPoint], stages: Sequence[str] = STAGES) -> ScalingFit:
-    """Least squares over the points' median ms against their median cell count and megapixels."""
+def fit_scaling(points: Sequence[ScalingPoint], stages: Sequence[str] = STAGES, seed: int = 0) -> ScalingFit:
+    """Least squares over the points' median ms against their median cell count and megapixels; for the total, the
+    bootstrap intervals of its slopes (BOOTSTRAP_DRAWS, drawn with `seed`)."""
     design = np.array([[1.0, point.cells, point.megapixels] for point in points])
     solvable = len(points) >= 3 and np.linalg.matrix_rank(design) == 3
     base, per_cell, per_megapixel = {}, {}, {}
@@ -301,7 +311,16 @@ def fit_scaling(points: Sequence[ScalingPoint], stages: Sequence[str] = STAGES) 
             continue
         medians = np.array([point.times.median(stage) for point in points])
         (base[stage], per_cell[stage], per_megapixel[stage]), *_ = np.linalg.lstsq(design, medians, rcond=None)
-    return ScalingFit(base, per_cell, per_megapixel)
+    if not solvable or any("total" not in point.times.ms for point in points):
+        return ScalingFit(base, per_cell, per_megapixel)
+    rng = np.random.default_rng(seed)
+    medians = np.empty((BOOTSTRAP_DRAWS, len(points)))
+    for column, point in enumerate(points):
+        runs = np.asarray(point.times.ms["total"], np.float64)
+        medians[:, column] = np.median(runs[rng.integers(0, runs.size, (BOOTSTRAP_DRAWS, runs.size))], axis=1)
+    slopes = medians @ np.linalg.pinv(design).T  # every draw's (base, per cell, per MP)
+    (cell_low, mp_low), (cell_high, mp_high) = np.percentile(slopes[:, 1:], [2.5, 97.5], axis=0)
+    return ScalingFit(base, per_cell, per_megapixel, (float(cell_low), float(cell_high)), (float(mp_low), float(mp_high)))
 
 
 def _number(value: float | None) -> str:
@@ -324,4 +343,10 @@ def format_scaling(points: Sequence[ScalingPoint], fit: ScalingFit, stages: Sequ
     lines.append(f"{'stage':<12}{'base ms':>10}{'ms/cell':>10}{'ms/MP':>10}")
     for stage in stages:
         lines.append(f"{stage:<12}{_number(fit.base[stage]):>10}{_number(fit.per_cell[stage]):>10}{_number(fit.per_megapixel[stage]):>10}")
+    if fit.per_cell_interval is not None and fit.per_megapixel_interval is not None:
+        (cell_low, cell_high), (mp_low, mp_high) = fit.per_cell_interval, fit.per_megapixel_interval
+        lines.append(
+            f"total's 95 % bootstrap interval over the timed runs: ms/cell {cell_low:.2f}-{cell_high:.2f}, ms/MP {mp_low:.2f}-{mp_high:.2f} "
+            "(this machine's run-to-run spread only)"
+        )
     return "\n".join(lines)

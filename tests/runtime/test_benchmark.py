@@ -132,6 +132,26 @@ def test_the_scaling_fit_recovers_ms_per_cell_and_per_megapixel():
     assert re.search(r"^total\s+3\.00\s+2\.00\s+5\.00$", text, re.MULTILINE)
 
 
+def test_the_total_s_slopes_come_with_a_bootstrap_interval_that_holds_them_and_widens_with_the_runs_spread():
+    from leukoedge.benchmark import fit_scaling, format_scaling
+
+    shapes = [(1, 0.25), (10, 0.25), (30, 0.25), (1, 1.0), (1, 4.0), (12, 0.36)]
+    rng = np.random.default_rng(0)
+
+    def points(spread: float):
+        return [
+            _point(f"p{index}", cells, (side := round((mp * 1e6) ** 0.5)) ** 2 / 1e6, {"total": list(3.0 + 2.0 * cells + 5.0 * side * side / 1e6 + rng.normal(0.0, spread, 20))})
+            for index, (cells, mp) in enumerate(shapes)
+        ]
+
+    exact, noisy = fit_scaling(points(0.0), stages=("total",)), fit_scaling(points(1.0), stages=("total",))
+    assert exact.per_cell_interval == pytest.approx((2.0, 2.0)) and exact.per_megapixel_interval == pytest.approx((5.0, 5.0))
+    (cell_low, cell_high), (mp_low, mp_high) = noisy.per_cell_interval, noisy.per_megapixel_interval
+    assert cell_low <= noisy.per_cell["total"] <= cell_high and mp_low <= noisy.per_megapixel["total"] <= mp_high
+    assert cell_low < 2.0 < cell_high and mp_low < 5.0 < mp_high and 0.0 < mp_high - mp_low < 4.0
+    assert "total's 95 % bootstrap interval over the timed runs: ms/cell" in format_scaling(points(1.0), noisy, stages=("total",))
+
+
 def test_points_that_cannot_separate_cells_from_size_give_no_slope():
     from leukoedge.benchmark import fit_scaling
 
