@@ -11,6 +11,7 @@ import pytest
 from leukoedge import Detector
 from leukoedge.preprocess.cpu import MAX_BLACK_CORNERS, black_corners, corrected_frame, dark_share, fit_letterbox, fill_outside_field, halvings, shows_field_of_view
 from leukoedge.domain import (
+    MAX_MEASURED_CELLS,
     COLOUR_FEATURES,
     ENLARGED_CELL_SIDE_PX,
     MEAN_SPREAD_FEATURES,
@@ -37,6 +38,7 @@ from leukoedge.domain import (
     colour_features,
     edge_isotropy,
     edge_width,
+    measured_cells,
     failed_checks,
     fit_domain,
     NOISE_FLAT_SHARE,
@@ -320,6 +322,22 @@ def test_frame_noise_is_the_same_whatever_the_frame_s_buffer_alignment():
         shifted[...] = frame
         figures.add(frame_noise(shifted))
     assert figures == {frame_noise(frame)}
+
+
+def test_a_crowded_field_s_focus_and_detail_are_read_on_sixteen_cells_spread_over_it():
+    boxes = [(index, 0, index + 20, 20) for index in range(55)]
+    chosen = measured_cells(boxes)
+    assert len(chosen) == MAX_MEASURED_CELLS == 16 and chosen[0] == boxes[0] and chosen[-1] == boxes[-1]
+    gaps = np.diff([box[0] for box in chosen])
+    assert gaps.min() >= 3 and gaps.max() - gaps.min() <= 1  # evenly spread, none twice
+    assert measured_cells(boxes[:16]) == boxes[:16] and measured_cells([]) == []
+    # The measures read only those: a cell left out cannot move them.
+    frame = cv2.imread(str(SAMPLES[0]))
+    cell = (344, 0, 525, 178)  # the sample's white cell
+    crowded = [cell] * 55
+    crowded[1] = (0, 300, 100, 400)  # a box on background, never among the 16
+    assert crowded[1] not in measured_cells(crowded)
+    assert edge_width(frame, crowded) == edge_width(frame, [cell]) and cell_detail(frame, crowded) == cell_detail(frame, [cell])
 
 
 def test_noise_level_is_the_noise_the_classifier_sees_on_the_cells():
