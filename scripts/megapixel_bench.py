@@ -18,7 +18,8 @@ bench's 1280x960 and 2560x1920).
 With --camera-frames ROUNDS both run, taking turns, on frames of camera sizes (BCCD fields resized to 1280x960 ...
 4056x3040, Taleqani fields tiled 4x4 and enlarged 2x), ROUNDS times each: median total and preprocess + check ms per
 size, and how the results differ, beside how they differ with sensor noise of one grey level added (a reference for
-what a second capture of the field changes by itself), and the tear check alone at each camera size.
+what a second capture of the field changes by itself), the tear check alone at each camera size, and OpenCV's
+INTER_AREA paths there (the one-step resize into the segmenter's input, one halving, 4x4 whole blocks, shrink_frame).
 
 With --shrink-check it also measures, without changing the runtime, what a cheaper shrink would change: a
 bilinear shrink to 4x the target size before the INTER_AREA resize (the same call at every ratio below 4),
@@ -29,6 +30,7 @@ tiled 4x4 and enlarged 2x): the ms saved and how the cells, labels, verdicts and
 from __future__ import annotations
 
 import argparse
+import functools
 import csv
 import importlib.util
 import sys
@@ -228,6 +230,37 @@ def camera_frames_check(detectors: dict[str, Any], data_root: Path, rounds: int)
         print(f"| {label} | {differences[name].row()} |")
 
 
+def shrink_paths(detector: Detector, field: np.ndarray, rounds: int) -> None:
+    """OpenCV's INTER_AREA paths at each camera size, median ms: the one-step resize into the segmenter's input (its
+    content's size), one halving (2x2 means, the vectorized path), a 4x4 whole-block average, and shrink_frame (the
+    halvings, then the rest), on one BCCD field resized."""
+    from leukoedge.preprocess.cpu import fit_letterbox, resize, shrink_frame
+
+    print("\nshrink paths (OpenCV INTER_AREA), median ms: one step into the segmenter's input | one halving | 4x4 whole blocks | shrink_frame")
+    print("| frame | one step | one halving | 4x4 blocks | shrink_frame |")
+    print("|---|---|---|---|---|")
+    input_height, input_width = detector.segmenter_spec["input_size"]
+    for width, height in CAMERA_SIZES:
+        frame = cv2.resize(field, (width, height), interpolation=cv2.INTER_LINEAR)
+        placement = fit_letterbox(height, width, (input_height, input_width))
+        target = placement.content_width, placement.content_height
+        paths = (  # one step, one halving, 4x4 whole blocks, shrink_frame
+            functools.partial(resize, frame, *target),
+            functools.partial(cv2.resize, frame, (width // 2, height // 2), interpolation=cv2.INTER_AREA),
+            functools.partial(cv2.resize, frame, (width // 4, height // 4), interpolation=cv2.INTER_AREA),
+            functools.partial(shrink_frame, frame, *target),
+        )
+        medians = []
+        for path in paths:
+            times = []
+            for _ in range(rounds + 1):
+                started = time.perf_counter()
+                path()
+                times.append((time.perf_counter() - started) * 1000.0)
+            medians.append(np.median(times[1:]))
+        print(f"| {width}x{height} | " + " | ".join(f"{median:.2f}" for median in medians) + " |")
+
+
 def tear_check(scores: dict[str, Callable[[np.ndarray], float]], data_root: Path, rounds: int) -> None:
     """The tear check alone (domain.tear_score, run on frames about to be flagged), both implementations in turn on one
     BCCD field resized to each camera size: median ms and the scores."""
@@ -327,6 +360,7 @@ def main() -> int:
     if args.shrink_check:
         shrink_check(detectors["after"], args.data)
     if args.camera_frames:
+        shrink_paths(detectors["after"], frames[0].frames[0], 10 * args.camera_frames)
         camera_frames_check(detectors, args.data, args.camera_frames)
         tear_check({"before": sys.modules[f"{BASELINE_PACKAGE}.domain"].tear_score, "after": tear_score}, args.data, 3 * args.camera_frames)
     return 0

@@ -36,3 +36,12 @@ def test_result_differences_count_cells_found_by_one_only_moved_boxes_and_change
     missing = bench.ResultDifferences()
     missing.add(result, replace(result, cells=result.cells[1:]))
     assert missing.one_only == 1
+
+
+def test_shrink_paths_time_every_camera_size_and_every_path(script, capsys) -> None:
+    bench = script("megapixel_bench")
+    repo = Path(__file__).resolve().parents[2]
+    bench.shrink_paths(Detector.load(repo / "models" / "default"), cv2.imread(str(repo / "samples" / "bccd_BloodImage_00002.jpg")), 1)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]
+    assert [row.split("|")[1].strip() for row in rows] == [f"{width}x{height}" for width, height in bench.CAMERA_SIZES]
+    assert all(len([cell for cell in row.split("|")[2:-1] if float(cell) > 0]) == 4 for row in rows)
