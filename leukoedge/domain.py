@@ -323,8 +323,8 @@ _CHANNEL_SUM = np.ones((1, 3), np.float32)
 MIN_MEASURED_SIDE = 8  # px: a box smaller than this a side holds too few pixels for the focus and detail measures
 # The focus and detail measures are medians over a frame's white cells; MAX_MEASURED_CELLS of them, spread evenly over
 # the cells in the order found, estimate that median as well as every cell would, and a crowded (leukemic) field's check
-# then costs what a normal field's does (each cell measured cost 0.06-0.07 ms: issue 24's "speed that does not grow
-# with the cells").
+# then costs what a normal field's does (the check's ms per extra cell 0.22 -> 0.10, leukoedge bench --data: issue 24's
+# "speed that does not grow with the cells").
 MAX_MEASURED_CELLS = 16
 
 

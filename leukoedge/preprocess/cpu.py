@@ -128,9 +128,9 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 # A whole frame from a camera of several megapixels is many times the segmenter's input. OpenCV's INTER_AREA is fastest
-# halving (2x2 means, vectorized): 1.4 ms for a 5-MP frame, where one step to the segmenter's 256x192 takes 4.7 ms at
-# a whole ratio (2560x1920) and 15 ms at a sensor's (2592x1944, OpenCV's general path) on a 2-core x86 CPU
-# (scripts/megapixel_bench.py's camera-size table). shrink_frame halves the frame while more than STAGED_SHRINK_REST
+# halving (2x2 means, vectorized): 0.9 ms for a 2592x1944 frame, where one step to the segmenter's input takes 15 ms
+# (OpenCV's general path) and 4x4 whole blocks 3.8 on a 2-core x86 CPU (scripts/megapixel_bench.py --camera-frames,
+# its shrink-path table). shrink_frame halves the frame while more than STAGED_SHRINK_REST
 # would remain (and its sides are even), then area-resizes the rest: at camera sizes within 2 grey levels of the
 # one-step resize, 1 at the 99th percentile, under 0.3 on average (each halving rounds to whole levels); within 6 at
 # random sizes (tests/runtime/test_preprocess.py); the results move about as much as with sensor noise of one grey
@@ -159,7 +159,7 @@ def region_source(frame: np.ndarray, halved: Sequence[np.ndarray], box: Box, wid
     """Where to cut the frame's region `box` from to shrink it to width x height, and the box in that image's pixels:
     the frame itself, or, for a region shrunk by more than STAGED_SHRINK_REST, the frame's halving (halvings) that
     leaves 2-4 to shrink, as far as they go. A large cell of a camera-sized frame is then not area-averaged from full
-    resolution by OpenCV's general path (about 3 ms for a 500-px crop)."""
+    resolution by OpenCV's general path."""
     x0, y0, x1, y1 = box
     ratio = min((x1 - x0) / width, (y1 - y0) / height)
     level = 0
@@ -222,8 +222,8 @@ _RIM = np.ones((5, 5), np.uint8)  # the field's edge is anti-aliased: its two ou
 
 def dark_share(frame: np.ndarray) -> float:
     """The share of the frame's pixels (every DARK_STEP-th row and column) whose brightest channel is under DARK_LEVEL."""
-    # Every channel under DARK_LEVEL, on the sampled rows whole (OpenCV reads a row-strided view in place; 1.0 ms on a
-    # 5-MP frame where numpy's copy of the sampled pixels took 1.8), then every DARK_STEP-th column of them.
+    # Every channel under DARK_LEVEL, on the sampled rows whole (OpenCV reads a row-strided view in place, faster than
+    # numpy's copy of the sampled pixels), then every DARK_STEP-th column of them.
     dark = cv2.inRange(frame[::DARK_STEP], (0, 0, 0), (DARK_LEVEL - 1,) * 3)[:, ::DARK_STEP]
     return np.count_nonzero(dark) / dark.size
 
