@@ -12,8 +12,11 @@ specificity (the detected cell nearest the centre), PBC cells called blast (heal
 and the Taleqani frame verdict's sensitivity and specificity with the share of fields refused.
 
 With --benign-flags, instead: per bundle, the median cell side of the Taleqani validation fields flagged as captured
-(what validated flags rest on), then per factor every benign Taleqani test field flagged, with its median cell side,
-its cells, blasts and detail (domain.cell_detail), and the malignant fields flagged and refused.
+(what validated flags rest on), then per factor every benign Taleqani field of --split (test) flagged, with its median
+cell side, its cells, blasts and detail (domain.cell_detail), the malignant fields flagged and refused, and the
+malignant flags' detail (its 0.01 quantile, its minimum, how many under domain.MIN_FLAG_DETAIL). With
+--without-detail-check the detail check refuses nothing (domain.MIN_FLAG_DETAIL set to 0), so every flag's detail is
+read: how the bar was chosen on the validation fields (--split val).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from leukoedge import Detector
+from leukoedge import Detector, domain
 from leukoedge.preprocess.cpu import resize
 from leukoedge.training.evaluate import evaluate_single_cells, evaluate_taleqani
 
@@ -59,18 +62,24 @@ def taleqani_verdicts(camera: Any, data_root: Path, split: str) -> list[tuple[An
     return [(record, data.run_record(camera, record).verdict) for record in data.load_records(data_root, "all-taleqani", split)]
 
 
-def list_benign_flags(detector: Detector, data_root: Path, factors: list[float], keep_size: bool) -> None:
-    """The validated flags' median cell sides, then per factor the benign test fields flagged (see the docstring)."""
+def list_benign_flags(detector: Detector, data_root: Path, factors: list[float], keep_size: bool, split: str, bar: float) -> None:
+    """The validated flags' median cell sides, then per factor the benign fields of `split` flagged and the malignant
+    flags' detail against `bar` (see the docstring)."""
     validated = [verdict.domain["cell_side_px"] for record, verdict in taleqani_verdicts(detector, data_root, "val") if record.blast and verdict.flagged]
     low, q05, middle = np.quantile(validated, [0.0, 0.05, 0.5])
     print(f"validation malignant fields flagged as captured: {len(validated)}; their median cell side: min {low:.1f}, 5 % {q05:.1f}, median {middle:.1f} px")
     for factor in factors:
-        verdicts = taleqani_verdicts(CoarserCamera(detector, factor, keep_size), data_root, "test")
+        verdicts = taleqani_verdicts(CoarserCamera(detector, factor, keep_size), data_root, split)
         malignant = [verdict for record, verdict in verdicts if record.blast]
         benign = [(record, verdict) for record, verdict in verdicts if not record.blast]
         flagged = [(record, verdict) for record, verdict in benign if verdict.flagged]
         refused = sum(verdict.status not in ("ok", "no_cells") for verdict in malignant)
-        print(f"factor {factor}: benign flagged {len(flagged)} of {len(benign)}; malignant flagged {sum(v.flagged for v in malignant)} of {len(malignant)}, refused {refused}")
+        details = np.array([v.domain["flag_detail"] for v in malignant if v.flagged and "flag_detail" in v.domain])
+        spread = f"; their detail: 0.01 quantile {np.quantile(details, 0.01):.2f}, min {details.min():.2f}, {(details < bar).sum()} under {bar}" if details.size else ""
+        print(
+            f"factor {factor} ({split}): benign flagged {len(flagged)} of {len(benign)}; malignant flagged {sum(v.flagged for v in malignant)} "
+            f"of {len(malignant)}, refused {refused}{spread}"
+        )
         for record, verdict in flagged:
             detail = verdict.domain.get("flag_detail")
             print(
@@ -87,11 +96,16 @@ def main() -> None:
     parser.add_argument("--mode", choices=("detail", "magnification"), default="detail")
     parser.add_argument("--pbc-limit", type=int, default=300, help="PBC test images (a sample; all: 0)")
     parser.add_argument("--benign-flags", action="store_true", help="list the benign Taleqani fields flagged (see above)")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="the Taleqani fields --benign-flags reads (default: %(default)s)")
+    parser.add_argument("--without-detail-check", action="store_true", help="--benign-flags with the detail check off, every flag's detail read")
     args = parser.parse_args()
     if args.benign_flags:
+        bar = domain.MIN_FLAG_DETAIL
+        if args.without_detail_check:
+            domain.MIN_FLAG_DETAIL = 0.0
         for bundle in args.bundles:
             with Detector.load(bundle) as detector:
-                list_benign_flags(detector, args.data, args.factors, args.mode == "detail")
+                list_benign_flags(detector, args.data, args.factors, args.mode == "detail", args.split, bar)
         return
     print(f"| bundle | {args.mode} factor | ALL-IDB2 sensitivity | ALL-IDB2 specificity | PBC called blast | Taleqani verdict sensitivity | specificity | refused |")
     print("|---|---|---|---|---|---|---|---|")

@@ -723,13 +723,15 @@ def test_cell_detail_falls_with_the_detail_a_camera_resolves():
     assert "less fine detail than validated flags" in outside_domain(spec, {**inside, "flag_detail": 1.0})
 
 
-def test_a_benign_field_through_a_coarser_camera_is_refused_not_flagged(data_root: Path, monkeypatch: pytest.MonkeyPatch, script):
-    """Taleqani's benign test field WBC-Benign-291 with half the detail (scripts/coarser_camera.py): flagged by the
-    classifier (its lymphocytes read as blasts) until a flag on small cells had to rest on validated detail."""
+@pytest.mark.parametrize("name", ["WBC-Benign-291.jpg", "WBC-Benign-283.jpg", "WBC-Benign-378.jpg"])
+def test_a_benign_field_through_a_coarser_camera_is_refused_not_flagged(data_root: Path, monkeypatch: pytest.MonkeyPatch, script, name: str):
+    """Taleqani's benign test fields with half the detail (scripts/coarser_camera.py): flagged by the classifier (their
+    lymphocytes read as blasts) until a flag on small cells had to rest on validated detail (291; 283 and 378, detail
+    1.73 and 1.87, since the bar chosen on the validation fields, 1.9)."""
     from leukoedge import domain
     from leukoedge.training import data
 
-    record = next(r for r in data.load_records(data_root, "all-taleqani", "test") if r.image_path.name == "WBC-Benign-291.jpg")
+    record = next(r for r in data.load_records(data_root, "all-taleqani", "test") if r.image_path.name == name)
     frame = data.read_image_as_captured(record)
     detector = Detector.load(REPO / "models" / "default")
     assert detector.run(frame).verdict.status == "ok" and not detector.run(frame).verdict.flagged
@@ -741,7 +743,7 @@ def test_a_benign_field_through_a_coarser_camera_is_refused_not_flagged(data_roo
     assert detector.run(coarse).verdict.flagged
 
 
-def test_the_detail_check_refuses_no_malignant_validation_field_as_captured(data_root: Path):
+def test_the_detail_check_refuses_at_most_one_in_a_hundred_malignant_validation_fields_as_captured(data_root: Path):
     from leukoedge.training import data
 
     detector = Detector.load(REPO / "models" / "default")
@@ -749,7 +751,7 @@ def test_the_detail_check_refuses_no_malignant_validation_field_as_captured(data
     details = [data.run_record(detector, record).verdict.domain.get("flag_detail") for record in records]
     measured = [detail for detail in details if detail is not None]
     assert len(measured) > 0.8 * len(records)  # nearly every one is flagged and measured
-    assert min(measured) > MIN_FLAG_DETAIL
+    assert sum(detail < MIN_FLAG_DETAIL for detail in measured) <= 0.01 * len(records)  # the bar's cost (1 of 312 in all)
 
 
 def test_a_flag_near_the_validated_colours_skips_the_swap_it_could_not_fail(data_root: Path):
