@@ -399,7 +399,7 @@ def edge_width(frame: np.ndarray, boxes: Sequence[Box], halved: Sequence[np.ndar
 # A frame about to be flagged whose white cells are enlarged for the classifier (median side under
 # ENLARGED_CELL_SIDE_PX) must show the fine detail validated flags rest on: the classifier's crop of such a cell holds only
 # what the frame's pixels hold, and with less of it a benign lymphocyte reads as a blast. cell_detail reads the frame's
-# finest structure against its next coarser one inside the cells' boxes: Taleqani's 313 flagged malignant validation
+# finest structure against its next coarser one inside the cells' boxes: Taleqani's 312 flagged malignant validation
 # fields measure 1.76 at least (0.01 quantile 2.11); the same fields through a camera with half the detail (shrunk to half
 # and enlarged back, scripts/coarser_camera.py) measure 1.55 (median), and 5 of its 60 benign test fields were flagged so,
 # which no other check refuses. MIN_FLAG_DETAIL was that quantile over THRESHOLD_MARGIN (1.7); it is now chosen on the

@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("test", "val"), default="test", help="the Taleqani fields --benign-flags reads (default: %(default)s)")
     parser.add_argument("--without-detail-check", action="store_true", help="--benign-flags with the detail check off, every flag's detail read")
     args = parser.parse_args()
+    if not args.benign_flags and (args.split != "test" or args.without_detail_check):
+        parser.error("--split and --without-detail-check go with --benign-flags")
     if args.benign_flags:
         bar = domain.MIN_FLAG_DETAIL
         if args.without_detail_check:

@@ -331,13 +331,14 @@ def test_a_crowded_field_s_focus_and_detail_are_read_on_sixteen_cells_spread_ove
     gaps = np.diff([box[0] for box in chosen])
     assert gaps.min() >= 3 and gaps.max() - gaps.min() <= 1  # evenly spread, none twice
     assert measured_cells(boxes[:16]) == boxes[:16] and measured_cells([]) == []
-    # The measures read only those: a cell left out cannot move them.
+    # The measures read only those: the boxes left out (here on background, where every measure differs) cannot move them.
     frame = cv2.imread(str(SAMPLES[0]))
-    cell = (344, 0, 525, 178)  # the sample's white cell
-    crowded = [cell] * 55
-    crowded[1] = (0, 300, 100, 400)  # a box on background, never among the 16
-    assert crowded[1] not in measured_cells(crowded)
+    cell, background = (344, 0, 525, 178), (0, 300, 100, 400)  # the sample's white cell; a box without one
+    chosen_at = set(np.linspace(0, 54, MAX_MEASURED_CELLS).round().astype(int).tolist())
+    crowded = [cell if index in chosen_at else background for index in range(55)]  # 39 of 55 on background
+    assert measured_cells(crowded) == [cell] * MAX_MEASURED_CELLS
     assert edge_width(frame, crowded) == edge_width(frame, [cell]) and cell_detail(frame, crowded) == cell_detail(frame, [cell])
+    assert edge_width(frame, crowded[:16] + [background] * 20) != edge_width(frame, [cell])  # background boxes read do move it
 
 
 def test_noise_level_is_the_noise_the_classifier_sees_on_the_cells():
@@ -572,12 +573,15 @@ def test_the_corrected_frame_s_dark_share_is_read_once_and_is_the_corrected_fram
     barred = frame.copy()
     barred[:, : width // 40] = 0  # a black bar along one edge, under MAX_DARK_SHARE: left as it is, black counted
     dimmed = (frame * (1.0 - 0.5 * x / width)[..., None]).astype(np.uint8)  # light falling to half: evened
+    dimmed[:, -width // 40 :] = 30  # a dark bar at its dim side, black as captured (under 24 at half light), not after evening
+    dimmed[:, -width // 40 :] = (dimmed[:, -width // 40 :] * 0.7).astype(np.uint8)
     cases = {"as captured": frame, "barred": barred, "circular": _circular_field(frame, 0.85), "dimmed": dimmed}
     for name, captured in cases.items():
         corrected = corrected_frame(captured)
         assert corrected.dark_share == dark_share(corrected.frame), name
     assert corrected_frame(barred).dark_share > 0.0 and corrected_frame(cases["circular"]).dark_share == 0.0
-    assert corrected_frame(dimmed).frame is not dimmed  # evened, so its dark share read again
+    assert corrected_frame(dimmed).frame is not dimmed  # evened, so its dark share read again: its bar is no longer black
+    assert dark_share(dimmed) > 0.0 == corrected_frame(dimmed).dark_share
 
 
 def test_a_frame_mostly_outside_its_field_of_view_or_black_inside_it_is_refused():
