@@ -299,9 +299,9 @@ class ScalingFit:
     per_megapixel_interval: tuple[float, float] | None = None
 
 
-def fit_scaling(points: Sequence[ScalingPoint], stages: Sequence[str] = STAGES, seed: int = 0) -> ScalingFit:
+def fit_scaling(points: Sequence[ScalingPoint], stages: Sequence[str] = STAGES) -> ScalingFit:
     """Least squares over the points' median ms against their median cell count and megapixels; for the total, the
-    bootstrap intervals of its slopes (BOOTSTRAP_DRAWS, drawn with `seed`)."""
+    bootstrap intervals of its slopes (BOOTSTRAP_DRAWS, the same draws every call)."""
     design = np.array([[1.0, point.cells, point.megapixels] for point in points])
     solvable = len(points) >= 3 and np.linalg.matrix_rank(design) == 3
     base, per_cell, per_megapixel = {}, {}, {}
@@ -313,7 +313,7 @@ def fit_scaling(points: Sequence[ScalingPoint], stages: Sequence[str] = STAGES, 
         (base[stage], per_cell[stage], per_megapixel[stage]), *_ = np.linalg.lstsq(design, medians, rcond=None)
     if not solvable or any("total" not in point.times.ms for point in points):
         return ScalingFit(base, per_cell, per_megapixel)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     medians = np.empty((BOOTSTRAP_DRAWS, len(points)))
     for column, point in enumerate(points):
         runs = np.asarray(point.times.ms["total"], np.float64)

@@ -334,11 +334,11 @@ def main() -> int:
     compared, differing = len(outcomes), outcomes.count(False)
     print(f"results (label map, cells' boxes, masks, labels, probabilities, verdict) differ bit for bit on {differing} of {compared} frames")
     slopes = {}
+    fits = {name: fit_scaling(points[name][:fitted]) for name in names}
     for name in names:
         print(f"\n## {name} ({args.baseline if name == 'before' else REPO_ROOT})\n")
-        print(format_scaling(points[name], fit_scaling(points[name][:fitted])))
+        print(format_scaling(points[name], fits[name]))
         slopes[name] = field_slopes(points[name])
-    fits = {name: fit_scaling(points[name][:fitted]) for name in names}
     print("\nms per extra megapixel, before -> after: over every point (the fit above) | over the BCCD field's sizes alone")
     print("| stage | every point | BCCD field alone |")
     print("|---|---|---|")
