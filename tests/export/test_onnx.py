@@ -1,8 +1,10 @@
 """export/onnx.py: the segmenters' softmax written out, the same probabilities as torch's, and no Softmax over the
-class axis in the exported graph (ONNX Runtime's CPU runs that one several times slower)."""
+class axis in the exported graph (ONNX Runtime's CPU runs that one several times slower); no convolution over a channel
+count off ONNX Runtime's blocked fast path (split_channel_concats)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="export needs the training extra (torch)")
 onnx = pytest.importorskip("onnx")
 
-from leukoedge.export.onnx import class_probabilities, export_segmenter  # noqa: E402
+from leukoedge.export.onnx import class_probabilities, export_onnx, export_segmenter, on_blocked_path, split_channel_concats  # noqa: E402
 
 
 def test_class_probabilities_are_torchs_softmax_over_the_class_axis() -> None:
@@ -40,3 +42,81 @@ def test_an_exported_model_carries_no_stack_trace_of_the_machine_that_exported_i
     export_segmenter(segmenter, np.zeros((2, 3, 8, 8), np.float32), tmp_path / "segmenter.onnx")
     keys = {prop.key for node in onnx.load(tmp_path / "segmenter.onnx").graph.node for prop in node.metadata_props}
     assert "pkg.torch.onnx.stack_trace" not in keys and "namespace" in keys  # where each node came from, as module names
+
+
+class _ImageEnd(torch.nn.Module):
+    """A segmenter's full-resolution end as the shipped ones have it: features upsampled, concatenated with the image
+    (16 + 3 channels), then a dense conv (hctnet_lite, mobile_unet_field_dense) or a depthwise-separable one (mobile_unet)."""
+
+    def __init__(self, separable: bool):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU())
+        if separable:
+            self.end = torch.nn.Sequential(
+                torch.nn.Conv2d(19, 19, 3, padding=1, groups=19), torch.nn.BatchNorm2d(19), torch.nn.ReLU(),
+                torch.nn.Conv2d(19, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            )
+        else:
+            self.end = torch.nn.Sequential(torch.nn.Conv2d(19, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(self.end[-3].out_channels, 3, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(self.features(image), size=image.shape[2:], mode="bilinear", align_corners=False)
+        return self.head(self.end(torch.cat([x, image], dim=1)))
+
+
+def _conv_input_channels(path: Path) -> list[int]:
+    """The input channel count of every Conv of an ONNX file (its weights' second dimension times its groups)."""
+    graph = onnx.load(path).graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    counts = []
+    for node in graph.node:
+        if node.op_type == "Conv":
+            group = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+            counts.append(int(weights[node.input[1]].dims[1]) * group)
+    return counts
+
+
+def _off_the_blocked_path(counts: list[int]) -> list[int]:
+    return [count for count in counts if not on_blocked_path(count)]
+
+
+def test_the_blocked_path_is_onnx_runtimes() -> None:
+    # Under the block (8 with AVX2, 16 with AVX-512) or a multiple of it: the image's 3, a head's 8, a stage's 32.
+    assert [count for count in (3, 8, 16, 19, 24, 32, 40, 48) if on_blocked_path(count)] == [3, 8, 16, 32, 48]
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_the_image_concat_is_split_into_convolutions_on_the_fast_path(tmp_path: Path, separable: bool) -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    segmenter = _ImageEnd(separable).eval()
+    for module in segmenter.modules():  # batch norms with statistics of their own, so that folding them is exercised
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    inputs = np.random.default_rng(2).normal(0.0, 1.0, (3, 3, 24, 32)).astype(np.float32)
+    parity = export_segmenter(segmenter, inputs, tmp_path / "segmenter.onnx")  # held against torch after the split
+    assert parity < 1e-5
+    graph = onnx.load(tmp_path / "segmenter.onnx").graph
+    concat_outputs = {node.output[0] for node in graph.node if node.op_type == "Concat"}
+    assert not [node for node in graph.node if node.op_type == "Conv" and node.input[0] in concat_outputs]
+    counts = _conv_input_channels(tmp_path / "segmenter.onnx")
+    assert 19 not in counts and not _off_the_blocked_path(counts)
+
+
+def test_a_concat_already_on_the_fast_path_is_left_byte_for_byte(tmp_path: Path) -> None:
+    class TwoBranches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(32, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    path = tmp_path / "model.onnx"
+    export_onnx(TwoBranches(), torch.zeros(2, 3, 8, 8), path, "image", ["probs"])
+    before = path.read_bytes()
+    split_channel_concats(path)
+    assert path.read_bytes() == before
+    assert 32 in _conv_input_channels(path)
