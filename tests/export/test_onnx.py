@@ -4,7 +4,6 @@ count off ONNX Runtime's blocked fast path (split_channel_concats)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

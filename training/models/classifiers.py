@@ -65,16 +65,24 @@ def gate_cnn(head_classes: dict[str, int], dropout: float = 0.2) -> MultiHeadCla
     return MultiHeadClassifier(trunk, 64 * 4 * 4, head_classes, dense=(96,), dropout=dropout)
 
 
-def vgg_hybrid(head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (32, 64, 96)) -> MultiHeadClassifier:
+def vgg_hybrid(
+    head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (32, 64, 96), stem: int = 16
+) -> MultiHeadClassifier:
     """VGG-style stages (3x3 convs, max-pool) with residual skips and CBAM channel + spatial attention.
-    A single 16-wide conv at full resolution keeps the cost near custom_cnn's at 64x64."""
-    layers: list[nn.Module] = [ConvBNReLU(3, 16), nn.MaxPool2d(2)]
-    channels = 16
+    A single `stem`-wide conv (16) at full resolution keeps the cost near custom_cnn's at 64x64."""
+    layers: list[nn.Module] = [ConvBNReLU(3, stem), nn.MaxPool2d(2)]
+    channels = stem
     for width in widths:
         layers += [ResidualAttentionBlock(channels, width), nn.MaxPool2d(2)]
         channels = width
     trunk = nn.Sequential(*layers[:-1], nn.AdaptiveAvgPool2d(1))  # the last stage's 8x8 map is pooled whole
     return MultiHeadClassifier(trunk, channels, head_classes, dense=(128,), dropout=dropout)
+
+
+def vgg_hybrid_slim(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadClassifier:
+    """vgg_hybrid at three quarters of its width (stem 12, stages 24/48/72), about 0.56x its FLOPs: the shape
+    scripts/prune_classifier.py cuts the shipped vgg_hybrid to (structured channel pruning), to be distilled."""
+    return vgg_hybrid(head_classes, dropout=dropout, widths=(24, 48, 72), stem=12)
 
 
 def resnet_s(head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (20, 40, 80), blocks: int = 2) -> MultiHeadClassifier:
