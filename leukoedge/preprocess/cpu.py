@@ -522,5 +522,6 @@ def prepare_crops(
         else:
             crops = reinhard_normalize(crops, spec.stain_reference, frame_lab_statistics)
     crops = crops.reshape(len(boxes), height, width, 3)
-    crops[~inside] = np.asarray(spec.mean, np.float32)
+    if not inside.all():  # most frames' crops lie inside them
+        crops[~inside] = np.asarray(spec.mean, np.float32)
     return to_chw_normalized(crops, spec)
