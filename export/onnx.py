@@ -172,7 +172,7 @@ def split_channel_concats(path: Path) -> Path:
             kernel = numpy_helper.to_array(weights[reader.input[1]])
             bias = reader.input[2] if len(reader.input) > 2 and reader.input[2] else None
             group = attributes.pop("group", 1)
-            if group == starts[-1] and kernel.shape[1] == 1:  # depthwise: channel by channel
+            if group == starts[-1] and kernel.shape[:2] == (starts[-1], 1):  # depthwise: channel by channel
                 bias_values = None if bias is None else numpy_helper.to_array(weights[bias])
                 outputs, nodes = [], []
                 for k, part in enumerate(parts):
@@ -181,7 +181,7 @@ def split_channel_concats(path: Path) -> Path:
                         inputs.append(slice_initializer(bias, bias_values[starts[k] : starts[k + 1]]))
                     outputs.append(fresh(out))
                     nodes.append(helper.make_node("Conv", inputs, [outputs[-1]], name=fresh(reader.name), group=widths[k], **attributes))
-            elif group == 1:  # dense: the sum of each part's convolution
+            elif group == 1 and kernel.shape[1] == starts[-1]:  # dense: the sum of each part's convolution
                 sums = [fresh(out) for _ in parts]
                 nodes = [
                     helper.make_node(

@@ -6,8 +6,9 @@ that pass gets its speed without retraining or exporting again (docs/performance
         --change "what changed, for the manifest's changelog"
 
 Each rewritten model is checked against its original on the same inputs (at most export/onnx.PARITY_TOLERANCE apart;
-the split changes float rounding only) and timed again beside its INT8 file, as `leukoedge calibrate` times them
-(calibration/speed.py), so that the manifest's precisions still say which precision is faster. INT8 files are kept:
+the split changes float rounding only), timed against it (printed: median ms a call, the two files' calls interleaved)
+and timed again beside its INT8 file, as `leukoedge calibrate` times them (calibration/speed.py), so that the
+manifest's precisions still say which precision is faster; a split that would switch a model's precision is refused. INT8 files are kept:
 they compute the same function, quantized from the graph before the split.
 """
 
@@ -65,11 +66,14 @@ def split_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> 
             if differences[model] > PARITY_TOLERANCE:
                 raise RuntimeError(f"{model}: the split graph differs from the original by {differences[model]:.3g} (> {PARITY_TOLERANCE:g})")
             files[section["file"]] = rewritten
+            runs, threads = int(timing.get("runs", 20)), timing.get("threads")
+            speed = median_latency_ms({"before": original, "after": rewritten}, inputs, runs=runs, threads=threads)
+            print(f"{model}: {speed['before']:.2f} -> {speed['after']:.2f} ms a call (median of {runs}, batch {batch}, calls interleaved)")
             variants = manifest.get("precisions", {}).get(model, {})
             timed = {precision: Path(files[variant["file"]]) for precision, variant in variants.items() if variant.get("file")}
             if len(timed) > 1 or (timed and variants["fp32"].get("median_ms") is not None):
                 before = fastest_precision(bundle.manifest, model)
-                latency = median_latency_ms(timed, inputs, runs=int(timing.get("runs", 20)), threads=timing.get("threads"))
+                latency = median_latency_ms(timed, inputs, runs=runs, threads=threads)
                 for precision, ms in latency.items():
                     variants[precision]["median_ms"] = ms
                 after = fastest_precision(manifest, model)
