@@ -40,6 +40,10 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=None, help="peak rate (default: the pipeline's, 3e-3 from scratch, 1e-3 from --init)")
     parser.add_argument("--seed", type=int, default=0, help="weights, batch order and augmentation (default: %(default)s)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="moving average of the weights per step; 0: none (default: %(default)s)")
+    parser.add_argument(
+        "--classification-sources", default=None,
+        help="comma-separated sources the classifier learns from (default: the pipeline's; leave a device out as `leukoedge train --classification-sources` does)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.pt; its .json beside it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -60,7 +64,8 @@ def main() -> int:
     spec = PreprocessSpec.from_manifest(manifest["preprocess"])
     heads = {name: head["classes"] for name, head in manifest["classifier"]["heads"].items()}
     segmenter, _ = load_checkpoint(args.segmenter)
-    config = PipelineConfig(data_root=args.data, out_dir=args.out.parent, classifier_model=args.model)
+    sources = {} if args.classification_sources is None else {"classification_sources": tuple(args.classification_sources.split(","))}
+    config = PipelineConfig(data_root=args.data, out_dir=args.out.parent, classifier_model=args.model, **sources)
     cell_train, train_counts = load_cell_examples(config, "train", segmenter, spec)
     cell_val, val_counts = load_cell_examples(config, "val", segmenter, spec)
     logging.info("cells: train %s, val %s", train_counts, val_counts)
