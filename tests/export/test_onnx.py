@@ -4,6 +4,7 @@ count off ONNX Runtime's blocked fast path (split_channel_concats)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,15 @@ def test_a_concat_already_on_the_fast_path_is_left_byte_for_byte(tmp_path: Path)
     split_channel_concats(path)
     assert path.read_bytes() == before
     assert 32 in _conv_input_channels(path)
+def test_no_dense_convolution_of_the_shipped_bundle_reads_a_concat_off_onnx_runtimes_fast_path() -> None:
+    # 0.15.0's segmenter convolved the upsampled features and the image, 16 + 3 channels, in one (split from 0.16.0).
+    bundle = Path(__file__).resolve().parents[2] / "models" / "default"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for model in ("segmenter", "refiner", "gate", "classifier"):
+        graph = onnx.load(bundle / manifest[model]["file"]).graph
+        weights = {tensor.name: tensor for tensor in graph.initializer}
+        concat_outputs = {node.output[0] for node in graph.node if node.op_type == "Concat"}
+        for node in graph.node:
+            group = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+            if node.op_type == "Conv" and group == 1 and node.input[0] in concat_outputs:
+                assert on_blocked_path(int(weights[node.input[1]].dims[1])), (model, node.name)
