@@ -85,6 +85,14 @@ def vgg_hybrid_slim(head_classes: dict[str, int], dropout: float = 0.3) -> Multi
     return vgg_hybrid(head_classes, dropout=dropout, widths=(24, 48, 72), stem=12)
 
 
+def vgg_hybrid_slim16(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadClassifier:
+    """vgg_hybrid cut to stages whose widths are multiples of 16 (stem 8, stages 16/48/80), about 0.45x its FLOPs:
+    ONNX Runtime's CPU convolutions work on blocks of 16 channels (NCHWc, AVX-512), so vgg_hybrid_slim's
+    12/24/72 channels cost about what 16/32/80 would (0.57x the FLOPs, 0.85x the time). The stem stays narrower
+    than the first stage, so that stage keeps its projection shortcut (scripts/prune_classifier.py cuts one into it)."""
+    return vgg_hybrid(head_classes, dropout=dropout, widths=(16, 48, 80), stem=8)
+
+
 def resnet_s(head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (20, 40, 80), blocks: int = 2) -> MultiHeadClassifier:
     """A small ResNet: a stride-2 stem, three stages of basic blocks (each after the first halves the map);
     the default widths give custom_cnn's FLOPs at 64x64."""
