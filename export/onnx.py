@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,19 +109,17 @@ def strip_stack_traces(path: Path) -> Path:
     return path
 
 
-# ONNX Runtime's CPU runs a convolution in its blocked channel layout (NCHWc, its fast path) only where the input has
-# fewer channels than its block (8 with AVX2, 16 with AVX-512) or a multiple of it; otherwise it falls back to im2col and
-# a matrix product (onnxruntime/core/optimizer/nchwc_transformer.cc). The segmenters end with a convolution over the
-# upsampled features (16 channels) concatenated with the image (3): 19 channels, off the fast path, a third of the
-# field segmenter's time (docs/performance.md, "The image's concat split"). Convolving each part and adding the results
-# is the same function (to float rounding), on the fast path.
-NCHWC_BLOCKS = (8, 16)
-
-
+# ONNX Runtime's CPU runs a convolution in its blocked channel layout (NCHWc, its fast path) where the input has few
+# channels or a multiple of 4 (padded to its block: 8 channels with AVX2, 16 with AVX-512); other counts fall back to
+# im2col and a matrix product (onnxruntime/core/optimizer/nchwc_transformer.cc; ONNX Runtime 1.32 on AVX-512 blocks a
+# dense convolution over 1-16 channels or a multiple of 4, tests/export/test_onnx.py asks it). The segmenters end with a
+# convolution over the upsampled features (16 channels) concatenated with the image (3): 19 channels, off the fast path,
+# a third of the field segmenter's time (docs/performance.md, "The image's concat split"). Convolving each part and
+# adding the results is the same function (to float rounding), on the fast path.
 def on_blocked_path(channels: int) -> bool:
-    """Whether ONNX Runtime's CPU can run a dense convolution over this many input channels in its blocked layout,
-    with either block size."""
-    return all(channels < block or channels % block == 0 for block in NCHWC_BLOCKS)
+    """Whether ONNX Runtime's CPU runs a convolution over this many input channels in its blocked layout, with either
+    block size (the AVX2 block's few channels: under 8)."""
+    return channels < 8 or channels % 4 == 0
 
 
 def _splits(widths: list[int]) -> bool:
@@ -128,16 +127,39 @@ def _splits(widths: list[int]) -> bool:
     return not on_blocked_path(sum(widths)) and all(on_blocked_path(width) for width in widths)
 
 
+def _attribute(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _subgraph_reads(graph: Any) -> set[str]:
+    """Every name read inside the graph's subgraphs (If, Loop, Scan bodies), at any depth."""
+    from onnx import AttributeProto
+
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                names |= {name for inner in body.node for name in inner.input} | _subgraph_reads(body)
+    return names
+
+
 def split_channel_concats(path: Path) -> Path:
-    """Rewrite an ONNX file so that no convolution reads a channel Concat off ONNX Runtime's blocked path (_splits):
-    the Concat is pushed through what reads it channel by channel (Relu, depthwise Conv: one per part, concatenated
-    after) into the dense Conv that mixes the channels, which becomes one Conv per part (the weights' channel slices,
-    the bias on the first) and their sum. Every output the same to float rounding (~1e-7); graphs without such a
-    Concat are left as they are, byte for byte."""
+    """Rewrite an ONNX file so that no dense convolution reads a channel Concat off ONNX Runtime's blocked path
+    (_splits): the Concat is pushed through what reads it channel by channel (Relu, depthwise Conv: one per part,
+    concatenated after) into the dense Conv that mixes the channels, which becomes one Conv per part (the weights'
+    channel slices, the bias on the first) and their sum. Only a Concat whose chain of single readers ends in such a
+    Conv moves. Every output the same to float rounding (~1e-7); a graph without such a Concat is left byte for byte.
+    A model with its weights in external files is refused (ValueError): the rewrite saves one file."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = onnx.load(str(path), load_external_data=False)
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer):
+        raise ValueError(f"{path.name} keeps its weights in external data files: split_channel_concats rewrites one file only")
+    model = onnx.shape_inference.infer_shapes(model)
     graph = model.graph
     channels = {
         value.name: value.type.tensor_type.shape.dim[1].dim_value
@@ -145,81 +167,109 @@ def split_channel_concats(path: Path) -> Path:
         if len(value.type.tensor_type.shape.dim) > 1
     }
     weights = {tensor.name: tensor for tensor in graph.initializer}
-    graph_outputs = {output.name for output in graph.output}
-    names = iter(range(1_000_000))
+    graph_inputs = {value.name for value in graph.input}
+    kept_names = {*graph_inputs, *(value.name for value in graph.output), *(value.name for value in graph.value_info), *weights}
+    kept_names |= {name for node in graph.node for name in (*node.input, *node.output, node.name)}
+    untouchable = {value.name for value in graph.output} | _subgraph_reads(graph)
+    replaced: set[str] = set()  # weights the rewrite sliced: dropped once nothing reads them
+    counter = iter(range(1_000_000))
 
     def fresh(base: str) -> str:
-        return f"{base}_split{next(names)}"
+        while (name := f"{base}_split{next(counter)}") in kept_names:
+            pass
+        kept_names.add(name)
+        return name
 
     def slice_initializer(name: str, part: np.ndarray) -> str:
         tensor = numpy_helper.from_array(np.ascontiguousarray(part), fresh(name))
         graph.initializer.append(tensor)
         weights[tensor.name] = tensor
+        replaced.add(name)
         return tensor.name
 
-    def replacement(concat: onnx.NodeProto, reader: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-        parts = list(concat.input)
-        widths = [channels.get(part, 0) for part in parts]
-        if not all(widths) or not _splits(widths):
-            return None
-        starts = np.cumsum([0, *widths])
-        attributes = {a.name: helper.get_attribute_value(a) for a in reader.attribute}
-        out = reader.output[0]
-        if reader.op_type == "Relu":
-            outputs = [fresh(out) for _ in parts]
-            nodes = [helper.make_node("Relu", [part], [o], name=fresh(reader.name)) for part, o in zip(parts, outputs)]
-        elif reader.op_type == "Conv" and reader.input[1] in weights:
+    def kind(node: Any, width: int) -> str:
+        """"dense", "depthwise" (per channel) or "relu" where the rewrite can pass a concat of `width` channels into or
+        through the node; "" otherwise."""
+        if node.op_type == "Relu":
+            return "relu"
+        if node.op_type != "Conv" or node.input[1] not in weights or (len(node.input) > 2 and node.input[2] and node.input[2] not in weights):
+            return ""
+        kernel_shape = tuple(weights[node.input[1]].dims)
+        group = _attribute(node, "group", 1)
+        if group == 1 and kernel_shape[1] == width:
+            return "dense"
+        if group == width and kernel_shape[:2] == (width, 1):
+            return "depthwise"
+        return ""
+
+    def readers_of(name: str, readers: dict[str, list[Any]]) -> Any | None:
+        """The one node reading `name`, where it is read once and nowhere else (no graph output, no subgraph)."""
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 and name not in untouchable else None
+
+    def ends_in_dense(concat: Any, width: int, readers: dict[str, list[Any]]) -> bool:
+        node = readers_of(concat.output[0], readers)
+        while node is not None and kind(node, width) in ("relu", "depthwise"):
+            node = readers_of(node.output[0], readers)
+        return node is not None and kind(node, width) == "dense"
+
+    def replacement(concat: Any, reader: Any, widths: list[int]) -> list[Any]:
+        parts, starts, out = list(concat.input), np.cumsum([0, *widths]), reader.output[0]
+        attributes = {a.name: helper.get_attribute_value(a) for a in reader.attribute if a.name != "group"}
+        step = kind(reader, int(starts[-1]))
+
+        def node(op_type: str, inputs: list[str], output: str, **extra: Any) -> Any:
+            made = helper.make_node(op_type, inputs, [output], name=fresh(reader.name), **extra)
+            made.metadata_props.extend(reader.metadata_props)  # where it came from (the exporter's module names)
+            return made
+
+        if step == "dense":
             kernel = numpy_helper.to_array(weights[reader.input[1]])
             bias = reader.input[2] if len(reader.input) > 2 and reader.input[2] else None
-            group = attributes.pop("group", 1)
-            if group == starts[-1] and kernel.shape[:2] == (starts[-1], 1):  # depthwise: channel by channel
-                bias_values = None if bias is None else numpy_helper.to_array(weights[bias])
-                outputs, nodes = [], []
-                for k, part in enumerate(parts):
-                    inputs = [part, slice_initializer(reader.input[1], kernel[starts[k] : starts[k + 1]])]
-                    if bias_values is not None:
-                        inputs.append(slice_initializer(bias, bias_values[starts[k] : starts[k + 1]]))
-                    outputs.append(fresh(out))
-                    nodes.append(helper.make_node("Conv", inputs, [outputs[-1]], name=fresh(reader.name), group=widths[k], **attributes))
-            elif group == 1 and kernel.shape[1] == starts[-1]:  # dense: the sum of each part's convolution
-                sums = [fresh(out) for _ in parts]
-                nodes = [
-                    helper.make_node(
-                        "Conv", [part, slice_initializer(reader.input[1], kernel[:, starts[k] : starts[k + 1]]), *([bias] if k == 0 and bias else [])],
-                        [sums[k]], name=fresh(reader.name), **attributes,
-                    )
-                    for k, part in enumerate(parts)
-                ]
-                total = sums[0]
-                for k in range(1, len(parts)):
-                    result = out if k == len(parts) - 1 else fresh(out)
-                    nodes.append(helper.make_node("Add", [total, sums[k]], [result], name=fresh(reader.name)))
-                    total = result
-                return nodes
-            else:
-                return None
-        else:
-            return None
-        for k, o in enumerate(outputs):
-            channels[o] = widths[k]
-        return [*nodes, helper.make_node("Concat", outputs, [out], name=fresh(concat.name), axis=1)]
+            sums = [fresh(out) for _ in parts]
+            nodes = [
+                node("Conv", [part, slice_initializer(reader.input[1], kernel[:, starts[k] : starts[k + 1]]), *([bias] if k == 0 and bias else [])], sums[k], **attributes)
+                for k, part in enumerate(parts)
+            ]
+            total = sums[0]
+            for k in range(1, len(parts)):
+                result = out if k == len(parts) - 1 else fresh(out)
+                nodes.append(node("Add", [total, sums[k]], result))
+                total = result
+            return nodes
+        outputs = [fresh(out) for _ in parts]
+        if step == "relu":
+            nodes = [node("Relu", [part], output) for part, output in zip(parts, outputs)]
+        else:  # depthwise
+            kernel = numpy_helper.to_array(weights[reader.input[1]])
+            bias = numpy_helper.to_array(weights[reader.input[2]]) if len(reader.input) > 2 and reader.input[2] else None
+            nodes = []
+            for k, (part, output) in enumerate(zip(parts, outputs)):
+                inputs = [part, slice_initializer(reader.input[1], kernel[starts[k] : starts[k + 1]])]
+                if bias is not None:
+                    inputs.append(slice_initializer(reader.input[2], bias[starts[k] : starts[k + 1]]))
+                nodes.append(node("Conv", inputs, output, group=widths[k], **attributes))
+        channels.update(zip(outputs, widths))
+        merged = helper.make_node("Concat", outputs, [out], name=fresh(concat.name), axis=1)
+        merged.metadata_props.extend(concat.metadata_props)
+        return [*nodes, merged]
 
     rewrites = 0
     changed = True
     while changed:  # each rewrite moves a Concat one node on, or removes it
         changed = False
-        readers: dict[str, list[onnx.NodeProto]] = {}
+        readers: dict[str, list[Any]] = {}
         for node in graph.node:
             for name in node.input:
                 readers.setdefault(name, []).append(node)
         for concat in graph.node:
-            axis = next((helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis"), None)
-            if concat.op_type != "Concat" or axis != 1 or concat.output[0] in graph_outputs or len(readers.get(concat.output[0], [])) != 1:
+            if concat.op_type != "Concat" or _attribute(concat, "axis") != 1:
                 continue
-            reader = readers[concat.output[0]][0]
-            nodes = replacement(concat, reader)
-            if nodes is None:
+            widths = [channels.get(part, 0) for part in concat.input]
+            if not all(widths) or not _splits(widths) or not ends_in_dense(concat, sum(widths), readers):
                 continue
+            reader = readers_of(concat.output[0], readers)
+            nodes = replacement(concat, reader, widths)
             rebuilt = []
             for node in graph.node:
                 if node is reader:
@@ -233,8 +283,9 @@ def split_channel_concats(path: Path) -> Path:
             break
     if not rewrites:
         return path  # the file as it was, byte for byte
-    used = {name for node in graph.node for name in node.input}
-    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    read = {name for node in graph.node for name in node.input} | _subgraph_reads(graph)
+    orphans = {name for name in replaced if name not in read and name not in graph_inputs}
+    kept = [tensor for tensor in graph.initializer if tensor.name not in orphans]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]  # inferred above for the channel counts; ONNX Runtime infers its own

@@ -64,7 +64,9 @@ def main() -> int:
     spec = PreprocessSpec.from_manifest(manifest["preprocess"])
     heads = {name: head["classes"] for name, head in manifest["classifier"]["heads"].items()}
     segmenter, _ = load_checkpoint(args.segmenter)
-    sources = {} if args.classification_sources is None else {"classification_sources": tuple(args.classification_sources.split(","))}
+    sources = {} if args.classification_sources is None else {
+        "classification_sources": tuple(source.strip() for source in args.classification_sources.split(",") if source.strip())
+    }
     config = PipelineConfig(data_root=args.data, out_dir=args.out.parent, classifier_model=args.model, **sources)
     cell_train, train_counts = load_cell_examples(config, "train", segmenter, spec)
     cell_val, val_counts = load_cell_examples(config, "val", segmenter, spec)

@@ -1,5 +1,5 @@
 """Structured channel pruning of a vgg_hybrid classifier into a narrower one (vgg_hybrid_slim by default), to be
-fine-tuned by distillation from the original (docs/performance.md, "A lighter classifier").
+fine-tuned by distillation from the original (docs/performance.md, "A pruned classifier").
 
     python scripts/prune_classifier.py --checkpoint models/checkpoints/default-classifier.pt [--model vgg_hybrid_slim16] --out DIR/pruned.pt
     OMP_NUM_THREADS=1 python scripts/distill_classifier.py --data ../shared/data --model vgg_hybrid_slim \

@@ -2,13 +2,14 @@
 (export/onnx.split_channel_concats, which every export now runs), everything else kept: a bundle exported before
 that pass gets its speed without retraining or exporting again (docs/performance.md, "The image's concat split").
 
-    python scripts/split_bundle_concats.py --bundle models/default --out DIR --version 0.15.1 \
+    python scripts/split_bundle_concats.py --bundle models/default --out DIR --version 0.16.0 \
         --change "what changed, for the manifest's changelog"
 
 Each rewritten model is checked against its original on the same inputs (at most export/onnx.PARITY_TOLERANCE apart;
 the split changes float rounding only), timed against it (printed: median ms a call, the two files' calls interleaved)
-and timed again beside its INT8 file, as `leukoedge calibrate` times them (calibration/speed.py), so that the
-manifest's precisions still say which precision is faster; a split that would switch a model's precision is refused. INT8 files are kept:
+and, where it has an INT8 file, timed again beside it, as `leukoedge calibrate` times them (calibration/speed.py), so
+that the manifest's precisions still say which precision is faster; a split that would switch a model's precision is
+refused. INT8 files are kept:
 they compute the same function, quantized from the graph before the split.
 """
 
@@ -74,7 +75,7 @@ def split_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> 
             print(f"{model}: {speed['before']:.2f} -> {speed['after']:.2f} ms a call (median of {COMPARISON_RUNS}, batch {batch}, calls interleaved)")
             variants = manifest.get("precisions", {}).get(model, {})
             timed = {precision: Path(files[variant["file"]]) for precision, variant in variants.items() if variant.get("file")}
-            if len(timed) > 1 or (timed and variants["fp32"].get("median_ms") is not None):
+            if len(timed) > 1:  # a model with one file keeps its calibration's figures: nothing to choose between
                 before = fastest_precision(bundle.manifest, model)
                 latency = median_latency_ms(timed, inputs, runs=runs, threads=threads)
                 for precision, ms in latency.items():

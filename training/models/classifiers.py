@@ -80,7 +80,7 @@ def vgg_hybrid(
 
 
 def vgg_hybrid_slim(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadClassifier:
-    """vgg_hybrid at three quarters of its width (stem 12, stages 24/48/72), about 0.56x its FLOPs: the shape
+    """vgg_hybrid at three quarters of its width (stem 12, stages 24/48/72), about 0.57x its FLOPs: the shape
     scripts/prune_classifier.py cuts the shipped vgg_hybrid to (structured channel pruning), to be distilled."""
     return vgg_hybrid(head_classes, dropout=dropout, widths=(24, 48, 72), stem=12)
 
@@ -88,7 +88,7 @@ def vgg_hybrid_slim(head_classes: dict[str, int], dropout: float = 0.3) -> Multi
 def vgg_hybrid_slim16(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadClassifier:
     """vgg_hybrid cut to stages whose widths are multiples of 16 (stem 8, stages 16/48/80), about 0.45x its FLOPs:
     ONNX Runtime's CPU convolutions work on blocks of 16 channels (NCHWc, AVX-512), so vgg_hybrid_slim's
-    12/24/72 channels cost about what 16/32/80 would (0.57x the FLOPs, 0.85x the time). The stem stays narrower
+    12/24/72 channels cost about what 16/32/80 would (0.57x the FLOPs, 0.87x the time). The stem stays narrower
     than the first stage, so that stage keeps its projection shortcut (scripts/prune_classifier.py cuts one into it)."""
     return vgg_hybrid(head_classes, dropout=dropout, widths=(16, 48, 80), stem=8)
 
