@@ -50,7 +50,7 @@ def split_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> 
 
     bundle = load_bundle(bundle_dir)
     manifest = copy.deepcopy(bundle.manifest)
-    if version in manifest["changelog"]:
+    if version in manifest.get("changelog", {}):  # a bundle straight from training has no changelog yet
         raise ValueError(f"the bundle's changelog already has {version}: choose a new version")
     files = {name: bundle.root / name for name in manifest["files"]}
     timing = manifest.get("precisions", {}).get("timing", {})
@@ -85,7 +85,7 @@ def split_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> 
                     # A split that is meant to change float rounding only must not switch a model to another precision.
                     raise RuntimeError(f"{model}: timed again, {after} came out faster than {before} ({latency}); rerun on a quiet machine")
         manifest["model_version"] = version
-        manifest["changelog"][version] = change
+        manifest.setdefault("changelog", {})[version] = change
         save_bundle(out_dir, manifest, files)
     return differences
 
