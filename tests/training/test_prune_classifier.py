@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -13,15 +11,7 @@ from leukoedge.training.flops import count_flops  # noqa: E402
 from leukoedge.training.models import create_model  # noqa: E402
 from leukoedge.training.pipeline import CLASSIFIER_INPUT, HEADS, RUNTIME_CLASSIFIERS  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 HEAD_CLASSES = {name: len(classes) for name, classes in HEADS.items()}
-
-
-def _prune_module():
-    spec = importlib.util.spec_from_file_location("prune_classifier", REPO / "scripts" / "prune_classifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -53,8 +43,8 @@ def test_slim_is_a_runtime_classifier_and_the_default_vgg_hybrid_is_unchanged() 
     assert 0.4 < count_flops(create_model("vgg_hybrid_slim16", head_classes=HEAD_CLASSES), (1, 3, *CLASSIFIER_INPUT)) / full < 0.5
 
 
-def test_keeping_every_channel_gives_the_same_outputs() -> None:
-    prune = _prune_module()
+def test_keeping_every_channel_gives_the_same_outputs(script) -> None:
+    prune = script("prune_classifier")
     torch.manual_seed(1)
     source = _randomised(create_model("vgg_hybrid", head_classes=HEAD_CLASSES, widths=(8, 12, 16), stem=6))
     target = prune.prune_vgg_hybrid(source, create_model("vgg_hybrid", head_classes=HEAD_CLASSES, widths=(8, 12, 16), stem=6))
@@ -65,10 +55,10 @@ def test_keeping_every_channel_gives_the_same_outputs() -> None:
         torch.testing.assert_close(got[head], expected[head], rtol=0, atol=0)
 
 
-def test_dropping_dead_stem_channels_changes_nothing() -> None:
+def test_dropping_dead_stem_channels_changes_nothing(script) -> None:
     """Stem channels with gamma = beta = 0 output zeros: cutting them must leave every output as it was, which
     holds only if each block's first conv and shortcut take the right input channels."""
-    prune = _prune_module()
+    prune = script("prune_classifier")
     torch.manual_seed(2)
     source = _randomised(create_model("vgg_hybrid", head_classes=HEAD_CLASSES, widths=(8, 12, 16), stem=6))
     dead = torch.tensor([1, 4])
@@ -84,8 +74,8 @@ def test_dropping_dead_stem_channels_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize("name, stem, last", [("vgg_hybrid_slim", 12, 72), ("vgg_hybrid_slim16", 8, 80)])
-def test_pruning_to_a_slim_shape_keeps_the_largest_gamma_channels(name: str, stem: int, last: int) -> None:
-    prune = _prune_module()
+def test_pruning_to_a_slim_shape_keeps_the_largest_gamma_channels(script, name: str, stem: int, last: int) -> None:
+    prune = script("prune_classifier")
     torch.manual_seed(3)
     source = _randomised(create_model("vgg_hybrid", head_classes=HEAD_CLASSES))
     target = prune.prune_vgg_hybrid(source, create_model(name, head_classes=HEAD_CLASSES))
