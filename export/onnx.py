@@ -85,6 +85,15 @@ def export_onnx(
             external_data=False,
         )
     strip_stack_traces(path)
+    onto_fast_path(path)
+    return path
+
+
+def onto_fast_path(path: Path) -> Path:
+    """Every rewrite that puts an exported graph on ONNX Runtime's CPU fast path (its blocked NCHWc layout), each the
+    same function to float rounding: constant_resize_scales, then split_channel_concats. A graph neither changes is
+    left byte for byte."""
+    constant_resize_scales(path)
     split_channel_concats(path)
     return path
 
@@ -289,6 +298,70 @@ def split_channel_concats(path: Path) -> Path:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]  # inferred above for the channel counts; ONNX Runtime infers its own
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+# The exporter writes F.interpolate(x, size=skip.shape[-2:]) as a Resize whose output `sizes` are computed from the
+# skip tensor's shape at run time. ONNX Runtime runs a Resize in its blocked layout (its NCHWc Upsample, bilinear
+# included) only with constant whole `scales`, and cannot prove the output's shape from computed sizes, so the Add that
+# follows a split convolution (split_channel_concats) is not fused either: the field segmenter's five upsamplings and the
+# layout changes around them took ~1.8 of its 6.3 ms (docs/performance.md, "Constant upsampling scales"). A model's
+# spatial input size is fixed, so each computed size is a fixed whole multiple of the Resize's input: the same function.
+def constant_resize_scales(path: Path) -> Path:
+    """Rewrite an ONNX file so that every Resize given computed `sizes` that are a whole multiple of its input (batch and
+    channels unscaled) at the model's fixed spatial input size takes constant `scales` instead; the nodes that computed
+    the sizes, and the constants only they read, go. The sizes are read by running the graph once (ONNX Runtime, a
+    batch of one of zeros). A graph with no such Resize, or whose input's spatial size is not fixed, is left byte for
+    byte; external data is refused (ValueError), as split_channel_concats."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer):
+        raise ValueError(f"{path.name} keeps its weights in external data files: constant_resize_scales rewrites one file only")
+    graph = model.graph
+    weights = {tensor.name for tensor in graph.initializer}
+    resizes = [node for node in graph.node if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] and node.input[3] not in weights]
+    if not resizes or len(graph.input) != 1:
+        return path
+    dims = graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or any(not dim.HasField("dim_value") for dim in dims[1:]):
+        return path
+    probe = onnx.load(str(path), load_external_data=False)
+    names = [name for node in resizes for name in (node.input[0], node.output[0])]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    shape = (1, *(dim.dim_value for dim in dims[1:]))
+    values = session.run(names, {graph.input[0].name: np.zeros(shape, np.float32)})
+    shapes = {name: value.shape for name, value in zip(names, values)}
+    rewrites = 0
+    for node in resizes:
+        before, after = shapes[node.input[0]], shapes[node.output[0]]
+        factors = [out // size if size and out % size == 0 else 0 for size, out in zip(before, after)]
+        if len(factors) != 4 or factors[:2] != [1, 1] or not all(factors):
+            continue
+        scales = numpy_helper.from_array(np.array(factors, np.float32), f"{node.output[0]}_scales")
+        graph.initializer.append(scales)
+        node.input[2] = scales.name
+        del node.input[3]
+        rewrites += 1
+    if not rewrites:
+        return path
+    # What computed the sizes is read by nothing now: remove it, node by node back to the graph's input.
+    outputs = {value.name for value in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | _subgraph_reads(graph) | outputs
+        dead = [node for node in graph.node if not any(name in read for name in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    kept = [tensor for tensor in graph.initializer if tensor.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path

@@ -1,6 +1,6 @@
 """export/onnx.py: the segmenters' softmax written out, the same probabilities as torch's, and no Softmax over the
 class axis in the exported graph (ONNX Runtime's CPU runs that one several times slower); no convolution over a channel
-count off ONNX Runtime's blocked fast path (split_channel_concats)."""
+count off ONNX Runtime's blocked fast path (split_channel_concats), no upsampling by computed sizes (constant_resize_scales)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ import pytest
 torch = pytest.importorskip("torch", reason="export needs the training extra (torch)")
 onnx = pytest.importorskip("onnx")
 
-from leukoedge.export.onnx import class_probabilities, export_onnx, export_segmenter, on_blocked_path, split_channel_concats  # noqa: E402
+from leukoedge.export.onnx import (  # noqa: E402
+    class_probabilities,
+    constant_resize_scales,
+    export_onnx,
+    export_segmenter,
+    on_blocked_path,
+    split_channel_concats,
+)
 
 
 def test_class_probabilities_are_torchs_softmax_over_the_class_axis() -> None:
@@ -163,15 +170,62 @@ def test_a_concat_already_on_the_fast_path_is_left_byte_for_byte(tmp_path: Path)
     split_channel_concats(path)
     assert path.read_bytes() == before
     assert 32 in _conv_input_channels(path)
-def test_every_convolution_of_the_shipped_bundle_is_on_onnx_runtimes_fast_path(tmp_path: Path) -> None:
+def _upsampling_inputs(path: Path) -> list[list[str]]:
+    return [list(node.input) for node in onnx.load(path).graph.node if node.op_type == "Resize"]
+
+
+def test_upsampling_by_computed_sizes_becomes_constant_whole_scales_that_onnx_runtime_runs_blocked(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    path = tmp_path / "segmenter.onnx"
+    inputs = np.random.default_rng(3).normal(0.0, 1.0, (3, 3, 24, 32)).astype(np.float32)
+    assert export_segmenter(_ImageEnd(separable=False).eval(), inputs, path) < 1e-5  # held against torch after the rewrite
+    graph = onnx.load(path).graph
+    weights = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    upsamplings = _upsampling_inputs(path)
+    assert upsamplings and all(len(names) == 3 and weights[names[2]].tolist() == [1, 1, 2, 2] for names in upsamplings)
+    assert not [node for node in graph.node if node.op_type == "Shape"]  # what computed the sizes is gone
+    if not _blocked_by_onnx_runtime(16, tmp_path):
+        pytest.skip("this ONNX Runtime has no blocked (NCHWc) layout on this CPU")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx").graph.node
+    assert [node for node in optimized if node.op_type == "Upsample" and "nchwc" in node.domain]
+    assert not [node for node in optimized if node.op_type == "Resize"]
+
+
+def test_upsampling_to_a_size_that_is_no_whole_multiple_is_left_byte_for_byte(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+
+    class BackToNine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)  # 9 -> 5 px
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.interpolate(self.down(x), size=x.shape[2:], mode="bilinear", align_corners=False)
+
+    path = tmp_path / "model.onnx"
+    export_onnx(BackToNine(), torch.zeros(2, 3, 9, 9), path, "image", ["probs"])
+    before = path.read_bytes()
+    constant_resize_scales(path)
+    assert path.read_bytes() == before
+    assert all(len(names) == 4 and names[3] for names in _upsampling_inputs(path))  # still by its computed sizes
+
+
+def test_every_convolution_and_upsampling_of_the_shipped_bundle_is_on_onnx_runtimes_fast_path(tmp_path: Path) -> None:
     # 0.15.0's segmenter and refiner convolved the upsampled features and the image, 16 + 3 channels, in one (split from
-    # 0.16.0); the pass finds nothing left to split in the shipped graphs.
+    # 0.16.0), and upsampled by computed sizes (constant scales from 0.17.0); neither pass finds anything left to do.
     bundle = Path(__file__).resolve().parents[2] / "models" / "default"
     manifest = json.loads((bundle / "manifest.json").read_text())
     for model in ("segmenter", "refiner", "gate", "classifier"):
         shipped = bundle / manifest[model]["file"]
         assert not _off_the_blocked_path(_conv_input_channels(shipped)), model
+        assert all(len(names) == 3 for names in _upsampling_inputs(shipped)), model
         copy = tmp_path / shipped.name
         copy.write_bytes(shipped.read_bytes())
         split_channel_concats(copy)
+        constant_resize_scales(copy)
         assert copy.read_bytes() == shipped.read_bytes(), model

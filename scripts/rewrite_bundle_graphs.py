@@ -1,16 +1,17 @@
-"""A copy of a bundle whose FP32 ONNX graphs have no channel Concat off ONNX Runtime's fast path
-(export/onnx.split_channel_concats, which every export now runs), everything else kept: a bundle exported before
-that pass gets its speed without retraining or exporting again (docs/performance.md, "The image's concat split").
+"""A copy of a bundle whose FP32 ONNX graphs have had every rewrite that export now runs for ONNX Runtime's fast path
+(export/onnx.onto_fast_path: upsampling by constant whole scales, no channel Concat off the blocked path), everything
+else kept: a bundle exported before a rewrite gets its speed without retraining or exporting again
+(docs/performance.md, "The image's concat split" and "Constant upsampling scales").
 
-    python scripts/split_bundle_concats.py --bundle models/default --out DIR --version 0.16.0 \
+    python scripts/rewrite_bundle_graphs.py --bundle models/default --out DIR --version 0.17.0 \
         --change "what changed, for the manifest's changelog"
 
 Each rewritten model is checked against its original on the same inputs (at most export/onnx.PARITY_TOLERANCE apart;
-the split changes float rounding only), timed against it (printed: median ms a call, the two files' calls interleaved)
-and, where it has an INT8 file, timed again beside it, as `leukoedge calibrate` times them (calibration/speed.py), so
-that the manifest's precisions still say which precision is faster; a split that would switch a model's precision is
-refused. INT8 files are kept:
-they compute the same function, quantized from the graph before the split.
+the rewrites change float rounding only), timed against it (printed: median ms a call, the two files' calls
+interleaved) and, where it has an INT8 file, timed again beside it, as `leukoedge calibrate` times them
+(calibration/speed.py), so that the manifest's precisions still say which precision is faster; a rewrite that would
+switch a model's precision is refused. INT8 files are kept: they compute the same function, quantized from the graph
+before the rewrite. (Until bundle 0.17.0 it was split_bundle_concats.py and applied the concat split only.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from leukoedge.bundle import bundle_models, fastest_precision, load_bundle, save_bundle  # noqa: E402
 
 
-COMPARISON_RUNS = 300  # calls of each file, interleaved: the gain is a few per cent of a millisecond-long call
+COMPARISON_RUNS = 300  # calls of each file, interleaved: a gain can be a few per cent of a millisecond-long call
 
 
 def max_difference(before: Path, after: Path, inputs: np.ndarray) -> float:
@@ -43,10 +44,10 @@ def max_difference(before: Path, after: Path, inputs: np.ndarray) -> float:
     return max(float(np.abs(a - b).max()) for a, b in zip(*outputs))
 
 
-def split_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> dict[str, float]:
+def rewrite_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> dict[str, float]:
     """Write the copy to out_dir; returns each rewritten model's largest output difference from its original."""
     from leukoedge.calibration.speed import median_latency_ms
-    from leukoedge.export.onnx import PARITY_TOLERANCE, split_channel_concats
+    from leukoedge.export.onnx import PARITY_TOLERANCE, onto_fast_path
 
     bundle = load_bundle(bundle_dir)
     manifest = copy.deepcopy(bundle.manifest)
@@ -61,14 +62,14 @@ def split_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> 
             original = bundle.root / section["file"]
             rewritten = Path(scratch) / section["file"]
             shutil.copyfile(original, rewritten)
-            split_channel_concats(rewritten)
+            onto_fast_path(rewritten)
             if rewritten.read_bytes() == original.read_bytes():
                 continue
             batch = int(timing.get(f"{model}_batch", 1))
             inputs = np.random.default_rng(0).normal(0.0, 1.0, (batch, 3, *section["input_size"])).astype(np.float32)
             differences[model] = max_difference(original, rewritten, inputs)
             if differences[model] > PARITY_TOLERANCE:
-                raise RuntimeError(f"{model}: the split graph differs from the original by {differences[model]:.3g} (> {PARITY_TOLERANCE:g})")
+                raise RuntimeError(f"{model}: the rewritten graph differs from the original by {differences[model]:.3g} (> {PARITY_TOLERANCE:g})")
             files[section["file"]] = rewritten
             runs, threads = int(timing.get("runs", 20)), timing.get("threads")
             speed = median_latency_ms({"before": original, "after": rewritten}, inputs, runs=COMPARISON_RUNS, threads=threads)
@@ -82,7 +83,7 @@ def split_bundle(bundle_dir: Path, out_dir: Path, version: str, change: str) -> 
                     variants[precision]["median_ms"] = ms
                 after = fastest_precision(manifest, model)
                 if after != before:
-                    # A split that is meant to change float rounding only must not switch a model to another precision.
+                    # A rewrite that is meant to change float rounding only must not switch a model to another precision.
                     raise RuntimeError(f"{model}: timed again, {after} came out faster than {before} ({latency}); rerun on a quiet machine")
         manifest["model_version"] = version
         manifest.setdefault("changelog", {})[version] = change
@@ -97,10 +98,10 @@ def main() -> int:
     parser.add_argument("--version", required=True, help="the copy's model_version (a new one: its outputs move by float rounding)")
     parser.add_argument("--change", required=True, help="the copy's changelog entry")
     args = parser.parse_args()
-    differences = split_bundle(args.bundle, args.out, args.version, args.change)
+    differences = rewrite_bundle(args.bundle, args.out, args.version, args.change)
     for model, difference in differences.items():
-        print(f"{model}: split, outputs within {difference:.2g} of the original")
-    print(f"bundle {args.version} written to {args.out}" if differences else f"nothing to split; bundle {args.version} written to {args.out}")
+        print(f"{model}: rewritten, outputs within {difference:.2g} of the original")
+    print(f"bundle {args.version} written to {args.out}" if differences else f"nothing to rewrite; bundle {args.version} written to {args.out}")
     return 0
 
 
