@@ -324,7 +324,18 @@ def constant_resize_scales(path: Path) -> Path:
         raise ValueError(f"{path.name} keeps its weights in external data files: constant_resize_scales rewrites one file only")
     graph = model.graph
     weights = {tensor.name for tensor in graph.initializer}
-    resizes = [node for node in graph.node if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] and node.input[3] not in weights]
+    # Computed sizes only, stretched to them (the default policy: the scale on each axis is size / input), no region of
+    # interest (tf_crop_and_resize reads one): then sizes k times the input and scale k are the same Resize.
+    resizes = [
+        node
+        for node in graph.node
+        if node.op_type == "Resize"
+        and len(node.input) > 3
+        and node.input[3]
+        and node.input[3] not in weights
+        and _attribute(node, "keep_aspect_ratio_policy", b"stretch") in (b"stretch", "stretch")
+        and _attribute(node, "coordinate_transformation_mode", b"half_pixel") not in (b"tf_crop_and_resize", "tf_crop_and_resize")
+    ]
     if not resizes or len(graph.input) != 1:
         return path
     dims = graph.input[0].type.tensor_type.shape.dim
@@ -337,13 +348,16 @@ def constant_resize_scales(path: Path) -> Path:
     shape = (1, *(dim.dim_value for dim in dims[1:]))
     values = session.run(names, {graph.input[0].name: np.zeros(shape, np.float32)})
     shapes = {name: value.shape for name, value in zip(names, values)}
+    taken = weights | {name for node in graph.node for name in (*node.input, *node.output)}
     rewrites = 0
     for node in resizes:
         before, after = shapes[node.input[0]], shapes[node.output[0]]
         factors = [out // size if size and out % size == 0 else 0 for size, out in zip(before, after)]
         if len(factors) != 4 or factors[:2] != [1, 1] or not all(factors):
             continue
-        scales = numpy_helper.from_array(np.array(factors, np.float32), f"{node.output[0]}_scales")
+        name = next(f"{node.output[0]}_scales{suffix}" for suffix in ("", *range(1, len(taken) + 2)) if f"{node.output[0]}_scales{suffix}" not in taken)
+        taken.add(name)
+        scales = numpy_helper.from_array(np.array(factors, np.float32), name)
         graph.initializer.append(scales)
         node.input[2] = scales.name
         del node.input[3]
