@@ -155,6 +155,17 @@ def _subgraph_reads(graph: Any) -> set[str]:
     return names
 
 
+def _one_file_model(path: Path, rewrite: str) -> Any:
+    """The ONNX model of `path`, refused (ValueError) where its weights lie in external data files: a rewrite saves one
+    file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer):
+        raise ValueError(f"{path.name} keeps its weights in external data files: {rewrite} rewrites one file only")
+    return model
+
+
 def split_channel_concats(path: Path) -> Path:
     """Rewrite an ONNX file so that no dense convolution reads a channel Concat off ONNX Runtime's blocked path
     (_splits): the Concat is pushed through what reads it channel by channel (Relu, depthwise Conv: one per part,
@@ -165,10 +176,7 @@ def split_channel_concats(path: Path) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path), load_external_data=False)
-    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer):
-        raise ValueError(f"{path.name} keeps its weights in external data files: split_channel_concats rewrites one file only")
-    model = onnx.shape_inference.infer_shapes(model)
+    model = onnx.shape_inference.infer_shapes(_one_file_model(path, "split_channel_concats"))
     graph = model.graph
     channels = {
         value.name: value.type.tensor_type.shape.dim[1].dim_value
@@ -319,9 +327,7 @@ def constant_resize_scales(path: Path) -> Path:
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path), load_external_data=False)
-    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer):
-        raise ValueError(f"{path.name} keeps its weights in external data files: constant_resize_scales rewrites one file only")
+    model = _one_file_model(path, "constant_resize_scales")
     graph = model.graph
     weights = {tensor.name for tensor in graph.initializer}
     # Computed sizes only, stretched to them (the default policy: the scale on each axis is size / input), no region of
@@ -333,8 +339,8 @@ def constant_resize_scales(path: Path) -> Path:
         and len(node.input) > 3
         and node.input[3]
         and node.input[3] not in weights
-        and _attribute(node, "keep_aspect_ratio_policy", b"stretch") in (b"stretch", "stretch")
-        and _attribute(node, "coordinate_transformation_mode", b"half_pixel") not in (b"tf_crop_and_resize", "tf_crop_and_resize")
+        and _attribute(node, "keep_aspect_ratio_policy", b"stretch") == b"stretch"
+        and _attribute(node, "coordinate_transformation_mode", b"half_pixel") != b"tf_crop_and_resize"
     ]
     if not resizes or len(graph.input) != 1:
         return path
@@ -355,7 +361,10 @@ def constant_resize_scales(path: Path) -> Path:
         factors = [out // size if size and out % size == 0 else 0 for size, out in zip(before, after)]
         if len(factors) != 4 or factors[:2] != [1, 1] or not all(factors):
             continue
-        name = next(f"{node.output[0]}_scales{suffix}" for suffix in ("", *range(1, len(taken) + 2)) if f"{node.output[0]}_scales{suffix}" not in taken)
+        name, number = f"{node.output[0]}_scales", 0
+        while name in taken:
+            number += 1
+            name = f"{node.output[0]}_scales{number}"
         taken.add(name)
         scales = numpy_helper.from_array(np.array(factors, np.float32), name)
         graph.initializer.append(scales)
