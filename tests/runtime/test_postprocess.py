@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leukoedge.postprocess import MIN_PIECE_NUCLEUS_SHARE, cell_labels_in_frame, find_cells, frame_sampling, label_map_from_probabilities, merge_nested, split_touching
+from leukoedge.postprocess import MIN_PIECE_NUCLEUS_SHARE, _InstanceMap, _merge_nested, _model_boxes, _split_touching, cell_labels_in_frame, find_cells, frame_sampling, label_map_from_probabilities, merge_nested, split_touching
 from leukoedge.preprocess.cpu import fit_letterbox
 from leukoedge.result import BACKGROUND, CYTOPLASM, NUCLEUS
 
@@ -104,6 +104,35 @@ def test_split_touching_ignores_components_below_the_minimum_area():
     mask = np.zeros(MODEL_SIZE, np.uint8)
     mask[10:14, 10:14] = 1  # 16 px speck
     np.testing.assert_array_equal(split_touching(mask.astype(bool), MIN_AREA), np.zeros(MODEL_SIZE, np.int32))
+
+
+def test_the_cores_of_one_component_are_numbered_as_in_its_own_box():
+    # Two squares joined by a neck, their component's box starting at an odd row. connectedComponents numbers by
+    # two-row blocks: over the whole map the right square's core (a row higher) comes first, in the component's own box
+    # the left one. split_touching labels all cores at once and keeps the numbers of a component-by-component labelling.
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:30, 10:30] = 1
+    mask[9:30, 34:55] = 1
+    mask[19, 30:34] = 1
+    distance = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+    cores_over_the_map = cv2.connectedComponents((distance >= 0.6 * distance.max()).astype(np.uint8), connectivity=8)[1]
+    assert (cores_over_the_map[20, 20], cores_over_the_map[20, 44]) == (2, 1)
+    instances = split_touching(mask.astype(bool), MIN_AREA)
+    assert (instances[20, 20], instances[20, 44]) == (1, 2)
+
+
+def test_the_boxes_find_cells_takes_from_the_split_are_those_of_its_instance_map():
+    # find_cells reads the instances' pixels and boxes off the split; where nested pieces merged, each box is the union
+    # of its pieces' boxes.
+    instances, components = _nested_pieces()
+    merged = _merge_nested(_InstanceMap.of(instances), components)
+    split = _split_touching(instances > 0, MIN_AREA)
+    assert merged.instances[80, 80] == 1 and merged.count == 4  # piece 2 merged into the U
+    assert split.count > 0
+    for found in (merged, split):
+        np.testing.assert_array_equal(found.boxes, _model_boxes(found.instances, int(found.instances.max())))
+        np.testing.assert_array_equal(found.pixels, np.flatnonzero(found.instances))
+        np.testing.assert_array_equal(found.ids, found.instances.ravel()[found.pixels])
 
 
 def test_find_cells_drops_specks_and_maps_boxes_to_the_frame():
