@@ -27,7 +27,8 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the class axis (1) of Nx3xHxW logits, written out: it exports as ReduceMax, Sub, Exp, ReduceSum
     and Div, which ONNX Runtime's CPU runs in about a third of the time of its Softmax over an axis that is not
     the last (segmenter 16.6 -> 15.5 ms a frame, refiner 8.5 -> 6.4 ms for 16 crops; docs/performance.md, "The
-    softmax written out"). The same probabilities to float rounding (3e-8)."""
+    softmax written out"); onto_fast_path then splits its two reductions over the classes (split_class_reductions).
+    The same probabilities to float rounding (3e-8)."""
     exp = (logits - logits.amax(dim=1, keepdim=True)).exp()
     return exp / exp.sum(dim=1, keepdim=True)
 
@@ -91,10 +92,11 @@ def export_onnx(
 
 def onto_fast_path(path: Path) -> Path:
     """Every rewrite that puts an exported graph on ONNX Runtime's CPU fast path (its blocked NCHWc layout), each the
-    same function to float rounding: constant_resize_scales, then split_channel_concats. A graph neither changes is
-    left byte for byte."""
+    same function to float rounding: constant_resize_scales, split_channel_concats, then split_class_reductions. A graph
+    none of them changes is left byte for byte."""
     constant_resize_scales(path)
     split_channel_concats(path)
+    split_class_reductions(path)
     return path
 
 
@@ -420,3 +422,73 @@ def export_classifier(classifier: nn.Module, head_order: list[str], real_inputs:
     wrapped = ClassifierWithSoftmax(classifier, head_order)
     export_onnx(wrapped, torch.from_numpy(real_inputs[:2].astype(np.float32)), path, "crop", [f"{h}_probs" for h in head_order])
     return check_parity(wrapped, path, real_inputs, "crop")
+
+
+# class_probabilities' written-out softmax reduces over the class axis twice (ReduceMax, ReduceSum). ONNX Runtime's CPU
+# reduces a middle axis of three values slowly: the field segmenter's two took ~0.2 ms of its 5 (a 3x192x256 map;
+# ORT 1.32, 2-core x86). The class planes split apart and met elementwise (Max, Sum: one pass over them) are the same
+# values, bit for bit on every input tried (the sum is taken in the same order), for a few tenths of that time
+# (docs/performance.md, "The class axis split").
+MAX_SPLIT_CLASSES = 8
+
+
+def split_class_reductions(path: Path) -> Path:
+    """Rewrite an ONNX file so that every ReduceMax or ReduceSum over axis 1 alone, keeping it, of a tensor with at most
+    MAX_SPLIT_CLASSES channels (known from shape inference) becomes a Split of those channels and one elementwise
+    Max or Sum of the parts. A graph without such a reduction is left byte for byte; external data is refused
+    (ValueError), as split_channel_concats."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = _one_file_model(path, "split_class_reductions")
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    channels = {
+        value.name: value.type.tensor_type.shape.dim[1].dim_value
+        for value in [*inferred.value_info, *inferred.input, *inferred.output]
+        if len(value.type.tensor_type.shape.dim) > 1
+    }
+    graph = model.graph
+    weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    taken = set(weights) | {name for node in graph.node for name in (*node.input, *node.output, node.name)}
+
+    def fresh(base: str) -> str:
+        name, number = base, 0
+        while name in taken:
+            number += 1
+            name = f"{base}{number}"
+        taken.add(name)
+        return name
+
+    def splits(node: Any) -> bool:
+        axes = weights.get(node.input[1]) if len(node.input) > 1 else None
+        return (
+            node.op_type in ("ReduceMax", "ReduceSum")
+            and axes is not None
+            and axes.tolist() == [1]
+            and _attribute(node, "keepdims", 1) == 1
+            and 2 <= channels.get(node.input[0], 0) <= MAX_SPLIT_CLASSES
+        )
+
+    rebuilt, rewrites = [], 0
+    for node in graph.node:
+        if not splits(node):
+            rebuilt.append(node)
+            continue
+        parts = [fresh(f"{node.output[0]}_class{index}") for index in range(channels[node.input[0]])]
+        split = helper.make_node("Split", [node.input[0]], parts, name=fresh(f"{node.name}_split"), axis=1, num_outputs=len(parts))
+        meet = helper.make_node("Max" if node.op_type == "ReduceMax" else "Sum", parts, list(node.output), name=node.name)
+        for made in (split, meet):
+            made.metadata_props.extend(node.metadata_props)
+        rebuilt += [split, meet]
+        rewrites += 1
+    if not rewrites:
+        return path  # the file as it was, byte for byte
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    read = {name for node in graph.node for name in node.input} | _subgraph_reads(graph)
+    kept = [tensor for tensor in graph.initializer if tensor.name in read]  # the axes only the reductions read
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

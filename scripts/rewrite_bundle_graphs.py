@@ -1,9 +1,10 @@
 """A copy of a bundle whose FP32 ONNX graphs have had every rewrite that export now runs for ONNX Runtime's fast path
-(export/onnx.onto_fast_path: upsampling by constant whole scales, no channel Concat off the blocked path), everything
-else kept: a bundle exported before a rewrite gets its speed without retraining or exporting again
-(docs/performance.md, "The image's concat split" and "Constant upsampling scales").
+(export/onnx.onto_fast_path: upsampling by constant whole scales, no channel Concat off the blocked path, no reduction
+over a few classes' axis), everything else kept: a bundle exported before a rewrite gets its speed without retraining or
+exporting again (docs/performance.md, "The image's concat split", "Constant upsampling scales" and "The class axis
+split").
 
-    python scripts/rewrite_bundle_graphs.py --bundle models/default --out DIR --version 0.17.0 \
+    python scripts/rewrite_bundle_graphs.py --bundle models/default --out DIR --version 0.18.0 \
         --change "what changed, for the manifest's changelog"
 
 Each rewritten model is checked against its original on the same inputs (at most export/onnx.PARITY_TOLERANCE apart;

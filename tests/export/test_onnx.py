@@ -1,6 +1,7 @@
 """export/onnx.py: the segmenters' softmax written out, the same probabilities as torch's, and no Softmax over the
 class axis in the exported graph (ONNX Runtime's CPU runs that one several times slower); no convolution over a channel
-count off ONNX Runtime's blocked fast path (split_channel_concats), no upsampling by computed sizes (constant_resize_scales)."""
+count off ONNX Runtime's blocked fast path (split_channel_concats), no upsampling by computed sizes (constant_resize_scales),
+no reduction over a few classes' axis (split_class_reductions)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from leukoedge.export.onnx import (  # noqa: E402
     export_segmenter,
     on_blocked_path,
     split_channel_concats,
+    split_class_reductions,
 )
 
 
@@ -40,7 +42,9 @@ def test_an_exported_segmenter_has_no_softmax_over_its_class_axis(tmp_path: Path
     assert parity < 1e-5
     graph = onnx.load(tmp_path / "segmenter.onnx").graph
     assert not [node for node in graph.node if node.op_type == "Softmax"]
-    assert {"ReduceMax", "Exp", "ReduceSum", "Div"} <= {node.op_type for node in graph.node}
+    # written out, its reductions over the three classes split apart (split_class_reductions)
+    assert {"Split", "Max", "Exp", "Sum", "Div"} <= {node.op_type for node in graph.node}
+    assert not [node for node in graph.node if node.op_type in ("ReduceMax", "ReduceSum")]
 
 
 def test_an_exported_model_carries_no_stack_trace_of_the_machine_that_exported_it(tmp_path: Path) -> None:
@@ -217,7 +221,8 @@ def test_upsampling_to_a_size_that_is_no_whole_multiple_is_left_byte_for_byte(tm
 
 def test_every_convolution_and_upsampling_of_the_shipped_bundle_is_on_onnx_runtimes_fast_path(tmp_path: Path) -> None:
     # 0.15.0's segmenter and refiner convolved the upsampled features and the image, 16 + 3 channels, in one (split from
-    # 0.16.0), and upsampled by computed sizes (constant scales from 0.17.0); neither pass finds anything left to do.
+    # 0.16.0), upsampled by computed sizes (constant scales from 0.17.0) and reduced over their three classes (split
+    # from 0.18.0); no pass finds anything left to do.
     bundle = Path(__file__).resolve().parents[2] / "models" / "default"
     manifest = json.loads((bundle / "manifest.json").read_text())
     for model in ("segmenter", "refiner", "gate", "classifier"):
@@ -228,4 +233,51 @@ def test_every_convolution_and_upsampling_of_the_shipped_bundle_is_on_onnx_runti
         copy.write_bytes(shipped.read_bytes())
         split_channel_concats(copy)
         constant_resize_scales(copy)
+        split_class_reductions(copy)
         assert copy.read_bytes() == shipped.read_bytes(), model
+
+
+def _reductions_graph(channels: int, axes: list[int]) -> "onnx.ModelProto":
+    """The written-out softmax of class_probabilities as the exporter writes it: ReduceMax, Sub, Exp, ReduceSum, Div over
+    `axes` of an N x channels x 6 x 7 input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMax", ["logits", "axes"], ["top"], keepdims=1),
+        helper.make_node("Sub", ["logits", "top"], ["shifted"]),
+        helper.make_node("Exp", ["shifted"], ["exp"]),
+        helper.make_node("ReduceSum", ["exp", "axes"], ["total"], keepdims=1),
+        helper.make_node("Div", ["exp", "total"], ["probs"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "softmax",
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", channels, 6, 7])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", channels, 6, 7])],
+        [numpy_helper.from_array(np.array(axes, np.int64), "axes")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_the_class_reductions_split_apart_give_the_same_probabilities_bit_for_bit(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "softmax.onnx"
+    onnx.save(_reductions_graph(3, [1]), path)
+    logits = np.random.default_rng(5).normal(0.0, 20.0, (4, 3, 6, 7)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"logits": logits})[0]
+    split_class_reductions(path)
+    graph = onnx.load(path).graph
+    assert [node.op_type for node in graph.node] == ["Split", "Max", "Sub", "Exp", "Split", "Sum", "Div"]
+    assert not graph.initializer  # the axes only the reductions read went with them
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"logits": logits})[0]
+    assert np.array_equal(after, before)
+
+
+@pytest.mark.parametrize("channels, axes", [(32, [1]), (3, [2, 3]), (3, [1, 2])])
+def test_a_reduction_over_many_channels_or_other_axes_is_left_byte_for_byte(tmp_path: Path, channels: int, axes: list[int]) -> None:
+    # e.g. the classifier's spatial attention (the channels' max of 32-96 channels) and its channel attention (over H, W)
+    path = tmp_path / "softmax.onnx"
+    onnx.save(_reductions_graph(channels, axes), path)
+    before = path.read_bytes()
+    split_class_reductions(path)
+    assert path.read_bytes() == before
