@@ -407,3 +407,14 @@ def test_a_region_cut_from_a_halving_stays_square_and_inside_the_frame():
             assert 0 <= left and right <= image.shape[1], (x0, side)
         if 0 <= y0 and y0 + side <= 1944:
             assert 0 <= top and bottom <= image.shape[0], (y0, side)
+
+
+@pytest.mark.parametrize("channel_order", ["BGR", "RGB"])
+def test_to_rgb_float_is_the_pixels_over_255_in_rgb_order_and_a_copy(channel_order: str) -> None:
+    frame = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    for image in (frame, frame[5:30, 7:41]):  # a whole frame and a view of part of it (rows not contiguous)
+        rgb = to_rgb_float(image, channel_order)
+        expected = (image[..., ::-1] if channel_order == "BGR" else image).astype(np.float32) * np.float32(1.0 / 255.0)
+        assert rgb.dtype == np.float32 and rgb.flags.c_contiguous
+        assert np.array_equal(rgb, expected)
+        assert not np.shares_memory(rgb, image)
