@@ -6,6 +6,7 @@ import functools
 import math
 import numbers
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,14 +21,14 @@ from .frame import check_channel_order, min_judged_side, too_small_reason, valid
 from .postprocess import CellInstance, find_cells, fragments, label_map_from_probabilities
 from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
 from .refine import cells_to_refine, refine_cells
-from .decode import pixel_jpeg_quality
 from .domain import (
     ENLARGED_CELL_SIDE_PX,
     SWAP_MARGIN,
     cell_detail,
-    domain_scores,
-    incomplete_rows,
+    cell_scores,
+    frame_scores,
     large_cut_cells,
+    merged_scores,
     outside_domain,
     swapped_colour_gain,
     tear_score,
@@ -151,6 +152,13 @@ def make_preprocessor(name: str, spec: PreprocessSpec, input_size: Sequence[int]
     raise InvalidArgumentError(f"unknown preprocess {name!r}; expected one of {', '.join(PREPROCESSORS)}")
 
 
+def _timed(function: Callable[..., dict[str, float]], *args: object, **kwargs: object) -> tuple[dict[str, float], float]:
+    """function(*args, **kwargs) and the ms it took."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, (time.perf_counter() - started) * 1000.0
+
+
 @contextmanager
 def _stopwatch(timings: Timings, stage: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -212,6 +220,13 @@ class Detector:
         check_models(manifest, backends, {model: source_file(bundle, model, p, backend) for model, p in self.precisions.items()})
         self.backend_name = backend
         self.closed = False
+        self._check_thread: ThreadPoolExecutor | None = None
+
+    def _beside(self) -> ThreadPoolExecutor:
+        """The one thread the domain check runs on beside the segmenter and the classifier (started at the first frame)."""
+        if self._check_thread is None:
+            self._check_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukoedge-check")
+        return self._check_thread
 
     @classmethod
     def load(
@@ -245,6 +260,9 @@ class Detector:
         BackendUnavailableError. Closing twice is harmless."""
         self.segmenter = self.classifier = self.refiner = self.gate = None
         self.prepare_frame = None
+        if self._check_thread is not None:
+            self._check_thread.shutdown()
+            self._check_thread = None
         self.closed = True
 
     def __enter__(self) -> "Detector":
@@ -274,24 +292,33 @@ class Detector:
         if too_small := too_small_reason(frame, self.min_judged_side):
             return self.not_judged(frame, STATUS_TOO_SMALL, too_small, timings, started)
         with _stopwatch(timings, "preprocess"):
-            incomplete = incomplete_rows(frame) if self.domain_spec else 0.0  # measured as captured, before any correction
-            in_pixels = pixel_jpeg_quality(frame) if self.domain_spec else None  # as captured too: evening divides the lattice away
             corrected = corrected_frame(frame)
-            frame = corrected.frame  # every later stage reads it, as training did
-        found = self.candidates(frame, timings)
-        instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
-        domain = {}
+            captured, frame = frame, corrected.frame  # every later stage reads the corrected frame, as training did
+            prepared = self.prepare_frame(frame)
+        # The domain check runs on a thread of its own, its frame scores beside the segmenter's call and its cell scores
+        # beside the classifier's: ONNX Runtime's two threads leave a core idle a third of those calls (1.4-1.5x one
+        # thread's speed, 2-core x86), and the check's numpy and OpenCV work releases the interpreter. The same scores;
+        # check_ms is the check's own time, which overlaps segment_ms and classify_ms.
+        frame_part = None
         if self.domain_spec:
-            with _stopwatch(timings, "check"):
-                domain = domain_scores(
-                    self.domain_spec, frame, found.prepared, self.spec, found.probabilities, [cell.box for cell in instances],
-                    jpeg_quality=jpeg_quality, illumination_falloff=corrected.falloff, outside_field=corrected.outside_field,
-                    incomplete=incomplete, pixel_jpeg_quality=in_pixels, dark=corrected.dark_share,
-                )
+            frame_part = self._beside().submit(
+                _timed, frame_scores, self.domain_spec, captured, frame, prepared, self.spec,
+                jpeg_quality=jpeg_quality, illumination_falloff=corrected.falloff, outside_field=corrected.outside_field, dark=corrected.dark_share,
+            )  # fmt: skip
+        found = self.candidates(frame, timings, prepared)
+        instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
+        cell_part = None
+        if self.domain_spec:
+            cell_part = self._beside().submit(_timed, cell_scores, self.domain_spec, frame, prepared, found.probabilities, [cell.box for cell in instances])
         with _stopwatch(timings, "classify"):
             if crops is None:
                 crops = self.cell_crops(frame, found.prepared, instances)
             cells = self.classify(instances, crops)
+        domain = {}
+        if frame_part is not None and cell_part is not None:
+            (frame_checked, frame_ms), (cells_checked, cells_ms) = frame_part.result(), cell_part.result()
+            domain = merged_scores(frame_checked, cells_checked)
+            timings.check_ms += frame_ms + cells_ms
         verdict = self.judge(cells, non_wbc_count, domain)
         if verdict.flagged and self.domain_spec:
             # A flag is checked once more: are its colours a swapped frame's, is it torn, does it rest on cells cut by
@@ -323,14 +350,15 @@ class Detector:
             model_version=self.bundle.model_version,
         )
 
-    def candidates(self, frame: np.ndarray, timings: Timings | None = None) -> Candidates:
+    def candidates(self, frame: np.ndarray, timings: Timings | None = None, prepared: PreparedFrame | None = None) -> Candidates:
         """Everything the segmenter found in a validated frame, before the gate and the refiner: the cell
         proposals the gate and `leukoedge adapt` work on (the gate reads crops cut around the boxes found here,
-        so refinement changes nothing it sees)."""
+        so refinement changes nothing it sees). prepared: the frame already preprocessed (prepare_frame), or None."""
         self._require_open()
         timings = Timings() if timings is None else timings
-        with _stopwatch(timings, "preprocess"):
-            prepared = self.prepare_frame(frame)
+        if prepared is None:
+            with _stopwatch(timings, "preprocess"):
+                prepared = self.prepare_frame(frame)
         with _stopwatch(timings, "segment"):
             probabilities = self.segmenter.run({self.segmenter_spec["input"]: prepared.tensor})[self.segmenter_spec["output"]][0]
         with _stopwatch(timings, "postprocess"):

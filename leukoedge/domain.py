@@ -71,6 +71,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from .decode import pixel_jpeg_quality
 from .preprocess.cpu import DARK_LEVEL, MAX_DARK_SHARE, STAGED_SHRINK_REST, Box, PreparedFrame, PreprocessSpec, dark_share, prepare_frame, region_source, resize, shrink_frame, whole_block
 
 COLOUR_FEATURES = ("L_a_correlation", "L_b_correlation", "a_b_correlation")  # what fit_domain fits now
@@ -562,41 +563,50 @@ def noise_level(frame: np.ndarray, boxes: Sequence[Box]) -> float | None:
     return frame_noise(frame) / max(1.0, side / FOCUS_SIZE)
 
 
-def domain_scores(
+def frame_scores(
     spec: dict[str, Any],
+    captured: np.ndarray,
     frame: np.ndarray,
     prepared: PreparedFrame,
     preprocess: PreprocessSpec,
-    probabilities: np.ndarray,
-    cell_boxes: Sequence[Box] = (),
     jpeg_quality: int | None = None,
     illumination_falloff: float | None = None,
     outside_field: float = 0.0,
-    incomplete: float = 0.0,
-    pixel_jpeg_quality: int | None = None,
     dark: float | None = None,
 ) -> dict[str, float]:
-    """The frame's domain-check scores, `frame` being the corrected one the models read (preprocess.cpu.corrected_frame):
-    - colour distance, segmenter uncertainty, the black left inside the field (dark_share), chroma spread (bundles with
-      a stain step);
-    - where it has white cells (cell_boxes: the cells the gate kept), their median side and (bundles with a focus
-      check, a noise check) their edge width and the noise they carry, read from the frame's own pixels;
-    - how evenly its steepest edges run every way (edge_isotropy, the motion check);
-    - passed in, measured on the frame as captured: the JPEG quality of its file (bundles with the compression check)
-      and of its pixels (decode.pixel_jpeg_quality), its light's falloff (preprocess.cpu.illumination_falloff), the
-      share of it outside the field of view and filled (preprocess.cpu.fill_outside_field), and its longest run of flat
-      or repeating rows (incomplete_rows);
-    - dark: the frame's dark share where already read (preprocess.cpu.CorrectedFrame.dark_share)."""
+    """The domain-check scores read before the segmenter runs, from the frame as captured (`captured`: its longest run
+    of flat or repeating rows, incomplete_rows; the JPEG quality its pixels hold, decode.pixel_jpeg_quality), the
+    corrected frame the models read (preprocess.cpu.corrected_frame: the black left inside the field, dark_share; how
+    evenly its steepest edges run every way, edge_isotropy) and the segmenter's input (colour distance; chroma spread,
+    bundles with a stain step); passed in: the JPEG quality of its file (bundles with the compression check), its
+    light's falloff (preprocess.cpu.illumination_falloff), the share of it outside the field of view and filled
+    (preprocess.cpu.fill_outside_field), and its dark share where already read (CorrectedFrame.dark_share)."""
     scores = {
         "colour_distance": colour_distance(spec, colour_features(prepared, preprocess, feature_names(spec))),
-        "uncertainty": segmenter_uncertainty(prepared, probabilities),
         "dark_share": dark_share(frame) if dark is None else float(dark),
         "outside_field": float(outside_field),
-        "incomplete_rows": float(incomplete),
+        "incomplete_rows": float(incomplete_rows(captured)),
     }
     chroma = chroma_spread(prepared)
     if chroma is not None:
         scores["chroma_spread"] = chroma
+    if (isotropy := edge_isotropy(frame, prepared.halved)) is not None:
+        scores["edge_isotropy"] = isotropy
+    if "min_jpeg_quality" in spec and jpeg_quality is not None:
+        scores["jpeg_quality"] = float(jpeg_quality)
+    if (in_pixels := pixel_jpeg_quality(captured)) is not None:
+        scores["pixel_jpeg_quality"] = float(in_pixels)
+    if illumination_falloff is not None:
+        scores["illumination_falloff"] = float(illumination_falloff)
+    return scores
+
+
+def cell_scores(spec: dict[str, Any], frame: np.ndarray, prepared: PreparedFrame, probabilities: np.ndarray, cell_boxes: Sequence[Box] = ()) -> dict[str, float]:
+    """The domain-check scores read from the segmenter's output and the white cells (cell_boxes: the cells the gate
+    kept): the segmenter's uncertainty; where there are white cells, their median side and (bundles with a focus check,
+    a noise check) their edge width and the noise they carry, read from the frame's own pixels; where there are none,
+    the share of the frame the segmenter marks as white cell (foreground_share)."""
+    scores = {"uncertainty": segmenter_uncertainty(prepared, probabilities)}
     side = median_cell_side(cell_boxes)
     if side is not None:
         scores["cell_side_px"] = side
@@ -606,15 +616,42 @@ def domain_scores(
         scores["edge_width"] = width
     if "max_noise" in spec and (noise := noise_level(frame, cell_boxes)) is not None:
         scores["noise"] = noise
-    if (isotropy := edge_isotropy(frame, prepared.halved)) is not None:
-        scores["edge_isotropy"] = isotropy
-    if "min_jpeg_quality" in spec and jpeg_quality is not None:
-        scores["jpeg_quality"] = float(jpeg_quality)
-    if pixel_jpeg_quality is not None:
-        scores["pixel_jpeg_quality"] = float(pixel_jpeg_quality)
-    if illumination_falloff is not None:
-        scores["illumination_falloff"] = float(illumination_falloff)
     return scores
+
+
+# The order of a frame's scores in its verdict (Verdict.domain, the result JSON): frame_scores' and cell_scores' merged.
+SCORE_ORDER = (
+    "colour_distance", "uncertainty", "dark_share", "outside_field", "incomplete_rows", "chroma_spread", "cell_side_px", "empty_foreground",
+    "edge_width", "noise", "edge_isotropy", "jpeg_quality", "pixel_jpeg_quality", "illumination_falloff",
+)
+
+
+def merged_scores(frame_part: dict[str, float], cell_part: dict[str, float]) -> dict[str, float]:
+    """A frame's frame_scores and cell_scores as one dict, in SCORE_ORDER."""
+    both = {**frame_part, **cell_part}
+    return {key: both[key] for key in SCORE_ORDER if key in both}
+
+
+def domain_scores(
+    spec: dict[str, Any],
+    captured: np.ndarray,
+    frame: np.ndarray,
+    prepared: PreparedFrame,
+    preprocess: PreprocessSpec,
+    probabilities: np.ndarray,
+    cell_boxes: Sequence[Box] = (),
+    jpeg_quality: int | None = None,
+    illumination_falloff: float | None = None,
+    outside_field: float = 0.0,
+    dark: float | None = None,
+) -> dict[str, float]:
+    """Every domain-check score of a frame (frame_scores and cell_scores merged): `captured` the frame as captured,
+    `frame` the corrected one the models read (preprocess.cpu.corrected_frame). Detector.run computes the two parts
+    on a thread of their own, beside the segmenter and the classifier."""
+    return merged_scores(
+        frame_scores(spec, captured, frame, prepared, preprocess, jpeg_quality, illumination_falloff, outside_field, dark),
+        cell_scores(spec, frame, prepared, probabilities, cell_boxes),
+    )
 
 
 DOMAIN_CHECKS = (

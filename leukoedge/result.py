@@ -119,7 +119,9 @@ class Cell:
 
 @dataclass
 class Timings:
-    """Milliseconds per stage; capture is set only when leukoedge itself read the frame."""
+    """Milliseconds per stage; capture is set only when leukoedge itself read the frame. The domain check runs on a
+    thread of its own beside the segmenter and the classifier (Detector.run): check_ms is its own time, which overlaps
+    segment_ms and classify_ms; the other stages run one after another, and total_ms is the frame's time from end to end."""
 
     capture_ms: float | None = None
     preprocess_ms: float = 0.0

@@ -116,8 +116,44 @@ def test_timings_cover_every_stage_and_the_total_includes_them(bccd_result):
     timings = bccd_result.timings
     assert set(timings) == {*STAGES, "total"}  # no capture stage: the caller read the frame
     assert all(ms >= 0.0 for ms in timings.values())
-    # total also covers frame validation, so it is at least the sum of the stages.
-    assert timings["total"] >= sum(timings[stage] for stage in STAGES)
+    # total also covers frame validation, so it is at least the sum of the stages that run one after another; the
+    # domain check runs beside the segmenter and the classifier, its time overlapping theirs.
+    assert timings["total"] >= sum(timings[stage] for stage in STAGES if stage != "check")
+    assert timings["check"] <= timings["total"]
+
+
+def test_the_domain_check_thread_gives_the_scores_run_in_turn_and_stops_with_the_detector(bccd_frame):
+    import threading
+
+    from leukoedge import default_bundle
+    from leukoedge.domain import domain_scores
+    from leukoedge.preprocess.cpu import corrected_frame
+
+    with Detector.load(default_bundle()) as det:
+        result = det.run(bccd_frame)
+        corrected = corrected_frame(bccd_frame)
+        found = det.candidates(corrected.frame)
+        cells, _, _, _ = det.white_cells(corrected.frame, found)
+        in_turn = domain_scores(
+            det.domain_spec, bccd_frame, corrected.frame, found.prepared, det.spec, found.probabilities, [cell.box for cell in cells],
+            illumination_falloff=corrected.falloff, outside_field=corrected.outside_field, dark=corrected.dark_share,
+        )
+        assert list(result.verdict.domain) == list(in_turn) and result.verdict.domain == in_turn  # the same scores, in order
+        assert any(thread.name.startswith("leukoedge-check") for thread in threading.enumerate())
+    assert not any(thread.name.startswith("leukoedge-check") for thread in threading.enumerate())
+
+
+def test_an_error_in_the_domain_check_reaches_the_caller(bccd_frame, monkeypatch):
+    import leukoedge.detector as detector_module
+    from leukoedge import default_bundle
+
+    def broken(*args, **kwargs):
+        raise ValueError("the check failed")
+
+    monkeypatch.setattr(detector_module, "cell_scores", broken)
+    with Detector.load(default_bundle()) as det:
+        with pytest.raises(ValueError, match="the check failed"):
+            det.run(bccd_frame)
 
 
 def test_capture_time_is_reported_when_given(detector, bccd_frame):
