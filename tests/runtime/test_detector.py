@@ -143,6 +143,15 @@ def test_the_domain_check_thread_gives_the_scores_run_in_turn_and_stops_with_the
     assert not any(thread.name.startswith("leukoedge-check") for thread in threading.enumerate())
 
 
+def test_candidates_of_a_frame_prepared_before_are_those_it_prepares_itself(detector, bccd_frame):
+    from leukoedge.preprocess.cpu import corrected_frame
+
+    frame = corrected_frame(bccd_frame).frame
+    own, given = detector.candidates(frame), detector.candidates(frame, prepared=detector.prepare_frame(frame))
+    assert np.array_equal(own.probabilities, given.probabilities) and np.array_equal(own.label_map, given.label_map)
+    assert [cell.box for cell in own.instances] == [cell.box for cell in given.instances]
+
+
 def test_an_error_in_the_domain_check_reaches_the_caller(bccd_frame, monkeypatch):
     import leukoedge.detector as detector_module
     from leukoedge import default_bundle
