@@ -304,7 +304,7 @@ class Detector:
             frame_part = self._beside().submit(
                 _timed, frame_scores, self.domain_spec, captured, frame, prepared, self.spec,
                 jpeg_quality=jpeg_quality, illumination_falloff=corrected.falloff, outside_field=corrected.outside_field, dark=corrected.dark_share,
-            )  # fmt: skip
+            )
         found = self.candidates(frame, timings, prepared)
         instances, label_map, non_wbc_count, crops = self.white_cells(frame, found, timings)
         cell_part = None
