@@ -366,8 +366,8 @@ def corrected_frame(frame: np.ndarray) -> CorrectedFrame:
 def to_rgb_float(image: np.ndarray, channel_order: str = "BGR") -> np.ndarray:
     """uint8 image in the given order -> float32 RGB in [0, 1]."""
     # The channels swapped by OpenCV on the uint8 pixels, then one contiguous cast: the same values as numpy's cast of
-    # the channel-reversed view, in an eighth of its time (0.25 -> 0.03 ms for a 192x192 frame, 0.58 -> 0.07 for 20
-    # crops of 64x64; 2-core x86).
+    # the channel-reversed view, in about a seventh of its time (0.15 -> 0.02 ms for a 192x192 frame, 0.33 -> 0.05 for
+    # 20 crops of 64x64; 2-core x86, scripts/runtime_parts_speed.py).
     image = np.ascontiguousarray(image)
     rgb = (cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if channel_order == "BGR" else image).astype(np.float32)  # always a copy
     rgb *= np.float32(1.0 / 255.0)  # in place: a batch of crops is megabytes, each new array page-faults anew
