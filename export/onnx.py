@@ -168,6 +168,26 @@ def _one_file_model(path: Path, rewrite: str) -> Any:
     return model
 
 
+def _channel_counts(graph: Any) -> dict[str, int]:
+    """Each tensor's channel count (dimension 1) where the graph's inputs, outputs and inferred shapes give it (0 where
+    that dimension is not a fixed number)."""
+    return {
+        value.name: value.type.tensor_type.shape.dim[1].dim_value
+        for value in [*graph.value_info, *graph.input, *graph.output]
+        if len(value.type.tensor_type.shape.dim) > 1
+    }
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base` with the lowest number after it that no name in `taken` has; added to `taken`."""
+    name, number = base, 0
+    while name in taken:
+        number += 1
+        name = f"{base}{number}"
+    taken.add(name)
+    return name
+
+
 def split_channel_concats(path: Path) -> Path:
     """Rewrite an ONNX file so that no dense convolution reads a channel Concat off ONNX Runtime's blocked path
     (_splits): the Concat is pushed through what reads it channel by channel (Relu, depthwise Conv: one per part,
@@ -180,11 +200,7 @@ def split_channel_concats(path: Path) -> Path:
 
     model = onnx.shape_inference.infer_shapes(_one_file_model(path, "split_channel_concats"))
     graph = model.graph
-    channels = {
-        value.name: value.type.tensor_type.shape.dim[1].dim_value
-        for value in [*graph.value_info, *graph.input, *graph.output]
-        if len(value.type.tensor_type.shape.dim) > 1
-    }
+    channels = _channel_counts(graph)
     weights = {tensor.name: tensor for tensor in graph.initializer}
     graph_inputs = {value.name for value in graph.input}
     kept_names = {*graph_inputs, *(value.name for value in graph.output), *(value.name for value in graph.value_info), *weights}
@@ -363,12 +379,7 @@ def constant_resize_scales(path: Path) -> Path:
         factors = [out // size if size and out % size == 0 else 0 for size, out in zip(before, after)]
         if len(factors) != 4 or factors[:2] != [1, 1] or not all(factors):
             continue
-        name, number = f"{node.output[0]}_scales", 0
-        while name in taken:
-            number += 1
-            name = f"{node.output[0]}_scales{number}"
-        taken.add(name)
-        scales = numpy_helper.from_array(np.array(factors, np.float32), name)
+        scales = numpy_helper.from_array(np.array(factors, np.float32), _fresh_name(f"{node.output[0]}_scales", taken))
         graph.initializer.append(scales)
         node.input[2] = scales.name
         del node.input[3]
@@ -441,23 +452,10 @@ def split_class_reductions(path: Path) -> Path:
     from onnx import helper, numpy_helper
 
     model = _one_file_model(path, "split_class_reductions")
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    channels = {
-        value.name: value.type.tensor_type.shape.dim[1].dim_value
-        for value in [*inferred.value_info, *inferred.input, *inferred.output]
-        if len(value.type.tensor_type.shape.dim) > 1
-    }
+    channels = _channel_counts(onnx.shape_inference.infer_shapes(model).graph)
     graph = model.graph
     weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
     taken = set(weights) | {name for node in graph.node for name in (*node.input, *node.output, node.name)}
-
-    def fresh(base: str) -> str:
-        name, number = base, 0
-        while name in taken:
-            number += 1
-            name = f"{base}{number}"
-        taken.add(name)
-        return name
 
     def splits(node: Any) -> bool:
         axes = weights.get(node.input[1]) if len(node.input) > 1 else None
@@ -474,8 +472,8 @@ def split_class_reductions(path: Path) -> Path:
         if not splits(node):
             rebuilt.append(node)
             continue
-        parts = [fresh(f"{node.output[0]}_class{index}") for index in range(channels[node.input[0]])]
-        split = helper.make_node("Split", [node.input[0]], parts, name=fresh(f"{node.name}_split"), axis=1, num_outputs=len(parts))
+        parts = [_fresh_name(f"{node.output[0]}_class{index}", taken) for index in range(channels[node.input[0]])]
+        split = helper.make_node("Split", [node.input[0]], parts, name=_fresh_name(f"{node.name}_split", taken), axis=1, num_outputs=len(parts))
         meet = helper.make_node("Max" if node.op_type == "ReduceMax" else "Sum", parts, list(node.output), name=node.name)
         for made in (split, meet):
             made.metadata_props.extend(node.metadata_props)

@@ -297,8 +297,8 @@ class Detector:
             prepared = self.prepare_frame(frame)
         # The domain check runs on a thread of its own, its frame scores beside the segmenter's call and its cell scores
         # beside the classifier's: ONNX Runtime's two threads leave a core idle a third of those calls (1.3-1.4x one
-        # thread's speed, 2-core x86, scripts/runtime_parts_speed.py), and the check's numpy and OpenCV work releases the interpreter. The same scores;
-        # check_ms is the check's own time, which overlaps segment_ms and classify_ms.
+        # thread's speed, 2-core x86, scripts/runtime_parts_speed.py), and the check's numpy and OpenCV work releases
+        # the interpreter. The same scores; check_ms is the check's own time, which overlaps segment_ms and classify_ms.
         frame_part = None
         if self.domain_spec:
             frame_part = self._beside().submit(
