@@ -417,6 +417,9 @@ SECTIONS: dict[str, Section] = {
             "classes": _names("class names (not_wbc, wbc)", 2),
             "architecture": _text("an architecture name"),
             "threshold": _number(0.0, 1.0),
+            # a proposal at the frame's edge its crop does not pass is read again mirrored whole, and kept at this
+            # p(wbc) (Detector.gate_keeps); absent: no second reading (bundles before 0.19.0)
+            "edge_whole_threshold": _number(0.0, 1.0, optional=True),
             # classifier head -> its classes that are not white cells (a gated cell is never named one)
             "not_white_cell_classes": Key(
                 lambda value: isinstance(value, dict) and all(_is_text(head) and _is_names()(names) for head, names in value.items()),
@@ -949,6 +952,11 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(
             f"gate: {gate['architecture']} ({gate['file']}), white cell or not on the classifier's crops; "
             f"a proposal is a white cell at p(wbc) >= {gate['threshold']:.3f}"
+            + (
+                f"; one at the frame's edge showing at least half a cell, read again mirrored whole, at p(wbc) >= {gate['edge_whole_threshold']:g}"
+                if "edge_whole_threshold" in gate
+                else ""
+            )
         )
     if "domain" in manifest:
         domain = manifest["domain"]

@@ -19,7 +19,7 @@ from .bundle import Bundle, bundle_models, check_models, fastest_precision, load
 from .errors import BackendUnavailableError, InvalidArgumentError, LeukoedgeError
 from .frame import check_channel_order, min_judged_side, too_small_reason, validate_frame
 from .postprocess import CellInstance, find_cells, fragments, label_map_from_probabilities
-from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, prepare_crops, prepare_frame
+from .preprocess.cpu import Box, PreparedFrame, PreprocessSpec, corrected_frame, mirrored_at_edges, prepare_crops, prepare_frame, shows_half, touches_edge
 from .refine import cells_to_refine, refine_cells
 from .domain import (
     ENLARGED_CELL_SIDE_PX,
@@ -388,7 +388,7 @@ class Detector:
         if self.gate is not None:
             with _stopwatch(timings, "gate"):
                 crops = self.cell_crops(frame, found.prepared, proposals)
-                keep = self.white_cell_probabilities(crops) >= self.gate_spec["threshold"]
+                keep = self.gate_keeps(frame, found.prepared, proposals, crops)
         kept = np.flatnonzero(keep)
         keep[kept[fragments([proposals[index] for index in kept])]] = False  # a piece of a white cell is not one
         kept = np.flatnonzero(keep)
@@ -400,6 +400,32 @@ class Detector:
         else:
             cells, label_map = [proposals[index] for index in kept], found.label_map if keep.all() else without_rejected(found, keep)
         return cells, label_map, int((~keep).sum()), None if crops is None else crops[kept]
+
+    def gate_keeps(self, frame: np.ndarray, prepared: PreparedFrame, proposals: list[CellInstance], crops: np.ndarray) -> np.ndarray:
+        """Which proposals the gate calls white cells, from their crops (cell_crops). Where the bundle says so
+        (gate.edge_whole_threshold), a proposal at the frame's edge that its crop does not pass is read once more
+        whole: its box mirrored across the edge, the frame reflected there (preprocess.cpu.mirrored_at_edges), as the
+        gate learnt white cells; it is kept if that reading reaches the (higher) edge threshold. Only a proposal that
+        shows at least half a cell is read so (preprocess.cpu.shows_half): a mirrored sliver is no cell's image. The edge hides part of
+        a cell, and the mean colour its crop holds beyond the edge is unlike any cell the gate learnt (docs/training.md,
+        "Cells at the frame's edge")."""
+        spec = self.gate_spec
+        keep = self.white_cell_probabilities(crops) >= spec["threshold"]
+        if "edge_whole_threshold" not in spec:
+            return keep
+        height, width = frame.shape[:2]
+        again = [
+            index for index in np.flatnonzero(~keep).tolist()
+            if touches_edge(box := proposals[index].classifier_box, (height, width)) and shows_half(box, (height, width))
+        ]
+        if again:
+            boxes = [mirrored_at_edges(proposals[index].classifier_box, (height, width)) for index in again]
+            whole = prepare_crops(
+                frame, boxes, self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order,
+                prepared.halved, outside="reflect",
+            )
+            keep[again] = self.white_cell_probabilities(whole) >= spec["edge_whole_threshold"]
+        return keep
 
     def white_cell_probabilities(self, crops: np.ndarray) -> np.ndarray:
         """The gate's probability that each proposal is a white cell, from the classifier's crops (the bundle

@@ -50,6 +50,11 @@ NOT_WBC_TYPES = ("platelet", "erythroblast")  # PBC classes that are not white c
 MAX_BOX_NEGATIVES_PER_FIELD = 8  # annotated red cells per field taken as negatives (raabin fields hold ~30)
 SCALE_RANGE = (0.6, 1.6)  # pixel size differs by objective and camera
 GATE_SOURCES = ("bccd", "txl-pbc", "wbc-seg-zheng", "all-idb2", "pbc", "all-taleqani")
+# A proposal at the frame's edge the gate rejects is read again whole, mirrored across the edge, and kept at this
+# p(wbc) (Detector.gate_keeps): on the validation fields of the sources whose every white cell is boxed, no edge
+# proposal that is not a white cell reads 0.9 whole, while most rejected edge white cells read more
+# (scripts/edge_cells.py; docs/training.md, "Cells at the frame's edge").
+EDGE_WHOLE_THRESHOLD = 0.9
 
 
 @dataclass
@@ -278,6 +283,7 @@ def gate_spec(classifier_spec: dict, threshold: float) -> dict:
         "input_size": list(classifier_spec["input_size"]),
         "crop_margin": classifier_spec["crop_margin"],
         "threshold": float(threshold),
+        "edge_whole_threshold": EDGE_WHOLE_THRESHOLD,
         "not_white_cell_classes": not_white,
     }
 

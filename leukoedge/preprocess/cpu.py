@@ -486,6 +486,42 @@ def cut_padded(image: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
     return out, inside
 
 
+def touches_edge(box: Box, frame_shape: tuple[int, int]) -> bool:
+    """Whether the box reaches the frame's edge (a cell there may be cut by it)."""
+    x0, y0, x1, y1 = box
+    return x0 <= 0 or y0 <= 0 or x1 >= frame_shape[1] or y1 >= frame_shape[0]
+
+
+def shows_half(box: Box, frame_shape: tuple[int, int]) -> bool:
+    """Whether at least half of a round cell in the box lies inside the frame: at each frame edge the box touches, it
+    reaches into the frame at least half its extent along that edge (a disc cut through its centre shows a box
+    half as deep as it is long). Mirrored across the edge (mirrored_at_edges), such a cell looks whole; a thinner
+    sliver would look like a smaller cell than it is."""
+    x0, y0, x1, y1 = box
+    height, width = frame_shape
+    across, down = x1 - x0, y1 - y0
+    touches_side, touches_end = x0 <= 0 or x1 >= width, y0 <= 0 or y1 >= height
+    return (not touches_side or 2 * across >= down) and (not touches_end or 2 * down >= across)
+
+
+def mirrored_at_edges(box: Box, frame_shape: tuple[int, int]) -> Box:
+    """The box and its mirror image across each frame edge it touches: a cell cut by the edge, with the frame
+    reflected there (prepare_crops(..., outside="reflect")), shown as a whole cell centred on the edge."""
+    x0, y0, x1, y1 = box
+    height, width = frame_shape
+    return (-x1 if x0 <= 0 else x0, -y1 if y0 <= 0 else y0, 2 * width - x0 if x1 >= width else x1, 2 * height - y0 if y1 >= height else y1)
+
+
+def cut_reflected(image: np.ndarray, box: Box) -> np.ndarray:
+    """The box's pixels, the image's part inside it reflected beyond the image's edges (the edge pixel repeated,
+    then inward: OpenCV's BORDER_REFLECT). The box must overlap the image."""
+    x0, y0, x1, y1 = box
+    height, width = image.shape[:2]
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+    pad = ((sy0 - y0, y1 - sy1), (sx0 - x0, x1 - sx1)) + ((0, 0),) * (image.ndim - 2)
+    return np.pad(image[sy0:sy1, sx0:sx1], pad, mode="symmetric")
+
+
 def prepare_crops(
     frame: np.ndarray,
     boxes: Sequence[Box],
@@ -495,15 +531,19 @@ def prepare_crops(
     frame_lab_statistics: tuple[np.ndarray, np.ndarray] | None,
     channel_order: str = "BGR",
     halved: Sequence[np.ndarray] = (),
+    outside: str = "mean",
 ) -> np.ndarray:
     """Cell boxes in frame pixels -> Nx3xHxW classifier input: square crops with margin, stain
-    normalized with the frame's statistics, mean colour outside the frame. halved: the frame's halvings
-    (PreparedFrame.halved), which a camera-sized frame's large cells are cut from (region_source).
+    normalized with the frame's statistics, mean colour outside the frame (outside="reflect": the frame
+    reflected there, cut_reflected). halved: the frame's halvings (PreparedFrame.halved), which a
+    camera-sized frame's large cells are cut from (region_source).
 
     Only the cut and the resize go crop by crop (a view of the frame where the square lies inside
     it); colour conversion, stain normalization and scaling run once over the whole batch. Without
     the frame's statistics each crop is normalized with its own, as one crop at a time.
     """
+    if outside not in ("mean", "reflect"):
+        raise ValueError(f"outside must be 'mean' or 'reflect', got {outside!r}")
     height, width = int(input_size[0]), int(input_size[1])
     if not boxes:
         return np.zeros((0, 3, height, width), np.float32)
@@ -514,6 +554,8 @@ def prepare_crops(
         x0, y0, x1, y1 = square
         if x0 >= 0 and y0 >= 0 and x1 <= image.shape[1] and y1 <= image.shape[0]:
             pixels[index] = resize(image[y0:y1, x0:x1], width, height)
+        elif outside == "reflect":
+            pixels[index] = resize(cut_reflected(image, square), width, height)
         else:
             crop, crop_inside = cut_padded(image, square)
             pixels[index] = resize(crop, width, height)

@@ -65,3 +65,32 @@ def test_a_gate_that_keeps_everything_changes_nothing_but_the_wbc_types_it_may_n
         types = cell.head_scores["wbc_type"]
         assert types["platelet"] == 0.0 and types["erythroblast"] == 0.0
         assert sum(types.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_cell_cut_by_the_frame_edge_is_read_again_whole_where_the_bundle_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gate.edge_whole_threshold: a proposal at the frame's edge that its crop does not pass is read again, mirrored
+    across the edge and reflected there, against that threshold; the other proposals' decisions do not change."""
+    from leukoedge.preprocess.cpu import touches_edge
+
+    detector = Detector.load(REPO / "models" / "default")
+    frame = cv2.imread(str(REPO / "samples" / "pbc_lymphocyte_LY_131013.jpg"))  # a white cell and a platelet
+    largest = max(detector.candidates(frame).instances, key=lambda cell: int(cell.mask.sum()))
+    x0, _, x1, _ = largest.box
+    cut = np.ascontiguousarray(frame[:, : x0 + 2 * (x1 - x0) // 3])  # the frame ends two thirds into its largest cell
+    found = detector.candidates(cut)
+    crops = detector.cell_crops(cut, found.prepared, found.instances)
+    at_edge = np.array([touches_edge(cell.classifier_box, cut.shape[:2]) for cell in found.instances])
+    assert at_edge.any() and not at_edge.all()
+
+    def nothing_filled_beyond_the_edge(crops: np.ndarray) -> np.ndarray:  # the mean colour normalizes to 0 in every channel
+        return (np.abs(crops).sum(axis=1) > 0).all(axis=(1, 2)).astype(np.float32)
+
+    monkeypatch.setattr(detector, "white_cell_probabilities", nothing_filled_beyond_the_edge)
+    detector.gate_spec = {**detector.gate_spec, "threshold": 0.5}
+    plain = detector.gate_keeps(cut, found.prepared, found.instances, crops)
+    detector.gate_spec["edge_whole_threshold"] = 0.9
+    whole = detector.gate_keeps(cut, found.prepared, found.instances, crops)
+    assert not plain[at_edge].any() and whole[at_edge].all()
+    assert np.array_equal(plain[~at_edge], whole[~at_edge])
+    monkeypatch.setattr(detector, "white_cell_probabilities", lambda crops: 0.85 * nothing_filled_beyond_the_edge(crops))
+    assert not detector.gate_keeps(cut, found.prepared, found.instances, crops)[at_edge].any()  # under the edge threshold

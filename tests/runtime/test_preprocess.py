@@ -15,11 +15,13 @@ from leukoedge.preprocess.cpu import (
     EVEN_FROM,
     PreprocessSpec,
     StainReference,
+    cut_reflected,
     even_illumination,
     dark_share,
     fit_letterbox,
     halvings,
     lab_statistics,
+    mirrored_at_edges,
     prepare_crops,
     prepare_frame,
     region_source,
@@ -27,9 +29,11 @@ from leukoedge.preprocess.cpu import (
     reinhard_with_statistics,
     resize,
     resize_labels,
+    shows_half,
     shrink_frame,
     square_crop_box,
     to_rgb_float,
+    touches_edge,
 )
 
 SEGMENTER_INPUT = (192, 256)
@@ -248,6 +252,54 @@ def test_crop_at_the_frame_edge_is_mean_colour_outside_the_frame(spec):
     assert np.all(crop[0, :, : outside - 1, :] == 0.0)
     assert np.all(crop[0, :, :, : outside - 1] == 0.0)
     assert np.abs(crop[0, :, outside + 1 :, outside + 1 :]).mean() > 0.1
+
+
+def test_a_box_at_the_frame_edge_is_mirrored_across_each_edge_it_touches():
+    shape = (100, 200)  # height, width
+    assert not touches_edge((10, 10, 50, 50), shape)
+    assert mirrored_at_edges((10, 10, 50, 50), shape) == (10, 10, 50, 50)
+    assert touches_edge((150, 20, 200, 60), shape)
+    assert mirrored_at_edges((150, 20, 200, 60), shape) == (150, 20, 250, 60)  # the right edge: x 200 is the mirror axis
+    assert mirrored_at_edges((0, 0, 30, 40), shape) == (-30, -40, 30, 40)  # the top-left corner, both edges
+    assert mirrored_at_edges((0, 70, 200, 100), shape) == (-200, 70, 400, 130)  # a box as wide as the frame, at its bottom
+
+
+def test_a_box_shows_half_a_cell_when_it_reaches_in_half_its_length_along_each_edge_it_touches():
+    shape = (100, 200)
+    assert shows_half((10, 10, 50, 50), shape)  # inside the frame: whole
+    assert shows_half((180, 30, 200, 70), shape)  # 20 deep at the right edge, 40 along it: a disc cut through its centre
+    assert not shows_half((181, 30, 200, 70), shape)  # 19 deep: less than half
+    assert not shows_half((0, 10, 9, 40), shape)  # a sliver at the left edge
+    assert shows_half((0, 0, 30, 20), shape) and not shows_half((0, 0, 30, 14), shape)  # a corner: both edges count
+
+
+def test_the_reflected_cut_repeats_the_edge_pixel_then_goes_inward():
+    image = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    cut = cut_reflected(image, (-2, 0, 6, 3))
+    assert cut.tolist() == [[1, 0, 0, 1, 2, 3, 3, 2], [5, 4, 4, 5, 6, 7, 7, 6], [9, 8, 8, 9, 10, 11, 11, 10]]
+    assert np.array_equal(cut_reflected(image, (1, 0, 3, 2)), image[0:2, 1:3])  # inside: the pixels themselves
+    rgb = _noise_frame(20, 30)
+    assert np.array_equal(cut_reflected(rgb, (-5, -3, 30, 20)), cv2.copyMakeBorder(rgb, 3, 0, 5, 0, cv2.BORDER_REFLECT))
+
+
+def test_a_cell_cut_by_the_edge_reflected_and_mirrored_is_the_whole_cell():
+    """A frame that ends in the middle of a mirror-symmetric cell: the half's crop, mirrored and reflected, is the
+    crop of the whole cell in the frame that goes on."""
+    half = np.full((120, 101, 3), 220, np.uint8)
+    cv2.circle(half, (100, 60), 20, (150, 60, 120), -1)
+    cv2.circle(half, (96, 58), 9, (120, 20, 90), -1)
+    whole = np.concatenate([half, half[:, ::-1]], axis=1)  # symmetric about the line between columns 100 and 101
+    box = (80, 40, 101, 81)  # the cell's half in the cut frame, touching its right edge
+    statistics = lab_statistics(to_rgb_float(whole))
+    mirrored = mirrored_at_edges(box, half.shape[:2])
+    assert mirrored == (80, 40, 122, 81)
+    from_half = prepare_crops(half, [mirrored], SPEC, CROP_INPUT, 0.15, statistics, outside="reflect")
+    from_whole = prepare_crops(whole, [mirrored], SPEC, CROP_INPUT, 0.15, statistics)
+    np.testing.assert_array_equal(from_half, from_whole)
+    filled = prepare_crops(half, [box], SPEC, CROP_INPUT, 0.15, statistics)  # as the gate reads it first: mean colour beyond the edge
+    assert np.abs(filled - from_whole).mean() > 0.1
+    with pytest.raises(ValueError, match="outside"):
+        prepare_crops(half, [box], SPEC, CROP_INPUT, 0.15, statistics, outside="wrap")
 
 
 def test_crops_batch_one_input_per_box_in_order(data_root):
