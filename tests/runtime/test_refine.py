@@ -464,3 +464,21 @@ def test_a_refine_again_share_outside_zero_to_one_is_refused(tmp_path: Path, sha
     manifest["refiner"]["refine_again_below"] = share
     with pytest.raises(BundleError, match="refine_again_below"):
         save_bundle(tmp_path / "odd", manifest, {name: bundle.root / name for name in manifest["files"]})
+
+
+def test_best_overlap_is_the_component_holding_most_touching_pixels_ties_to_the_lowest():
+    from leukoedge.refine import best_overlap
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        count = int(rng.integers(2, 6))
+        frame = rng.integers(0, count, (40, 50)).astype(np.int32)
+        components = frame[3:33, 5:45]  # a view, as refine_instance passes the box's part of the window
+        touching = (rng.random(components.shape) < rng.choice([0.0, 0.01, 0.3, 1.0])) & (components > 0)
+        if trial % 3 == 0 and touching.any():  # often only one component is touched, as in a cell's crop
+            touching &= components == components[touching][0]
+        counts = np.bincount(components[touching], minlength=count)[1:]
+        expected = 0 if not touching.any() else 1 + int(counts.argmax())
+        if count == 2 and touching.any():
+            expected = 1
+        assert best_overlap(components, count, touching) == expected
