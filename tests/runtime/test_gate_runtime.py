@@ -86,7 +86,7 @@ def test_a_cell_cut_by_the_frame_edge_is_read_again_whole_where_the_bundle_says_
         return (np.abs(crops).sum(axis=1) > 0).all(axis=(1, 2)).astype(np.float32)
 
     monkeypatch.setattr(detector, "white_cell_probabilities", nothing_filled_beyond_the_edge)
-    detector.gate_spec = {**detector.gate_spec, "threshold": 0.5}
+    detector.gate_spec = {**{key: value for key, value in detector.gate_spec.items() if key != "edge_whole_threshold"}, "threshold": 0.5}
     plain = detector.gate_keeps(cut, found.prepared, found.instances, crops)
     detector.gate_spec["edge_whole_threshold"] = 0.9
     whole = detector.gate_keeps(cut, found.prepared, found.instances, crops)
