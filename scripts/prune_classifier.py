@@ -1,5 +1,6 @@
-"""Structured channel pruning of a vgg_hybrid classifier into a narrower one (vgg_hybrid_slim by default), to be
-fine-tuned by distillation from the original (docs/performance.md, "A pruned classifier").
+"""Structured channel pruning of a vgg_hybrid classifier into a narrower one (vgg_hybrid_slim by default), or into
+vgg_hybrid_plain (its attention dropped, every other weight kept), to be fine-tuned by distillation from the original
+(docs/performance.md, "A pruned classifier", "The classifier without its attention").
 
     python scripts/prune_classifier.py --checkpoint models/checkpoints/default-classifier.pt [--model vgg_hybrid_slim16] --out DIR/pruned.pt
     OMP_NUM_THREADS=1 python scripts/distill_classifier.py --data ../shared/data --model vgg_hybrid_slim \
@@ -32,6 +33,21 @@ from leukoedge.training.models import create_model  # noqa: E402
 from leukoedge.training.models.blocks import ChannelAttention, ConvBNReLU, ResidualAttentionBlock  # noqa: E402
 
 SLIM_MODELS = ("vgg_hybrid_slim", "vgg_hybrid_slim16")  # vgg_hybrid at narrower widths (training/models/classifiers.py)
+PLAIN_MODEL = "vgg_hybrid_plain"  # vgg_hybrid's widths without its CBAM attention: every other weight copied as it is
+
+
+def without_attention(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Copy a vgg_hybrid's weights into a vgg_hybrid_plain: every parameter and buffer but the attention's, unchanged."""
+    own = target.state_dict()
+    taken = {name: value for name, value in source.state_dict().items() if name in own}
+    missing = sorted(set(own) - set(taken))
+    if missing:
+        raise ValueError(f"the target has weights the source lacks: {missing[:4]}")
+    other_shapes = sorted(name for name, value in taken.items() if value.shape != own[name].shape)
+    if other_shapes:
+        raise ValueError(f"the source is another shape of vgg_hybrid (its widths differ): {other_shapes[:4]}")
+    target.load_state_dict(taken)
+    return target.eval()
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -120,7 +136,10 @@ def prune_vgg_hybrid(source: nn.Module, target: nn.Module) -> nn.Module:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "models" / "checkpoints" / "default-classifier.pt", help="a vgg_hybrid checkpoint (default: %(default)s)")
-    parser.add_argument("--model", default="vgg_hybrid_slim", choices=SLIM_MODELS, help="the narrower vgg_hybrid to cut to (default: %(default)s)")
+    parser.add_argument(
+        "--model", default="vgg_hybrid_slim", choices=(*SLIM_MODELS, PLAIN_MODEL),
+        help="the narrower vgg_hybrid to cut to, or vgg_hybrid_plain: the same without its attention (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the pruned checkpoint to write (.pt; its .json beside it)")
     args = parser.parse_args()
 
@@ -136,7 +155,10 @@ def main() -> int:
     heads = record["heads"]
     source, _ = load_checkpoint(args.checkpoint, head_classes={name: len(classes) for name, classes in heads.items()})
     target = create_model(args.model, head_classes={name: len(classes) for name, classes in heads.items()})
-    prune_vgg_hybrid(source, target)
+    if args.model == PLAIN_MODEL:
+        without_attention(source, target)
+    else:
+        prune_vgg_hybrid(source, target)
     shape = (1, 3, *CLASSIFIER_INPUT)
     config = {**record["config"], "model": args.model, "model_kwargs": {}, "steps": 0, "teacher": None, "init_from": None}
     summary = {
@@ -147,7 +169,9 @@ def main() -> int:
         "pruned_from": {
             "checkpoint": str(args.checkpoint),
             "best_val_score": record.get("best_val_score"),
-            "rule": "per conv: the largest |BN gamma| channels; per residual block one output choice (body BN + shortcut BN |gamma|); channel-attention hidden units by L1 norm",
+            "rule": "every weight but the CBAM attention's, unchanged" if args.model == PLAIN_MODEL else (
+                "per conv: the largest |BN gamma| channels; per residual block one output choice (body BN + shortcut BN |gamma|); channel-attention hidden units by L1 norm"
+            ),
             "flops": {"source": count_flops(source, shape), "pruned": count_flops(target, shape)},
         },
     }

@@ -356,7 +356,7 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         "--refiner-input-size", type=int, default=None, metavar="SIDE",
         help="side of the refiner's square crops, e.g. 64 for mobile_unet (default: the one --refiner-init was trained at, else 128)",
     )
-    train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn, resnet_s, mobile_cnn, vgg_hybrid_slim or vgg_hybrid_slim16 (default: the pipeline's, the shipped one; see `leukoedge study`)")
+    train.add_argument("--classifier-model", default=None, help="vgg_hybrid, custom_cnn, resnet_s, mobile_cnn, vgg_hybrid_slim, vgg_hybrid_slim16 or vgg_hybrid_plain (default: the pipeline's, the shipped one; see `leukoedge study`)")
     train.add_argument("--segmenter-steps", type=non_negative_int, default=8000, help="0 with --segmenter-init: keep that segmenter")
     train.add_argument("--classifier-steps", type=non_negative_int, default=1500, help="0 with --classifier-init: keep that classifier")
     train.add_argument(

@@ -94,3 +94,26 @@ def test_pruning_to_a_slim_shape_keeps_the_largest_gamma_channels(script, name: 
     with torch.no_grad():
         outputs = target(torch.randn(2, 3, *CLASSIFIER_INPUT))
     assert {h: tuple(v.shape) for h, v in outputs.items()} == {h: (2, n) for h, n in HEAD_CLASSES.items()}
+
+
+def test_the_plain_copy_is_the_vgg_hybrid_with_its_attention_replaced_by_identity(script) -> None:
+    """vgg_hybrid_plain from a vgg_hybrid: every weight but the attention's copied, so it computes what the source
+    computes with each CBAM reweighting taken out."""
+    prune = script("prune_classifier")
+    assert "vgg_hybrid_plain" in RUNTIME_CLASSIFIERS
+    torch.manual_seed(2)
+    source = _randomised(create_model("vgg_hybrid", head_classes=HEAD_CLASSES))
+    plain = prune.without_attention(source, create_model("vgg_hybrid_plain", head_classes=HEAD_CLASSES))
+    from leukoedge.training.models.blocks import ChannelAttention, SpatialAttention
+
+    assert not any(isinstance(module, (ChannelAttention, SpatialAttention)) for module in plain.modules())
+    for block in source.trunk:  # the source's attention made an identity: then both must agree exactly
+        if hasattr(block, "body"):
+            block.body = torch.nn.Sequential(*[layer for layer in block.body if not isinstance(layer, (ChannelAttention, SpatialAttention))])
+    x = torch.randn(4, 3, *CLASSIFIER_INPUT)
+    with torch.no_grad():
+        expected, got = source(x), plain(x)
+    for head in HEADS:
+        torch.testing.assert_close(got[head], expected[head], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="widths differ"):
+        prune.without_attention(create_model("vgg_hybrid_slim", head_classes=HEAD_CLASSES), create_model("vgg_hybrid_plain", head_classes=HEAD_CLASSES))

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .classifiers import custom_cnn, dual_branch, gate_cnn, resnet_s, vgg_hybrid, vgg_hybrid_slim, vgg_hybrid_slim16
+from .classifiers import custom_cnn, dual_branch, gate_cnn, resnet_s, vgg_hybrid, vgg_hybrid_plain, vgg_hybrid_slim, vgg_hybrid_slim16
 from .ensemble import ProbabilityMean
 from .mobile import mobile_cnn, mobile_unet, mobile_unet_field, mobile_unet_field_dense, mobile_unet_field_fine, mobile_unet_xs
 from .segmenters import hctnet, hctnet_lite, hctnet_s, unet_lite, unet_s
@@ -29,6 +29,7 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "vgg_hybrid": vgg_hybrid,
     "vgg_hybrid_slim": vgg_hybrid_slim,
     "vgg_hybrid_slim16": vgg_hybrid_slim16,
+    "vgg_hybrid_plain": vgg_hybrid_plain,
     "resnet_s": resnet_s,
     "dual_branch": dual_branch,
     "mobile_cnn": mobile_cnn,

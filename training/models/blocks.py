@@ -98,17 +98,18 @@ class BasicBlock(nn.Module):
 
 class ResidualAttentionBlock(nn.Module):
     """A VGG stage (two 3x3 convs) with a residual skip, its output reweighted by CBAM channel then
-    spatial attention before the skip is added (Woo et al. 2018's placement)."""
+    spatial attention before the skip is added (Woo et al. 2018's placement); attention=False: without CBAM."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, attention: bool = True):
         super().__init__()
-        self.body = nn.Sequential(
+        layers: list[nn.Module] = [
             ConvBNReLU(in_channels, out_channels),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
-            ChannelAttention(out_channels),
-            SpatialAttention(),
-        )
+        ]
+        if attention:
+            layers += [ChannelAttention(out_channels), SpatialAttention()]
+        self.body = nn.Sequential(*layers)
         self.shortcut = _projection(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

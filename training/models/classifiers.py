@@ -66,14 +66,14 @@ def gate_cnn(head_classes: dict[str, int], dropout: float = 0.2) -> MultiHeadCla
 
 
 def vgg_hybrid(
-    head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (32, 64, 96), stem: int = 16
+    head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (32, 64, 96), stem: int = 16, attention: bool = True
 ) -> MultiHeadClassifier:
-    """VGG-style stages (3x3 convs, max-pool) with residual skips and CBAM channel + spatial attention.
-    A single `stem`-wide conv (16) at full resolution keeps the cost near custom_cnn's at 64x64."""
+    """VGG-style stages (3x3 convs, max-pool) with residual skips and CBAM channel + spatial attention (attention=False:
+    without it). A single `stem`-wide conv (16) at full resolution keeps the cost near custom_cnn's at 64x64."""
     layers: list[nn.Module] = [ConvBNReLU(3, stem), nn.MaxPool2d(2)]
     channels = stem
     for width in widths:
-        layers += [ResidualAttentionBlock(channels, width), nn.MaxPool2d(2)]
+        layers += [ResidualAttentionBlock(channels, width, attention), nn.MaxPool2d(2)]
         channels = width
     trunk = nn.Sequential(*layers[:-1], nn.AdaptiveAvgPool2d(1))  # the last stage's 8x8 map is pooled whole
     return MultiHeadClassifier(trunk, channels, head_classes, dense=(128,), dropout=dropout)
@@ -91,6 +91,14 @@ def vgg_hybrid_slim16(head_classes: dict[str, int], dropout: float = 0.3) -> Mul
     12/24/72 channels cost about what 16/32/80 would (0.57x the FLOPs, 0.87x the time). The stem stays narrower
     than the first stage, so that stage keeps its projection shortcut (scripts/prune_classifier.py cuts one into it)."""
     return vgg_hybrid(head_classes, dropout=dropout, widths=(16, 48, 80), stem=8)
+
+
+def vgg_hybrid_plain(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadClassifier:
+    """vgg_hybrid without its CBAM attention, the same convolutions: on ONNX Runtime's CPU the attention's pooling over
+    channels and positions and its reweighting leave the blocked (NCHWc) layout at every block, a third of the
+    network's time for 1 % of its FLOPs (docs/performance.md, "The classifier without its attention"). Its weights
+    start from a vgg_hybrid's (scripts/prune_classifier.py --model vgg_hybrid_plain), to be distilled."""
+    return vgg_hybrid(head_classes, dropout=dropout, attention=False)
 
 
 def resnet_s(head_classes: dict[str, int], dropout: float = 0.3, widths: tuple[int, ...] = (20, 40, 80), blocks: int = 2) -> MultiHeadClassifier:
