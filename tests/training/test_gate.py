@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch", reason="the gate is trained with the training extra (torch)")
 
 from leukoedge.training import data  # noqa: E402
-from leukoedge.training.gate import GateExamples, choose_threshold, label_proposals, train_gate, wbc_probabilities  # noqa: E402
+from leukoedge.training.gate import EDGE_WHOLE_THRESHOLD, GateExamples, choose_threshold, label_proposals, train_gate, wbc_probabilities  # noqa: E402
 
 
 def _record(source: str, wbc_type: str | None = None, device: str | None = None) -> data.Record:
@@ -158,6 +158,7 @@ def test_a_gated_bundle_built_from_two_segmenters_proposals_names_them_without_p
     assert recorded["proposals_from"] == [{"segmenter": shipped["segmenter"]["architecture"], "sha256": shipped["files"]["segmenter.onnx"]}]
     assert str(tmp_path) not in json.dumps(bundle.manifest) and str(default_bundle()) not in json.dumps(recorded)
     assert 0.0 <= bundle.manifest["gate"]["threshold"] <= 1.0
+    assert bundle.manifest["gate"]["edge_whole_threshold"] == EDGE_WHOLE_THRESHOLD  # every new gate reads edge cells whole too
     assert recorded["look_alikes_per_field"] == 3 and 0 < recorded["look_alike_examples"] < recorded["examples"]
     assert len(list((tmp_path / "cache").glob("gate-*.npz"))) == 2  # train and val, one segmenter file (the same bundle twice)
 
