@@ -406,9 +406,9 @@ class Detector:
         (gate.edge_whole_threshold), a proposal at the frame's edge that its crop does not pass is read once more
         whole: its box mirrored across the edge, the frame reflected there (preprocess.cpu.mirrored_at_edges), as the
         gate learnt white cells; it is kept if that reading reaches the (higher) edge threshold. Only a proposal that
-        shows at least half a cell is read so (preprocess.cpu.shows_half): a mirrored sliver is no cell's image. The edge hides part of
-        a cell, and the mean colour its crop holds beyond the edge is unlike any cell the gate learnt (docs/training.md,
-        "Cells at the frame's edge")."""
+        shows at least half a cell is read so (preprocess.cpu.shows_half): a mirrored sliver is no cell's image. The
+        edge hides part of a cell, and the mean colour its crop holds beyond the edge is unlike any cell the gate
+        learnt (docs/training.md, "Cells at the frame's edge")."""
         spec = self.gate_spec
         keep = self.white_cell_probabilities(crops) >= spec["threshold"]
         if "edge_whole_threshold" not in spec:
