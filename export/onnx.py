@@ -157,6 +157,22 @@ def _subgraph_reads(graph: Any) -> set[str]:
     return names
 
 
+def remove_unread(graph: Any) -> None:
+    """Remove the nodes whose outputs nothing reads (no node, subgraph or graph output), over and over back towards
+    the graph's input, then the initializers nothing reads: what a rewrite left behind."""
+    outputs = {value.name for value in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | _subgraph_reads(graph) | outputs
+        dead = [node for node in graph.node if not any(name in read for name in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    kept = [tensor for tensor in graph.initializer if tensor.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def _one_file_model(path: Path, rewrite: str) -> Any:
     """The ONNX model of `path`, refused (ValueError) where its weights lie in external data files: a rewrite saves one
     file."""
@@ -386,18 +402,7 @@ def constant_resize_scales(path: Path) -> Path:
         rewrites += 1
     if not rewrites:
         return path
-    # What computed the sizes is read by nothing now: remove it, node by node back to the graph's input.
-    outputs = {value.name for value in graph.output}
-    while True:
-        read = {name for node in graph.node for name in node.input} | _subgraph_reads(graph) | outputs
-        dead = [node for node in graph.node if not any(name in read for name in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    kept = [tensor for tensor in graph.initializer if tensor.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    remove_unread(graph)  # what computed the sizes is read by nothing now
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path

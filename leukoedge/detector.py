@@ -419,13 +419,19 @@ class Detector:
             if touches_edge(box := proposals[index].classifier_box, (height, width)) and shows_half(box, (height, width))
         ]
         if again:
-            boxes = [mirrored_at_edges(proposals[index].classifier_box, (height, width)) for index in again]
-            whole = prepare_crops(
-                frame, boxes, self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order,
-                prepared.halved, outside="reflect",
-            )
-            keep[again] = self.white_cell_probabilities(whole) >= spec["edge_whole_threshold"]
+            keep[again] = self.whole_probabilities(frame, prepared, [proposals[index].classifier_box for index in again]) >= spec["edge_whole_threshold"]
         return keep
+
+    def whole_probabilities(self, frame: np.ndarray, prepared: PreparedFrame, boxes: list[Box]) -> np.ndarray:
+        """The gate's probability that each box at the frame's edge is a white cell, read whole: mirrored across the
+        edge, its crop cut from the frame reflected there (gate_keeps)."""
+        spec = self.gate_spec
+        mirrored = [mirrored_at_edges(box, frame.shape[:2]) for box in boxes]
+        whole = prepare_crops(
+            frame, mirrored, self.spec, spec["input_size"], spec["crop_margin"], prepared.lab_statistics, self.channel_order, prepared.halved,
+            outside="reflect",
+        )
+        return self.white_cell_probabilities(whole)
 
     def white_cell_probabilities(self, crops: np.ndarray) -> np.ndarray:
         """The gate's probability that each proposal is a white cell, from the classifier's crops (the bundle

@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from leukoedge.detector import Detector  # noqa: E402
-from leukoedge.preprocess.cpu import mirrored_at_edges, prepare_crops, shows_half, touches_edge  # noqa: E402
+from leukoedge.preprocess.cpu import shows_half, touches_edge  # noqa: E402
 from leukoedge.training import data  # noqa: E402
 from leukoedge.training.gate import gate_records, label_proposals, look_alike_records  # noqa: E402
 
@@ -43,13 +43,7 @@ def edge_scores(detector: Detector, record: data.Record) -> list[tuple[int, floa
     chosen = [i for i, box in enumerate(boxes) if labels[i] is not None and cut[i] < spec["threshold"] and touches_edge(box, frame.shape[:2]) and shows_half(box, frame.shape[:2])]
     if not chosen:
         return []
-    mirrored = [mirrored_at_edges(boxes[i], frame.shape[:2]) for i in chosen]
-    whole = detector.white_cell_probabilities(
-        prepare_crops(
-            frame, mirrored, detector.spec, spec["input_size"], spec["crop_margin"], found.prepared.lab_statistics, detector.channel_order,
-            found.prepared.halved, outside="reflect",
-        )
-    )
+    whole = detector.whole_probabilities(frame, found.prepared, [boxes[i] for i in chosen])
     return [(int(labels[i]), float(cut[i]), float(p), boxes[i]) for i, p in zip(chosen, whole)]
 
 

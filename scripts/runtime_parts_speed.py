@@ -69,6 +69,8 @@ def without_attention(path: Path, out: Path) -> Path:
     bypassing the channel and spatial attention (whose nodes are then removed)."""
     import onnx
 
+    from leukoedge.export.onnx import remove_unread  # the export rewrites' clean-up (needs the training extra)
+
     model = onnx.load(str(path))
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
@@ -82,17 +84,7 @@ def without_attention(path: Path, out: Path) -> Path:
                 inner = producers[attended.input[0]]
                 if inner.op_type == "Mul":
                     node.input[position] = inner.input[0]
-    outputs = {value.name for value in graph.output}
-    while True:
-        read = {name for node in graph.node for name in node.input} | outputs
-        dead = [node for node in graph.node if not any(name in read for name in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    kept = [tensor for tensor in graph.initializer if tensor.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    remove_unread(graph)
     onnx.save(model, str(out))
     return out
 

@@ -95,8 +95,8 @@ def vgg_hybrid_slim16(head_classes: dict[str, int], dropout: float = 0.3) -> Mul
 
 def vgg_hybrid_plain(head_classes: dict[str, int], dropout: float = 0.3) -> MultiHeadClassifier:
     """vgg_hybrid without its CBAM attention, the same convolutions: on ONNX Runtime's CPU the attention's pooling over
-    channels and positions and its reweighting leave the blocked (NCHWc) layout at every block, a third of the
-    network's time for 1 % of its FLOPs (docs/performance.md, "The classifier without its attention"). Its weights
+    channels and positions and its reweighting leave the blocked (NCHWc) layout at every block, about a quarter of the
+    network's time for 1 % of its FLOPs (scripts/runtime_parts_speed.py) (docs/performance.md, "The classifier without its attention"). Its weights
     start from a vgg_hybrid's (scripts/prune_classifier.py --model vgg_hybrid_plain), to be distilled."""
     return vgg_hybrid(head_classes, dropout=dropout, attention=False)
 
