@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1500, help="training steps of 64 cells (default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak rate (default: the pipeline's, 3e-3 from scratch, 1e-3 from --init)")
     parser.add_argument("--seed", type=int, default=0, help="weights, batch order and augmentation (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the teacher's loss (default: %(default)s)")
+    parser.add_argument("--label-weight", type=float, default=1.0, help="the labels' loss weight beside the teacher's; 0: the teacher's alone (default: %(default)s)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="moving average of the weights per step; 0: none (default: %(default)s)")
     parser.add_argument(
         "--classification-sources", default=None,
@@ -89,6 +91,8 @@ def main() -> int:
             ema_decay=args.ema_decay or None,
             source_weights=NORMAL_CELL_WEIGHTS,
             teacher=None if args.teacher is None else str(args.teacher),
+            distill_temperature=args.temperature,
+            label_weight=args.label_weight,
         ),
         CROP_MARGIN,
     )

@@ -112,6 +112,10 @@ class TrainConfig:
     # Classifier with a teacher: the weight of the labels' loss beside the teacher's (1: both count alike; 0: it learns
     # the teacher's probabilities alone, keeping its calibration where it is fine-tuned for faults only).
     label_weight: float = 1.0
+    # Classifier with a teacher: the softmax temperature both answer at in the teacher's loss (Hinton et al., 2015), the
+    # loss scaled by its square. 1: the probabilities as they are; above 1, a confident teacher's logits still say how
+    # far each cell is from the other class, which a student that must keep the teacher's blast threshold needs.
+    distill_temperature: float = 1.0
     # Classifier: how far its training boxes move and change size (samples.jitter_box): a segmenter's boxes differ
     # from the expert's, and from another segmenter's, by a few pixels (scripts/framing_sensitivity.py).
     box_jitter: tuple[float, float] = BOX_JITTER
@@ -121,6 +125,10 @@ class TrainConfig:
             raise ValueError("a teacher needs training steps: with 0 steps the model is kept as it is")
         if self.label_weight != 1.0 and self.teacher is None:
             raise ValueError("a label weight other than 1 needs a teacher: without one the labels are all the model learns")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"the distillation temperature must be positive; got {self.distill_temperature}")
+        if self.distill_temperature != 1.0 and self.teacher is None:
+            raise ValueError("a distillation temperature needs a teacher")
         check_ema_decay(self.ema_decay)
 
 
@@ -488,6 +496,14 @@ def captured_pair(
     return crop, crop
 
 
+def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of a classifier head's logits against a teacher's probabilities, both at `temperature`, scaled
+    by its square so that the gradients keep their size whatever the temperature (Hinton et al., 2015). Least where
+    the student's logits are the teacher's (up to a constant per cell)."""
+    taught = (teacher_logits / temperature).softmax(dim=1)
+    return -(taught * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean() * temperature**2
+
+
 def train_classifier(
     train: Sequence[CellExample],
     val: Sequence[CellExample],
@@ -502,7 +518,7 @@ def train_classifier(
     loss: a CLASSIFIER_LOSSES name. sample: how a cell becomes the model's input (given the rng:
     augmented; given None: the runtime's crop); by default classification_sample of its box. With config.teacher
     (a classifier checkpoint with the same heads), the loss adds each head's cross-entropy against the teacher's
-    probabilities on the same crops (distillation); with config.capture_augment, on the same crops without the capture
+    probabilities on the same crops (distillation; at config.distill_temperature); with config.capture_augment, on the same crops without the capture
     fault. Validation score: mean over heads of balanced accuracy (over the validation cells as they are and as each
     augmentation switched on shows them, fixed draws)."""
     if loss not in CLASSIFIER_LOSSES:
@@ -532,7 +548,7 @@ def train_classifier(
         if teacher is None:
             return inputs, (targets, None)
         with torch.no_grad():
-            taught = {head: logits.softmax(dim=1) for head, logits in teacher(torch.from_numpy(np.stack(as_captured))).items()}
+            taught = teacher(torch.from_numpy(np.stack(as_captured)))
         return inputs, (targets, taught)
 
     def loss_of(outputs: dict[str, torch.Tensor], batch: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]) -> torch.Tensor:
@@ -541,7 +557,7 @@ def train_classifier(
         # The teacher answers every head on every cell: the student learns its subtype opinion on a PBC cell too,
         # which the frame's subtype (the mean over its cells) reads.
         if taught is not None:
-            losses += [-(taught[h] * F.log_softmax(outputs[h], dim=1)).sum(dim=1).mean() for h in heads]
+            losses += [teacher_loss(outputs[h], taught[h], config.distill_temperature) for h in heads]
         return torch.stack(losses).sum()
 
     validation_sets = [torch.from_numpy(np.stack([sample(e, None) for e in val]))]

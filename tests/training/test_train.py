@@ -188,3 +188,23 @@ def test_a_label_weight_needs_a_teacher_and_zero_learns_the_teacher_alone(tmp_pa
         TrainConfig(model="custom_cnn", input_size=(64, 64), steps=2, batch_size=2, label_weight=0.0)
     with pytest.raises(ValueError, match="needs --classifier-teacher"):
         PipelineConfig(data_root=tmp_path, out_dir=tmp_path / "out", classifier_label_weight=0.0)
+
+
+def test_the_teacher_loss_is_least_at_the_teacher_s_logits_and_at_a_temperature_sees_their_margin():
+    from leukoedge.training.train import teacher_loss
+
+    teacher = torch.tensor([[6.0, -6.0], [-4.0, 4.0], [1.0, 0.0]])
+    plain = -(teacher.softmax(dim=1) * torch.log_softmax(teacher, dim=1)).sum(dim=1).mean()
+    assert teacher_loss(teacher, teacher) == pytest.approx(float(plain))  # temperature 1: the probabilities as they are
+    for temperature in (1.0, 4.0):
+        at_teacher = teacher_loss(teacher, teacher, temperature)
+        for other in (teacher * 0.5, teacher * 2.0, teacher + torch.tensor([1.0, 0.0]), torch.zeros_like(teacher)):
+            assert teacher_loss(other, teacher, temperature) > at_teacher + 1e-4
+    # A student as sure of the classes but with half the teacher's margins: at temperature 1 it costs little more than the
+    # teacher (confident cells' probabilities are near 0 and 1 either way); at 4 the margins are seen.
+    gap = {t: float(teacher_loss(teacher * 0.5, teacher, t) - teacher_loss(teacher, teacher, t)) for t in (1.0, 4.0)}
+    assert gap[4.0] > 3 * gap[1.0]
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        TrainConfig(model="custom_cnn", input_size=(64, 64), steps=2, batch_size=2, teacher="t.pt", distill_temperature=0.0)
+    with pytest.raises(ValueError, match="temperature needs a teacher"):
+        TrainConfig(model="custom_cnn", input_size=(64, 64), steps=2, batch_size=2, distill_temperature=4.0)
