@@ -72,13 +72,16 @@ from .metrics import dice
 from .pipeline import HEADS, NORMAL_CELL_WEIGHTS, SEGMENTATION_SOURCES, cell_examples
 from .samples import classification_sample, random_crop, refiner_sample, segmentation_sample
 from .torch_backend import TorchBackend, as_backend, checkpoint_paths, verified_model
-from .train import CLASSIFIER_LOSSES, CellExample, CellMaskExample, SegmentationExample, balanced_indices, save_checkpoint, segmentation_loss
+from .train import CLASSIFIER_LOSSES, CellExample, CellMaskExample, SegmentationExample, balanced_indices, save_checkpoint, segmentation_loss, teacher_loss
 from .verdict import choose_flag_fraction, taleqani_verdicts
 
 log = logging.getLogger("leukoedge.adapt")
 
 MIN_LABELLED_FRAMES = 10  # fewer say too little about a device to fine-tune on, and leave too few to hold back
 MAX_DROP = 0.01  # the issue's rule: no figure may get worse by more than this
+# The softmax temperature of the labelled classifier's distillation to the original on replayed cells
+# (train.teacher_loss; 1: the original's probabilities as they are).
+KEEP_TEMPERATURE = 1.0
 LABEL_SUFFIXES = (".xml", ".txt")
 # Masked cells a fine-tuned segmenter or refiner must still outline: the experts' nucleus and cytoplasm, Taleqani's
 # weak whole-cell masks (its B-ALL fields are the verdict's).
@@ -111,6 +114,7 @@ class LabelledRecipe:
     refiner_batch_size: int = 32  # cells
     device_share: float = DEFAULT_DEVICE_SHARE  # of each batch, the device's examples; the rest replayed ones
     keep_weight: float = 1.0  # weight of the replayed cells' distillation to the original classifier (0: none)
+    keep_temperature: float = KEEP_TEMPERATURE  # the softmax temperature of that distillation (train.teacher_loss)
     # How much more often the classifier's replay draws Taleqani's cells than training's balance would: the verdict's
     # only malignant fields, and what a device's normal cells teach the classifier to lose (raabin left out: 316 -> 308
     # of 326 malignant validation fields flagged at 1, 316 -> 315 at 3; docs/training.md, "What the raabin adaptation loses").
@@ -364,16 +368,14 @@ def fine_tune_classifier(
         crops = torch.from_numpy(np.stack([classification_sample(cell.image, cell.box, detector.spec, spec["input_size"], spec["crop_margin"], rng) for cell in cells]))
         targets = {head: torch.tensor([cell.targets.get(head, -1) for cell in cells]) for head in HEADS}
         with torch.no_grad():
-            kept = {head: logits.softmax(dim=1) for head, logits in original(crops).items()}
+            kept = original(crops)  # logits: teacher_loss softens them at recipe.keep_temperature
         return crops, (targets, kept, replayed)
 
     def loss_of(outputs: dict, batch: tuple) -> torch.Tensor:
         targets, kept, replayed = batch
         losses = [head_loss(outputs[head], targets[head]) for head in HEADS if (targets[head] >= 0).any()]
         if recipe.keep_weight > 0:
-            for head in HEADS:
-                log_probabilities = outputs[head][replayed].log_softmax(dim=1)
-                losses.append(recipe.keep_weight * torch.nn.functional.kl_div(log_probabilities, kept[head][replayed], reduction="batchmean"))
+            losses += [recipe.keep_weight * teacher_loss(outputs[head][replayed], kept[head][replayed], recipe.keep_temperature) for head in HEADS]
         return torch.stack(losses).sum()
 
     return _fine_tune(classifier, recipe.classifier_steps, recipe.learning_rate, next_batch, loss_of, "adapt: classifier", recipe.seed)
