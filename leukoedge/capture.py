@@ -329,13 +329,29 @@ def _open_path(path: Path, glob: str | None, uri: str) -> FrameSource:
     )
 
 
+def folder_images(folder: Path) -> list[Path]:
+    """The entries of a folder named as images leukoedge reads (IMAGE_SUFFIXES), sorted. A broken link, or a folder
+    named like an image, is kept: reading it fails, and it is skipped, named and counted like an unreadable file. The
+    folder's other files (an animated GIF, a HEIC photo, a sidecar) are named in one warning: a lab counts the images it
+    handed over, and none is left out without a word. Hidden files (a leading dot) are not named."""
+    entries = sorted(folder.iterdir())
+    others = [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        log.warning(
+            "left out %d file(s) of %s that are not images leukoedge reads: %s (it reads %s)",
+            len(others), folder, shown, ", ".join(sorted(IMAGE_SUFFIXES)),
+        )
+    return [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def _open_folder(folder: Path, glob: str | None, uri: str) -> ImageFilesSource:
     if not folder.is_dir():
         raise CaptureError(f"{folder} is not a folder: expected a folder of images")
-    candidates = folder.glob(glob) if glob else (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    # A broken link, or a folder named like an image, is kept: reading it fails, and it is skipped, named and counted
-    # like an unreadable file, not left out without a word (a lab counts the images it handed over).
-    paths = sorted(p for p in candidates if p.is_file() or (p.is_symlink() and not p.exists()) or p.suffix.lower() in IMAGE_SUFFIXES)
+    if glob:  # a glob names what it wants; what it matches that is neither a file nor a broken link is no frame
+        paths = sorted(p for p in folder.glob(glob) if p.is_file() or (p.is_symlink() and not p.exists()) or p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        paths = folder_images(folder)
     if not paths:
         wanted = f"files matching {glob!r}" if glob else f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
         raise CaptureError(f"{folder} holds no {wanted}: expected a folder of images")

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("leukoedge")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SESSION_SAVE_EVERY = 10  # a session keeps every 10th frame's images unless --save-every says otherwise
 INPUT_HELP = (
     "what to run on, one grammar for all (see docs/integration.md): an image file, a folder of images, a video "
@@ -45,11 +44,13 @@ INPUT_HELP = (
 
 
 def image_paths(target: Path) -> list[Path]:
-    """One image, or every image in a folder (sorted)."""
+    """One image, or every image in a folder (sorted; capture.folder_images, as `leukoedge run` reads a folder)."""
+    from .capture import IMAGE_SUFFIXES, folder_images
+
     if target.is_dir():
-        paths = sorted(p for p in target.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = folder_images(target)
         if not paths:
-            raise LeukoedgeError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {target}")
+            raise LeukoedgeError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {target}")
         return paths
     if not target.is_file():
         raise LeukoedgeError(f"no such image or folder: {target}")

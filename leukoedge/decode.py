@@ -141,6 +141,11 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
             f"cannot judge {name}: {8 * image.dtype.itemsize} bits per channel; leukoedge reads 8: export 8-bit frames with the camera's "
             "own display scaling (a plain shift darkens 12-bit data stored in 16 bits)"
         )
+    if palette := indexed_colour(encoded):
+        raise UnsupportedImageError(
+            f"cannot judge {name}: {palette}, its colours quantized (and often dithered: the domain check would read that as sensor noise); "
+            "save frames in full colour (JPEG, or a truecolour PNG, BMP or TIFF)"
+        )
     seam = block_seam(image) if encoded.startswith(_JPEG_SOI) else ""
     if seam:
         raise UnreadableImageError(f"cannot read {name}: {seam}, the mark of damaged JPEG data (JPEG has no checksum)")
@@ -446,6 +451,17 @@ def bmp_problem(data: bytes) -> str:
         return f"the BMP holds {len(data)} of the {stated} bytes its header states (truncated file)"
     if len(data) >= 26 and int.from_bytes(data[14:18], "little") >= 40:  # a BITMAPINFOHEADER or later: signed 32-bit sides
         return size_problem(abs(int.from_bytes(data[18:22], "little", signed=True)), abs(int.from_bytes(data[22:26], "little", signed=True)))
+    return ""
+
+
+def indexed_colour(data: bytes) -> str:
+    """What an image of indexed colour is ("an indexed-colour PNG ..."), "" for any other: a PNG of colour type 3, a BMP
+    of 8 bits per pixel or fewer (a palette). A colour frame saved so (a GIF converted, a "reduce file size" option) holds
+    at most 256 colours: the stain's shades are gone, and the dither that replaces them is not the smear's."""
+    if data.startswith(_PNG_SIGNATURE) and len(data) > 25 and data[12:16] == b"IHDR" and data[25] == 3:
+        return "an indexed-colour PNG (a palette of at most 256 colours)"
+    if data.startswith(b"BM") and len(data) >= 30 and int.from_bytes(data[14:18], "little") >= 40 and 0 < int.from_bytes(data[28:30], "little") <= 8:
+        return f"a BMP of {int.from_bytes(data[28:30], 'little')} bits per pixel (a palette of at most 256 colours)"
     return ""
 
 

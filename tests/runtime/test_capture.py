@@ -286,6 +286,22 @@ def test_a_broken_link_and_a_folder_named_like_an_image_are_skipped_and_counted_
     assert "b.jpg" in caplog.text and "c.jpg" in caplog.text and "notes" not in caplog.text
 
 
+def test_a_folder_s_files_that_are_not_images_it_reads_are_named_once_not_left_out_silently(
+    tmp_path: Path, smear_fields: list[np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), smear_fields[0])
+    cv2.imwrite(str(tmp_path / "b.webp"), smear_fields[1])
+    (tmp_path / "field.gif").write_bytes(b"GIF89a")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING, logger="leukoedge.capture"):
+        frames = list(open_source(tmp_path))
+    assert [frame.name for frame in frames] == ["a.png", "b.webp"]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "left out 2 file(s)" in warnings[0]
+    assert "field.gif, notes.txt" in warnings[0] and ".DS_Store" not in warnings[0]
+
+
 @pytest.mark.parametrize(
     ("make_uri", "message"),
     [

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from leukoedge import benchmark, cli, session
@@ -427,3 +428,17 @@ def test_write_file_leaves_no_part_of_a_file_on_ctrl_c(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         files.write_file(tmp_path / "result.json", b"0123456789")
     assert not (tmp_path / "result.json").exists()
+
+
+def test_commands_that_take_a_folder_of_images_read_what_run_reads(tmp_path):
+    # adapt, bench and soak list a folder as `leukoedge run` does: a device's .webp frames are not left out of adapt.
+    from leukoedge.cli import image_paths
+
+    field = np.full((64, 64, 3), 120, np.uint8)
+    for name in ("b.webp", "a.png", "c.jpg"):
+        cv2.imwrite(str(tmp_path / name), field)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [path.name for path in image_paths(tmp_path)] == ["a.png", "b.webp", "c.jpg"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LeukoedgeError, match=r"no images \(.*\.webp.*\) in folder"):
+        image_paths(tmp_path / "empty")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from leukoedge.decode import decode_image, decoder_messages, file_jpeg_quality, jpeg_problem, jpeg_quality, pixel_jpeg_quality, png_problem, read_image
-from leukoedge.errors import CaptureError, LeukoedgeError, UnreadableImageError
+from leukoedge.errors import CaptureError, LeukoedgeError, UnreadableImageError, UnsupportedImageError
 
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "samples").glob("*.jpg"))
 
@@ -246,3 +246,40 @@ def test_an_image_larger_than_any_bundle_judges_is_refused_from_its_header_befor
 @pytest.mark.parametrize("kind", ["jpg", "png", "bmp"])
 def test_the_header_size_check_passes_an_image_of_a_judged_size(kind: str) -> None:
     assert decode_image(cv2.imencode(f".{kind}", np.full((48, 64, 3), 90, np.uint8))[1].tobytes()).shape == (48, 64, 3)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def _indexed_png(indices: np.ndarray, palette: np.ndarray) -> bytes:
+    height, width = indices.shape
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 3, 0, 0, 0])  # 8 bits, colour type 3
+    rows = b"".join(b"\0" + row.tobytes() for row in indices.astype(np.uint8))
+    return (
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"PLTE", palette.astype(np.uint8).tobytes())
+        + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+    )
+
+
+def _indexed_bmp(indices: np.ndarray, palette: np.ndarray) -> bytes:
+    height, width = indices.shape
+    stride = (width + 3) // 4 * 4
+    rows = b"".join(row.tobytes().ljust(stride, b"\0") for row in indices[::-1].astype(np.uint8))  # bottom-up
+    colours = b"".join(bytes([b, g, r, 0]) for r, g, b in palette.astype(np.uint8))
+    info = (40).to_bytes(4, "little") + width.to_bytes(4, "little") + height.to_bytes(4, "little") + (1).to_bytes(2, "little") + (8).to_bytes(2, "little")
+    info += bytes(4) + len(rows).to_bytes(4, "little") + bytes(8) + (len(palette)).to_bytes(4, "little") + bytes(4)
+    offset = 14 + len(info) + len(colours)
+    return b"BM" + (offset + len(rows)).to_bytes(4, "little") + bytes(4) + offset.to_bytes(4, "little") + info + colours + rows
+
+
+@pytest.mark.parametrize(("encode", "words"), [(_indexed_png, "an indexed-colour PNG"), (_indexed_bmp, "a BMP of 8 bits per pixel")], ids=["png", "bmp"])
+def test_an_indexed_colour_image_is_refused_naming_its_palette(encode, words: str):
+    # A palette of 256 stain-like colours: OpenCV decodes it to colour pixels, which the domain check would misread as
+    # sensor noise; it is refused as what it is, with what to do instead.
+    rng = np.random.default_rng(0)
+    palette = np.stack([rng.integers(120, 250, 256), rng.integers(60, 200, 256), rng.integers(120, 250, 256)], axis=1)
+    data = encode(rng.integers(0, 256, (48, 64)), palette)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == (48, 64, 3)
+    with pytest.raises(UnsupportedImageError, match=f"{words}.*save frames in full colour"):
+        decode_image(data, "field")
