@@ -194,7 +194,7 @@ def command_run(args: argparse.Namespace) -> int:
     print(verdict_counts(verdicts))
     unreadable = int(reader.stats()["skipped"] or 0)
     if unreadable or refused:
-        print(f"{unreadable} file(s) or frame(s) skipped (unreadable, greyscale or deeper than 8 bits), {refused} frame(s) outside the size limits (see the messages above)")
+        print(f"{unreadable} file(s) or frame(s) skipped (unreadable, greyscale, deeper than 8 bits or indexed colour), {refused} frame(s) outside the size limits (see the messages above)")
     print(f"overlays and JSON of {written} frame(s) written to {args.out}")
     if interrupted:
         print("stopped by Ctrl-C: the counts above are of the frames before it", file=sys.stderr)
