@@ -87,7 +87,7 @@ def write_summary_html(folder: Path, summary: Mapping[str, Any], per_frame: Sequ
         ("stopped by", f"{summary['stopped_by']}{' (ENDED EARLY)' if summary.get('ended_early') else ''}"),
         ("frames processed", f"{summary['frames_processed']} ({summary['fps']:.1f} frames/s)"),
         ("frames refused / dropped / reconnects", f"{summary['frames_refused']} / {summary['dropped_frames']} / {summary['reconnects']}"),
-        ("files or frames skipped (unreadable, damaged, greyscale, deeper than 8 bits)", summary.get("files_skipped", 0)),
+        ("files or frames skipped (unreadable, damaged, greyscale, deeper than 8 bits, indexed colour)", summary.get("files_skipped", 0)),
         ("cells / blasts", f"{summary['cells']} / {summary['blasts']}"),
         ("blast fraction", fraction),
         ("frames flagged", summary["flagged_frames"]),

@@ -347,7 +347,7 @@ def test_a_session_over_a_folder_counts_the_files_it_skipped_and_exits_1(tmp_pat
     printed = capsys.readouterr().out
     assert "files or frames skipped 2 (unreadable, damaged, greyscale or deeper than 8 bits" in printed
     assert json.loads((out / "summary.json").read_text())["files_skipped"] == 2
-    assert "files or frames skipped (unreadable, damaged, greyscale, deeper than 8 bits)</td><td>2<" in (out / "summary.html").read_text()
+    assert "files or frames skipped (unreadable, damaged, greyscale, deeper than 8 bits, indexed colour)</td><td>2<" in (out / "summary.html").read_text()
 
 
 @pytest.mark.parametrize("arguments", [["run"], ["run", "samples", "--source", "0"]])
