@@ -319,6 +319,8 @@ def _open_path(path: Path, glob: str | None, uri: str) -> FrameSource:
         raise CaptureError(f"{path} does not exist: expected a video file, an image file or a folder of images")
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
+        if path.stat().st_size == 0:  # OpenCV would only say it cannot decode it
+            raise CaptureError(f"cannot open {path}: the file is empty (0 bytes): a recording that was never written or not copied whole")
         return _open_capture(str(path), cv2.CAP_ANY, uri, live=False, expected="a video file OpenCV can decode")
     if suffix in IMAGE_SUFFIXES:
         read_image(path)  # an unreadable single image fails here, with the reason (UnreadableImageError)

@@ -328,6 +328,7 @@ def test_unopenable_sources_raise_capture_error(
         ("field.png", b"\x89PNG broken" * 10, "not an image file"),
         ("cut.png", cv2.imencode(".png", np.full((64, 64, 3), 200, np.uint8))[1].tobytes()[:-30], "truncated"),
         ("session.avi", b"RIFF junk" * 50, "expected a video file"),
+        ("never_written.mp4", b"", "the file is empty"),
         ("notes.txt", b"hello", "unknown file type"),
     ],
 )
