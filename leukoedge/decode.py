@@ -115,8 +115,9 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
     """HxWx3 uint8 BGR pixels of an encoded image (any format cv2.imdecode reads), all of them.
 
     Raises UnreadableImageError, naming `name` and the fault, when the data is empty, truncated,
-    corrupt or not an image; UnsupportedImageError (one of them) for a greyscale image or one of more than
-    8 bits per channel. An alpha channel is dropped (it holds no pixel of the smear).
+    corrupt or not an image; UnsupportedImageError (one of them) for an indexed-colour image (from its header, before
+    decoding), a greyscale image or one of more than 8 bits per channel. An alpha channel is dropped (it holds no pixel
+    of the smear).
     """
     encoded = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     if not encoded:
@@ -124,6 +125,11 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
     problem = structure_problem(encoded)
     if problem:
         raise UnreadableImageError(f"cannot read {name}: {problem}")
+    if palette := indexed_colour(encoded):
+        raise UnsupportedImageError(
+            f"cannot judge {name}: {palette}, its colours quantized (and often dithered: the domain check would read that as sensor noise); "
+            "save frames in full colour (JPEG, or a truecolour PNG, BMP or TIFF)"
+        )
     buffer = np.frombuffer(encoded, np.uint8)
     try:
         # As stored (its channels and bit depth), so a greyscale or deeper image is refused rather than converted.
@@ -140,11 +146,6 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
         raise UnsupportedImageError(
             f"cannot judge {name}: {8 * image.dtype.itemsize} bits per channel; leukoedge reads 8: export 8-bit frames with the camera's "
             "own display scaling (a plain shift darkens 12-bit data stored in 16 bits)"
-        )
-    if palette := indexed_colour(encoded):
-        raise UnsupportedImageError(
-            f"cannot judge {name}: {palette}, its colours quantized (and often dithered: the domain check would read that as sensor noise); "
-            "save frames in full colour (JPEG, or a truecolour PNG, BMP or TIFF)"
         )
     seam = block_seam(image) if encoded.startswith(_JPEG_SOI) else ""
     if seam:
@@ -460,8 +461,10 @@ def indexed_colour(data: bytes) -> str:
     at most 256 colours: the stain's shades are gone, and the dither that replaces them is not the smear's."""
     if data.startswith(_PNG_SIGNATURE) and len(data) > 25 and data[12:16] == b"IHDR" and data[25] == 3:
         return "an indexed-colour PNG (a palette of at most 256 colours)"
-    if data.startswith(b"BM") and len(data) >= 30 and int.from_bytes(data[14:18], "little") >= 40 and 0 < int.from_bytes(data[28:30], "little") <= 8:
-        return f"a BMP of {int.from_bytes(data[28:30], 'little')} bits per pixel (a palette of at most 256 colours)"
+    if data.startswith(b"BM") and len(data) >= 30 and int.from_bytes(data[14:18], "little") >= 40:  # a BITMAPINFOHEADER or later
+        bits = int.from_bytes(data[28:30], "little")
+        if 0 < bits <= 8:
+            return f"a BMP of {bits} bits per pixel (a palette of at most 256 colours)"
     return ""
 
 
