@@ -5,8 +5,13 @@ the new microscope's frames join the colour references, so its own colours are n
 validated domain". What is NOT changed, and why:
 - the stain reference: every frame is already normalized to it with its own statistics (Reinhard), which
   is what maps a new stain onto what the models learned; moving the reference would move every model's input;
-- the uncertainty threshold: a segmenter that is unsure of a device's fields stays unsure after adaptation;
-  without labels nothing shows that its answers there are right, so such frames stay refused;
+- the uncertainty threshold, where the segmenter is unsure of much of the device: more than MAX_UNSURE_SHARE of its
+  frames beyond the bundle's bar. Without labels nothing shows that its answers there are right, and where that
+  happened (TXL-PBC raabin under 0.14.0's segmenter, 0.38 of its fields) the unsure frames were the ones the
+  classifier got wrong, so they stay refused. Where the segmenter is sure of most of the device, the bar becomes the
+  device's own by the fit rule, at most the widest one validated source needed (domain.widest_source_bar): a softer or
+  more magnified microscope is a little less sure of every boundary, as raabin is with its masks right
+  (device_uncertainty_bar);
 - the models' weights (no labels). With a few dozen labelled frames, `leukoedge adapt --labels` fine-tunes the
   gate and the classifier and widens the uncertainty threshold (training/adapt.py).
 The focus threshold (DEVICE_BARS: domain.max_edge_width) and the motion bar (domain.MIN_EDGE_ISOTROPY, a runtime
@@ -119,6 +124,12 @@ class AdaptReport:
     out: str = ""  # where the bundle was written
     # The checks (domain.DOMAIN_CHECKS) that still refuse held-back frames after adaptation -> how many frames each refuses
     refusing_after: dict[str, int] = field(default_factory=dict)
+    uncertainty_bar: tuple[float, float] = (0.0, 0.0)  # the bundle's uncertainty threshold, the adapted one
+    unsure_share: float = 0.0  # of the fitted frames, the share beyond the bundle's uncertainty threshold
+
+    @property
+    def uncertainty_widened(self) -> bool:
+        return self.uncertainty_bar[1] != self.uncertainty_bar[0]
 
     @property
     def all_refused_after(self) -> bool:
@@ -141,6 +152,11 @@ class AdaptReport:
               for key in self.tightened),
             *([f"held-back frames beyond only the device's own {' and '.join(DEVICE_BARS[key][1] for key in self.tightened)} bar: "
                f"{self.beyond_own_bars_after}"] if self.tightened else []),
+            *([f"uncertainty threshold: {self.uncertainty_bar[0]:.3g} -> {self.uncertainty_bar[1]:.3g}, the device's own "
+               f"({self.unsure_share:.0%} of its fitted frames were beyond the bundle's)"] if self.uncertainty_widened else []),
+            *([f"uncertainty threshold kept at {self.uncertainty_bar[0]:.3g}: the segmenter is unsure of {self.unsure_share:.0%} of the "
+               f"device's fitted frames (more than {MAX_UNSURE_SHARE:.0%}), which stay refused; `leukoedge adapt --labels` fine-tunes it "
+               "on the device"] if self.unsure_share > MAX_UNSURE_SHARE else []),
             f"held-back frames flagged: {self.flagged_before} before, {self.flagged_after} after",
             f"adapted bundle written to {self.out}" if self.written else self.not_written_reason(),
             *(["only the domain check was adapted, not the models: validate the bundle on the device's own smears against a "
@@ -224,11 +240,11 @@ def unfit_frames(domain: dict[str, Any], measures: Sequence[FrameMeasure]) -> di
 
 def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed: int = 0, labelled: bool = False) -> dict[str, Any]:
     """The domain section with the device's frames among the colour references (the spread is kept, so
-    distances stay comparable) and the colour threshold raised to cover the device's own spread if needed; the
-    frames of unfit_frames left out.
+    distances stay comparable), the colour threshold raised to cover the device's own spread if needed and the
+    uncertainty threshold as device_uncertainty_bar says; the frames of unfit_frames left out.
     labelled: the frames' boxes were learnt and the result checked on held-back labelled frames
-    (training/adapt.py), so the uncertainty threshold is raised to cover the device's frames too, by the rule
-    it was fitted with (domain.fit_domain)."""
+    (training/adapt.py), so the uncertainty threshold is raised to cover the device's frames whatever their share,
+    by the rule it was fitted with (domain.fit_domain)."""
     adapted = copy.deepcopy(domain)
     unfit = np.logical_or.reduce(list(unfit_frames(domain, fitted).values()))
     fitted = [measure for measure, left_out in zip(fitted, unfit) if not left_out]
@@ -251,10 +267,35 @@ def adapted_domain(domain: dict[str, Any], fitted: Sequence[FrameMeasure], seed:
     adapted["colour_references"] = np.round(np.concatenate([original[np.sort(keep_original)], device[np.sort(keep_device)]]), 3).tolist()
     own = float(np.quantile(nearest_other(device, np.asarray(domain["colour_spread"], np.float64)), THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
     adapted["max_colour_distance"] = max(float(domain["max_colour_distance"]), own)
+    uncertainty = np.array([measure.uncertainty for measure in fitted])
     if labelled:
-        uncertainty = np.array([measure.uncertainty for measure in fitted])
         adapted["max_uncertainty"] = max(float(domain["max_uncertainty"]), float(np.quantile(uncertainty, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN))
+    else:
+        adapted["max_uncertainty"] = device_uncertainty_bar(domain, uncertainty)
     return adapted
+
+
+# Unlabelled adaptation makes the uncertainty bar the device's own only where at most this share of the device's
+# frames lie beyond the bundle's: issue 20's bar for refusals before adaptation. Beyond it the segmenter is lost on
+# the device, not a little less sure of it (module doc).
+MAX_UNSURE_SHARE = 0.10
+
+
+def unsure_share(domain: dict[str, Any], uncertainty: np.ndarray) -> float:
+    """The share of the device's frames beyond the bundle's uncertainty bar."""
+    return float(np.mean(uncertainty > float(domain["max_uncertainty"])))
+
+
+def device_uncertainty_bar(domain: dict[str, Any], uncertainty: np.ndarray) -> float:
+    """The uncertainty threshold unlabelled adaptation gives a device (module doc): the fit rule over its frames
+    (THRESHOLD_QUANTILE x THRESHOLD_MARGIN), at most the widest a validated source needed (domain.max_device_uncertainty),
+    never below the bundle's; the bundle's own where more than MAX_UNSURE_SHARE of the frames lie beyond it, or where
+    the bundle was fitted before it held max_device_uncertainty."""
+    bar = float(domain["max_uncertainty"])
+    if "max_device_uncertainty" not in domain or unsure_share(domain, uncertainty) > MAX_UNSURE_SHARE:
+        return bar
+    own = float(np.quantile(uncertainty, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    return max(bar, min(float(domain["max_device_uncertainty"]), own))
 
 
 # The capture checks whose thresholds a device's frames may tighten (see the module doc): domain key -> the score
@@ -334,8 +375,11 @@ def adapt_bundle(
     held = held_back(names, hold_back)
     fitting = np.flatnonzero(~held)
     refuse_swapped_channels(detector, frames, measures, fitting, channel_order)
-    left_out = {why: [names[fitting[index]] for index in np.flatnonzero(mask)] for why, mask in unfit_frames(domain, [measures[index] for index in fitting]).items()}
-    adapted = adapted_domain(domain, [measures[index] for index in fitting])
+    fitting_measures = [measures[index] for index in fitting]
+    unfit = unfit_frames(domain, fitting_measures)
+    left_out = {why: [names[fitting[index]] for index in np.flatnonzero(mask)] for why, mask in unfit.items()}
+    in_fit = np.logical_not(np.logical_or.reduce(list(unfit.values())))
+    adapted = adapted_domain(domain, fitting_measures)
     # Every check again, with the adapted colour references (the others' scores do not change with them), and the
     # bundle's capture bars: frames beyond only the device's own are counted apart (see the module doc).
     with_bundle_bars = {**{key: value for key, value in adapted.items() if key not in DEVICE_BARS}, **{key: domain[key] for key in DEVICE_BARS if key in domain}}
@@ -358,6 +402,8 @@ def adapt_bundle(
         own_bars={key: (bar, float(adapted.get(key, bar))) for key in DEVICE_BARS if (bar := bundle_bar(domain, key)) is not None},
         beyond_own_bars_after=sum(beyond_own_bars),
         refusing_after=dict(refusing_after),
+        uncertainty_bar=(float(domain["max_uncertainty"]), float(adapted["max_uncertainty"])),
+        unsure_share=unsure_share(domain, np.array([m.uncertainty for m, kept in zip(fitting_measures, in_fit) if kept])),
     )
     if report.refused_after > report.refused_before or report.all_refused_after:
         return report
@@ -366,7 +412,10 @@ def adapt_bundle(
     manifest["model_version"] = adapted_version(manifest["model_version"], hashes)
     manifest["adaptation"] = {
         "date": dt.date.today().isoformat(),
-        "adapted": ["domain.colour_references", "domain.max_colour_distance", *(f"domain.{key}" for key in report.tightened)],
+        "adapted": [
+            "domain.colour_references", "domain.max_colour_distance", *(f"domain.{key}" for key in report.tightened),
+            *(["domain.max_uncertainty"] if report.uncertainty_widened else []),
+        ],
         "frames": len(frames),
         "held_back": report.held_back,
         "left_out_of_the_fit": left_out,

@@ -474,6 +474,7 @@ SECTIONS: dict[str, Section] = {
             "colour_spread": Key(lambda value: isinstance(value, list) and all(_is_number(v) and v > 0 for v in value), "numbers > 0"),
             "max_colour_distance": _number(0.0, 1e6),
             "max_uncertainty": _number(0.0, 1.0),
+            "max_device_uncertainty": _number(0.0, 1.0, optional=True),  # bundles fitted before 0.20.0 have none: adapt keeps their bar
             "min_cell_side_px": _number(0.0, 1e4, optional=True),  # bundles fitted before the cell-size check have none
             "max_edge_width": _number(0.0, 1e3, optional=True),  # bundles fitted before the focus check (0.11.0) have none
             "max_noise": _number(0.0, 1e3, optional=True),  # bundles fitted before the noise check (0.12.0) have none

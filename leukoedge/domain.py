@@ -839,6 +839,16 @@ def smallest_typical_side(cell_sides: Sequence[float] | None, sources: Sequence[
     return min(typical) if typical else None
 
 
+def widest_source_bar(uncertainty: np.ndarray, sources: Sequence[str]) -> float:
+    """The loosest uncertainty bar unlabelled `leukoedge adapt` may give a device (adapt.device_uncertainty_bar): the
+    widest one validated source needs on its own by the fit rule (THRESHOLD_QUANTILE x THRESHOLD_MARGIN of its frames).
+    The segmenter's uncertainty differs by microscope (a softer, more magnified one's boundaries are wider: TXL-PBC
+    raabin's median is twice BCCD's) while its masks there are right, so a device may be as unsure as the least sure
+    validated source, not more."""
+    names = np.asarray(sources)
+    return max(float(np.quantile(uncertainty[names == name], THRESHOLD_QUANTILE) * THRESHOLD_MARGIN) for name in sorted(set(sources)))
+
+
 def fit_domain(
     colour: Sequence[np.ndarray],
     uncertainty: Sequence[float],
@@ -856,7 +866,8 @@ def fit_domain(
 
     References: up to MAX_REFERENCES frames, spread evenly over the sources. Thresholds, each with THRESHOLD_MARGIN
     of headroom: colour, the largest of the fitting frames' leave-one-out distances (each frame's to the nearest other
-    reference), so that no validated frame is outside; uncertainty and edge width, the THRESHOLD_QUANTILE of theirs; noise,
+    reference), so that no validated frame is outside; uncertainty and edge width, the THRESHOLD_QUANTILE of theirs (and
+    max_device_uncertainty, the widest uncertainty bar one source needs on its own: widest_source_bar); noise,
     the NOISE_QUANTILE (the largest); JPEG quality, the lowest of theirs, without margin (a quality is the file's own
     setting, not a measurement with a spread);
     the smallest cell side, MIN_CELL_SIDE_SHARE of the smallest-celled source's typical side. Colour takes the largest, not a quantile: a source with a wide palette
@@ -885,6 +896,7 @@ def fit_domain(
         "colour_spread": np.round(spread, 4).tolist(),
         "max_colour_distance": float(nearest.max() * THRESHOLD_MARGIN),
         "max_uncertainty": float(np.quantile(uncertainty, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN),
+        "max_device_uncertainty": widest_source_bar(uncertainty, sources),
         "fitted_on": {"frames": int(len(colour)), "sources": {name: int(np.sum(np.asarray(sources) == name)) for name in names}},
     }
     if (smallest := smallest_typical_side(cell_sides, sources)) is not None:

@@ -19,8 +19,10 @@ from leukoedge.adapt import (
     AdaptationRefused,
     FrameMeasure,
     adapt_bundle,
+    MAX_UNSURE_SHARE,
     adapted_domain,
     device_threshold,
+    device_uncertainty_bar,
     held_back,
     unfit_frames,
 )
@@ -280,3 +282,51 @@ def test_a_frame_is_measured_as_captured_so_one_mostly_outside_its_field_of_view
     captured = measure(detector, frame)
     assert captured.scores["outside_field"] == 0.0 and not captured.refused
     assert unfit_frames(domain, [captured] * 20 + [circular])[OUTSIDE_FIELD].tolist() == [False] * 20 + [True]
+
+
+def test_the_device_s_uncertainty_bar_is_its_own_where_the_segmenter_is_sure_of_most_of_its_frames() -> None:
+    domain = {"max_uncertainty": 0.08, "max_device_uncertainty": 0.12}
+    usual = np.linspace(0.02, 0.07, 95)
+    softer = np.concatenate([usual, np.full(5, 0.09)])  # 5 % beyond the bundle's bar
+    assert device_uncertainty_bar(domain, softer) == pytest.approx(np.quantile(softer, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    assert device_uncertainty_bar(domain, np.concatenate([usual, np.full(5, 0.3)])) == 0.12  # at most the widest validated source's
+    lost = np.concatenate([np.full(80, 0.05), np.full(20, 0.09)])  # the segmenter unsure of a fifth of the frames
+    assert np.mean(lost > 0.08) > MAX_UNSURE_SHARE and device_uncertainty_bar(domain, lost) == 0.08
+    assert device_uncertainty_bar(domain, np.linspace(0.02, 0.05, 100)) == 0.08  # a surer device: never narrowed
+    assert device_uncertainty_bar({"max_uncertainty": 0.08}, softer) == 0.08  # a bundle fitted before the widest bar was kept
+    frames = [FrameMeasure(np.full(3, 0.5), value, False, False) for value in softer]
+    assert adapted_domain({**domain, "colour_references": [[0.5] * 3] * 4, "colour_spread": [0.1] * 3, "max_colour_distance": 1.0}, frames)[
+        "max_uncertainty"
+    ] == pytest.approx(device_uncertainty_bar(domain, softer))
+
+
+def test_the_widest_source_bar_is_the_least_sure_source_s_own_fit() -> None:
+    rng = np.random.default_rng(0)
+    sure, soft = rng.uniform(0.01, 0.04, 40), rng.uniform(0.03, 0.09, 40)
+    spec = fit_domain(rng.normal(0, 1, (80, 3)), np.concatenate([sure, soft]), ["a"] * 40 + ["b"] * 40)
+    assert spec["max_device_uncertainty"] == pytest.approx(np.quantile(soft, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN)
+    assert spec["max_device_uncertainty"] >= spec["max_uncertainty"]
+
+
+def test_adapting_reports_and_records_the_uncertainty_bar_it_gives_the_device(data_root: Path, tmp_path: Path) -> None:
+    """A bundle whose uncertainty bar lies within the device's spread: where a few frames are beyond it the bar becomes
+    the device's own (recorded and printed); where many are, it is kept and the report says labels are needed."""
+    shipped = Detector.load(REPO / "models" / "default")
+    frames = _frames(data_root / "bccd" / "images", 30)
+    names = [f"bccd-{index}" for index in range(len(frames))]
+    fitting = [shipped.run(frame).verdict.domain["uncertainty"] for frame, held in zip(frames, held_back(names)) if not held]
+
+    def bundle_with_bar(quantile: float) -> Path:
+        manifest = copy.deepcopy(shipped.bundle.manifest)
+        manifest["domain"].update(max_uncertainty=float(np.quantile(fitting, quantile)), max_device_uncertainty=0.5)
+        out = tmp_path / f"bar-{quantile}"
+        save_bundle(out, manifest, {name: shipped.bundle.path(name) for name in manifest["files"]})
+        return out
+
+    report = adapt_bundle(bundle_with_bar(0.95), frames, names, tmp_path / "own")
+    assert report.written and report.uncertainty_bar[1] > report.uncertainty_bar[0] and report.unsure_share <= MAX_UNSURE_SHARE
+    assert any(line.startswith("uncertainty threshold:") for line in report.lines())
+    assert "domain.max_uncertainty" in load_bundle(tmp_path / "own").manifest["adaptation"]["adapted"]
+    kept = adapt_bundle(bundle_with_bar(0.5), frames, names, tmp_path / "kept")
+    assert kept.uncertainty_bar[1] == kept.uncertainty_bar[0] and kept.unsure_share > MAX_UNSURE_SHARE
+    assert any(line.startswith("uncertainty threshold kept") and "--labels" in line for line in kept.lines())
