@@ -264,7 +264,8 @@ def command_gate(args: argparse.Namespace) -> int:
         def label(row: dict) -> str:
             # A labelled adaptation its own check refused is shown, marked: a device maker would have kept the original.
             refused = "; refused by its check, not written" if row.get("report") is not None and row["report"].problems else ""
-            return f"{row['domain']} (gate threshold {row['gate_threshold']:.2f}{refused})"
+            bar = f", uncertainty bar {row['uncertainty_bar']:.3f}" if "uncertainty_bar" in row else ""
+            return f"{row['domain']} (gate threshold {row['gate_threshold']:.2f}{bar}{refused})"
 
         for adapted, title in titles.items():
             chosen = [{**row, "domain": label(row)} for row in rows if row["adapted"] == adapted]

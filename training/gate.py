@@ -463,12 +463,12 @@ def leave_one_source_out(
         model, threshold = apply_left_out(detector, train, validation, validation_frames, source, recipe)
         fields = [r for r in evaluated if r.domain.startswith(source)]
         for row in detection_figures(detector, fields, f"left out {source}"):
-            rows.append({**row, "left_out": source, "adapted": False, "gate_threshold": threshold})
+            rows.append({**row, "left_out": source, "adapted": False, "gate_threshold": threshold, "uncertainty_bar": detector.domain_spec["max_uncertainty"]})
         device = frame_domain(detector, [r for r in gate_records(data_root, "train", recipe.train_per_source) if r.domain.startswith(source)], f"adapt to {source}")
         measures = [FrameMeasure(c, u, False, False, scores=device.scores(index)) for index, (c, u) in enumerate(zip(device.colour, device.uncertainty))]
         detector.domain_spec = adapted_domain(detector.domain_spec, measures)
         for row in detection_figures(detector, fields, f"adapted to {source}"):
-            rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold})
+            rows.append({**row, "left_out": source, "adapted": True, "gate_threshold": threshold, "uncertainty_bar": detector.domain_spec["max_uncertainty"]})
         if labelled_frames:
             kept_train, kept_val = train.without(source), validation.without(source)
             rows += _labelled_rows(detector, model, data_root, bundle, source, kept_train, kept_val, fields, labelled_frames, recipe, labelled_models, labelled_share)

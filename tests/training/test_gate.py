@@ -64,13 +64,18 @@ def test_leave_one_out_table_marks_a_labelled_adaptation_its_check_refused(tmp_p
         figures = {"fields": 10, "box_recall": 0.9, "box_precision": 0.9, "rbc_called_wbc_per_1000": 1.0, "refused_rate": 0.0, "false_flag_rate": 0.0, "flagged": 0, "judged": 10}
         return {**figures, "domain": domain, "left_out": domain, "adapted": adapted, "gate_threshold": 0.5, "report": report}
 
-    rows = [row("txl-pbc/raabin", "labelled", []), row("txl-pbc/bcd", "labelled", ["all-taleqani whole-cell Dice 0.869 ..."])]
+    rows = [
+        {**row("txl-pbc/raabin", True), "uncertainty_bar": 0.1176},  # unlabelled adaptation: the bar it gave the device
+        row("txl-pbc/raabin", "labelled", []),
+        row("txl-pbc/bcd", "labelled", ["all-taleqani whole-cell Dice 0.869 ..."]),
+    ]
     monkeypatch.setattr(gate, "leave_one_source_out", lambda *args, **kwargs: rows)
     (tmp_path / "data").mkdir()
     assert main(["gate", "--data", str(tmp_path / "data"), "--leave-out", "txl-pbc/raabin", "txl-pbc/bcd", "--labelled-frames", "40"]) == 0
     table = capsys.readouterr().out
     assert "| txl-pbc/bcd (gate threshold 0.50; refused by its check, not written) |" in table
     assert "| txl-pbc/raabin (gate threshold 0.50) |" in table
+    assert "| txl-pbc/raabin (gate threshold 0.50, uncertainty bar 0.118) |" in table
 
 
 def test_a_gate_learns_from_several_segmenters_proposals_each_cached_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
