@@ -964,6 +964,7 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(
             f"domain check: {len(domain['colour_references'])} reference frames of {', '.join(feature_names(domain))}; outside at colour distance > "
             f"{domain['max_colour_distance']:.2f} or segmenter uncertainty > {domain['max_uncertainty']:.3f}"
+            + (f" (unlabelled adapt: a device's own, at most {domain['max_device_uncertainty']:.3f})" if "max_device_uncertainty" in domain else "")
             + (f" or white cells under {domain['min_cell_side_px']:.1f} px across" if "min_cell_side_px" in domain else "")
             + (f" or out of focus (cells' edges wider than {domain['max_edge_width']:.2f})" if "max_edge_width" in domain else "")
             + (f" or blurred one way (edge isotropy under {domain['min_edge_isotropy']:.2f}, the device's own)" if "min_edge_isotropy" in domain else "")

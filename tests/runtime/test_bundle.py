@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -520,3 +521,12 @@ def test_describe_bundle_names_every_models_compute_the_manifest_records():
     text = describe_bundle(bundle)
     assert f"gate {bundle.manifest['gate']['flops'] / 1e6:.1f} MFLOPs per cell" in text
     assert f"classifier {bundle.manifest['classifier']['flops'] / 1e6:.1f} MFLOPs per cell" in text
+
+
+def test_describe_bundle_names_the_loosest_uncertainty_bar_adaptation_may_give():
+    bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / "default")
+    loosest = bundle.manifest["domain"]["max_device_uncertainty"]
+    assert f"a device's own, at most {loosest:.3f}" in describe_bundle(bundle)
+    without = copy.deepcopy(bundle.manifest)
+    del without["domain"]["max_device_uncertainty"]
+    validate_manifest(without)  # optional: bundles fitted before 0.20.0 have none
