@@ -46,7 +46,7 @@ def labels_of_three(background: np.ndarray, cytoplasm: np.ndarray, nucleus: np.n
 
 
 def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
-    """Instance map (int32, 0 = none) of a binary WBC mask, touching cells split by watershed.
+    """Instance map (int32, 0 = none) of a binary WBC mask, touching cells split at their distance cores.
 
     Seeds are the cores of the distance transform: a single round cell has one core, two touching
     cells have two, joined only by a thin neck that the distance threshold cuts.
@@ -55,7 +55,14 @@ def split_touching(cell_mask: np.ndarray, min_area_px: int) -> np.ndarray:
 
 
 def _split_touching(cell_mask: np.ndarray, min_area_px: int) -> _InstanceMap:
-    """split_touching, with the instances' pixels, ids and boxes (find_cells needs them too)."""
+    """split_touching, with the instances' pixels, ids and boxes (find_cells needs them too).
+
+    Every pixel goes to the nearest seed (a distance core) of its own component. The cores are cut at one share of
+    the component's peak distance, so each core's edge lies that far inside its cell's outline: for two touching
+    round cells, large and small alike, the pixels nearer one core than the other are that cell's, and the cut runs
+    through their contact. (A watershed flooding the distance map instead, as OpenCV's does by the differences between
+    neighbours, ran along the flat ridge between two cells and wrapped one seed's piece round the other's: two
+    touching white cells came out as one.)"""
     mask = cell_mask.astype(np.uint8)
     component_count, components = cv2.connectedComponents(mask, connectivity=8)
     distance = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
@@ -65,26 +72,22 @@ def _split_touching(cell_mask: np.ndarray, min_area_px: int) -> _InstanceMap:
     markers, seed_count = _core_seeds(mask, components, component_count, distance, pixels, min_area_px)
     if not seed_count:
         return _InstanceMap.none(mask.shape)
-    # watershed floods from the seeds over the inverted distance; -1 marks the split lines.
-    relief = cv2.cvtColor(cv2.normalize(-distance, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8), cv2.COLOR_GRAY2BGR)
-    background = seed_count + 1
-    cv2.watershed(relief, markers)
-    pixel_ids = markers.ravel()[pixels]
-    on_cell = (pixel_ids > 0) & (pixel_ids < background)  # not a split line (-1), not the background basin
-    if not on_cell.any():  # the split lines took every seed (a strip 2 px thin along the edge): no cell to refill
-        return _InstanceMap.none(mask.shape)
-    # The -1 lines and the background basin also take each cell's rim (and the frame's edge), not only
-    # the cuts between cells: without this a cell loses a pixel all round, a small one half its area.
-    # Every pixel of a component goes to the nearest cell of the same component.
-    instances = np.zeros(mask.shape, np.int32)
-    cell_pixels, refill = pixels[on_cell], pixels[~on_cell]
-    instances.ravel()[cell_pixels] = pixel_ids[on_cell]
-    _, nearest = cv2.distanceTransformWithLabels((instances == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
-    source = cell_pixels[nearest.ravel()[refill] - 1]  # DIST_LABEL_PIXEL numbers the cell pixels 1.. in row-major order
-    same_component = components.ravel()[source] == components.ravel()[refill]
-    pixel_ids[~on_cell] = np.where(same_component, instances.ravel()[source], 0)
-    instances.ravel()[refill] = pixel_ids[~on_cell]
+    flat_markers = markers.ravel()
+    seed_pixels = np.flatnonzero((markers > 0) & (markers <= seed_count))
+    seeds = np.zeros(mask.shape, np.uint8)
+    seeds.ravel()[seed_pixels] = 1
+    _, nearest = cv2.distanceTransformWithLabels(1 - seeds, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+    source = seed_pixels[nearest.ravel()[pixels] - 1]  # DIST_LABEL_PIXEL numbers the seed pixels 1.. in row-major order
+    pixel_components = components.ravel()[pixels]
+    pixel_ids = flat_markers[source]
+    # A pixel nearer another component's seed than its own takes its component's seed (the first, where it has several).
+    component_seed = np.zeros(component_count, np.int32)
+    component_seed[components.ravel()[seed_pixels][::-1]] = flat_markers[seed_pixels][::-1]
+    elsewhere = components.ravel()[source] != pixel_components
+    pixel_ids[elsewhere] = component_seed[pixel_components[elsewhere]]
     on_instance = pixel_ids != 0
+    instances = np.zeros(mask.shape, np.int32)
+    instances.ravel()[pixels[on_instance]] = pixel_ids[on_instance]
     return _merge_nested(_InstanceMap.of(instances, pixels[on_instance], pixel_ids[on_instance]), components)
 
 
@@ -238,7 +241,7 @@ def _merge_nested(pieces: _InstanceMap, components: np.ndarray) -> _InstanceMap:
     return _InstanceMap(merged, pieces.pixels, merged_ids, merged_boxes[: int(merged_ids.max()) + 1])
 
 
-# A piece the watershed cut from a larger component is a white cell only if enough of it is nucleus: the piece a
+# A piece split off a larger component is a white cell only if enough of it is nucleus: the piece a
 # touching red cell (or a clump of them) leaves is cytoplasm-coloured with a sliver of the neighbour's nucleus. On
 # the validation fields every white-cell piece of a split component held at least a third nucleus, the red-cell
 # pieces as little as 0.01 (`python scripts/piece_nucleus_share.py`, docs/performance.md). The piece holding most of

@@ -360,7 +360,7 @@ def otsu_watershed_segment(image: np.ndarray, *, min_area_px: int = 40) -> np.nd
     all (expert masks on Zheng and ALL-IDB2: nucleus darkest in green, background brightest). The
     high threshold gives the nucleus, the looser low threshold the whole cell (holes filled). Only
     cells holding a nucleus are kept (red cells pass the loose threshold but are not nucleated);
-    touching cells are split by distance transform + watershed (leukoedge.postprocess.split_touching)
+    touching cells are split at their distance cores (leukoedge.postprocess.split_touching, as the runtime splits)
     and kept apart by a one-pixel background line, and components below min_area_px are dropped.
     Made for single-cell crops: in dense full fields (BCCD) red cells reach the nucleus threshold
     in the green channel too.
