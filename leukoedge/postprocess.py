@@ -74,17 +74,23 @@ def _split_touching(cell_mask: np.ndarray, min_area_px: int) -> _InstanceMap:
         return _InstanceMap.none(mask.shape)
     flat_markers = markers.ravel()
     seed_pixels = np.flatnonzero((markers > 0) & (markers <= seed_count))
-    seeds = np.zeros(mask.shape, np.uint8)
-    seeds.ravel()[seed_pixels] = 1
-    _, nearest = cv2.distanceTransformWithLabels(1 - seeds, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
-    source = seed_pixels[nearest.ravel()[pixels] - 1]  # DIST_LABEL_PIXEL numbers the seed pixels 1.. in row-major order
-    pixel_components = components.ravel()[pixels]
-    pixel_ids = flat_markers[source]
-    # A pixel nearer another component's seed than its own takes its component's seed (the first, where it has several).
+    component_of_seed = np.zeros(seed_count + 1, np.int64)
+    component_of_seed[flat_markers[seed_pixels]] = components.ravel()[seed_pixels]
+    # Seeds are numbered component by component; a component of one seed is that seed's whole (the lowest seed wins).
     component_seed = np.zeros(component_count, np.int32)
-    component_seed[components.ravel()[seed_pixels][::-1]] = flat_markers[seed_pixels][::-1]
-    elsewhere = components.ravel()[source] != pixel_components
-    pixel_ids[elsewhere] = component_seed[pixel_components[elsewhere]]
+    component_seed[component_of_seed[:0:-1]] = np.arange(seed_count, 0, -1)
+    pixel_components = components.ravel()[pixels]
+    pixel_ids = component_seed[pixel_components]
+    several = np.bincount(component_of_seed[1:], minlength=component_count) > 1
+    if several.any():  # most frames have none: no distance transform for them
+        seeds = np.ones(mask.shape, np.uint8)
+        seeds.ravel()[seed_pixels] = 0
+        _, nearest = cv2.distanceTransformWithLabels(seeds, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+        shared = several[pixel_components]
+        source = seed_pixels[nearest.ravel()[pixels[shared]] - 1]  # DIST_LABEL_PIXEL numbers the seed pixels 1.. in row-major order
+        # A pixel nearer another component's seed than its own keeps its component's first seed.
+        own = components.ravel()[source] == pixel_components[shared]
+        pixel_ids[np.flatnonzero(shared)[own]] = flat_markers[source[own]]
     on_instance = pixel_ids != 0
     instances = np.zeros(mask.shape, np.int32)
     instances.ravel()[pixels[on_instance]] = pixel_ids[on_instance]
@@ -94,10 +100,9 @@ def _split_touching(cell_mask: np.ndarray, min_area_px: int) -> _InstanceMap:
 def _core_seeds(
     mask: np.ndarray, components: np.ndarray, component_count: int, distance: np.ndarray, pixels: np.ndarray, min_area_px: int
 ) -> tuple[np.ndarray, int]:
-    """Watershed markers (int32): each component's distance cores (at least 0.6 of its peak distance) as seeds
+    """Seed markers (int32): each component's distance cores (at least 0.6 of its peak distance) as seeds
     1..seed_count, numbered component by component and, inside one, as cv2.connectedComponents numbers them in the
-    component's box; seed_count + 1 on the background (its own basin, so that cells do not flood it), 0 on the rest
-    of the mask.
+    component's box; seed_count + 1 on the background, 0 on the rest of the mask.
 
     All components at once, over the mask's pixels: less time than a loop over the components' boxes from
     connectedComponentsWithStats."""
